@@ -1,0 +1,65 @@
+"""Dataclasses that describe a model architecture, its KV cache and the scheduler's limits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    """A Llama-family architecture (Llama 3.x, SmolLM2, Qwen2/2.5, Qwen3)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # Hugging Face style dict, e.g. {"rope_type": "llama3", "factor": 8.0, ...}; None = plain RoPE.
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 8192
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2/2.5: bias on the q, k, v projections
+    qk_norm: bool = False  # Qwen3: RMSNorm on each head of q and k before RoPE
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    architecture: str = "llama"  # "llama", "qwen2" or "qwen3": which HF class is the reference
+
+
+@dataclass
+class CacheConfig:
+    """The paged KV cache: block size and how much memory it may take."""
+
+    block_size: int = 16
+    num_blocks: int | None = None  # set directly, or derived from the memory budget below
+    kv_cache_memory: int | None = None  # bytes (CPU); None = a default budget
+    gpu_memory_utilization: float = 0.90  # fraction of GPU memory for weights + activations + KV
+    enable_prefix_caching: bool = True
+
+
+@dataclass
+class SchedulerConfig:
+    """Continuous batching limits."""
+
+    max_num_batched_tokens: int = 2048  # token budget of one step (decode tokens + prefill chunks)
+    max_num_seqs: int = 128  # sequences running at once
+    max_model_len: int | None = None  # None = the model's max_position_embeddings
+    enable_chunked_prefill: bool = True
+
+
+@dataclass
+class EngineArgs:
+    """Everything needed to build one engine instance (what `pdserve serve` flags fill in)."""
+
+    model: str | None = None  # None = the embedded SmolLM2; a preset name; or a HF folder
+    dtype: str = "auto"  # "auto" = float32 on CPU, bfloat16 on GPU
+    device: str = "auto"  # "auto" = cuda if available else cpu
+    seed: int = 0
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    role: str = "colocated"  # "colocated", "prefill" or "decode"
+    tensor_parallel_size: int = 1
+    enforce_eager: bool = False  # no CUDA graphs

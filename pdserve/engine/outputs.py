@@ -1,0 +1,63 @@
+"""What the engine hands back: requests in, token deltas out."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from pdserve.engine.sampling_params import SamplingParams
+
+
+@dataclass
+class EngineRequest:
+    """A tokenized request as the engine receives it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+    # vLLM's P/D fields: {"do_remote_decode": True} on a prefill instance, or the prefill's
+    # answer ({"do_remote_prefill": True, "remote_block_ids": ...}) on a decode instance.
+    kv_transfer_params: dict | None = None
+
+
+@dataclass
+class TokenLogprob:
+    """Log-probability of a sampled token and the top alternatives at its position."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), best first
+
+
+@dataclass
+class RequestOutput:
+    """New tokens of one request from one engine step (a delta, not the whole text)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None  # "stop", "length" or "abort"
+    new_logprobs: list[TokenLogprob] | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    kv_transfer_params: dict | None = None
+    error: str | None = None  # set when the engine refused or failed the request
+
+
+@dataclass
+class EngineStats:
+    """A snapshot for /metrics and the router's load signal."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    num_total_blocks: int = 0
+    num_free_blocks: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of which found
+    num_preemptions: int = 0
+
+    @property
+    def kv_usage(self) -> float:
+        used = self.num_total_blocks - self.num_free_blocks
+        return used / self.num_total_blocks if self.num_total_blocks else 0.0

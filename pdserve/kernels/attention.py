@@ -1,0 +1,133 @@
+"""Paged attention: the one seam between the model and the KV cache.
+
+A step's batch is "varlen": the new tokens of every sequence are concatenated into one
+[T, heads, head_dim] tensor (decode sequences contribute 1 token, prefill chunks several).
+Each layer's cache is one tensor [2, num_blocks, block_size, num_kv_heads, head_dim]
+(index 0 = K, 1 = V). A sequence's earlier tokens are already in its blocks; this step's
+K/V are written at `slot_mapping` first, then every query attends causally over
+cache[0 .. seq_len).
+
+This file holds the metadata and the portable PyTorch implementation (the CPU path and
+the reference for the Triton kernels).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each sequence of a step lives in the paged cache (same for every layer)."""
+
+    query_start_loc: torch.Tensor  # int32 [B+1]: cumulative count of new tokens per sequence
+    seq_lens: torch.Tensor  # int32 [B]: tokens of the sequence after this step (cached + new)
+    block_tables: torch.Tensor  # int32 [B, max_blocks]: physical block ids, padded with 0
+    slot_mapping: torch.Tensor  # int64 [T]: cache slot (block * block_size + offset); -1 = skip
+    max_query_len: int
+    max_seq_len: int
+    query_lens_cpu: list[int]  # host copies, so the CPU path never syncs
+    seq_lens_cpu: list[int]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor) -> None:
+    """Store this step's K/V ([T, Hkv, D]) into the cache at `slots` (-1 entries are padding)."""
+    _, num_blocks, block_size, heads, dim = kv_cache.shape
+    flat = kv_cache.view(2, num_blocks * block_size, heads, dim)
+    keep = slots >= 0
+    if not bool(keep.all()):
+        slots, k, v = slots[keep], k[keep], v[keep]
+    flat[0].index_copy_(0, slots, k.to(kv_cache.dtype))
+    flat[1].index_copy_(0, slots, v.to(kv_cache.dtype))
+
+
+def gather_kv(
+    kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `seq_len` cached K and V of one sequence, each [seq_len, Hkv, D]."""
+    block_size = kv_cache.shape[2]
+    num_blocks = (seq_len + block_size - 1) // block_size
+    blocks = block_table[:num_blocks].long()
+    k = kv_cache[0].index_select(0, blocks).flatten(0, 1)[:seq_len]
+    v = kv_cache[1].index_select(0, blocks).flatten(0, 1)[:seq_len]
+    return k, v
+
+
+def torch_paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Reference paged attention in PyTorch: write K/V, then attend sequence by sequence."""
+    write_kv(k, v, kv_cache, meta.slot_mapping)
+    out = torch.empty_like(q)
+    start = 0
+    for i, (q_len, seq_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
+        if q_len == 0:
+            continue
+        keys, values = gather_kv(kv_cache, meta.block_tables[i], seq_len)
+        qi = q[start : start + q_len].transpose(0, 1)  # [Hq, q_len, D]
+        ki = keys.to(q.dtype).transpose(0, 1)  # [Hkv, seq_len, D]
+        vi = values.to(q.dtype).transpose(0, 1)
+        context = seq_len - q_len
+        # query j sits at position context + j and sees keys 0 .. context + j
+        key_pos = torch.arange(seq_len, device=q.device)
+        query_pos = torch.arange(context, seq_len, device=q.device)
+        mask = key_pos[None, :] <= query_pos[:, None]
+        o = F.scaled_dot_product_attention(
+            qi, ki, vi, attn_mask=mask, scale=scale, enable_gqa=qi.shape[0] != ki.shape[0]
+        )
+        out[start : start + q_len] = o.transpose(0, 1)
+        start += q_len
+    return out
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of this step's queries ([T, Hq, D]) over the paged cache; returns [T, Hq, D]."""
+    return torch_paged_attention(q, k, v, kv_cache, meta, scale)
+
+
+def build_metadata(
+    query_lens: list[int],
+    seq_lens: list[int],
+    block_tables: list[list[int]],
+    block_size: int,
+    device: torch.device | str = "cpu",
+) -> AttentionMetadata:
+    """Metadata for a batch: sequence i has `seq_lens[i]` tokens, the last `query_lens[i]` new."""
+    slots: list[int] = []
+    for q_len, seq_len, table in zip(query_lens, seq_lens, block_tables):
+        for pos in range(seq_len - q_len, seq_len):
+            slots.append(table[pos // block_size] * block_size + pos % block_size)
+    width = max((len(t) for t in block_tables), default=0) or 1
+    padded = [t + [0] * (width - len(t)) for t in block_tables]
+    starts = [0]
+    for q_len in query_lens:
+        starts.append(starts[-1] + q_len)
+    return AttentionMetadata(
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        block_tables=torch.tensor(padded, dtype=torch.int32, device=device),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        max_query_len=max(query_lens, default=0),
+        max_seq_len=max(seq_lens, default=0),
+        query_lens_cpu=list(query_lens),
+        seq_lens_cpu=list(seq_lens),
+    )
