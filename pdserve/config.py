@@ -63,3 +63,6 @@ class EngineArgs:
     role: str = "colocated"  # "colocated", "prefill" or "decode"
     tensor_parallel_size: int = 1
     enforce_eager: bool = False  # no CUDA graphs
+    # CPU engines: torch threads. None = $PDSERVE_CPU_THREADS, else half the cores, because
+    # several instances usually share one machine and oversubscribed OpenMP threads spin.
+    cpu_threads: int | None = None

@@ -7,12 +7,13 @@ Each layer's cache is one tensor [2, num_blocks, block_size, num_kv_heads, head_
 K/V are written at `slot_mapping` first, then every query attends causally over
 cache[0 .. seq_len).
 
-This file holds the metadata and the portable PyTorch implementation (the CPU path and
-the reference for the Triton kernels).
+This file holds the metadata, the portable PyTorch implementation (the CPU path and
+the reference for the Triton kernels) and the dispatcher between the two.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -100,8 +101,27 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    """Attention of this step's queries ([T, Hq, D]) over the paged cache; returns [T, Hq, D]."""
+    """Attention of this step's queries ([T, Hq, D]) over the paged cache; returns [T, Hq, D].
+
+    Writes this step's K/V first. Triton kernels on CUDA tensors, PyTorch elsewhere;
+    `PDSERVE_ATTENTION_BACKEND=torch|triton` forces one (tests force Triton's interpreter).
+    """
+    if attention_backend(q) == "triton":
+        # imported here so that CPU-only installs need no triton
+        from pdserve.kernels.triton_attention import triton_paged_attention
+
+        return triton_paged_attention(q, k, v, kv_cache, meta, scale)
     return torch_paged_attention(q, k, v, kv_cache, meta, scale)
+
+
+def attention_backend(q: torch.Tensor) -> str:
+    """The backend to use: the env override if set, else "triton" exactly when q is on CUDA."""
+    forced = os.environ.get("PDSERVE_ATTENTION_BACKEND", "")
+    if forced:
+        if forced not in ("torch", "triton"):
+            raise ValueError(f"PDSERVE_ATTENTION_BACKEND must be torch or triton, not {forced!r}")
+        return forced
+    return "triton" if q.is_cuda else "torch"
 
 
 def build_metadata(

@@ -1,0 +1,229 @@
+"""The engine: requests in, one scheduling + forward + sampling step at a time, deltas out."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from pdserve.config import EngineArgs, ModelConfig
+from pdserve.engine.blocks import BlockPool
+from pdserve.engine.kv_manager import KVCacheManager
+from pdserve.engine.outputs import EngineRequest, EngineStats, RequestOutput
+from pdserve.engine.request import Request, RequestStatus
+from pdserve.engine.runner import ModelRunner
+from pdserve.engine.sampler import sample
+from pdserve.engine.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CPU_KV_CACHE_BYTES = 512 * 2**20
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if name not in dtypes:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(dtypes)} or auto")
+    return dtypes[name]
+
+
+def set_cpu_threads(requested: int | None) -> int:
+    """Pin torch's intra-op threads for a CPU engine; returns the number used."""
+    threads = requested or int(os.environ.get("PDSERVE_CPU_THREADS", 0)) or max(
+        1, (os.cpu_count() or 2) // 2
+    )
+    torch.set_num_threads(threads)
+    return threads
+
+
+def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, tp_size: int) -> int:
+    heads = max(cfg.num_kv_heads // tp_size, 1)
+    return 2 * cfg.num_layers * block_size * heads * cfg.head_dim * dtype.itemsize
+
+
+def kv_cache_budget(args: EngineArgs, device: torch.device) -> int:
+    """Bytes the KV cache may take: a fixed budget on CPU, the rest of the GPU's share on GPU."""
+    if args.cache.kv_cache_memory is not None:
+        return args.cache.kv_cache_memory
+    if device.type != "cuda":
+        return DEFAULT_CPU_KV_CACHE_BYTES
+    free, total = torch.cuda.mem_get_info(device)
+    used_by_others = total - free - torch.cuda.memory_reserved(device)
+    activations = torch.cuda.max_memory_allocated(device) - torch.cuda.memory_allocated(device)
+    share = args.cache.gpu_memory_utilization * total
+    return int(share - used_by_others - torch.cuda.memory_allocated(device) - activations)
+
+
+class Engine:
+    """One engine instance: model, KV cache, scheduler and sampler on one device."""
+
+    def __init__(self, args: EngineArgs) -> None:
+        from pdserve.models.loader import load_model  # heavy: import when an engine is built
+
+        self.args = args
+        self.device = resolve_device(args.device)
+        self.dtype = resolve_dtype(args.dtype, self.device)
+        if self.device.type == "cpu":
+            set_cpu_threads(args.cpu_threads)
+        loaded = load_model(args.model, self.dtype, self.device, seed=args.seed)
+        self.model_config: ModelConfig = loaded.config
+        self.model_name = loaded.name
+        cfg = self.model_config
+        self.vocab_size = cfg.vocab_size
+        self.eos_token_ids = list(cfg.eos_token_ids)
+        self.max_model_len = args.scheduler.max_model_len or cfg.max_position_embeddings
+
+        block_size = args.cache.block_size
+        per_block = kv_bytes_per_block(cfg, block_size, self.dtype, args.tensor_parallel_size)
+        num_blocks = args.cache.num_blocks or kv_cache_budget(args, self.device) // per_block
+        if num_blocks < 2:
+            raise ValueError(
+                f"the KV cache budget fits only {num_blocks} blocks of {per_block} bytes; "
+                "raise --kv-cache-memory or --gpu-memory-utilization"
+            )
+        self.num_blocks = num_blocks
+        heads = max(cfg.num_kv_heads // args.tensor_parallel_size, 1)
+        kv_caches = [
+            torch.zeros(2, num_blocks, block_size, heads, cfg.head_dim, dtype=self.dtype,
+                        device=self.device)
+            for _ in range(cfg.num_layers)
+        ]
+        log.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB)", num_blocks,
+                 block_size, num_blocks * block_size, num_blocks * per_block / 2**30)
+        self.pool = BlockPool(num_blocks, block_size, args.cache.enable_prefix_caching)
+        self.kv = KVCacheManager(self.pool)
+        self.scheduler = Scheduler(args.scheduler, self.kv)
+        self.runner = ModelRunner(loaded.model, kv_caches, block_size, self.device)
+        self.requests: dict[str, Request] = {}
+        self._pending: list[RequestOutput] = []  # outputs produced outside step(), e.g. aborts
+
+    # ---- requests in -------------------------------------------------------------------
+
+    def validate(self, req: EngineRequest) -> None:
+        """Raise ValueError with a message for the user if the request can never run."""
+        n = len(req.prompt_token_ids)
+        p = req.params
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already running")
+        if n == 0:
+            raise ValueError("the prompt is empty; send at least one token")
+        bad = [t for t in req.prompt_token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(
+                f"token id {bad[0]} is out of the vocabulary (0..{self.vocab_size - 1})"
+            )
+        if p.max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        if n + p.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"you requested {n + p.max_tokens} tokens ({n} in the prompt, {p.max_tokens} "
+                "in the completion). Please reduce the prompt or max_tokens."
+            )
+        need = self.kv.blocks_needed(n + p.max_tokens)
+        if need > self.num_blocks:
+            raise ValueError(
+                f"the request needs {need} KV blocks but the cache holds {self.num_blocks}; "
+                "shorten it or start the server with a larger --kv-cache-memory"
+            )
+
+    def add_request(self, req: EngineRequest) -> None:
+        """Queue a request; raises ValueError (a message for the user) if it is invalid."""
+        self.validate(req)
+        request = Request(
+            request_id=req.request_id,
+            prompt_token_ids=list(req.prompt_token_ids),
+            params=req.params,
+            arrival_time=req.arrival_time,
+            kv_transfer_params=req.kv_transfer_params,
+        )
+        if req.params.seed is not None and not req.params.greedy:
+            request.generator = torch.Generator(device=self.device)
+            request.generator.manual_seed(req.params.seed)
+        self.requests[req.request_id] = request
+        self.scheduler.add(request)
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request now and free its blocks; unknown or finished ids are ignored."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        self.scheduler.remove(request)
+        request.status = RequestStatus.FINISHED_ABORTED
+        self._pending.append(self._output(request, [], None))
+
+    # ---- one step ----------------------------------------------------------------------
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests) or bool(self._pending)
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, sample; return the deltas of requests that moved."""
+        outputs, self._pending = self._pending, []
+        plan = self.scheduler.schedule()
+        if not plan.scheduled:
+            return outputs
+        logits = self.runner.execute(plan)
+        sampling = [s.request for s in plan.scheduled if s.samples]
+        for s in plan.scheduled:
+            s.request.num_computed_tokens += s.num_new_tokens
+            self.kv.publish_full_blocks(s.request)
+        tokens, logprobs = sample(logits, sampling, self.eos_token_ids)
+        for request, token, logprob in zip(sampling, tokens, logprobs):
+            request.output_token_ids.append(token)
+            self._check_stop(request, token)
+            outputs.append(self._output(request, [token], logprob))
+            if request.is_finished:
+                self.scheduler.remove(request)
+                del self.requests[request.request_id]
+        return outputs
+
+    def _check_stop(self, request: Request, token: int) -> None:
+        p = request.params
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+            request.status = RequestStatus.FINISHED_STOPPED
+        elif len(request.output_token_ids) >= p.max_tokens:
+            request.status = RequestStatus.FINISHED_LENGTH
+        elif request.num_tokens >= self.max_model_len:
+            request.status = RequestStatus.FINISHED_LENGTH
+
+    def _output(self, request: Request, tokens: list[int], logprob) -> RequestOutput:
+        return RequestOutput(
+            request_id=request.request_id,
+            new_token_ids=tokens,
+            finished=request.is_finished,
+            finish_reason=request.finish_reason,
+            new_logprobs=[logprob] if logprob is not None else None,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_cached_tokens=max(request.num_cached_tokens, 0),
+        )
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_total_blocks=self.num_blocks,
+            num_free_blocks=self.pool.num_free_blocks,
+            prefix_cache_queries=self.pool.cache_queries,
+            prefix_cache_hits=self.pool.cache_hits,
+            num_preemptions=self.scheduler.num_preemptions,
+        )
+
+    def generate(self, requests: list[EngineRequest]) -> dict[str, list[int]]:
+        """Run requests to completion offline; returns the output token ids of each."""
+        for req in requests:
+            self.add_request(req)
+        tokens: dict[str, list[int]] = {r.request_id: [] for r in requests}
+        while self.has_unfinished_requests():
+            for out in self.step():
+                tokens[out.request_id].extend(out.new_token_ids)
+        return tokens

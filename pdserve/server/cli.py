@@ -1,0 +1,133 @@
+"""`pdserve serve`: run one engine instance behind an OpenAI-compatible HTTP API."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+import uvicorn
+
+from pdserve.config import CacheConfig, EngineArgs, SchedulerConfig
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
+          "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+          "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'2GiB', '512MB', '1e9' or '1073741824' → bytes."""
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 2GiB or 512MB)")
+    try:
+        value = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from exc
+    if value <= 0:
+        raise argparse.ArgumentTypeError("size must be positive")
+    return int(value)
+
+
+def add_parser(subparsers) -> None:
+    """Register `serve` on the top-level `pdserve` parser."""
+    p = subparsers.add_parser(
+        "serve", help="serve one model over an OpenAI-compatible HTTP API",
+        description="Serve one engine instance: /v1/completions, /v1/chat/completions, "
+        "/v1/models, /health, /metrics.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", default=None,
+                   help="a Hugging Face folder, a preset name, or omit for the embedded "
+                   "SmolLM2-135M-Instruct")
+    p.add_argument("--served-model-name", default=None,
+                   help="the name clients pass as `model` (default: the model's own name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--dtype", default="auto",
+                   help="weights and activations: auto (float32 on CPU, bfloat16 on GPU), "
+                   "float32, float16 or bfloat16")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    p.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
+                   help="bytes for the KV cache, suffixes allowed (2GiB, 512MB); "
+                   "default: derived from the device")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.90,
+                   help="fraction of GPU memory for weights, activations and KV cache")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="token budget of one engine step (decode tokens + prefill chunks)")
+    p.add_argument("--max-num-seqs", type=int, default=128,
+                   help="most sequences running at once; more requests wait in the queue")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="context length limit (default: the model's)")
+    p.add_argument("--no-enable-prefix-caching", action="store_true",
+                   help="turn the prefix cache off")
+    p.add_argument("--seed", type=int, default=0, help="seed of the engine's sampler")
+    p.add_argument("--role", choices=["colocated", "prefill", "decode"], default="colocated",
+                   help="colocated serves whole requests; prefill/decode are halves of a P/D pair")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="GPUs to shard the model over")
+    p.add_argument("--enforce-eager", action="store_true", help="never use CUDA graphs")
+    p.add_argument("--log-level", default="warning", help="uvicorn's log level")
+    p.set_defaults(func=run)
+
+
+def engine_args(args: argparse.Namespace) -> EngineArgs:
+    """Flags → the engine's configuration."""
+    return EngineArgs(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        seed=args.seed,
+        cache=CacheConfig(
+            block_size=args.block_size,
+            kv_cache_memory=args.kv_cache_memory,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            enable_prefix_caching=not args.no_enable_prefix_caching,
+        ),
+        scheduler=SchedulerConfig(
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_num_seqs=args.max_num_seqs,
+            max_model_len=args.max_model_len,
+        ),
+        role=args.role,
+        tensor_parallel_size=args.tensor_parallel_size,
+        enforce_eager=args.enforce_eager,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start the engine process and the HTTP server; return when the server stops."""
+    from pdserve.server.app import build_app
+    from pdserve.server.engine_client import EngineClient
+
+    def load_tokenizer():
+        from pdserve.models.loader import load_tokenizer
+
+        return load_tokenizer(args.model)
+
+    client = EngineClient(engine_args(args))
+    app = build_app(client, load_tokenizer, args.served_model_name)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=5)
+    server = _AnnouncingServer(config)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        client.shutdown()
+    return 0 if server.started else 1
+
+
+class _AnnouncingServer(uvicorn.Server):
+    """A uvicorn server that prints one line once it accepts connections."""
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            st = self.config.app.state.server
+            url = f"http://{self.config.host}:{self.config.port}"
+            print(f"pdserve: serving {st.served_model_name} (max_model_len "
+                  f"{st.client.info.max_model_len}) at {url}/v1 - ready",
+                  file=sys.stderr, flush=True)

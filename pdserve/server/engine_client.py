@@ -1,0 +1,138 @@
+"""The server's handle on the engine process: submit, stream outputs, abort, watch its health.
+
+A reader thread takes each step's outputs off the engine's outbox and hands them to the
+event loop, which fans them into one asyncio queue per request. If the engine process
+dies, every open request fails with a 503 and `healthy` turns false for good.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import queue
+import threading
+from collections.abc import Callable
+
+from pdserve.config import EngineArgs
+from pdserve.engine.outputs import EngineRequest, EngineStats, RequestOutput
+from pdserve.server.engine_process import EngineInfo, default_engine_factory, run_engine_process
+
+READER_POLL_S = 0.5  # how often the reader checks that the engine process is alive
+ABORTED = object()  # put on a request's queue when the server aborts it
+
+
+class EngineDeadError(RuntimeError):
+    """The engine process exited; no request can be served."""
+
+
+class EngineClient:
+    """Owns the engine process and routes its outputs to the requests waiting for them."""
+
+    def __init__(
+        self, args: EngineArgs,
+        factory: Callable[[EngineArgs], object] = default_engine_factory,
+    ) -> None:
+        self.args = args
+        self._factory = factory
+        self.info: EngineInfo | None = None
+        self.stats = EngineStats()
+        self.dead_reason: str | None = None
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        ctx = mp.get_context("spawn")  # fork would copy the server's threads and CUDA state
+        self._inbox = ctx.Queue()
+        self._outbox = ctx.Queue()
+        self._proc = ctx.Process(
+            target=run_engine_process, args=(args, self._inbox, self._outbox, factory),
+            name="pdserve-engine", daemon=True,
+        )
+
+    @property
+    def healthy(self) -> bool:
+        return self.info is not None and self.dead_reason is None
+
+    def start(self, timeout_s: float = 600.0) -> EngineInfo:
+        """Spawn the engine and block until it has loaded the model (raises if it cannot)."""
+        self._proc.start()
+        waited = 0.0
+        while True:
+            try:
+                kind, *payload = self._outbox.get(timeout=READER_POLL_S)
+                break
+            except queue.Empty:
+                waited += READER_POLL_S
+                code = self._proc.exitcode
+                if not self._proc.is_alive():
+                    raise RuntimeError(f"engine process exited with code {code}") from None
+                if waited > timeout_s:
+                    raise TimeoutError("engine did not become ready in time") from None
+        if kind != "ready":
+            raise RuntimeError(f"engine failed to start:\n{payload[0]}")
+        self.info = payload[0]
+        return self.info
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start routing outputs into `loop` (call from inside the running loop)."""
+        self._loop = loop
+        threading.Thread(target=self._read_outputs, name="pdserve-engine-reader",
+                         daemon=True).start()
+
+    def add(self, req: EngineRequest) -> asyncio.Queue:
+        """Submit a request. Its queue receives RequestOutputs until one is finished, or an
+        EngineDeadError, or ABORTED after `abort`."""
+        if not self.healthy:
+            raise EngineDeadError(self.dead_reason or "engine not started")
+        q: asyncio.Queue = asyncio.Queue()
+        self._queues[req.request_id] = q
+        self._inbox.put(("add", req))
+        return q
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request and free its blocks; its waiter wakes with ABORTED."""
+        q = self._queues.pop(request_id, None)
+        if q is None:
+            return
+        q.put_nowait(ABORTED)
+        if self.healthy:
+            self._inbox.put(("abort", request_id))
+
+    def shutdown(self) -> None:
+        if self._proc.is_alive():
+            self._inbox.put(("shutdown", None))
+            self._proc.join(timeout=5)
+        if self._proc.is_alive():
+            self._proc.kill()
+
+    def _read_outputs(self) -> None:
+        while True:
+            try:
+                msg = self._outbox.get(timeout=READER_POLL_S)
+            except queue.Empty:
+                if not self._proc.is_alive():
+                    reason = f"engine process exited with code {self._proc.exitcode}"
+                    self._loop.call_soon_threadsafe(self._fail_all, reason)
+                    return
+                continue
+            except (EOFError, OSError):
+                self._loop.call_soon_threadsafe(self._fail_all, "engine outbox closed")
+                return
+            if msg[0] == "fatal":
+                self._loop.call_soon_threadsafe(self._fail_all, f"engine crashed:\n{msg[1]}")
+                return
+            self._loop.call_soon_threadsafe(self._dispatch, msg[1], msg[2])
+
+    def _dispatch(self, outputs: list[RequestOutput], stats: EngineStats) -> None:
+        self.stats = stats
+        for out in outputs:
+            q = self._queues.get(out.request_id)
+            if q is None:
+                continue  # aborted by the server already
+            q.put_nowait(out)
+            if out.finished:
+                del self._queues[out.request_id]
+
+    def _fail_all(self, reason: str) -> None:
+        self.dead_reason = reason
+        for q in self._queues.values():
+            q.put_nowait(EngineDeadError(reason))
+        self._queues.clear()

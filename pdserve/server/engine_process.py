@@ -1,0 +1,118 @@
+"""The engine core's own process: requests and aborts in, per-step outputs and stats out.
+
+It runs apart from the HTTP server so that tokenization, JSON and SSE work never take the
+GIL from the step loop. It blocks on its inbox while it has nothing to do.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pdserve.config import EngineArgs
+from pdserve.engine.outputs import EngineRequest, RequestOutput
+
+IDLE_POLL_S = 1.0  # how often an idle engine checks that its parent is still alive
+
+
+@dataclass
+class EngineInfo:
+    """What the server needs to know about the model, sent once the engine is ready."""
+
+    model_name: str
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: list[int]
+    pid: int
+
+
+# Messages in: ("add", EngineRequest) | ("abort", request_id) | ("shutdown", None).
+# Messages out: ("ready", EngineInfo) | ("init_error", str) | ("outputs", list, EngineStats)
+#               | ("fatal", str).
+
+
+def default_engine_factory(args: EngineArgs):
+    """The real engine; imported here so that only the engine process loads the model code."""
+    from pdserve.engine.engine import Engine
+
+    return Engine(args)
+
+
+def run_engine_process(
+    args: EngineArgs,
+    inbox,
+    outbox,
+    factory: Callable[[EngineArgs], object] = default_engine_factory,
+) -> None:
+    """Entry point of the spawned process."""
+    try:
+        engine = factory(args)
+    except BaseException:
+        outbox.put(("init_error", traceback.format_exc()))
+        return
+    info = EngineInfo(
+        model_name=engine.model_name,
+        max_model_len=int(engine.max_model_len),
+        vocab_size=int(engine.vocab_size),
+        eos_token_ids=list(engine.eos_token_ids),
+        pid=os.getpid(),
+    )
+    outbox.put(("ready", info))
+    try:
+        _loop(engine, inbox, outbox)
+    except BaseException:
+        outbox.put(("fatal", traceback.format_exc()))
+        raise
+
+
+def _loop(engine, inbox, outbox) -> None:
+    parent = os.getppid()
+    while True:
+        messages = []
+        if not engine.has_unfinished_requests():
+            try:
+                messages.append(inbox.get(timeout=IDLE_POLL_S))
+            except queue.Empty:
+                if os.getppid() != parent:
+                    return  # the server is gone: nobody to serve
+                continue
+        messages.extend(_drain(inbox))
+        outputs: list[RequestOutput] = []
+        for kind, payload in messages:
+            if kind == "shutdown":
+                return
+            if kind == "add":
+                outputs.extend(_add(engine, payload))
+            elif kind == "abort":
+                _abort(engine, payload)
+        if engine.has_unfinished_requests() or messages:
+            outputs.extend(engine.step())
+        outbox.put(("outputs", outputs, engine.stats()))
+
+
+def _drain(inbox) -> list:
+    items = []
+    while True:
+        try:
+            items.append(inbox.get_nowait())
+        except queue.Empty:
+            return items
+
+
+def _add(engine, req: EngineRequest) -> list[RequestOutput]:
+    try:
+        engine.add_request(req)
+    except ValueError as exc:  # the engine's verdict on a bad request goes back to its client
+        return [RequestOutput(req.request_id, [], finished=True, finish_reason="abort",
+                              error=str(exc))]
+    return []
+
+
+def _abort(engine, request_id: str) -> None:
+    try:
+        engine.abort_request(request_id)
+    except (KeyError, ValueError):
+        pass  # it finished on its own before the abort arrived

@@ -1,0 +1,103 @@
+"""OpenAI-style error bodies, and the handlers that turn every bad input into a 4xx."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+
+class APIError(Exception):
+    """An error to show the client as `{"error": {...}}` with an HTTP status."""
+
+    def __init__(
+        self,
+        message: str,
+        status_code: int = 400,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(
+    message: str, type: str = "invalid_request_error", param: str | None = None,
+    code: str | None = None,
+) -> dict:
+    """The JSON OpenAI clients expect on failure."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def bad_request(message: str, param: str | None = None) -> APIError:
+    return APIError(message, 400, param=param)
+
+
+def model_not_found(name: str) -> APIError:
+    return APIError(
+        f"The model `{name}` does not exist.", 404, param="model", code="model_not_found"
+    )
+
+
+def engine_dead() -> APIError:
+    return APIError(
+        "The engine process has died; this instance cannot serve requests.",
+        503, type="server_error", code="engine_dead",
+    )
+
+
+def _describe(err: dict) -> tuple[str, str | None]:
+    """One readable line for a pydantic error, and the top-level field it concerns."""
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    param = loc[0] if loc else None
+    if err.get("type") == "json_invalid":
+        return "Request body is not valid JSON: " + str(err.get("ctx", {}).get("error", "")), None
+    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+    return (f"{'.'.join(loc)}: {msg}" if loc else msg), param
+
+
+async def _on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    message, param = _describe(errors[0]) if errors else ("Invalid request", None)
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more error(s))"
+    return JSONResponse(error_body(message, param=param), status_code=400)
+
+
+async def _on_api_error(_: Request, exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status_code)
+
+
+async def _on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code)
+
+
+async def _on_unexpected(_: Request, exc: Exception) -> JSONResponse:
+    # Last resort: a bug must still answer in the OpenAI shape, and the server lives on.
+    return JSONResponse(
+        error_body(f"Internal error: {type(exc).__name__}: {exc}", "server_error"), 500
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every error path to an OpenAI-style body."""
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(APIError, _on_api_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(Exception, _on_unexpected)
+
+
+def json_error_message(exc: json.JSONDecodeError | UnicodeDecodeError) -> str:
+    return f"Request body is not valid JSON: {exc}"

@@ -1,0 +1,127 @@
+"""One request's generation: engine token deltas in, safe text deltas out, metrics on the way.
+
+Stop strings end the request here (the engine only knows token ids), so on a stop string
+the engine request is aborted and its blocks freed at once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from pdserve.engine.outputs import EngineRequest, TokenLogprob
+from pdserve.server.detokenizer import IncrementalDetokenizer
+from pdserve.server.engine_client import ABORTED, EngineClient, EngineDeadError
+from pdserve.server.errors import bad_request, engine_dead
+from pdserve.server.metrics import ServerMetrics
+
+
+@dataclass
+class Delta:
+    """What one engine step added to a request, as the client should see it."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None  # the stop string or token id that ended it
+
+
+@dataclass
+class Generation:
+    """Runs one engine request and keeps its totals for `usage`."""
+
+    client: EngineClient
+    metrics: ServerMetrics
+    tokenizer: object
+    request: EngineRequest
+    stop: list[str]
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    kv_transfer_params: dict | None = None
+
+    def usage(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+        }
+
+    async def deltas(self) -> AsyncIterator[Delta]:
+        """Yield deltas until the request finishes; closing early aborts the engine request."""
+        self.prompt_tokens = len(self.request.prompt_token_ids)
+        detok = IncrementalDetokenizer(
+            self.tokenizer, self.request.prompt_token_ids, self.stop,
+            self.include_stop_str_in_output, self.skip_special_tokens,
+        )
+        start = last = time.monotonic()
+        reason = "abort"
+        queue = self.client.add(self.request)
+        finished = False
+        try:
+            while not finished:
+                out = await queue.get()
+                if out is ABORTED:
+                    return
+                if isinstance(out, EngineDeadError):
+                    raise engine_dead() from out
+                if out.error is not None:
+                    reason = "error"
+                    raise bad_request(out.error)
+                finished = out.finished
+                now = time.monotonic()
+                if out.new_token_ids:
+                    first = self.completion_tokens == 0
+                    observe = self.metrics.observe_first_token if first else \
+                        self.metrics.observe_inter_token
+                    observe(now - (start if first else last))
+                    last = now
+                self.prompt_tokens = out.num_prompt_tokens or self.prompt_tokens
+                self.cached_tokens = max(self.cached_tokens, out.num_cached_tokens)
+                if out.kv_transfer_params is not None:
+                    self.kv_transfer_params = out.kv_transfer_params
+                delta = self._consume(detok, out.new_token_ids, out.new_logprobs or [])
+                if detok.stopped_by is not None:
+                    reason = delta.finish_reason = "stop"
+                    delta.stop_reason = detok.stopped_by
+                elif out.finished:
+                    delta.text += detok.flush()
+                    reason = delta.finish_reason = out.finish_reason or "stop"
+                    if reason == "stop" and out.new_token_ids:
+                        delta.stop_reason = self._stop_token(out.new_token_ids[-1])
+                if delta.text or delta.token_ids or delta.finish_reason:
+                    yield delta
+                if delta.finish_reason is not None:
+                    return
+        finally:
+            if not finished:
+                self.client.abort(self.request.request_id)  # sync: safe under cancellation
+            self.metrics.observe_finished(reason, self.prompt_tokens, self.completion_tokens,
+                                          time.monotonic() - start)
+
+    def cancel(self) -> None:
+        """The client went away: free the engine's blocks and end `deltas`."""
+        self.client.abort(self.request.request_id)
+
+    def _consume(self, detok: IncrementalDetokenizer, token_ids: list[int],
+                 logprobs: list[TokenLogprob]) -> Delta:
+        """Feed tokens one by one so that nothing after a stop string is counted or sent."""
+        delta = Delta(text="", token_ids=[])
+        for i, tid in enumerate(token_ids):
+            delta.text += detok.add_token(tid)
+            delta.token_ids.append(tid)
+            if i < len(logprobs):
+                delta.logprobs.append(logprobs[i])
+            self.completion_tokens += 1
+            if detok.stopped_by is not None:
+                break
+        return delta
+
+    def _stop_token(self, token_id: int) -> int | None:
+        """The stop_token_ids entry that ended the request (None for EOS)."""
+        return token_id if token_id in self.request.params.stop_token_ids else None

@@ -1,0 +1,75 @@
+"""Turning a request's prompt into token ids, and refusing prompts the model cannot take."""
+
+from __future__ import annotations
+
+from pdserve.server.errors import bad_request
+from pdserve.server.protocol import ChatMessage
+
+
+def completion_prompt_ids(tokenizer, prompt: str | list[int]) -> list[int]:
+    """Text is tokenized with the tokenizer's own special tokens; ids pass through."""
+    if isinstance(prompt, str):
+        if prompt == "":
+            raise bad_request("prompt must not be empty", "prompt")
+        return _encode(tokenizer, prompt, add_special_tokens=True)
+    return list(prompt)
+
+
+def _check_unicode(text: str) -> None:
+    try:
+        text.encode("utf-8")  # JSON escapes can smuggle in lone surrogates
+    except UnicodeEncodeError as exc:
+        raise bad_request(f"text is not valid Unicode: {exc}") from exc
+
+
+def _encode(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
+    _check_unicode(text)
+    return list(tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
+
+
+def chat_prompt_ids(
+    tokenizer, messages: list[ChatMessage], add_generation_prompt: bool
+) -> list[int]:
+    """Render the chat template to text, then tokenize it (the template holds the specials)."""
+    conversation = [{"role": m.role, "content": m.text()} for m in messages]
+    for turn in conversation:
+        _check_unicode(turn["content"])
+    try:
+        text = tokenizer.apply_chat_template(
+            conversation, add_generation_prompt=add_generation_prompt, tokenize=False
+        )
+    except Exception as exc:  # a template may reject e.g. a conversation ending badly
+        raise bad_request(f"messages could not be rendered by the chat template: {exc}",
+                          "messages") from exc
+    return _encode(tokenizer, text, add_special_tokens=False)
+
+
+def resolve_max_tokens(
+    prompt_ids: list[int], max_tokens: int | None, default: int | None,
+    vocab_size: int, max_model_len: int,
+) -> int:
+    """Check the prompt against the vocabulary and context; return the generation budget.
+
+    `default` None means "up to the end of the context" (chat); a number is the legacy
+    completions default of OpenAI (16).
+    """
+    if not prompt_ids:
+        raise bad_request("prompt must not be empty", "prompt")
+    bad = next((t for t in prompt_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise bad_request(f"token id {bad} is out of vocabulary (size {vocab_size})", "prompt")
+    room = max_model_len - len(prompt_ids)
+    if room <= 0:
+        raise bad_request(
+            f"This model's maximum context length is {max_model_len} tokens, but the prompt "
+            f"has {len(prompt_ids)} tokens.", "prompt",
+        )
+    if max_tokens is None:
+        return room if default is None else min(default, room)
+    if max_tokens > room:
+        raise bad_request(
+            f"This model's maximum context length is {max_model_len} tokens; the prompt has "
+            f"{len(prompt_ids)} tokens and max_tokens is {max_tokens}, which is "
+            f"{len(prompt_ids) + max_tokens} in total.", "max_tokens",
+        )
+    return max_tokens

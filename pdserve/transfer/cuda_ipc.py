@@ -1,0 +1,153 @@
+"""Same host, GPU to GPU: D maps P's KV cache tensors once through CUDA IPC and gathers blocks.
+
+P's KVSource exports each layer's cache with torch's CUDA IPC reduction (a cudaIpcMemHandle
+plus offsets, JSON-encoded) when D sends `open`. D rebuilds them **on its own device**:
+cudaIpcOpenMemHandle maps P's memory into D's context and lazily enables peer access, so
+the per-layer gather (index_select over P's cache) runs as a kernel on D's GPU reading
+over NVLink/PCIe, and the scatter (index_copy_) writes locally: two kernels per layer, no
+CUDA context on P's GPU, no staging copy. Reads are admitted against P's lease with
+`begin`/`end` exactly like the host transport.
+
+Assumptions, to be checked by tests/transfer/test_cuda_ipc.py on a GPU machine:
+- the KV of a request is complete on P's GPU once P has answered (it synced to sample);
+- P keeps its cache tensors alive for its whole life (IPC mappings point into them).
+Importing this module needs no GPU.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from pdserve.transfer.blockcopy import Scratch, copy_blocks
+from pdserve.transfer.host import local_host_id
+from pdserve.transfer.layout import HeadSlice
+from pdserve.transfer.protocol import PullStats, TransferError
+from pdserve.transfer.wire import Connection, release_remote
+
+# positions in torch.multiprocessing.reductions.rebuild_cuda_tensor's argument tuple
+_ARG_NAMES = (
+    "tensor_cls",
+    "size",
+    "stride",
+    "offset",
+    "storage_cls",
+    "dtype",
+    "device",
+    "handle",
+    "storage_size_bytes",
+    "storage_offset_bytes",
+    "requires_grad",
+    "ref_counter_handle",
+    "ref_counter_offset",
+    "event_handle",
+    "event_sync_required",
+)
+_BYTES = ("handle", "ref_counter_handle", "event_handle")
+
+
+def export_kv_caches(kv_caches: list[torch.Tensor]) -> list[dict]:
+    """P side: a JSON-able IPC description of each layer's cache (fresh ref counters per call)."""
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    out = []
+    for t in kv_caches:
+        _, args = reduce_tensor(t)
+        d = dict(zip(_ARG_NAMES, args, strict=True))
+        del d["tensor_cls"], d["storage_cls"]  # rebuilt as torch.Tensor / TypedStorage
+        d["size"], d["stride"] = list(d["size"]), list(d["stride"])
+        d["dtype"] = str(d["dtype"]).removeprefix("torch.")
+        for k in _BYTES:
+            d[k] = None if d[k] is None else base64.b64encode(d[k]).decode()
+        out.append(d)
+    return out
+
+
+def import_kv_caches(layers: list[dict], device: torch.device) -> list[torch.Tensor]:
+    """D side: map the exported caches into `device`'s address space (peer access if remote)."""
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    tensors = []
+    for d in layers:
+        d = dict(d)
+        for k in _BYTES:
+            d[k] = None if d[k] is None else base64.b64decode(d[k])
+        d["tensor_cls"], d["storage_cls"] = torch.Tensor, torch.storage.TypedStorage
+        d["dtype"] = getattr(torch, d["dtype"])
+        d["size"], d["stride"] = torch.Size(d["size"]), tuple(d["stride"])
+        # P's device index means nothing here (CUDA_VISIBLE_DEVICES differ): open on ours
+        d["device"] = device.index if device.index is not None else torch.cuda.current_device()
+        tensors.append(rebuild_cuda_tensor(*(d[name] for name in _ARG_NAMES)))
+    return tensors
+
+
+@dataclass
+class CudaIpcPuller:
+    """D side of the cuda_ipc transport: maps each source's caches once, gathers with peer reads."""
+
+    timeout_s: float = 10.0
+    name: str = "cuda_ipc"
+    _maps: dict[tuple[str, int], list[torch.Tensor]] = field(default_factory=dict)
+    _scratch: Scratch = field(default_factory=Scratch)  # one layer's gather, on D's GPU
+
+    def pull(
+        self,
+        endpoint: dict,
+        remote_request_id: str,
+        remote_block_ids: list[int],
+        local_block_ids: list[int],
+        kv_caches: list[torch.Tensor],
+        heads: HeadSlice | None = None,
+    ) -> PullStats:
+        """Copy remote blocks into `local_block_ids` of `kv_caches`; TransferError on failure."""
+        if len(remote_block_ids) != len(local_block_ids):
+            raise ValueError("remote and local block lists differ in length")
+        device = kv_caches[0].device
+        if device.type != "cuda" or "cuda_ipc" not in endpoint.get("transports", []):
+            raise TransferError("cuda_ipc needs CUDA caches on both sides")
+        if endpoint.get("host_id") != local_host_id():
+            raise TransferError("cuda_ipc needs the source on this host")
+        start = time.perf_counter()
+        key = (endpoint["host"], endpoint["port"])
+        try:
+            with Connection(endpoint, self.timeout_s) as conn:
+                remote = self._mapping(conn, key, device)
+                if len(remote) != len(kv_caches):
+                    raise TransferError(f"{len(remote)} remote layers, {len(kv_caches)} local")
+                lease = conn.call(
+                    {"op": "begin", "request_id": remote_request_id, "block_ids": remote_block_ids}
+                )
+                with torch.cuda.device(device):
+                    nbytes = copy_blocks(
+                        remote, remote_block_ids, kv_caches, local_block_ids, heads, self._scratch
+                    )
+                    torch.cuda.current_stream(device).synchronize()  # done before "end" is asked
+                ended = conn.call(
+                    {"op": "end", "request_id": remote_request_id, "lease_id": lease["lease_id"]}
+                )
+        except TransferError:
+            self._maps.pop(key, None)
+            raise
+        except (RuntimeError, IndexError, KeyError, TypeError, OSError) as e:
+            self._maps.pop(key, None)
+            raise TransferError(f"cuda_ipc copy from {key} failed: {e}") from e
+        if not ended["live"]:
+            raise TransferError(f"lease of {remote_request_id!r} ended during the copy")
+        return PullStats(self.name, len(local_block_ids), nbytes, time.perf_counter() - start)
+
+    def release(self, endpoint: dict, remote_request_id: str) -> bool:
+        """Tell the source the blocks of `remote_request_id` may be freed."""
+        return release_remote(endpoint, remote_request_id, self.timeout_s)
+
+    def close(self) -> None:
+        """Drop the mappings (torch closes the IPC handles when the storages die)."""
+        self._maps.clear()
+
+    def _mapping(self, conn: Connection, key: tuple[str, int], device: torch.device) -> list:
+        if key not in self._maps:
+            layers = conn.call({"op": "open", "transport": "cuda_ipc"})["mapping"]["layers"]
+            self._maps[key] = import_kv_caches(layers, device)
+        return self._maps[key]

@@ -1,0 +1,60 @@
+"""What every transport's puller promises: its signature, its stats, its one error."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from pdserve.transfer.layout import HeadSlice
+
+
+class TransferError(RuntimeError):
+    """A pull failed (source down, timeout, lease gone, bad reply): D prefills locally instead."""
+
+
+@dataclass
+class PullStats:
+    """How much one pull moved and how long it took."""
+
+    transport: str
+    num_blocks: int
+    bytes: int
+    seconds: float
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+    def __add__(self, other: PullStats) -> PullStats:
+        return PullStats(
+            self.transport if self.transport == other.transport else "mixed",
+            self.num_blocks + other.num_blocks,
+            self.bytes + other.bytes,
+            self.seconds + other.seconds,
+        )
+
+
+class BlockPuller(Protocol):
+    """The D side of one transport (host, tcp, cuda_ipc)."""
+
+    name: str
+
+    def pull(
+        self,
+        endpoint: dict,
+        remote_request_id: str,
+        remote_block_ids: list[int],
+        local_block_ids: list[int],
+        kv_caches: list[torch.Tensor],
+        heads: HeadSlice | None = None,
+    ) -> PullStats:
+        """Copy remote blocks into `local_block_ids` of `kv_caches`; TransferError on failure."""
+        ...
+
+    def release(self, endpoint: dict, remote_request_id: str) -> bool:
+        """Tell the source its lease on `remote_request_id` can end."""
+        ...
+
+    def close(self) -> None: ...

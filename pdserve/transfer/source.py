@@ -1,0 +1,165 @@
+"""P side: one KVSource per engine rank serves leased blocks of its KV caches to decode engines.
+
+One small threaded socket server answers every transport: it streams blocks itself (tcp),
+or hands out a mapping of its caches (host shared memory, CUDA IPC handles) and admits
+direct reads with `begin`/`end`, always against the LeaseTable the engine fills.
+
+Messages (see wire.py), each answered by one reply or {"error": ...}:
+  ping                                  -> {layout}
+  open    {transport}                   -> {mapping}           host / cuda_ipc
+  begin   {request_id, block_ids}       -> {lease_id}          before a direct read
+  end     {request_id, lease_id}        -> {live}              after it: was the data valid?
+  read    {request_id, block_ids, heads}-> {num_layers}, one tensor per layer, {live}   tcp
+  release {request_id}                  -> {released}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import socketserver
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from pdserve.transfer import cuda_ipc, host
+from pdserve.transfer.blockcopy import Scratch, as_index, gather_blocks
+from pdserve.transfer.layout import KVLayout
+from pdserve.transfer.lease import LeaseTable
+from pdserve.transfer.wire import recv_msg, send_msg, send_tensor
+
+
+class Refused(Exception):
+    """A request the source will not serve; its message goes back to D."""
+
+
+@dataclass
+class KVSource:
+    """Serves reads of leased blocks of one rank's `kv_caches` (started once per engine rank).
+
+    `shm_name` is the name given to `allocate_shared_kv_caches` when the caches live in
+    shared memory (enables the host transport). CUDA caches enable cuda_ipc. tcp always works.
+    `advertise_host` is the address D should dial (default: the bound address).
+    """
+
+    kv_caches: list[torch.Tensor]
+    layout: KVLayout
+    leases: LeaseTable
+    bind_host: str = "127.0.0.1"
+    port: int = 0
+    advertise_host: str | None = None
+    shm_name: str | None = None
+    read_timeout_s: float = 30.0  # a lease under a read lives at least this long
+
+    def __post_init__(self) -> None:
+        self._server: socketserver.ThreadingTCPServer | None = None
+        self._device = self.kv_caches[0].device
+        self._stream = torch.cuda.Stream(self._device) if self._device.type == "cuda" else None
+
+    @property
+    def transports(self) -> list[str]:
+        """Transports this source serves, best first."""
+        if self._device.type == "cuda":
+            return ["cuda_ipc", "tcp"]
+        return ["host", "tcp"] if self.shm_name else ["tcp"]
+
+    def start(self) -> KVSource:
+        """Bind and serve in a daemon thread; returns self."""
+        source = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                source._serve_connection(self.request)
+
+        server = socketserver.ThreadingTCPServer((self.bind_host, self.port), Handler, False)
+        server.daemon_threads = True  # a stuck D connection must not keep P alive
+        server.allow_reuse_address = True
+        server.server_bind()
+        server.server_activate()
+        self.port = server.server_address[1]
+        self._server = server
+        threading.Thread(target=server.serve_forever, name="kv-source", daemon=True).start()
+        return self
+
+    def endpoint(self) -> dict:
+        """How D reaches this source: goes into kv_transfer_params (one per P rank)."""
+        if self._server is None:
+            raise RuntimeError("KVSource.start() first")
+        return {
+            "host": self.advertise_host or self.bind_host,
+            "port": self.port,
+            "host_id": host.local_host_id(),
+            "transports": self.transports,
+            "device": self._device.type,
+            "tp_rank": self.layout.tp_rank,
+        }
+
+    def close(self) -> None:
+        """Stop serving (the caches and their shared memory stay the engine's to free)."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def _serve_connection(self, sock: socket.socket) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(self.read_timeout_s)  # an idle or stuck D does not hold a thread forever
+        # OSError: D went away or stalled (its lease simply runs out); ValueError: garbage
+        with contextlib.suppress(OSError, ValueError):
+            scratch = Scratch()  # per connection: connections are served concurrently
+            while (msg := recv_msg(sock)) is not None:
+                try:
+                    self._dispatch(sock, msg, scratch)
+                except Refused as e:
+                    send_msg(sock, {"error": str(e)})
+                except (KeyError, TypeError, IndexError, RuntimeError) as e:
+                    # a malformed request (or bad block ids) must not kill the server thread
+                    send_msg(sock, {"error": f"bad request {msg.get('op')!r}: {e!r}"})
+
+    def _dispatch(self, sock: socket.socket, msg: dict, scratch: Scratch) -> None:
+        op = msg.get("op")
+        if op == "ping":
+            send_msg(sock, {"layout": self.layout.to_dict()})
+        elif op == "open":
+            send_msg(sock, {"mapping": self._mapping(msg.get("transport"))})
+        elif op == "begin":
+            send_msg(sock, {"lease_id": self._admit(msg)})
+        elif op == "end":
+            send_msg(sock, {"live": self.leases.is_live(msg["request_id"], msg["lease_id"])})
+        elif op == "read":
+            self._stream_blocks(sock, msg, scratch)
+        elif op == "release":
+            send_msg(sock, {"released": self.leases.release_later(msg["request_id"])})
+        else:
+            raise Refused(f"unknown op {op!r}")
+
+    def _admit(self, msg: dict) -> int:
+        rid, blocks = msg["request_id"], msg["block_ids"]
+        lease_id = self.leases.begin_read(rid, blocks, self.read_timeout_s)
+        if lease_id is None:
+            raise Refused(f"no live lease of request {rid!r} covers blocks {blocks}")
+        return lease_id
+
+    def _mapping(self, transport: str | None) -> dict:
+        if transport not in self.transports or transport == "tcp":
+            raise Refused(f"transport {transport!r} not served here (serving {self.transports})")
+        if transport == "host":
+            return host.describe_shared_kv_caches(self.kv_caches, self.shm_name or "")
+        return {"layers": cuda_ipc.export_kv_caches(self.kv_caches)}
+
+    def _stream_blocks(self, sock: socket.socket, msg: dict, scratch: Scratch) -> None:
+        start, stop = msg.get("heads") or (0, self.layout.rank_kv_heads)
+        if not 0 <= start < stop <= self.layout.rank_kv_heads:
+            raise Refused(
+                f"heads [{start}, {stop}) outside this rank's {self.layout.rank_kv_heads}"
+            )
+        lease_id = self._admit(msg)
+        ids = as_index(msg["block_ids"], self._device)
+        send_msg(sock, {"num_layers": len(self.kv_caches)})
+        for i, cache in enumerate(self.kv_caches):
+            with torch.cuda.stream(self._stream) if self._stream else contextlib.nullcontext():
+                data = gather_blocks(cache, ids, (start, stop), scratch).cpu()
+            send_tensor(sock, {"layer": i}, data)
+        # blocks reused under the stream (lease gone) would make the bytes sent stale
+        send_msg(sock, {"live": self.leases.is_live(msg["request_id"], lease_id)})

@@ -1,0 +1,102 @@
+"""Any two hosts: D asks P's KVSource to stream the blocks over a socket, layer by layer.
+
+D sends `read {request_id, block_ids, heads}`; P checks the lease, gathers each layer's
+blocks (and head slice) into one contiguous tensor and sends it as a framed message (JSON
+header with layer, shape, dtype, nbytes; then the raw bytes); a last message says whether
+the lease was still live when the stream ended. D scatters each layer into its own blocks.
+The server side is `KVSource` (source.py), which serves every transport.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from pdserve.transfer.blockcopy import Scratch, as_index, scatter_blocks
+from pdserve.transfer.layout import HeadSlice
+from pdserve.transfer.protocol import PullStats, TransferError
+from pdserve.transfer.wire import Connection, release_remote
+
+
+@dataclass
+class TcpPuller:
+    """D side of the tcp transport. `timeout_s` bounds a whole pull, connect included."""
+
+    timeout_s: float = 10.0
+    name: str = "tcp"
+    _scratch: Scratch = field(default_factory=Scratch)  # receive buffer, reused across pulls
+
+    def pull(
+        self,
+        endpoint: dict,
+        remote_request_id: str,
+        remote_block_ids: list[int],
+        local_block_ids: list[int],
+        kv_caches: list[torch.Tensor],
+        heads: HeadSlice | None = None,
+    ) -> PullStats:
+        """Copy remote blocks into `local_block_ids` of `kv_caches`; TransferError on failure."""
+        if len(remote_block_ids) != len(local_block_ids):
+            raise ValueError("remote and local block lists differ in length")
+        start = time.perf_counter()
+        local = as_index(local_block_ids, kv_caches[0].device)
+        try:
+            nbytes = self._stream(
+                endpoint, remote_request_id, remote_block_ids, local, kv_caches, heads
+            )
+        except (KeyError, TypeError, IndexError, RuntimeError) as e:  # a malformed stream
+            raise TransferError(
+                f"tcp pull from {endpoint.get('host')}:{endpoint.get('port')}: {e!r}"
+            ) from e
+        return PullStats(self.name, len(local_block_ids), nbytes, time.perf_counter() - start)
+
+    def _stream(
+        self,
+        endpoint: dict,
+        remote_request_id: str,
+        remote_block_ids: list[int],
+        local: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        heads: HeadSlice | None,
+    ) -> int:
+        """Send the read, receive and scatter each layer; returns bytes received."""
+        head_start = 0 if heads is None else heads.local_start
+        nbytes = 0
+        with Connection(endpoint, self.timeout_s) as conn:
+            reply = conn.call(
+                {
+                    "op": "read",
+                    "request_id": remote_request_id,
+                    "block_ids": remote_block_ids,
+                    "heads": None if heads is None else [heads.remote_start, heads.remote_stop],
+                }
+            )
+            if reply["num_layers"] != len(kv_caches):
+                raise TransferError(f"{reply['num_layers']} remote layers, {len(kv_caches)} local")
+            for i, cache in enumerate(kv_caches):
+                header = conn.recv()
+                if header.get("layer") != i:
+                    raise TransferError(f"expected layer {i}, got {header}")
+                data = conn.recv_tensor(header, self._scratch)
+                self._check(data, cache, len(local), heads)
+                scatter_blocks(cache, local, data, head_start)
+                nbytes += data.nbytes
+            if not conn.recv()["live"]:
+                raise TransferError(f"lease of {remote_request_id!r} ended during the stream")
+        return nbytes
+
+    def release(self, endpoint: dict, remote_request_id: str) -> bool:
+        """Tell the source the blocks of `remote_request_id` may be freed."""
+        return release_remote(endpoint, remote_request_id, self.timeout_s)
+
+    def close(self) -> None:
+        pass
+
+    @staticmethod
+    def _check(data: torch.Tensor, cache: torch.Tensor, n: int, heads: HeadSlice | None) -> None:
+        num_heads = cache.shape[3] if heads is None else heads.num_heads
+        want = (2, n, cache.shape[2], num_heads, cache.shape[4])
+        if tuple(data.shape) != want or data.dtype != cache.dtype:
+            raise TransferError(f"got {tuple(data.shape)} {data.dtype}, want {want} {cache.dtype}")

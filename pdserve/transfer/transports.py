@@ -1,0 +1,110 @@
+"""Picking a transport per (P rank, D rank) pair, and the D-side puller the engine owns.
+
+Same host and CUDA on both sides -> cuda_ipc; same host with P's caches in shared memory
+-> host; anything else -> tcp. `KVPuller(transport=...)` overrides the choice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+
+from pdserve.transfer.cuda_ipc import CudaIpcPuller
+from pdserve.transfer.host import HostPuller, local_host_id
+from pdserve.transfer.layout import KVLayout
+from pdserve.transfer.params import RemoteKV
+from pdserve.transfer.protocol import BlockPuller, PullStats, TransferError
+from pdserve.transfer.tcp import TcpPuller
+from pdserve.transfer.wire import release_remote
+
+TRANSPORTS: dict[str, type] = {"cuda_ipc": CudaIpcPuller, "host": HostPuller, "tcp": TcpPuller}
+
+
+def choose_transport(endpoint: dict, local_device: torch.device, prefer: str | None = None) -> str:
+    """The transport D should use to pull from `endpoint` into caches on `local_device`."""
+    offered = endpoint.get("transports", ["tcp"])
+    if prefer is not None:
+        if prefer not in offered:
+            raise TransferError(f"source offers {offered}, not {prefer!r}")
+        return prefer
+    if endpoint.get("host_id") != local_host_id():
+        return "tcp"
+    if local_device.type == "cuda" and "cuda_ipc" in offered:
+        return "cuda_ipc"  # peer access is enabled lazily when the IPC handle is opened
+    if "host" in offered:
+        return "host"
+    return "tcp"
+
+
+def release_remote_kv(remote: RemoteKV, timeout_s: float = 5.0) -> bool:
+    """Tell every P rank its lease on the request can end (after all D ranks pulled).
+
+    Best effort: False if some rank could not be told; its lease then simply expires.
+    """
+    ok = True
+    for endpoint in remote.endpoints:
+        try:
+            ok = release_remote(endpoint, remote.request_id, timeout_s) and ok
+        except TransferError:
+            ok = False
+    return ok
+
+
+@dataclass
+class KVPuller:
+    """D side, one per engine rank: pulls a prefilled request's blocks into its own caches.
+
+    Checks the layouts, splits the pull over the P ranks holding this rank's heads
+    (heterogeneous TP), and picks a transport per P rank. Not thread-safe: call it from
+    one thread (the engine's), or one KVPuller per thread.
+    """
+
+    layout: KVLayout
+    kv_caches: list[torch.Tensor]
+    transport: str | None = None  # force "cuda_ipc", "host" or "tcp"
+    timeout_s: float = 10.0
+    _pullers: dict[str, BlockPuller] = field(default_factory=dict)
+
+    def pull(self, remote: RemoteKV, local_block_ids: list[int], first_block: int = 0) -> PullStats:
+        """Copy remote blocks first_block .. first_block+len(local_block_ids) into local_block_ids.
+
+        `first_block` skips blocks D already holds (its prefix cache). Raises
+        IncompatibleLayout or TransferError; either way D prefills locally instead.
+        """
+        remote_ids = remote.block_ids[first_block : first_block + len(local_block_ids)]
+        if len(remote_ids) != len(local_block_ids):
+            raise ValueError(f"{len(local_block_ids)} local blocks, {len(remote_ids)} remote")
+        total: PullStats | None = None
+        for part in self.layout.head_slices_from(remote.layout):
+            endpoint = remote.endpoints[part.remote_rank]
+            name = choose_transport(endpoint, self.kv_caches[0].device, self.transport)
+            whole = part.num_heads == self.layout.rank_kv_heads == remote.layout.rank_kv_heads
+            stats = self._puller(name).pull(
+                endpoint,
+                remote.request_id,
+                remote_ids,
+                local_block_ids,
+                self.kv_caches,
+                None if whole else part,
+            )
+            total = stats if total is None else total + stats
+        assert total is not None  # head_slices_from covers at least one head
+        return total
+
+    def release(self, remote: RemoteKV) -> bool:
+        """Tell P the request's blocks may be freed (see release_remote_kv)."""
+        return release_remote_kv(remote, self.timeout_s)
+
+    def close(self) -> None:
+        """Drop every mapping of remote caches."""
+        for puller in self._pullers.values():
+            with contextlib.suppress(Exception):
+                puller.close()
+        self._pullers.clear()
+
+    def _puller(self, name: str) -> BlockPuller:
+        if name not in self._pullers:
+            self._pullers[name] = TRANSPORTS[name](timeout_s=self.timeout_s)
+        return self._pullers[name]

@@ -1,0 +1,165 @@
+"""The framed binary format on the source's socket, and D's client end of it.
+
+A message is a 4-byte big-endian length and that many bytes of JSON. A message whose
+JSON has "nbytes" is followed by that many raw bytes (a tensor's contents, C order, with
+its "shape" and "dtype" in the JSON). Every transport's control traffic and the tcp
+transport's data use it.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import time
+
+import torch
+
+from pdserve.transfer.blockcopy import Scratch
+from pdserve.transfer.protocol import TransferError
+
+_LENGTH = struct.Struct("!I")
+MAX_HEADER_BYTES = 16 << 20  # a header this big is a corrupt stream, not a message
+_CHUNK = 4 << 20
+
+
+def send_msg(sock: socket.socket, msg: dict) -> None:
+    body = json.dumps(msg).encode()
+    sock.sendall(_LENGTH.pack(len(body)) + body)
+
+
+def recv_exact(sock: socket.socket, view: memoryview, deadline: float | None = None) -> None:
+    """Fill `view` from the socket; ConnectionError if the peer closes first.
+
+    With a `deadline` (time.monotonic), a source that trickles bytes still times out.
+    """
+    got = 0
+    while got < len(view):
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("deadline passed mid-message")
+            sock.settimeout(left)
+        n = sock.recv_into(view[got : got + _CHUNK])
+        if n == 0:
+            raise ConnectionError("peer closed the connection")
+        got += n
+
+
+def recv_msg(sock: socket.socket) -> dict | None:
+    """The next message, or None on a clean close between messages."""
+    head = bytearray(_LENGTH.size)
+    n = sock.recv_into(head)
+    if n == 0:
+        return None
+    if n < len(head):
+        recv_exact(sock, memoryview(head)[n:])
+    (length,) = _LENGTH.unpack(head)
+    if length > MAX_HEADER_BYTES:
+        raise ConnectionError(f"header of {length} bytes: corrupt stream")
+    body = bytearray(length)
+    recv_exact(sock, memoryview(body))
+    msg = json.loads(body)
+    if not isinstance(msg, dict):
+        raise ValueError(f"a message must be a JSON object, got {type(msg).__name__}")
+    return msg
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw bytes of a contiguous CPU tensor, without a copy."""
+    return memoryview(t.contiguous().view(torch.uint8).reshape(-1).numpy())
+
+
+def send_tensor(sock: socket.socket, header: dict, t: torch.Tensor) -> None:
+    """Send `header` with the tensor's shape, dtype and size, then its bytes."""
+    t = t.contiguous().cpu()
+    dtype = str(t.dtype).removeprefix("torch.")
+    send_msg(sock, {**header, "shape": list(t.shape), "dtype": dtype, "nbytes": t.nbytes})
+    sock.sendall(tensor_bytes(t))
+
+
+def recv_tensor(
+    sock: socket.socket, header: dict, deadline: float | None = None, scratch: Scratch | None = None
+) -> torch.Tensor:
+    """The tensor announced by `header` (already received), read from the socket."""
+    dtype = getattr(torch, str(header["dtype"]), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {header['dtype']!r}")
+    shape = tuple(header["shape"])
+    if scratch is None:
+        out = torch.empty(shape, dtype=dtype)
+    else:
+        out = scratch.get(shape, dtype, torch.device("cpu"))
+    if out.nbytes != header["nbytes"]:
+        raise ValueError(f"header says {header['nbytes']} bytes for {shape} {dtype}")
+    recv_exact(sock, tensor_bytes(out), deadline)
+    return out
+
+
+class Connection:
+    """D's connection to a source: request/reply calls, every failure a TransferError.
+
+    `timeout_s` bounds the connect and the whole life of the connection (a deadline),
+    so a source that stalls mid-stream cannot hang D.
+    """
+
+    def __init__(self, endpoint: dict, timeout_s: float) -> None:
+        self.deadline = time.monotonic() + timeout_s
+        where = f"{endpoint.get('host')}:{endpoint.get('port')}"
+        self.where = where
+        try:
+            self.sock = socket.create_connection((endpoint["host"], endpoint["port"]), timeout_s)
+        except (OSError, KeyError) as e:
+            raise TransferError(f"cannot reach KV source {where}: {e}") from e
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _arm(self) -> None:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TransferError(f"KV source {self.where}: timed out")
+        self.sock.settimeout(left)
+
+    def send(self, msg: dict) -> None:
+        try:
+            self._arm()
+            send_msg(self.sock, msg)
+        except OSError as e:
+            raise TransferError(f"KV source {self.where}: send failed: {e}") from e
+
+    def recv(self) -> dict:
+        """The next message; TransferError on close, timeout, or an error reply."""
+        try:
+            self._arm()
+            msg = recv_msg(self.sock)
+        except (OSError, ValueError) as e:  # socket.timeout is an OSError
+            raise TransferError(f"KV source {self.where}: {type(e).__name__}: {e}") from e
+        if msg is None:
+            raise TransferError(f"KV source {self.where} closed the connection")
+        if "error" in msg:
+            raise TransferError(f"KV source {self.where} refused: {msg['error']}")
+        return msg
+
+    def recv_tensor(self, header: dict, scratch: Scratch | None = None) -> torch.Tensor:
+        try:
+            return recv_tensor(self.sock, header, self.deadline, scratch)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise TransferError(f"KV source {self.where}: {type(e).__name__}: {e}") from e
+
+    def call(self, msg: dict) -> dict:
+        self.send(msg)
+        return self.recv()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def release_remote(endpoint: dict, remote_request_id: str, timeout_s: float) -> bool:
+    """Ask the source to end the lease of `remote_request_id`; TransferError if unreachable."""
+    with Connection(endpoint, timeout_s) as conn:
+        return bool(conn.call({"op": "release", "request_id": remote_request_id})["released"])

@@ -1,0 +1,55 @@
+"""Shared fixtures: the embedded SmolLM2 as an engine and as transformers' reference."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# One torch thread per engine process: tests run several processes on 2 cores, and
+# oversubscribed OpenMP threads spin (measured 8x slower steps).
+os.environ.setdefault("PDSERVE_CPU_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """(folder, file name) of the embedded GGUF, for transformers' own loader."""
+    from pdserve.models.gguf_file import embedded_gguf_path
+
+    path = embedded_gguf_path()
+    return str(path.parent), path.name
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_gguf):
+    """transformers' LlamaForCausalLM from the same GGUF: the independent reference."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder, name = smollm2_gguf
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    from pdserve.models.loader import load_tokenizer
+
+    return load_tokenizer(None)
+
+
+def hf_greedy(model, prompt: list[int], num_tokens: int) -> list[int]:
+    """transformers' greedy continuation with EOS ignored: argmax at every step."""
+    import torch
+
+    ids = torch.tensor([prompt])
+    out: list[int] = []
+    with torch.inference_mode():
+        result = model(ids, use_cache=True)
+        for _ in range(num_tokens):
+            token = int(result.logits[0, -1].argmax())
+            out.append(token)
+            result = model(torch.tensor([[token]]), past_key_values=result.past_key_values,
+                           use_cache=True)
+    return out

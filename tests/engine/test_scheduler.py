@@ -1,0 +1,96 @@
+"""The scheduler without a model: budgets, chunking, admission order and preemption."""
+
+from pdserve.config import SchedulerConfig
+from pdserve.engine.blocks import BlockPool
+from pdserve.engine.kv_manager import KVCacheManager
+from pdserve.engine.request import Request, RequestStatus
+from pdserve.engine.sampling_params import SamplingParams
+
+
+def make(num_blocks=64, block_size=4, **cfg):
+    from pdserve.engine.scheduler import Scheduler
+
+    kv = KVCacheManager(BlockPool(num_blocks, block_size))
+    return Scheduler(SchedulerConfig(**cfg), kv)
+
+
+def req(rid: str, n: int) -> Request:
+    return Request(rid, list(range(100 * len(rid), 100 * len(rid) + n)), SamplingParams())
+
+
+def run_step(sched):
+    """Pretend the model ran: advance computed tokens and emit token 1 for those that sample."""
+    out = sched.schedule()
+    for s in out.scheduled:
+        samples = s.samples
+        s.request.num_computed_tokens += s.num_new_tokens
+        sched.kv.publish_full_blocks(s.request)
+        if samples:
+            s.request.output_token_ids.append(1)
+    return out
+
+
+def test_long_prompt_is_chunked_to_the_token_budget():
+    sched = make(max_num_batched_tokens=8)
+    r = req("a", 20)
+    sched.add(r)
+    sizes = [run_step(sched).scheduled[0].num_new_tokens for _ in range(3)]
+    assert sizes == [8, 8, 4]
+    assert r.output_token_ids == [1]  # sampled only once the prompt was complete
+
+
+def test_decodes_are_scheduled_before_new_prefills():
+    sched = make(max_num_batched_tokens=8)
+    a, b = req("a", 4), req("bb", 30)
+    sched.add(a)
+    run_step(sched)
+    sched.add(b)
+    out = run_step(sched)
+    plan = [(s.request.request_id, s.num_new_tokens) for s in out.scheduled]
+    assert plan == [("a", 1), ("bb", 7)]
+
+
+def test_max_num_seqs_caps_running_requests():
+    sched = make(max_num_seqs=2)
+    for name in ["a", "bb", "ccc"]:
+        sched.add(req(name, 3))
+    out = run_step(sched)
+    assert len(out.scheduled) == 2 and len(sched.waiting) == 1
+
+
+def test_preemption_frees_the_latest_request_and_recomputes_it_later():
+    sched = make(num_blocks=4, block_size=4, max_num_batched_tokens=64)
+    a, b = req("a", 7), req("bb", 7)
+    sched.add(a)
+    sched.add(b)
+    run_step(sched)  # each holds 2 blocks (8 slots): pool full
+    run_step(sched)  # token 8 still fits
+    run_step(sched)  # a needs a 3rd block for token 9 -> b, admitted last, is preempted
+    assert b.status == RequestStatus.WAITING and b.num_preemptions == 1
+    assert b.block_ids == [] and b.num_computed_tokens == 0
+    assert a.status == RequestStatus.RUNNING
+
+
+def test_second_prompt_with_same_prefix_hits_the_cache():
+    sched = make(block_size=4)
+    a = req("a", 10)
+    sched.add(a)
+    run_step(sched)
+    b = Request("b", list(a.prompt_token_ids[:8]) + [7, 7, 7], SamplingParams())
+    sched.add(b)
+    out = run_step(sched)
+    sb = [s for s in out.scheduled if s.request is b][0]
+    assert b.num_cached_tokens == 8 and sb.num_new_tokens == 3
+    assert b.block_ids[:2] == a.block_ids[:2]
+
+
+def test_fully_cached_prompt_still_computes_its_last_token():
+    sched = make(block_size=4)
+    a = req("a", 8)
+    sched.add(a)
+    run_step(sched)
+    b = Request("b", list(a.prompt_token_ids), SamplingParams())
+    sched.add(b)
+    out = sched.schedule()
+    sb = [s for s in out.scheduled if s.request is b][0]
+    assert b.num_cached_tokens == 4 and sb.num_new_tokens == 4 and sb.samples

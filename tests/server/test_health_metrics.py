@@ -1,0 +1,51 @@
+"""/health, /v1/models and /metrics, and what happens when the engine process dies."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+from server_helpers import assert_openai_error, complete
+
+EXPECTED_METRICS = [
+    "pdserve:request_success_total", "pdserve:num_requests_running",
+    "pdserve:num_requests_waiting", "pdserve:kv_cache_usage_perc",
+    "pdserve:prefix_cache_hit_rate", "pdserve:prefix_cache_queries_total",
+    "pdserve:prefix_cache_hits_total", "pdserve:time_to_first_token_seconds_bucket",
+    "pdserve:inter_token_latency_seconds_bucket", "pdserve:e2e_request_latency_seconds_bucket",
+    "pdserve:request_prompt_tokens_bucket", "pdserve:request_generation_tokens_bucket",
+    "pdserve:prompt_tokens_total", "pdserve:generation_tokens_total",
+    "pdserve:kv_blocks_free", "pdserve:kv_blocks_total",
+]
+
+
+def test_health_is_ok(client):
+    resp = client.get("/health")
+    assert resp.status_code == 200 and resp.json()["status"] == "ok"
+
+
+def test_models_lists_the_embedded_model(client):
+    data = client.get("/v1/models").json()["data"]
+    assert len(data) == 1 and "SmolLM2" in data[0]["id"]
+    assert data[0]["max_model_len"] > 0
+
+
+def test_metrics_expose_the_vllm_like_family(client):
+    complete(client, "Hello", max_tokens=2, temperature=0.0)
+    text = client.get("/metrics").text
+    for name in EXPECTED_METRICS:
+        assert name in text, name
+
+
+@pytest.mark.kills_engine
+def test_dead_engine_fails_requests_with_503_and_health_turns_unhealthy(client):
+    os.kill(client.get("/health").json()["engine_pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while client.get("/health").status_code == 200 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert_openai_error(client.get("/health"), 503)
+    resp = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+    assert_openai_error(resp, 503)
+    assert resp.json()["error"]["code"] == "engine_dead"

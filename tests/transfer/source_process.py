@@ -1,0 +1,103 @@
+"""A prefill-side KVSource in its own process, driven from a test through a pipe."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from dataclasses import dataclass
+
+import torch
+
+from pdserve.transfer import (
+    KVLayout,
+    KVSource,
+    LeaseTable,
+    allocate_shared_kv_caches,
+    unlink_shared_kv_caches,
+)
+
+
+def random_caches(layout: KVLayout, num_blocks: int, seed: int, device: str = "cpu") -> list:
+    """Deterministic random caches: the test rebuilds them to check bytes (bit-exact)."""
+    caches = []
+    for layer in range(layout.num_layers):
+        g = torch.Generator().manual_seed(seed * 1000 + layer)
+        t = torch.randn(layout.cache_shape(num_blocks), generator=g)
+        caches.append(t.to(device=device, dtype=layout.torch_dtype))
+    return caches
+
+
+def _rank_source(
+    layout: KVLayout, num_blocks: int, seed: int, shared: bool, device: str, leases: LeaseTable
+) -> KVSource:
+    caches = random_caches(layout, num_blocks, seed, device)
+    shm_name = None
+    if shared:
+        shm_name = f"test-{seed}"
+        shared_caches = allocate_shared_kv_caches(layout, num_blocks, shm_name)
+        for dst, src in zip(shared_caches, caches):
+            dst.copy_(src)
+        caches = shared_caches
+    return KVSource(caches, layout, leases, shm_name=shm_name).start()
+
+
+def _serve(conn, layout: KVLayout, num_blocks: int, seed: int, shared: bool, device: str) -> None:
+    # one source per TP rank (rank r's caches from seed + r), sharing one lease table
+    leases = LeaseTable()
+    sources = [
+        _rank_source(layout.for_rank(r), num_blocks, seed + r, shared, device, leases)
+        for r in range(layout.tp_size)
+    ]
+    conn.send([s.endpoint() for s in sources])
+    while True:
+        op, *args = conn.recv()
+        if op == "hold":
+            leases.hold(*args)
+            conn.send(True)
+        elif op == "release":
+            conn.send(leases.release(*args))
+        elif op == "expire":
+            conn.send(leases.expire())
+        elif op == "stop":
+            for source in sources:
+                source.close()
+                if source.shm_name:
+                    unlink_shared_kv_caches(source.shm_name)  # what the engine does on shutdown
+            conn.send(True)
+            return
+
+
+@dataclass
+class SourceProcess:
+    """Handle on a running source process."""
+
+    process: mp.Process
+    conn: object
+    endpoints: list[dict]  # one per TP rank
+
+    @property
+    def endpoint(self) -> dict:
+        return self.endpoints[0]
+
+    def call(self, *msg):
+        self.conn.send(msg)
+        return self.conn.recv()
+
+    def stop(self) -> None:
+        if self.process.is_alive():
+            self.call("stop")
+        self.process.join(10)
+
+
+def start_source(
+    layout: KVLayout, num_blocks: int, seed: int, shared: bool = False, device: str = "cpu"
+) -> SourceProcess:
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    process = ctx.Process(
+        target=_serve, args=(child, layout, num_blocks, seed, shared, device), daemon=True
+    )
+    process.start()
+    if not parent.poll(60):
+        process.kill()
+        raise RuntimeError("source process did not start")
+    return SourceProcess(process, parent, parent.recv())

@@ -1,0 +1,85 @@
+"""cuda_ipc between two processes (GPU only): P's CUDA caches mapped by D, bit-exact pulls.
+
+With 2+ GPUs the decode caches live on cuda:1, so the gather reads over peer access.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pdserve.transfer import HeadSlice, KVLayout, KVPuller, RemoteKV, TransferError
+from pdserve.transfer.cuda_ipc import CudaIpcPuller
+from pdserve.transfer.tcp import TcpPuller
+
+from .source_process import random_caches, start_source
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+LAYOUT = KVLayout(dtype="bfloat16", block_size=16, num_layers=4, num_kv_heads=8, head_dim=128)
+NUM_BLOCKS, SEED = 64, 21
+
+
+@pytest.fixture(scope="module")
+def gpu_source():
+    proc = start_source(LAYOUT, NUM_BLOCKS, SEED, device="cuda:0")
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def expected():
+    return random_caches(LAYOUT, NUM_BLOCKS, SEED)  # built on CPU: same bits as P's
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return torch.device("cuda", 1 if torch.cuda.device_count() > 1 else 0)
+
+
+def empty(layout: KVLayout, num_blocks: int, device: torch.device) -> list[torch.Tensor]:
+    shape = layout.cache_shape(num_blocks)
+    dtype = layout.torch_dtype
+    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layout.num_layers)]
+
+
+def test_source_offers_cuda_ipc(gpu_source):
+    assert gpu_source.endpoint["transports"] == ["cuda_ipc", "tcp"]
+
+
+@pytest.mark.parametrize("puller_cls", [CudaIpcPuller, TcpPuller])
+def test_pull_is_bit_exact(gpu_source, expected, device, puller_cls):
+    rid = f"gpu-{puller_cls.__name__}"
+    gpu_source.call("hold", rid, [40, 3, 17, 8, 63])
+    local = empty(LAYOUT, 10, device)
+    puller = puller_cls()
+    stats = puller.pull(gpu_source.endpoint, rid, [40, 3, 17, 8, 63], [9, 0, 4, 5, 2], local)
+    assert stats.bytes == 5 * LAYOUT.bytes_per_block
+    for mine, theirs in zip(local, expected):
+        assert torch.equal(mine[:, [9, 0, 4, 5, 2]].cpu(), theirs[:, [40, 3, 17, 8, 63]])
+    assert puller.release(gpu_source.endpoint, rid)
+
+
+def test_pull_half_the_heads(gpu_source, expected, device):
+    gpu_source.call("hold", "gpu-half", [1, 2])
+    half = KVLayout(**{**LAYOUT.to_dict(), "tp_size": 2, "tp_rank": 1})
+    local = empty(half, 2, device)
+    CudaIpcPuller().pull(
+        gpu_source.endpoint, "gpu-half", [1, 2], [1, 0], local, HeadSlice(0, 4, 8, 0)
+    )
+    for mine, theirs in zip(local, expected):
+        assert torch.equal(mine[:, [1, 0]].cpu(), theirs[:, [1, 2], :, 4:8])
+
+
+def test_pull_without_lease_is_refused(gpu_source, device):
+    with pytest.raises(TransferError, match="no live lease"):
+        CudaIpcPuller().pull(gpu_source.endpoint, "nobody", [1], [0], empty(LAYOUT, 1, device))
+
+
+def test_kv_puller_picks_cuda_ipc(gpu_source, expected, device):
+    gpu_source.call("hold", "gpu-auto", [5])
+    remote = RemoteKV("p", "gpu-auto", [5], LAYOUT, gpu_source.endpoints)
+    local = empty(LAYOUT, 1, device)
+    stats = KVPuller(LAYOUT, local).pull(remote, [0])
+    assert stats.transport == "cuda_ipc"
+    assert torch.equal(local[0][:, [0]].cpu(), expected[0][:, [5]])

@@ -1,0 +1,170 @@
+"""Pulling leased blocks from a source in another process, over host shared memory and tcp."""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import time
+
+import pytest
+import torch
+
+from pdserve.transfer import HeadSlice, TransferError
+from pdserve.transfer.host import HostPuller, local_host_id
+from pdserve.transfer.tcp import TcpPuller
+
+from .conftest import LAYOUT, empty_caches
+
+PULLERS = {"host": HostPuller, "tcp": TcpPuller}
+_ids = itertools.count()
+
+
+def request_id() -> str:
+    return f"req-{next(_ids)}"
+
+
+@pytest.fixture(params=sorted(PULLERS))
+def puller(request):
+    p = PULLERS[request.param](timeout_s=5.0)
+    yield p
+    p.close()
+
+
+def test_pull_copies_non_contiguous_blocks_bit_exact(source, remote_caches, puller):
+    rid, remote_ids, local_ids = request_id(), [11, 2, 19, 5], [0, 9, 3, 15]
+    source.call("hold", rid, [1, 2, 5, 11, 19, 23])
+    local = empty_caches(LAYOUT, 16)
+    stats = puller.pull(source.endpoint, rid, remote_ids, local_ids, local)
+    for mine, theirs in zip(local, remote_caches):
+        assert torch.equal(mine[:, local_ids], theirs[:, remote_ids])
+        untouched = [b for b in range(16) if b not in local_ids]
+        assert not mine[:, untouched].any()
+    assert stats.bytes == 4 * LAYOUT.bytes_per_block
+    assert stats.num_blocks == 4 and stats.transport == puller.name
+
+
+def test_pull_of_consecutive_blocks_bit_exact(source, remote_caches, puller):
+    rid, remote_ids, local_ids = request_id(), list(range(8, 20)), list(range(2, 14))
+    source.call("hold", rid, remote_ids)
+    local = empty_caches(LAYOUT, 16)
+    puller.pull(source.endpoint, rid, remote_ids, local_ids, local)
+    for mine, theirs in zip(local, remote_caches):
+        assert torch.equal(mine[:, local_ids], theirs[:, remote_ids])
+        assert not mine[:, [0, 1, 14, 15]].any()
+
+
+def test_pull_half_the_heads_into_a_smaller_rank(source, remote_caches, puller):
+    rid = request_id()
+    source.call("hold", rid, [3, 4])
+    half = type(LAYOUT)(**{**LAYOUT.to_dict(), "tp_size": 2, "tp_rank": 1})
+    local = empty_caches(half, 4)
+    puller.pull(source.endpoint, rid, [3, 4], [2, 0], local, HeadSlice(0, 2, 4, 0))
+    for mine, theirs in zip(local, remote_caches):
+        assert mine.shape[3] == 2
+        assert torch.equal(mine[:, [2, 0]], theirs[:, [3, 4], :, 2:4])
+
+
+def test_pull_without_a_lease_is_refused(source, puller):
+    with pytest.raises(TransferError, match="no live lease"):
+        puller.pull(source.endpoint, request_id(), [1], [0], empty_caches(LAYOUT, 2))
+
+
+def test_pull_of_blocks_outside_the_lease_is_refused(source, puller):
+    rid = request_id()
+    source.call("hold", rid, [1, 2])
+    with pytest.raises(TransferError, match="no live lease"):
+        puller.pull(source.endpoint, rid, [2, 3], [0, 1], empty_caches(LAYOUT, 2))
+
+
+def test_release_ends_the_lease_and_hands_blocks_to_the_owner(source, puller):
+    rid = request_id()
+    source.call("expire")  # start from a clean slate
+    source.call("hold", rid, [6, 8])
+    puller.pull(source.endpoint, rid, [6, 8], [0, 1], empty_caches(LAYOUT, 2))
+    assert puller.release(source.endpoint, rid) is True
+    assert puller.release(source.endpoint, rid) is False
+    assert sorted(source.call("expire")) == [6, 8]
+    with pytest.raises(TransferError, match="no live lease"):
+        puller.pull(source.endpoint, rid, [6], [0], empty_caches(LAYOUT, 1))
+
+
+def test_a_source_nobody_listens_on_fails_fast(puller):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: connection refused
+    endpoint = {
+        "host": "127.0.0.1",
+        "port": port,
+        "transports": ["host", "tcp"],
+        "host_id": local_host_id(),
+    }
+    start = time.monotonic()
+    with pytest.raises(TransferError):
+        puller.pull(endpoint, "r", [0], [0], empty_caches(LAYOUT, 1))
+    assert time.monotonic() - start < 2
+
+
+def test_a_source_that_never_answers_times_out(puller):
+    puller.timeout_s = 1.0
+    with socket.socket() as s:  # accepts connections (backlog) but never replies
+        s.bind(("127.0.0.1", 0))
+        s.listen(8)
+        endpoint = {
+            "host": "127.0.0.1",
+            "port": s.getsockname()[1],
+            "transports": ["host", "tcp"],
+            "host_id": local_host_id(),
+        }
+        start = time.monotonic()
+        with pytest.raises(TransferError, match="timed out|TimeoutError|timeout"):
+            puller.pull(endpoint, "r", [0], [0], empty_caches(LAYOUT, 1))
+        assert time.monotonic() - start < 3
+
+
+def test_mismatched_block_lists_are_a_caller_bug(source, puller):
+    with pytest.raises(ValueError):
+        puller.pull(source.endpoint, "r", [0, 1], [0], empty_caches(LAYOUT, 1))
+
+
+def test_bad_block_ids_fail_the_pull_not_the_source(source, remote_caches, puller):
+    rid = request_id()
+    source.call("hold", rid, [1, 999])  # 999 is past the end of P's cache
+    with pytest.raises(TransferError):
+        puller.pull(source.endpoint, rid, [1, 999], [0, 1], empty_caches(LAYOUT, 2))
+    local = empty_caches(LAYOUT, 1)
+    puller.pull(source.endpoint, rid, [1], [0], local)  # the source still serves
+    assert torch.equal(local[0][:, 0], remote_caches[0][:, 1])
+
+
+def test_garbage_on_the_socket_does_not_stop_the_source(source):
+    from pdserve.transfer.wire import Connection, send_msg
+
+    with socket.create_connection((source.endpoint["host"], source.endpoint["port"])) as s:
+        s.sendall(b"\x00\x00\x00\x05hello")
+    with Connection(source.endpoint, 5.0) as conn:
+        send_msg(conn.sock, {"op": "read"})  # missing fields
+        with pytest.raises(TransferError, match="bad request"):
+            conn.recv()
+        assert conn.call({"op": "ping"})["layout"] == LAYOUT.to_dict()
+
+
+@pytest.fixture
+def in_process_source():
+    """A source in this process (threads), so a test can meddle with its lease table."""
+    from pdserve.transfer import KVSource, LeaseTable, allocate_shared_kv_caches
+    from pdserve.transfer import unlink_shared_kv_caches as unlink
+
+    caches = allocate_shared_kv_caches(LAYOUT, 4, "in-process")
+    leases = LeaseTable()
+    source = KVSource(caches, LAYOUT, leases, shm_name="in-process", read_timeout_s=5).start()
+    yield source, leases
+    source.close()
+    unlink("in-process")
+
+
+def test_a_lease_that_ends_during_the_read_fails_the_pull(in_process_source, puller, monkeypatch):
+    source, leases = in_process_source
+    leases.hold("r", [0, 1])
+    monkeypatch.setattr(leases, "is_live", lambda *a, **k: False)  # the owner freed the blocks
+    with pytest.raises(TransferError, match="ended during"):
+        puller.pull(source.endpoint(), "r", [0, 1], [0, 1], empty_caches(LAYOUT, 2))

@@ -1,0 +1,123 @@
+"""Choosing a transport, kv_transfer_params, and KVPuller across TP layouts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pdserve.transfer import (
+    IncompatibleLayout,
+    KVLayout,
+    KVPuller,
+    RemoteKV,
+    TransferError,
+    choose_transport,
+)
+from pdserve.transfer.host import local_host_id
+
+from .conftest import LAYOUT, NUM_BLOCKS, empty_caches
+from .source_process import random_caches, start_source
+
+CPU, GPU = torch.device("cpu"), torch.device("cuda", 0)
+HERE = local_host_id()
+
+
+@pytest.mark.parametrize(
+    "host_id,offered,device,expected",
+    [
+        (HERE, ["cuda_ipc", "tcp"], GPU, "cuda_ipc"),
+        (HERE, ["host", "tcp"], CPU, "host"),
+        (HERE, ["host", "tcp"], GPU, "host"),  # CPU P, GPU D: map and upload
+        (HERE, ["cuda_ipc", "tcp"], CPU, "tcp"),
+        (HERE, ["tcp"], CPU, "tcp"),
+        ("elsewhere/boot", ["cuda_ipc", "tcp"], GPU, "tcp"),
+        ("elsewhere/boot", ["host", "tcp"], CPU, "tcp"),
+    ],
+)
+def test_choose_transport(host_id, offered, device, expected):
+    assert choose_transport({"host_id": host_id, "transports": offered}, device) == expected
+
+
+def test_a_forced_transport_must_be_offered():
+    endpoint = {"host_id": HERE, "transports": ["host", "tcp"]}
+    assert choose_transport(endpoint, CPU, prefer="tcp") == "tcp"
+    with pytest.raises(TransferError):
+        choose_transport(endpoint, CPU, prefer="cuda_ipc")
+
+
+def remote_kv(source, request_id: str, block_ids: list[int], layout: KVLayout) -> RemoteKV:
+    return RemoteKV("prefill-0", request_id, block_ids, layout, source.endpoints)
+
+
+def test_kv_transfer_params_keep_vllm_fields_and_round_trip(source):
+    remote = remote_kv(source, "r-params", [4, 1, 9], LAYOUT)
+    params = json.loads(json.dumps(remote.to_kv_transfer_params()))
+    assert params["do_remote_prefill"] is True
+    assert params["remote_engine_id"] == "prefill-0"
+    assert params["remote_request_id"] == "r-params"
+    assert params["remote_block_ids"] == [4, 1, 9]
+    assert (params["remote_host"], params["remote_port"]) == ("127.0.0.1", source.endpoint["port"])
+    assert RemoteKV.from_kv_transfer_params(params) == remote
+
+
+def test_params_without_pdserve_fields_are_rejected():
+    with pytest.raises(ValueError):
+        RemoteKV.from_kv_transfer_params({"do_remote_prefill": True, "remote_block_ids": [1]})
+
+
+@pytest.mark.parametrize("transport", [None, "tcp"])
+def test_puller_pulls_a_request_then_releases_it(source, remote_caches, transport):
+    rid = f"r-whole-{transport}"
+    source.call("expire")
+    source.call("hold", rid, [7, 3, 20])
+    remote = RemoteKV.from_kv_transfer_params(
+        remote_kv(source, rid, [7, 3, 20], LAYOUT).to_kv_transfer_params()
+    )
+    local = empty_caches(LAYOUT, 8)
+    puller = KVPuller(LAYOUT, local, transport=transport)
+    stats = puller.pull(remote, [5, 1], first_block=1)  # D's prefix cache has block 0
+    assert stats.transport == (transport or "host")
+    for mine, theirs in zip(local, remote_caches):
+        assert torch.equal(mine[:, [5, 1]], theirs[:, [3, 20]])
+    assert puller.release(remote)
+    assert sorted(source.call("expire")) == [3, 7, 20]
+    puller.close()
+
+
+def test_decode_tp2_pulls_its_half_of_a_tp1_prefill(source, remote_caches):
+    rid = "r-tp2"
+    source.call("hold", rid, [10, 12])
+    remote = remote_kv(source, rid, [10, 12], LAYOUT)
+    for rank in range(2):
+        layout = KVLayout(**{**LAYOUT.to_dict(), "tp_size": 2, "tp_rank": rank})
+        local = empty_caches(layout, 3)
+        KVPuller(layout, local).pull(remote, [2, 0])
+        lo, hi = layout.heads
+        for mine, theirs in zip(local, remote_caches):
+            assert torch.equal(mine[:, [2, 0]], theirs[:, [10, 12], :, lo:hi])
+
+
+def test_decode_tp1_pulls_from_both_ranks_of_a_tp2_prefill():
+    p_layout = KVLayout(**{**LAYOUT.to_dict(), "tp_size": 2})
+    proc = start_source(p_layout, NUM_BLOCKS, seed=30, shared=True)
+    try:
+        proc.call("hold", "r", [5, 6])
+        remote = remote_kv(proc, "r", [5, 6], p_layout)
+        local = empty_caches(LAYOUT, 2)
+        stats = KVPuller(LAYOUT, local).pull(remote, [1, 0])
+        assert stats.bytes == 2 * LAYOUT.bytes_per_block
+        ranks = [random_caches(p_layout.for_rank(r), NUM_BLOCKS, 30 + r) for r in range(2)]
+        for layer, mine in enumerate(local):
+            expected = torch.cat([ranks[0][layer], ranks[1][layer]], dim=3)[:, [5, 6]]
+            assert torch.equal(mine[:, [1, 0]], expected)
+    finally:
+        proc.stop()
+
+
+def test_incompatible_layouts_are_refused_before_any_transfer(source):
+    other = KVLayout(**{**LAYOUT.to_dict(), "block_size": 8})
+    remote = remote_kv(source, "r-none", [1], LAYOUT)
+    with pytest.raises(IncompatibleLayout):
+        KVPuller(other, empty_caches(other, 1)).pull(remote, [0])
