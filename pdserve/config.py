@@ -62,6 +62,8 @@ class EngineArgs:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     role: str = "colocated"  # "colocated", "prefill" or "decode"
     tensor_parallel_size: int = 1
+    kv_transport: str | None = None  # force "cuda_ipc", "host" or "tcp"; None = fastest that works
+    kv_lease_ttl_s: float = 30.0  # P keeps a prefill's KV this long unless D releases it sooner
     enforce_eager: bool = False  # no CUDA graphs
     # CPU engines: torch threads. None = $PDSERVE_CPU_THREADS, else half the cores, because
     # several instances usually share one machine and oversubscribed OpenMP threads spin.

@@ -9,12 +9,14 @@ import torch
 
 from pdserve.config import EngineArgs, ModelConfig
 from pdserve.engine.blocks import BlockPool
+from pdserve.engine.kv_connector import KVConnector
 from pdserve.engine.kv_manager import KVCacheManager
 from pdserve.engine.outputs import EngineRequest, EngineStats, RequestOutput
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampler import sample
 from pdserve.engine.scheduler import Scheduler
+from pdserve.transfer import KVLayout, RemoteKV
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +93,19 @@ class Engine:
                 "raise --kv-cache-memory or --gpu-memory-utilization"
             )
         self.num_blocks = num_blocks
-        heads = max(cfg.num_kv_heads // args.tensor_parallel_size, 1)
-        kv_caches = [
-            torch.zeros(2, num_blocks, block_size, heads, cfg.head_dim, dtype=self.dtype,
-                        device=self.device)
-            for _ in range(cfg.num_layers)
-        ]
+        self.layout = KVLayout(str(self.dtype).removeprefix("torch."), block_size,
+                               cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
+                               args.tensor_parallel_size, 0)
+        self.connector: KVConnector | None = None
+        if args.role == "colocated":
+            kv_caches = [torch.zeros(self.layout.cache_shape(num_blocks), dtype=self.dtype,
+                                     device=self.device) for _ in range(cfg.num_layers)]
+        else:  # P and D: caches other engines can map, and the transfer agent
+            kv_caches, shm_name = KVConnector.allocate_caches(self.layout, num_blocks,
+                                                              self.device)
+            self.connector = KVConnector(self.layout, kv_caches, shm_name,
+                                         lease_ttl_s=args.kv_lease_ttl_s,
+                                         transport=args.kv_transport)
         log.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB)", num_blocks,
                  block_size, num_blocks * block_size, num_blocks * per_block / 2**30)
         self.pool = BlockPool(num_blocks, block_size, args.cache.enable_prefix_caching)
@@ -105,6 +114,7 @@ class Engine:
         self.runner = ModelRunner(loaded.model, kv_caches, block_size, self.device)
         self.requests: dict[str, Request] = {}
         self._pending: list[RequestOutput] = []  # outputs produced outside step(), e.g. aborts
+        self._aborted_pulls: dict[str, Request] = {}  # their blocks are freed when the pull ends
 
     # ---- requests in -------------------------------------------------------------------
 
@@ -129,12 +139,35 @@ class Engine:
                 f"you requested {n + p.max_tokens} tokens ({n} in the prompt, {p.max_tokens} "
                 "in the completion). Please reduce the prompt or max_tokens."
             )
+        if req.kv_transfer_params:
+            self._validate_kv_transfer(req)
         need = self.kv.blocks_needed(n + p.max_tokens)
         if need > self.num_blocks:
             raise ValueError(
                 f"the request needs {need} KV blocks but the cache holds {self.num_blocks}; "
                 "shorten it or start the server with a larger --kv-cache-memory"
             )
+
+    def _validate_kv_transfer(self, req: EngineRequest) -> None:
+        ktp = req.kv_transfer_params or {}
+        if not (ktp.get("do_remote_decode") or ktp.get("do_remote_prefill")):
+            return
+        if self.connector is None:
+            raise ValueError(
+                "kv_transfer_params needs a prefill or decode instance; this one runs with "
+                "--role colocated"
+            )
+        if ktp.get("do_remote_prefill"):
+            remote = RemoteKV.from_kv_transfer_params(ktp)
+            self.layout.check_compatible(remote.layout)  # IncompatibleLayout is a ValueError
+            first = ktp.get("first_token_id")
+            if not isinstance(first, int) or not 0 <= first < self.vocab_size:
+                raise ValueError("kv_transfer_params.first_token_id must be a token id")
+            if len(remote.block_ids) < self.kv.blocks_needed(len(req.prompt_token_ids)):
+                raise ValueError("kv_transfer_params.remote_block_ids do not cover the prompt")
+            if req.params.max_tokens < 2:
+                raise ValueError("max_tokens must be at least 2 with do_remote_prefill "
+                                 "(the prefill instance produced the first token)")
 
     def add_request(self, req: EngineRequest) -> None:
         """Queue a request; raises ValueError (a message for the user) if it is invalid."""
@@ -146,6 +179,12 @@ class Engine:
             arrival_time=req.arrival_time,
             kv_transfer_params=req.kv_transfer_params,
         )
+        ktp = req.kv_transfer_params or {}
+        if ktp.get("do_remote_prefill"):
+            request.remote = RemoteKV.from_kv_transfer_params(ktp)
+            request.output_token_ids = [int(ktp["first_token_id"])]
+        elif ktp.get("do_remote_decode"):
+            request.remote_decode = True
         if req.params.seed is not None and not req.params.greedy:
             request.generator = torch.Generator(device=self.device)
             request.generator.manual_seed(req.params.seed)
@@ -157,20 +196,31 @@ class Engine:
         request = self.requests.pop(request_id, None)
         if request is None:
             return
-        self.scheduler.remove(request)
+        pulling = request_id in self.scheduler.pulling
+        if pulling:  # the pull is writing its blocks: free them once it ends
+            self._aborted_pulls[request_id] = request
+        self.scheduler.remove(request, free_blocks=not pulling)
         request.status = RequestStatus.FINISHED_ABORTED
         self._pending.append(self._output(request, [], None))
 
     # ---- one step ----------------------------------------------------------------------
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests) or bool(self._pending)
+        return bool(self.requests) or bool(self._pending) or bool(self._aborted_pulls)
 
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, sample; return the deltas of requests that moved."""
         outputs, self._pending = self._pending, []
+        if self.connector is not None:
+            self._collect_transfers()
         plan = self.scheduler.schedule()
+        for request in plan.new_pulls:
+            hit_blocks = request.num_computed_tokens // self.kv.block_size
+            self.connector.start_pull(request.request_id, request.remote,
+                                      request.block_ids[hit_blocks:], hit_blocks)
         if not plan.scheduled:
+            if self.scheduler.pulling or self._aborted_pulls:
+                self.connector.wait(0.005)  # nothing to compute until a pull lands
             return outputs
         logits = self.runner.execute(plan)
         sampling = [s.request for s in plan.scheduled if s.samples]
@@ -181,11 +231,41 @@ class Engine:
         for request, token, logprob in zip(sampling, tokens, logprobs):
             request.output_token_ids.append(token)
             self._check_stop(request, token)
-            outputs.append(self._output(request, [token], logprob))
+            out = self._output(request, [token], logprob)
             if request.is_finished:
-                self.scheduler.remove(request)
-                del self.requests[request.request_id]
+                self._finish(request, out)
+            outputs.append(out)
         return outputs
+
+    def _finish(self, request: Request, out: RequestOutput) -> None:
+        """Free a finished request, or on P keep its KV under a lease for the decode side."""
+        hold = (request.remote_decode and self.connector is not None
+                and request.status == RequestStatus.FINISHED_LENGTH)
+        self.scheduler.remove(request, free_blocks=not hold)
+        if hold:
+            out.kv_transfer_params = self.connector.hold(
+                request.request_id, request.block_ids, request.output_token_ids[0])
+            request.block_ids = []  # the lease owns the references now
+        del self.requests[request.request_id]
+
+    def _collect_transfers(self) -> None:
+        """Free blocks of ended leases; move requests whose pull finished on."""
+        results, freed = self.connector.poll()
+        if freed:
+            self.pool.free(freed)
+        for result in results:
+            aborted = self._aborted_pulls.pop(result.request_id, None)
+            if aborted is not None:
+                self.kv.free(aborted)
+                continue
+            request = self.requests.get(result.request_id)
+            if request is not None:
+                self.scheduler.finish_pull(request, result.ok)
+
+    def close(self) -> None:
+        """Stop the transfer agent and drop shared memory."""
+        if self.connector is not None:
+            self.connector.close()
 
     def _check_stop(self, request: Request, token: int) -> None:
         p = request.params
@@ -216,6 +296,11 @@ class Engine:
             prefix_cache_queries=self.pool.cache_queries,
             prefix_cache_hits=self.pool.cache_hits,
             num_preemptions=self.scheduler.num_preemptions,
+            num_pulling=len(self.scheduler.pulling),
+            num_leases=self.connector.num_leases() if self.connector else 0,
+            kv_pulls_ok=self.connector.stats.pulls_ok if self.connector else 0,
+            kv_pulls_failed=self.connector.stats.pulls_failed if self.connector else 0,
+            kv_bytes_pulled=self.connector.stats.bytes_pulled if self.connector else 0,
         )
 
     def generate(self, requests: list[EngineRequest]) -> dict[str, list[int]]:

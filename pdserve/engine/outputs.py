@@ -56,6 +56,11 @@ class EngineStats:
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # of which found
     num_preemptions: int = 0
+    num_pulling: int = 0  # D side: requests waiting for their KV
+    num_leases: int = 0  # P side: prefills holding KV for a decode instance
+    kv_pulls_ok: int = 0
+    kv_pulls_failed: int = 0  # each fell back to a local prefill
+    kv_bytes_pulled: int = 0
 
     @property
     def kv_usage(self) -> float:

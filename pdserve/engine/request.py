@@ -48,6 +48,8 @@ class Request:
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of its full blocks
     num_registered_blocks: int = 0  # leading blocks already published to the prefix cache
+    remote_decode: bool = False  # P side: keep the KV under a lease for a decode instance
+    remote: object | None = None  # D side: the RemoteKV to pull before decoding
 
     @property
     def num_prompt_tokens(self) -> int:

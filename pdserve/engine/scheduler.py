@@ -34,6 +34,7 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    new_pulls: list[Request] = field(default_factory=list)  # D side: blocks ready, pull now
 
     @property
     def num_tokens(self) -> int:
@@ -46,18 +47,36 @@ class Scheduler:
         self.kv = kv
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.pulling: dict[str, Request] = {}  # D side: waiting for their KV from P
         self.num_preemptions = 0
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
 
-    def remove(self, request: Request) -> None:
-        """Take a request out of whichever queue holds it and free its blocks."""
+    def remove(self, request: Request, free_blocks: bool = True) -> None:
+        """Take a request out of whichever queue holds it (and free its blocks)."""
         if request in self.running:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
-        self.kv.free(request)
+        self.pulling.pop(request.request_id, None)
+        if free_blocks:
+            self.kv.free(request)
+
+    def finish_pull(self, request: Request, ok: bool) -> None:
+        """D side: the prompt's KV arrived (decode next) or did not (prefill it locally)."""
+        self.pulling.pop(request.request_id, None)
+        request.remote = None  # pulled once; a later preemption recomputes locally
+        if ok:
+            request.num_computed_tokens = request.num_prompt_tokens
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            self.kv.publish_full_blocks(request)
+        else:
+            self.kv.free(request)
+            request.num_computed_tokens = 0
+            request.status = RequestStatus.WAITING
+            self.waiting.appendleft(request)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -105,13 +124,15 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and budget > 0 and self._num_seqs() < self.config.max_num_seqs:
             request = self.waiting[0]
-            if request.status != RequestStatus.WAITING:
-                break  # e.g. waiting for remote KV: keep arrival order
             hit = self.kv.take_prefix(request)
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = hit
+            if request.remote is not None:
+                if not self._admit_pull(request, hit, out):
+                    break
+                continue
             num_new = self._num_new_tokens(request, budget)
             if num_new == 0 or not self.kv.allocate_slots(request, num_new):
                 self.kv.free(request)  # give the prefix blocks back; retry next step
@@ -123,3 +144,19 @@ class Scheduler:
             self.running.append(request)
             out.scheduled.append(ScheduledRequest(request, num_new))
             budget -= num_new
+
+    def _num_seqs(self) -> int:
+        return len(self.running) + len(self.pulling)
+
+    def _admit_pull(self, request: Request, hit: int, out: SchedulerOutput) -> bool:
+        """D side: give the prompt its blocks (prefix hits + fresh ones) and queue the pull."""
+        if not self.kv.allocate_slots(request, request.num_prompt_tokens - hit):
+            self.kv.free(request)
+            request.num_computed_tokens = 0
+            return False
+        self.kv.pool.record_lookup(request.num_prompt_tokens, hit)
+        self.waiting.popleft()
+        request.status = RequestStatus.WAITING_FOR_REMOTE_KV
+        self.pulling[request.request_id] = request
+        out.new_pulls.append(request)
+        return True

@@ -201,7 +201,10 @@ def _decode_reduce_kernel(
 
 @dataclass
 class DecodeScratch:
-    """Preallocated split-KV partials: out [B, Hq, S, D] and lse [B, Hq, S], float32."""
+    """Preallocated split-KV partials: out [B, Hq, S, D] and lse [B, Hq, S], float32.
+
+    Allocate once for the largest batch and MAX_SPLITS (e.g. before CUDA-graph capture).
+    """
 
     out: torch.Tensor
     lse: torch.Tensor
@@ -215,8 +218,9 @@ class DecodeScratch:
         return cls(out=out, lse=torch.empty(shape, dtype=torch.float32, device=device))
 
     def fits(self, num_seqs: int, num_heads: int, head_dim: int, num_splits: int) -> bool:
+        # kernels index by strides, so one buffer sized (max batch, MAX_SPLITS) serves every step
         b, h, s, d = self.out.shape
-        return b >= num_seqs and h == num_heads and s == num_splits and d == head_dim
+        return b >= num_seqs and h == num_heads and s >= num_splits and d == head_dim
 
 
 @dataclass(frozen=True)

@@ -155,6 +155,7 @@ async def _serve(request: Request, chat: bool) -> Response:
     if req.min_tokens > max_tokens:
         raise bad_request("min_tokens must not exceed max_tokens", "min_tokens")
     _check_token_ids(req.stop_token_ids or [], info.vocab_size, "stop_token_ids")
+    _check_fits_cache(len(prompt_ids) + max_tokens, st.client)
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     engine_req = EngineRequest(request_id, prompt_ids, req.sampling_params(max_tokens),
                                kv_transfer_params=req.kv_transfer_params)
@@ -173,6 +174,16 @@ def _check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
     bad = next((t for t in ids if not 0 <= t < vocab_size), None)
     if bad is not None:
         raise bad_request(f"token id {bad} is out of vocabulary (size {vocab_size})", param)
+
+
+def _check_fits_cache(num_tokens: int, client: EngineClient) -> None:
+    """A request larger than the whole KV cache could never be scheduled: refuse it now."""
+    block_size, total = client.args.cache.block_size, client.stats.num_total_blocks
+    if total and -(-num_tokens // block_size) > total:
+        raise bad_request(
+            f"the request needs {num_tokens} tokens of KV cache but this instance holds "
+            f"{total * block_size}; shorten the prompt or max_tokens", "max_tokens",
+        )
 
 
 async def _complete(request: Request, gen: Generation, builder: ResponseBuilder) -> Response:

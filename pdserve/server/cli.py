@@ -41,7 +41,7 @@ def add_parser(subparsers) -> None:
                    help="a Hugging Face folder, a preset name, or omit for the embedded "
                    "SmolLM2-135M-Instruct")
     p.add_argument("--served-model-name", default=None,
-                   help="the name clients pass as `model` (default: the model's own name)")
+                   help="the name clients pass as `model`; omitted = the model's own name")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--dtype", default="auto",
@@ -51,7 +51,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     p.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
                    help="bytes for the KV cache, suffixes allowed (2GiB, 512MB); "
-                   "default: derived from the device")
+                   "omitted = derived from the device")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.90,
                    help="fraction of GPU memory for weights, activations and KV cache")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048,
@@ -59,7 +59,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-num-seqs", type=int, default=128,
                    help="most sequences running at once; more requests wait in the queue")
     p.add_argument("--max-model-len", type=int, default=None,
-                   help="context length limit (default: the model's)")
+                   help="context length limit; omitted = the model's")
     p.add_argument("--no-enable-prefix-caching", action="store_true",
                    help="turn the prefix cache off")
     p.add_argument("--seed", type=int, default=0, help="seed of the engine's sampler")

@@ -61,6 +61,7 @@ def run_engine_process(
         pid=os.getpid(),
     )
     outbox.put(("ready", info))
+    outbox.put(("outputs", [], engine.stats()))  # /metrics has pool sizes from the start
     try:
         _loop(engine, inbox, outbox)
     except BaseException:

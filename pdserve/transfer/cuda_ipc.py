@@ -25,7 +25,7 @@ import torch
 from pdserve.transfer.blockcopy import Scratch, copy_blocks
 from pdserve.transfer.host import local_host_id
 from pdserve.transfer.layout import HeadSlice
-from pdserve.transfer.protocol import PullStats, TransferError
+from pdserve.transfer.protocol import PullStats, TransferError, pull_timeout_s
 from pdserve.transfer.wire import Connection, release_remote
 
 # positions in torch.multiprocessing.reductions.rebuild_cuda_tensor's argument tuple
@@ -47,6 +47,23 @@ _ARG_NAMES = (
     "event_sync_required",
 )
 _BYTES = ("handle", "ref_counter_handle", "event_handle")
+
+
+def gpu_uuid(device: torch.device) -> str | None:
+    """The GPU's UUID (the same in every process, whatever CUDA_VISIBLE_DEVICES says)."""
+    if device.type != "cuda":
+        return None
+    return str(torch.cuda.get_device_properties(device).uuid)
+
+
+def peer_reachable(uuid: str | None, local: torch.device) -> bool:
+    """Whether `local` can read the GPU `uuid`: same GPU, or peer access (assumed if unseen)."""
+    if uuid is None or local.type != "cuda":
+        return False
+    for i in range(torch.cuda.device_count()):
+        if gpu_uuid(torch.device("cuda", i)) == uuid:
+            return i == local.index or torch.cuda.can_device_access_peer(local.index, i)
+    return True  # P's GPU is hidden from this process; cudaIpcOpenMemHandle will tell
 
 
 def export_kv_caches(kv_caches: list[torch.Tensor]) -> list[dict]:
@@ -113,7 +130,8 @@ class CudaIpcPuller:
         start = time.perf_counter()
         key = (endpoint["host"], endpoint["port"])
         try:
-            with Connection(endpoint, self.timeout_s) as conn:
+            budget = pull_timeout_s(self.timeout_s, kv_caches, len(local_block_ids))
+            with Connection(endpoint, budget, self.timeout_s) as conn:
                 remote = self._mapping(conn, key, device)
                 if len(remote) != len(kv_caches):
                     raise TransferError(f"{len(remote)} remote layers, {len(kv_caches)} local")

@@ -28,7 +28,7 @@ import torch
 
 from pdserve.transfer.blockcopy import Scratch, copy_blocks
 from pdserve.transfer.layout import HeadSlice, KVLayout
-from pdserve.transfer.protocol import PullStats, TransferError
+from pdserve.transfer.protocol import PullStats, TransferError, pull_timeout_s
 from pdserve.transfer.wire import Connection, release_remote
 
 SHM_DIR = "/dev/shm"
@@ -177,7 +177,8 @@ class HostPuller:
         start = time.perf_counter()
         key = (endpoint["host"], endpoint["port"])
         try:
-            with Connection(endpoint, self.timeout_s) as conn:
+            budget = pull_timeout_s(self.timeout_s, kv_caches, len(local_block_ids))
+            with Connection(endpoint, budget, self.timeout_s) as conn:
                 remote = self._mapping(conn, key)
                 if len(remote.layers) != len(kv_caches):
                     raise TransferError(

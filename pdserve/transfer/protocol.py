@@ -36,6 +36,15 @@ class PullStats:
         )
 
 
+MIN_PULL_BYTES_PER_S = 100e6  # slower than this, a pull is stuck, whatever its size
+
+
+def pull_timeout_s(timeout_s: float, kv_caches: list[torch.Tensor], num_blocks: int) -> float:
+    """A pull's whole budget: `timeout_s` plus the time its bytes take at the minimum rate."""
+    bytes_per_block = sum(c[:, 0].numel() * c.element_size() for c in kv_caches)
+    return timeout_s + num_blocks * bytes_per_block / MIN_PULL_BYTES_PER_S
+
+
 class BlockPuller(Protocol):
     """The D side of one transport (host, tcp, cuda_ipc)."""
 

@@ -27,6 +27,7 @@ from pdserve.transfer import cuda_ipc, host
 from pdserve.transfer.blockcopy import Scratch, as_index, gather_blocks
 from pdserve.transfer.layout import KVLayout
 from pdserve.transfer.lease import LeaseTable
+from pdserve.transfer.protocol import MIN_PULL_BYTES_PER_S
 from pdserve.transfer.wire import recv_msg, send_msg, send_tensor
 
 
@@ -50,7 +51,7 @@ class KVSource:
     port: int = 0
     advertise_host: str | None = None
     shm_name: str | None = None
-    read_timeout_s: float = 30.0  # a lease under a read lives at least this long
+    read_timeout_s: float = 30.0  # idle connections close; a read's lease lives this + its bytes
 
     def __post_init__(self) -> None:
         self._server: socketserver.ThreadingTCPServer | None = None
@@ -93,6 +94,7 @@ class KVSource:
             "transports": self.transports,
             "device": self._device.type,
             "tp_rank": self.layout.tp_rank,
+            "gpu_uuid": cuda_ipc.gpu_uuid(self._device),
         }
 
     def close(self) -> None:
@@ -136,7 +138,11 @@ class KVSource:
 
     def _admit(self, msg: dict) -> int:
         rid, blocks = msg["request_id"], msg["block_ids"]
-        lease_id = self.leases.begin_read(rid, blocks, self.read_timeout_s)
+        # the lease must outlive D's whole budget for this read (see pull_timeout_s)
+        budget = (
+            self.read_timeout_s + len(blocks) * self.layout.bytes_per_block / MIN_PULL_BYTES_PER_S
+        )
+        lease_id = self.leases.begin_read(rid, blocks, budget)
         if lease_id is None:
             raise Refused(f"no live lease of request {rid!r} covers blocks {blocks}")
         return lease_id

@@ -16,7 +16,7 @@ import torch
 
 from pdserve.transfer.blockcopy import Scratch, as_index, scatter_blocks
 from pdserve.transfer.layout import HeadSlice
-from pdserve.transfer.protocol import PullStats, TransferError
+from pdserve.transfer.protocol import PullStats, TransferError, pull_timeout_s
 from pdserve.transfer.wire import Connection, release_remote
 
 
@@ -64,7 +64,8 @@ class TcpPuller:
         """Send the read, receive and scatter each layer; returns bytes received."""
         head_start = 0 if heads is None else heads.local_start
         nbytes = 0
-        with Connection(endpoint, self.timeout_s) as conn:
+        budget = pull_timeout_s(self.timeout_s, kv_caches, len(local))
+        with Connection(endpoint, budget, self.timeout_s) as conn:
             reply = conn.call(
                 {
                     "op": "read",

@@ -1,7 +1,8 @@
 """Picking a transport per (P rank, D rank) pair, and the D-side puller the engine owns.
 
-Same host and CUDA on both sides -> cuda_ipc; same host with P's caches in shared memory
--> host; anything else -> tcp. `KVPuller(transport=...)` overrides the choice.
+Same host, CUDA on both sides and peer access (or the same GPU) -> cuda_ipc; same host
+with P's caches in shared memory -> host; anything else -> tcp.
+`KVPuller(transport=...)` overrides the choice.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pdserve.transfer.cuda_ipc import CudaIpcPuller
+from pdserve.transfer.cuda_ipc import CudaIpcPuller, peer_reachable
 from pdserve.transfer.host import HostPuller, local_host_id
 from pdserve.transfer.layout import KVLayout
 from pdserve.transfer.params import RemoteKV
@@ -31,8 +32,8 @@ def choose_transport(endpoint: dict, local_device: torch.device, prefer: str | N
         return prefer
     if endpoint.get("host_id") != local_host_id():
         return "tcp"
-    if local_device.type == "cuda" and "cuda_ipc" in offered:
-        return "cuda_ipc"  # peer access is enabled lazily when the IPC handle is opened
+    if "cuda_ipc" in offered and peer_reachable(endpoint.get("gpu_uuid"), local_device):
+        return "cuda_ipc"
     if "host" in offered:
         return "host"
     return "tcp"

@@ -99,16 +99,19 @@ def recv_tensor(
 class Connection:
     """D's connection to a source: request/reply calls, every failure a TransferError.
 
-    `timeout_s` bounds the connect and the whole life of the connection (a deadline),
-    so a source that stalls mid-stream cannot hang D.
+    `timeout_s` bounds the whole life of the connection (a deadline), so a source that
+    stalls mid-stream cannot hang D; `connect_timeout_s` (default: the same) the connect.
     """
 
-    def __init__(self, endpoint: dict, timeout_s: float) -> None:
+    def __init__(
+        self, endpoint: dict, timeout_s: float, connect_timeout_s: float | None = None
+    ) -> None:
         self.deadline = time.monotonic() + timeout_s
         where = f"{endpoint.get('host')}:{endpoint.get('port')}"
         self.where = where
+        connect = min(timeout_s, connect_timeout_s or timeout_s)
         try:
-            self.sock = socket.create_connection((endpoint["host"], endpoint["port"]), timeout_s)
+            self.sock = socket.create_connection((endpoint["host"], endpoint["port"]), connect)
         except (OSError, KeyError) as e:
             raise TransferError(f"cannot reach KV source {where}: {e}") from e
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -37,7 +37,22 @@ HERE = local_host_id()
     ],
 )
 def test_choose_transport(host_id, offered, device, expected):
-    assert choose_transport({"host_id": host_id, "transports": offered}, device) == expected
+    endpoint = {"host_id": host_id, "transports": offered, "gpu_uuid": "GPU-p"}
+    assert choose_transport(endpoint, device) == expected
+
+
+def test_cuda_ipc_needs_peer_access_to_a_visible_gpu(monkeypatch):
+    from pdserve.transfer import cuda_ipc
+
+    uuids = {0: "GPU-d", 1: "GPU-p"}
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(cuda_ipc, "gpu_uuid", lambda d: uuids[d.index])
+    endpoint = {"host_id": HERE, "transports": ["cuda_ipc", "tcp"], "gpu_uuid": "GPU-p"}
+    monkeypatch.setattr(torch.cuda, "can_device_access_peer", lambda a, b: False)
+    assert choose_transport(endpoint, GPU) == "tcp"
+    monkeypatch.setattr(torch.cuda, "can_device_access_peer", lambda a, b: True)
+    assert choose_transport(endpoint, GPU) == "cuda_ipc"
+    assert choose_transport({**endpoint, "gpu_uuid": "GPU-d"}, GPU) == "cuda_ipc"  # same GPU
 
 
 def test_a_forced_transport_must_be_offered():

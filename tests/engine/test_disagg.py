@@ -1,0 +1,142 @@
+"""Prefill on one engine, decode on another, KV moved between them: same tokens as colocated."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from pdserve.config import CacheConfig, EngineArgs
+from pdserve.engine.engine import Engine
+from pdserve.engine.outputs import EngineRequest, RequestOutput
+from pdserve.engine.sampling_params import SamplingParams
+from tests.conftest import hf_greedy
+
+NUM_TOKENS = 12
+
+
+def engine(role: str, **kw) -> Engine:
+    cache = CacheConfig(block_size=16, kv_cache_memory=32 * 2**20)
+    return Engine(EngineArgs(role=role, cache=cache, **kw))
+
+
+@pytest.fixture(scope="module")
+def prefill() -> Engine:
+    e = engine("prefill")
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="module")
+def decode() -> Engine:
+    e = engine("decode")
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="module")
+def prompts(smollm2_tokenizer) -> list[list[int]]:
+    texts = ["Hi", "The three primary colours are", "A " * 40 + "story about a cat:"]
+    return [smollm2_tokenizer.encode(t) for t in texts]
+
+
+def run(engine: Engine, req: EngineRequest, timeout_s: float = 120) -> list[RequestOutput]:
+    engine.add_request(req)
+    outs, deadline = [], time.monotonic() + timeout_s
+    while not (outs and outs[-1].finished):
+        assert time.monotonic() < deadline, "request did not finish"
+        outs += [o for o in engine.step() if o.request_id == req.request_id]
+    return outs
+
+
+def prefill_remote(prefill: Engine, rid: str, prompt: list[int]) -> RequestOutput:
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    [out] = run(prefill, EngineRequest(rid, prompt, params, kv_transfer_params={
+        "do_remote_decode": True}))
+    return out
+
+
+def decode_remote(decode: Engine, rid: str, prompt: list[int], ktp: dict) -> list[int]:
+    params = SamplingParams(max_tokens=NUM_TOKENS, temperature=0.0, ignore_eos=True)
+    outs = run(decode, EngineRequest(rid, prompt, params, kv_transfer_params=ktp))
+    return [ktp["first_token_id"]] + [t for o in outs for t in o.new_token_ids]
+
+
+def settle(engine: Engine, timeout_s: float = 10) -> None:
+    """Step an idle engine until its ended leases are freed."""
+    deadline = time.monotonic() + timeout_s
+    while engine.stats().num_free_blocks < engine.num_blocks and time.monotonic() < deadline:
+        engine.step()
+        time.sleep(0.01)
+
+
+def test_disaggregated_greedy_equals_transformers(prefill, decode, prompts, hf_smollm2):
+    for i, prompt in enumerate(prompts):
+        p_out = prefill_remote(prefill, f"p{i}", prompt)
+        ktp = p_out.kv_transfer_params
+        assert ktp["do_remote_prefill"] and ktp["remote_block_ids"]
+        assert decode_remote(decode, f"d{i}", prompt, ktp) == hf_greedy(hf_smollm2, prompt,
+                                                                        NUM_TOKENS)
+    assert decode.stats().kv_pulls_ok == len(prompts) and decode.stats().kv_pulls_failed == 0
+    settle(prefill)
+    assert prefill.stats().num_leases == 0
+    assert prefill.stats().num_free_blocks == prefill.num_blocks
+    assert decode.stats().num_free_blocks == decode.num_blocks
+
+
+def test_tcp_transport_gives_the_same_tokens(prefill, prompts, hf_smollm2):
+    d = engine("decode", kv_transport="tcp")
+    try:
+        ktp = prefill_remote(prefill, "ptcp", prompts[2]).kv_transfer_params
+        assert decode_remote(d, "dtcp", prompts[2], ktp) == hf_greedy(hf_smollm2, prompts[2],
+                                                                      NUM_TOKENS)
+        assert d.stats().kv_bytes_pulled > 0
+    finally:
+        d.close()
+
+
+def test_failed_pull_falls_back_to_local_prefill(prefill, decode, prompts, hf_smollm2):
+    ktp = prefill_remote(prefill, "pfail", prompts[1]).kv_transfer_params
+    broken = ktp | {"kv_endpoints": [ktp["kv_endpoints"][0] | {"port": 1, "transports": ["tcp"]}]}
+    failed_before = decode.stats().kv_pulls_failed
+    tokens = decode_remote(decode, "dfail", prompts[1], broken)
+    assert tokens == hf_greedy(hf_smollm2, prompts[1], NUM_TOKENS)
+    assert decode.stats().kv_pulls_failed == failed_before + 1
+    assert decode.stats().num_free_blocks == decode.num_blocks
+
+
+def test_unclaimed_lease_expires_and_frees_its_blocks(prompts):
+    p = engine("prefill", kv_lease_ttl_s=0.2)
+    try:
+        prefill_remote(p, "orphan", prompts[2])
+        assert p.stats().num_leases == 1 and p.stats().num_free_blocks < p.num_blocks
+        time.sleep(0.3)
+        settle(p)
+        assert p.stats().num_leases == 0 and p.stats().num_free_blocks == p.num_blocks
+    finally:
+        p.close()
+
+
+def test_first_token_eos_is_not_held(prefill, prompts):
+    params = SamplingParams(max_tokens=1, temperature=0.0, stop_token_ids=list(range(50000)))
+    [out] = run(prefill, EngineRequest("peos", prompts[0], params,
+                                       kv_transfer_params={"do_remote_decode": True}))
+    assert out.finish_reason == "stop" and out.kv_transfer_params is None
+
+
+def test_colocated_instance_refuses_kv_transfer_params(prompts):
+    e = Engine(EngineArgs(cache=CacheConfig(kv_cache_memory=8 * 2**20)))
+    with pytest.raises(ValueError, match="--role colocated"):
+        e.add_request(EngineRequest("x", prompts[0], SamplingParams(),
+                                    kv_transfer_params={"do_remote_decode": True}))
+
+
+def test_incompatible_layout_is_refused(prefill, decode, prompts):
+    ktp = prefill_remote(prefill, "pbad", prompts[0]).kv_transfer_params
+    bad = ktp | {"kv_layout": ktp["kv_layout"] | {"block_size": 32}}
+    with pytest.raises(ValueError, match="block"):
+        decode.add_request(EngineRequest("dbad", prompts[0], SamplingParams(max_tokens=4),
+                                         kv_transfer_params=bad))
+    with pytest.raises(ValueError, match="lacks"):
+        decode.add_request(EngineRequest("dbad", prompts[0], SamplingParams(max_tokens=4),
+                                         kv_transfer_params={"do_remote_prefill": True}))
