@@ -9,9 +9,8 @@ shared/device/ceilings.py) or a single-threaded host memcpy of the same bytes (-
   GPU (2 GPUs: P on cuda:0, D on cuda:1):  python benchmarks/bench_kv_transfer.py
   CPU (host and tcp only):                 python benchmarks/bench_kv_transfer.py --device cpu
 
-Prints one JSON line (also written to --out).  On --device cuda the host transport pulls
-from a CPU shared-memory P into D's GPU (what a CPU-offloaded P would look like); the GPU
-staging path of host.py is designed, not built.
+Prints one JSON line (also written to --out).  On --device cuda every transport pulls from
+P's GPU: host goes through P's pinned shared-memory staging buffer (--staging-mib).
 """
 
 from __future__ import annotations
@@ -35,7 +34,9 @@ from pdserve.transfer import (
 from pdserve.transfer.transports import KVPuller
 
 
-def source_main(conn, layout: KVLayout, num_blocks: int, device: str, shared: bool) -> None:
+def source_main(
+    conn, layout: KVLayout, num_blocks: int, device: str, shared: bool, staging: int
+) -> None:
     """The prefill side: random caches, one lease over every block, a KVSource."""
     name = f"bench-{device.replace(':', '')}"
     if shared:
@@ -50,7 +51,8 @@ def source_main(conn, layout: KVLayout, num_blocks: int, device: str, shared: bo
         c.normal_()
     leases = LeaseTable()
     leases.hold("bench", list(range(num_blocks)), ttl_s=3600)
-    source = KVSource(caches, layout, leases, shm_name=name if shared else None).start()
+    shm_name = name if shared else None
+    source = KVSource(caches, layout, leases, shm_name=shm_name, staging_bytes=staging).start()
     conn.send(source.endpoint())
     while (msg := conn.recv()) != "stop":
         ids = torch.tensor(msg, device=caches[0].device)  # checksum of the blocks D pulled
@@ -60,10 +62,12 @@ def source_main(conn, layout: KVLayout, num_blocks: int, device: str, shared: bo
         unlink_shared_kv_caches(name)
 
 
-def start_source(layout: KVLayout, num_blocks: int, device: str, shared: bool):
+def start_source(layout: KVLayout, num_blocks: int, device: str, shared: bool, staging: int):
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=source_main, args=(child, layout, num_blocks, device, shared))
+    proc = ctx.Process(
+        target=source_main, args=(child, layout, num_blocks, device, shared, staging)
+    )
     proc.start()
     return proc, parent, parent.recv()
 
@@ -96,11 +100,15 @@ def ceiling_gbps(device: torch.device, nbytes: int) -> tuple[str, float]:
 
 
 def bench_transport(
-    name: str, layout: KVLayout, args: argparse.Namespace, device: torch.device, shared: bool
+    name: str, layout: KVLayout, args: argparse.Namespace, device: torch.device
 ) -> dict:
     pool = args.blocks * 2  # P and D hold other requests' blocks too: ids are scattered
-    p_device = "cpu" if shared else ("cuda:0" if device.type == "cuda" else "cpu")
-    proc, conn, endpoint = start_source(layout, pool, p_device, shared)
+    on_gpu = device.type == "cuda"
+    shared = name == "host" and not on_gpu  # CPU P: caches in shared memory; GPU P: staging
+    staging = args.staging_mib << 20 if name == "host" and on_gpu else 0
+    proc, conn, endpoint = start_source(
+        layout, pool, "cuda:0" if on_gpu else "cpu", shared, staging
+    )
     try:
         g = torch.Generator().manual_seed(0)
         if args.ids == "scattered":
@@ -154,6 +162,7 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--staging-mib", type=int, default=256, help="GPU P's host staging")
     parser.add_argument(
         "--ids",
         default="scattered",
@@ -189,7 +198,7 @@ def main() -> None:
         "results": [],
     }
     for name in names:
-        r = bench_transport(name, layout, args, device, shared=name == "host")
+        r = bench_transport(name, layout, args, device)
         r["ratio_to_ceiling"] = round(r["GBps"] / ceiling, 3)
         result["results"].append(r)
     line = json.dumps(result)

@@ -9,6 +9,8 @@ import importlib
 SUBCOMMAND_MODULES = [
     "pdserve.server.cli",
     "pdserve.bench.cli",
+    "pdserve.router.cli",
+    "pdserve.launch.cli",
 ]
 
 

@@ -77,7 +77,9 @@ class _SSEReader:
         self.buf = b""
 
     def feed(self, data: bytes) -> list[bytes]:
-        self.buf += data.replace(b"\r\n", b"\n") if b"\r" in data else data
+        self.buf += data
+        if b"\r" in self.buf:  # CRLF servers; a pair split across reads joins in the buffer
+            self.buf = self.buf.replace(b"\r\n", b"\n")
         *events, self.buf = self.buf.split(b"\n\n")
         out = []
         for event in events:
@@ -136,6 +138,8 @@ async def send_request(
                 await _read_stream(resp, rec, cfg.chat, t0)
             else:
                 data = await resp.json(content_type=None)
+                if "error" in data:
+                    rec.error = f"response error: {_short(data['error'])}"
                 choices = data.get("choices") or []
                 rec.output_text = _choice_text(choices[0], cfg.chat) if choices else ""
                 _take_usage(rec, data)
@@ -157,9 +161,9 @@ def new_session(limit: int = 0, timeout_s: float = 6 * 3600.0) -> aiohttp.Client
     )
 
 
-async def fetch_model_id(base_url: str) -> str:
+async def fetch_model_id(base_url: str, headers: dict[str, str] | None = None) -> str:
     """The first model the server lists at /v1/models (used when --model is not given)."""
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(headers=headers) as session:
         async with session.get(base_url.rstrip("/") + "/v1/models") as resp:
             resp.raise_for_status()
             data = await resp.json(content_type=None)

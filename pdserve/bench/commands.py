@@ -38,10 +38,10 @@ def _pairs(items: list[str]) -> dict[str, str]:
 
 def endpoint_config(args: argparse.Namespace) -> EndpointConfig:
     base_url = args.base_url or f"http://{args.host}:{args.port}"
-    model = args.model or asyncio.run(fetch_model_id(base_url))
     headers = _pairs(args.header)
     if os.environ.get("OPENAI_API_KEY") and "Authorization" not in headers:
         headers["Authorization"] = f"Bearer {os.environ['OPENAI_API_KEY']}"
+    model = args.model or asyncio.run(fetch_model_id(base_url, headers))
     return EndpointConfig(
         base_url=base_url,
         endpoint=args.endpoint,

@@ -50,13 +50,34 @@ def plot_latency_vs_rate(series: list[Series], path: str) -> str:
                 ys = [_nan(s.get(f"{p}_{key}_ms")) for s in stages]
                 name = f"{label} {'p50' if p == 'median' else p}"
                 ax.plot(xs, ys, style, marker="o", color=color, label=name)
+                if p == "median":
+                    _annotate_concurrency(ax, stages, xs, ys, color)
             ax.set_title(f"{title} vs load")
             ax.set_xlabel(xlabel)
             ax.set_ylabel(f"{title} (ms)")
             ax.grid(alpha=0.3)
+    for ax in axes:
+        _log_if_wide(ax)
     axes[0].legend(fontsize=8)
     fig.suptitle("Latency percentiles against load (solid p50, dashed p99)")
     return _save(fig, path)
+
+
+def _annotate_concurrency(ax: Any, stages: list[dict], xs: list, ys: list, color: str) -> None:
+    """Concurrency sweeps: label each point with its concurrency (x is achieved rate)."""
+    for stage, x, y in zip(stages, xs, ys, strict=True):
+        if stage.get("max_concurrency") and not isinstance(stage.get("request_rate"), int | float):
+            ax.annotate(f"c={stage['max_concurrency']}", (x, y), textcoords="offset points",
+                        xytext=(4, 4), fontsize=7, color=color)  # fmt: skip
+
+
+def _log_if_wide(ax: Any) -> None:
+    """A log y axis when curves differ by > 30x, so the lower ones stay readable."""
+    ys = np.concatenate([np.asarray(line.get_ydata(), dtype=float) for line in ax.get_lines()])
+    ys = ys[np.isfinite(ys) & (ys > 0)]
+    if len(ys) and ys.max() / ys.min() > 30:
+        ax.set_yscale("log")
+        ax.set_ylabel(ax.get_ylabel() + ", log scale")
 
 
 def plot_goodput_vs_rate(series: list[Series], path: str) -> str:

@@ -13,7 +13,7 @@ from pdserve.engine.kv_connector import KVConnector
 from pdserve.engine.kv_manager import KVCacheManager
 from pdserve.engine.outputs import EngineRequest, EngineStats, RequestOutput
 from pdserve.engine.request import Request, RequestStatus
-from pdserve.engine.runner import ModelRunner
+from pdserve.engine.runner import ModelRunner, profile_peak_activation_bytes
 from pdserve.engine.sampler import sample
 from pdserve.engine.scheduler import Scheduler
 from pdserve.transfer import KVLayout, RemoteKV
@@ -52,17 +52,19 @@ def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, tp
     return 2 * cfg.num_layers * block_size * heads * cfg.head_dim * dtype.itemsize
 
 
-def kv_cache_budget(args: EngineArgs, device: torch.device) -> int:
-    """Bytes the KV cache may take: a fixed budget on CPU, the rest of the GPU's share on GPU."""
+def kv_cache_budget(args: EngineArgs, device: torch.device, activation_bytes: int) -> int:
+    """Bytes the KV cache may take: a fixed budget on CPU; on GPU, this process's share of
+    the memory less what others use, the weights and the profiled peak activations."""
     if args.cache.kv_cache_memory is not None:
         return args.cache.kv_cache_memory
     if device.type != "cuda":
         return DEFAULT_CPU_KV_CACHE_BYTES
     free, total = torch.cuda.mem_get_info(device)
     used_by_others = total - free - torch.cuda.memory_reserved(device)
-    activations = torch.cuda.max_memory_allocated(device) - torch.cuda.memory_allocated(device)
     share = args.cache.gpu_memory_utilization * total
-    return int(share - used_by_others - torch.cuda.memory_allocated(device) - activations)
+    graphs_and_slack = 2 * 2**30  # CUDA graphs' pool, NCCL, allocator fragmentation
+    return int(share - used_by_others - torch.cuda.memory_allocated(device) - activation_bytes
+               - graphs_and_slack)
 
 
 class Engine:
@@ -85,8 +87,18 @@ class Engine:
         self.max_model_len = args.scheduler.max_model_len or cfg.max_position_embeddings
 
         block_size = args.cache.block_size
+        sched = args.scheduler
+        heads = max(cfg.num_kv_heads // args.tensor_parallel_size, 1)
+        activation_bytes = 0
+        if self.device.type == "cuda" and not args.cache.num_blocks:
+            activation_bytes = profile_peak_activation_bytes(
+                loaded.model, sched.max_num_batched_tokens, sched.max_num_seqs, block_size,
+                (block_size, heads, cfg.head_dim), self.dtype, self.device)
+            log.info("peak activations of a %d-token step: %.2f GiB",
+                     sched.max_num_batched_tokens, activation_bytes / 2**30)
         per_block = kv_bytes_per_block(cfg, block_size, self.dtype, args.tensor_parallel_size)
-        num_blocks = args.cache.num_blocks or kv_cache_budget(args, self.device) // per_block
+        num_blocks = args.cache.num_blocks or (
+            kv_cache_budget(args, self.device, activation_bytes) // per_block)
         if num_blocks < 2:
             raise ValueError(
                 f"the KV cache budget fits only {num_blocks} blocks of {per_block} bytes; "
@@ -106,12 +118,19 @@ class Engine:
             self.connector = KVConnector(self.layout, kv_caches, shm_name,
                                          lease_ttl_s=args.kv_lease_ttl_s,
                                          transport=args.kv_transport)
+        print(f"pdserve engine: KV cache of {num_blocks} blocks x {block_size} tokens = "
+              f"{num_blocks * block_size} tokens ({num_blocks * per_block / 2**30:.2f} GiB)",
+              flush=True)
         log.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB)", num_blocks,
                  block_size, num_blocks * block_size, num_blocks * per_block / 2**30)
         self.pool = BlockPool(num_blocks, block_size, args.cache.enable_prefix_caching)
         self.kv = KVCacheManager(self.pool)
         self.scheduler = Scheduler(args.scheduler, self.kv)
-        self.runner = ModelRunner(loaded.model, kv_caches, block_size, self.device)
+        self.runner = ModelRunner(
+            loaded.model, kv_caches, block_size, self.device,
+            max_tokens=max(sched.max_num_batched_tokens, sched.max_num_seqs),
+            max_seqs=sched.max_num_seqs, max_model_len=self.max_model_len,
+            use_cuda_graphs=not args.enforce_eager)
         self.requests: dict[str, Request] = {}
         self._pending: list[RequestOutput] = []  # outputs produced outside step(), e.g. aborts
         self._aborted_pulls: dict[str, Request] = {}  # their blocks are freed when the pull ends

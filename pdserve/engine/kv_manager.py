@@ -18,8 +18,10 @@ class KVCacheManager:
 
     def update_hashes(self, request: Request) -> None:
         """Extend the request's chained hashes over every full block of its known tokens."""
-        tokens = request.all_token_ids
         bs = self.block_size
+        if (len(request.block_hashes) + 1) * bs > request.num_tokens:
+            return  # the common decode step: no new full block, skip building the token list
+        tokens = request.all_token_ids
         while (len(request.block_hashes) + 1) * bs <= len(tokens):
             i = len(request.block_hashes)
             parent = request.block_hashes[-1] if i else None
@@ -56,6 +58,8 @@ class KVCacheManager:
 
     def publish_full_blocks(self, request: Request) -> None:
         """Register blocks whose every token is computed, so later prompts can reuse them."""
+        if request.num_computed_tokens // self.block_size <= request.num_registered_blocks:
+            return
         self.update_hashes(request)
         full = min(request.num_computed_tokens // self.block_size, len(request.block_hashes))
         for i in range(request.num_registered_blocks, full):
@@ -67,4 +71,5 @@ class KVCacheManager:
         if request.block_ids:
             self.pool.free(request.block_ids)
         request.block_ids = []
+        request.block_array = None  # the next blocks may have the same count but other ids
         request.num_registered_blocks = 0

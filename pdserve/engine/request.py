@@ -50,6 +50,7 @@ class Request:
     num_registered_blocks: int = 0  # leading blocks already published to the prefix cache
     remote_decode: bool = False  # P side: keep the KV under a lease for a decode instance
     remote: object | None = None  # D side: the RemoteKV to pull before decoding
+    block_array: object | None = None  # numpy copy of block_ids for the input builder
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from pdserve.engine.batch_inputs import InputBuilder
+from pdserve.engine.cuda_graphs import DecodeGraphs
 from pdserve.engine.scheduler import SchedulerOutput
 from pdserve.kernels.attention import build_metadata
 
@@ -12,31 +14,51 @@ class ModelRunner:
     """Owns the model and its KV caches (one tensor per layer) on one device."""
 
     def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], block_size: int,
-                 device: torch.device):
+                 device: torch.device, max_tokens: int, max_seqs: int, max_model_len: int,
+                 use_cuda_graphs: bool = False):
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = device
+        max_blocks = (max_model_len + block_size - 1) // block_size
+        self.inputs = InputBuilder(max_tokens, max_seqs, max_blocks, block_size, device)
+        self.graphs: DecodeGraphs | None = None
+        if use_cuda_graphs and device.type == "cuda":
+            self.graphs = DecodeGraphs(model, kv_caches, max_seqs, max_blocks, max_model_len,
+                                       device)
+            self.graphs.capture()
 
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> torch.Tensor:
         """Forward every scheduled token; logits [num_sampling, vocab] in float32, in order."""
-        input_ids: list[int] = []
-        positions: list[int] = []
-        query_lens, seq_lens, tables, sample_rows = [], [], [], []
-        for s in step.scheduled:
-            r = s.request
-            start, end = r.num_computed_tokens, r.num_computed_tokens + s.num_new_tokens
-            input_ids.extend(r.all_token_ids[start:end])
-            positions.extend(range(start, end))
-            query_lens.append(s.num_new_tokens)
-            seq_lens.append(end)
-            tables.append(r.block_ids)
-            if s.samples:
-                sample_rows.append(len(input_ids) - 1)
-        meta = build_metadata(query_lens, seq_lens, tables, self.block_size, self.device)
-        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        hidden = self.model(ids, pos, self.kv_caches, meta)
-        rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
-        return self.model.compute_logits(hidden.index_select(0, rows))
+        x = self.inputs.build(step)
+        if self.graphs is not None and self.graphs.fits(x):
+            hidden = self.graphs.run(x)
+        else:
+            hidden = self.model(x.input_ids, x.positions, self.kv_caches, x.meta)
+        return self.model.compute_logits(hidden.index_select(0, x.sample_rows))
+
+
+@torch.inference_mode()
+def profile_peak_activation_bytes(model: torch.nn.Module, num_tokens: int, num_seqs: int,
+                                  block_size: int, kv_shape_per_block: tuple, dtype: torch.dtype,
+                                  device: torch.device) -> int:
+    """Peak memory of the largest step (one prefill of `num_tokens`) above the weights."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    blocks = (num_tokens + block_size - 1) // block_size
+    num_layers = model.config.num_layers
+    caches = [torch.zeros((2, blocks) + kv_shape_per_block, dtype=dtype, device=device)
+              for _ in range(num_layers)]
+    cache_bytes = sum(c.numel() * c.element_size() for c in caches)
+    meta = build_metadata([num_tokens], [num_tokens], [list(range(blocks))], block_size, device)
+    ids = torch.zeros(num_tokens, dtype=torch.long, device=device)
+    pos = torch.arange(num_tokens, device=device)
+    hidden = model(ids, pos, caches, meta)
+    model.compute_logits(hidden[:num_seqs] if num_seqs <= num_tokens else hidden)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base - cache_bytes
+    del caches, hidden
+    torch.cuda.empty_cache()
+    return peak

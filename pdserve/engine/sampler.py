@@ -79,10 +79,19 @@ def _draw(probs: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
     return (probs / noise).argmax(dim=1)
 
 
+def _plain_greedy(r: Request) -> bool:
+    p = r.params
+    return (p.temperature == 0.0 and p.logprobs is None and p.repetition_penalty == 1.0
+            and not p.frequency_penalty and not p.presence_penalty
+            and len(r.output_token_ids) >= p.min_tokens)
+
+
 def sample(
     logits: torch.Tensor, requests: Sequence[Request], eos_token_ids: Sequence[int]
 ) -> tuple[list[int], list[TokenLogprob | None]]:
     """Sample the next token of each request from its row of float32 `logits` [N, vocab]."""
+    if all(_plain_greedy(r) for r in requests):  # the common serving case: one argmax, one sync
+        return logits.argmax(dim=1).tolist(), [None] * len(requests)
     raw_logprobs = None
     if any(r.params.logprobs is not None for r in requests):
         raw_logprobs = logits.log_softmax(dim=1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import signal
 import sys
 
 import uvicorn
@@ -68,6 +69,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="GPUs to shard the model over")
     p.add_argument("--enforce-eager", action="store_true", help="never use CUDA graphs")
+    p.add_argument("--kv-transport", choices=["cuda_ipc", "host", "tcp"], default=None,
+                   help="P/D only: force how KV moves between instances; omitted = the "
+                   "fastest that works")
+    p.add_argument("--kv-lease-ttl-s", type=float, default=30.0,
+                   help="prefill role: how long a finished prefill's KV is kept for the "
+                   "decode instance unless it releases it sooner")
+    p.add_argument("--cpu-threads", type=int, default=None,
+                   help="CPU engines: torch threads; omitted = $PDSERVE_CPU_THREADS, else "
+                   "half the cores")
     p.add_argument("--log-level", default="warning", help="uvicorn's log level")
     p.set_defaults(func=run)
 
@@ -92,7 +102,10 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
         ),
         role=args.role,
         tensor_parallel_size=args.tensor_parallel_size,
+        kv_transport=args.kv_transport,
+        kv_lease_ttl_s=args.kv_lease_ttl_s,
         enforce_eager=args.enforce_eager,
+        cpu_threads=args.cpu_threads,
     )
 
 
@@ -111,9 +124,12 @@ def run(args: argparse.Namespace) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=5)
     server = _AnnouncingServer(config)
+    # uvicorn re-raises SIGTERM after its graceful shutdown: make that a normal exit, so that
+    # the engine is stopped and multiprocessing cleans up after itself.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         server.run()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
         pass
     finally:
         client.shutdown()

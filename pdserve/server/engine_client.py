@@ -33,7 +33,6 @@ class EngineClient:
         factory: Callable[[EngineArgs], object] = default_engine_factory,
     ) -> None:
         self.args = args
-        self._factory = factory
         self.info: EngineInfo | None = None
         self.stats = EngineStats()
         self.dead_reason: str | None = None
@@ -97,29 +96,38 @@ class EngineClient:
             self._inbox.put(("abort", request_id))
 
     def shutdown(self) -> None:
+        """Stop the engine process (politely, then by force)."""
         if self._proc.is_alive():
             self._inbox.put(("shutdown", None))
             self._proc.join(timeout=5)
         if self._proc.is_alive():
             self._proc.kill()
+            self._proc.join(timeout=5)
 
     def _read_outputs(self) -> None:
+        """Reader thread: the engine's messages, handed to the event loop one by one."""
         while True:
             try:
                 msg = self._outbox.get(timeout=READER_POLL_S)
             except queue.Empty:
                 if not self._proc.is_alive():
-                    reason = f"engine process exited with code {self._proc.exitcode}"
-                    self._loop.call_soon_threadsafe(self._fail_all, reason)
+                    self._post(self._fail_all,
+                               f"engine process exited with code {self._proc.exitcode}")
                     return
                 continue
             except (EOFError, OSError):
-                self._loop.call_soon_threadsafe(self._fail_all, "engine outbox closed")
+                self._post(self._fail_all, "engine outbox closed")
                 return
             if msg[0] == "fatal":
-                self._loop.call_soon_threadsafe(self._fail_all, f"engine crashed:\n{msg[1]}")
+                self._post(self._fail_all, f"engine crashed:\n{msg[1]}")
                 return
-            self._loop.call_soon_threadsafe(self._dispatch, msg[1], msg[2])
+            self._post(self._dispatch, msg[1], msg[2])
+
+    def _post(self, fn, *args) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:
+            pass  # the event loop is closed: the server is shutting down
 
     def _dispatch(self, outputs: list[RequestOutput], stats: EngineStats) -> None:
         self.stats = stats

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -57,22 +55,23 @@ def engine_dead() -> APIError:
     )
 
 
-def _describe(err: dict) -> tuple[str, str | None]:
-    """One readable line for a pydantic error, and the top-level field it concerns."""
-    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-    param = loc[0] if loc else None
+def validation_error(errors: list[dict]) -> APIError:
+    """A 400 naming the first field pydantic rejected, and why."""
+    if not errors:
+        return bad_request("Invalid request")
+    err = errors[0]
     if err.get("type") == "json_invalid":
-        return "Request body is not valid JSON: " + str(err.get("ctx", {}).get("error", "")), None
+        return bad_request(f"Request body is not valid JSON: {err.get('ctx', {}).get('error')}")
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
     msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
-    return (f"{'.'.join(loc)}: {msg}" if loc else msg), param
+    more = f" (and {len(errors) - 1} more error(s))" if len(errors) > 1 else ""
+    text = f"{'.'.join(loc)}: {msg}{more}" if loc else f"{msg}{more}"
+    return bad_request(text, loc[0] if loc else None)
 
 
 async def _on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = exc.errors()
-    message, param = _describe(errors[0]) if errors else ("Invalid request", None)
-    if len(errors) > 1:
-        message += f" (and {len(errors) - 1} more error(s))"
-    return JSONResponse(error_body(message, param=param), status_code=400)
+    err = validation_error(list(exc.errors()))
+    return JSONResponse(err.body(), status_code=err.status_code)
 
 
 async def _on_api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -98,6 +97,3 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(Exception, _on_unexpected)
 
-
-def json_error_message(exc: json.JSONDecodeError | UnicodeDecodeError) -> str:
-    return f"Request body is not valid JSON: {exc}"

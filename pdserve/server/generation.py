@@ -10,7 +10,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from pdserve.engine.outputs import EngineRequest, TokenLogprob
+from pdserve.engine.outputs import EngineRequest, RequestOutput, TokenLogprob
 from pdserve.server.detokenizer import IncrementalDetokenizer
 from pdserve.server.engine_client import ABORTED, EngineClient, EngineDeadError
 from pdserve.server.errors import bad_request, engine_dead
@@ -43,6 +43,8 @@ class Generation:
     completion_tokens: int = 0
     cached_tokens: int = 0
     kv_transfer_params: dict | None = None
+    _start: float = 0.0  # when deltas() began: the request's arrival, for TTFT and e2e
+    _last: float = 0.0  # when the previous token arrived, for inter-token latency
 
     def usage(self) -> dict:
         return {
@@ -53,60 +55,82 @@ class Generation:
         }
 
     async def deltas(self) -> AsyncIterator[Delta]:
-        """Yield deltas until the request finishes; closing early aborts the engine request."""
+        """Yield deltas until the request finishes; leaving early aborts the engine request."""
         self.prompt_tokens = len(self.request.prompt_token_ids)
         detok = IncrementalDetokenizer(
-            self.tokenizer, self.request.prompt_token_ids, self.stop,
+            self.tokenizer, self._detok_context(), self.stop,
             self.include_stop_str_in_output, self.skip_special_tokens,
         )
-        start = last = time.monotonic()
+        self._start = self._last = time.monotonic()
         reason = "abort"
-        queue = self.client.add(self.request)
         finished = False
         try:
+            queue = self.client.add(self.request)
             while not finished:
                 out = await queue.get()
                 if out is ABORTED:
                     return
                 if isinstance(out, EngineDeadError):
-                    raise engine_dead() from out
+                    raise out
                 if out.error is not None:
                     reason = "error"
                     raise bad_request(out.error)
                 finished = out.finished
-                now = time.monotonic()
-                if out.new_token_ids:
-                    first = self.completion_tokens == 0
-                    observe = self.metrics.observe_first_token if first else \
-                        self.metrics.observe_inter_token
-                    observe(now - (start if first else last))
-                    last = now
-                self.prompt_tokens = out.num_prompt_tokens or self.prompt_tokens
-                self.cached_tokens = max(self.cached_tokens, out.num_cached_tokens)
-                if out.kv_transfer_params is not None:
-                    self.kv_transfer_params = out.kv_transfer_params
-                delta = self._consume(detok, out.new_token_ids, out.new_logprobs or [])
-                if detok.stopped_by is not None:
-                    reason = delta.finish_reason = "stop"
-                    delta.stop_reason = detok.stopped_by
-                elif out.finished:
-                    delta.text += detok.flush()
-                    reason = delta.finish_reason = out.finish_reason or "stop"
-                    if reason == "stop" and out.new_token_ids:
-                        delta.stop_reason = self._stop_token(out.new_token_ids[-1])
+                self._absorb(out)
+                delta = self._to_delta(detok, out)
+                reason = delta.finish_reason or reason
                 if delta.text or delta.token_ids or delta.finish_reason:
                     yield delta
                 if delta.finish_reason is not None:
                     return
+        except EngineDeadError as exc:
+            reason = "error"
+            raise engine_dead() from exc
         finally:
             if not finished:
                 self.client.abort(self.request.request_id)  # sync: safe under cancellation
-            self.metrics.observe_finished(reason, self.prompt_tokens, self.completion_tokens,
-                                          time.monotonic() - start)
+            if reason != "error":  # errors are counted by status in request_errors
+                self.metrics.observe_finished(reason, self.prompt_tokens,
+                                              self.completion_tokens,
+                                              time.monotonic() - self._start)
+
+    def _detok_context(self) -> list[int]:
+        """Tokens before the first one this instance samples: on a decode instance the
+        prefill's first token comes too (it was sent to the client by the router)."""
+        ktp = self.request.kv_transfer_params or {}
+        first = ktp.get("first_token_id") if ktp.get("do_remote_prefill") else None
+        ids = self.request.prompt_token_ids
+        return [*ids, first] if isinstance(first, int) else ids
 
     def cancel(self) -> None:
         """The client went away: free the engine's blocks and end `deltas`."""
         self.client.abort(self.request.request_id)
+
+    def _absorb(self, out: RequestOutput) -> None:
+        """Latency metrics and the usage/kv_transfer_params totals of one engine output."""
+        if out.new_token_ids:
+            now = time.monotonic()
+            if self.completion_tokens == 0:
+                self.metrics.observe_first_token(now - self._start)
+            else:
+                self.metrics.observe_inter_token(now - self._last)
+            self._last = now
+        self.prompt_tokens = out.num_prompt_tokens or self.prompt_tokens
+        self.cached_tokens = max(self.cached_tokens, out.num_cached_tokens)
+        if out.kv_transfer_params is not None:
+            self.kv_transfer_params = out.kv_transfer_params
+
+    def _to_delta(self, detok: IncrementalDetokenizer, out: RequestOutput) -> Delta:
+        """The client's view of one output; a stop string finishes it early."""
+        delta = self._consume(detok, out.new_token_ids, out.new_logprobs or [])
+        if detok.stopped_by is not None:
+            delta.finish_reason, delta.stop_reason = "stop", detok.stopped_by
+        elif out.finished:
+            delta.text += detok.flush()
+            delta.finish_reason = out.finish_reason or "stop"
+            if delta.finish_reason == "stop" and out.new_token_ids:
+                delta.stop_reason = self._stop_token(out.new_token_ids[-1])
+        return delta
 
     def _consume(self, detok: IncrementalDetokenizer, token_ids: list[int],
                  logprobs: list[TokenLogprob]) -> Delta:

@@ -39,6 +39,10 @@ class _EngineStatsCollector(Collector):
             "kv_blocks_total": ("KV cache blocks in the pool.", s.num_total_blocks),
             "prefix_cache_hit_rate": ("Prefix-cache hits over queries, in tokens, since start.",
                                       rate),
+            "num_requests_pulling_kv": ("Decode side: requests waiting for their KV.",
+                                        s.num_pulling),
+            "num_kv_leases": ("Prefill side: finished prefills holding KV for a decode.",
+                              s.num_leases),
         }
         for name, (doc, value) in gauges.items():
             g = GaugeMetricFamily(f"pdserve:{name}", doc, labels=["model_name"])
@@ -50,6 +54,11 @@ class _EngineStatsCollector(Collector):
             "prefix_cache_hits": ("Prompt tokens found in the prefix cache.",
                                   s.prefix_cache_hits),
             "num_preemptions": ("Requests preempted to free KV blocks.", s.num_preemptions),
+            "kv_pulls_ok": ("KV pulls from a prefill instance that succeeded.", s.kv_pulls_ok),
+            "kv_pulls_failed": ("KV pulls that failed (each fell back to a local prefill).",
+                                s.kv_pulls_failed),
+            "kv_bytes_pulled": ("Bytes of KV pulled from prefill instances.",
+                                s.kv_bytes_pulled),
         }
         for name, (doc, value) in counters.items():
             c = CounterMetricFamily(f"pdserve:{name}", doc, labels=["model_name"])

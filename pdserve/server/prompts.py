@@ -55,9 +55,7 @@ def resolve_max_tokens(
     """
     if not prompt_ids:
         raise bad_request("prompt must not be empty", "prompt")
-    bad = next((t for t in prompt_ids if not 0 <= t < vocab_size), None)
-    if bad is not None:
-        raise bad_request(f"token id {bad} is out of vocabulary (size {vocab_size})", "prompt")
+    check_token_ids(prompt_ids, vocab_size, "prompt")
     room = max_model_len - len(prompt_ids)
     if room <= 0:
         raise bad_request(
@@ -73,3 +71,18 @@ def resolve_max_tokens(
             f"{len(prompt_ids) + max_tokens} in total.", "max_tokens",
         )
     return max_tokens
+
+
+def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise bad_request(f"token id {bad} is out of vocabulary (size {vocab_size})", param)
+
+
+def check_fits_cache(num_tokens: int, capacity_tokens: int) -> None:
+    """A request larger than the whole KV cache could never be scheduled: refuse it now."""
+    if capacity_tokens and num_tokens > capacity_tokens:
+        raise bad_request(
+            f"the request needs {num_tokens} tokens of KV cache but this instance holds "
+            f"{capacity_tokens}; shorten the prompt or max_tokens", "max_tokens",
+        )

@@ -1,9 +1,28 @@
 """KV transfer between engine instances: leases on P, pulls on D, three transports.
 
-P side (engine rank):  allocate_shared_kv_caches (CPU) -> LeaseTable + KVSource(...).start();
-                       hold a lease per finished prefill, free what `expire` returns.
-D side (engine rank):  KVPuller(layout, kv_caches).pull(RemoteKV.from_kv_transfer_params(p), ...),
-                       then release; on TransferError / IncompatibleLayout prefill locally.
+P side, per engine rank (caches in shared memory if CPU, so same-host D can map them):
+    caches = allocate_shared_kv_caches(layout, num_blocks, name)     # or CUDA tensors
+    leases = LeaseTable()
+    source = KVSource(caches, layout, leases, shm_name=name).start()
+    # GPU caches: KVSource(caches, layout, leases, staging_bytes=256 << 20) adds "host"
+    # other hosts: bind_host="0.0.0.0", advertise_host=<this host's IP>
+    # a prefill finished: hold its blocks, answer the router
+    leases.hold(request_id, block_ids, ttl_s=30)
+    params = RemoteKV(engine_id, request_id, block_ids, layout, [source.endpoint()])
+    return params.to_kv_transfer_params()
+    # every step: free what ended (expired, or released by D)
+    pool.free(leases.expire())
+    # shutdown
+    source.close(); unlink_shared_kv_caches(name)
+
+D side, per engine rank:
+    puller = KVPuller(layout, caches)
+    remote = RemoteKV.from_kv_transfer_params(params)
+    try:
+        stats = puller.pull(remote, local_block_ids, first_block=num_prefix_cached_blocks)
+    except (TransferError, IncompatibleLayout):
+        ...  # prefill locally
+    release_remote_kv(remote)   # once, after every D rank has pulled (also on failure)
 """
 
 from pdserve.transfer.host import (

@@ -6,16 +6,17 @@ maps it read-only, and for each pull asks P to admit the read (`begin`: the leas
 blocks), copies with one index_select + index_copy_ per layer, then asks whether the lease
 was still live at the end (`end`), so blocks freed and reused mid-copy are never accepted.
 
-GPU caches (design, not built): P would keep a pinned staging buffer in /dev/shm
-(cudaHostRegister on the mapping), gather the requested blocks into it on `begin`
-(device-to-host on a side stream), and D would copy staging -> its GPU. On one host,
-cuda_ipc is the better path; this one is for GPUs without peer access.
+Caches not in shared memory (GPU caches; KVSource(staging_bytes=...)): P gathers the
+blocks into a pinned staging buffer in /dev/shm as many layers at a time as it holds
+(`stage`, staging.py) and D copies each chunk out. On one host cuda_ipc is the better
+path for GPUs; this one serves GPUs without peer access, and GPU P -> CPU D.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import math
 import mmap
 import os
 import socket
@@ -26,7 +27,7 @@ from functools import cache
 
 import torch
 
-from pdserve.transfer.blockcopy import Scratch, copy_blocks
+from pdserve.transfer.blockcopy import Scratch, as_index, copy_blocks, scatter_blocks
 from pdserve.transfer.layout import HeadSlice, KVLayout
 from pdserve.transfer.protocol import PullStats, TransferError, pull_timeout_s
 from pdserve.transfer.wire import Connection, release_remote
@@ -51,22 +52,26 @@ def shared_kv_path(name: str, pid: int | None = None) -> str:
     return os.path.join(SHM_DIR, f"{SHM_PREFIX}{os.getpid() if pid is None else pid}-{name}")
 
 
+def allocate_shared_bytes(nbytes: int, name: str) -> torch.Tensor:
+    """A uint8 tensor backed by a new /dev/shm file (unlinked at exit at the latest)."""
+    path = shared_kv_path(name)
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)  # never adopt a stale file
+    try:
+        os.ftruncate(fd, nbytes)
+    finally:
+        os.close(fd)
+    atexit.register(unlink_shared_kv_caches, name)
+    return torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
+
+
 def allocate_shared_kv_caches(layout: KVLayout, num_blocks: int, name: str) -> list[torch.Tensor]:
     """KV caches (one tensor per layer, `layout.cache_shape(num_blocks)`) in shared memory.
 
     The file is unlinked by `unlink_shared_kv_caches(name)` or, failing that, at exit.
     """
     shape = layout.cache_shape(num_blocks)
-    elem = torch.empty((), dtype=layout.torch_dtype).element_size()
-    per_layer = elem * shape[0] * shape[1] * shape[2] * shape[3] * shape[4]
-    path = shared_kv_path(name)
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)  # never adopt a stale file
-    try:
-        os.ftruncate(fd, per_layer * layout.num_layers)
-    finally:
-        os.close(fd)
-    atexit.register(unlink_shared_kv_caches, name)
-    flat = torch.from_file(path, shared=True, size=per_layer * layout.num_layers, dtype=torch.uint8)
+    per_layer = math.prod(shape) * torch.empty((), dtype=layout.torch_dtype).element_size()
+    flat = allocate_shared_bytes(per_layer * layout.num_layers, name)
     return [
         flat[i * per_layer : (i + 1) * per_layer].view(layout.torch_dtype).view(shape)
         for i in range(layout.num_layers)
@@ -122,13 +127,17 @@ def describe_shared_kv_caches(kv_caches: list[torch.Tensor], name: str) -> dict:
 
 @dataclass
 class _Mapping:
-    path: str
-    layers: list[torch.Tensor]
-    mm: mmap.mmap  # keeps the mapping alive as long as the layer views
+    """D's read-only view of a P file: its cache layers, or (staged) the raw buffer."""
+
+    flat: torch.Tensor  # uint8 over the whole file
+    layers: list[torch.Tensor] | None  # None: a staging buffer, filled per `stage`
+    mm: mmap.mmap  # keeps the mapping alive as long as the views
 
 
-def map_shared_kv_caches(desc: dict) -> _Mapping:
-    """Map P's cache file read-only (never creates it: P may be gone)."""
+def map_shared(desc: dict) -> _Mapping:
+    """Map P's cache file or staging buffer read-only (never creates it: P may be gone)."""
+    if "staging" in desc:
+        desc = desc["staging"]
     fd = os.open(desc["path"], os.O_RDONLY)
     try:
         mm = mmap.mmap(fd, desc["size"], access=mmap.ACCESS_READ)
@@ -137,16 +146,18 @@ def map_shared_kv_caches(desc: dict) -> _Mapping:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch warns on read-only buffers; D never writes
         flat = torch.frombuffer(mm, dtype=torch.uint8)
+    if "layers" not in desc:
+        return _Mapping(flat, None, mm)
     dtype = getattr(torch, desc["dtype"])
-    layers = []
-    for layer in desc["layers"]:
-        numel = 1
-        for s in layer["shape"]:
-            numel *= s
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
-        raw = flat[layer["offset"] : layer["offset"] + nbytes]
-        layers.append(raw.view(dtype).view(layer["shape"]))
-    return _Mapping(desc["path"], layers, mm)
+    layers = [_view(flat, layer["offset"], layer["shape"], dtype) for layer in desc["layers"]]
+    return _Mapping(flat, layers, mm)
+
+
+def _view(flat: torch.Tensor, offset: int, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if offset < 0 or offset + nbytes > flat.numel():
+        raise ValueError(f"{shape} {dtype} at {offset} is outside the {flat.numel()}-byte file")
+    return flat[offset : offset + nbytes].view(dtype).view(shape)
 
 
 @dataclass
@@ -173,35 +184,46 @@ class HostPuller:
         if endpoint.get("host_id") != local_host_id() or "host" not in endpoint.get(
             "transports", []
         ):
-            raise TransferError("host transport needs a source on this host with shared caches")
+            raise TransferError("host transport needs a source on this host serving it")
         start = time.perf_counter()
         key = (endpoint["host"], endpoint["port"])
         try:
             budget = pull_timeout_s(self.timeout_s, kv_caches, len(local_block_ids))
             with Connection(endpoint, budget, self.timeout_s) as conn:
                 remote = self._mapping(conn, key)
-                if len(remote.layers) != len(kv_caches):
+                if remote.layers is not None and len(remote.layers) != len(kv_caches):
                     raise TransferError(
                         f"{len(remote.layers)} remote layers, {len(kv_caches)} local"
                     )
                 lease = conn.call(
                     {"op": "begin", "request_id": remote_request_id, "block_ids": remote_block_ids}
                 )
-                nbytes = copy_blocks(
-                    remote.layers,
-                    remote_block_ids,
-                    kv_caches,
-                    local_block_ids,
-                    heads,
-                    self._scratch,
-                )
+                if remote.layers is None:
+                    nbytes = _pull_staged(
+                        conn,
+                        remote.flat,
+                        remote_request_id,
+                        remote_block_ids,
+                        local_block_ids,
+                        kv_caches,
+                        heads,
+                    )
+                else:
+                    nbytes = copy_blocks(
+                        remote.layers,
+                        remote_block_ids,
+                        kv_caches,
+                        local_block_ids,
+                        heads,
+                        self._scratch,
+                    )
                 ended = conn.call(
                     {"op": "end", "request_id": remote_request_id, "lease_id": lease["lease_id"]}
                 )
         except TransferError:
             self._forget(key)  # P may have restarted with a new file: map afresh next time
             raise
-        except (RuntimeError, IndexError, KeyError, TypeError, OSError) as e:
+        except (RuntimeError, IndexError, KeyError, TypeError, ValueError, OSError) as e:
             self._forget(key)
             raise TransferError(f"host copy from {key} failed: {e}") from e
         if not ended["live"]:
@@ -220,10 +242,56 @@ class HostPuller:
         if key not in self._maps:
             desc = conn.call({"op": "open", "transport": "host"})["mapping"]
             try:
-                self._maps[key] = map_shared_kv_caches(desc)
+                self._maps[key] = map_shared(desc)
             except (OSError, ValueError) as e:
                 raise TransferError(f"cannot map {desc.get('path')}: {e}") from e
         return self._maps[key]
 
     def _forget(self, key: tuple[str, int]) -> None:
         self._maps.pop(key, None)
+
+
+def _pull_staged(
+    conn: Connection,
+    staging: torch.Tensor,
+    request_id: str,
+    remote_ids: list[int],
+    local_ids: list[int],
+    kv_caches: list[torch.Tensor],
+    heads: HeadSlice | None,
+) -> int:
+    """Have P stage as many layers as its buffer holds, copy them out, repeat; bytes moved."""
+    cache = kv_caches[0]
+    num_heads = cache.shape[3] if heads is None else heads.num_heads
+    layer_bytes = 2 * len(remote_ids) * cache.shape[2] * num_heads * cache.shape[4]
+    layer_bytes *= cache.element_size()
+    per_chunk = staging.numel() // max(1, layer_bytes)
+    if per_chunk == 0:
+        raise TransferError(
+            f"P's staging buffer ({staging.numel()} bytes) is smaller than one layer of "
+            f"{len(remote_ids)} blocks ({layer_bytes} bytes)"
+        )
+    local = as_index(local_ids, cache.device)
+    span = None if heads is None else [heads.remote_start, heads.remote_stop]
+    want = [2, len(local_ids), cache.shape[2], num_heads, cache.shape[4]]
+    nbytes = 0
+    for first in range(0, len(kv_caches), per_chunk):
+        last = min(len(kv_caches), first + per_chunk)
+        reply = conn.call(
+            {
+                "op": "stage",
+                "request_id": request_id,
+                "block_ids": remote_ids,
+                "heads": span,
+                "layers": [first, last],
+            }
+        )
+        for entry in reply["layers"]:
+            if entry["shape"] != want:
+                raise TransferError(f"staged {entry['shape']}, want {want}")
+            data = _view(staging, entry["offset"], want, cache.dtype)
+            scatter_blocks(
+                kv_caches[entry["layer"]], local, data, 0 if heads is None else heads.local_start
+            )
+            nbytes += data.nbytes
+    return nbytes

@@ -28,9 +28,10 @@ class PullStats:
         return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
 
     def __add__(self, other: PullStats) -> PullStats:
+        """Two parts of one pull: the same blocks, other heads (from another P rank)."""
         return PullStats(
             self.transport if self.transport == other.transport else "mixed",
-            self.num_blocks + other.num_blocks,
+            max(self.num_blocks, other.num_blocks),
             self.bytes + other.bytes,
             self.seconds + other.seconds,
         )

@@ -8,6 +8,7 @@ Messages (see wire.py), each answered by one reply or {"error": ...}:
   ping                                  -> {layout}
   open    {transport}                   -> {mapping}           host / cuda_ipc
   begin   {request_id, block_ids}       -> {lease_id}          before a direct read
+  stage   {request_id, block_ids, heads, layers} -> {layers}   host via staging buffer
   end     {request_id, lease_id}        -> {live}              after it: was the data valid?
   read    {request_id, block_ids, heads}-> {num_layers}, one tensor per layer, {live}   tcp
   release {request_id}                  -> {released}
@@ -19,7 +20,8 @@ import contextlib
 import socket
 import socketserver
 import threading
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,6 +30,7 @@ from pdserve.transfer.blockcopy import Scratch, as_index, gather_blocks
 from pdserve.transfer.layout import KVLayout
 from pdserve.transfer.lease import LeaseTable
 from pdserve.transfer.protocol import MIN_PULL_BYTES_PER_S
+from pdserve.transfer.staging import StagingBuffer
 from pdserve.transfer.wire import recv_msg, send_msg, send_tensor
 
 
@@ -36,12 +39,22 @@ class Refused(Exception):
 
 
 @dataclass
+class _Peer:
+    """What one D connection holds on the source."""
+
+    scratch: Scratch = field(default_factory=Scratch)  # connections are served concurrently
+    holds_staging: bool = False
+
+
+@dataclass
 class KVSource:
     """Serves reads of leased blocks of one rank's `kv_caches` (started once per engine rank).
 
     `shm_name` is the name given to `allocate_shared_kv_caches` when the caches live in
     shared memory (enables the host transport). CUDA caches enable cuda_ipc. tcp always works.
-    `advertise_host` is the address D should dial (default: the bound address).
+    `staging_bytes` > 0 serves the host transport from caches not in shared memory (GPU)
+    through a staging buffer of that size. `advertise_host` is the address D should dial
+    (default: the bound address; bind "0.0.0.0" and advertise an IP for other hosts).
     """
 
     kv_caches: list[torch.Tensor]
@@ -52,18 +65,22 @@ class KVSource:
     advertise_host: str | None = None
     shm_name: str | None = None
     read_timeout_s: float = 30.0  # idle connections close; a read's lease lives this + its bytes
+    staging_bytes: int = 0
 
     def __post_init__(self) -> None:
         self._server: socketserver.ThreadingTCPServer | None = None
         self._device = self.kv_caches[0].device
         self._stream = torch.cuda.Stream(self._device) if self._device.type == "cuda" else None
+        self._staging: StagingBuffer | None = None
+        if self.staging_bytes and not self.shm_name:
+            name = f"staging-{uuid.uuid4().hex[:8]}"
+            self._staging = StagingBuffer(name, self.staging_bytes, self._device)
 
     @property
     def transports(self) -> list[str]:
         """Transports this source serves, best first."""
-        if self._device.type == "cuda":
-            return ["cuda_ipc", "tcp"]
-        return ["host", "tcp"] if self.shm_name else ["tcp"]
+        host = ["host"] if self.shm_name or self._staging else []
+        return (["cuda_ipc"] if self._device.type == "cuda" else []) + host + ["tcp"]
 
     def start(self) -> KVSource:
         """Bind and serve in a daemon thread; returns self."""
@@ -103,23 +120,32 @@ class KVSource:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+        if self._staging is not None:
+            self._staging.close()
+            self._staging = None
 
     def _serve_connection(self, sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(self.read_timeout_s)  # an idle or stuck D does not hold a thread forever
         # OSError: D went away or stalled (its lease simply runs out); ValueError: garbage
         with contextlib.suppress(OSError, ValueError):
-            scratch = Scratch()  # per connection: connections are served concurrently
-            while (msg := recv_msg(sock)) is not None:
-                try:
-                    self._dispatch(sock, msg, scratch)
-                except Refused as e:
-                    send_msg(sock, {"error": str(e)})
-                except (KeyError, TypeError, IndexError, RuntimeError) as e:
-                    # a malformed request (or bad block ids) must not kill the server thread
-                    send_msg(sock, {"error": f"bad request {msg.get('op')!r}: {e!r}"})
+            peer = _Peer()
+            try:
+                self._serve_messages(sock, peer)
+            finally:
+                self._unstage(peer)
 
-    def _dispatch(self, sock: socket.socket, msg: dict, scratch: Scratch) -> None:
+    def _serve_messages(self, sock: socket.socket, peer: _Peer) -> None:
+        while (msg := recv_msg(sock)) is not None:
+            try:
+                self._dispatch(sock, msg, peer)
+            except Refused as e:
+                send_msg(sock, {"error": str(e)})
+            except (KeyError, TypeError, IndexError, ValueError, RuntimeError) as e:
+                # a malformed request (or bad block ids) must not kill the server thread
+                send_msg(sock, {"error": f"bad request {msg.get('op')!r}: {e!r}"})
+
+    def _dispatch(self, sock: socket.socket, msg: dict, peer: _Peer) -> None:
         op = msg.get("op")
         if op == "ping":
             send_msg(sock, {"layout": self.layout.to_dict()})
@@ -127,10 +153,13 @@ class KVSource:
             send_msg(sock, {"mapping": self._mapping(msg.get("transport"))})
         elif op == "begin":
             send_msg(sock, {"lease_id": self._admit(msg)})
+        elif op == "stage":
+            send_msg(sock, {"layers": self._stage(msg, peer)})
         elif op == "end":
+            self._unstage(peer)
             send_msg(sock, {"live": self.leases.is_live(msg["request_id"], msg["lease_id"])})
         elif op == "read":
-            self._stream_blocks(sock, msg, scratch)
+            self._stream_blocks(sock, msg, peer.scratch)
         elif op == "release":
             send_msg(sock, {"released": self.leases.release_later(msg["request_id"])})
         else:
@@ -150,16 +179,41 @@ class KVSource:
     def _mapping(self, transport: str | None) -> dict:
         if transport not in self.transports or transport == "tcp":
             raise Refused(f"transport {transport!r} not served here (serving {self.transports})")
-        if transport == "host":
-            return host.describe_shared_kv_caches(self.kv_caches, self.shm_name or "")
+        if transport == "host" and self.shm_name:
+            return host.describe_shared_kv_caches(self.kv_caches, self.shm_name)
+        if transport == "host" and self._staging is not None:
+            return self._staging.describe()
         return {"layers": cuda_ipc.export_kv_caches(self.kv_caches)}
 
-    def _stream_blocks(self, sock: socket.socket, msg: dict, scratch: Scratch) -> None:
+    def _heads(self, msg: dict) -> tuple[int, int]:
         start, stop = msg.get("heads") or (0, self.layout.rank_kv_heads)
         if not 0 <= start < stop <= self.layout.rank_kv_heads:
             raise Refused(
                 f"heads [{start}, {stop}) outside this rank's {self.layout.rank_kv_heads}"
             )
+        return start, stop
+
+    def _stage(self, msg: dict, peer: _Peer) -> list[dict]:
+        if self._staging is None:
+            raise Refused("no staging buffer here")
+        heads = self._heads(msg)
+        first, last = msg["layers"]
+        self._admit(msg)
+        if not peer.holds_staging:
+            if not self._staging.acquire(self.read_timeout_s):
+                raise Refused("the staging buffer stayed busy; retry or use tcp")
+            peer.holds_staging = True
+        ids = as_index(msg["block_ids"], self._device)
+        with torch.cuda.stream(self._stream) if self._stream else contextlib.nullcontext():
+            return self._staging.stage(self.kv_caches, range(first, last), ids, heads, peer.scratch)
+
+    def _unstage(self, peer: _Peer) -> None:
+        if peer.holds_staging and self._staging is not None:
+            self._staging.release()
+        peer.holds_staging = False
+
+    def _stream_blocks(self, sock: socket.socket, msg: dict, scratch: Scratch) -> None:
+        start, stop = self._heads(msg)
         lease_id = self._admit(msg)
         ids = as_index(msg["block_ids"], self._device)
         send_msg(sock, {"num_layers": len(self.kv_caches)})

@@ -83,3 +83,28 @@ def test_single_run_saves_a_result_file(tiny_tokenizer_dir, tmp_path):
     assert rc == 0
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["backend"] == "openai-chat" and result["completed"] == 20
+
+
+def test_auto_sweep_finds_saturation_then_rates_below(tiny_tokenizer_dir, tmp_path):
+    with FakeServer(token_s=0.002, max_concurrent=4) as server:  # ~60 req/s at most
+        rc = bench("sweep", "--base-url", server.url, *workload(tiny_tokenizer_dir),
+                   "--auto-rates", "2", "--result-dir", str(tmp_path))  # fmt: skip
+    assert rc == 0
+    sweep = json.loads((tmp_path / "sweep.json").read_text())
+    sat = sweep["saturation"]["request_throughput"]
+    assert sweep["kind"] == "auto" and sat > 0
+    assert [s["request_rate"] for s in sweep["stages"]] == pytest.approx([sat / 3, 2 * sat / 3])
+
+
+def test_code_workload_through_the_cli(tiny_tokenizer_dir, tmp_path):
+    with FakeServer() as server:
+        rc = bench("run", "--base-url", server.url, "--tokenizer", tiny_tokenizer_dir,
+                   "--dataset-name", "code", "--code-length-scale", "0.05", "--num-prompts", "30",
+                   "--disable-tqdm", "--result-filename", "code.json",
+                   "--result-dir", str(tmp_path))  # fmt: skip
+    assert rc == 0
+    result = json.loads((tmp_path / "code.json").read_text())
+    cats = result["categories"]
+    assert set(cats) <= {"inline-completion", "code-explanation", "function-generation"}
+    assert cats["inline-completion"]["slo_ms"] == {"ttft": 200.0}
+    assert result["request_goodput"] is not None  # the mix's own TTFT targets

@@ -26,7 +26,7 @@ def test_open_loop_achieves_the_requested_rate_within_2_percent():
     f = summarize(run.records, run.duration_s).fields
     assert f["completed"] == 300
     assert f["achieved_request_rate"] == pytest.approx(100.0, rel=0.02)
-    assert f["p99_schedule_delay_ms"] < 20
+    assert f["p99_schedule_delay_ms"] < 50
 
 
 def test_poisson_sends_follow_the_schedule():
@@ -46,7 +46,7 @@ def test_closed_loop_holds_the_concurrency():
     f = summarize(run.records, run.duration_s).fields
     assert f["max_concurrent_requests"] == 3
     assert f["request_throughput"] == pytest.approx(3 / 0.2, rel=0.25)  # Little's law
-    assert f["mean_schedule_delay_ms"] < 20  # waiting for a slot is not client lag
+    assert f["mean_schedule_delay_ms"] < 50  # waiting for a slot is not client lag
 
 
 def test_warmups_are_sent_but_not_measured():
@@ -117,4 +117,4 @@ def test_trace_replay_sends_at_the_trace_timestamps(tokenizer, tmp_path):
         cfg = EndpointConfig(server.url, model="fake")
         run = run_load(specs, cfg, LoadSpec(num_prompts=len(specs), progress=False))
     sends = [r.send_s * 1000 for r in sorted(run.records, key=lambda r: r.index)]
-    assert sends == pytest.approx(stamps, abs=15)
+    assert sends == pytest.approx(stamps, abs=25)

@@ -27,7 +27,8 @@ class PagedCache:
 
     def __post_init__(self) -> None:
         config = self.model.config
-        shape = (2, self.num_blocks, self.block_size, config.num_kv_heads, config.head_dim)
+        kv_heads = self.model.model.layers[0].self_attn.num_kv_heads  # this rank's share
+        shape = (2, self.num_blocks, self.block_size, kv_heads, config.head_dim)
         dtype = next(self.model.parameters()).dtype
         self.kv_caches = [torch.zeros(shape, dtype=dtype) for _ in range(config.num_layers)]
         # hand out blocks in a scrambled order so that no sequence is contiguous
@@ -50,9 +51,7 @@ class PagedCache:
             self.lengths[seq] = start + len(tokens)
         meta = build_metadata(query_lens, seq_lens, tables, self.block_size)
         with torch.inference_mode():
-            hidden = self.model(
-                torch.tensor(ids), torch.tensor(positions), self.kv_caches, meta
-            )
+            hidden = self.model(torch.tensor(ids), torch.tensor(positions), self.kv_caches, meta)
             logits = self.model.compute_logits(hidden)
         return list(logits.split(query_lens))
 

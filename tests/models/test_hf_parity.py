@@ -74,7 +74,9 @@ def _reference_logits(reference: torch.nn.Module, ids: list[int]) -> torch.Tenso
 
 
 def _prompt(length: int, seed: int) -> list[int]:
-    return torch.randint(0, SMALL["vocab_size"], (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return torch.randint(
+        0, SMALL["vocab_size"], (length,), generator=torch.Generator().manual_seed(seed)
+    ).tolist()
 
 
 def _rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:

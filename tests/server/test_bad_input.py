@@ -185,3 +185,18 @@ def test_batched_prompts_are_refused_clearly(client):
 def test_unknown_route_is_openai_shaped_404(client):
     assert_openai_error(client.post("/v1/nothing", json={}), 404)
     assert_still_serves(client)
+
+
+def test_kv_transfer_params_on_a_colocated_instance(client):
+    # refused by the engine itself: its ValueError must come back as a 400, not a 500
+    body = {"prompt": "hi", "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}}
+    resp = client.post("/v1/completions", json=body)
+    assert_openai_error(resp, 400)
+    assert "colocated" in resp.json()["error"]["message"]
+    assert_still_serves(client)
+
+
+def test_kv_transfer_params_of_the_wrong_type(client):
+    resp = client.post("/v1/completions", json={"prompt": "hi", "kv_transfer_params": "P1"})
+    assert_openai_error(resp, 400, "kv_transfer_params")
+    assert_still_serves(client)

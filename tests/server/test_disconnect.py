@@ -8,7 +8,7 @@ import httpx
 import pytest
 from server_helpers import metric
 
-LONG = {"prompt": "Write a very long essay about the sea.", "max_tokens": 400,
+LONG = {"prompt": "Write a very long essay about the sea.", "max_tokens": 4000,
         "ignore_eos": True, "temperature": 0.0}
 
 
@@ -33,7 +33,7 @@ def test_streaming_client_disconnect_frees_blocks(client, server):
             lines = resp.iter_lines()
             assert next(line for line in lines if line.startswith("data: "))
             assert blocks_in_use(client) > 0
-    wait_until_idle(client)  # long before 400 tokens could have been generated
+    wait_until_idle(client)  # long before 4000 tokens could have been generated
     assert _aborted(client) == aborted_before + 1
 
 

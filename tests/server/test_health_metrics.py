@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
-from server_helpers import assert_openai_error, complete
+from server_helpers import assert_openai_error, complete, metric
 
 EXPECTED_METRICS = [
     "pdserve:request_success_total", "pdserve:num_requests_running",
@@ -26,6 +28,10 @@ def test_health_is_ok(client):
     assert resp.status_code == 200 and resp.json()["status"] == "ok"
 
 
+def test_startup_line_names_the_url(server):
+    assert f"at {server.url}/v1" in server.log() and "ready" in server.log()
+
+
 def test_models_lists_the_embedded_model(client):
     data = client.get("/v1/models").json()["data"]
     assert len(data) == 1 and "SmolLM2" in data[0]["id"]
@@ -40,11 +46,15 @@ def test_metrics_expose_the_vllm_like_family(client):
 
 
 @pytest.mark.kills_engine
-def test_dead_engine_fails_requests_with_503_and_health_turns_unhealthy(client):
-    os.kill(client.get("/health").json()["engine_pid"], signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while client.get("/health").status_code == 200 and time.monotonic() < deadline:
-        time.sleep(0.2)
+def test_dead_engine_fails_requests_with_503_and_health_turns_unhealthy(client, server):
+    long = {"prompt": "Tell a story.", "max_tokens": 500, "ignore_eos": True}
+    with ThreadPoolExecutor(1) as pool:
+        in_flight = pool.submit(httpx.post, server.url + "/v1/completions", json=long,
+                                timeout=120)
+        while metric(client, "pdserve:num_requests_running") < 1:
+            time.sleep(0.1)
+        os.kill(client.get("/health").json()["engine_pid"], signal.SIGKILL)
+        assert_openai_error(in_flight.result(), 503)
     assert_openai_error(client.get("/health"), 503)
     resp = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
     assert_openai_error(resp, 503)

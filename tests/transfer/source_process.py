@@ -27,7 +27,13 @@ def random_caches(layout: KVLayout, num_blocks: int, seed: int, device: str = "c
 
 
 def _rank_source(
-    layout: KVLayout, num_blocks: int, seed: int, shared: bool, device: str, leases: LeaseTable
+    layout: KVLayout,
+    num_blocks: int,
+    seed: int,
+    shared: bool,
+    device: str,
+    leases: LeaseTable,
+    staging_bytes: int,
 ) -> KVSource:
     caches = random_caches(layout, num_blocks, seed, device)
     shm_name = None
@@ -37,14 +43,16 @@ def _rank_source(
         for dst, src in zip(shared_caches, caches):
             dst.copy_(src)
         caches = shared_caches
-    return KVSource(caches, layout, leases, shm_name=shm_name).start()
+    return KVSource(caches, layout, leases, shm_name=shm_name, staging_bytes=staging_bytes).start()
 
 
-def _serve(conn, layout: KVLayout, num_blocks: int, seed: int, shared: bool, device: str) -> None:
+def _serve(
+    conn, layout: KVLayout, num_blocks: int, seed: int, shared: bool, device: str, staging: int
+) -> None:
     # one source per TP rank (rank r's caches from seed + r), sharing one lease table
     leases = LeaseTable()
     sources = [
-        _rank_source(layout.for_rank(r), num_blocks, seed + r, shared, device, leases)
+        _rank_source(layout.for_rank(r), num_blocks, seed + r, shared, device, leases, staging)
         for r in range(layout.tp_size)
     ]
     conn.send([s.endpoint() for s in sources])
@@ -89,12 +97,19 @@ class SourceProcess:
 
 
 def start_source(
-    layout: KVLayout, num_blocks: int, seed: int, shared: bool = False, device: str = "cpu"
+    layout: KVLayout,
+    num_blocks: int,
+    seed: int,
+    shared: bool = False,
+    device: str = "cpu",
+    staging_bytes: int = 0,
 ) -> SourceProcess:
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     process = ctx.Process(
-        target=_serve, args=(child, layout, num_blocks, seed, shared, device), daemon=True
+        target=_serve,
+        args=(child, layout, num_blocks, seed, shared, device, staging_bytes),
+        daemon=True,
     )
     process.start()
     if not parent.poll(60):

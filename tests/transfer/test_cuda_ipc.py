@@ -10,6 +10,7 @@ import torch
 
 from pdserve.transfer import HeadSlice, KVLayout, KVPuller, RemoteKV, TransferError
 from pdserve.transfer.cuda_ipc import CudaIpcPuller
+from pdserve.transfer.host import HostPuller
 from pdserve.transfer.tcp import TcpPuller
 
 from .source_process import random_caches, start_source
@@ -22,7 +23,8 @@ NUM_BLOCKS, SEED = 64, 21
 
 @pytest.fixture(scope="module")
 def gpu_source():
-    proc = start_source(LAYOUT, NUM_BLOCKS, SEED, device="cuda:0")
+    # a 512 KiB staging buffer also serves "host": one layer of 5 blocks (320 KiB) at a time
+    proc = start_source(LAYOUT, NUM_BLOCKS, SEED, device="cuda:0", staging_bytes=512 << 10)
     yield proc
     proc.stop()
 
@@ -44,10 +46,10 @@ def empty(layout: KVLayout, num_blocks: int, device: torch.device) -> list[torch
 
 
 def test_source_offers_cuda_ipc(gpu_source):
-    assert gpu_source.endpoint["transports"] == ["cuda_ipc", "tcp"]
+    assert gpu_source.endpoint["transports"] == ["cuda_ipc", "host", "tcp"]
 
 
-@pytest.mark.parametrize("puller_cls", [CudaIpcPuller, TcpPuller])
+@pytest.mark.parametrize("puller_cls", [CudaIpcPuller, HostPuller, TcpPuller])
 def test_pull_is_bit_exact(gpu_source, expected, device, puller_cls):
     rid = f"gpu-{puller_cls.__name__}"
     gpu_source.call("hold", rid, [40, 3, 17, 8, 63])

@@ -168,3 +168,45 @@ def test_a_lease_that_ends_during_the_read_fails_the_pull(in_process_source, pul
     monkeypatch.setattr(leases, "is_live", lambda *a, **k: False)  # the owner freed the blocks
     with pytest.raises(TransferError, match="ended during"):
         puller.pull(source.endpoint(), "r", [0, 1], [0, 1], empty_caches(LAYOUT, 2))
+
+
+def test_a_source_that_stalls_mid_stream_times_out():
+    """The tcp deadline covers the whole stream, not just each recv."""
+    import threading
+
+    from pdserve.transfer.wire import recv_msg, send_msg
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+
+        def stall() -> None:
+            conn, _ = server.accept()
+            recv_msg(conn)
+            send_msg(conn, {"num_layers": LAYOUT.num_layers})
+            send_msg(
+                conn, {"layer": 0, "shape": [2, 1, 4, 4, 8], "dtype": "bfloat16", "nbytes": 512}
+            )
+            for _ in range(40):  # trickle a byte every 50 ms: each recv succeeds, the pull not
+                time.sleep(0.05)
+                try:
+                    conn.sendall(b"\0")
+                except OSError:
+                    break
+            conn.close()
+
+        thread = threading.Thread(target=stall, daemon=True)
+        thread.start()
+        endpoint = {"host": "127.0.0.1", "port": server.getsockname()[1], "transports": ["tcp"]}
+        start = time.monotonic()
+        with pytest.raises(TransferError):
+            TcpPuller(timeout_s=0.5).pull(endpoint, "r", [0], [0], empty_caches(LAYOUT, 1))
+        assert time.monotonic() - start < 1.5
+        thread.join(5)
+
+
+def test_host_transport_needs_shared_caches(in_process_source):
+    source, _ = in_process_source
+    endpoint = {**source.endpoint(), "transports": ["tcp"]}  # what a non-shared source says
+    with pytest.raises(TransferError, match="serving it"):
+        HostPuller().pull(endpoint, "r", [0], [0], empty_caches(LAYOUT, 1))

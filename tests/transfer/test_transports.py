@@ -31,6 +31,7 @@ HERE = local_host_id()
         (HERE, ["host", "tcp"], CPU, "host"),
         (HERE, ["host", "tcp"], GPU, "host"),  # CPU P, GPU D: map and upload
         (HERE, ["cuda_ipc", "tcp"], CPU, "tcp"),
+        (HERE, ["cuda_ipc", "host", "tcp"], CPU, "host"),  # GPU P staging, CPU D
         (HERE, ["tcp"], CPU, "tcp"),
         ("elsewhere/boot", ["cuda_ipc", "tcp"], GPU, "tcp"),
         ("elsewhere/boot", ["host", "tcp"], CPU, "tcp"),

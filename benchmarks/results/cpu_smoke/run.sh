@@ -11,14 +11,14 @@ COMMON=(--dataset-name random --random-input-len 64 --random-output-len 32 --ign
         --disable-tqdm --metric-percentiles 50,99)
 for dep in "seqs128 8101" "seqs2 8102"; do
   set -- $dep
-  python -m pdserve.cli bench sweep --port "$2" --label "$1" "${COMMON[@]}" \
+  python -m pdserve.bench sweep --port "$2" --label "$1" "${COMMON[@]}" \
     --request-rates 0.25,0.5,1 --save-detailed --result-dir "$1/rate"
-  python -m pdserve.cli bench sweep --port "$2" --label "$1" "${COMMON[@]}" \
+  python -m pdserve.bench sweep --port "$2" --label "$1" "${COMMON[@]}" \
     --max-concurrencies 1,2,4 --save-detailed --result-dir "$1/concurrency"
 done
-python -m pdserve.cli bench compare seqs128/rate/sweep.json seqs2/rate/sweep.json -o compare_rate.md
-python -m pdserve.cli bench compare seqs128/concurrency/sweep.json seqs2/concurrency/sweep.json \
+python -m pdserve.bench compare seqs128/rate/sweep.json seqs2/rate/sweep.json -o compare_rate.md
+python -m pdserve.bench compare seqs128/concurrency/sweep.json seqs2/concurrency/sweep.json \
   -o compare_concurrency.md
-python -m pdserve.cli bench plot seqs128/rate/sweep.json seqs2/rate/sweep.json -o plots_rate
-python -m pdserve.cli bench plot seqs128/concurrency/sweep.json seqs2/concurrency/sweep.json \
+python -m pdserve.bench plot seqs128/rate/sweep.json seqs2/rate/sweep.json -o plots_rate
+python -m pdserve.bench plot seqs128/concurrency/sweep.json seqs2/concurrency/sweep.json \
   -o plots_concurrency

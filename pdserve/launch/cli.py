@@ -1,0 +1,137 @@
+"""`pdserve up`: bring up a whole xPyD (or colocated) deployment on this machine."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from pdserve.launch.layout import InstancePlan, Layout, count_gpus, plan
+from pdserve.launch.procs import Deployment, Proc, ShutdownRequested, raise_on_signals
+
+
+def add_parser(subparsers) -> None:
+    """Register `up` on the top-level `pdserve` parser."""
+    p = subparsers.add_parser(
+        "up", help="start prefill/decode (or colocated) instances and the router",
+        description="Start a deployment on this machine: instances on consecutive GPUs (or "
+        "the CPU), the router in front, a table of what runs where; Ctrl-C stops it all. "
+        "With no counts: 1 prefill + 1 decode instance. Arguments after `--` go to every "
+        "instance's `pdserve serve`.",
+        usage="pdserve up [--prefill N --decode M | --colocated K] [--prefill-tp T] "
+        "[--decode-tp T] [--model M] [--port P] [--config layout.yaml] [-- serve args]",
+    )
+    p.add_argument("--prefill", type=int, default=None, help="prefill instances")
+    p.add_argument("--decode", type=int, default=None, help="decode instances")
+    p.add_argument("--colocated", type=int, default=None, help="colocated instances")
+    p.add_argument("--prefill-tp", type=int, default=None, help="GPUs per prefill instance")
+    p.add_argument("--decode-tp", type=int, default=None, help="GPUs per decode instance")
+    p.add_argument("--colocated-tp", type=int, default=None,
+                   help="GPUs per colocated instance")
+    p.add_argument("--model", default=None, help="as `pdserve serve --model`; omitted = the "
+                   "embedded SmolLM2-135M-Instruct")
+    p.add_argument("--host", default=None, help="address of the router and the instances "
+                   "(default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None,
+                   help="the router's port (default 8000); instances take the next ones")
+    p.add_argument("--kv-cache-memory", default=None,
+                   help="KV cache bytes per instance, e.g. 1GiB")
+    p.add_argument("--cpu", action="store_true", default=None,
+                   help="run on the CPU even where GPUs exist")
+    p.add_argument("--config", default=None, help="a YAML layout; flags override it")
+    p.add_argument("--log-dir", default=None,
+                   help="where each process's log goes (default: a new temp folder)")
+    p.add_argument("--startup-timeout", type=float, default=900.0,
+                   help="seconds to wait for every process to be healthy")
+    p.add_argument("instance_args", nargs=argparse.REMAINDER,
+                   help="after `--`: extra flags for every `pdserve serve`")
+    p.set_defaults(func=run)
+
+
+def layout_from_args(args: argparse.Namespace) -> Layout:
+    extra = [a for a in args.instance_args if a != "--"] or None
+    given = {"prefill": args.prefill, "decode": args.decode, "colocated": args.colocated,
+             "prefill_tp": args.prefill_tp, "decode_tp": args.decode_tp,
+             "colocated_tp": args.colocated_tp, "model": args.model, "host": args.host,
+             "port": args.port, "kv_cache_memory": args.kv_cache_memory, "cpu": args.cpu,
+             "instance_args": extra}
+    if args.config:
+        return Layout.from_yaml(args.config, **given)
+    return Layout(**{k: v for k, v in given.items() if v is not None})
+
+
+def instance_proc(inst: InstancePlan, layout: Layout, log_dir: Path) -> Proc:
+    cmd = [sys.executable, "-m", "pdserve.cli", "serve", "--role", inst.role,
+           "--host", inst.host, "--port", str(inst.port)]
+    if layout.model:
+        cmd += ["--model", layout.model]
+    if inst.tp > 1:
+        cmd += ["--tensor-parallel-size", str(inst.tp)]
+    if inst.devices is None:
+        cmd += ["--device", "cpu"]
+    if layout.kv_cache_memory:
+        cmd += ["--kv-cache-memory", layout.kv_cache_memory]
+    env = dict(os.environ)
+    if inst.devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, inst.devices))
+    return Proc(inst.name, inst.role, inst.url, inst.devices_label(),
+                cmd + layout.instance_args, env, log_dir / f"{inst.name}.log")
+
+
+def router_proc(instances: list[InstancePlan], layout: Layout, log_dir: Path) -> Proc:
+    cmd = [sys.executable, "-m", "pdserve.cli", "router", "--host", layout.host,
+           "--port", str(layout.port)]
+    for inst in instances:
+        cmd += [f"--{inst.role}", inst.url]
+    url = f"http://{layout.host}:{layout.port}"
+    return Proc("router", "router", url, "-", cmd, dict(os.environ), log_dir / "router.log")
+
+
+def table(dep: Deployment) -> Table:
+    t = Table(title="pdserve deployment")
+    for col in ("name", "role", "URL", "devices", "PID", "log"):
+        t.add_column(col, overflow="fold")
+    for p in dep.procs:
+        t.add_row(p.name, p.role, p.url, p.devices, str(p.pid), str(p.log_path))
+    return t
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start, wait for health, print the table, watch; stop everything on the way out."""
+    console = Console(width=max(Console().width, 140))
+    try:
+        layout = layout_from_args(args)
+        instances = plan(layout, 0 if layout.cpu else count_gpus())
+    except (ValueError, OSError) as exc:
+        console.print(f"[red]pdserve up: {exc}[/red]")
+        return 2
+    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="pdserve-up-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    procs = [instance_proc(i, layout, log_dir) for i in instances]
+    dep = Deployment(procs + [router_proc(instances, layout, log_dir)], console)
+    raise_on_signals()
+    code = 0
+    try:
+        dep.start()
+        dep.wait_healthy(args.startup_timeout)
+        console.print(table(dep))
+        console.print(f"pdserve up: serving at {dep.router.url}/v1 - ready "
+                      "(Ctrl-C to stop)", highlight=False)
+        dep.watch(lambda p: console.print(f"[red]pdserve up: {dep.death_message(p)}[/red]",
+                                          highlight=False))
+        console.print("[red]pdserve up: nothing left to serve; stopping[/red]")
+        code = 1
+    except ShutdownRequested as sig:
+        console.print(f"pdserve up: {sig}, stopping", highlight=False)
+    except RuntimeError as exc:
+        console.print(f"[red]pdserve up: {exc}[/red]", highlight=False)
+        code = 1
+    finally:
+        dep.stop()
+        console.print("pdserve up: stopped", highlight=False)
+    return code

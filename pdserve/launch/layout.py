@@ -1,0 +1,120 @@
+"""An xPyD layout (from flags or YAML) and its plan: which instance runs where, on which port.
+
+YAML accepts the flags' names, with counts given plainly or as {count, tp}:
+
+    model: null                 # null = the embedded SmolLM2
+    port: 8000                  # the router; instances take the next ports
+    prefill: {count: 2, tp: 1}
+    decode: {count: 1, tp: 2}
+    kv_cache_memory: 1GiB       # per instance (CPU, or to cap it on GPU)
+    instance_args: [--max-num-seqs, "64"]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+ROLES = ("prefill", "decode", "colocated")
+
+
+@dataclass
+class Layout:
+    """How many instances of each role, their TP sizes, and what they all share."""
+
+    prefill: int = 0
+    decode: int = 0
+    colocated: int = 0
+    prefill_tp: int = 1
+    decode_tp: int = 1
+    colocated_tp: int = 1
+    model: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    kv_cache_memory: str | None = None
+    cpu: bool = False  # force CPU even where GPUs exist
+    instance_args: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.prefill == self.decode == self.colocated == 0:
+            self.prefill = self.decode = 1  # the default deployment: 1P1D
+        for role in ROLES:
+            if getattr(self, role) < 0 or getattr(self, f"{role}_tp") < 1:
+                raise ValueError(f"{role}: count must be >= 0 and tp >= 1")
+        if (self.prefill == 0) != (self.decode == 0):
+            raise ValueError("a disaggregated layout needs both prefill and decode instances "
+                             f"(got {self.prefill}P{self.decode}D)")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> Layout:
+        """The file's layout; `overrides` (flags the user gave) win over it."""
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a layout file must be a mapping")
+        data = {k.replace("-", "_"): v for k, v in data.items()}
+        for role in ROLES:
+            spec = data.get(role)
+            if isinstance(spec, dict):
+                data[role] = int(spec.get("count", 1))
+                if "tp" in spec:
+                    data[f"{role}_tp"] = int(spec["tp"])
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
+        if data.get("kv_cache_memory") is not None:
+            data["kv_cache_memory"] = str(data["kv_cache_memory"])
+        data["instance_args"] = [str(a) for a in data.get("instance_args") or []]
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**data)
+
+    def gpus_needed(self) -> int:
+        return sum(getattr(self, r) * getattr(self, f"{r}_tp") for r in ROLES)
+
+
+@dataclass
+class InstancePlan:
+    """One instance to start."""
+
+    name: str  # e.g. "prefill-0"
+    role: str
+    host: str
+    port: int
+    devices: list[int] | None  # GPU indices for CUDA_VISIBLE_DEVICES; None = CPU
+    tp: int
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def devices_label(self) -> str:
+        return "cpu" if self.devices is None else "cuda:" + ",".join(map(str, self.devices))
+
+
+def plan(layout: Layout, num_gpus: int) -> list[InstancePlan]:
+    """Instances in role order, each on the next free GPUs (TP consecutive), or all on CPU."""
+    on_gpu = num_gpus > 0 and not layout.cpu
+    if on_gpu and layout.gpus_needed() > num_gpus:
+        raise ValueError(f"the layout needs {layout.gpus_needed()} GPUs; this machine has "
+                         f"{num_gpus}")
+    plans, next_gpu, port = [], 0, layout.port + 1
+    for role in ROLES:
+        tp = getattr(layout, f"{role}_tp")
+        for i in range(getattr(layout, role)):
+            devices = list(range(next_gpu, next_gpu + tp)) if on_gpu else None
+            next_gpu += tp if on_gpu else 0
+            plans.append(InstancePlan(f"{role}-{i}", role, layout.host, port, devices, tp))
+            port += 1
+    return plans
+
+
+def count_gpus() -> int:
+    """CUDA devices visible to this process (0 without CUDA)."""
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # a broken driver means: run on CPU
+        return 0

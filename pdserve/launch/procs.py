@@ -1,0 +1,161 @@
+"""Processes of a deployment: start, wait for health, watch for deaths, stop with no orphans.
+
+Each child runs in its own process group (session), so stopping one signals everything it
+started too (an instance's engine process included), and a Ctrl-C reaches only this
+launcher, which then stops the children in order: the router first, then the instances.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+STOP_GRACE_S = 15.0
+
+
+class ShutdownRequested(Exception):
+    """SIGINT or SIGTERM arrived."""
+
+
+@dataclass
+class Proc:
+    """One child process: an instance or the router."""
+
+    name: str
+    role: str
+    url: str
+    devices: str
+    cmd: list[str]
+    env: dict[str, str]
+    log_path: Path
+    popen: subprocess.Popen | None = None
+    reported_dead: bool = False
+
+    @property
+    def pid(self) -> int | None:
+        return self.popen.pid if self.popen else None
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.popen = subprocess.Popen(self.cmd, env=self.env, stdout=log,
+                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                          start_new_session=True)
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def healthy(self) -> bool:
+        try:
+            return httpx.get(self.url + "/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def signal_group(self, sig: int) -> None:
+        if self.popen is None:
+            return
+        try:
+            os.killpg(self.popen.pid, sig)  # the session leader's pid is its group id
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+@dataclass
+class Deployment:
+    """All processes of one `pdserve up`, in start order (instances, then the router)."""
+
+    procs: list[Proc]
+    console: Console = field(default_factory=Console)
+
+    @property
+    def router(self) -> Proc:
+        return self.procs[-1]
+
+    @property
+    def instances(self) -> list[Proc]:
+        return self.procs[:-1]
+
+    def start(self) -> None:
+        for proc in self.procs:
+            proc.start()
+
+    def wait_healthy(self, timeout_s: float) -> None:
+        """Block until every process answers /health 200; raise if one dies or time runs out."""
+        deadline = time.monotonic() + timeout_s
+        waiting = list(self.procs)
+        columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+        with Progress(*columns, console=self.console, transient=True) as progress:
+            tasks = {p.name: progress.add_task(f"{p.name} starting at {p.url}", total=1)
+                     for p in self.procs}
+            while waiting:
+                for proc in list(waiting):
+                    if not proc.alive():
+                        raise RuntimeError(self.death_message(proc, "while starting"))
+                    if proc.healthy():
+                        waiting.remove(proc)
+                        progress.update(tasks[proc.name], completed=1,
+                                        description=f"{proc.name} ready at {proc.url}")
+                if waiting and time.monotonic() > deadline:
+                    names = ", ".join(p.name for p in waiting)
+                    raise RuntimeError(f"not healthy after {timeout_s:.0f} s: {names}")
+                time.sleep(0.5)
+
+    def death_message(self, proc: Proc, when: str = "") -> str:
+        code = proc.popen.returncode if proc.popen else None
+        tail = proc.log_tail()
+        return (f"{proc.name} (pid {proc.pid}, {proc.url}) exited with code {code} {when}"
+                f"\n  log: {proc.log_path}" + (f"\n{tail}" if tail else "")).replace(" \n", "\n")
+
+    def watch(self, on_death: Callable[[Proc], None], interval_s: float = 0.5) -> None:
+        """Report each death once; return when the router or every instance is gone."""
+        while True:
+            for proc in self.procs:
+                if not proc.alive() and not proc.reported_dead:
+                    proc.reported_dead = True
+                    on_death(proc)
+            if not self.router.alive() or not any(p.alive() for p in self.instances):
+                return
+            time.sleep(interval_s)
+
+    def stop(self) -> None:
+        """Router first (no new requests), then instances; SIGKILL whatever outlives the grace."""
+        for group in ([self.router], self.instances):
+            for proc in group:
+                proc.signal_group(signal.SIGTERM)
+            deadline = time.monotonic() + STOP_GRACE_S
+            for proc in group:
+                if proc.popen is None:
+                    continue
+                try:
+                    proc.popen.wait(timeout=max(deadline - time.monotonic(), 0.1))
+                except subprocess.TimeoutExpired:
+                    pass
+                proc.signal_group(signal.SIGKILL)  # stragglers in its group, if any
+                proc.popen.wait()
+
+
+def raise_on_signals() -> None:
+    """SIGINT and SIGTERM become ShutdownRequested in the main thread."""
+
+    def handler(signum, frame) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut cleanup
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise ShutdownRequested(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)

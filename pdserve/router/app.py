@@ -1,0 +1,145 @@
+"""The router's FastAPI app: the OpenAI front door, registration, health, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from pdserve.router.health import poll_forever
+from pdserve.router.metrics import RouterMetrics
+from pdserve.router.proxy import Router, json_error
+from pdserve.router.registry import ROLES, Registry
+from pdserve.router.upstream import Upstream
+
+# No read timeout: a long generation may take minutes; broken connections still raise.
+UPSTREAM_TIMEOUT = httpx.Timeout(None, connect=5.0)
+UPSTREAM_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+
+
+def build_app(registry: Registry, health_interval_s: float = 1.0) -> FastAPI:
+    """The app; its lifespan opens the HTTP client to instances and starts health checks."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        client = httpx.AsyncClient(timeout=UPSTREAM_TIMEOUT, limits=UPSTREAM_LIMITS)
+        metrics = RouterMetrics(registry)
+        app.state.router = Router(registry, Upstream(client, metrics), metrics)
+        app.state.client = client
+        poller = asyncio.create_task(poll_forever(client, registry, health_interval_s))
+        try:
+            yield
+        finally:
+            poller.cancel()
+            await client.aclose()
+
+    app = FastAPI(title="pdserve router", lifespan=lifespan)
+    _add_openai_routes(app)
+    _add_registry_routes(app, registry)
+    return app
+
+
+def _router(request: Request) -> Router:
+    return request.app.state.router
+
+
+async def _until_disconnect(request: Request, work: Awaitable[Response]) -> Response:
+    """Run `work`; if the client leaves first, cancel it (closing upstream requests)."""
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watcher = asyncio.ensure_future(work), asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    _router(request).metrics.client_disconnects.inc()
+    return Response(status_code=499)  # nobody reads it
+
+
+async def _proxy(request: Request, path: str) -> Response:
+    try:
+        body = json.loads(await request.body())
+    except ValueError as exc:
+        return json_error(400, f"Request body is not valid JSON: {exc}", None,
+                          "invalid_request_error")
+    if not isinstance(body, dict):
+        return json_error(400, "Request body must be a JSON object", None,
+                          "invalid_request_error")
+    return await _until_disconnect(request, _router(request).route(path, body))
+
+
+def _add_openai_routes(app: FastAPI) -> None:
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await _proxy(request, "/v1/completions")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await _proxy(request, "/v1/chat/completions")
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        """The union of the healthy instances' models."""
+        router = _router(request)
+        cards: dict[str, dict] = {}
+        for inst in router.registry.all():
+            if not inst.healthy:
+                continue
+            try:
+                resp = await request.app.state.client.get(inst.url + "/v1/models", timeout=5)
+                for card in resp.json().get("data", []):
+                    cards.setdefault(card["id"], card)
+            except (httpx.HTTPError, ValueError, KeyError):
+                continue
+        return JSONResponse({"object": "list", "data": list(cards.values())})
+
+    @app.get("/health")
+    async def health(request: Request) -> Response:
+        registry = _router(request).registry
+        if registry.can_serve():
+            return JSONResponse({"status": "ok"})
+        return json_error(503, "no healthy instance", "no_healthy_instance")
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        return Response(_router(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _add_registry_routes(app: FastAPI, registry: Registry) -> None:
+    @app.post("/register")
+    async def register(request: Request) -> Response:
+        """Join, or heartbeat: `{"url": ..., "role": ...}`, re-posted every few seconds."""
+        try:
+            data = json.loads(await request.body())
+            inst = registry.register(str(data["url"]), str(data.get("role", "colocated")))
+        except (ValueError, KeyError, TypeError) as exc:
+            return json_error(400, f"register needs {{url, role in {ROLES}}}: {exc}", None,
+                              "invalid_request_error")
+        return JSONResponse({"status": "ok", "instance": inst.to_json(),
+                             "heartbeat_ttl_s": registry.heartbeat_ttl_s})
+
+    @app.post("/deregister")
+    async def deregister(request: Request) -> Response:
+        """Leave at once: `{"url": ...}`."""
+        try:
+            url = str(json.loads(await request.body())["url"])
+        except (ValueError, KeyError, TypeError) as exc:
+            return json_error(400, f"deregister needs {{url}}: {exc}", None,
+                              "invalid_request_error")
+        return JSONResponse({"status": "ok", "removed": registry.deregister(url)})
+
+    @app.get("/instances")
+    async def instances() -> dict:
+        return {"instances": [i.to_json() for i in registry.all()]}

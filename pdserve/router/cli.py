@@ -1,0 +1,56 @@
+"""`pdserve router`: the OpenAI front door over prefill, decode and colocated instances."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import uvicorn
+
+
+def add_parser(subparsers) -> None:
+    """Register `router` on the top-level `pdserve` parser."""
+    p = subparsers.add_parser(
+        "router", help="route OpenAI requests over P/D or colocated instances",
+        description="Serve /v1/completions, /v1/chat/completions, /v1/models, /health, "
+        "/metrics, /register and /instances in front of pdserve instances. Each request "
+        "goes to the least-loaded prefill + decode pair, or to one colocated instance.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--prefill", nargs="+", action="extend", default=[], metavar="URL",
+                   help="prefill instances (repeatable)")
+    p.add_argument("--decode", nargs="+", action="extend", default=[], metavar="URL",
+                   help="decode instances (repeatable)")
+    p.add_argument("--colocated", nargs="+", action="extend", default=[], metavar="URL",
+                   help="colocated instances (repeatable)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--health-interval", type=float, default=1.0,
+                   help="seconds between health checks of each instance")
+    p.add_argument("--heartbeat-ttl", type=float, default=10.0,
+                   help="seconds a registered instance may go without heartbeat or health")
+    p.add_argument("--log-level", default="warning", help="uvicorn's log level")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until interrupted."""
+    from pdserve.router.app import build_app
+    from pdserve.router.registry import Registry
+
+    registry = Registry(heartbeat_ttl_s=args.heartbeat_ttl)
+    for role in ("prefill", "decode", "colocated"):
+        for url in getattr(args, role):
+            registry.add_static(url, role)
+    app = build_app(registry, args.health_interval)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    if server.started:
+        return 0
+    print(f"pdserve router: could not start on {args.host}:{args.port}", file=sys.stderr)
+    return 1

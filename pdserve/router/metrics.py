@@ -1,0 +1,67 @@
+"""The router's Prometheus metrics: routes taken, retries, fallbacks, upstream errors, latency."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from pdserve.router.registry import Registry
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                   10.0, 20.0, 40.0, 80.0)
+
+
+class _RegistryCollector(Collector):
+    """Per-instance health and load, read from the registry at scrape time."""
+
+    def __init__(self, get_registry: Callable[[], Registry]) -> None:
+        self._get_registry = get_registry
+
+    def collect(self) -> Iterator:
+        healthy = GaugeMetricFamily("pdserve_router:instance_healthy",
+                                    "1 if the instance passes health checks.",
+                                    labels=["url", "role"])
+        load = GaugeMetricFamily("pdserve_router:instance_outstanding_tokens",
+                                 "Prompt + max tokens the router has in flight there.",
+                                 labels=["url", "role"])
+        for inst in self._get_registry().all():
+            healthy.add_metric([inst.url, inst.role], float(inst.healthy))
+            load.add_metric([inst.url, inst.role], float(inst.outstanding_tokens))
+        yield healthy
+        yield load
+
+
+class RouterMetrics:
+    """All router metrics in their own registry (tests can build several routers)."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("pdserve_router:requests",
+                                "Requests by route kind (disagg, colocated, fallback).",
+                                ["kind"], registry=r)
+        self.prefill_retries = Counter("pdserve_router:prefill_retries",
+                                       "Prefill attempts that failed and moved on.", registry=r)
+        self.fallbacks = Counter("pdserve_router:fallbacks",
+                                 "Requests served plain because no prefill could.", registry=r)
+        self.upstream_errors = Counter("pdserve_router:upstream_errors",
+                                       "Connection errors and 5xx from instances, by role.",
+                                       ["role"], registry=r)
+        self.client_disconnects = Counter("pdserve_router:client_disconnects",
+                                          "Requests whose client left early.", registry=r)
+        self.e2e = Histogram("pdserve_router:e2e_request_latency_seconds",
+                             "End-to-end latency at the router.", ["kind"],
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("pdserve_router:time_to_first_token_seconds",
+                              "Time until the first token reached the client (streaming).",
+                              ["kind"], buckets=LATENCY_BUCKETS, registry=r)
+        self.prefill_latency = Histogram("pdserve_router:prefill_latency_seconds",
+                                         "Time of the prefill instance's answer.",
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        r.register(_RegistryCollector(lambda: registry))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,58 @@
+"""Choosing instances by load: the fewest outstanding tokens wins, counted by the router."""
+
+from __future__ import annotations
+
+from collections.abc import Container, Iterable, Iterator
+from contextlib import contextmanager
+
+from pdserve.router.registry import Instance, Registry
+
+CHARS_PER_TOKEN = 4  # the router does not tokenize: a rough count is enough to balance load
+
+
+def least_loaded(candidates: Iterable[Instance], exclude: Container[str] = frozenset()
+                 ) -> Instance | None:
+    """The candidate with the fewest outstanding tokens (ties: fewest requests, then URL)."""
+    pool = [i for i in candidates if i.url not in exclude]
+    if not pool:
+        return None
+    return min(pool, key=lambda i: (i.outstanding_tokens, i.in_flight, i.url))
+
+
+def pick_plain(registry: Registry, exclude: Container[str] = frozenset()) -> Instance | None:
+    """An instance for a whole request: colocated first, else decode, else prefill."""
+    for role in ("colocated", "decode", "prefill"):
+        inst = least_loaded(registry.healthy(role), exclude)
+        if inst is not None:
+            return inst
+    return None
+
+
+@contextmanager
+def charged(inst: Instance, tokens: int) -> Iterator[Instance]:
+    """Count `tokens` against the instance while a request to it is in flight."""
+    inst.outstanding_tokens += tokens
+    inst.in_flight += 1
+    try:
+        yield inst
+    finally:
+        inst.outstanding_tokens -= tokens
+        inst.in_flight -= 1
+
+
+def estimate_prompt_tokens(body: dict) -> int:
+    """Prompt tokens, roughly, from the prompt text or the chat messages."""
+    if "messages" in body:
+        chars = sum(len(str(m.get("content") or "")) + 8 for m in body["messages"]
+                    if isinstance(m, dict))
+    else:
+        prompt = body.get("prompt", "")
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+            return len(prompt)
+        chars = len(prompt) if isinstance(prompt, str) else len(str(prompt))
+    return chars // CHARS_PER_TOKEN + 1
+
+
+def requested_max_tokens(body: dict, default: int = 256) -> int:
+    value = body.get("max_tokens", body.get("max_completion_tokens"))
+    return value if isinstance(value, int) and value > 0 else default

@@ -1,0 +1,321 @@
+"""Routing one request: P then D (disaggregated), or one instance whole (colocated, fallback).
+
+Nothing reaches the client until an instance has answered, so a failed prefill is retried
+elsewhere unseen; once tokens flow, a failure ends the stream with an OpenAI error event.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from pdserve.router.metrics import RouterMetrics
+from pdserve.router.pairing import (
+    charged,
+    estimate_prompt_tokens,
+    least_loaded,
+    requested_max_tokens,
+)
+from pdserve.router.registry import Instance, Registry
+from pdserve.router.shaping import (
+    answer_as_stream,
+    decode_body,
+    error_body,
+    first_chunks,
+    first_text,
+    include_usage,
+    is_chat,
+    merge,
+    prefill_body,
+    shift_logprobs,
+    sse,
+    without_kv_params,
+)
+from pdserve.router.upstream import Refused, Upstream, UpstreamError
+
+PLAIN_ROLES = {"colocated": ("colocated",), "fallback": ("decode", "colocated", "prefill"),
+               "prefill_only": ("prefill",)}
+
+
+class NoInstance(Exception):
+    """No healthy instance of the roles asked for is left."""
+
+
+@dataclass
+class Load:
+    """The outstanding tokens one request puts on the instances it uses."""
+
+    prompt: int
+    max_tokens: int
+
+    @classmethod
+    def of(cls, body: dict) -> Load:
+        return cls(estimate_prompt_tokens(body), requested_max_tokens(body))
+
+
+def json_error(status: int, message: str, code: str, type: str = "server_error") -> Response:
+    return JSONResponse(error_body(message, type, code), status_code=status)
+
+
+@dataclass
+class Router:
+    """Picks instances for each request and relays their answers to the client."""
+
+    registry: Registry
+    upstream: Upstream
+    metrics: RouterMetrics
+
+    async def route(self, path: str, body: dict) -> Response:
+        """Answer one completion or chat request; 4xx from an instance pass through."""
+        start = time.monotonic()
+        try:
+            if self.registry.healthy("prefill") and self.registry.healthy("decode"):
+                if body.get("max_tokens") == 1:  # P alone answers a one-token request
+                    return await self.plain(path, body, "prefill_only", start)
+                return await self.disagg(path, body, start)
+            if self.registry.healthy("colocated"):
+                return await self.plain(path, body, "colocated", start)
+            self.metrics.fallbacks.inc()
+            return await self.plain(path, body, "fallback", start)
+        except Refused as exc:
+            return Response(exc.content, exc.status_code, media_type="application/json")
+        except NoInstance as exc:
+            return json_error(503, str(exc), "no_healthy_instance")
+        except UpstreamError as exc:
+            return json_error(502, str(exc), "upstream_failed")
+
+    # ---- one instance serves the whole request -----------------------------------------
+
+    def _pick(self, roles: tuple[str, ...], tried: set[str]) -> Instance:
+        for role in roles:
+            inst = least_loaded(self.registry.healthy(role), tried)
+            if inst is not None:
+                return inst
+        raise NoInstance(f"no healthy {' or '.join(roles)} instance can serve the request")
+
+    async def plain(self, path: str, body: dict, kind: str, start: float) -> Response:
+        """Send the request unchanged; an instance that fails before answering is skipped."""
+        label = "disagg" if kind == "prefill_only" else kind
+        self.metrics.requests.labels(label).inc()
+        load, tried = Load.of(body), set()
+        while True:
+            inst = self._pick(PLAIN_ROLES[kind], tried)
+            try:
+                if body.get("stream"):
+                    return await self._plain_stream(inst, path, body, load, label, start)
+                with charged(inst, load.prompt + load.max_tokens):
+                    resp = await self.upstream.post(inst, path, body)
+                self.metrics.e2e.labels(label).observe(time.monotonic() - start)
+                return Response(resp.content, resp.status_code, media_type="application/json")
+            except UpstreamError:
+                tried.add(inst.url)
+
+    async def _plain_stream(self, inst: Instance, path: str, body: dict, load: Load,
+                            label: str, start: float) -> Response:
+        tokens = load.prompt + load.max_tokens
+        inst.outstanding_tokens += tokens
+        inst.in_flight += 1
+
+        def release() -> None:
+            inst.outstanding_tokens -= tokens
+            inst.in_flight -= 1
+
+        try:
+            resp = await self.upstream.open_stream(inst, path, body)
+        except BaseException:
+            release()
+            raise
+        return StreamingResponse(self._relay(inst, resp, release, label, start),
+                                 media_type="text/event-stream")
+
+    async def _relay(self, inst: Instance, resp: httpx.Response, release, label: str,
+                     start: float) -> AsyncIterator[str]:
+        """Pass SSE lines through; a broken stream ends with an error event."""
+        done, first = False, True
+        try:
+            async for line in resp.aiter_lines():
+                if first and line.startswith("data: "):
+                    self.metrics.ttft.labels(label).observe(time.monotonic() - start)
+                    first = False
+                done = done or line == "data: [DONE]"
+                yield line + "\n"
+            if not done:
+                raise httpx.RemoteProtocolError("the stream ended before [DONE]")
+        except httpx.TransportError as exc:
+            self.upstream.broken(inst, exc)
+            for event in stream_failed(inst, exc):
+                yield event
+        finally:
+            await resp.aclose()
+            release()
+            self.metrics.e2e.labels(label).observe(time.monotonic() - start)
+
+    # ---- P then D ----------------------------------------------------------------------
+
+    async def disagg(self, path: str, body: dict, start: float) -> Response:
+        """Prefill on P (retrying other Ps), then decode on D; P alone if it finished."""
+        chat, load = is_chat(path), Load.of(body)
+        answer = await self._prefill(path, body, load)
+        if answer is None:  # every prefill instance failed
+            self.metrics.fallbacks.inc()
+            return await self.plain(path, body, "fallback", start)
+        self.metrics.requests.labels("disagg").inc()
+        ktp = answer.get("kv_transfer_params")
+        if not ktp or answer["choices"][0].get("finish_reason") != "length":
+            return self._answer(without_kv_params(answer), body, chat, start)  # EOS/stop
+        d_body = decode_body(body, ktp)
+        if body.get("stream"):
+            events = self._disagg_stream(path, body, d_body, answer, load, start)
+            return StreamingResponse(events, media_type="text/event-stream")
+        d_answer = await self._decode(path, d_body, load)
+        self.metrics.e2e.labels("disagg").observe(time.monotonic() - start)
+        return JSONResponse(merge(answer, d_answer, chat))
+
+    async def _prefill(self, path: str, body: dict, load: Load) -> dict | None:
+        p_body, tried = prefill_body(body), set()
+        while True:
+            inst = least_loaded(self.registry.healthy("prefill"), tried)
+            if inst is None:
+                return None
+            t0 = time.monotonic()
+            try:
+                with charged(inst, load.prompt + 1):
+                    resp = await self.upstream.post(inst, path, p_body)
+            except UpstreamError:
+                tried.add(inst.url)
+                self.metrics.prefill_retries.inc()
+                continue
+            self.metrics.prefill_latency.observe(time.monotonic() - t0)
+            return resp.json()
+
+    def _answer(self, answer: dict, body: dict, chat: bool, start: float) -> Response:
+        """P's own whole answer, as JSON or replayed as a stream."""
+        self.metrics.e2e.labels("disagg").observe(time.monotonic() - start)
+        if not body.get("stream"):
+            return JSONResponse(answer)
+        events = answer_as_stream(answer, chat, include_usage(body))
+        return StreamingResponse(iter(events), media_type="text/event-stream")
+
+    async def _decode(self, path: str, d_body: dict, load: Load) -> dict:
+        """D's whole answer; a D that cannot be reached is replaced (P still holds the KV)."""
+        tried: set[str] = set()
+        while True:
+            inst = self._pick(("decode",), tried)
+            try:
+                with charged(inst, load.prompt + load.max_tokens):
+                    return (await self.upstream.post(inst, path, d_body)).json()
+            except UpstreamError as exc:
+                if not exc.connect:
+                    raise
+                tried.add(inst.url)
+
+    async def _open_decode(self, path: str, d_body: dict, tokens: int
+                           ) -> tuple[Instance, httpx.Response]:
+        tried: set[str] = set()
+        while True:
+            inst = self._pick(("decode",), tried)
+            inst.outstanding_tokens += tokens
+            inst.in_flight += 1
+            try:
+                return inst, await self.upstream.open_stream(inst, path, d_body)
+            except BaseException as exc:
+                inst.outstanding_tokens -= tokens
+                inst.in_flight -= 1
+                if not (isinstance(exc, UpstreamError) and exc.connect):
+                    raise
+                tried.add(inst.url)
+
+    async def _disagg_stream(self, path: str, body: dict, d_body: dict, answer: dict,
+                             load: Load, start: float) -> AsyncIterator[str]:
+        """P's token at once, then D's chunks (its role chunk dropped, ids made P's)."""
+        chat, usage = is_chat(path), include_usage(body)
+        for chunk in first_chunks(answer, chat, usage):
+            yield sse(chunk)
+        self.metrics.ttft.labels("disagg").observe(time.monotonic() - start)
+        tokens = load.prompt + load.max_tokens
+        try:
+            inst, resp = await self._open_decode(path, d_body, tokens)
+        except Refused as exc:
+            yield sse(_error_from(exc.content))
+            yield sse("[DONE]")
+            return
+        except (UpstreamError, NoInstance) as exc:
+            yield sse(error_body(f"decode failed: {exc}", code="decode_failed"))
+            yield sse("[DONE]")
+            return
+        relay = DecodeRelay(answer["id"], chat, len(first_text(answer, chat)))
+        try:
+            async for line in resp.aiter_lines():
+                event = relay.event(line)
+                if event is not None:
+                    yield event
+            if not relay.done:
+                raise httpx.RemoteProtocolError("the stream ended before [DONE]")
+        except httpx.TransportError as exc:
+            self.upstream.broken(inst, exc)
+            for event in stream_failed(inst, exc):
+                yield event
+        finally:
+            await resp.aclose()
+            inst.outstanding_tokens -= tokens
+            inst.in_flight -= 1
+            self.metrics.e2e.labels("disagg").observe(time.monotonic() - start)
+
+
+@dataclass
+class DecodeRelay:
+    """Rewrites D's SSE lines into the client's stream that P's chunks opened."""
+
+    request_id: str
+    chat: bool
+    text_offset: int  # the length of P's text: D's completions offsets start after it
+    done: bool = False
+
+    def event(self, line: str) -> str | None:
+        if not line.startswith("data: "):
+            return None
+        data = line[len("data: "):]
+        if data == "[DONE]":
+            self.done = True
+            return sse(data)
+        chunk = json.loads(data)
+        if "error" in chunk:
+            return sse(chunk)
+        if self.chat and _is_role_chunk(chunk):
+            return None  # P's chunks already named the speaker
+        chunk["id"] = self.request_id
+        if not self.chat:
+            for choice in chunk.get("choices", []):
+                choice["logprobs"] = shift_logprobs(choice.get("logprobs"), self.text_offset)
+        return sse(chunk)
+
+
+def _is_role_chunk(chunk: dict) -> bool:
+    choices = chunk.get("choices") or []
+    if len(choices) != 1:
+        return False
+    delta = choices[0].get("delta") or {}
+    return ("role" in delta and not delta.get("content")
+            and choices[0].get("finish_reason") is None)
+
+
+def _error_from(content: bytes) -> dict:
+    try:
+        body = json.loads(content)
+        if isinstance(body, dict) and "error" in body:
+            return body
+    except ValueError:
+        pass
+    return error_body(content.decode(errors="replace")[:500], code="decode_failed")
+
+
+def stream_failed(inst: Instance, exc: Exception) -> list[str]:
+    """The last events of a stream whose instance failed: an OpenAI error, then [DONE]."""
+    message = (f"the {inst.role} instance {inst.url} failed while streaming this response "
+               f"({type(exc).__name__}: {exc}); the response is incomplete")
+    return [sse(error_body(message, code="upstream_failed")), sse("[DONE]")]

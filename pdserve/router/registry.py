@@ -1,0 +1,92 @@
+"""The router's registry of instances: role, health, heartbeat, and outstanding tokens."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+ROLES = ("colocated", "prefill", "decode")
+
+
+@dataclass
+class Instance:
+    """One engine instance the router may send requests to."""
+
+    url: str
+    role: str
+    static: bool = True  # from flags/config: kept when unhealthy; registered ones are dropped
+    healthy: bool = False  # unknown until the first health check or successful request
+    outstanding_tokens: int = 0  # the router's own count: prompt + max tokens in flight
+    in_flight: int = 0
+    last_heartbeat: float = field(default_factory=time.monotonic)
+    unhealthy_since: float | None = field(default_factory=time.monotonic)
+
+    def mark(self, healthy: bool) -> None:
+        if healthy:
+            self.unhealthy_since = None
+        elif self.healthy or self.unhealthy_since is None:
+            self.unhealthy_since = time.monotonic()
+        self.healthy = healthy
+
+    def to_json(self) -> dict:
+        return {"url": self.url, "role": self.role, "static": self.static,
+                "healthy": self.healthy, "outstanding_tokens": self.outstanding_tokens,
+                "in_flight": self.in_flight}
+
+
+def normalize_url(url: str) -> str:
+    """'host:port' or 'http://host:port/' → 'http://host:port'."""
+    url = url.strip().rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        url = "http://" + url
+    return url
+
+
+class Registry:
+    """All known instances by URL; registered ones expire when heartbeats or health lapse."""
+
+    def __init__(self, heartbeat_ttl_s: float = 10.0) -> None:
+        self.heartbeat_ttl_s = heartbeat_ttl_s
+        self.instances: dict[str, Instance] = {}
+
+    def add_static(self, url: str, role: str) -> Instance:
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, not {role!r}")
+        url = normalize_url(url)
+        inst = self.instances[url] = Instance(url, role, static=True)
+        return inst
+
+    def register(self, url: str, role: str) -> Instance:
+        """Join or heartbeat: a known URL keeps its load and health, and may change role."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, not {role!r}")
+        url = normalize_url(url)
+        inst = self.instances.get(url)
+        if inst is None:
+            inst = self.instances[url] = Instance(url, role, static=False)
+        inst.role = role
+        inst.last_heartbeat = time.monotonic()
+        return inst
+
+    def deregister(self, url: str) -> bool:
+        return self.instances.pop(normalize_url(url), None) is not None
+
+    def expire(self) -> list[Instance]:
+        """Drop registered instances whose heartbeat or health lapsed past the TTL."""
+        now, ttl = time.monotonic(), self.heartbeat_ttl_s
+        gone = [i for i in self.instances.values() if not i.static and (
+            now - i.last_heartbeat > ttl
+            or (i.unhealthy_since is not None and now - i.unhealthy_since > ttl))]
+        for inst in gone:
+            del self.instances[inst.url]
+        return gone
+
+    def healthy(self, role: str) -> list[Instance]:
+        return [i for i in self.instances.values() if i.role == role and i.healthy]
+
+    def all(self) -> list[Instance]:
+        return list(self.instances.values())
+
+    def can_serve(self) -> bool:
+        """At least one instance can answer a whole request (any role serves plain ones)."""
+        return any(i.healthy for i in self.instances.values())

@@ -1,0 +1,120 @@
+"""Pure functions on OpenAI bodies: the P and D requests, P's token as chunks, P+D merged."""
+
+from __future__ import annotations
+
+import json
+import time
+
+
+def sse(data: dict | str) -> str:
+    """One server-sent event."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+def error_body(message: str, type: str = "server_error", code: str | None = None,
+               param: str | None = None) -> dict:
+    """OpenAI's error format, as the instances use it too."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def is_chat(path: str) -> bool:
+    return path.endswith("/chat/completions")
+
+
+def include_usage(body: dict) -> bool:
+    opts = body.get("stream_options")
+    return bool(body.get("stream") and isinstance(opts, dict) and opts.get("include_usage"))
+
+
+def prefill_body(body: dict) -> dict:
+    """What P gets: the client's request cut to one token, not streamed, KV kept for D."""
+    out = {k: v for k, v in body.items() if k != "stream_options"}
+    out.update(max_tokens=1, stream=False, kv_transfer_params={"do_remote_decode": True})
+    out.pop("max_completion_tokens", None)
+    return out
+
+
+def decode_body(body: dict, kv_transfer_params: dict) -> dict:
+    """What D gets: the client's request as sent, plus where P holds the prompt's KV."""
+    return {**body, "kv_transfer_params": kv_transfer_params}
+
+
+def first_text(answer: dict, chat: bool) -> str:
+    choice = answer["choices"][0]
+    return (choice["message"].get("content") or "") if chat else choice["text"]
+
+
+def _chunk(answer: dict, chat: bool, choice: dict, include_usage: bool) -> dict:
+    body = {"id": answer["id"], "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": answer.get("created", int(time.time())), "model": answer.get("model"),
+            "choices": [choice]}
+    if include_usage:
+        body["usage"] = None  # OpenAI: null on every chunk but the last
+    return body
+
+
+def first_chunks(answer: dict, chat: bool, include_usage: bool, finished: bool = False
+                 ) -> list[dict]:
+    """P's answer as the stream's opening chunks (chat: the role, then the content)."""
+    choice = answer["choices"][0]
+    finish = choice.get("finish_reason") if finished else None
+    stop = choice.get("stop_reason") if finished else None
+    text = first_text(answer, chat)
+    chunks = []
+    if chat:
+        chunks.append(_chunk(answer, chat, {"index": 0, "delta": {"role": "assistant",
+                      "content": ""}, "logprobs": None, "finish_reason": None}, include_usage))
+        content = {"index": 0, "delta": {"content": text}}
+    else:
+        content = {"index": 0, "text": text}
+    content.update(logprobs=choice.get("logprobs"), finish_reason=finish, stop_reason=stop)
+    chunks.append(_chunk(answer, chat, content, include_usage))
+    return chunks
+
+
+def answer_as_stream(answer: dict, chat: bool, include_usage: bool) -> list[str]:
+    """A whole (non-streamed) answer replayed as SSE events, [DONE] included."""
+    events = [sse(c) for c in first_chunks(answer, chat, include_usage, finished=True)]
+    if include_usage:
+        usage = {"id": answer["id"], "object": "chat.completion.chunk" if chat
+                 else "text_completion", "created": answer.get("created"),
+                 "model": answer.get("model"), "choices": [], "usage": answer.get("usage")}
+        events.append(sse(usage))
+    events.append(sse("[DONE]"))
+    return events
+
+
+def without_kv_params(answer: dict) -> dict:
+    return {k: v for k, v in answer.items() if k != "kv_transfer_params"}
+
+
+def shift_logprobs(logprobs: dict | None, by: int) -> dict | None:
+    """Completions logprobs of D's part, with text offsets counted from P's text."""
+    if not logprobs or "text_offset" not in logprobs or not by:
+        return logprobs
+    return {**logprobs, "text_offset": [o + by for o in logprobs["text_offset"]]}
+
+
+def merge_logprobs(first: dict | None, rest: dict | None, offset: int) -> dict | None:
+    if first is None or rest is None:
+        return first or rest
+    rest = shift_logprobs(rest, offset)
+    return {k: (first.get(k) or []) + (rest.get(k) or []) for k in {*first, *rest}}
+
+
+def merge(p_answer: dict, d_answer: dict, chat: bool) -> dict:
+    """The client's answer: P's first token's text, then D's; id from P, the rest from D."""
+    p_choice, d_choice = p_answer["choices"][0], d_answer["choices"][0]
+    ptext = first_text(p_answer, chat)
+    out = without_kv_params({**d_answer, "id": p_answer["id"]})
+    choice = dict(d_choice)
+    if chat:
+        message = dict(d_choice["message"])
+        message["content"] = ptext + (message.get("content") or "")
+        choice["message"] = message
+    else:
+        choice["text"] = ptext + d_choice["text"]
+    choice["logprobs"] = merge_logprobs(p_choice.get("logprobs"), d_choice.get("logprobs"),
+                                        len(ptext))
+    out["choices"] = [choice]
+    return out

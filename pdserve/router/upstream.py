@@ -1,0 +1,84 @@
+"""Calls to instances, with failures sorted into 'try elsewhere' and 'tell the client'."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import httpx
+
+from pdserve.router.metrics import RouterMetrics
+from pdserve.router.registry import Instance
+
+log = logging.getLogger(__name__)
+
+
+class UpstreamError(Exception):
+    """The instance could not answer (connection error or 5xx): another one may."""
+
+    def __init__(self, inst: Instance, message: str, connect: bool) -> None:
+        super().__init__(f"{inst.role} instance {inst.url}: {message}")
+        self.inst = inst
+        self.connect = connect  # the request never reached it: safe to send elsewhere
+
+
+class Refused(Exception):
+    """The instance answered 4xx: the client's request is at fault; pass it through."""
+
+    def __init__(self, status_code: int, content: bytes) -> None:
+        super().__init__(f"refused with {status_code}")
+        self.status_code = status_code
+        self.content = content
+
+
+@dataclass
+class Upstream:
+    """The router's one HTTP client to all instances."""
+
+    client: httpx.AsyncClient
+    metrics: RouterMetrics
+
+    def _failed(self, inst: Instance, message: str, connect: bool) -> UpstreamError:
+        inst.mark(False)  # until the next health check says otherwise
+        self.metrics.upstream_errors.labels(inst.role).inc()
+        log.warning("%s instance %s failed: %s", inst.role, inst.url, message)
+        return UpstreamError(inst, message, connect)
+
+    async def _check(self, inst: Instance, resp: httpx.Response) -> None:
+        if resp.status_code < 400:
+            return
+        content = await resp.aread()
+        if resp.status_code < 500:
+            raise Refused(resp.status_code, content)
+        raise self._failed(inst, f"HTTP {resp.status_code}: {content[:300]!r}", False)
+
+    async def post(self, inst: Instance, path: str, body: dict) -> httpx.Response:
+        """A non-streamed request; returns a 2xx response with its body read."""
+        try:
+            resp = await self.client.post(inst.url + path, json=body)
+        except httpx.ConnectError as exc:
+            raise self._failed(inst, f"cannot connect ({exc})", True) from exc
+        except httpx.TransportError as exc:
+            raise self._failed(inst, f"{type(exc).__name__}: {exc}", False) from exc
+        await self._check(inst, resp)
+        return resp
+
+    async def open_stream(self, inst: Instance, path: str, body: dict) -> httpx.Response:
+        """A streamed request whose headers said 2xx; the caller reads and closes it."""
+        request = self.client.build_request("POST", inst.url + path, json=body)
+        try:
+            resp = await self.client.send(request, stream=True)
+        except httpx.ConnectError as exc:
+            raise self._failed(inst, f"cannot connect ({exc})", True) from exc
+        except httpx.TransportError as exc:
+            raise self._failed(inst, f"{type(exc).__name__}: {exc}", False) from exc
+        try:
+            await self._check(inst, resp)
+        except BaseException:
+            await resp.aclose()
+            raise
+        return resp
+
+    def broken(self, inst: Instance, exc: Exception) -> None:
+        """A stream that broke after its headers: count it and mark the instance."""
+        self._failed(inst, f"stream broke: {type(exc).__name__}: {exc}", False)

@@ -1,0 +1,141 @@
+"""Serving one validated completion or chat request: prompt → engine → JSON body or SSE."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from pdserve.engine.outputs import EngineRequest
+from pdserve.server.engine_client import EngineClient
+from pdserve.server.errors import APIError, bad_request, engine_dead, model_not_found
+from pdserve.server.generation import Generation
+from pdserve.server.metrics import ServerMetrics
+from pdserve.server.prompts import (
+    chat_prompt_ids,
+    check_fits_cache,
+    check_token_ids,
+    completion_prompt_ids,
+    resolve_max_tokens,
+)
+from pdserve.server.protocol import ChatCompletionRequest, CompletionRequest
+from pdserve.server.responses import ResponseBuilder, sse
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's legacy default; chat defaults to the context
+
+
+@dataclass
+class ServerState:
+    """What the routes share once the engine and tokenizer are up."""
+
+    client: EngineClient
+    tokenizer: object
+    served_model_name: str
+    metrics: ServerMetrics
+
+    def cache_tokens(self) -> int:
+        """Tokens the whole KV cache holds (0 = not known yet)."""
+        return self.client.stats.num_total_blocks * self.client.args.cache.block_size
+
+
+async def serve(
+    request: Request, st: ServerState, req: CompletionRequest | ChatCompletionRequest
+) -> Response:
+    """Answer one request, streaming or not; raises APIError for anything refused."""
+    chat = isinstance(req, ChatCompletionRequest)
+    if req.model is not None and req.model != st.served_model_name:
+        raise model_not_found(req.model)
+    if not st.client.healthy:
+        raise engine_dead()
+    engine_req = _engine_request(st, req, chat)
+    gen = Generation(st.client, st.metrics, st.tokenizer, engine_req, req.stop_strings(),
+                     req.include_stop_str_in_output, req.skip_special_tokens)
+    builder = ResponseBuilder(chat, engine_req.request_id, st.served_model_name, st.tokenizer,
+                              req.num_logprobs(), req.return_tokens_as_token_ids)
+    if req.stream:
+        events = _stream(request, gen, builder, req.include_usage())
+        return StreamingResponse(events, media_type="text/event-stream")
+    return await _complete(request, gen, builder)
+
+
+def _engine_request(
+    st: ServerState, req: CompletionRequest | ChatCompletionRequest, chat: bool
+) -> EngineRequest:
+    """Tokenize and check the prompt, settle max_tokens, and build the engine's request."""
+    if chat:
+        prompt_ids = chat_prompt_ids(st.tokenizer, req.messages, req.add_generation_prompt)
+    else:
+        prompt_ids = completion_prompt_ids(st.tokenizer, req.single_prompt())
+    info = st.client.info
+    default = None if chat else COMPLETIONS_DEFAULT_MAX_TOKENS
+    max_tokens = resolve_max_tokens(prompt_ids, req.max_tokens, default, info.vocab_size,
+                                    info.max_model_len)
+    room = st.cache_tokens() - len(prompt_ids)
+    if req.max_tokens is None and room > 0:  # an unasked-for default must fit the cache too
+        max_tokens = min(max_tokens, room)
+    if req.min_tokens > max_tokens:
+        raise bad_request("min_tokens must not exceed max_tokens", "min_tokens")
+    check_token_ids(req.stop_token_ids or [], info.vocab_size, "stop_token_ids")
+    check_fits_cache(len(prompt_ids) + max_tokens, st.cache_tokens())
+    request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    return EngineRequest(request_id, prompt_ids, req.sampling_params(max_tokens),
+                         kv_transfer_params=req.kv_transfer_params)
+
+
+@asynccontextmanager
+async def _abort_on_disconnect(request: Request, gen: Generation):
+    """While inside, a client that disconnects aborts the generation (and frees its blocks)."""
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        gen.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        yield
+    finally:
+        watcher.cancel()
+
+
+async def _complete(request: Request, gen: Generation, builder: ResponseBuilder) -> Response:
+    """Run to the end, then answer with one body."""
+    text, logprobs, finish, stop_reason = "", [], None, None
+    async with _abort_on_disconnect(request, gen):
+        async for delta in gen.deltas():
+            text += delta.text
+            logprobs.extend(delta.logprobs)
+            finish, stop_reason = delta.finish_reason, delta.stop_reason
+    if finish is None:  # the client left: nobody reads this
+        return Response(status_code=499)
+    body = builder.full(text, logprobs, finish, stop_reason, gen.usage(),
+                        gen.kv_transfer_params)
+    return JSONResponse(body)
+
+
+async def _stream(request: Request, gen: Generation, builder: ResponseBuilder,
+                  include_usage: bool) -> AsyncIterator[str]:
+    """SSE events: chunks as tokens arrive, then usage if asked, then [DONE]."""
+    if builder.chat:
+        first = builder.role_chunk()
+        if include_usage:
+            first["usage"] = None
+        yield sse(first)
+    offset = 0
+    async with _abort_on_disconnect(request, gen):
+        try:
+            async for delta in gen.deltas():
+                yield sse(builder.chunk(delta, offset, gen.kv_transfer_params, include_usage))
+                offset += len(delta.text)
+        except APIError as exc:  # the headers are sent: the error travels in the stream
+            yield sse(exc.body())
+            yield sse("[DONE]")
+            return
+    if include_usage:
+        yield sse(builder.usage_chunk(gen.usage()))
+    yield sse("[DONE]")
