@@ -2,9 +2,12 @@
 
 Every parameter is created with `torch.empty` so that the caller's `torch.device(...)` context
 and default dtype decide where and how it lives (random presets are built straight on the GPU).
-Each tensor-parallel layer holds only its shard and gives its parameters a
+Each tensor-parallel layer holds only its shard and has a method
 `weight_loader(param, full_tensor, shard=None)` that copies this rank's slice of a full
-(Hugging Face shaped) weight. With `tp_size == 1` they are plain linears / embeddings.
+(Hugging Face shaped) weight into its parameter `param`. It is a method of the module, not an
+attribute of the parameter: a bound method on the parameter would make a reference cycle
+that keeps GPU memory alive after `del model` until the garbage collector runs.
+With `tp_size == 1` they are plain linears / embeddings.
 """
 
 from __future__ import annotations
@@ -125,10 +128,7 @@ class ColumnParallelLinear(nn.Module):
         self.local_sizes, self.local_starts = self._partition(output_sizes)
         self.output_size = sum(self.local_sizes)  # this rank's output features
         self.weight = _new_param(self.output_size, input_size)
-        self.weight.weight_loader = self.weight_loader
         self.bias = _new_param(self.output_size) if bias else None
-        if self.bias is not None:
-            self.bias.weight_loader = self.weight_loader
 
     def _partition(self, output_sizes: list[int]) -> tuple[list[int], list[int]]:
         for size in output_sizes:
@@ -205,14 +205,14 @@ class RowParallelLinear(nn.Module):
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.input_size = input_size // tp_size  # per rank
         self.weight = _new_param(output_size, self.input_size)
-        self.weight.weight_loader = self.weight_loader
         self.bias = _new_param(output_size) if bias else None
-        if self.bias is not None:
-            self.bias.weight_loader = default_weight_loader
 
     def weight_loader(
         self, param: torch.Tensor, loaded: torch.Tensor, shard: object = None
     ) -> None:
+        if param.dim() == 1:  # the bias is not split
+            param.data.copy_(loaded)
+            return
         start = self.tp_rank * self.input_size
         param.data.copy_(loaded[:, start : start + self.input_size])
 
@@ -233,7 +233,6 @@ class VocabParallelEmbedding(nn.Module):
         self.shard_size = -(-vocab_size // tp_size)  # last shard is padded
         self.vocab_start = tp_rank * self.shard_size
         self.weight = _new_param(self.shard_size, hidden_size)
-        self.weight.weight_loader = self.weight_loader
 
     def weight_loader(
         self, param: torch.Tensor, loaded: torch.Tensor, shard: object = None

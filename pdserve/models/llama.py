@@ -152,6 +152,7 @@ class LlamaForCausalLM(nn.Module):
         Raises if a parameter of the model was not in `named_tensors`.
         """
         params = dict(self.named_parameters(remove_duplicate=False))
+        modules = dict(self.named_modules(remove_duplicate=False))
         loaded: set[tuple[str, int | None]] = set()
         for hf_name, tensor in named_tensors:
             if "rotary_emb.inv_freq" in hf_name:
@@ -162,7 +163,8 @@ class LlamaForCausalLM(nn.Module):
             if name not in params:
                 raise KeyError(f"unexpected weight {hf_name!r}")
             param = params[name]
-            loader = getattr(param, "weight_loader", default_weight_loader)
+            owner = modules[name.rpartition(".")[0]]
+            loader = getattr(owner, "weight_loader", default_weight_loader)
             loader(param, tensor.to(device=param.device, dtype=param.dtype), shard)
             loaded.add((name, shard))
         if self.config.tie_word_embeddings:

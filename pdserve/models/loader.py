@@ -72,7 +72,8 @@ def _gguf_model_config(path: Path) -> ModelConfig:
     # opening a GGUF parses its whole vocabulary (seconds); the config is cached as JSON
     cached = cache_root() / "configs" / f"{file_key(path)}.json"
     if cached.is_file():
-        return ModelConfig(**json.loads(cached.read_text()))
+        with contextlib.suppress(TypeError, ValueError):  # unreadable or from an older ModelConfig
+            return ModelConfig(**json.loads(cached.read_text()))
     config = gguf_config(gguf.GGUFReader(path))
     write_atomically(cached, json.dumps(dataclasses.asdict(config)))
     return config

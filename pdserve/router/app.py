@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from pdserve.router.health import poll_forever
+from pdserve.router.health import check, poll_forever
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.proxy import Router, json_error
 from pdserve.router.registry import ROLES, Registry
@@ -127,6 +127,8 @@ def _add_registry_routes(app: FastAPI, registry: Registry) -> None:
         except (ValueError, KeyError, TypeError) as exc:
             return json_error(400, f"register needs {{url, role in {ROLES}}}: {exc}", None,
                               "invalid_request_error")
+        if not inst.healthy:  # a newcomer serves as soon as it answers, not a poll later
+            await check(request.app.state.client, inst, timeout_s=2.0)
         return JSONResponse({"status": "ok", "instance": inst.to_json(),
                              "heartbeat_ttl_s": registry.heartbeat_ttl_s})
 

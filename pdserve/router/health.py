@@ -20,8 +20,8 @@ async def check(client: httpx.AsyncClient, inst: Instance, timeout_s: float) -> 
     except httpx.HTTPError:
         ok = False
     if ok != inst.healthy:
-        log.warning("instance %s (%s) is now %s", inst.url, inst.role,
-                    "healthy" if ok else "unhealthy")
+        log.log(logging.INFO if ok else logging.WARNING, "instance %s (%s) is now %s",
+                inst.url, inst.role, "healthy" if ok else "unhealthy")
     inst.mark(ok)
     return ok
 
@@ -35,7 +35,7 @@ async def check_all(client: httpx.AsyncClient, registry: Registry, timeout_s: fl
 
 async def poll_forever(client: httpx.AsyncClient, registry: Registry,
                        interval_s: float = 1.0, timeout_s: float = 3.0) -> None:
-    """Runs for the router's lifetime; one slow instance does not delay the others' checks."""
+    """Runs for the router's lifetime; instances are checked concurrently."""
     while True:
         await check_all(client, registry, timeout_s)
         await asyncio.sleep(interval_s)

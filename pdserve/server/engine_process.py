@@ -31,7 +31,8 @@ class EngineInfo:
 
 # Messages in: ("add", EngineRequest) | ("abort", request_id) | ("shutdown", None).
 # Messages out: ("ready", EngineInfo) | ("init_error", str) | ("outputs", list, EngineStats)
-#               | ("fatal", str).
+#               | ("fatal", str). Every "add" is answered first by a verdict: an empty
+#               RequestOutput (accepted) or a finished one carrying `error` (refused).
 
 
 def default_engine_factory(args: EngineArgs):
@@ -81,17 +82,18 @@ def _loop(engine, inbox, outbox) -> None:
                     return  # the server is gone: nobody to serve
                 continue
         messages.extend(_drain(inbox))
-        outputs: list[RequestOutput] = []
+        verdicts: list[RequestOutput] = []
         for kind, payload in messages:
             if kind == "shutdown":
                 return
             if kind == "add":
-                outputs.extend(_add(engine, payload))
+                verdicts.append(_add(engine, payload))
             elif kind == "abort":
                 _abort(engine, payload)
+        if verdicts:  # before the step: the server answers 400 or starts streaming at once
+            outbox.put(("outputs", verdicts, engine.stats()))
         if engine.has_unfinished_requests() or messages:
-            outputs.extend(engine.step())
-        outbox.put(("outputs", outputs, engine.stats()))
+            outbox.put(("outputs", engine.step(), engine.stats()))
 
 
 def _drain(inbox) -> list:
@@ -103,13 +105,14 @@ def _drain(inbox) -> list:
             return items
 
 
-def _add(engine, req: EngineRequest) -> list[RequestOutput]:
+def _add(engine, req: EngineRequest) -> RequestOutput:
+    """Queue a request; the verdict is an empty output (accepted) or one with `error`."""
     try:
         engine.add_request(req)
-    except ValueError as exc:  # the engine's verdict on a bad request goes back to its client
-        return [RequestOutput(req.request_id, [], finished=True, finish_reason="abort",
-                              error=str(exc))]
-    return []
+    except ValueError as exc:  # the engine's message is meant for the user
+        return RequestOutput(req.request_id, [], finished=True, finish_reason="abort",
+                             error=str(exc))
+    return RequestOutput(req.request_id, [])
 
 
 def _abort(engine, request_id: str) -> None:

@@ -6,6 +6,7 @@ the engine request is aborted and its blocks freed at once.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -43,8 +44,13 @@ class Generation:
     completion_tokens: int = 0
     cached_tokens: int = 0
     kv_transfer_params: dict | None = None
-    _start: float = 0.0  # when deltas() began: the request's arrival, for TTFT and e2e
+    _start: float = 0.0  # when start() began: the request's arrival, for TTFT and e2e
     _last: float = 0.0  # when the previous token arrived, for inter-token latency
+    _queue: asyncio.Queue | None = None  # the engine client's queue of this request's outputs
+    _aborted: bool = False  # the client left before the engine accepted the request
+
+    def __post_init__(self) -> None:
+        self.prompt_tokens = len(self.request.prompt_token_ids)
 
     def usage(self) -> dict:
         return {
@@ -54,27 +60,39 @@ class Generation:
             "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
         }
 
+    async def start(self) -> None:
+        """Submit to the engine and wait for its verdict; raises APIError if refused
+        (400) or if the engine is dead (503). Call once, before `deltas`."""
+        self._start = self._last = time.monotonic()
+        try:
+            self._queue = self.client.add(self.request)
+            verdict = await self._queue.get()
+        except EngineDeadError as exc:
+            raise engine_dead() from exc
+        except BaseException:  # cancelled while waiting: the engine must not run it
+            self.cancel()
+            raise
+        if isinstance(verdict, EngineDeadError):
+            raise engine_dead() from verdict
+        if verdict is not ABORTED and verdict.error is not None:
+            raise bad_request(verdict.error)
+        self._aborted = verdict is ABORTED
+
     async def deltas(self) -> AsyncIterator[Delta]:
         """Yield deltas until the request finishes; leaving early aborts the engine request."""
-        self.prompt_tokens = len(self.request.prompt_token_ids)
         detok = IncrementalDetokenizer(
             self.tokenizer, self._detok_context(), self.stop,
             self.include_stop_str_in_output, self.skip_special_tokens,
         )
-        self._start = self._last = time.monotonic()
         reason = "abort"
-        finished = False
+        finished = self._aborted
         try:
-            queue = self.client.add(self.request)
             while not finished:
-                out = await queue.get()
+                out = await self._queue.get()
                 if out is ABORTED:
                     return
                 if isinstance(out, EngineDeadError):
                     raise out
-                if out.error is not None:
-                    reason = "error"
-                    raise bad_request(out.error)
                 finished = out.finished
                 self._absorb(out)
                 delta = self._to_delta(detok, out)
@@ -88,7 +106,7 @@ class Generation:
             raise engine_dead() from exc
         finally:
             if not finished:
-                self.client.abort(self.request.request_id)  # sync: safe under cancellation
+                self.cancel()  # sync, so it also runs under cancellation
             if reason != "error":  # errors are counted by status in request_errors
                 self.metrics.observe_finished(reason, self.prompt_tokens,
                                               self.completion_tokens,

@@ -58,8 +58,8 @@ async def serve(
     builder = ResponseBuilder(chat, engine_req.request_id, st.served_model_name, st.tokenizer,
                               req.num_logprobs(), req.return_tokens_as_token_ids)
     if req.stream:
-        events = _stream(request, gen, builder, req.include_usage())
-        return StreamingResponse(events, media_type="text/event-stream")
+        await gen.start()  # before the headers: a request the engine refuses gets a 400
+        return _GenerationStream(gen, _stream(request, gen, builder, req.include_usage()))
     return await _complete(request, gen, builder)
 
 
@@ -107,6 +107,7 @@ async def _complete(request: Request, gen: Generation, builder: ResponseBuilder)
     """Run to the end, then answer with one body."""
     text, logprobs, finish, stop_reason = "", [], None, None
     async with _abort_on_disconnect(request, gen):
+        await gen.start()
         async for delta in gen.deltas():
             text += delta.text
             logprobs.extend(delta.logprobs)
@@ -116,6 +117,21 @@ async def _complete(request: Request, gen: Generation, builder: ResponseBuilder)
     body = builder.full(text, logprobs, finish, stop_reason, gen.usage(),
                         gen.kv_transfer_params)
     return JSONResponse(body)
+
+
+class _GenerationStream(StreamingResponse):
+    """An SSE response that aborts its generation however the response ends (a client gone
+    before the first byte never starts the body iterator, whose own cleanup would not run)."""
+
+    def __init__(self, gen: Generation, events: AsyncIterator[str]) -> None:
+        super().__init__(events, media_type="text/event-stream")
+        self._gen = gen
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._gen.cancel()  # a no-op once the request has finished
 
 
 async def _stream(request: Request, gen: Generation, builder: ResponseBuilder,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import math
 import mmap
 import os
@@ -23,7 +24,6 @@ import socket
 import time
 import warnings
 from dataclasses import dataclass, field
-from functools import cache
 
 import torch
 
@@ -36,7 +36,7 @@ SHM_DIR = "/dev/shm"
 SHM_PREFIX = "pdserve-kv-"
 
 
-@cache
+@functools.cache
 def local_host_id() -> str:
     """Identifies this machine (and boot), so two engines can tell they share /dev/shm."""
     try:

@@ -37,6 +37,10 @@ class Proc:
             pass
         self.proc.wait()
 
+    def terminate(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -69,14 +73,16 @@ def spawn(tmp: Path, name: str, *args: str) -> Proc:
     return Proc(f"http://127.0.0.1:{port}", proc, log_path)
 
 
-def wait_healthy(*procs: Proc, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+def wait_healthy(*procs: Proc, timeout_s: float = STARTUP_TIMEOUT_S,
+                 ok: tuple[int, ...] = (200,)) -> None:
+    """Wait until each answers /health with a status in `ok`."""
     deadline = time.monotonic() + timeout_s
     for p in procs:
         while True:
             if p.proc.poll() is not None:
                 raise RuntimeError(f"{p.url} exited with {p.proc.returncode}:\n{p.log()}")
             try:
-                if httpx.get(p.url + "/health", timeout=2).status_code == 200:
+                if httpx.get(p.url + "/health", timeout=2).status_code in ok:
                     break
             except httpx.HTTPError:
                 pass
@@ -95,7 +101,8 @@ def start_router(tmp: Path, *, prefill=(), decode=(), colocated=(), flags=()) ->
         for p in procs:
             args += [f"--{role}", p.url]
     router = spawn(tmp, "router", *args)
-    wait_healthy(router, timeout_s=60)
+    wait_healthy(router, timeout_s=60, ok=(200, 503))  # 503: no instance healthy (yet)
+    time.sleep(1.5)  # the first health checks of the instances
     return router
 
 

@@ -42,6 +42,8 @@ def fleet(tmp_path_factory) -> Iterator[Fleet]:
         wait_healthy(*procs)
         yield Fleet(*procs)
     finally:
+        for p in procs:  # all at once: each takes a few seconds to wind down
+            p.terminate()
         for p in procs:
             p.stop()
 

@@ -187,9 +187,11 @@ def test_unknown_route_is_openai_shaped_404(client):
     assert_still_serves(client)
 
 
-def test_kv_transfer_params_on_a_colocated_instance(client):
-    # refused by the engine itself: its ValueError must come back as a 400, not a 500
-    body = {"prompt": "hi", "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}}
+@pytest.mark.parametrize("stream", [False, True])
+def test_kv_transfer_params_on_a_colocated_instance(client, stream):
+    # refused by the engine itself: its ValueError must come back as a 400, even streaming
+    body = {"prompt": "hi", "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True},
+            "stream": stream}
     resp = client.post("/v1/completions", json=body)
     assert_openai_error(resp, 400)
     assert "colocated" in resp.json()["error"]["message"]

@@ -1,0 +1,328 @@
+"""Tensor-parallel model runner: rank 0 in the engine process, ranks 1..N-1 in worker processes.
+
+Each rank holds its shard of the weights and its slice of the KV heads, and runs the same
+forward; the model's all-reduces and the LM head's all-gather meet in the default process
+group (NCCL on CUDA, gloo on CPU). Rank 0 builds a step's inputs once and pipes them to the
+workers (`tp.pack_step`); only rank 0's logits are used.
+
+Lifecycle: `TPWorkers.start` spawns the workers, which load their shards while the engine
+loads rank 0's; `connect` joins the group; `TPModelRunner` gives the workers their caches
+(and captures CUDA graphs on every rank, in the same order); `close` stops them. A worker
+exits when its pipe from rank 0 closes or its parent disappears; rank 0 raises
+`TPWorkerError` naming the rank when a worker dies.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import multiprocessing as mp
+import multiprocessing.connection as mpc
+import os
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pdserve.engine.batch_inputs import StepInputs
+from pdserve.engine.cuda_graphs import DecodeGraphs
+from pdserve.engine.runner import ModelRunner, profile_peak_activation_bytes
+from pdserve.engine.scheduler import SchedulerOutput
+from pdserve.engine.tp import NCCL_SAFE_ENV, TPSpec, join_group, make_store, pack_step, unpack_step
+
+log = logging.getLogger(__name__)
+
+
+class TPWorkerError(RuntimeError):
+    """A tensor-parallel worker died, failed or stopped answering; the engine cannot go on."""
+
+
+@dataclass
+class CacheSpec:
+    """What a worker needs to allocate its KV caches and capture its graphs like rank 0."""
+
+    cache_shape: tuple[int, ...]  # one layer's cache on this rank (same on every rank)
+    num_layers: int
+    max_seqs: int
+    max_blocks_per_seq: int
+    max_model_len: int
+    use_cuda_graphs: bool
+
+
+def forward_step(model: torch.nn.Module, kv_caches: list[torch.Tensor],
+                 graphs: DecodeGraphs | None, x: StepInputs) -> torch.Tensor:
+    """The forward every rank runs; same choice of graph or eager on every rank."""
+    if graphs is not None and graphs.fits(x):
+        hidden = graphs.run(x)
+    else:
+        hidden = model(x.input_ids, x.positions, kv_caches, x.meta)
+    # the vocab-parallel head all-gathers: every rank must call it, even with 0 rows
+    return model.compute_logits(hidden.index_select(0, x.sample_rows))
+
+
+# ---- rank 0 ---------------------------------------------------------------------------------
+
+
+class TPWorkers:
+    """Rank 0's handle on ranks 1..N-1: spawn, command, watch, stop."""
+
+    def __init__(self, spec: TPSpec, procs: list, conns: list, store) -> None:
+        self.spec = spec
+        self.procs = procs  # procs[i] is rank i + 1
+        self.conns = conns
+        self.store = store
+        self.connected = False
+        self.closing = False
+        self.dead: str | None = None  # set by the watchdog when a worker exits
+        threading.Thread(target=self._watch, daemon=True, name="tp-watchdog").start()
+        atexit.register(self.close)
+
+    @classmethod
+    def start(cls, spec: TPSpec) -> TPWorkers:
+        """Spawn ranks 1..N-1; they load their shards in the background. Returns at once."""
+        os.environ.update(NCCL_SAFE_ENV)  # rank 0 and (inherited) the workers
+        store = make_store(spec.tp_size, spec.timeout_s)
+        ctx = mp.get_context("spawn")  # never fork a process that may hold CUDA state
+        procs, conns = [], []
+        for rank in range(1, spec.tp_size):
+            ours, theirs = ctx.Pipe()
+            proc = ctx.Process(target=_worker_main, args=(spec, rank, store.port, theirs),
+                               name=f"pdserve-tp{rank}", daemon=True)
+            proc.start()
+            theirs.close()  # the worker's end lives in the worker only: EOF when we die
+            procs.append(proc)
+            conns.append(ours)
+        return cls(spec, procs, conns, store)
+
+    def connect(self) -> None:
+        """Wait until every worker loaded its shard, then join the process group as rank 0."""
+        if self.connected:
+            return
+        self.gather("loaded")
+        self.send("connect")
+        join_group(self.spec, 0, self.store.port, self.store)
+        self.connected = True
+
+    def send(self, command: str, arg: object = None) -> None:
+        """Send a command to every worker; raises TPWorkerError if one is gone."""
+        self.check_alive()
+        for rank, conn in enumerate(self.conns, start=1):
+            try:
+                conn.send((command, arg))
+            except (BrokenPipeError, ConnectionError, EOFError) as exc:
+                raise self.failure(f"could not send {command!r} to rank {rank}") from exc
+
+    def gather(self, what: str, timeout_s: float | None = None) -> list:
+        """Each worker's answer to the last command (in rank order), waiting while they live."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        answers = []
+        for rank, (conn, proc) in enumerate(zip(self.conns, self.procs), start=1):
+            while not conn.poll(0.1):  # short polls so that a dead worker is noticed
+                if not proc.is_alive():
+                    raise self.failure(f"rank {rank} exited while {what}")
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TPWorkerError(f"rank {rank} did not finish {what} in {timeout_s}s")
+            answers.append(self._answer(rank, conn, what))
+        return answers
+
+    def _answer(self, rank: int, conn, what: str) -> object:
+        try:
+            kind, value = conn.recv()
+        except (EOFError, ConnectionError) as exc:
+            raise self.failure(f"rank {rank} exited while {what}") from exc
+        if kind == "error":
+            raise TPWorkerError(f"tensor-parallel rank {rank} failed while {what}:\n{value}")
+        return value
+
+    def check_alive(self) -> None:
+        """Raise TPWorkerError if any worker has exited (a waitpid per worker: microseconds)."""
+        if any(proc.exitcode is not None for proc in self.procs):
+            raise self.failure("a worker is gone")
+
+    def failure(self, context: str) -> TPWorkerError:
+        """The error to raise: which ranks died, with what exit code, and their last words."""
+        lines = [f"tensor-parallel worker failure ({context})"]
+        for rank, (conn, proc) in enumerate(zip(self.conns, self.procs), start=1):
+            if proc.exitcode is None:
+                continue
+            lines.append(f"rank {rank} (pid {proc.pid}) exited with code {proc.exitcode}")
+            try:
+                while conn.poll(0):
+                    kind, value = conn.recv()
+                    if kind == "error":
+                        lines.append(f"rank {rank} said:\n{value}")
+            except (EOFError, OSError):
+                pass
+        return TPWorkerError("\n".join(lines))
+
+    def _watch(self) -> None:
+        # NCCL waits out its whole timeout on a dead peer: abort the group at once instead
+        mpc.wait([proc.sentinel for proc in self.procs])
+        if self.closing:
+            return
+        self.dead = "; ".join(f"rank {r} exited with code {p.exitcode}"
+                              for r, p in enumerate(self.procs, start=1) if p.exitcode is not None)
+        log.error("tensor-parallel worker died: %s", self.dead)
+        if self.spec.backend == "nccl" and dist.is_initialized():
+            try:
+                dist.distributed_c10d._abort_process_group()
+            except Exception:  # best effort: the collective's own timeout still applies
+                log.exception("could not abort the NCCL process group")
+
+    def profile(self, num_tokens: int, num_seqs: int, block_size: int,
+                kv_shape_per_block: tuple, model: torch.nn.Module, dtype: torch.dtype,
+                device: torch.device) -> int:
+        """Peak activation bytes of the largest step, profiled on every rank at once (its
+        all-reduces need them all); the largest of the ranks."""
+        self.connect()
+        self.send("profile", (num_tokens, num_seqs, block_size, kv_shape_per_block))
+        ours = profile_peak_activation_bytes(model, num_tokens, num_seqs, block_size,
+                                             kv_shape_per_block, dtype, device)
+        return max([ours, *self.gather("profiling")])
+
+    def close(self) -> None:
+        """Stop every worker (politely, then by force) and leave the process group."""
+        if self.closing:
+            return
+        self.closing = True
+        atexit.unregister(self.close)
+        for conn in self.conns:
+            try:
+                conn.send(("stop", None))
+            except (OSError, EOFError):
+                pass  # already gone
+        deadline = time.monotonic() + 10
+        for proc in self.procs:
+            proc.join(max(0.1, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+        for conn in self.conns:
+            conn.close()
+        if self.connected and dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # a group broken by a dead rank may refuse a clean exit
+                log.warning("destroying the tensor-parallel process group failed", exc_info=True)
+        self.connected = False
+
+
+class TPModelRunner:
+    """`ModelRunner`'s interface over `tp_size` ranks; `execute` returns rank 0's logits."""
+
+    def __init__(self, workers: TPWorkers, model: torch.nn.Module, kv_caches: list[torch.Tensor],
+                 block_size: int, device: torch.device, max_tokens: int, max_seqs: int,
+                 max_model_len: int, use_cuda_graphs: bool = False):
+        workers.connect()
+        self.workers = workers
+        use_graphs = use_cuda_graphs and device.type == "cuda"
+        workers.send("caches", CacheSpec(
+            cache_shape=tuple(kv_caches[0].shape), num_layers=len(kv_caches), max_seqs=max_seqs,
+            max_blocks_per_seq=(max_model_len + block_size - 1) // block_size,
+            max_model_len=max_model_len, use_cuda_graphs=use_graphs))
+        try:  # rank 0 captures its graphs while the workers capture theirs
+            self.local = ModelRunner(model, kv_caches, block_size, device, max_tokens, max_seqs,
+                                     max_model_len, use_cuda_graphs=use_graphs)
+        except Exception as exc:
+            raise self._explain(exc) from exc
+        workers.gather("allocating caches")
+        self.model, self.kv_caches, self.device = model, kv_caches, device
+
+    @torch.inference_mode()
+    def execute(self, step: SchedulerOutput) -> torch.Tensor:
+        """Forward every scheduled token on every rank; logits [num_sampling, vocab] (float32)."""
+        x = self.local.inputs.build(step)
+        self.workers.send("step", pack_step(self.local.inputs, x))
+        try:
+            return forward_step(self.model, self.kv_caches, self.local.graphs, x)
+        except Exception as exc:
+            raise self._explain(exc) from exc
+
+    def _explain(self, exc: Exception) -> Exception:
+        # a collective fails when a peer died: say which; wait briefly for its exit to show
+        if isinstance(exc, TPWorkerError):
+            return exc
+        for _ in range(20):
+            if any(proc.exitcode is not None for proc in self.workers.procs):
+                return self.workers.failure(f"during a collective: {exc}")
+            time.sleep(0.05)
+        return TPWorkerError(f"tensor-parallel step failed on rank 0 (workers alive): {exc}")
+
+    def close(self) -> None:
+        """Stop the workers; the runner is unusable afterwards."""
+        self.workers.close()
+
+
+# ---- ranks 1..N-1 ---------------------------------------------------------------------------
+
+
+def _exit_with_parent(parent: int) -> None:
+    # the pipe's EOF only reaches a worker waiting on it; this catches one stuck elsewhere
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+
+def _worker_main(spec: TPSpec, rank: int, port: int, conn) -> None:
+    """A worker's life: load the shard, join the group, then run commands until stopped."""
+    os.environ.update(NCCL_SAFE_ENV)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    if spec.device_type == "cpu":
+        torch.set_num_threads(spec.cpu_threads)
+    try:
+        from pdserve.models.loader import load_model  # heavy: import in the worker only
+
+        device = spec.device(rank)
+        if spec.device_type == "cuda":
+            torch.cuda.set_device(device)
+        model = load_model(spec.model, spec.dtype, device, tp_rank=rank, tp_size=spec.tp_size,
+                           seed=spec.seed).model
+        conn.send(("ok", None))
+        _serve(spec, rank, port, conn, model, device)
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        os._exit(0)  # rank 0 is gone: nothing to tear down politely
+    except BaseException:
+        text = traceback.format_exc()
+        try:
+            conn.send(("error", text))
+        except OSError:
+            pass
+        print(f"pdserve tensor-parallel rank {rank} failed:\n{text}", flush=True)
+        os._exit(1)  # skip atexit and process-group teardown: the group may be broken
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@torch.inference_mode()
+def _serve(spec: TPSpec, rank: int, port: int, conn, model: torch.nn.Module,
+           device: torch.device) -> None:
+    kv_caches: list[torch.Tensor] = []
+    graphs: DecodeGraphs | None = None
+    while True:
+        command, arg = conn.recv()  # blocks while the engine is idle; EOF when rank 0 dies
+        if command == "step":
+            assert isinstance(arg, np.ndarray)
+            forward_step(model, kv_caches, graphs, unpack_step(arg, device))
+        elif command == "connect":
+            join_group(spec, rank, port)
+        elif command == "profile":
+            tokens, seqs, block_size, shape = arg
+            conn.send(("ok", profile_peak_activation_bytes(model, tokens, seqs, block_size,
+                                                           shape, spec.dtype, device)))
+        elif command == "caches":
+            kv_caches = [torch.zeros(arg.cache_shape, dtype=spec.dtype, device=device)
+                         for _ in range(arg.num_layers)]
+            if arg.use_cuda_graphs:  # captured in the same order as rank 0's: their NCCL calls pair
+                graphs = DecodeGraphs(model, kv_caches, arg.max_seqs, arg.max_blocks_per_seq,
+                                      arg.max_model_len, device)
+                graphs.capture()
+            conn.send(("ok", None))
+        elif command == "stop":
+            return
+        else:
+            raise ValueError(f"unknown tensor-parallel command {command!r}")

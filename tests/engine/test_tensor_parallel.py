@@ -1,0 +1,142 @@
+"""TP=2 (a worker process, gloo on CPU) gives TP=1's logits and tokens; workers fail loudly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from pdserve.config import SchedulerConfig
+from pdserve.engine.blocks import BlockPool
+from pdserve.engine.kv_manager import KVCacheManager
+from pdserve.engine.request import Request, RequestStatus
+from pdserve.engine.runner import ModelRunner
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.scheduler import Scheduler
+from pdserve.engine.tp import TPSpec
+from pdserve.engine.tp_runner import TPModelRunner, TPWorkerError, TPWorkers
+from pdserve.models.loader import load_model
+
+BLOCK_SIZE, NUM_BLOCKS, NUM_LAYERS = 4, 32, 2
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> str:
+    """A tiny random Llama checkpoint whose 4 q heads and 2 KV heads split over 2 ranks."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96,
+                         num_hidden_layers=NUM_LAYERS, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=128)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(1.0 if param.dim() == 1 else 0.0, 0.1)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    return str(path)
+
+
+def make_runner(folder: str, tp_size: int, workers: TPWorkers | None = None):
+    model = load_model(folder, torch.float32, CPU, tp_rank=0, tp_size=tp_size).model
+    heads = 2 // tp_size
+    caches = [torch.zeros(2, NUM_BLOCKS, BLOCK_SIZE, heads, 16) for _ in range(NUM_LAYERS)]
+    kwargs = dict(max_tokens=16, max_seqs=4, max_model_len=128)
+    if workers is None:
+        return ModelRunner(model, caches, BLOCK_SIZE, CPU, **kwargs)
+    return TPModelRunner(workers, model, caches, BLOCK_SIZE, CPU, **kwargs)
+
+
+def start_workers(folder: str, timeout_s: float = 20.0) -> TPWorkers:
+    spec = TPSpec(folder, torch.float32, "cpu", tp_size=2, cpu_threads=1, timeout_s=timeout_s)
+    return TPWorkers.start(spec)
+
+
+@pytest.fixture(scope="class")
+def tp_runner(folder):
+    runner = make_runner(folder, 2, start_workers(folder))
+    yield runner
+    runner.close()
+
+
+def make_requests(max_tokens: int) -> list[Request]:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    return [Request(f"r{i}", list(p), params) for i, p in enumerate(PROMPTS)]
+
+
+def run_greedy(runners: list, requests: list[Request]):
+    """Drive the runners with the scheduler's plans (chunked prefill, then decode) as the
+    engine does, yielding each step's logits from every runner; the first runner samples."""
+    scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=8, max_num_seqs=4),
+                          KVCacheManager(BlockPool(NUM_BLOCKS, BLOCK_SIZE, False)))
+    for request in requests:
+        scheduler.add(request)
+    while scheduler.has_work():
+        plan = scheduler.schedule()
+        if not plan.scheduled:  # the engine skips such a step too
+            continue
+        logits = [runner.execute(plan) for runner in runners]
+        yield plan, logits
+        for s in plan.scheduled:
+            s.request.num_computed_tokens += s.num_new_tokens
+        sampling = [s.request for s in plan.scheduled if s.samples]
+        for request, token in zip(sampling, logits[0].argmax(-1).tolist()):
+            request.output_token_ids.append(token)
+            if len(request.output_token_ids) >= request.params.max_tokens:
+                request.status = RequestStatus.FINISHED_LENGTH
+                scheduler.remove(request)
+
+
+PROMPTS = [[5, 17, 200, 3, 99, 41, 7, 8, 250, 1, 64], [12, 13, 14, 90, 91, 2, 255]]
+
+
+class TestParity:
+    def test_logits_match_tp1_in_prefill_and_decode(self, folder, tp_runner):
+        reference = make_runner(folder, 1)
+        kinds = set()
+        for plan, (ref, tp) in run_greedy([reference, tp_runner], make_requests(6)):
+            assert tp.shape == ref.shape
+            decode = all(s.num_new_tokens == 1 for s in plan.scheduled)
+            kinds.add("decode" if decode else "prefill")
+            if ref.numel():  # a step that only advances a chunked prefill samples nothing
+                assert float((tp - ref).abs().max() / ref.abs().max()) < 1e-5
+        assert kinds == {"prefill", "decode"}
+
+    def test_greedy_tokens_match_tp1(self, folder, tp_runner):
+        outputs = []
+        for runner in (make_runner(folder, 1), tp_runner):
+            requests = make_requests(8)
+            for _ in run_greedy([runner], requests):
+                pass
+            outputs.append([r.output_token_ids for r in requests])
+        assert outputs[0] == outputs[1]
+        assert all(len(tokens) == 8 for tokens in outputs[1])
+
+
+def test_a_killed_worker_makes_rank_0_raise(folder):
+    runner = make_runner(folder, 2, start_workers(folder, timeout_s=10.0))
+    try:
+        worker = runner.workers.procs[0]
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join(5)
+        started = time.monotonic()
+        with pytest.raises(TPWorkerError, match=r"rank 1 \(pid \d+\) exited with code -9"):
+            for _ in run_greedy([runner], make_requests(2)):
+                pass
+        assert time.monotonic() - started < 10.0
+    finally:
+        runner.close()
+
+
+def test_workers_exit_when_rank_0_goes_away(folder):
+    workers = start_workers(folder)
+    try:
+        workers.conns[0].close()  # what rank 0's death looks like from the worker
+        workers.procs[0].join(30)
+        assert workers.procs[0].exitcode == 0
+    finally:
+        workers.close()

@@ -1,0 +1,162 @@
+"""Disaggregated serving through the router: exactly the colocated tokens, in every layout."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from tests.router.cluster import (
+    GREEDY,
+    metric,
+    sse_events,
+    start_router,
+    stream_text,
+    wait_all_free,
+)
+
+MAX_TOKENS = 12
+LONG_PREFIX = ("You are a careful assistant. Answer briefly and precisely. The following is a "
+               "record of facts about the solar system, its planets, their moons and orbits. ")
+PROMPTS = {
+    "short": "Hi",
+    "long": "Once upon a time, in a land far away, " * 12,
+    "multi_block": "List the first ten prime numbers and explain why each one is prime: 2, 3,",
+    "prefix_a": LONG_PREFIX * 2 + "Which planet is largest?",
+    "prefix_b": LONG_PREFIX * 2 + "Which planet is closest to the sun?",
+}
+CHAT = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+
+
+def completion(url: str, prompt: str, **fields) -> dict:
+    body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "logprobs": 0,
+            "return_tokens_as_token_ids": True, **GREEDY, **fields}
+    resp = httpx.post(url + "/v1/completions", json=body, timeout=300)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def chat(url: str, **fields) -> dict:
+    body = {"messages": CHAT, "max_tokens": MAX_TOKENS, "logprobs": True, "top_logprobs": 0,
+            "return_tokens_as_token_ids": True, **GREEDY, **fields}
+    resp = httpx.post(url + "/v1/chat/completions", json=body, timeout=300)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def tokens(answer: dict, is_chat: bool = False) -> list[str]:
+    lp = answer["choices"][0]["logprobs"]
+    return [t["token"] for t in lp["content"]] if is_chat else lp["tokens"]
+
+
+@pytest.fixture(scope="module")
+def reference(fleet) -> dict:
+    """The colocated instance's answers: what every layout must reproduce."""
+    out = {name: completion(fleet.c0.url, p) for name, p in PROMPTS.items()}
+    out["chat"] = chat(fleet.c0.url)
+    return out
+
+
+@pytest.fixture(scope="module")
+def routers(fleet, routers_tmp):
+    made = {
+        "1P1D": start_router(routers_tmp, prefill=[fleet.p0], decode=[fleet.d0]),
+        "2P1D": start_router(routers_tmp, prefill=[fleet.p0, fleet.p1], decode=[fleet.d0]),
+        "1P2D": start_router(routers_tmp, prefill=[fleet.p0], decode=[fleet.d0, fleet.d1]),
+    }
+    yield made
+    for r in made.values():
+        r.stop()
+
+
+def served(procs) -> list[float]:
+    return [metric(p.url, "pdserve:request_success_total", finished_reason="length")
+            for p in procs]
+
+
+@pytest.mark.parametrize("layout", ["1P1D", "2P1D", "1P2D"])
+def test_every_prompt_gets_exactly_the_colocated_tokens(layout, fleet, routers, reference):
+    url = routers[layout].url
+    used = [fleet.p0, fleet.p1, fleet.d0, fleet.d1]
+    before = served(used)
+    names = list(PROMPTS) + ["chat"]
+    with ThreadPoolExecutor(len(names)) as pool:  # at once: 2P/2D layouts use both sides
+        answers = dict(zip(names, pool.map(
+            lambda n: chat(url) if n == "chat" else completion(url, PROMPTS[n]), names)))
+    for name, answer in answers.items():
+        is_chat, ref = name == "chat", reference[name]
+        assert tokens(answer, is_chat) == tokens(ref, is_chat), name
+        text = "message" if is_chat else "text"
+        got, want = answer["choices"][0][text], ref["choices"][0][text]
+        assert got == want, name
+        assert answer["choices"][0]["finish_reason"] == "length"
+        assert "kv_transfer_params" not in answer
+    counts = [a - b for a, b in zip(served(used), before)]
+    if layout == "2P1D":
+        assert counts[0] > 0 and counts[1] > 0, counts  # both prefill instances served
+    if layout == "1P2D":
+        assert counts[2] > 0 and counts[3] > 0, counts  # both decode instances served
+
+
+def test_usage_counts_the_first_token_like_colocated(routers, reference):
+    answer = completion(routers["1P1D"].url, PROMPTS["multi_block"])
+    assert answer["usage"] == reference["multi_block"]["usage"] | {
+        "prompt_tokens_details": answer["usage"].get("prompt_tokens_details")}
+    assert answer["usage"]["completion_tokens"] == MAX_TOKENS
+
+
+@pytest.mark.parametrize("is_chat", [False, True])
+def test_stream_opens_with_the_prefill_token_then_relays_decode(is_chat, routers, reference):
+    path = "/v1/chat/completions" if is_chat else "/v1/completions"
+    body = {"max_tokens": MAX_TOKENS, "stream": True, "stream_options": {"include_usage": True},
+            **GREEDY}
+    body.update({"messages": CHAT} if is_chat else {"prompt": PROMPTS["long"]})
+    with httpx.stream("POST", routers["1P1D"].url + path, json=body, timeout=300) as resp:
+        assert resp.status_code == 200
+        events = sse_events(resp)
+    ref = reference["chat" if is_chat else "long"]["choices"][0]
+    assert stream_text(events, is_chat) == (ref["message"]["content"] if is_chat
+                                            else ref["text"])
+    chunks = [e for e in events if isinstance(e, dict)]
+    assert events[-1] == "[DONE]" and chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"]["completion_tokens"] == MAX_TOKENS
+    assert len({c["id"] for c in chunks}) == 1
+    if is_chat:
+        roles = [c for c in chunks if c["choices"] and "role" in c["choices"][0]["delta"]]
+        assert len(roles) == 1 and roles[0] is chunks[0]
+    finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+    assert finishes[-1] == "length" and not any(finishes[:-1])
+
+
+def test_one_token_request_is_answered_by_prefill_alone(fleet, routers, reference):
+    before = served([fleet.d0])
+    answer = completion(routers["1P1D"].url, PROMPTS["short"], max_tokens=1)
+    assert tokens(answer) == tokens(reference["short"])[:1]
+    assert served([fleet.d0]) == before
+
+
+def test_prefill_that_finishes_the_request_skips_decode(fleet, routers, reference):
+    first = int(tokens(reference["short"])[0].removeprefix("token_id:"))
+    answer = completion(routers["1P1D"].url, PROMPTS["short"], stop_token_ids=[first])
+    assert answer["choices"][0]["finish_reason"] == "stop"
+    assert answer["usage"]["completion_tokens"] == 1
+    assert "kv_transfer_params" not in answer
+
+
+def test_client_disconnect_mid_stream_aborts_decode(fleet, routers):
+    def aborted() -> float:
+        return metric(fleet.d0.url, "pdserve:request_success_total", finished_reason="abort")
+
+    before = aborted()
+    body = {"prompt": "Tell me a long story.", "max_tokens": 2000, "stream": True, **GREEDY}
+    with httpx.stream("POST", routers["1P1D"].url + "/v1/completions", json=body,
+                      timeout=120) as resp:
+        data = (line for line in resp.iter_lines() if line.startswith("data: "))
+        assert [next(data) for _ in range(4)]
+    assert wait_all_free(fleet.d0, timeout_s=30) == {fleet.d0.url: 0}
+    assert aborted() == before + 1
+
+
+def test_router_metrics_count_disaggregated_requests(routers):
+    assert metric(routers["1P1D"].url, "pdserve_router:requests_total", kind="disagg") > 0
