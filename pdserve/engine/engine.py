@@ -16,6 +16,9 @@ from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.runner import ModelRunner, profile_peak_activation_bytes
 from pdserve.engine.sampler import sample
 from pdserve.engine.scheduler import Scheduler
+from pdserve.engine.tp import TPSpec
+from pdserve.engine.tp_runner import TPModelRunner, TPWorkers
+from pdserve.models.layers import build_rope_tables
 from pdserve.transfer import KVLayout, RemoteKV
 
 log = logging.getLogger(__name__)
@@ -78,20 +81,36 @@ class Engine:
         self.dtype = resolve_dtype(args.dtype, self.device)
         if self.device.type == "cpu":
             set_cpu_threads(args.cpu_threads)
-        loaded = load_model(args.model, self.dtype, self.device, seed=args.seed)
+        tp = args.tensor_parallel_size
+        self.tp_workers: TPWorkers | None = None
+        if tp > 1:
+            if args.role != "colocated":
+                raise ValueError("--tensor-parallel-size > 1 needs --role colocated: the KV "
+                                 "connector moves rank 0's caches only")
+            # ranks 1..tp-1 load their shards while this process loads rank 0's
+            self.tp_workers = TPWorkers.start(TPSpec(
+                args.model, self.dtype, self.device.type, tp, seed=args.seed,
+                cpu_threads=torch.get_num_threads(),
+                max_model_len=args.scheduler.max_model_len))
+        loaded = load_model(args.model, self.dtype, self.device, tp_rank=0, tp_size=tp,
+                            seed=args.seed)
         self.model_config: ModelConfig = loaded.config
         self.model_name = loaded.name
         cfg = self.model_config
         self.vocab_size = cfg.vocab_size
         self.eos_token_ids = list(cfg.eos_token_ids)
         self.max_model_len = args.scheduler.max_model_len or cfg.max_position_embeddings
+        if self.device.type == "cuda":
+            build_rope_tables(loaded.model, self.max_model_len, self.dtype)
 
         block_size = args.cache.block_size
         sched = args.scheduler
         heads = max(cfg.num_kv_heads // args.tensor_parallel_size, 1)
         activation_bytes = 0
         if self.device.type == "cuda" and not args.cache.num_blocks:
-            activation_bytes = profile_peak_activation_bytes(
+            profile = (self.tp_workers.profile if self.tp_workers is not None
+                       else profile_peak_activation_bytes)  # with TP, every rank profiles
+            activation_bytes = profile(
                 loaded.model, sched.max_num_batched_tokens, sched.max_num_seqs, block_size,
                 (block_size, heads, cfg.head_dim), self.dtype, self.device)
             log.info("peak activations of a %d-token step: %.2f GiB",
@@ -126,11 +145,16 @@ class Engine:
         self.pool = BlockPool(num_blocks, block_size, args.cache.enable_prefix_caching)
         self.kv = KVCacheManager(self.pool)
         self.scheduler = Scheduler(args.scheduler, self.kv)
-        self.runner = ModelRunner(
-            loaded.model, kv_caches, block_size, self.device,
+        runner_args = dict(
             max_tokens=max(sched.max_num_batched_tokens, sched.max_num_seqs),
             max_seqs=sched.max_num_seqs, max_model_len=self.max_model_len,
             use_cuda_graphs=not args.enforce_eager)
+        if self.tp_workers is not None:
+            self.runner = TPModelRunner(self.tp_workers, loaded.model, kv_caches, block_size,
+                                        self.device, **runner_args)
+        else:
+            self.runner = ModelRunner(loaded.model, kv_caches, block_size, self.device,
+                                      **runner_args)
         self.requests: dict[str, Request] = {}
         self._pending: list[RequestOutput] = []  # outputs produced outside step(), e.g. aborts
         self._aborted_pulls: dict[str, Request] = {}  # their blocks are freed when the pull ends
@@ -282,9 +306,11 @@ class Engine:
                 self.scheduler.finish_pull(request, result.ok)
 
     def close(self) -> None:
-        """Stop the transfer agent and drop shared memory."""
+        """Stop the transfer agent, drop shared memory and stop tensor-parallel workers."""
         if self.connector is not None:
             self.connector.close()
+        if self.tp_workers is not None:
+            self.tp_workers.close()
 
     def _check_stop(self, request: Request, token: int) -> None:
         p = request.params

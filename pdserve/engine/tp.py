@@ -1,7 +1,7 @@
 """Tensor parallelism's plumbing: the process group and the wire format of one step's inputs.
 
 Rank 0 builds a step's inputs once (`InputBuilder`) and sends them to the other ranks as one
-flat int64 array over a pipe; each worker rebuilds the same `StepInputs` on its own device.
+flat int32 array over a pipe; each worker rebuilds the same `StepInputs` on its own device.
 The pipe, not a collective, carries the step because a worker waits on it while the engine
 is idle: a collective would hit the process group's timeout (NCCL's watchdog aborts the
 process) after a few idle minutes, and a pipe also tells a worker at once that rank 0 died.
@@ -40,6 +40,7 @@ class TPSpec:
     seed: int = 0
     cpu_threads: int = 1
     timeout_s: float = 120.0  # a collective that waits longer raises (a hung or dead rank)
+    max_model_len: int | None = None  # GPU RoPE tables' length; None = the model's maximum
 
     @property
     def backend(self) -> str:
@@ -68,18 +69,19 @@ def join_group(spec: TPSpec, rank: int, port: int, store: dist.TCPStore | None =
 
 
 def pack_step(builder: InputBuilder, x: StepInputs) -> np.ndarray:
-    """One step's inputs as a flat int64 array, read from the builder's host buffers.
+    """One step's inputs as a flat int32 array, read from the builder's host buffers.
 
-    The host buffers, not `x`, so that rank 0 never waits on a device-to-host copy.
+    The host buffers, not `x`, so that rank 0 never waits on a device-to-host copy; int32
+    halves the bytes (the block table dominates) and holds every id, position and slot.
     """
     t, n = x.input_ids.shape[0], x.sample_rows.shape[0]
     b, width = x.meta.block_tables.shape
     return np.concatenate([
-        np.array([t, b, width, n], dtype=np.int64),
+        np.array([t, b, width, n], dtype=np.int32),
         builder.ids.numpy()[:t], builder.pos.numpy()[:t], builder.slots.numpy()[:t],
         builder.starts.numpy()[: b + 1], builder.seq_lens.numpy()[:b],
         builder.tables.numpy()[:b, :width].ravel(), builder.rows.numpy()[:n],
-    ]).astype(np.int64, copy=False)
+    ], dtype=np.int32, casting="same_kind")
 
 
 def unpack_step(payload: np.ndarray, device: torch.device) -> StepInputs:

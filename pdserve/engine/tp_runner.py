@@ -19,6 +19,7 @@ import logging
 import multiprocessing as mp
 import multiprocessing.connection as mpc
 import os
+import signal
 import threading
 import time
 import traceback
@@ -77,7 +78,6 @@ class TPWorkers:
         self.store = store
         self.connected = False
         self.closing = False
-        self.dead: str | None = None  # set by the watchdog when a worker exits
         threading.Thread(target=self._watch, daemon=True, name="tp-watchdog").start()
         atexit.register(self.close)
 
@@ -102,7 +102,7 @@ class TPWorkers:
         """Wait until every worker loaded its shard, then join the process group as rank 0."""
         if self.connected:
             return
-        self.gather("loaded")
+        self.gather("loading its shard")
         self.send("connect")
         join_group(self.spec, 0, self.store.port, self.store)
         self.connected = True
@@ -116,16 +116,13 @@ class TPWorkers:
             except (BrokenPipeError, ConnectionError, EOFError) as exc:
                 raise self.failure(f"could not send {command!r} to rank {rank}") from exc
 
-    def gather(self, what: str, timeout_s: float | None = None) -> list:
+    def gather(self, what: str) -> list:
         """Each worker's answer to the last command (in rank order), waiting while they live."""
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         answers = []
         for rank, (conn, proc) in enumerate(zip(self.conns, self.procs), start=1):
             while not conn.poll(0.1):  # short polls so that a dead worker is noticed
                 if not proc.is_alive():
                     raise self.failure(f"rank {rank} exited while {what}")
-                if deadline is not None and time.monotonic() > deadline:
-                    raise TPWorkerError(f"rank {rank} did not finish {what} in {timeout_s}s")
             answers.append(self._answer(rank, conn, what))
         return answers
 
@@ -143,9 +140,16 @@ class TPWorkers:
         if any(proc.exitcode is not None for proc in self.procs):
             raise self.failure("a worker is gone")
 
-    def failure(self, context: str) -> TPWorkerError:
+    def failure(self, context: str, wait_s: float = 1.0) -> TPWorkerError:
         """The error to raise: which ranks died, with what exit code, and their last words."""
+        # a collective fails a moment before the dead peer can be reaped: give it a second
+        ready = mpc.wait([proc.sentinel for proc in self.procs], timeout=wait_s)
+        for proc in self.procs:
+            if proc.sentinel in ready:
+                proc.join(1)
         lines = [f"tensor-parallel worker failure ({context})"]
+        if all(proc.exitcode is None for proc in self.procs):
+            lines.append("every worker is still running: a hung one times a collective out")
         for rank, (conn, proc) in enumerate(zip(self.conns, self.procs), start=1):
             if proc.exitcode is None:
                 continue
@@ -161,23 +165,23 @@ class TPWorkers:
 
     def _watch(self) -> None:
         # NCCL waits out its whole timeout on a dead peer: abort the group at once instead
-        mpc.wait([proc.sentinel for proc in self.procs])
+        ready = mpc.wait([proc.sentinel for proc in self.procs])
         if self.closing:
             return
-        self.dead = "; ".join(f"rank {r} exited with code {p.exitcode}"
-                              for r, p in enumerate(self.procs, start=1) if p.exitcode is not None)
-        log.error("tensor-parallel worker died: %s", self.dead)
+        # no join here: two threads reaping one child race, and one of them reads no exit code
+        dead = [f"rank {r} (pid {p.pid})" for r, p in enumerate(self.procs, start=1)
+                if p.sentinel in ready]
+        log.error("tensor-parallel worker exited: %s", ", ".join(dead))
         if self.spec.backend == "nccl" and dist.is_initialized():
             try:
                 dist.distributed_c10d._abort_process_group()
             except Exception:  # best effort: the collective's own timeout still applies
                 log.exception("could not abort the NCCL process group")
 
-    def profile(self, num_tokens: int, num_seqs: int, block_size: int,
-                kv_shape_per_block: tuple, model: torch.nn.Module, dtype: torch.dtype,
-                device: torch.device) -> int:
-        """Peak activation bytes of the largest step, profiled on every rank at once (its
-        all-reduces need them all); the largest of the ranks."""
+    def profile(self, model: torch.nn.Module, num_tokens: int, num_seqs: int, block_size: int,
+                kv_shape_per_block: tuple, dtype: torch.dtype, device: torch.device) -> int:
+        """`profile_peak_activation_bytes` on every rank at once (its all-reduces need them
+        all); returns the largest peak of the ranks."""
         self.connect()
         self.send("profile", (num_tokens, num_seqs, block_size, kv_shape_per_block))
         ours = profile_peak_activation_bytes(model, num_tokens, num_seqs, block_size,
@@ -243,14 +247,10 @@ class TPModelRunner:
             raise self._explain(exc) from exc
 
     def _explain(self, exc: Exception) -> Exception:
-        # a collective fails when a peer died: say which; wait briefly for its exit to show
+        # a collective fails when a peer died or hung: say which
         if isinstance(exc, TPWorkerError):
             return exc
-        for _ in range(20):
-            if any(proc.exitcode is not None for proc in self.workers.procs):
-                return self.workers.failure(f"during a collective: {exc}")
-            time.sleep(0.05)
-        return TPWorkerError(f"tensor-parallel step failed on rank 0 (workers alive): {exc}")
+        return self.workers.failure(f"a collective failed on rank 0: {exc}")
 
     def close(self) -> None:
         """Stop the workers; the runner is unusable afterwards."""
@@ -271,6 +271,7 @@ def _exit_with_parent(parent: int) -> None:
 def _worker_main(spec: TPSpec, rank: int, port: int, conn) -> None:
     """A worker's life: load the shard, join the group, then run commands until stopped."""
     os.environ.update(NCCL_SAFE_ENV)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle; it stops us
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     if spec.device_type == "cpu":
         torch.set_num_threads(spec.cpu_threads)
@@ -280,8 +281,14 @@ def _worker_main(spec: TPSpec, rank: int, port: int, conn) -> None:
         device = spec.device(rank)
         if spec.device_type == "cuda":
             torch.cuda.set_device(device)
-        model = load_model(spec.model, spec.dtype, device, tp_rank=rank, tp_size=spec.tp_size,
-                           seed=spec.seed).model
+        loaded = load_model(spec.model, spec.dtype, device, tp_rank=rank, tp_size=spec.tp_size,
+                            seed=spec.seed)
+        model = loaded.model
+        if spec.device_type == "cuda":  # as Engine.__init__ prepares rank 0's model
+            from pdserve.models.layers import build_rope_tables
+
+            positions = spec.max_model_len or loaded.config.max_position_embeddings
+            build_rope_tables(model, positions, spec.dtype)
         conn.send(("ok", None))
         _serve(spec, rank, port, conn, model, device)
     except (EOFError, BrokenPipeError, ConnectionResetError):

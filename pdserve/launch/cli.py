@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pdserve.launch.layout import InstancePlan, Layout, count_gpus, plan
@@ -74,13 +75,15 @@ def instance_proc(inst: InstancePlan, layout: Layout, log_dir: Path) -> Proc:
         cmd += ["--tensor-parallel-size", str(inst.tp)]
     if inst.devices is None:
         cmd += ["--device", "cpu"]
+    if inst.gpu_memory_utilization is not None:
+        cmd += ["--gpu-memory-utilization", str(inst.gpu_memory_utilization)]
     if layout.kv_cache_memory:
         cmd += ["--kv-cache-memory", layout.kv_cache_memory]
     env = dict(os.environ)
     if inst.devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, inst.devices))
     return Proc(inst.name, inst.role, inst.url, inst.devices_label(),
-                cmd + layout.instance_args, env, log_dir / f"{inst.name}.log")
+                cmd + layout.instance_args, env, log_dir / f"{inst.name}.log", wave=inst.wave)
 
 
 def router_proc(instances: list[InstancePlan], layout: Layout, log_dir: Path) -> Proc:
@@ -108,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         layout = layout_from_args(args)
         instances = plan(layout, 0 if layout.cpu else count_gpus())
     except (ValueError, OSError) as exc:
-        console.print(f"[red]pdserve up: {exc}[/red]")
+        console.print(f"[red]pdserve up: {escape(str(exc))}[/red]")
         return 2
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="pdserve-up-"))
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -117,19 +120,18 @@ def run(args: argparse.Namespace) -> int:
     raise_on_signals()
     code = 0
     try:
-        dep.start()
-        dep.wait_healthy(args.startup_timeout)
+        dep.start(args.startup_timeout)
         console.print(table(dep))
         console.print(f"pdserve up: serving at {dep.router.url}/v1 - ready "
                       "(Ctrl-C to stop)", highlight=False)
-        dep.watch(lambda p: console.print(f"[red]pdserve up: {dep.death_message(p)}[/red]",
+        dep.watch(lambda p: console.print(f"[red]pdserve up: {escape(dep.death_message(p))}[/red]",
                                           highlight=False))
         console.print("[red]pdserve up: nothing left to serve; stopping[/red]")
         code = 1
     except ShutdownRequested as sig:
         console.print(f"pdserve up: {sig}, stopping", highlight=False)
     except RuntimeError as exc:
-        console.print(f"[red]pdserve up: {exc}[/red]", highlight=False)
+        console.print(f"[red]pdserve up: {escape(str(exc))}[/red]", highlight=False)
         code = 1
     finally:
         dep.stop()

@@ -84,28 +84,49 @@ class InstancePlan:
     port: int
     devices: list[int] | None  # GPU indices for CUDA_VISIBLE_DEVICES; None = CPU
     tp: int
+    gpu_memory_utilization: float | None = None  # set when instances share a GPU
+    wave: int = 0  # instances sharing a GPU start one wave after another
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
     def devices_label(self) -> str:
-        return "cpu" if self.devices is None else "cuda:" + ",".join(map(str, self.devices))
+        if self.devices is None:
+            return "cpu"
+        shared = f" (shared, up to {self.gpu_memory_utilization:.0%})" \
+            if self.gpu_memory_utilization else ""
+        return "cuda:" + ",".join(map(str, self.devices)) + shared
 
 
 def plan(layout: Layout, num_gpus: int) -> list[InstancePlan]:
-    """Instances in role order, each on the next free GPUs (TP consecutive), or all on CPU."""
+    """Instances in role order, each on the next free GPUs (TP consecutive), or all on CPU.
+
+    More single-GPU instances than GPUs share them round-robin (so `pdserve up` runs 1P1D
+    on a one-GPU machine): the engine's --gpu-memory-utilization caps all processes on the
+    GPU together, so the k-th of n sharers starts after the others, with a cap of (k+1)/n
+    of 90%, and gets an equal share. TP layouts must fit.
+    """
     on_gpu = num_gpus > 0 and not layout.cpu
-    if on_gpu and layout.gpus_needed() > num_gpus:
-        raise ValueError(f"the layout needs {layout.gpus_needed()} GPUs; this machine has "
-                         f"{num_gpus}")
+    needed = layout.gpus_needed()
+    tps = [getattr(layout, f"{r}_tp") for r in ROLES if getattr(layout, r)]
+    share = on_gpu and needed > num_gpus
+    if share and max(tps) > 1:
+        raise ValueError(f"the layout needs {needed} GPUs; this machine has {num_gpus}")
+    per_gpu = -(-needed // num_gpus) if share else 1
     plans, next_gpu, port = [], 0, layout.port + 1
     for role in ROLES:
         tp = getattr(layout, f"{role}_tp")
         for i in range(getattr(layout, role)):
-            devices = list(range(next_gpu, next_gpu + tp)) if on_gpu else None
-            next_gpu += tp if on_gpu else 0
-            plans.append(InstancePlan(f"{role}-{i}", role, layout.host, port, devices, tp))
+            devices, wave, fraction = None, 0, None
+            if on_gpu:
+                devices = [(next_gpu + k) % num_gpus for k in range(tp)]
+                wave = next_gpu // num_gpus
+                next_gpu += tp
+            if share:
+                fraction = round(0.9 * (wave + 1) / per_gpu, 3)
+            plans.append(InstancePlan(f"{role}-{i}", role, layout.host, port, devices, tp,
+                                      fraction, wave))
             port += 1
     return plans
 

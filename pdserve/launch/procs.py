@@ -37,6 +37,7 @@ class Proc:
     cmd: list[str]
     env: dict[str, str]
     log_path: Path
+    wave: int = 0  # started once every process of the earlier waves is healthy
     popen: subprocess.Popen | None = None
     reported_dead: bool = False
 
@@ -90,36 +91,41 @@ class Deployment:
     def instances(self) -> list[Proc]:
         return self.procs[:-1]
 
-    def start(self) -> None:
-        for proc in self.procs:
-            proc.start()
-
-    def wait_healthy(self, timeout_s: float) -> None:
-        """Block until every process answers /health 200; raise if one dies or time runs out."""
+    def start(self, timeout_s: float) -> None:
+        """Start wave by wave, each healthy before the next; raise if one dies or times out."""
         deadline = time.monotonic() + timeout_s
-        waiting = list(self.procs)
         columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
         with Progress(*columns, console=self.console, transient=True) as progress:
-            tasks = {p.name: progress.add_task(f"{p.name} starting at {p.url}", total=1)
-                     for p in self.procs}
-            while waiting:
-                for proc in list(waiting):
-                    if not proc.alive():
-                        raise RuntimeError(self.death_message(proc, "while starting"))
-                    if proc.healthy():
-                        waiting.remove(proc)
-                        progress.update(tasks[proc.name], completed=1,
-                                        description=f"{proc.name} ready at {proc.url}")
-                if waiting and time.monotonic() > deadline:
-                    names = ", ".join(p.name for p in waiting)
-                    raise RuntimeError(f"not healthy after {timeout_s:.0f} s: {names}")
-                time.sleep(0.5)
+            for wave in sorted({p.wave for p in self.procs}):
+                procs = [p for p in self.procs if p.wave == wave]
+                for proc in procs:
+                    proc.start()
+                self._wait_healthy(procs, deadline, timeout_s, progress)
+
+    def _wait_healthy(self, procs: list[Proc], deadline: float, timeout_s: float,
+                      progress: Progress) -> None:
+        waiting = list(procs)
+        tasks = {p.name: progress.add_task(f"{p.name} starting at {p.url}", total=1)
+                 for p in procs}
+        while waiting:
+            for proc in list(waiting):
+                if not proc.alive():
+                    raise RuntimeError(self.death_message(proc, "while starting"))
+                if proc.healthy():
+                    waiting.remove(proc)
+                    progress.update(tasks[proc.name], completed=1,
+                                    description=f"{proc.name} ready at {proc.url}")
+            if waiting and time.monotonic() > deadline:
+                names = ", ".join(p.name for p in waiting)
+                raise RuntimeError(f"not healthy after {timeout_s:.0f} s: {names}")
+            time.sleep(0.5)
 
     def death_message(self, proc: Proc, when: str = "") -> str:
         code = proc.popen.returncode if proc.popen else None
-        tail = proc.log_tail()
-        return (f"{proc.name} (pid {proc.pid}, {proc.url}) exited with code {code} {when}"
-                f"\n  log: {proc.log_path}" + (f"\n{tail}" if tail else "")).replace(" \n", "\n")
+        tail = "".join(f"\n  | {line}" for line in proc.log_tail().splitlines())
+        head = " ".join(filter(None, [f"{proc.name} (pid {proc.pid}, {proc.url}) exited "
+                                      f"with code {code}", when]))
+        return f"{head}\n  log: {proc.log_path}{tail}"
 
     def watch(self, on_death: Callable[[Proc], None], interval_s: float = 0.5) -> None:
         """Report each death once; return when the router or every instance is gone."""

@@ -46,10 +46,26 @@ class RMSNorm(nn.Module):
         self.weight = _new_param(size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            from pdserve.kernels.triton_rmsnorm import rmsnorm
+
+            return rmsnorm(x, self.weight, self.eps)
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(dtype)
+
+    def add_norm(
+        self, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): the residual stream of a pre-norm block."""
+        if x.is_cuda:  # one fused kernel instead of ~6 launches
+            from pdserve.kernels.triton_rmsnorm import fused_add_rmsnorm
+
+            return fused_add_rmsnorm(x, residual, self.weight, self.eps)
+        if residual is not None:
+            x = x + residual
+        return self(x), x
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -97,15 +113,34 @@ class RotaryEmbedding(nn.Module):
         device = torch.empty(0).device  # the caller's torch.device context
         inv_freq = rope_inv_freq(head_dim, theta, scaling).to(device)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._cos_sin: torch.Tensor | None = None  # GPU: [max_positions, D] cos | sin table
+        self.max_positions = 0
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate q [T, Hq, D] and k [T, Hkv, D] by their token positions [T]."""
+        if q.is_cuda and self._cos_sin is not None:
+            from pdserve.kernels.triton_rope import apply_rope_
+
+            apply_rope_(q, k, positions, self._cos_sin)  # in place, one launch for q and k
+            return q, k
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, D]
         cos, sin = emb.cos().to(q.dtype), emb.sin().to(q.dtype)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def build_rope_tables(model: nn.Module, max_positions: int, dtype: torch.dtype) -> None:
+    """Precompute the GPU RoPE table once (shared by every layer) before graph capture."""
+    from pdserve.kernels.triton_rope import rope_cos_sin_cache
+
+    table = None
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding) and module.inv_freq.is_cuda:
+            if table is None:
+                table = rope_cos_sin_cache(module.inv_freq, max_positions, dtype=dtype)
+            module._cos_sin, module.max_positions = table, max_positions
 
 
 class ColumnParallelLinear(nn.Module):
@@ -276,5 +311,10 @@ class SwiGLUMLP(nn.Module):
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, False, tp_rank, tp_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if gate_up.is_cuda:
+            from pdserve.kernels.triton_activation import silu_and_mul
+
+            return self.down_proj(silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)

@@ -28,16 +28,30 @@ def pick_plain(registry: Registry, exclude: Container[str] = frozenset()) -> Ins
     return None
 
 
+class Charge:
+    """`tokens` counted against an instance while a request to it is in flight."""
+
+    def __init__(self, inst: Instance, tokens: int) -> None:
+        self.inst, self.tokens, self.released = inst, tokens, False
+        inst.outstanding_tokens += tokens
+        inst.in_flight += 1
+
+    def release(self) -> None:
+        """Idempotent: a stream's end and its error path may both call it."""
+        if not self.released:
+            self.released = True
+            self.inst.outstanding_tokens -= self.tokens
+            self.inst.in_flight -= 1
+
+
 @contextmanager
 def charged(inst: Instance, tokens: int) -> Iterator[Instance]:
-    """Count `tokens` against the instance while a request to it is in flight."""
-    inst.outstanding_tokens += tokens
-    inst.in_flight += 1
+    """Charge the instance for the duration of the block."""
+    charge = Charge(inst, tokens)
     try:
         yield inst
     finally:
-        inst.outstanding_tokens -= tokens
-        inst.in_flight -= 1
+        charge.release()
 
 
 def estimate_prompt_tokens(body: dict) -> int:

@@ -6,7 +6,6 @@ elsewhere unseen; once tokens flow, a failure ends the stream with an OpenAI err
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -16,12 +15,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.pairing import (
+    Charge,
     charged,
     estimate_prompt_tokens,
     least_loaded,
     requested_max_tokens,
 )
 from pdserve.router.registry import Instance, Registry
+from pdserve.router.relay import DecodeRelay, error_from, stream_failed
 from pdserve.router.shaping import (
     answer_as_stream,
     decode_body,
@@ -32,7 +33,6 @@ from pdserve.router.shaping import (
     is_chat,
     merge,
     prefill_body,
-    shift_logprobs,
     sse,
     without_kv_params,
 )
@@ -117,23 +117,16 @@ class Router:
 
     async def _plain_stream(self, inst: Instance, path: str, body: dict, load: Load,
                             label: str, start: float) -> Response:
-        tokens = load.prompt + load.max_tokens
-        inst.outstanding_tokens += tokens
-        inst.in_flight += 1
-
-        def release() -> None:
-            inst.outstanding_tokens -= tokens
-            inst.in_flight -= 1
-
+        charge = Charge(inst, load.prompt + load.max_tokens)
         try:
             resp = await self.upstream.open_stream(inst, path, body)
         except BaseException:
-            release()
+            charge.release()
             raise
-        return StreamingResponse(self._relay(inst, resp, release, label, start),
+        return StreamingResponse(self._relay(inst, resp, charge, label, start),
                                  media_type="text/event-stream")
 
-    async def _relay(self, inst: Instance, resp: httpx.Response, release, label: str,
+    async def _relay(self, inst: Instance, resp: httpx.Response, charge: Charge, label: str,
                      start: float) -> AsyncIterator[str]:
         """Pass SSE lines through; a broken stream ends with an error event."""
         done, first = False, True
@@ -152,7 +145,7 @@ class Router:
                 yield event
         finally:
             await resp.aclose()
-            release()
+            charge.release()
             self.metrics.e2e.labels(label).observe(time.monotonic() - start)
 
     # ---- P then D ----------------------------------------------------------------------
@@ -215,17 +208,16 @@ class Router:
                 tried.add(inst.url)
 
     async def _open_decode(self, path: str, d_body: dict, tokens: int
-                           ) -> tuple[Instance, httpx.Response]:
+                           ) -> tuple[Instance, httpx.Response, Charge]:
+        """D's open stream, charged; a D that cannot be reached is replaced."""
         tried: set[str] = set()
         while True:
             inst = self._pick(("decode",), tried)
-            inst.outstanding_tokens += tokens
-            inst.in_flight += 1
+            charge = Charge(inst, tokens)
             try:
-                return inst, await self.upstream.open_stream(inst, path, d_body)
+                return inst, await self.upstream.open_stream(inst, path, d_body), charge
             except BaseException as exc:
-                inst.outstanding_tokens -= tokens
-                inst.in_flight -= 1
+                charge.release()
                 if not (isinstance(exc, UpstreamError) and exc.connect):
                     raise
                 tried.add(inst.url)
@@ -237,11 +229,11 @@ class Router:
         for chunk in first_chunks(answer, chat, usage):
             yield sse(chunk)
         self.metrics.ttft.labels("disagg").observe(time.monotonic() - start)
-        tokens = load.prompt + load.max_tokens
         try:
-            inst, resp = await self._open_decode(path, d_body, tokens)
+            inst, resp, charge = await self._open_decode(path, d_body,
+                                                         load.prompt + load.max_tokens)
         except Refused as exc:
-            yield sse(_error_from(exc.content))
+            yield sse(error_from(exc.content))
             yield sse("[DONE]")
             return
         except (UpstreamError, NoInstance) as exc:
@@ -262,60 +254,5 @@ class Router:
                 yield event
         finally:
             await resp.aclose()
-            inst.outstanding_tokens -= tokens
-            inst.in_flight -= 1
+            charge.release()
             self.metrics.e2e.labels("disagg").observe(time.monotonic() - start)
-
-
-@dataclass
-class DecodeRelay:
-    """Rewrites D's SSE lines into the client's stream that P's chunks opened."""
-
-    request_id: str
-    chat: bool
-    text_offset: int  # the length of P's text: D's completions offsets start after it
-    done: bool = False
-
-    def event(self, line: str) -> str | None:
-        if not line.startswith("data: "):
-            return None
-        data = line[len("data: "):]
-        if data == "[DONE]":
-            self.done = True
-            return sse(data)
-        chunk = json.loads(data)
-        if "error" in chunk:
-            return sse(chunk)
-        if self.chat and _is_role_chunk(chunk):
-            return None  # P's chunks already named the speaker
-        chunk["id"] = self.request_id
-        if not self.chat:
-            for choice in chunk.get("choices", []):
-                choice["logprobs"] = shift_logprobs(choice.get("logprobs"), self.text_offset)
-        return sse(chunk)
-
-
-def _is_role_chunk(chunk: dict) -> bool:
-    choices = chunk.get("choices") or []
-    if len(choices) != 1:
-        return False
-    delta = choices[0].get("delta") or {}
-    return ("role" in delta and not delta.get("content")
-            and choices[0].get("finish_reason") is None)
-
-
-def _error_from(content: bytes) -> dict:
-    try:
-        body = json.loads(content)
-        if isinstance(body, dict) and "error" in body:
-            return body
-    except ValueError:
-        pass
-    return error_body(content.decode(errors="replace")[:500], code="decode_failed")
-
-
-def stream_failed(inst: Instance, exc: Exception) -> list[str]:
-    """The last events of a stream whose instance failed: an OpenAI error, then [DONE]."""
-    message = (f"the {inst.role} instance {inst.url} failed while streaming this response "
-               f"({type(exc).__name__}: {exc}); the response is incomplete")
-    return [sse(error_body(message, code="upstream_failed")), sse("[DONE]")]

@@ -41,9 +41,19 @@ def test_gpus_are_assigned_in_consecutive_ranges_of_each_tp():
     assert plans[2].devices_label() == "cuda:2,3"
 
 
-def test_a_layout_larger_than_the_machine_is_refused():
+def test_a_tensor_parallel_layout_larger_than_the_machine_is_refused():
     with pytest.raises(ValueError, match="needs 4 GPUs"):
         plan(Layout(prefill=2, decode=1, decode_tp=2), num_gpus=2)
+
+
+def test_single_gpu_instances_share_too_few_gpus_one_wave_after_another(tmp_path):
+    layout = Layout()  # 1P1D
+    plans = plan(layout, num_gpus=1)
+    assert [(p.devices, p.gpu_memory_utilization, p.wave) for p in plans] == [
+        ([0], 0.45, 0), ([0], 0.9, 1)]
+    proc = instance_proc(plans[1], layout, tmp_path)
+    assert proc.cmd[proc.cmd.index("--gpu-memory-utilization") + 1] == "0.9"
+    assert plans[0].devices_label() == "cuda:0 (shared, up to 45%)"
 
 
 def test_without_gpus_every_instance_runs_on_cpu():

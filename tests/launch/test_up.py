@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -71,7 +70,7 @@ def alive(pid: int) -> bool:
 @pytest.fixture(scope="module")
 def up(tmp_path_factory) -> Iterator[Up]:
     tmp = tmp_path_factory.mktemp("up")
-    port = _free_run(3)
+    port = free_port(run=3)  # the router's, then one per instance
     out_path = tmp / "up.out"
     cmd = [sys.executable, "-m", "pdserve.cli", "up", "--port", str(port),
            "--log-dir", str(tmp / "logs")]
@@ -91,20 +90,6 @@ def up(tmp_path_factory) -> Iterator[Up]:
                     pass
             proc.kill()
         proc.wait()
-
-
-def _free_run(n: int) -> int:
-    """A port whose next n-1 ports are free too (the instances take them)."""
-    for _ in range(50):
-        base = free_port()
-        try:
-            for i in range(1, n):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", base + i))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError("no run of free ports")
 
 
 def test_table_shows_what_runs_where(up):

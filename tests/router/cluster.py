@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -51,10 +52,20 @@ class Proc:
         self.kill()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(run: int = 1) -> int:
+    """A free port (the first of `run` free ones in a row), below the kernel's ephemeral
+    range, so that ports the kernel hands out meanwhile (KV sources, clients) cannot take it."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 32000 - run)
+        try:
+            for i in range(run):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError("no free port")
 
 
 def env() -> dict[str, str]:

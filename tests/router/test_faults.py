@@ -6,6 +6,7 @@ These kill c1, p1 and d1 of the fleet, so they run after every other router test
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.router.cluster import GREEDY, metric, sse_events, start_router, wait_all_free
+from tests.router.cluster import GREEDY, metric, start_router, wait_all_free
 
 pytestmark = pytest.mark.kills_instance
 
@@ -41,7 +42,7 @@ def orphan_lease(fleet) -> None:
     assert resp.json()["kv_transfer_params"]["remote_block_ids"]
 
 
-async def _load(url: str, n: int, on_progress) -> list[tuple[str, int, str]]:
+async def _load(url: str, n: int) -> list[tuple[str, int, str]]:
     """n concurrent completions; (prompt, status, text) of each."""
     limits = httpx.Limits(max_connections=None)
     async with httpx.AsyncClient(timeout=300, limits=limits) as client:
@@ -49,42 +50,42 @@ async def _load(url: str, n: int, on_progress) -> list[tuple[str, int, str]]:
             prompt = PROMPTS[i % len(PROMPTS)]
             body = {"prompt": prompt, "max_tokens": MAX_TOKENS, **GREEDY}
             resp = await client.post(url + "/v1/completions", json=body)
-            on_progress()
             text = resp.json()["choices"][0]["text"] if resp.status_code == 200 else resp.text
             return prompt, resp.status_code, text
 
         return await asyncio.gather(*(one(i) for i in range(n)))
 
 
-def _kill_when(done: list[int], at: int, victim) -> threading.Thread:
+def kill_when_busy(router_url: str, victim, in_flight: int) -> threading.Thread:
+    """Kill `victim` (and its engine) once the router has `in_flight` requests on it."""
+    def busy() -> int:
+        listed = httpx.get(router_url + "/instances", timeout=10).json()["instances"]
+        return next((i["in_flight"] for i in listed if i["url"] == victim.url), 0)
+
     def run() -> None:
-        while done[0] < at:
-            time.sleep(0.02)
+        deadline = time.monotonic() + 120
+        while busy() < in_flight and time.monotonic() < deadline:
+            time.sleep(0.01)
         victim.kill()
 
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
 
 
 def test_killed_prefill_under_load_every_request_completes_correctly(
         fleet, routers_tmp, expected, orphan_lease):
     router = start_router(routers_tmp, prefill=[fleet.p0, fleet.p1], decode=[fleet.d0])
     try:
-        done = [0]
-        killer = _kill_when(done, 5, fleet.p1)
-
-        def progress() -> None:
-            done[0] += 1
-
-        results = asyncio.run(_load(router.url, 100, progress))
+        killer = kill_when_busy(router.url, fleet.p1, in_flight=10)
+        results = asyncio.run(_load(router.url, 100))
         killer.join(timeout=5)
         assert fleet.p1.proc.poll() is not None
         failed = [(p, s, t) for p, s, t in results if s != 200 or t != expected[p]]
         assert not failed, failed[:3]
-        retried = metric(router.url, "pdserve_router:prefill_retries_total")
-        errors = metric(router.url, "pdserve_router:upstream_errors_total", role="prefill")
-        print(f"prefill retries: {retried}, prefill upstream errors: {errors}")
+        # p1 died holding prefills: they were retried on p0 (or served plain on d0)
+        assert metric(router.url, "pdserve_router:upstream_errors_total", role="prefill") > 0
+        assert metric(router.url, "pdserve_router:prefill_retries_total") > 0
     finally:
         router.stop()
 
@@ -105,68 +106,64 @@ def test_no_healthy_prefill_serves_plain_on_decode(fleet, routers_tmp, expected)
 def test_killed_colocated_instance_fails_over(fleet, routers_tmp, expected):
     router = start_router(routers_tmp, colocated=[fleet.c0, fleet.c1])
     try:
-        done = [0]
-        killer = _kill_when(done, 2, fleet.c1)
-
-        def progress() -> None:
-            done[0] += 1
-
-        results = asyncio.run(_load(router.url, 20, progress))
+        killer = kill_when_busy(router.url, fleet.c1, in_flight=5)
+        results = asyncio.run(_load(router.url, 20))
         killer.join(timeout=5)
         failed = [(p, s, t) for p, s, t in results if s != 200 or t != expected[p]]
         assert not failed, failed[:3]
+        assert metric(router.url, "pdserve_router:upstream_errors_total", role="colocated") > 0
     finally:
         router.stop()
 
 
-def _stream(url: str, prompt: str, started: threading.Event) -> list:
-    body = {"prompt": prompt, "max_tokens": 16, "stream": True, **GREEDY}
+def _request(url: str, prompt: str, stream: bool) -> tuple[str | None, dict | None]:
+    """(text, None) when it completed, (partial text, OpenAI error) when it failed."""
+    body = {"prompt": prompt, "max_tokens": 16, "stream": stream, **GREEDY}
+    if not stream:
+        resp = httpx.post(url + "/v1/completions", json=body, timeout=300)
+        if resp.status_code != 200:
+            assert resp.status_code == 502, resp.text
+            return None, resp.json()
+        return resp.json()["choices"][0]["text"], None
+    text, events = "", []
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=300) as resp:
         assert resp.status_code == 200
-        events = []
-        for event in _iter(resp):
-            events.append(event)
-            if len(events) >= 3:
-                started.set()
-        return events
-
-
-def _iter(resp):
-    yield from sse_events(resp)
+        for line in resp.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[len("data: "):])
+    assert events[-1] == "[DONE]"
+    for data in events[:-1]:
+        event = json.loads(data)
+        if "error" in event:
+            return text, event
+        text += event["choices"][0]["text"] if event["choices"] else ""
+    return text, None
 
 
 def test_killed_decode_fails_its_requests_clearly_and_nothing_else(fleet, routers_tmp):
     router = start_router(routers_tmp, prefill=[fleet.p0], decode=[fleet.d0, fleet.d1])
     try:
         prompts = [f"Write a poem about the number {i}." for i in range(12)]
-        refs = {}
-        for p in prompts:
-            body = {"prompt": p, "max_tokens": 16, **GREEDY}
-            refs[p] = httpx.post(fleet.c0.url + "/v1/completions", json=body,
-                                 timeout=120).json()["choices"][0]["text"]
-        started = threading.Event()
         with ThreadPoolExecutor(len(prompts)) as pool:
-            futures = [pool.submit(_stream, router.url, p, started) for p in prompts]
-            assert started.wait(120)
-            fleet.d1.kill()
-            results = [f.result() for f in futures]
-        ok = failed = 0
-        for prompt, events in zip(prompts, results):
-            assert events[-1] == "[DONE]"
-            errors = [e for e in events if isinstance(e, dict) and "error" in e]
-            if errors:
-                failed += 1
-                assert fleet.d1.url in errors[0]["error"]["message"]
-                assert errors[0]["error"]["type"] == "server_error"
-            else:
-                ok += 1
-                text = "".join(e["choices"][0]["text"] for e in events
-                               if isinstance(e, dict) and e.get("choices"))
-                assert text == refs[prompt]
-        assert ok > 0
-        print(f"killed decode: {failed} failed clearly, {ok} completed")
-        body = {"prompt": prompts[0], "max_tokens": 16, **GREEDY}
-        after = httpx.post(router.url + "/v1/completions", json=body, timeout=120)
+            refs = dict(zip(prompts, pool.map(
+                lambda p: httpx.post(fleet.c0.url + "/v1/completions", timeout=120, json={
+                    "prompt": p, "max_tokens": 16, **GREEDY}).json()["choices"][0]["text"],
+                prompts)))
+        killer = kill_when_busy(router.url, fleet.d1, in_flight=4)
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            results = list(pool.map(lambda ip: _request(router.url, ip[1], ip[0] % 2 == 0),
+                                    enumerate(prompts)))
+        killer.join(timeout=5)
+        failed = [(p, err) for p, (_, err) in zip(prompts, results) if err is not None]
+        for _, err in failed:  # each names the instance that failed it
+            assert fleet.d1.url in err["error"]["message"], err
+            assert err["error"]["type"] == "server_error"
+        completed = [(p, text) for p, (text, err) in zip(prompts, results) if err is None]
+        assert failed, "d1 was killed with requests in flight: they must fail"
+        assert completed and all(text == refs[p] for p, text in completed)
+        print(f"killed decode: {len(failed)} failed clearly, {len(completed)} completed")
+        after = httpx.post(router.url + "/v1/completions", timeout=120,
+                           json={"prompt": prompts[0], "max_tokens": 16, **GREEDY})
         assert after.status_code == 200 and after.json()["choices"][0]["text"] == refs[prompts[0]]
     finally:
         router.stop()
@@ -177,4 +174,5 @@ def test_no_leaks_every_surviving_block_pool_is_all_free(fleet, orphan_lease):
     survivors = [p for p in fleet.alive()]
     assert {p.url for p in survivors} == {fleet.c0.url, fleet.p0.url, fleet.d0.url}
     used = wait_all_free(*survivors, timeout_s=45)
-    assert used == {p.url: 0 for p in survivors}
+    roles = {fleet.c0.url: "c0", fleet.p0.url: "p0", fleet.d0.url: "d0"}
+    assert {roles[u]: n for u, n in used.items()} == {"c0": 0, "p0": 0, "d0": 0}

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 
+from pdserve.router.heartbeat import keep_registered
 from tests.router.cluster import GREEDY, start_router
 
 TTL_S = 2.0
@@ -13,6 +18,29 @@ TTL_S = 2.0
 
 def instances(router) -> list[dict]:
     return httpx.get(router.url + "/instances", timeout=10).json()["instances"]
+
+
+@contextmanager
+def heartbeats(router_url: str, url: str) -> Iterator[None]:
+    """The instance side's heartbeat loop, in a thread, for the duration of the block."""
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(keep_registered(router_url, url, "colocated", interval_s=0.5,
+                                            deregister_on_exit=False))
+
+    def run() -> None:
+        try:
+            loop.run_until_complete(task)
+        except asyncio.CancelledError:
+            pass
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        loop.call_soon_threadsafe(task.cancel)
+        thread.join(timeout=10)
+        loop.close()
 
 
 def wait_until(predicate, timeout_s: float) -> bool:
@@ -35,10 +63,9 @@ def test_registered_instance_serves_until_its_heartbeat_lapses(fleet, routers_tm
         body = {"prompt": "Hello", "max_tokens": 3, **GREEDY}
         assert httpx.post(router.url + "/v1/completions", json=body,
                           timeout=60).status_code == 200
-        for _ in range(3):  # heartbeats keep it past the TTL
-            time.sleep(TTL_S / 2)
-            httpx.post(router.url + "/register", json={"url": fleet.c0.url,
-                                                       "role": "colocated"}, timeout=10)
+        with heartbeats(router.url, fleet.c0.url):  # they keep it past the TTL
+            time.sleep(TTL_S * 1.5)
+            assert [i["url"] for i in instances(router)] == [fleet.c0.url]
         assert [i["url"] for i in instances(router)] == [fleet.c0.url]
         assert wait_until(lambda: not instances(router), TTL_S + 3)  # heartbeats stopped
         assert httpx.get(router.url + "/health", timeout=10).status_code == 503

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 from pdserve.router.pairing import estimate_prompt_tokens, least_loaded
-from pdserve.router.proxy import DecodeRelay
 from pdserve.router.registry import Instance, Registry
+from pdserve.router.relay import DecodeRelay
 from pdserve.router.shaping import answer_as_stream, first_chunks, merge, prefill_body
 
 

@@ -3,8 +3,11 @@ goes on serving."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
 import pytest
-from server_helpers import assert_openai_error, assert_still_serves
+from server_helpers import assert_openai_error, assert_still_serves, stream_events
 
 OK_CHAT = [{"role": "user", "content": "hi"}]
 
@@ -202,3 +205,20 @@ def test_kv_transfer_params_of_the_wrong_type(client):
     resp = client.post("/v1/completions", json={"prompt": "hi", "kv_transfer_params": "P1"})
     assert_openai_error(resp, 400, "kv_transfer_params")
     assert_still_serves(client)
+
+
+def test_bad_inputs_do_not_disturb_a_request_in_flight(client, server):
+    body = {"prompt": "The ocean is", "max_tokens": 24, "temperature": 0.0, "ignore_eos": True}
+    expected = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+
+    def stream_on_own_connection() -> list:
+        with httpx.Client(base_url=server.url, timeout=300) as other:
+            return stream_events(other, "/v1/completions", body)
+
+    with ThreadPoolExecutor(1) as pool:
+        in_flight = pool.submit(stream_on_own_connection)
+        for raw in [b"{", b'{"prompt": [99999999]}', b'{"prompt": "x", "top_p": 7}',
+                    b'{"prompt": "x", "model": "nope"}', b'\xff\xfe']:
+            assert post_raw(client, "/v1/completions", raw).status_code in (400, 404)
+        events = in_flight.result()
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == expected
