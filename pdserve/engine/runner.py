@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pdserve.engine.batch_inputs import InputBuilder
+from pdserve.engine.batch_inputs import InputBuilder, StepInputs
 from pdserve.engine.cuda_graphs import DecodeGraphs
 from pdserve.engine.scheduler import SchedulerOutput
 from pdserve.kernels.attention import build_metadata
@@ -31,12 +31,17 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> torch.Tensor:
         """Forward every scheduled token; logits [num_sampling, vocab] in float32, in order."""
-        x = self.inputs.build(step)
-        if self.graphs is not None and self.graphs.fits(x):
-            hidden = self.graphs.run(x)
-        else:
-            hidden = self.model(x.input_ids, x.positions, self.kv_caches, x.meta)
-        return self.model.compute_logits(hidden.index_select(0, x.sample_rows))
+        return forward_step(self.model, self.kv_caches, self.graphs, self.inputs.build(step))
+
+
+def forward_step(model: torch.nn.Module, kv_caches: list[torch.Tensor],
+                 graphs: DecodeGraphs | None, x: StepInputs) -> torch.Tensor:
+    """The forward every TP rank runs; the same choice of graph or eager on every rank."""
+    if graphs is not None and graphs.fits(x):
+        return graphs.run(x).index_select(0, x.sample_rows)  # the graph includes the LM head
+    hidden = model(x.input_ids, x.positions, kv_caches, x.meta)
+    # the vocab-parallel head all-gathers: every rank must call it, even with 0 rows
+    return model.compute_logits(hidden.index_select(0, x.sample_rows))
 
 
 @torch.inference_mode()

@@ -29,9 +29,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pdserve.engine.batch_inputs import StepInputs
 from pdserve.engine.cuda_graphs import DecodeGraphs
-from pdserve.engine.runner import ModelRunner, profile_peak_activation_bytes
+from pdserve.engine.runner import ModelRunner, forward_step, profile_peak_activation_bytes
 from pdserve.engine.scheduler import SchedulerOutput
 from pdserve.engine.tp import NCCL_SAFE_ENV, TPSpec, join_group, make_store, pack_step, unpack_step
 
@@ -52,17 +51,6 @@ class CacheSpec:
     max_blocks_per_seq: int
     max_model_len: int
     use_cuda_graphs: bool
-
-
-def forward_step(model: torch.nn.Module, kv_caches: list[torch.Tensor],
-                 graphs: DecodeGraphs | None, x: StepInputs) -> torch.Tensor:
-    """The forward every rank runs; same choice of graph or eager on every rank."""
-    if graphs is not None and graphs.fits(x):
-        hidden = graphs.run(x)
-    else:
-        hidden = model(x.input_ids, x.positions, kv_caches, x.meta)
-    # the vocab-parallel head all-gathers: every rank must call it, even with 0 rows
-    return model.compute_logits(hidden.index_select(0, x.sample_rows))
 
 
 # ---- rank 0 ---------------------------------------------------------------------------------

@@ -46,6 +46,13 @@ def hf_model(folder):
 
 
 @pytest.fixture(scope="module")
+def hf_fp32(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).cuda().eval()
+
+
+@pytest.fixture(scope="module")
 def engine(folder):
     e = Engine(EngineArgs(model=folder, dtype="bfloat16", device="cuda",
                           cache=CacheConfig(gpu_memory_utilization=0.3),
@@ -72,7 +79,13 @@ def hf_greedy(model, prompt: list[int]) -> list[int]:
     return out
 
 
-def test_prefill_logits_match_transformers_to_bf16_accuracy(engine, hf_model):
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((a.float() - ref.float()).abs().max() / ref.float().abs().max())
+
+
+def test_prefill_logits_match_transformers_to_bf16_accuracy(engine, hf_model, hf_fp32):
+    """Ours (bf16) against transformers in float32: under 2e-2, or no worse than transformers'
+    own bf16 run (random weights give flat logits, where bf16 alone costs ~3e-2)."""
     for i, prompt in enumerate(prompts()):
         params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=0)
         engine.add_request(EngineRequest(f"l{i}", prompt, params))
@@ -81,10 +94,13 @@ def test_prefill_logits_match_transformers_to_bf16_accuracy(engine, hf_model):
         for s in plan.scheduled:
             engine.abort_request(s.request.request_id)
         engine.step()
+        ids = torch.tensor([prompt], device="cuda")
         with torch.inference_mode():
-            ref = hf_model(torch.tensor([prompt], device="cuda")).logits[0, -1].float()
-        rel = float((ours - ref).abs().max() / ref.abs().max())
-        assert rel < 2e-2, f"prompt {i}: relative error {rel:.3g}"
+            ref = hf_fp32(ids).logits[0, -1]
+            hf_bf16 = hf_model(ids).logits[0, -1]
+        ours_err, hf_err = rel_err(ours, ref), rel_err(hf_bf16, ref)
+        print(f"{len(prompt)} tokens: ours {ours_err:.2e}, transformers bf16 {hf_err:.2e}")
+        assert ours_err < max(2e-2, hf_err), f"prompt {i}: {ours_err:.3g} (HF bf16 {hf_err:.3g})"
 
 
 def test_greedy_tokens_match_transformers_on_most_prompts(engine, hf_model):
