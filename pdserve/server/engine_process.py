@@ -68,6 +68,9 @@ def run_engine_process(
     except BaseException:
         outbox.put(("fatal", traceback.format_exc()))
         raise
+    finally:
+        if hasattr(engine, "close"):
+            engine.close()  # the KV source's socket and shared memory
 
 
 def _loop(engine, inbox, outbox) -> None:
@@ -80,6 +83,8 @@ def _loop(engine, inbox, outbox) -> None:
             except queue.Empty:
                 if os.getppid() != parent:
                     return  # the server is gone: nobody to serve
+                # idle, but KV leases may have ended (released by D, or expired): free them
+                outbox.put(("outputs", engine.step(), engine.stats()))
                 continue
         messages.extend(_drain(inbox))
         verdicts: list[RequestOutput] = []
