@@ -27,6 +27,8 @@ from pdserve.transfer import (
 
 log = logging.getLogger(__name__)
 
+STAGING_BYTES = 256 * 2**20  # one layer of a 64k-token Llama-8B prompt
+
 
 @dataclass
 class PullResult:
@@ -57,8 +59,11 @@ class KVConnector:
         self.kv_caches = kv_caches
         self.shm_name = shm_name
         self.leases = LeaseTable(lease_ttl_s)
+        on_gpu = kv_caches[0].device.type == "cuda"
         self.source = KVSource(kv_caches, layout, self.leases, shm_name=shm_name,
-                               advertise_host=advertise_host).start()
+                               advertise_host=advertise_host,
+                               # GPU caches: also serve "host" through a pinned staging buffer
+                               staging_bytes=STAGING_BYTES if on_gpu else 0).start()
         self.puller = KVPuller(layout, kv_caches, transport=transport, timeout_s=pull_timeout_s)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-pull")
         self._done: queue.Queue[PullResult] = queue.Queue()

@@ -92,7 +92,13 @@ def model_config(name: str | None) -> ModelConfig:
 
 
 def load_tokenizer(name: str | None) -> PreTrainedTokenizerBase:
-    """A fast tokenizer with chat template and EOS; presets use the embedded model's."""
+    """A fast tokenizer with chat template and EOS; presets use the embedded model's.
+
+    `name` may also be a folder holding only a tokenizer (tokenizer.json and its config).
+    """
+    folder = Path(name).expanduser() if name else None
+    if folder is not None and (folder / "tokenizer.json").is_file() and not is_hf_folder(folder):
+        return folder_tokenizer(str(folder))
     source = _resolve(name)
     if source.kind == "hf":
         return folder_tokenizer(source.target)

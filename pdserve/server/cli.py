@@ -41,6 +41,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", default=None,
                    help="a Hugging Face folder, a preset name, or omit for the embedded "
                    "SmolLM2-135M-Instruct")
+    p.add_argument("--tokenizer", default=None,
+                   help="a folder with a Hugging Face tokenizer (tokenizer.json ...) to use "
+                        "instead of the model's; presets default to the embedded SmolLM2's")
     p.add_argument("--served-model-name", default=None,
                    help="the name clients pass as `model`; omitted = the model's own name")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
@@ -117,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     def load_tokenizer():
         from pdserve.models.loader import load_tokenizer
 
-        return load_tokenizer(args.model)
+        return load_tokenizer(args.tokenizer or args.model)
 
     client = EngineClient(engine_args(args))
     app = build_app(client, load_tokenizer, args.served_model_name)

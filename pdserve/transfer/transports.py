@@ -8,6 +8,7 @@ with P's caches in shared memory -> host; anything else -> tcp.
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +20,8 @@ from pdserve.transfer.params import RemoteKV
 from pdserve.transfer.protocol import BlockPuller, PullStats, TransferError
 from pdserve.transfer.tcp import TcpPuller
 from pdserve.transfer.wire import release_remote
+
+log = logging.getLogger(__name__)
 
 TRANSPORTS: dict[str, type] = {"cuda_ipc": CudaIpcPuller, "host": HostPuller, "tcp": TcpPuller}
 
@@ -67,6 +70,8 @@ class KVPuller:
     transport: str | None = None  # force "cuda_ipc", "host" or "tcp"
     timeout_s: float = 10.0
     _pullers: dict[str, BlockPuller] = field(default_factory=dict)
+    # (P endpoint, transport) pairs that failed once: the next pull goes down the list
+    _broken: set[tuple[str, int, str]] = field(default_factory=set)
 
     def pull(self, remote: RemoteKV, local_block_ids: list[int], first_block: int = 0) -> PullStats:
         """Copy remote blocks first_block .. first_block+len(local_block_ids) into local_block_ids.
@@ -80,19 +85,37 @@ class KVPuller:
         total: PullStats | None = None
         for part in self.layout.head_slices_from(remote.layout):
             endpoint = remote.endpoints[part.remote_rank]
-            name = choose_transport(endpoint, self.kv_caches[0].device, self.transport)
             whole = part.num_heads == self.layout.rank_kv_heads == remote.layout.rank_kv_heads
-            stats = self._puller(name).pull(
-                endpoint,
-                remote.request_id,
-                remote_ids,
-                local_block_ids,
-                self.kv_caches,
-                None if whole else part,
-            )
+            args = (endpoint, remote.request_id, remote_ids, local_block_ids, self.kv_caches,
+                    None if whole else part)
+            stats = self._pull_with_fallback(endpoint, args)
             total = stats if total is None else total + stats
         assert total is not None  # head_slices_from covers at least one head
         return total
+
+    def _pull_with_fallback(self, endpoint: dict, args: tuple) -> PullStats:
+        """The best transport; if it fails (e.g. CUDA IPC where P's GPU is not visible), the
+        next one offered, down to tcp, and the failed one is not tried again for this P."""
+        if self.transport is not None:
+            return self._puller(self.transport).pull(*args)
+        device = self.kv_caches[0].device
+        while True:
+            name = choose_transport(endpoint, device, None)
+            key = (str(endpoint.get("host")), int(endpoint.get("port", 0)), name)
+            if key in self._broken:
+                offered = [t for t in endpoint.get("transports", ["tcp"])
+                           if (key[0], key[1], t) not in self._broken]
+                if not offered:
+                    raise TransferError(f"every transport to {key[0]}:{key[1]} failed")
+                endpoint = endpoint | {"transports": offered}
+                continue
+            try:
+                return self._puller(name).pull(*args)
+            except TransferError:
+                if name == "tcp":
+                    raise
+                self._broken.add(key)
+                log.warning("KV transport %s to %s:%s failed; trying the next", name, *key[:2])
 
     def release(self, remote: RemoteKV) -> bool:
         """Tell P the request's blocks may be freed (see release_remote_kv)."""
