@@ -10,6 +10,10 @@ import pytest
 # oversubscribed OpenMP threads spin (measured 8x slower steps).
 os.environ.setdefault("PDSERVE_CPU_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Without a GPU, Triton kernels run in its interpreter; this must be set before anything
+# imports triton, which a test folder collected earlier may do.
+if not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -59,6 +59,9 @@ async def _until_disconnect(request: Request, work: Awaitable[Response]) -> Resp
     task, watcher = asyncio.ensure_future(work), asyncio.ensure_future(watch())
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # the router itself is stopping: stop the work too
+        task.cancel()
+        raise
     finally:
         watcher.cancel()
     if task.done():

@@ -58,6 +58,12 @@ class Load:
         return cls(estimate_prompt_tokens(body), requested_max_tokens(body))
 
 
+def _needs_decode(body: dict) -> bool:
+    """False for max_tokens 1, and for a max_tokens P would not see to refuse (0, "9")."""
+    value = body.get("max_tokens")
+    return value is None or (type(value) is int and value > 1)
+
+
 def json_error(status: int, message: str, code: str, type: str = "server_error") -> Response:
     return JSONResponse(error_body(message, type, code), status_code=status)
 
@@ -75,7 +81,7 @@ class Router:
         start = time.monotonic()
         try:
             if self.registry.healthy("prefill") and self.registry.healthy("decode"):
-                if body.get("max_tokens") == 1:  # P alone answers a one-token request
+                if not _needs_decode(body):  # one token (or a bad max_tokens): P alone
                     return await self.plain(path, body, "prefill_only", start)
                 return await self.disagg(path, body, start)
             if self.registry.healthy("colocated"):

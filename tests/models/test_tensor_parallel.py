@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import sys
 
 import pytest
 import torch
@@ -89,7 +90,16 @@ def _free_port() -> int:
 
 
 def _tp_worker(rank: int, port: int, folder: str, ids: list[int], out: str) -> None:
-    from conftest import PagedCache  # the spawned child finds tests/models on sys.path
+    import importlib.util
+    from pathlib import Path
+
+    # by file: other test folders' conftest modules may come first on sys.path
+    spec = importlib.util.spec_from_file_location(
+        "models_conftest", Path(__file__).with_name("conftest.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["models_conftest"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    PagedCache = module.PagedCache  # noqa: N806
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:

@@ -99,11 +99,21 @@ def test_every_prompt_gets_exactly_the_colocated_tokens(layout, fleet, routers, 
         assert counts[2] > 0 and counts[3] > 0, counts  # both decode instances served
 
 
-def test_usage_counts_the_first_token_like_colocated(routers, reference):
-    answer = completion(routers["1P1D"].url, PROMPTS["multi_block"])
-    assert answer["usage"] == reference["multi_block"]["usage"] | {
-        "prompt_tokens_details": answer["usage"].get("prompt_tokens_details")}
-    assert answer["usage"]["completion_tokens"] == MAX_TOKENS
+@pytest.mark.parametrize("stream", [False, True])
+def test_usage_counts_the_first_token_like_colocated(stream, routers, reference):
+    """Protocol: D's usage.completion_tokens counts P's first token too."""
+    prompt = PROMPTS["multi_block"]
+    if stream:
+        body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "stream": True,
+                "stream_options": {"include_usage": True}, **GREEDY}
+        with httpx.stream("POST", routers["1P1D"].url + "/v1/completions", json=body,
+                          timeout=300) as resp:
+            usage = [e for e in sse_events(resp) if isinstance(e, dict)][-1]["usage"]
+    else:
+        usage = completion(routers["1P1D"].url, prompt)["usage"]
+    want = reference["multi_block"]["usage"]
+    assert (usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"]) == (
+        want["prompt_tokens"], MAX_TOKENS, want["total_tokens"])
 
 
 @pytest.mark.parametrize("is_chat", [False, True])
@@ -119,8 +129,7 @@ def test_stream_opens_with_the_prefill_token_then_relays_decode(is_chat, routers
     assert stream_text(events, is_chat) == (ref["message"]["content"] if is_chat
                                             else ref["text"])
     chunks = [e for e in events if isinstance(e, dict)]
-    assert events[-1] == "[DONE]" and chunks[-1]["choices"] == []
-    assert chunks[-1]["usage"]["completion_tokens"] == MAX_TOKENS
+    assert events[-1] == "[DONE]" and chunks[-1]["choices"] == [] and chunks[-1]["usage"]
     assert len({c["id"] for c in chunks}) == 1
     if is_chat:
         roles = [c for c in chunks if c["choices"] and "role" in c["choices"][0]["delta"]]
@@ -134,6 +143,15 @@ def test_one_token_request_is_answered_by_prefill_alone(fleet, routers, referenc
     answer = completion(routers["1P1D"].url, PROMPTS["short"], max_tokens=1)
     assert tokens(answer) == tokens(reference["short"])[:1]
     assert served([fleet.d0]) == before
+
+
+@pytest.mark.parametrize("bad", [{"max_tokens": 0}, {"max_tokens": "9"}, {"temperature": 5}])
+def test_invalid_request_gets_the_instance_400_unchanged(bad, fleet, routers):
+    body = {"prompt": "Hi", "max_tokens": 4, **bad}
+    direct = httpx.post(fleet.c0.url + "/v1/completions", json=body, timeout=30)
+    routed = httpx.post(routers["1P1D"].url + "/v1/completions", json=body, timeout=30)
+    assert routed.status_code == direct.status_code == 400
+    assert routed.json() == direct.json()
 
 
 def test_prefill_that_finishes_the_request_skips_decode(fleet, routers, reference):

@@ -137,3 +137,30 @@ def test_incompatible_layouts_are_refused_before_any_transfer(source):
     remote = remote_kv(source, "r-none", [1], LAYOUT)
     with pytest.raises(IncompatibleLayout):
         KVPuller(other, empty_caches(other, 1)).pull(remote, [0])
+
+
+def test_a_failing_transport_falls_back_to_the_next_and_is_not_retried(
+    source, remote_caches, monkeypatch
+):
+    from pdserve.transfer import host
+
+    calls = []
+
+    def refuse(*args, **kwargs):  # e.g. CUDA IPC into a process that cannot see P's GPU
+        calls.append(1)
+        raise TransferError("shared memory not reachable")
+
+    monkeypatch.setattr(host.HostPuller, "pull", refuse)
+    rid = "r-fallback"
+    source.call("expire")
+    source.call("hold", rid, [4, 9])
+    remote = remote_kv(source, rid, [4, 9], LAYOUT)
+    local = empty_caches(LAYOUT, 8)
+    puller = KVPuller(LAYOUT, local)
+    assert puller.pull(remote, [2, 6]).transport == "tcp"
+    assert puller.pull(remote, [3, 7]).transport == "tcp"
+    assert len(calls) == 1  # the broken transport is not tried again for this source
+    for mine, theirs in zip(local, remote_caches):
+        assert torch.equal(mine[:, [2, 6]], theirs[:, [4, 9]])
+    puller.release(remote)
+    puller.close()
