@@ -103,9 +103,25 @@ def test_prefill_logits_match_transformers_to_bf16_accuracy(engine, hf_model, hf
         assert ours_err < max(2e-2, hf_err), f"prompt {i}: {ours_err:.3g} (HF bf16 {hf_err:.3g})"
 
 
-def test_greedy_tokens_match_transformers_on_most_prompts(engine, hf_model):
+def test_every_greedy_decode_token_is_the_references_best_up_to_bf16_noise(engine, hf_fp32,
+                                                                         hf_model):
+    """Our 32 greedy tokens (decode steps replayed from CUDA graphs), re-scored by transformers
+    in float32: each must be its argmax or tie it within bf16 noise (random weights give
+    near-ties, where bf16 runs, transformers' own included, part ways)."""
     params = SamplingParams(max_tokens=NUM_TOKENS, temperature=0.0, ignore_eos=True)
     reqs = [EngineRequest(f"g{i}", p, params) for i, p in enumerate(prompts())]
-    out = engine.generate(reqs)  # batched, decode steps replayed from CUDA graphs
-    same = sum(out[r.request_id] == hf_greedy(hf_model, r.prompt_token_ids) for r in reqs)
-    assert same >= len(reqs) - 1, f"only {same}/{len(reqs)} prompts equal for {NUM_TOKENS} tokens"
+    out = engine.generate(reqs)
+    equal = 0
+    for r in reqs:
+        ours = out[r.request_id]
+        equal += ours == hf_greedy(hf_model, r.prompt_token_ids)
+        ids = torch.tensor([r.prompt_token_ids + ours], device="cuda")
+        with torch.inference_mode():
+            logits = hf_fp32(ids).logits[0, len(r.prompt_token_ids) - 1 : -1]
+        best = logits.max(dim=-1).values
+        chosen = logits.gather(1, torch.tensor(ours, device="cuda")[:, None])[:, 0]
+        gap = (best - chosen) / logits.abs().max(dim=-1).values
+        print(f"{len(r.prompt_token_ids)} tokens: largest gap {float(gap.max()):.2e}, "
+              f"argmax at {int((gap == 0).sum())}/{NUM_TOKENS} steps")
+        assert float(gap.max()) < 2e-2, f"{r.request_id}: a token {float(gap.max()):.3g} below best"
+    print(f"sequences equal to transformers' bf16 greedy: {equal}/{len(reqs)}")
