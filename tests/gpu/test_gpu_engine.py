@@ -106,8 +106,8 @@ def test_prefill_logits_match_transformers_to_bf16_accuracy(engine, hf_model, hf
 def test_every_greedy_decode_token_is_the_references_best_up_to_bf16_noise(engine, hf_fp32,
                                                                          hf_model):
     """Our 32 greedy tokens (decode steps replayed from CUDA graphs), re-scored by transformers
-    in float32: each must be its argmax or tie it within bf16 noise (random weights give
-    near-ties, where bf16 runs, transformers' own included, part ways)."""
+    in float32: each must be its argmax or within twice the bf16 noise of transformers' own
+    bf16 run at that step (random weights give near-ties, where bf16 runs part ways)."""
     params = SamplingParams(max_tokens=NUM_TOKENS, temperature=0.0, ignore_eos=True)
     reqs = [EngineRequest(f"g{i}", p, params) for i, p in enumerate(prompts())]
     out = engine.generate(reqs)
@@ -116,12 +116,16 @@ def test_every_greedy_decode_token_is_the_references_best_up_to_bf16_noise(engin
         ours = out[r.request_id]
         equal += ours == hf_greedy(hf_model, r.prompt_token_ids)
         ids = torch.tensor([r.prompt_token_ids + ours], device="cuda")
+        steps = slice(len(r.prompt_token_ids) - 1, -1)
         with torch.inference_mode():
-            logits = hf_fp32(ids).logits[0, len(r.prompt_token_ids) - 1 : -1]
-        best = logits.max(dim=-1).values
+            logits = hf_fp32(ids).logits[0, steps]
+            noisy = hf_model(ids).logits[0, steps].float()
+        scale = logits.abs().max(dim=-1).values
+        noise = (noisy - logits).abs().max(dim=-1).values / scale  # transformers' bf16 error
         chosen = logits.gather(1, torch.tensor(ours, device="cuda")[:, None])[:, 0]
-        gap = (best - chosen) / logits.abs().max(dim=-1).values
-        print(f"{len(r.prompt_token_ids)} tokens: largest gap {float(gap.max()):.2e}, "
-              f"argmax at {int((gap == 0).sum())}/{NUM_TOKENS} steps")
-        assert float(gap.max()) < 2e-2, f"{r.request_id}: a token {float(gap.max()):.3g} below best"
+        gap = (logits.max(dim=-1).values - chosen) / scale
+        print(f"{len(r.prompt_token_ids)} tokens: largest gap {float(gap.max()):.2e} "
+              f"(bf16 noise up to {float(noise.max()):.2e}), argmax at "
+              f"{int((gap == 0).sum())}/{NUM_TOKENS} steps")
+        assert bool((gap <= 2 * noise).all()), f"{r.request_id}: a token beyond bf16 noise"
     print(f"sequences equal to transformers' bf16 greedy: {equal}/{len(reqs)}")
