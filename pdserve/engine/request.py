@@ -22,11 +22,10 @@ class RequestStatus(enum.Enum):
 
     @property
     def finished(self) -> bool:
-        return self in FINISHED
+        return self._value_ in _FINISHED_VALUES  # str hash is cached; an Enum's is not
 
 
-FINISHED = {RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
-            RequestStatus.FINISHED_ABORTED}
+_FINISHED_VALUES = frozenset({"stop", "length", "abort"})
 
 
 @dataclass

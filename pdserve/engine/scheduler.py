@@ -22,12 +22,13 @@ from pdserve.engine.request import Request, RequestStatus
 class ScheduledRequest:
     request: Request
     num_new_tokens: int  # tokens to run through the model this step
+    # this step computes the request's last known token, so it yields logits (set once here:
+    # the runner and the engine both ask, and the answer changes once the step is applied)
+    samples: bool = field(init=False)
 
-    @property
-    def samples(self) -> bool:
-        """True when this step computes the request's last known token, so it yields logits."""
+    def __post_init__(self) -> None:
         r = self.request
-        return r.num_computed_tokens + self.num_new_tokens == r.num_tokens
+        self.samples = r.num_computed_tokens + self.num_new_tokens == r.num_tokens
 
 
 @dataclass
