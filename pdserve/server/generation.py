@@ -51,6 +51,9 @@ class Generation:
 
     def __post_init__(self) -> None:
         self.prompt_tokens = len(self.request.prompt_token_ids)
+        # a decode instance continues after the prefill's first token: usage counts it, as a
+        # colocated run would (the router sent its text already)
+        self.completion_tokens = len(self._detok_context()) - self.prompt_tokens
 
     def usage(self) -> dict:
         return {
@@ -128,7 +131,7 @@ class Generation:
         """Latency metrics and the usage/kv_transfer_params totals of one engine output."""
         if out.new_token_ids:
             now = time.monotonic()
-            if self.completion_tokens == 0:
+            if self._last == 0.0:  # this instance's first token (after P's, on a decode one)
                 self.metrics.observe_first_token(now - self._start)
             else:
                 self.metrics.observe_inter_token(now - self._last)
