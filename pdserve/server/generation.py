@@ -131,7 +131,7 @@ class Generation:
         """Latency metrics and the usage/kv_transfer_params totals of one engine output."""
         if out.new_token_ids:
             now = time.monotonic()
-            if self._last == 0.0:  # this instance's first token (after P's, on a decode one)
+            if self._last == self._start:  # this instance's first token (after P's on D)
                 self.metrics.observe_first_token(now - self._start)
             else:
                 self.metrics.observe_inter_token(now - self._last)
