@@ -110,9 +110,3 @@ class BlockPool:
     def record_lookup(self, queried_tokens: int, hit_tokens: int) -> None:
         self.cache_queries += queried_tokens
         self.cache_hits += hit_tokens
-
-    def reset_prefix_cache(self) -> None:
-        """Forget every cached hash (blocks in use keep their contents)."""
-        for block in self.blocks:
-            block.block_hash = None
-        self.cached.clear()

@@ -27,12 +27,6 @@ class KVCacheManager:
             parent = request.block_hashes[-1] if i else None
             request.block_hashes.append(hash_block(parent, tokens[i * bs : (i + 1) * bs]))
 
-    def num_prefix_hit_tokens(self, request: Request) -> int:
-        """Tokens a (re)starting request would find cached, without taking them."""
-        self.update_hashes(request)
-        usable = (request.num_tokens - 1) // self.block_size  # keep >= 1 token to compute
-        return self.pool.peek_cached(request.block_hashes[:usable]) * self.block_size
-
     def take_prefix(self, request: Request) -> int:
         """Attach the cached leading blocks of a request that holds none; returns tokens hit."""
         assert not request.block_ids and request.num_computed_tokens == 0

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pdserve.engine.outputs import TokenLogprob
 from pdserve.engine.sampling_params import SamplingParams
 
 
@@ -44,7 +43,6 @@ class Request:
     num_cached_tokens: int = -1  # prefix-cache hit at first scheduling; -1 = not yet scheduled
     num_preemptions: int = 0
     generator: torch.Generator | None = None
-    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of its full blocks
     num_registered_blocks: int = 0  # leading blocks already published to the prefix cache
     remote_decode: bool = False  # P side: keep the KV under a lease for a decode instance
