@@ -9,7 +9,7 @@ import torch
 
 from pdserve.config import EngineArgs, ModelConfig
 from pdserve.engine.blocks import BlockPool
-from pdserve.engine.kv_connector import KVConnector
+from pdserve.engine.kv_connector import KVConnector, RankCaches, allocate_rank_caches
 from pdserve.engine.kv_manager import KVCacheManager
 from pdserve.engine.outputs import EngineRequest, EngineStats, RequestOutput
 from pdserve.engine.request import Request, RequestStatus
@@ -84,9 +84,6 @@ class Engine:
         tp = args.tensor_parallel_size
         self.tp_workers: TPWorkers | None = None
         if tp > 1:
-            if args.role != "colocated":
-                raise ValueError("--tensor-parallel-size > 1 needs --role colocated: the KV "
-                                 "connector moves rank 0's caches only")
             # ranks 1..tp-1 load their shards while this process loads rank 0's
             self.tp_workers = TPWorkers.start(TPSpec(
                 args.model, self.dtype, self.device.type, tp, seed=args.seed,
@@ -127,16 +124,13 @@ class Engine:
         self.layout = KVLayout(str(self.dtype).removeprefix("torch."), block_size,
                                cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
                                args.tensor_parallel_size, 0)
-        self.connector: KVConnector | None = None
+        ranks: list[RankCaches] | None = None
         if args.role == "colocated":
             kv_caches = [torch.zeros(self.layout.cache_shape(num_blocks), dtype=self.dtype,
                                      device=self.device) for _ in range(cfg.num_layers)]
-        else:  # P and D: caches other engines can map, and the transfer agent
-            kv_caches, shm_name = KVConnector.allocate_caches(self.layout, num_blocks,
-                                                              self.device)
-            self.connector = KVConnector(self.layout, kv_caches, shm_name,
-                                         lease_ttl_s=args.kv_lease_ttl_s,
-                                         transport=args.kv_transport)
+        else:  # P and D: every rank's caches in a form other processes can map
+            ranks = allocate_rank_caches(self.layout, num_blocks, self.device)
+            kv_caches = ranks[0].kv_caches
         print(f"pdserve engine: KV cache of {num_blocks} blocks x {block_size} tokens = "
               f"{num_blocks * block_size} tokens ({num_blocks * per_block / 2**30:.2f} GiB)",
               flush=True)
@@ -150,11 +144,19 @@ class Engine:
             max_seqs=sched.max_num_seqs, max_model_len=self.max_model_len,
             use_cuda_graphs=not args.enforce_eager)
         if self.tp_workers is not None:
+            shared = None if ranks is None else [r.shared_description() for r in ranks[1:]]
             self.runner = TPModelRunner(self.tp_workers, loaded.model, kv_caches, block_size,
-                                        self.device, **runner_args)
+                                        self.device, shared_caches=shared, **runner_args)
         else:
             self.runner = ModelRunner(loaded.model, kv_caches, block_size, self.device,
                                       **runner_args)
+        self.connector: KVConnector | None = None
+        if ranks is not None:  # P and D: the transfer agent, over every rank's caches
+            for rank, export in enumerate(getattr(self.runner, "worker_exports", []), start=1):
+                if export is not None:  # a GPU worker's caches, mapped onto its GPU
+                    ranks[rank].adopt_export(export, self.tp_workers.spec.device(rank))
+            self.connector = KVConnector(ranks, lease_ttl_s=args.kv_lease_ttl_s,
+                                         transport=args.kv_transport)
         self.requests: dict[str, Request] = {}
         self._pending: list[RequestOutput] = []  # outputs produced outside step(), e.g. aborts
         self._aborted_pulls: dict[str, Request] = {}  # their blocks are freed when the pull ends
@@ -245,6 +247,11 @@ class Engine:
         self.scheduler.remove(request, free_blocks=not pulling)
         request.status = RequestStatus.FINISHED_ABORTED
         self._pending.append(self._output(request, [], None))
+
+    def release_lease(self, request_id: str) -> bool:
+        """On P: free a held prefill's blocks now (e.g. a stop string ended it: no D will
+        pull). False if no lease of that id is held; the blocks return at the next step."""
+        return self.connector is not None and self.connector.leases.release_later(request_id)
 
     # ---- one step ----------------------------------------------------------------------
 

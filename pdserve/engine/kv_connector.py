@@ -3,12 +3,18 @@
 The engine loop owns the block pool, so nothing here frees a block: released or expired
 leases and finished pulls are handed back through `poll()`, which the loop calls each step.
 Pulls run on one worker thread (KVPuller is not thread-safe) so the loop keeps decoding.
+
+With tensor parallelism everything lives in rank 0's process, which maps every rank's
+caches (shared memory on CPU, CUDA IPC on GPU): one KVSource per rank, all behind one lease
+table (rank 0 decides when blocks are free), and one KVPuller per rank that fills that
+rank's caches with its slice of the heads. Workers never see the connector.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,6 +30,8 @@ from pdserve.transfer import (
     allocate_shared_kv_caches,
     unlink_shared_kv_caches,
 )
+from pdserve.transfer.cuda_ipc import import_kv_caches
+from pdserve.transfer.host import describe_shared_kv_caches
 
 log = logging.getLogger(__name__)
 
@@ -48,37 +56,73 @@ class ConnectorStats:
     leases_held: int = 0
 
 
+@dataclass
+class RankCaches:
+    """One tensor-parallel rank's KV caches as rank 0's process sees them."""
+
+    layout: KVLayout  # with this rank's tp_rank
+    kv_caches: list[torch.Tensor] | None  # None until a GPU worker's export is imported
+    shm_name: str | None = None  # CPU: the shared-memory file rank 0 allocated for the rank
+    ipc_layers: list[dict] | None = None  # GPU worker: its own CUDA IPC export of the caches
+
+    def shared_description(self) -> dict | None:
+        """What a CPU worker needs to map its caches (None: a GPU worker allocates its own)."""
+        if self.shm_name is None or self.kv_caches is None:
+            return None
+        return describe_shared_kv_caches(self.kv_caches, self.shm_name)
+
+    def adopt_export(self, layers: list[dict], device: torch.device) -> None:
+        """Map a GPU worker's caches from its CUDA IPC export (onto its GPU, `device`)."""
+        self.ipc_layers = layers
+        self.kv_caches = import_kv_caches(layers, device)
+
+
+def allocate_rank_caches(layout: KVLayout, num_blocks: int, device: torch.device
+                         ) -> list[RankCaches]:
+    """Caches of every rank that other engines can read: on CPU all ranks' in shared memory
+    (allocated here, mapped by the workers); on GPU rank 0's, the workers export theirs."""
+    ranks = []
+    for rank in range(layout.tp_size):
+        rank_layout = layout.for_rank(rank)
+        if device.type == "cpu":
+            name = f"kv-{uuid.uuid4().hex[:8]}"
+            caches = allocate_shared_kv_caches(rank_layout, num_blocks, name)
+            ranks.append(RankCaches(rank_layout, caches, name))
+        elif rank == 0:
+            caches = [torch.zeros(rank_layout.cache_shape(num_blocks),
+                                  dtype=rank_layout.torch_dtype, device=device)
+                      for _ in range(rank_layout.num_layers)]
+            ranks.append(RankCaches(rank_layout, caches))
+        else:
+            ranks.append(RankCaches(rank_layout, None))
+    return ranks
+
+
 class KVConnector:
     """One per engine: serves this engine's leased blocks and pulls remote ones into it."""
 
-    def __init__(self, layout: KVLayout, kv_caches: list[torch.Tensor], shm_name: str | None,
-                 lease_ttl_s: float = 30.0, transport: str | None = None,
-                 advertise_host: str = "127.0.0.1", pull_timeout_s: float = 10.0):
+    def __init__(self, ranks: list[RankCaches], lease_ttl_s: float = 30.0,
+                 transport: str | None = None, advertise_host: str = "127.0.0.1",
+                 pull_timeout_s: float = 10.0):
         self.engine_id = uuid.uuid4().hex[:12]
-        self.layout = layout
-        self.kv_caches = kv_caches
-        self.shm_name = shm_name
-        self.leases = LeaseTable(lease_ttl_s)
-        on_gpu = kv_caches[0].device.type == "cuda"
-        self.source = KVSource(kv_caches, layout, self.leases, shm_name=shm_name,
-                               advertise_host=advertise_host,
-                               # GPU caches: also serve "host" through a pinned staging buffer
-                               staging_bytes=STAGING_BYTES if on_gpu else 0).start()
-        self.puller = KVPuller(layout, kv_caches, transport=transport, timeout_s=pull_timeout_s)
+        self.ranks = ranks
+        self.layout = ranks[0].layout
+        self.leases = LeaseTable(lease_ttl_s)  # shared by every rank's source
+        self.sources: list[KVSource] = []
+        self.pullers: list[KVPuller] = []
+        for rank in ranks:
+            assert rank.kv_caches is not None, "every rank's caches are mapped by now"
+            on_gpu = rank.kv_caches[0].device.type == "cuda"
+            self.sources.append(KVSource(
+                rank.kv_caches, rank.layout, self.leases, shm_name=rank.shm_name,
+                advertise_host=advertise_host, ipc_layers=rank.ipc_layers,
+                # GPU caches: also serve "host" through a pinned staging buffer
+                staging_bytes=STAGING_BYTES if on_gpu else 0).start())
+            self.pullers.append(KVPuller(rank.layout, rank.kv_caches, transport=transport,
+                                         timeout_s=pull_timeout_s))
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-pull")
         self._done: queue.Queue[PullResult] = queue.Queue()
         self.stats = ConnectorStats()
-
-    @staticmethod
-    def allocate_caches(layout: KVLayout, num_blocks: int, device: torch.device
-                        ) -> tuple[list[torch.Tensor], str | None]:
-        """KV caches D can read directly: in shared memory on CPU (host transport)."""
-        if device.type == "cpu":
-            name = f"kv-{uuid.uuid4().hex[:8]}"
-            return allocate_shared_kv_caches(layout, num_blocks, name), name
-        caches = [torch.zeros(layout.cache_shape(num_blocks), dtype=layout.torch_dtype,
-                              device=device) for _ in range(layout.num_layers)]
-        return caches, None
 
     # ---- P side ------------------------------------------------------------------------
 
@@ -87,7 +131,7 @@ class KVConnector:
         self.leases.hold(request_id, block_ids)
         self.stats.leases_held += 1
         remote = RemoteKV(self.engine_id, request_id, list(block_ids), self.layout,
-                          [self.source.endpoint()])
+                          [source.endpoint() for source in self.sources])
         return remote.to_kv_transfer_params() | {"first_token_id": first_token_id}
 
     def num_leases(self) -> int:
@@ -103,16 +147,18 @@ class KVConnector:
     def _pull(self, request_id: str, remote: RemoteKV, local_block_ids: list[int],
               first_block: int) -> None:
         try:
+            result = PullResult(request_id, True)  # no blocks: all from D's own prefix cache
             if local_block_ids:
-                stats = self.puller.pull(remote, local_block_ids, first_block)
-                result = PullResult(request_id, True, None, stats.bytes, stats.seconds,
-                                    stats.transport)
-            else:  # every block came from D's own prefix cache
-                result = PullResult(request_id, True)
+                start = time.perf_counter()
+                for puller in self.pullers:  # each rank pulls its slice of the heads
+                    stats = puller.pull(remote, local_block_ids, first_block)
+                    result.num_bytes += stats.bytes
+                    result.transport = stats.transport
+                result.seconds = time.perf_counter() - start
         except Exception as e:  # any failure means: prefill locally instead
             log.warning("KV pull for %s failed: %s", request_id, e)
             result = PullResult(request_id, False, f"{type(e).__name__}: {e}")
-        self.puller.release(remote)  # P may free now, whatever happened
+        self.pullers[0].release(remote)  # P may free now, whatever happened
         self._done.put(result)
 
     # ---- the engine loop's hand-back ---------------------------------------------------
@@ -143,7 +189,8 @@ class KVConnector:
 
     def close(self) -> None:
         self._worker.shutdown(wait=False, cancel_futures=True)
-        self.source.close()
-        self.puller.close()
-        if self.shm_name:
-            unlink_shared_kv_caches(self.shm_name)
+        for source, puller, rank in zip(self.sources, self.pullers, self.ranks):
+            source.close()
+            puller.close()
+            if rank.shm_name:
+                unlink_shared_kv_caches(rank.shm_name)

@@ -33,6 +33,8 @@ from pdserve.engine.cuda_graphs import DecodeGraphs
 from pdserve.engine.runner import ModelRunner, forward_step, profile_peak_activation_bytes
 from pdserve.engine.scheduler import SchedulerOutput
 from pdserve.engine.tp import NCCL_SAFE_ENV, TPSpec, join_group, make_store, pack_step, unpack_step
+from pdserve.transfer.cuda_ipc import export_kv_caches
+from pdserve.transfer.host import map_shared_kv_caches
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,20 @@ class CacheSpec:
     max_blocks_per_seq: int
     max_model_len: int
     use_cuda_graphs: bool
+    # P/D roles: rank 0 serves and fills every rank's caches. Per worker (rank r at r - 1):
+    # a shared-memory description to map (CPU), or None to allocate and export (GPU)
+    shared: list[dict | None] | None = None
+
+    def allocate(self, rank: int, dtype: torch.dtype, device: torch.device
+                 ) -> tuple[list[torch.Tensor], list[dict] | None]:
+        """This worker's caches, and their CUDA IPC export when rank 0 must map them."""
+        mine = None if self.shared is None else self.shared[rank - 1]
+        if mine is not None:
+            return map_shared_kv_caches(mine), None
+        caches = [torch.zeros(self.cache_shape, dtype=dtype, device=device)
+                  for _ in range(self.num_layers)]
+        export = export_kv_caches(caches) if self.shared is not None else None
+        return caches, export
 
 
 # ---- rank 0 ---------------------------------------------------------------------------------
@@ -208,20 +224,23 @@ class TPModelRunner:
 
     def __init__(self, workers: TPWorkers, model: torch.nn.Module, kv_caches: list[torch.Tensor],
                  block_size: int, device: torch.device, max_tokens: int, max_seqs: int,
-                 max_model_len: int, use_cuda_graphs: bool = False):
+                 max_model_len: int, use_cuda_graphs: bool = False,
+                 shared_caches: list[dict | None] | None = None):
+        """`shared_caches`: see CacheSpec.shared; the workers' exports land in
+        `worker_exports` (rank r's at r - 1)."""
         workers.connect()
         self.workers = workers
         use_graphs = use_cuda_graphs and device.type == "cuda"
         workers.send("caches", CacheSpec(
             cache_shape=tuple(kv_caches[0].shape), num_layers=len(kv_caches), max_seqs=max_seqs,
             max_blocks_per_seq=(max_model_len + block_size - 1) // block_size,
-            max_model_len=max_model_len, use_cuda_graphs=use_graphs))
+            max_model_len=max_model_len, use_cuda_graphs=use_graphs, shared=shared_caches))
         try:  # rank 0 captures its graphs while the workers capture theirs
             self.local = ModelRunner(model, kv_caches, block_size, device, max_tokens, max_seqs,
                                      max_model_len, use_cuda_graphs=use_graphs)
         except Exception as exc:
             raise self._explain(exc) from exc
-        workers.gather("allocating caches")
+        self.worker_exports: list[list[dict] | None] = workers.gather("allocating caches")
         self.model, self.kv_caches, self.device = model, kv_caches, device
 
     @torch.inference_mode()
@@ -310,13 +329,12 @@ def _serve(spec: TPSpec, rank: int, port: int, conn, model: torch.nn.Module,
             conn.send(("ok", profile_peak_activation_bytes(model, tokens, seqs, block_size,
                                                            shape, spec.dtype, device)))
         elif command == "caches":
-            kv_caches = [torch.zeros(arg.cache_shape, dtype=spec.dtype, device=device)
-                         for _ in range(arg.num_layers)]
+            kv_caches, export = arg.allocate(rank, spec.dtype, device)
             if arg.use_cuda_graphs:  # captured in the same order as rank 0's: their NCCL calls pair
                 graphs = DecodeGraphs(model, kv_caches, arg.max_seqs, arg.max_blocks_per_seq,
                                       arg.max_model_len, device)
                 graphs.capture()
-            conn.send(("ok", None))
+            conn.send(("ok", export))
         elif command == "stop":
             return
         else:

@@ -125,6 +125,14 @@ def describe_shared_kv_caches(kv_caches: list[torch.Tensor], name: str) -> dict:
     }
 
 
+def map_shared_kv_caches(desc: dict) -> list[torch.Tensor]:
+    """Writable views of caches another process allocated (a tensor-parallel worker's own
+    caches, allocated by rank 0 so that rank 0 can serve and fill them)."""
+    flat = torch.from_file(desc["path"], shared=True, size=desc["size"], dtype=torch.uint8)
+    dtype = getattr(torch, desc["dtype"])
+    return [_view(flat, layer["offset"], layer["shape"], dtype) for layer in desc["layers"]]
+
+
 @dataclass
 class _Mapping:
     """D's read-only view of a P file: its cache layers, or (staged) the raw buffer."""

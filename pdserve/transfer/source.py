@@ -66,6 +66,9 @@ class KVSource:
     shm_name: str | None = None
     read_timeout_s: float = 30.0  # idle connections close; a read's lease lives this + its bytes
     staging_bytes: int = 0
+    # the owner's own CUDA IPC export, for caches this process only mapped (a TP worker's):
+    # an imported allocation cannot be exported again
+    ipc_layers: list[dict] | None = None
 
     def __post_init__(self) -> None:
         self._server: socketserver.ThreadingTCPServer | None = None
@@ -183,7 +186,7 @@ class KVSource:
             return host.describe_shared_kv_caches(self.kv_caches, self.shm_name)
         if transport == "host" and self._staging is not None:
             return self._staging.describe()
-        return {"layers": cuda_ipc.export_kv_caches(self.kv_caches)}
+        return {"layers": self.ipc_layers or cuda_ipc.export_kv_caches(self.kv_caches)}
 
     def _heads(self, msg: dict) -> tuple[int, int]:
         start, stop = msg.get("heads") or (0, self.layout.rank_kv_heads)

@@ -9,7 +9,6 @@ import time
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from pdserve.config import SchedulerConfig
 from pdserve.engine.blocks import BlockPool
@@ -22,26 +21,17 @@ from pdserve.engine.tp import TPSpec
 from pdserve.engine.tp_runner import TPModelRunner, TPWorkerError, TPWorkers
 from pdserve.models.layers import build_rope_tables
 from pdserve.models.loader import load_model
+from tests.engine.conftest import TINY_LAYERS, TINY_MAX_LEN
 
-BLOCK_SIZE, NUM_BLOCKS, NUM_LAYERS, MAX_MODEL_LEN = 4, 32, 2, 128
+BLOCK_SIZE, NUM_BLOCKS, NUM_LAYERS, MAX_MODEL_LEN = 4, 32, TINY_LAYERS, TINY_MAX_LEN
 CPU = torch.device("cpu")
 PROMPTS = [[5, 17, 200, 3, 99, 41, 7, 8, 250, 1, 64], [12, 13, 14, 90, 91, 2, 255]]
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> str:
+def folder(tiny_llama) -> str:
     """A tiny random Llama checkpoint whose 4 q heads and 2 KV heads split over 2 ranks."""
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96,
-                         num_hidden_layers=NUM_LAYERS, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=MAX_MODEL_LEN)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(1.0 if param.dim() == 1 else 0.0, 0.1)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(path)
-    return str(path)
+    return tiny_llama
 
 
 def make_runner(folder: str, tp_size: int, workers: TPWorkers | None = None,
