@@ -6,6 +6,7 @@ GIL from the step loop. It blocks on its inbox while it has nothing to do.
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import queue
 import traceback
@@ -29,7 +30,8 @@ class EngineInfo:
     pid: int
 
 
-# Messages in: ("add", EngineRequest) | ("abort", request_id) | ("shutdown", None).
+# Messages in: ("add", EngineRequest) | ("abort", request_id)
+#              | ("release_lease", request_id) | ("shutdown", None).
 # Messages out: ("ready", EngineInfo) | ("init_error", str) | ("outputs", list, EngineStats)
 #               | ("fatal", str). Every "add" is answered first by a verdict: an empty
 #               RequestOutput (accepted) or a finished one carrying `error` (refused).
@@ -49,6 +51,9 @@ def run_engine_process(
     factory: Callable[[EngineArgs], object] = default_engine_factory,
 ) -> None:
     """Entry point of the spawned process."""
+    # the server reaps this process as a daemon, but it must be free to start tensor-parallel
+    # workers (multiprocessing forbids children of daemons; the workers exit with it)
+    mp.current_process().daemon = False
     try:
         engine = factory(args)
     except BaseException:
@@ -95,6 +100,8 @@ def _loop(engine, inbox, outbox) -> None:
                 verdicts.append(_add(engine, payload))
             elif kind == "abort":
                 _abort(engine, payload)
+            elif kind == "release_lease":  # the step below frees its blocks
+                engine.release_lease(payload)
         if verdicts:  # before the step: the server answers 400 or starts streaming at once
             outbox.put(("outputs", verdicts, engine.stats()))
         if engine.has_unfinished_requests() or messages:

@@ -1,0 +1,66 @@
+"""`pdserve up --decode-tp 3`: a TP=1 prefill instance feeds a TP=3 decode instance (the
+embedded SmolLM2's 3 KV heads, one per decode rank), and the tokens are those of TP=1 alone."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.launch.test_up import READY, REPO, Up, descendants
+from tests.router.cluster import blocks_in_use, env, free_port, metric
+
+PROMPTS = ["The three primary colours are", "A " * 30 + "story about a dragon who"]
+
+
+@pytest.fixture(scope="module")
+def up_tp(tmp_path_factory) -> Iterator[Up]:
+    tmp = tmp_path_factory.mktemp("up-tp")
+    port = free_port(run=3)
+    out_path = tmp / "up.out"
+    cmd = [sys.executable, "-m", "pdserve.cli", "up", "--prefill", "1", "--decode", "1",
+           "--decode-tp", "3", "--port", str(port), "--log-dir", str(tmp / "logs")]
+    with open(out_path, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env={**env(), "COLUMNS": "200"}, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    deployment = Up(proc, out_path, f"http://127.0.0.1:{port}")
+    try:
+        deployment.wait_for(READY, timeout_s=300)
+        yield deployment
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            for pid in descendants(proc.pid):
+                subprocess.run(["kill", "-9", str(pid)], check=False)
+            proc.kill()
+            proc.wait()
+
+
+def completion(url: str, prompt: str) -> str:
+    body = {"prompt": prompt, "max_tokens": 16, "temperature": 0.0, "ignore_eos": True}
+    resp = httpx.post(url + "/v1/completions", json=body, timeout=180)
+    assert resp.status_code == 200, resp.text
+    return resp.json()["choices"][0]["text"]
+
+
+def test_tp1_prefill_to_tp3_decode_gives_tp1_tokens(up_tp):
+    instances = httpx.get(up_tp.url + "/instances", timeout=10).json()["instances"]
+    by_role = {i["role"]: i["url"] for i in instances}
+    for prompt in PROMPTS:
+        # a plain request on P runs colocated at TP=1: the reference
+        reference = completion(by_role["prefill"], prompt)
+        assert completion(up_tp.url, prompt) == reference  # P (TP=1) -> D (TP=3)
+    decode = by_role["decode"]
+    assert metric(decode, "pdserve:kv_pulls_ok_total") == len(PROMPTS)
+    assert metric(decode, "pdserve:kv_pulls_failed_total") == 0
+    assert metric(up_tp.url, "pdserve_router:requests_total", kind="disagg") == len(PROMPTS)
+    deadline = time.monotonic() + 45
+    while any(blocks_in_use(u) for u in by_role.values()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not any(blocks_in_use(u) for u in by_role.values())  # P's leases ended, D freed
