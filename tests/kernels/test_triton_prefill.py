@@ -99,3 +99,30 @@ def test_dispatcher_rejects_unknown_backend(monkeypatch) -> None:
     monkeypatch.setenv("PDSERVE_ATTENTION_BACKEND", "flash")
     with pytest.raises(ValueError, match="PDSERVE_ATTENTION_BACKEND"):
         paged_attention(case.q, case.k, case.v, case.kv_cache, case.meta, case.scale)
+
+
+@pytest.mark.parametrize("head_dim,heads,kv_heads,block_size", SHAPES)
+def test_fresh_prompts_through_sdpa_match_reference(
+    monkeypatch, head_dim: int, heads: int, kv_heads: int, block_size: int
+) -> None:
+    """Long fresh prompts go to torch's SDPA after one KV store: same output and cache."""
+    from pdserve.kernels import sdpa_prefill
+
+    monkeypatch.setattr(sdpa_prefill, "SDPA_MIN_QUERY_LEN", 16)
+    query_lens = [5, 33, 16]
+    assert sdpa_prefill.sdpa_prefill_applies(query_lens, query_lens)
+    case = make_case(query_lens, query_lens, heads, kv_heads, head_dim, block_size, seed=3)
+    expected, expected_cache = reference(case)
+    assert rel_error(run(case), expected) < 1e-5
+    assert torch.equal(case.kv_cache.double(), expected_cache)
+
+
+def test_sdpa_prefill_applies_only_to_long_fresh_prompt_steps(monkeypatch) -> None:
+    from pdserve.kernels.sdpa_prefill import SDPA_MIN_QUERY_LEN as n
+    from pdserve.kernels.sdpa_prefill import sdpa_prefill_applies
+
+    assert sdpa_prefill_applies([n, 3], [n, 3])
+    assert not sdpa_prefill_applies([n - 1, 3], [n - 1, 3])  # all short
+    assert not sdpa_prefill_applies([n, 3], [n + 16, 3])  # a chunk over a cached prefix
+    monkeypatch.setenv("PDSERVE_PREFILL_SDPA", "0")
+    assert not sdpa_prefill_applies([n], [n])
