@@ -19,23 +19,8 @@ NUM_TOKENS = 32
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """A Llama-3-like checkpoint (GQA 4:1, head dim 128, llama3 rope) with random weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=6,
-        num_attention_heads=8, num_key_value_heads=2, head_dim=128, max_position_embeddings=4096,
-        rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 1024},
-        initializer_range=0.05,
-    )
-    model = LlamaForCausalLM(cfg)
-    path = tmp_path_factory.mktemp("llama")
-    model.save_pretrained(path)
-    return str(path)
+def folder(gpu_llama):
+    return gpu_llama
 
 
 @pytest.fixture(scope="module")
