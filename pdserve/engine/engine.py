@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -12,10 +13,12 @@ from pdserve.engine.blocks import BlockPool
 from pdserve.engine.kv_connector import KVConnector, RankCaches, allocate_rank_caches
 from pdserve.engine.kv_manager import KVCacheManager
 from pdserve.engine.outputs import EngineRequest, EngineStats, RequestOutput
+from pdserve.engine.overlap import OverlappedLoop
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.runner import ModelRunner, profile_peak_activation_bytes
 from pdserve.engine.sampler import sample
-from pdserve.engine.scheduler import Scheduler
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from pdserve.engine.tp import TPSpec
 from pdserve.engine.tp_runner import TPModelRunner, TPWorkers
 from pdserve.models.layers import build_rope_tables
@@ -160,6 +163,22 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self._pending: list[RequestOutput] = []  # outputs produced outside step(), e.g. aborts
         self._aborted_pulls: dict[str, Request] = {}  # their blocks are freed when the pull ends
+        if self.device.type == "cuda":
+            self._compile_mixed_step()
+
+    def _compile_mixed_step(self) -> None:
+        """Run one dummy decode + prefill step now: Triton compiles the kernels' mixed-step
+        variants here instead of stalling the first such step of real requests (~1 s)."""
+        params = SamplingParams(max_tokens=1)
+        decode, prefill = Request("warm-decode", [1] * 17, params), Request("warm-prefill",
+                                                                            [1] * 32, params)
+        decode.num_computed_tokens = 16  # one token left: a decode row
+        free = iter(range(self.num_blocks))
+        for r in (decode, prefill):
+            r.block_ids = [next(free, 0) for _ in range(self.kv.blocks_needed(r.num_tokens))]
+        # the blocks are free and uncached: what the step writes into them is never read
+        self.runner.execute(SchedulerOutput([ScheduledRequest(decode, 1),
+                                             ScheduledRequest(prefill, 32)]))
 
     # ---- requests in -------------------------------------------------------------------
 
@@ -258,8 +277,22 @@ class Engine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests) or bool(self._pending) or bool(self._aborted_pulls)
 
+    @functools.cached_property
+    def _overlap(self) -> OverlappedLoop | None:
+        """The --async-scheduling step loop, where it applies: one device, no KV connector."""
+        if not self.args.async_scheduling:
+            return None
+        if self.connector is not None or type(self.runner) is not ModelRunner:
+            log.warning("--async-scheduling is ignored with --role %s and tensor parallel "
+                        "size %d: steps run serially", self.args.role,
+                        self.args.tensor_parallel_size)
+            return None
+        return OverlappedLoop(self)
+
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, sample; return the deltas of requests that moved."""
+        if self._overlap is not None:  # plan and queue the next step while this one runs
+            return self._overlap.step()
         outputs, self._pending = self._pending, []
         if self.connector is not None:
             self._collect_transfers()

@@ -110,7 +110,9 @@ def _store_new_rows(
     tl.store(cache_ptr + stride_c_kv + offs, v.to(elem), mask=mask)
 
 
-@triton.jit
+# num_seqs changes every step: specializing on it (== 1, multiple of 16) would compile new
+# variants while serving, a stall of a second or more on the first step of each kind
+@triton.jit(do_not_specialize=["num_seqs"])
 def _prefill_kernel(
     q_ptr,
     k_ptr,
