@@ -11,6 +11,10 @@ shared/device/ceilings.py) or a single-threaded host memcpy of the same bytes (-
 
 Prints one JSON line (also written to --out).  On --device cuda every transport pulls from
 P's GPU: host goes through P's pinned shared-memory staging buffer (--staging-mib).
+cuda_ipc is the one-launch Triton block copy; cuda_ipc_torch the per-layer gather + scatter
+it replaced. For both, "pull" rows time whole pulls (lease round trips over P's socket
+included) and "copy" rows the copy alone on the mapped caches; both --ipc-reps runs.
+`--tiles 16:8,32:8` adds copy rows of the kernel at other tile sizes (KiB) and max warps.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import json
 import multiprocessing as mp
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -31,7 +36,12 @@ from pdserve.transfer import (
     allocate_shared_kv_caches,
     unlink_shared_kv_caches,
 )
+from pdserve.transfer.block_kernel import launch
+from pdserve.transfer.block_plan import plan_block_copy
+from pdserve.transfer.blockcopy import Scratch, copy_blocks
+from pdserve.transfer.cuda_ipc import CudaIpcPuller, import_kv_caches
 from pdserve.transfer.transports import KVPuller
+from pdserve.transfer.wire import Connection
 
 
 def source_main(
@@ -79,7 +89,21 @@ def sync(device: torch.device) -> None:
             torch.cuda.synchronize(i)
 
 
-def ceiling_gbps(device: torch.device, nbytes: int) -> tuple[str, float]:
+def median_seconds(fn, device: torch.device, reps: int, warmup: int = 3) -> float:
+    """Median wall time of `fn` over `reps` runs after `warmup`, every GPU synced around each."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def ceiling_gbps(device: torch.device, nbytes: int, reps: int) -> tuple[str, float]:
     """Peer copy cuda:0 -> D's GPU (like ceilings.py), or a host memcpy on CPU."""
     if device.type == "cuda":
         a = torch.empty(nbytes, dtype=torch.uint8, device="cuda:0")
@@ -89,19 +113,82 @@ def ceiling_gbps(device: torch.device, nbytes: int) -> tuple[str, float]:
         a = torch.ones(nbytes, dtype=torch.uint8)
         b = torch.empty_like(a)
         kind = "host_memcpy_GBps"
-    times = []
-    for _ in range(6):
-        sync(device)
-        start = time.perf_counter()
-        b.copy_(a)
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return kind, nbytes / statistics.median(times[1:]) / 1e9
+    return kind, nbytes / median_seconds(lambda: b.copy_(a), device, reps) / 1e9
+
+
+@dataclass
+class Checked:
+    """D's caches and what P says the pulled blocks sum to: every row is checked on its own."""
+
+    local: list[torch.Tensor]
+    local_ids: list[int]
+    want: float
+
+    def reset(self) -> None:
+        for c in self.local:
+            c.zero_()
+
+    def ok(self) -> bool:
+        ids = torch.tensor(self.local_ids, device=self.local[0].device)
+        got = sum(float(c.index_select(1, ids).double().sum()) for c in self.local)
+        return abs(got - self.want) <= 1e-6 * max(1.0, abs(self.want))
+
+
+def copy_rows(
+    endpoint: dict,
+    remote_ids: list[int],
+    checked: Checked,
+    device: torch.device,
+    args: argparse.Namespace,
+) -> list[dict]:
+    """cuda_ipc's copy alone on P's mapped caches: the kernel, its tile variants, torch's path."""
+    with Connection(endpoint, 60) as conn:
+        layers = conn.call({"op": "open", "transport": "cuda_ipc"})["mapping"]["layers"]
+    remote = import_kv_caches(layers, device)  # the bench's lease covers every block
+    local, local_ids = checked.local, checked.local_ids
+    scratch = Scratch()
+    variants = {
+        "cuda_ipc": lambda: copy_blocks(remote, remote_ids, local, local_ids, None),
+        "cuda_ipc_torch": lambda: copy_blocks(
+            remote, remote_ids, local, local_ids, None, scratch, kernel=False
+        ),
+    }
+    plan = plan_block_copy(remote, remote_ids, local, local_ids, None)
+    for tile in filter(None, (args.tiles or "").split(",")):
+        kib, warps = (int(x) for x in tile.split(":"))
+        variants[f"cuda_ipc_tile{kib}k_w{warps}"] = (
+            lambda kib=kib, warps=warps: launch(plan, device, kib << 10, warps)
+        )
+    rows = []
+    for name, fn in variants.items():
+        checked.reset()
+        median = median_seconds(fn, device, args.ipc_reps)
+        rows.append({
+            "transport": name,
+            "scope": "copy",
+            "bytes": plan.nbytes,
+            "median_s": round(median, 6),
+            "GBps": round(plan.nbytes / median / 1e9, 2),
+            "checksum_ok": checked.ok(),
+        })
+    return rows
+
+
+def pull_fn(name: str, layout: KVLayout, endpoint: dict, remote_ids: list[int], checked: Checked):
+    """(puller, one pull) for transport `name`; cuda_ipc_torch is cuda_ipc without the kernel."""
+    local, local_ids = checked.local, checked.local_ids
+    if name == "cuda_ipc_torch":
+        ipc = CudaIpcPuller(timeout_s=300, kernel=False)
+        return ipc, lambda: ipc.pull(endpoint, "bench", remote_ids, local_ids, local)
+    puller = KVPuller(layout, local, transport=name, timeout_s=300)
+    remote = RemoteKV("bench-p", "bench", remote_ids, layout, [endpoint])
+    return puller, lambda: puller.pull(remote, local_ids)
 
 
 def bench_transport(
     name: str, layout: KVLayout, args: argparse.Namespace, device: torch.device
-) -> dict:
+) -> list[dict]:
+    """The pull row of transport `name`, and for cuda_ipc the copy rows after it."""
     pool = args.blocks * 2  # P and D hold other requests' blocks too: ids are scattered
     on_gpu = device.type == "cuda"
     shared = name == "host" and not on_gpu  # CPU P: caches in shared memory; GPU P: staging
@@ -122,31 +209,31 @@ def bench_transport(
             torch.zeros(shape, dtype=layout.torch_dtype, device=device)
             for _ in range(layout.num_layers)
         ]
-        remote = RemoteKV("bench-p", "bench", remote_ids, layout, [endpoint])
-        puller = KVPuller(layout, local, transport=name, timeout_s=300)
+        conn.send(remote_ids)  # checksum of the blocks D pulls
+        checked = Checked(local, local_ids, conn.recv())
+        puller, pull = pull_fn(name, layout, endpoint, remote_ids, checked)
         seconds, nbytes = [], 0
-        for _ in range(args.reps + 1):  # the first pull maps / connects: a warm-up
+        reps = args.ipc_reps if name.startswith("cuda_ipc") else args.reps
+        for _ in range(reps + 1):  # the first pull maps / connects / compiles: a warm-up
             sync(device)
-            stats = puller.pull(remote, local_ids)
+            stats = pull()
             sync(device)
             seconds.append(stats.seconds)
             nbytes = stats.bytes
-        conn.send(remote_ids)
-        want = conn.recv()
-        got = sum(
-            float(c.index_select(1, torch.tensor(local_ids, device=device)).double().sum())
-            for c in local
-        )
         puller.close()
         median = statistics.median(seconds[1:])
-        return {
+        rows = [{
             "transport": name,
+            "scope": "pull",
             "bytes": nbytes,
             "first_pull_s": round(seconds[0], 4),
-            "median_s": round(median, 4),
+            "median_s": round(median, 6),
             "GBps": round(nbytes / median / 1e9, 2),
-            "checksum_ok": abs(got - want) <= 1e-6 * max(1.0, abs(want)),
-        }
+            "checksum_ok": checked.ok(),
+        }]
+        if name == "cuda_ipc":
+            rows += copy_rows(endpoint, remote_ids, checked, device, args)
+        return rows
     finally:
         conn.send("stop")
         proc.join(30)
@@ -161,7 +248,9 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=5, help="pulls of host and tcp")
+    parser.add_argument("--ipc-reps", type=int, default=50, help="cuda_ipc pulls and copies")
+    parser.add_argument("--tiles", default=None, help="kernel copy rows: KiB:max_warps,...")
     parser.add_argument("--staging-mib", type=int, default=256, help="GPU P's host staging")
     parser.add_argument(
         "--ids",
@@ -177,13 +266,13 @@ def main() -> None:
     layout = KVLayout(args.dtype, args.block_size, args.layers, args.kv_heads, args.head_dim)
     if args.device == "cuda":
         device = torch.device("cuda", 1 if torch.cuda.device_count() > 1 else 0)
-        names = ["cuda_ipc", "host", "tcp"]
+        names = ["cuda_ipc", "cuda_ipc_torch", "host", "tcp"]
     else:
         device, names = torch.device("cpu"), ["host", "tcp"]
     names = args.transports.split(",") if args.transports else names
 
     nbytes = args.blocks * layout.bytes_per_block
-    ceiling_name, ceiling = ceiling_gbps(device, nbytes)
+    ceiling_name, ceiling = ceiling_gbps(device, nbytes, args.ipc_reps)
     result = {
         "bench": "kv_transfer",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -198,9 +287,9 @@ def main() -> None:
         "results": [],
     }
     for name in names:
-        r = bench_transport(name, layout, args, device)
-        r["ratio_to_ceiling"] = round(r["GBps"] / ceiling, 3)
-        result["results"].append(r)
+        for r in bench_transport(name, layout, args, device):
+            r["ratio_to_ceiling"] = round(r["GBps"] / ceiling, 3)
+            result["results"].append(r)
     line = json.dumps(result)
     print(line)
     if args.out:
@@ -208,7 +297,8 @@ def main() -> None:
             f.write(line + "\n")
     for r in result["results"]:
         print(
-            f"{r['transport']:>9}: {r['GBps']:8.2f} GB/s  {r['median_s'] * 1e3:8.1f} ms  "
+            f"{r['transport']:>22} {r['scope']:>4}: {r['GBps']:8.2f} GB/s  "
+            f"{r['median_s'] * 1e3:8.2f} ms  "
             f"{r['ratio_to_ceiling']:.3f} x {ceiling_name} ({ceiling:.1f})  ok={r['checksum_ok']}"
         )
 

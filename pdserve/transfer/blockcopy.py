@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pdserve.transfer.block_plan import NotPlannable, plan_block_copy
 from pdserve.transfer.layout import HeadSlice
 
 
@@ -74,12 +75,17 @@ def copy_blocks(
     dst_ids: list[int],
     heads: HeadSlice | None,
     scratch: Scratch | None = None,
+    kernel: bool = True,
 ) -> int:
     """Copy blocks between two sets of layer caches (any devices); returns bytes moved.
 
-    Blocks allocated in order make long runs: one direct slice copy each (one pass over
-    the bytes). Scattered blocks: one batched gather and one scatter per layer.
+    Both sides addressable from one GPU (the same GPU, or a peer's caches mapped there
+    through CUDA IPC): one Triton launch for every layer (block_kernel.py), unless `kernel`
+    is False. Otherwise blocks allocated in order make long runs: one direct slice copy
+    each. Scattered blocks: one batched gather and one scatter per layer.
     """
+    if kernel and (nbytes := _copy_on_gpu(src, src_ids, dst, dst_ids, heads)) is not None:
+        return nbytes
     span = (0, src[0].shape[3]) if heads is None else (heads.remote_start, heads.remote_stop)
     local_start = 0 if heads is None else heads.local_start
     stretches = runs(src_ids, dst_ids)
@@ -98,3 +104,24 @@ def copy_blocks(
         scatter_blocks(d, dst_index, data, local_start)
         nbytes += data.nbytes
     return nbytes
+
+
+def _copy_on_gpu(
+    src: list[torch.Tensor],
+    src_ids: list[int],
+    dst: list[torch.Tensor],
+    dst_ids: list[int],
+    heads: HeadSlice | None,
+) -> int | None:
+    """The one-launch kernel copy, or None where it does not apply (the torch path does)."""
+    if not (src and dst and src[0].is_cuda and src[0].device == dst[0].device):
+        return None
+    from pdserve.transfer import block_kernel  # imports triton: only where a GPU copies
+
+    if not block_kernel.kernel_available(dst[0].device):
+        return None
+    try:
+        plan = plan_block_copy(src, src_ids, dst, dst_ids, heads)
+    except NotPlannable:
+        return None
+    return block_kernel.launch(plan, dst[0].device)

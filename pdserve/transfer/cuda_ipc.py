@@ -3,10 +3,10 @@
 P's KVSource exports each layer's cache with torch's CUDA IPC reduction (a cudaIpcMemHandle
 plus offsets, JSON-encoded) when D sends `open`. D rebuilds them **on its own device**:
 cudaIpcOpenMemHandle maps P's memory into D's context and lazily enables peer access, so
-the per-layer gather (index_select over P's cache) runs as a kernel on D's GPU reading
-over NVLink/PCIe, and the scatter (index_copy_) writes locally: two kernels per layer, no
-CUDA context on P's GPU, no staging copy. Reads are admitted against P's lease with
-`begin`/`end` exactly like the host transport.
+one Triton launch on D's GPU (block_kernel.py) reads every block of every layer over
+NVLink/PCIe and writes it straight into D's cache: no CUDA context on P's GPU, no staging
+copy. `kernel=False` keeps the torch path (per layer, a gather into scratch and a scatter).
+Reads are admitted against P's lease with `begin`/`end` exactly like the host transport.
 
 Assumptions, to be checked by tests/transfer/test_cuda_ipc.py on a GPU machine:
 - the KV of a request is complete on P's GPU once P has answered (it synced to sample);
@@ -108,6 +108,7 @@ class CudaIpcPuller:
     timeout_s: float = 10.0
     name: str = "cuda_ipc"
     _maps: dict[tuple[str, int], list[torch.Tensor]] = field(default_factory=dict)
+    kernel: bool = True  # False: torch's gather + scatter per layer (the path it replaced)
     _scratch: Scratch = field(default_factory=Scratch)  # one layer's gather, on D's GPU
 
     def pull(
@@ -140,7 +141,13 @@ class CudaIpcPuller:
                 )
                 with torch.cuda.device(device):
                     nbytes = copy_blocks(
-                        remote, remote_block_ids, kv_caches, local_block_ids, heads, self._scratch
+                        remote,
+                        remote_block_ids,
+                        kv_caches,
+                        local_block_ids,
+                        heads,
+                        self._scratch,
+                        self.kernel,
                     )
                     torch.cuda.current_stream(device).synchronize()  # done before "end" is asked
                 ended = conn.call(

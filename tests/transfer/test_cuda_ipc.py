@@ -73,6 +73,40 @@ def test_pull_half_the_heads(gpu_source, expected, device):
         assert torch.equal(mine[:, [1, 0]].cpu(), theirs[:, [1, 2], :, 4:8])
 
 
+def block_ids(kind: str) -> tuple[list[int], list[int]]:
+    """40 (remote, local) block ids: one run on both sides, or random in both pools."""
+    if kind == "contiguous":
+        return list(range(10, 50)), list(range(40))
+    g = torch.Generator().manual_seed(3)
+    remote = torch.randperm(NUM_BLOCKS, generator=g)[:40].tolist()
+    return remote, torch.randperm(48, generator=g)[:40].tolist()
+
+
+@pytest.mark.parametrize("kind", ["scattered", "contiguous"])
+@pytest.mark.parametrize(
+    "heads,local_heads",
+    [(None, 8), (HeadSlice(0, 4, 8, 0), 4), (HeadSlice(0, 2, 6, 3), 8)],
+    ids=["all", "half", "mid"],
+)
+def test_kernel_pull_matches_the_torch_path(gpu_source, expected, device, kind, heads, local_heads):
+    remote_ids, local_ids = block_ids(kind)
+    rid = f"gpu-kernel-{kind}-{local_heads}-{heads}"
+    gpu_source.call("hold", rid, remote_ids)
+    shape = (2, 48, LAYOUT.block_size, local_heads, LAYOUT.head_dim)
+    by_kernel, by_torch = (
+        [torch.zeros(shape, dtype=LAYOUT.torch_dtype, device=device) for _ in expected]
+        for _ in range(2)
+    )
+    for caches, kernel in ((by_kernel, True), (by_torch, False)):
+        CudaIpcPuller(kernel=kernel).pull(gpu_source.endpoint, rid, remote_ids, local_ids,
+                                          caches, heads)
+    part = heads or HeadSlice(0, 0, LAYOUT.num_kv_heads, 0)
+    for mine, torch_path, theirs in zip(by_kernel, by_torch, expected):
+        assert torch.equal(mine.view(torch.int16), torch_path.view(torch.int16))
+        got = mine[:, local_ids, :, part.local_start : part.local_stop].cpu()
+        assert torch.equal(got, theirs[:, remote_ids, :, part.remote_start : part.remote_stop])
+
+
 def test_pull_without_lease_is_refused(gpu_source, device):
     with pytest.raises(TransferError, match="no live lease"):
         CudaIpcPuller().pull(gpu_source.endpoint, "nobody", [1], [0], empty(LAYOUT, 1, device))
