@@ -42,6 +42,9 @@ def add_parser(subparsers) -> None:
                    help="the router's port (default 8000); instances take the next ones")
     p.add_argument("--kv-cache-memory", default=None,
                    help="KV cache bytes per instance, e.g. 1GiB")
+    p.add_argument("--pd-min-prompt-tokens", type=int, default=None, metavar="N",
+                   help="as `pdserve router --pd-min-prompt-tokens`: shorter prompts skip the "
+                   "prefill instance (default 0: always disaggregate)")
     p.add_argument("--cpu", action="store_true", default=None,
                    help="run on the CPU even where GPUs exist")
     p.add_argument("--config", default=None, help="a YAML layout; flags override it")
@@ -60,7 +63,7 @@ def layout_from_args(args: argparse.Namespace) -> Layout:
              "prefill_tp": args.prefill_tp, "decode_tp": args.decode_tp,
              "colocated_tp": args.colocated_tp, "model": args.model, "host": args.host,
              "port": args.port, "kv_cache_memory": args.kv_cache_memory, "cpu": args.cpu,
-             "instance_args": extra}
+             "pd_min_prompt_tokens": args.pd_min_prompt_tokens, "instance_args": extra}
     if args.config:
         return Layout.from_yaml(args.config, **given)
     return Layout(**{k: v for k, v in given.items() if v is not None})
@@ -89,6 +92,8 @@ def instance_proc(inst: InstancePlan, layout: Layout, log_dir: Path) -> Proc:
 def router_proc(instances: list[InstancePlan], layout: Layout, log_dir: Path) -> Proc:
     cmd = [sys.executable, "-m", "pdserve.cli", "router", "--host", layout.host,
            "--port", str(layout.port)]
+    if layout.pd_min_prompt_tokens:
+        cmd += ["--pd-min-prompt-tokens", str(layout.pd_min_prompt_tokens)]
     for inst in instances:
         cmd += [f"--{inst.role}", inst.url]
     url = f"http://{layout.host}:{layout.port}"

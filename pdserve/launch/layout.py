@@ -7,6 +7,7 @@ YAML accepts the flags' names, with counts given plainly or as {count, tp}:
     prefill: {count: 2, tp: 1}
     decode: {count: 1, tp: 2}
     kv_cache_memory: 1GiB       # per instance (CPU, or to cap it on GPU)
+    pd_min_prompt_tokens: 4096  # the router's: shorter prompts are served whole on a D
     instance_args: [--max-num-seqs, "64"]
 """
 
@@ -35,6 +36,7 @@ class Layout:
     port: int = 8000
     kv_cache_memory: str | None = None
     cpu: bool = False  # force CPU even where GPUs exist
+    pd_min_prompt_tokens: int = 0  # the router's conditional disaggregation (0: always)
     instance_args: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -43,6 +45,8 @@ class Layout:
         for role in ROLES:
             if getattr(self, role) < 0 or getattr(self, f"{role}_tp") < 1:
                 raise ValueError(f"{role}: count must be >= 0 and tp >= 1")
+        if self.pd_min_prompt_tokens < 0:
+            raise ValueError("pd_min_prompt_tokens must be >= 0")
         if (self.prefill == 0) != (self.decode == 0):
             raise ValueError("a disaggregated layout needs both prefill and decode instances "
                              f"(got {self.prefill}P{self.decode}D)")

@@ -23,14 +23,16 @@ UPSTREAM_TIMEOUT = httpx.Timeout(None, connect=5.0)
 UPSTREAM_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=256)
 
 
-def build_app(registry: Registry, health_interval_s: float = 1.0) -> FastAPI:
+def build_app(registry: Registry, health_interval_s: float = 1.0,
+              pd_min_prompt_tokens: int = 0) -> FastAPI:
     """The app; its lifespan opens the HTTP client to instances and starts health checks."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         client = httpx.AsyncClient(timeout=UPSTREAM_TIMEOUT, limits=UPSTREAM_LIMITS)
         metrics = RouterMetrics(registry)
-        app.state.router = Router(registry, Upstream(client, metrics), metrics)
+        app.state.router = Router(registry, Upstream(client, metrics), metrics,
+                                  pd_min_prompt_tokens)
         app.state.client = client
         poller = asyncio.create_task(poll_forever(client, registry, health_interval_s))
         try:

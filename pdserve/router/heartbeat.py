@@ -8,27 +8,43 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 
 import httpx
+
+from pdserve.router.registry import normalize_url
 
 log = logging.getLogger(__name__)
 
 
 async def keep_registered(router_url: str, url: str, role: str, interval_s: float = 2.0,
                           deregister_on_exit: bool = True) -> None:
-    """Heartbeat until cancelled; a router that is down is retried, never fatal."""
-    body = {"url": url, "role": role}
+    """Heartbeat until cancelled, at least three times per the router's TTL; a router that
+    is down is retried, never fatal."""
+    body, base = {"url": url, "role": role}, normalize_url(router_url)
     async with httpx.AsyncClient(timeout=5.0) as client:
         try:
             while True:
+                wait = interval_s
                 try:
-                    await client.post(router_url.rstrip("/") + "/register", json=body)
+                    resp = await client.post(base + "/register", json=body)
+                    if resp.status_code != 200:
+                        log.warning("router %s refused registration: %s", base, resp.text)
+                    wait = min(interval_s, _router_ttl(resp) / 3)
                 except httpx.HTTPError as exc:
-                    log.warning("cannot register with router %s: %s", router_url, exc)
-                await asyncio.sleep(interval_s)
+                    log.warning("cannot register with router %s: %s", base, exc)
+                await asyncio.sleep(wait)
         finally:
             if deregister_on_exit:  # leave at once rather than after the TTL
                 try:
-                    await client.post(router_url.rstrip("/") + "/deregister", json={"url": url})
+                    await client.post(base + "/deregister", json={"url": url})
                 except httpx.HTTPError:
                     pass
+
+
+def _router_ttl(resp: httpx.Response) -> float:
+    """The heartbeat TTL the router announced (a short one needs faster heartbeats)."""
+    try:
+        return float(resp.json()["heartbeat_ttl_s"]) or math.inf
+    except (ValueError, KeyError, TypeError):
+        return math.inf

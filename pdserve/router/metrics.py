@@ -41,7 +41,8 @@ class RouterMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("pdserve_router:requests",
-                                "Requests by route kind (disagg, colocated, fallback).",
+                                "Requests by route: disagg (P then D), short_prompt (whole "
+                                "on D: under --pd-min-prompt-tokens), colocated, fallback.",
                                 ["kind"], registry=r)
         self.prefill_retries = Counter("pdserve_router:prefill_retries",
                                        "Prefill attempts that failed and moved on.", registry=r)

@@ -2,6 +2,8 @@
 
 Nothing reaches the client until an instance has answered, so a failed prefill is retried
 elsewhere unseen; once tokens flow, a failure ends the stream with an OpenAI error event.
+A prompt shorter than `pd_min_prompt_tokens` skips P: it is served whole on a decode
+instance (conditional disaggregation), since a short prefill gains less than the hop costs.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from pdserve.router.shaping import (
 from pdserve.router.upstream import Refused, Upstream, UpstreamError
 
 PLAIN_ROLES = {"colocated": ("colocated",), "fallback": ("decode", "colocated", "prefill"),
-               "prefill_only": ("prefill",)}
+               "prefill_only": ("prefill",), "short_prompt": ("decode", "colocated", "prefill")}
 
 
 class NoInstance(Exception):
@@ -58,9 +60,11 @@ class Load:
         return cls(estimate_prompt_tokens(body), requested_max_tokens(body))
 
 
-def _needs_decode(body: dict) -> bool:
+def _needs_decode(body: dict, chat: bool) -> bool:
     """False for max_tokens 1, and for a max_tokens P would not see to refuse (0, "9")."""
     value = body.get("max_tokens")
+    if chat and body.get("max_completion_tokens") is not None:
+        value = body["max_completion_tokens"]  # the newer name wins, as on the instances
     return value is None or (type(value) is int and value > 1)
 
 
@@ -75,14 +79,17 @@ class Router:
     registry: Registry
     upstream: Upstream
     metrics: RouterMetrics
+    pd_min_prompt_tokens: int = 0  # shorter prompts skip P (0: always disaggregate)
 
     async def route(self, path: str, body: dict) -> Response:
         """Answer one completion or chat request; 4xx from an instance pass through."""
         start = time.monotonic()
         try:
             if self.registry.healthy("prefill") and self.registry.healthy("decode"):
-                if not _needs_decode(body):  # one token (or a bad max_tokens): P alone
+                if not _needs_decode(body, is_chat(path)):  # one token (or bad): P alone
                     return await self.plain(path, body, "prefill_only", start)
+                if estimate_prompt_tokens(body) < self.pd_min_prompt_tokens:
+                    return await self.plain(path, body, "short_prompt", start)
                 return await self.disagg(path, body, start)
             if self.registry.healthy("colocated"):
                 return await self.plain(path, body, "colocated", start)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -29,8 +30,10 @@ def build_app(
     client: EngineClient,
     load_tokenizer: Callable[[], object],
     served_model_name: str | None = None,
+    keep_registered: Callable[[], Awaitable[None]] | None = None,
 ) -> FastAPI:
-    """The app; its lifespan starts the engine process and loads the tokenizer side by side."""
+    """The app; its lifespan starts the engine process and loads the tokenizer side by side,
+    then runs `keep_registered` (heartbeats to a router) until the server stops."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -41,9 +44,14 @@ def build_app(
         name = served_model_name or info.model_name
         app.state.server = ServerState(client, tokenizer, name,
                                        ServerMetrics(name, lambda: client.stats))
+        heartbeat = asyncio.create_task(keep_registered()) if keep_registered else None
         try:
             yield
         finally:
+            if heartbeat is not None:  # cancelled, it deregisters: the router stops at once
+                heartbeat.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await heartbeat
             client.shutdown()
 
     app = FastAPI(title="pdserve", lifespan=lifespan)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import signal
+import socket
 import sys
 
 import uvicorn
@@ -72,6 +74,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="GPUs to shard the model over")
     p.add_argument("--enforce-eager", action="store_true", help="never use CUDA graphs")
+    p.add_argument("--async-scheduling", action="store_true",
+                   help="plan and queue the next step while the GPU runs this one (colocated)")
     p.add_argument("--kv-transport", choices=["cuda_ipc", "host", "tcp"], default=None,
                    help="P/D only: force how KV moves between instances; omitted = the "
                    "fastest that works")
@@ -81,6 +85,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--cpu-threads", type=int, default=None,
                    help="CPU engines: torch threads; omitted = $PDSERVE_CPU_THREADS, else "
                    "half the cores")
+    p.add_argument("--router", default=None, metavar="URL",
+                   help="join this router (POST /register with --role, every few seconds) "
+                   "for the server's lifetime; leave it on a clean stop")
+    p.add_argument("--advertise-url", default=None, metavar="URL",
+                   help="with --router: how the router reaches this instance; omitted = "
+                   "http://HOST:PORT (this machine's name when HOST is 0.0.0.0 or ::)")
     p.add_argument("--log-level", default="warning", help="uvicorn's log level")
     p.set_defaults(func=run)
 
@@ -108,8 +118,19 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
         kv_transport=args.kv_transport,
         kv_lease_ttl_s=args.kv_lease_ttl_s,
         enforce_eager=args.enforce_eager,
+        async_scheduling=args.async_scheduling,
         cpu_threads=args.cpu_threads,
     )
+
+
+def advertise_url(args: argparse.Namespace) -> str:
+    """The URL this instance registers under: how a router reaches it."""
+    if args.advertise_url:
+        return args.advertise_url
+    host = socket.gethostname() if args.host in ("", "0.0.0.0", "::") else args.host
+    if ":" in host:
+        host = f"[{host}]"  # an IPv6 literal
+    return f"http://{host}:{args.port}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -122,8 +143,14 @@ def run(args: argparse.Namespace) -> int:
 
         return load_tokenizer(args.tokenizer or args.model)
 
+    heartbeat = None
+    if args.router:
+        from pdserve.router.heartbeat import keep_registered
+
+        heartbeat = functools.partial(keep_registered, args.router, advertise_url(args),
+                                      args.role)
     client = EngineClient(engine_args(args))
-    app = build_app(client, load_tokenizer, args.served_model_name)
+    app = build_app(client, load_tokenizer, args.served_model_name, heartbeat)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=5)
     server = _AnnouncingServer(config)

@@ -95,6 +95,11 @@ class EngineClient:
         if self.healthy:
             self._inbox.put(("abort", request_id))
 
+    def release_lease(self, request_id: str) -> None:
+        """On P: free a finished prefill's held KV now (no decode instance will pull it)."""
+        if self.healthy:
+            self._inbox.put(("release_lease", request_id))
+
     def shutdown(self) -> None:
         """Stop the engine process (politely, then by force)."""
         if self._proc.is_alive():

@@ -1,7 +1,8 @@
 """One request's generation: engine token deltas in, safe text deltas out, metrics on the way.
 
 Stop strings end the request here (the engine only knows token ids), so on a stop string
-the engine request is aborted and its blocks freed at once.
+the engine request is aborted and its blocks freed at once; a prefill the engine already
+finished and holds for a decode instance has its lease released instead.
 """
 
 from __future__ import annotations
@@ -99,6 +100,8 @@ class Generation:
                 finished = out.finished
                 self._absorb(out)
                 delta = self._to_delta(detok, out)
+                if finished:
+                    self._release_unneeded_lease(delta)
                 reason = delta.finish_reason or reason
                 if delta.text or delta.token_ids or delta.finish_reason:
                     yield delta
@@ -140,6 +143,13 @@ class Generation:
         self.cached_tokens = max(self.cached_tokens, out.num_cached_tokens)
         if out.kv_transfer_params is not None:
             self.kv_transfer_params = out.kv_transfer_params
+
+    def _release_unneeded_lease(self, delta: Delta) -> None:
+        """The engine holds a prefill's KV for D only when it ran to max_tokens; a stop
+        string that ended it here means no D will pull: free the blocks now, not at the TTL."""
+        if self.kv_transfer_params is not None and delta.finish_reason != "length":
+            self.client.release_lease(self.request.request_id)
+            self.kv_transfer_params = None  # nothing is held any more: no params, as vLLM
 
     def _to_delta(self, detok: IncrementalDetokenizer, out: RequestOutput) -> Delta:
         """The client's view of one output; a stop string finishes it early."""

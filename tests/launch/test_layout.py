@@ -88,6 +88,14 @@ def test_instance_and_router_commands(tmp_path):
     router = router_proc(plans, layout, tmp_path)
     assert router.cmd[-4:] == ["--prefill", "http://127.0.0.1:8001",
                                "--decode", "http://127.0.0.1:8002"]
+    assert "--pd-min-prompt-tokens" not in router.cmd  # the router's default: always P/D
+
+
+def test_conditional_disaggregation_threshold_reaches_the_router(tmp_path):
+    layout = layout_from_args(parse("--pd-min-prompt-tokens", "4096"))
+    router = router_proc(plan(layout, num_gpus=0), layout, tmp_path)
+    i = router.cmd.index("--pd-min-prompt-tokens")
+    assert router.cmd[i + 1] == "4096"
 
 
 def test_gpu_instances_see_only_their_devices(tmp_path):

@@ -1,4 +1,5 @@
-"""Instances join by POST /register, stay by heartbeat, and are dropped when it lapses."""
+"""Instances join by POST /register, stay by heartbeat, and are dropped when it lapses;
+`pdserve serve --router URL` does all of it itself."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from contextlib import contextmanager
 import httpx
 
 from pdserve.router.heartbeat import keep_registered
-from tests.router.cluster import GREEDY, start_router
+from tests.router.cluster import GREEDY, metric, start_instance, start_router, wait_healthy
+from tests.router.conftest import INSTANCE_FLAGS
 
 TTL_S = 2.0
 
@@ -87,4 +89,47 @@ def test_deregister_and_bad_registrations(fleet, routers_tmp):
         gone = httpx.post(router.url + "/deregister", json={"url": fleet.c0.url}, timeout=10)
         assert gone.json()["removed"] is True and instances(router) == []
     finally:
+        router.stop()
+
+
+def joined(router, instance, role: str) -> bool:
+    return any(i["url"] == instance.url and i["role"] == role and i["healthy"]
+               for i in instances(router))
+
+
+def test_instance_started_with_router_joins_serves_and_is_dropped_when_killed(routers_tmp):
+    router = start_router(routers_tmp, flags=("--heartbeat-ttl", str(TTL_S)))
+    inst = start_instance(routers_tmp, "colocated", "--router", router.url, *INSTANCE_FLAGS)
+    try:
+        wait_healthy(inst)
+        # heartbeats come faster than the short TTL, so it stays listed past it
+        assert wait_until(lambda: joined(router, inst, "colocated"), 10)
+        time.sleep(TTL_S * 1.5)
+        assert joined(router, inst, "colocated")
+        body = {"prompt": "Hello", "max_tokens": 3, **GREEDY}
+        resp = httpx.post(router.url + "/v1/completions", json=body, timeout=60)
+        assert resp.status_code == 200, resp.text
+        assert metric(inst.url, "pdserve:request_success_total", finished_reason="length") == 1
+        killed = time.monotonic()
+        inst.kill()  # SIGKILL: no deregistration; the router notices by heartbeat and health
+        assert wait_until(lambda: not instances(router), TTL_S + 5)
+        assert time.monotonic() - killed > TTL_S / 2  # by the TTL, not at once
+        assert httpx.get(router.url + "/health", timeout=10).status_code == 503
+    finally:
+        inst.stop()
+        router.stop()
+
+
+def test_instance_started_with_router_leaves_at_once_on_a_clean_stop(routers_tmp):
+    ttl_s = 60.0  # long: leaving within seconds can only be the deregistration
+    router = start_router(routers_tmp, flags=("--heartbeat-ttl", str(ttl_s)))
+    inst = start_instance(routers_tmp, "decode", "--router", router.url, *INSTANCE_FLAGS)
+    try:
+        wait_healthy(inst)
+        assert wait_until(lambda: joined(router, inst, "decode"), 10)
+        inst.terminate()  # SIGTERM: uvicorn's graceful shutdown runs the lifespan's exit
+        assert wait_until(lambda: not instances(router), 10)
+        assert inst.proc.wait(timeout=20) == 0
+    finally:
+        inst.stop()
         router.stop()

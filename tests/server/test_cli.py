@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import socket
 
 import pytest
 
-from pdserve.server.cli import add_parser, engine_args, parse_bytes
+from pdserve.server.cli import add_parser, advertise_url, engine_args, parse_bytes
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -61,3 +62,12 @@ def test_help_explains_every_flag(capsys):
                  "--max-num-seqs", "--max-model-len", "--no-enable-prefix-caching", "--seed",
                  "--role", "--tensor-parallel-size", "--enforce-eager", "--served-model-name"]:
         assert flag in text
+
+
+def test_router_flag_registers_under_the_listening_address_unless_told_otherwise():
+    args = parse("--router", "http://r:8000", "--host", "10.0.0.5", "--port", "9001")
+    assert args.router == "http://r:8000" and advertise_url(args) == "http://10.0.0.5:9001"
+    assert advertise_url(parse("--advertise-url", "http://me:1")) == "http://me:1"
+    assert advertise_url(parse("--host", "0.0.0.0")) == f"http://{socket.gethostname()}:8000"
+    assert advertise_url(parse("--host", "::1")) == "http://[::1]:8000"
+    assert parse().router is None
