@@ -4,7 +4,7 @@ Decode sequences (query length 1) go through the split-KV decode kernel, whose g
 only on the batch size (CUDA-graph safe); every longer query chunk goes through the prefill
 kernel. Each kernel reads the step's own K/V from k/v and stores them in the cache itself,
 so a step is one or two launches and needs no separate KV-store launch. A step of long
-fresh prompts only (no cached prefix, no decode rows) goes to torch's SDPA instead
+fresh prompts only (no cached prefix, no decode rows) may go to torch's SDPA instead
 (sdpa_prefill.py), after one KV-store launch.
 """
 

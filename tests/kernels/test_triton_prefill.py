@@ -109,6 +109,7 @@ def test_fresh_prompts_through_sdpa_match_reference(
     from pdserve.kernels import sdpa_prefill
 
     monkeypatch.setattr(sdpa_prefill, "SDPA_MIN_QUERY_LEN", 16)
+    monkeypatch.setenv("PDSERVE_PREFILL_SDPA", "1")
     query_lens = [5, 33, 16]
     assert sdpa_prefill.sdpa_prefill_applies(query_lens, query_lens)
     case = make_case(query_lens, query_lens, heads, kv_heads, head_dim, block_size, seed=3)
@@ -121,8 +122,8 @@ def test_sdpa_prefill_applies_only_to_long_fresh_prompt_steps(monkeypatch) -> No
     from pdserve.kernels.sdpa_prefill import SDPA_MIN_QUERY_LEN as n
     from pdserve.kernels.sdpa_prefill import sdpa_prefill_applies
 
+    assert not sdpa_prefill_applies([n, 3], [n, 3])  # off unless asked for
+    monkeypatch.setenv("PDSERVE_PREFILL_SDPA", "1")
     assert sdpa_prefill_applies([n, 3], [n, 3])
     assert not sdpa_prefill_applies([n - 1, 3], [n - 1, 3])  # all short
     assert not sdpa_prefill_applies([n, 3], [n + 16, 3])  # a chunk over a cached prefix
-    monkeypatch.setenv("PDSERVE_PREFILL_SDPA", "0")
-    assert not sdpa_prefill_applies([n], [n])

@@ -69,7 +69,8 @@ def free_port(run: int = 1) -> int:
 
 
 def env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO), "PDSERVE_CPU_THREADS": "1",
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, "PDSERVE_CPU_THREADS": "1",
             "OMP_NUM_THREADS": "1"}
 
 
