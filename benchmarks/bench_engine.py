@@ -155,13 +155,16 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.92)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--async-scheduling", action="store_true",
+                    help="queue step k+1 before reading step k's tokens back")
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", default=None, help="write a cProfile of the cases here")
     args = ap.parse_args()
     ceil = ceilings()
     torch.cuda.empty_cache()
     result: dict = {"model": args.model, "date": time.strftime("%Y-%m-%d"),
-                    "torch": torch.__version__, "ceilings": ceil, "cases": {}}
+                    "torch": torch.__version__, "async_scheduling": args.async_scheduling,
+                    "ceilings": ceil, "cases": {}}
 
     def save() -> None:
         if args.out:
@@ -170,6 +173,7 @@ def main() -> None:
     t0 = time.perf_counter()
     engine = Engine(EngineArgs(
         model=args.model, dtype="bfloat16", device="cuda", enforce_eager=args.enforce_eager,
+        async_scheduling=args.async_scheduling,
         cache=CacheConfig(gpu_memory_utilization=args.gpu_memory_utilization),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_num_seqs=args.max_num_seqs, max_model_len=10240)))

@@ -235,7 +235,11 @@ class Engine:
 
     def add_request(self, req: EngineRequest) -> None:
         """Queue a request; raises ValueError (a message for the user) if it is invalid."""
-        self.validate(req)
+        try:
+            self.validate(req)
+        except ValueError:
+            self._release_refused(req)
+            raise
         request = Request(
             request_id=req.request_id,
             prompt_token_ids=list(req.prompt_token_ids),
@@ -254,6 +258,18 @@ class Engine:
             request.generator.manual_seed(req.params.seed)
         self.requests[req.request_id] = request
         self.scheduler.add(request)
+
+    def _release_refused(self, req: EngineRequest) -> None:
+        """On D: a refused request's prefilled KV will never be pulled; let P free it now
+        rather than at its lease's expiry (best effort, off the engine thread)."""
+        ktp = req.kv_transfer_params or {}
+        if self.connector is None or not ktp.get("do_remote_prefill"):
+            return
+        try:
+            remote = RemoteKV.from_kv_transfer_params(ktp)
+        except ValueError:
+            return  # not a pdserve prefill: nothing we could release
+        self.connector.release_later(remote)
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now and free its blocks; unknown or finished ids are ignored."""

@@ -161,6 +161,10 @@ class KVConnector:
         self.pullers[0].release(remote)  # P may free now, whatever happened
         self._done.put(result)
 
+    def release_later(self, remote: RemoteKV) -> None:
+        """Tell P to free a prefill D will not pull (on the pull thread: P may be slow)."""
+        self._worker.submit(self.pullers[0].release, remote)
+
     # ---- the engine loop's hand-back ---------------------------------------------------
 
     def wait(self, timeout_s: float) -> None:

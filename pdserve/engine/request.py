@@ -48,6 +48,9 @@ class Request:
     remote_decode: bool = False  # P side: keep the KV under a lease for a decode instance
     remote: object | None = None  # D side: the RemoteKV to pull before decoding
     block_array: object | None = None  # numpy copy of block_ids for the input builder
+    # async scheduling: tokens sampled on the device but not yet read back (0 or 1); the
+    # scheduler counts them so the next step can feed them in before they are known
+    num_pending_tokens: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -55,7 +58,7 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending_tokens
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from pdserve.engine.host_to_device import to_device
 from pdserve.engine.outputs import TokenLogprob
 from pdserve.engine.request import Request
 
@@ -45,24 +46,25 @@ def _mask_stops_before_min_tokens(
 def _filter(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
     """Apply temperature, top-k, top-p and min-p; returns probabilities."""
     device = logits.device
-    temps = torch.tensor([max(r.params.temperature, 1e-5) for r in requests], device=device)
+    temps = to_device([max(r.params.temperature, 1e-5) for r in requests], logits.dtype, device)
     logits = logits / temps[:, None]
     top_k = [r.params.top_k for r in requests]
     if any(k > 0 for k in top_k):
         vocab = logits.shape[1]
-        k = torch.tensor([k if 0 < k < vocab else vocab for k in top_k], device=device)
+        k = to_device([k if 0 < k < vocab else vocab for k in top_k], torch.long, device)
         kth = logits.sort(dim=1, descending=True).values.gather(1, (k - 1)[:, None])
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = logits.softmax(dim=1)
-    top_p = torch.tensor([r.params.top_p for r in requests], device=device)
-    if bool((top_p < 1.0).any()):
+    # decide from the params on the host: a check of a device tensor would wait for the GPU
+    if any(r.params.top_p < 1.0 for r in requests):
+        top_p = to_device([r.params.top_p for r in requests], probs.dtype, device)
         sorted_probs, order = probs.sort(dim=1, descending=True)
         before = sorted_probs.cumsum(dim=1) - sorted_probs  # mass strictly above each token
         drop_sorted = before > top_p[:, None]
         drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
         probs = probs.masked_fill(drop, 0.0)
-    min_p = torch.tensor([r.params.min_p for r in requests], device=device)
-    if bool((min_p > 0).any()):
+    if any(r.params.min_p > 0 for r in requests):
+        min_p = to_device([r.params.min_p for r in requests], probs.dtype, device)
         threshold = probs.max(dim=1, keepdim=True).values * min_p[:, None]
         probs = probs.masked_fill(probs < threshold, 0.0)
     return probs / probs.sum(dim=1, keepdim=True)
@@ -86,24 +88,33 @@ def _plain_greedy(r: Request) -> bool:
             and len(r.output_token_ids) >= p.min_tokens)
 
 
+def sample_tokens(
+    logits: torch.Tensor, requests: Sequence[Request], eos_token_ids: Sequence[int]
+) -> torch.Tensor:
+    """The next token of each row of `logits` [N, vocab], left on the device. Without
+    penalties or min_tokens masking (which index by the output history), nothing here waits
+    for the GPU, so async scheduling can queue the next step behind it."""
+    if all(_plain_greedy(r) for r in requests):  # the common serving case: one argmax
+        return logits.argmax(dim=1)
+    logits = logits.clone()
+    _penalize(logits, requests)
+    _mask_stops_before_min_tokens(logits, requests, eos_token_ids)
+    tokens = logits.argmax(dim=1)
+    greedy = [r.params.greedy for r in requests]
+    if not all(greedy):
+        drawn = _draw(_filter(logits, requests), requests)
+        tokens = torch.where(to_device(greedy, torch.bool, logits.device), tokens, drawn)
+    return tokens
+
+
 def sample(
     logits: torch.Tensor, requests: Sequence[Request], eos_token_ids: Sequence[int]
 ) -> tuple[list[int], list[TokenLogprob | None]]:
     """Sample the next token of each request from its row of float32 `logits` [N, vocab]."""
-    if all(_plain_greedy(r) for r in requests):  # the common serving case: one argmax, one sync
-        return logits.argmax(dim=1).tolist(), [None] * len(requests)
     raw_logprobs = None
     if any(r.params.logprobs is not None for r in requests):
         raw_logprobs = logits.log_softmax(dim=1)
-    logits = logits.clone()
-    _penalize(logits, requests)
-    _mask_stops_before_min_tokens(logits, requests, eos_token_ids)
-    greedy = torch.tensor([r.params.greedy for r in requests], device=logits.device)
-    tokens = logits.argmax(dim=1)
-    if not bool(greedy.all()):
-        drawn = _draw(_filter(logits, requests), requests)
-        tokens = torch.where(greedy, tokens, drawn)
-    token_list = tokens.tolist()
+    token_list = sample_tokens(logits, requests, eos_token_ids).tolist()  # one sync
     logprobs: list[TokenLogprob | None] = [None] * len(requests)
     if raw_logprobs is not None:
         for row, req in enumerate(requests):

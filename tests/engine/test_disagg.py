@@ -137,6 +137,11 @@ def test_incompatible_layout_is_refused(prefill, decode, prompts):
     with pytest.raises(ValueError, match="block"):
         decode.add_request(EngineRequest("dbad", prompts[0], SamplingParams(max_tokens=4),
                                          kv_transfer_params=bad))
+    # the refusal told P to end the lease now, well before its 30 s TTL
+    deadline = time.monotonic() + 10
+    while "pbad" in prefill.connector.leases and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "pbad" not in prefill.connector.leases
     with pytest.raises(ValueError, match="lacks"):
         decode.add_request(EngineRequest("dbad", prompts[0], SamplingParams(max_tokens=4),
                                          kv_transfer_params={"do_remote_prefill": True}))

@@ -69,6 +69,21 @@ def test_preemption_under_a_tiny_kv_budget_gives_the_same_tokens(prompt_ids, ref
     assert tiny.stats().num_free_blocks == 7
 
 
+def test_async_scheduling_gives_the_same_tokens(prompt_ids, reference):
+    overlapped = make_engine(async_scheduling=True)
+    assert greedy(overlapped, prompt_ids) == reference
+    assert overlapped.stats().num_free_blocks == overlapped.num_blocks
+
+
+def test_async_scheduling_with_chunks_and_preemption_gives_the_same_tokens(prompt_ids,
+                                                                           reference):
+    tight = make_engine(async_scheduling=True, cache=CacheConfig(block_size=16, num_blocks=7),
+                        scheduler=SchedulerConfig(max_num_batched_tokens=7))
+    assert greedy(tight, prompt_ids) == reference
+    assert tight.stats().num_preemptions > 0
+    assert tight.stats().num_free_blocks == 7
+
+
 def test_prefix_cache_hit_reports_cached_tokens_and_keeps_output(engine, smollm2_tokenizer):
     text = "You are a careful assistant. " * 12
     prefix = smollm2_tokenizer.encode(text, add_special_tokens=False)

@@ -114,3 +114,24 @@ def test_every_greedy_decode_token_is_the_references_best_up_to_bf16_noise(engin
               f"{int((gap == 0).sum())}/{NUM_TOKENS} steps")
         assert bool((gap <= 2 * noise).all()), f"{r.request_id}: a token beyond bf16 noise"
     print(f"sequences equal to transformers' bf16 greedy: {equal}/{len(reqs)}")
+
+
+def test_async_scheduling_gives_the_serial_tokens(engine, folder):
+    """Greedy and seeded rows, decode steps from CUDA graphs: the same tokens either way."""
+    overlapped = Engine(EngineArgs(model=folder, dtype="bfloat16", device="cuda",
+                                   async_scheduling=True, cache=CacheConfig(num_blocks=1024),
+                                   scheduler=SchedulerConfig(max_num_seqs=16,
+                                                             max_num_batched_tokens=4096)))
+    try:
+        def reqs(tag):
+            greedy = SamplingParams(max_tokens=NUM_TOKENS, temperature=0.0, ignore_eos=True)
+            seeded = [SamplingParams(max_tokens=NUM_TOKENS, temperature=0.8, top_p=0.9,
+                                     top_k=40, seed=i, ignore_eos=True) for i in range(4)]
+            return [EngineRequest(f"{tag}{i}", p, params) for i, (p, params) in
+                    enumerate(zip(prompts() * 2, [greedy] * 4 + seeded))]
+
+        assert overlapped._overlap is not None and overlapped.runner.graphs is not None
+        assert overlapped.generate(reqs("o")) == engine.generate(reqs("o"))
+        assert overlapped.pool.num_free_blocks == overlapped.num_blocks
+    finally:
+        overlapped.close()
