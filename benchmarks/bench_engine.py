@@ -60,21 +60,25 @@ def ceilings() -> dict:
             "bf16_matmul_TFLOPs": round(mm, 1)}
 
 
-def model_bytes(engine: Engine) -> tuple[int, int]:
-    """(bytes of weights a decode step reads, matmul parameters per token)."""
-    model = engine.runner.model
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    embed = model.config.vocab_size * model.config.hidden_size
-    tied = model.config.tie_word_embeddings
-    embed_bytes = 0 if tied else embed * 2  # an untied embedding table is only gathered
-    matmul_params = sum(p.numel() for p in model.parameters() if p.dim() == 2) - (
-        0 if tied else embed)
-    return total - embed_bytes, matmul_params
+def model_bytes(engine: Engine) -> tuple[int, int, int]:
+    """Per GPU (rank 0's shard under tensor parallelism): bytes of weights a decode step
+    reads, matmul parameters per token, and the LM head's parameters."""
+    params = dict(engine.runner.model.named_parameters())  # a tied head is listed once
+    total = sum(p.numel() * p.element_size() for p in params.values())
+    embed = params["model.embed_tokens.weight"]
+    head = params.get("lm_head.weight", embed)  # tied: the embedding is the head
+    tied = head is embed
+    embed_bytes = 0 if tied else embed.numel() * embed.element_size()  # only gathered
+    matmul_params = sum(p.numel() for p in params.values() if p.dim() == 2) - (
+        0 if tied else embed.numel())
+    return total - embed_bytes, matmul_params, head.numel()
 
 
 def kv_bytes_per_token(engine: Engine) -> int:
+    """KV bytes per token on one GPU (its share of the KV heads)."""
     c = engine.model_config
-    return 2 * c.num_layers * c.num_kv_heads * c.head_dim * engine.dtype.itemsize
+    heads = max(c.num_kv_heads // engine.args.tensor_parallel_size, 1)
+    return 2 * c.num_layers * heads * c.head_dim * engine.dtype.itemsize
 
 
 def random_prompt(rng: random.Random, n: int, vocab: int) -> list[int]:
@@ -91,7 +95,7 @@ def decode_case(engine: Engine, batch: int, context: int, ceil: dict, rng) -> di
             r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running):
         engine.step()
     step_s = median_time(engine.step, reps=50)
-    weights, _ = model_bytes(engine)
+    weights, _, _ = model_bytes(engine)
     kv = kv_bytes_per_token(engine) * batch * (context + 60)
     floor = (weights + kv) / (ceil["hbm_copy_GBps"] * 1e9)
     for rid in ids:
@@ -119,10 +123,10 @@ def prefill_case(engine: Engine, n: int, ceil: dict, rng) -> dict:
             engine.step()
     t = statistics.median(times[1:])
     c = engine.model_config
-    _, matmul_params = model_bytes(engine)
-    lm_head = c.vocab_size * c.hidden_size
+    _, matmul_params, lm_head = model_bytes(engine)  # per GPU
     flops = 2 * n * (matmul_params - lm_head) + 2 * lm_head
-    flops += 2 * n * n * c.head_dim * c.num_heads * c.num_layers  # causal QK^T and PV
+    heads = c.num_heads // engine.args.tensor_parallel_size
+    flops += 2 * n * n * c.head_dim * heads * c.num_layers  # causal QK^T and PV
     floor = flops / (ceil["bf16_matmul_TFLOPs"] * 1e12)
     return {"tokens": n, "step_ms": t * 1e3, "floor_ms": floor * 1e3, "ratio": t / floor,
             "fraction_of_matmul_rate": floor / t, "tflops": flops / t / 1e12}
@@ -157,6 +161,9 @@ def main() -> None:
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--async-scheduling", action="store_true",
                     help="queue step k+1 before reading step k's tokens back")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1,
+                    help="GPUs per engine; floors are per GPU (communication excluded)")
+    ap.add_argument("--max-model-len", type=int, default=10240)
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", default=None, help="write a cProfile of the cases here")
     args = ap.parse_args()
@@ -164,6 +171,7 @@ def main() -> None:
     torch.cuda.empty_cache()
     result: dict = {"model": args.model, "date": time.strftime("%Y-%m-%d"),
                     "torch": torch.__version__, "async_scheduling": args.async_scheduling,
+                    "tensor_parallel_size": args.tensor_parallel_size,
                     "ceilings": ceil, "cases": {}}
 
     def save() -> None:
@@ -173,10 +181,11 @@ def main() -> None:
     t0 = time.perf_counter()
     engine = Engine(EngineArgs(
         model=args.model, dtype="bfloat16", device="cuda", enforce_eager=args.enforce_eager,
-        async_scheduling=args.async_scheduling,
+        async_scheduling=args.async_scheduling, tensor_parallel_size=args.tensor_parallel_size,
         cache=CacheConfig(gpu_memory_utilization=args.gpu_memory_utilization),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
-                                  max_num_seqs=args.max_num_seqs, max_model_len=10240)))
+                                  max_num_seqs=args.max_num_seqs,
+                                  max_model_len=args.max_model_len)))
     result["init_s"] = time.perf_counter() - t0
     result["num_kv_tokens"] = engine.num_blocks * engine.args.cache.block_size
     print(json.dumps({k: result[k] for k in ("ceilings", "init_s", "num_kv_tokens")}), flush=True)
