@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 import torch
 
 from pdserve.transfer.blockcopy import Scratch, copy_blocks
+from pdserve.transfer.connections import SourceConnections
 from pdserve.transfer.host import local_host_id
 from pdserve.transfer.layout import HeadSlice
 from pdserve.transfer.protocol import PullStats, TransferError, pull_timeout_s
-from pdserve.transfer.wire import Connection, release_remote
+from pdserve.transfer.wire import Connection
 
 # positions in torch.multiprocessing.reductions.rebuild_cuda_tensor's argument tuple
 _ARG_NAMES = (
@@ -103,12 +104,15 @@ def import_kv_caches(layers: list[dict], device: torch.device) -> list[torch.Ten
 
 @dataclass
 class CudaIpcPuller:
-    """D side of the cuda_ipc transport: maps each source's caches once, gathers with peer reads."""
+    """D side of the cuda_ipc transport: maps each source's caches once, gathers with peer reads.
+
+    The mapping lives on the connection to the source (see connections.py), reused across pulls.
+    """
 
     timeout_s: float = 10.0
     name: str = "cuda_ipc"
-    _maps: dict[tuple[str, int], list[torch.Tensor]] = field(default_factory=dict)
     kernel: bool = True  # False: torch's gather + scatter per layer (the path it replaced)
+    conns: SourceConnections = field(default_factory=SourceConnections)
     _scratch: Scratch = field(default_factory=Scratch)  # one layer's gather, on D's GPU
 
     def pull(
@@ -129,50 +133,54 @@ class CudaIpcPuller:
         if endpoint.get("host_id") != local_host_id():
             raise TransferError("cuda_ipc needs the source on this host")
         start = time.perf_counter()
-        key = (endpoint["host"], endpoint["port"])
+        budget = pull_timeout_s(self.timeout_s, kv_caches, len(local_block_ids))
+
+        def exchange(conn: Connection) -> tuple[int, bool]:
+            remote = self._mapping(conn, device)
+            if len(remote) != len(kv_caches):
+                raise TransferError(f"{len(remote)} remote layers, {len(kv_caches)} local")
+            lease = conn.call(
+                {"op": "begin", "request_id": remote_request_id, "block_ids": remote_block_ids}
+            )
+            with torch.cuda.device(device):
+                nbytes = copy_blocks(
+                    remote,
+                    remote_block_ids,
+                    kv_caches,
+                    local_block_ids,
+                    heads,
+                    self._scratch,
+                    self.kernel,
+                )
+                torch.cuda.current_stream(device).synchronize()  # done before "end" is asked
+            ended = conn.call(
+                {"op": "end", "request_id": remote_request_id, "lease_id": lease["lease_id"]}
+            )
+            return nbytes, bool(ended["live"])
+
         try:
-            budget = pull_timeout_s(self.timeout_s, kv_caches, len(local_block_ids))
-            with Connection(endpoint, budget, self.timeout_s) as conn:
-                remote = self._mapping(conn, key, device)
-                if len(remote) != len(kv_caches):
-                    raise TransferError(f"{len(remote)} remote layers, {len(kv_caches)} local")
-                lease = conn.call(
-                    {"op": "begin", "request_id": remote_request_id, "block_ids": remote_block_ids}
-                )
-                with torch.cuda.device(device):
-                    nbytes = copy_blocks(
-                        remote,
-                        remote_block_ids,
-                        kv_caches,
-                        local_block_ids,
-                        heads,
-                        self._scratch,
-                        self.kernel,
-                    )
-                    torch.cuda.current_stream(device).synchronize()  # done before "end" is asked
-                ended = conn.call(
-                    {"op": "end", "request_id": remote_request_id, "lease_id": lease["lease_id"]}
-                )
+            nbytes, live = self.conns.run(endpoint, budget, exchange, self.timeout_s)
         except TransferError:
-            self._maps.pop(key, None)
             raise
         except (RuntimeError, IndexError, KeyError, TypeError, OSError) as e:
-            self._maps.pop(key, None)
-            raise TransferError(f"cuda_ipc copy from {key} failed: {e}") from e
-        if not ended["live"]:
+            where = f"{endpoint.get('host')}:{endpoint.get('port')}"
+            raise TransferError(f"cuda_ipc copy from {where} failed: {e}") from e
+        if not live:
             raise TransferError(f"lease of {remote_request_id!r} ended during the copy")
         return PullStats(self.name, len(local_block_ids), nbytes, time.perf_counter() - start)
 
     def release(self, endpoint: dict, remote_request_id: str) -> bool:
         """Tell the source the blocks of `remote_request_id` may be freed."""
-        return release_remote(endpoint, remote_request_id, self.timeout_s)
+        return self.conns.release(endpoint, remote_request_id, self.timeout_s)
 
     def close(self) -> None:
-        """Drop the mappings (torch closes the IPC handles when the storages die)."""
-        self._maps.clear()
+        """Close the connections, dropping the mappings (torch closes the IPC handles when the
+        storages die)."""
+        self.conns.close()
 
-    def _mapping(self, conn: Connection, key: tuple[str, int], device: torch.device) -> list:
-        if key not in self._maps:
+    def _mapping(self, conn: Connection, device: torch.device) -> list[torch.Tensor]:
+        key = f"cuda_ipc:{device}"
+        if key not in conn.mappings:
             layers = conn.call({"op": "open", "transport": "cuda_ipc"})["mapping"]["layers"]
-            self._maps[key] = import_kv_caches(layers, device)
-        return self._maps[key]
+            conn.mappings[key] = import_kv_caches(layers, device)
+        return conn.mappings[key]

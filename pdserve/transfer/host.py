@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 import torch
 
 from pdserve.transfer.blockcopy import Scratch, as_index, copy_blocks, scatter_blocks
+from pdserve.transfer.connections import SourceConnections
 from pdserve.transfer.layout import HeadSlice, KVLayout
 from pdserve.transfer.protocol import PullStats, TransferError, pull_timeout_s
-from pdserve.transfer.wire import Connection, release_remote
+from pdserve.transfer.wire import Connection
 
 SHM_DIR = "/dev/shm"
 SHM_PREFIX = "pdserve-kv-"
@@ -170,11 +171,14 @@ def _view(flat: torch.Tensor, offset: int, shape: list[int], dtype: torch.dtype)
 
 @dataclass
 class HostPuller:
-    """D side of the host transport: maps each source's caches once, copies blocks directly."""
+    """D side of the host transport: maps each source's caches once, copies blocks directly.
+
+    The mapping lives on the connection to the source (see connections.py), reused across pulls.
+    """
 
     timeout_s: float = 10.0
     name: str = "host"
-    _maps: dict[tuple[str, int], _Mapping] = field(default_factory=dict)
+    conns: SourceConnections = field(default_factory=SourceConnections)
     _scratch: Scratch = field(default_factory=Scratch)  # gather buffer, reused across pulls
 
     def pull(
@@ -194,69 +198,68 @@ class HostPuller:
         ):
             raise TransferError("host transport needs a source on this host serving it")
         start = time.perf_counter()
-        key = (endpoint["host"], endpoint["port"])
+        budget = pull_timeout_s(self.timeout_s, kv_caches, len(local_block_ids))
+
+        def exchange(conn: Connection) -> tuple[int, bool]:
+            remote = self._mapping(conn)
+            if remote.layers is not None and len(remote.layers) != len(kv_caches):
+                raise TransferError(f"{len(remote.layers)} remote layers, {len(kv_caches)} local")
+            lease = conn.call(
+                {"op": "begin", "request_id": remote_request_id, "block_ids": remote_block_ids}
+            )
+            if remote.layers is None:
+                nbytes = _pull_staged(
+                    conn,
+                    remote.flat,
+                    remote_request_id,
+                    remote_block_ids,
+                    local_block_ids,
+                    kv_caches,
+                    heads,
+                )
+            else:
+                nbytes = copy_blocks(
+                    remote.layers,
+                    remote_block_ids,
+                    kv_caches,
+                    local_block_ids,
+                    heads,
+                    self._scratch,
+                )
+            ended = conn.call(
+                {"op": "end", "request_id": remote_request_id, "lease_id": lease["lease_id"]}
+            )
+            return nbytes, bool(ended["live"])
+
         try:
-            budget = pull_timeout_s(self.timeout_s, kv_caches, len(local_block_ids))
-            with Connection(endpoint, budget, self.timeout_s) as conn:
-                remote = self._mapping(conn, key)
-                if remote.layers is not None and len(remote.layers) != len(kv_caches):
-                    raise TransferError(
-                        f"{len(remote.layers)} remote layers, {len(kv_caches)} local"
-                    )
-                lease = conn.call(
-                    {"op": "begin", "request_id": remote_request_id, "block_ids": remote_block_ids}
-                )
-                if remote.layers is None:
-                    nbytes = _pull_staged(
-                        conn,
-                        remote.flat,
-                        remote_request_id,
-                        remote_block_ids,
-                        local_block_ids,
-                        kv_caches,
-                        heads,
-                    )
-                else:
-                    nbytes = copy_blocks(
-                        remote.layers,
-                        remote_block_ids,
-                        kv_caches,
-                        local_block_ids,
-                        heads,
-                        self._scratch,
-                    )
-                ended = conn.call(
-                    {"op": "end", "request_id": remote_request_id, "lease_id": lease["lease_id"]}
-                )
+            nbytes, live = self.conns.run(endpoint, budget, exchange, self.timeout_s)
         except TransferError:
-            self._forget(key)  # P may have restarted with a new file: map afresh next time
             raise
         except (RuntimeError, IndexError, KeyError, TypeError, ValueError, OSError) as e:
-            self._forget(key)
-            raise TransferError(f"host copy from {key} failed: {e}") from e
-        if not ended["live"]:
+            where = f"{endpoint.get('host')}:{endpoint.get('port')}"
+            raise TransferError(f"host copy from {where} failed: {e}") from e
+        if not live:
             raise TransferError(f"lease of {remote_request_id!r} ended during the copy")
         return PullStats(self.name, len(local_block_ids), nbytes, time.perf_counter() - start)
 
     def release(self, endpoint: dict, remote_request_id: str) -> bool:
         """Tell the source the blocks of `remote_request_id` may be freed."""
-        return release_remote(endpoint, remote_request_id, self.timeout_s)
+        return self.conns.release(endpoint, remote_request_id, self.timeout_s)
 
     def close(self) -> None:
-        """Drop every mapping (the memory of a gone P is freed once nobody maps it)."""
-        self._maps.clear()
+        """Close the connections, dropping their mappings (the memory of a gone P is freed once
+        nobody maps it)."""
+        self.conns.close()
 
-    def _mapping(self, conn: Connection, key: tuple[str, int]) -> _Mapping:
-        if key not in self._maps:
+    @staticmethod
+    def _mapping(conn: Connection) -> _Mapping:
+        if "host" not in conn.mappings:
             desc = conn.call({"op": "open", "transport": "host"})["mapping"]
             try:
-                self._maps[key] = map_shared(desc)
+                conn.mappings["host"] = map_shared(desc)
             except (OSError, ValueError) as e:
                 raise TransferError(f"cannot map {desc.get('path')}: {e}") from e
-        return self._maps[key]
-
-    def _forget(self, key: tuple[str, int]) -> None:
-        self._maps.pop(key, None)
+        return conn.mappings["host"]
 
 
 def _pull_staged(

@@ -12,6 +12,8 @@ Messages (see wire.py), each answered by one reply or {"error": ...}:
   end     {request_id, lease_id}        -> {live}              after it: was the data valid?
   read    {request_id, block_ids, heads}-> {num_layers}, one tensor per layer, {live}   tcp
   release {request_id}                  -> {released}
+A connection carries any number of them in turn: D keeps one open per source across pulls
+(connections.py) until it sits idle for `read_timeout_s` or the source closes.
 """
 
 from __future__ import annotations
@@ -72,6 +74,10 @@ class KVSource:
 
     def __post_init__(self) -> None:
         self._server: socketserver.ThreadingTCPServer | None = None
+        self._peers_lock = threading.Lock()
+        self._live: set[socket.socket] = set()  # D connections being served, closed by close()
+        self._accepted = 0
+        self._stopped = False
         self._device = self.kv_caches[0].device
         self._stream = torch.cuda.Stream(self._device) if self._device.type == "cuda" else None
         self._staging: StagingBuffer | None = None
@@ -100,6 +106,7 @@ class KVSource:
         server.server_activate()
         self.port = server.server_address[1]
         self._server = server
+        self._stopped = False
         threading.Thread(target=server.serve_forever, name="kv-source", daemon=True).start()
         return self
 
@@ -117,12 +124,24 @@ class KVSource:
             "gpu_uuid": cuda_ipc.gpu_uuid(self._device),
         }
 
+    @property
+    def connections_accepted(self) -> int:
+        """D connections accepted since start (D keeps one per puller open across pulls)."""
+        return self._accepted
+
     def close(self) -> None:
-        """Stop serving (the caches and their shared memory stay the engine's to free)."""
+        """Stop serving, and end D's open connections (the caches and their shared memory stay
+        the engine's to free)."""
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+        with self._peers_lock:
+            self._stopped = True
+            live = list(self._live)
+        for sock in live:  # D's persistent connections must not outlive the caches they read
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
         if self._staging is not None:
             self._staging.close()
             self._staging = None
@@ -130,6 +149,11 @@ class KVSource:
     def _serve_connection(self, sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(self.read_timeout_s)  # an idle or stuck D does not hold a thread forever
+        with self._peers_lock:
+            if self._stopped:  # accepted while close() ran
+                return
+            self._accepted += 1
+            self._live.add(sock)
         # OSError: D went away or stalled (its lease simply runs out); ValueError: garbage
         with contextlib.suppress(OSError, ValueError):
             peer = _Peer()
@@ -137,6 +161,8 @@ class KVSource:
                 self._serve_messages(sock, peer)
             finally:
                 self._unstage(peer)
+                with self._peers_lock:
+                    self._live.discard(sock)
 
     def _serve_messages(self, sock: socket.socket, peer: _Peer) -> None:
         while (msg := recv_msg(sock)) is not None:

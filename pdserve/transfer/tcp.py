@@ -15,17 +15,20 @@ from dataclasses import dataclass, field
 import torch
 
 from pdserve.transfer.blockcopy import Scratch, as_index, scatter_blocks
+from pdserve.transfer.connections import SourceConnections
 from pdserve.transfer.layout import HeadSlice
 from pdserve.transfer.protocol import PullStats, TransferError, pull_timeout_s
-from pdserve.transfer.wire import Connection, release_remote
+from pdserve.transfer.wire import Connection
 
 
 @dataclass
 class TcpPuller:
-    """D side of the tcp transport. `timeout_s` bounds a whole pull, connect included."""
+    """D side of the tcp transport. `timeout_s` bounds a whole pull, connect included;
+    the connection to each source is kept for the next pull (see connections.py)."""
 
     timeout_s: float = 10.0
     name: str = "tcp"
+    conns: SourceConnections = field(default_factory=SourceConnections)
     _scratch: Scratch = field(default_factory=Scratch)  # receive buffer, reused across pulls
 
     def pull(
@@ -43,13 +46,15 @@ class TcpPuller:
         start = time.perf_counter()
         local = as_index(local_block_ids, kv_caches[0].device)
         try:
-            nbytes = self._stream(
+            nbytes, live = self._stream(
                 endpoint, remote_request_id, remote_block_ids, local, kv_caches, heads
             )
         except (KeyError, TypeError, IndexError, RuntimeError) as e:  # a malformed stream
             raise TransferError(
                 f"tcp pull from {endpoint.get('host')}:{endpoint.get('port')}: {e!r}"
             ) from e
+        if not live:  # blocks reused under the stream: the bytes may be stale
+            raise TransferError(f"lease of {remote_request_id!r} ended during the stream")
         return PullStats(self.name, len(local_block_ids), nbytes, time.perf_counter() - start)
 
     def _stream(
@@ -60,12 +65,14 @@ class TcpPuller:
         local: torch.Tensor,
         kv_caches: list[torch.Tensor],
         heads: HeadSlice | None,
-    ) -> int:
-        """Send the read, receive and scatter each layer; returns bytes received."""
+    ) -> tuple[int, bool]:
+        """Send the read, receive and scatter each layer; returns bytes received and whether
+        the lease was still live at the end."""
         head_start = 0 if heads is None else heads.local_start
-        nbytes = 0
         budget = pull_timeout_s(self.timeout_s, kv_caches, len(local))
-        with Connection(endpoint, budget, self.timeout_s) as conn:
+
+        def exchange(conn: Connection) -> tuple[int, bool]:
+            nbytes = 0
             reply = conn.call(
                 {
                     "op": "read",
@@ -84,16 +91,16 @@ class TcpPuller:
                 self._check(data, cache, len(local), heads)
                 scatter_blocks(cache, local, data, head_start)
                 nbytes += data.nbytes
-            if not conn.recv()["live"]:
-                raise TransferError(f"lease of {remote_request_id!r} ended during the stream")
-        return nbytes
+            return nbytes, bool(conn.recv()["live"])
+
+        return self.conns.run(endpoint, budget, exchange, self.timeout_s)
 
     def release(self, endpoint: dict, remote_request_id: str) -> bool:
         """Tell the source the blocks of `remote_request_id` may be freed."""
-        return release_remote(endpoint, remote_request_id, self.timeout_s)
+        return self.conns.release(endpoint, remote_request_id, self.timeout_s)
 
     def close(self) -> None:
-        pass
+        self.conns.close()
 
     @staticmethod
     def _check(data: torch.Tensor, cache: torch.Tensor, n: int, heads: HeadSlice | None) -> None:

@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pdserve.transfer.connections import SourceConnections
 from pdserve.transfer.cuda_ipc import CudaIpcPuller, peer_reachable
 from pdserve.transfer.host import HostPuller, local_host_id
 from pdserve.transfer.layout import KVLayout
 from pdserve.transfer.params import RemoteKV
 from pdserve.transfer.protocol import BlockPuller, PullStats, TransferError
 from pdserve.transfer.tcp import TcpPuller
-from pdserve.transfer.wire import release_remote
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +42,26 @@ def choose_transport(endpoint: dict, local_device: torch.device, prefer: str | N
     return "tcp"
 
 
-def release_remote_kv(remote: RemoteKV, timeout_s: float = 5.0) -> bool:
+def release_remote_kv(
+    remote: RemoteKV, timeout_s: float = 5.0, conns: SourceConnections | None = None
+) -> bool:
     """Tell every P rank its lease on the request can end (after all D ranks pulled).
 
-    Best effort: False if some rank could not be told; its lease then simply expires.
+    Over `conns` (a puller's open connections) when given, else over new ones. Best effort:
+    False if some rank could not be told; its lease then simply expires.
     """
+    own = conns is None
+    conns = SourceConnections() if conns is None else conns
     ok = True
-    for endpoint in remote.endpoints:
-        try:
-            ok = release_remote(endpoint, remote.request_id, timeout_s) and ok
-        except TransferError:
-            ok = False
+    try:
+        for endpoint in remote.endpoints:
+            try:
+                ok = conns.release(endpoint, remote.request_id, timeout_s) and ok
+            except TransferError:
+                ok = False
+    finally:
+        if own:
+            conns.close()
     return ok
 
 
@@ -62,7 +71,8 @@ class KVPuller:
 
     Checks the layouts, splits the pull over the P ranks holding this rank's heads
     (heterogeneous TP), and picks a transport per P rank. Not thread-safe: call it from
-    one thread (the engine's), or one KVPuller per thread.
+    one thread (the engine's), or one KVPuller per thread. Every transport and `release`
+    share one connection per P endpoint, kept open across pulls.
     """
 
     layout: KVLayout
@@ -70,6 +80,7 @@ class KVPuller:
     transport: str | None = None  # force "cuda_ipc", "host" or "tcp"
     timeout_s: float = 10.0
     _pullers: dict[str, BlockPuller] = field(default_factory=dict)
+    _conns: SourceConnections = field(default_factory=SourceConnections)
     # (P endpoint, transport) pairs that failed once: the next pull goes down the list
     _broken: set[tuple[str, int, str]] = field(default_factory=set)
 
@@ -119,16 +130,17 @@ class KVPuller:
 
     def release(self, remote: RemoteKV) -> bool:
         """Tell P the request's blocks may be freed (see release_remote_kv)."""
-        return release_remote_kv(remote, self.timeout_s)
+        return release_remote_kv(remote, self.timeout_s, self._conns)
 
     def close(self) -> None:
-        """Drop every mapping of remote caches."""
+        """Close the connections to every source, dropping every mapping of remote caches."""
         for puller in self._pullers.values():
             with contextlib.suppress(Exception):
                 puller.close()
         self._pullers.clear()
+        self._conns.close()
 
     def _puller(self, name: str) -> BlockPuller:
         if name not in self._pullers:
-            self._pullers[name] = TRANSPORTS[name](timeout_s=self.timeout_s)
+            self._pullers[name] = TRANSPORTS[name](timeout_s=self.timeout_s, conns=self._conns)
         return self._pullers[name]

@@ -12,6 +12,7 @@ import json
 import socket
 import struct
 import time
+from typing import Any
 
 import torch
 
@@ -96,11 +97,19 @@ def recv_tensor(
     return out
 
 
+class PeerClosed(TransferError):
+    """The source closed the connection (or reset it) instead of answering."""
+
+
+_CLOSED = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
+
+
 class Connection:
     """D's connection to a source: request/reply calls, every failure a TransferError.
 
-    `timeout_s` bounds the whole life of the connection (a deadline), so a source that
-    stalls mid-stream cannot hang D; `connect_timeout_s` (default: the same) the connect.
+    `deadline` (time.monotonic) bounds every call, so a source that stalls mid-stream cannot
+    hang D: `timeout_s` from now at first, moved by whoever reuses the connection for a new
+    exchange (see connections.py); `connect_timeout_s` (default: the same) the connect.
     """
 
     def __init__(
@@ -109,6 +118,10 @@ class Connection:
         self.deadline = time.monotonic() + timeout_s
         where = f"{endpoint.get('host')}:{endpoint.get('port')}"
         self.where = where
+        self.replies = 0  # whole messages received: tells a closed idle link from a cut reply
+        # what the source handed this connection (mappings of its caches): valid only while
+        # it is open, since a new connection to the same port may reach a restarted source
+        self.mappings: dict[str, Any] = {}
         connect = min(timeout_s, connect_timeout_s or timeout_s)
         try:
             self.sock = socket.create_connection((endpoint["host"], endpoint["port"]), connect)
@@ -126,6 +139,8 @@ class Connection:
         try:
             self._arm()
             send_msg(self.sock, msg)
+        except _CLOSED as e:
+            raise PeerClosed(f"KV source {self.where} closed the connection: {e}") from e
         except OSError as e:
             raise TransferError(f"KV source {self.where}: send failed: {e}") from e
 
@@ -134,10 +149,13 @@ class Connection:
         try:
             self._arm()
             msg = recv_msg(self.sock)
+        except _CLOSED as e:
+            raise PeerClosed(f"KV source {self.where} closed the connection: {e}") from e
         except (OSError, ValueError) as e:  # socket.timeout is an OSError
             raise TransferError(f"KV source {self.where}: {type(e).__name__}: {e}") from e
         if msg is None:
-            raise TransferError(f"KV source {self.where} closed the connection")
+            raise PeerClosed(f"KV source {self.where} closed the connection")
+        self.replies += 1
         if "error" in msg:
             raise TransferError(f"KV source {self.where} refused: {msg['error']}")
         return msg
@@ -152,6 +170,18 @@ class Connection:
         self.send(msg)
         return self.recv()
 
+    def is_open(self) -> bool:
+        """Whether the connection can carry a new request: not closed by the source, and
+        nothing unread on it (a stray message means the stream is out of step)."""
+        try:
+            self.sock.settimeout(0)  # a peek that must not wait
+            self.sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return True  # nothing to read: open and idle
+        except OSError:
+            return False
+        return False  # b"": the source closed it; bytes: a reply nobody asked for
+
     def close(self) -> None:
         self.sock.close()
 
@@ -160,9 +190,3 @@ class Connection:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def release_remote(endpoint: dict, remote_request_id: str, timeout_s: float) -> bool:
-    """Ask the source to end the lease of `remote_request_id`; TransferError if unreachable."""
-    with Connection(endpoint, timeout_s) as conn:
-        return bool(conn.call({"op": "release", "request_id": remote_request_id})["released"])

@@ -82,7 +82,7 @@ def test_a_crashed_source_fails_the_pull_and_its_file_is_reaped():
     proc.process.join(5)
     with pytest.raises(TransferError):
         puller.pull(proc.endpoint, "r", [1], [0], empty_caches(LAYOUT, 1))
-    assert puller._maps == {}  # the dead source's memory is no longer mapped here
+    assert len(puller.conns) == 0  # nor its mapping: the dead source's memory is unmapped
     assert len(shm_files(pid)) == 1  # SIGKILL runs no clean-up ...
     assert shared_kv_path("test-12", pid) in remove_stale_shared_kv_caches()
     assert shm_files(pid) == []  # ... until the next engine reaps it

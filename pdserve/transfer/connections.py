@@ -1,0 +1,112 @@
+"""D's persistent connections to KV sources: one per P endpoint, reused across pulls.
+
+Dialing P for every pull (and again for its `release`) costs a handshake and, for the
+mapped transports, an `open` round trip: on one host that is a large part of a pull whose
+copy takes a few milliseconds. `SourceConnections.run` hands an exchange the cached
+connection to P and dials only when there is none, or P closed it (idle past its
+`read_timeout_s`, or restarted). A connection on which anything failed is closed, never
+reused: its stream may have stopped mid-message. What P handed a connection (mappings of
+its caches, `Connection.mappings`) lives and dies with it, since a new connection to the
+same port may reach a new P process. Not thread-safe: one per puller, like KVPuller.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from pdserve.transfer.protocol import TransferError
+from pdserve.transfer.wire import Connection, PeerClosed
+
+T = TypeVar("T")
+
+
+def endpoint_key(endpoint: dict) -> tuple[str, int]:
+    return str(endpoint.get("host")), int(endpoint.get("port") or 0)
+
+
+@dataclass
+class SourceConnections:
+    """Open connections to KV sources by (host, port)."""
+
+    max_idle_s: float = 60.0  # close what sat unused this long (a P that went away for good)
+    _open: dict[tuple[str, int], Connection] = field(default_factory=dict)
+    _last_used: dict[tuple[str, int], float] = field(default_factory=dict)
+
+    def run(
+        self,
+        endpoint: dict,
+        timeout_s: float,
+        exchange: Callable[[Connection], T],
+        connect_timeout_s: float | None = None,
+    ) -> T:
+        """`exchange(conn)` over the connection to `endpoint`, connect included within
+        `timeout_s`. A reused connection that P closed before answering (its idle timeout
+        raced our request) is dialed again once; any other failure closes it and propagates."""
+        deadline = time.monotonic() + timeout_s
+        conn, reused = self._connection(endpoint, deadline, connect_timeout_s)
+        replies = conn.replies
+        try:
+            return self._exchange(endpoint, conn, exchange)
+        except PeerClosed:
+            if not reused or conn.replies != replies:
+                raise
+        conn, _ = self._connection(endpoint, deadline, connect_timeout_s)
+        return self._exchange(endpoint, conn, exchange)
+
+    def release(self, endpoint: dict, request_id: str, timeout_s: float) -> bool:
+        """Ask the source to end the lease of `request_id`; TransferError if unreachable."""
+        reply = self.run(
+            endpoint, timeout_s, lambda conn: conn.call({"op": "release", "request_id": request_id})
+        )
+        return bool(reply["released"])
+
+    def close(self) -> None:
+        """Close every connection (and so drop every mapping of a source's caches)."""
+        for key in list(self._open):
+            self._drop(key)
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def _exchange(self, endpoint: dict, conn: Connection, exchange: Callable[[Connection], T]) -> T:
+        key = endpoint_key(endpoint)
+        try:
+            result = exchange(conn)
+        except BaseException:
+            self._drop(key)  # the stream may be mid-message, or P's mapping bad: start afresh
+            raise
+        self._last_used[key] = time.monotonic()
+        return result
+
+    def _connection(
+        self, endpoint: dict, deadline: float, connect_timeout_s: float | None
+    ) -> tuple[Connection, bool]:
+        """The open connection to `endpoint` (and True), or a new one (and False)."""
+        self._close_idle()
+        key = endpoint_key(endpoint)
+        conn = self._open.get(key)
+        if conn is not None and conn.is_open():
+            conn.deadline = deadline
+            return conn, True
+        self._drop(key)  # closed by P: idle too long, or P restarted
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TransferError(f"KV source {key[0]}:{key[1]}: timed out")
+        conn = self._open[key] = Connection(endpoint, left, connect_timeout_s)
+        conn.deadline = deadline
+        return conn, False
+
+    def _close_idle(self) -> None:
+        now = time.monotonic()
+        for key, used in list(self._last_used.items()):
+            if now - used > self.max_idle_s:
+                self._drop(key)
+
+    def _drop(self, key: tuple[str, int]) -> None:
+        conn = self._open.pop(key, None)
+        self._last_used.pop(key, None)
+        if conn is not None:
+            conn.close()
