@@ -110,3 +110,48 @@ class SourceConnections:
         self._last_used.pop(key, None)
         if conn is not None:
             conn.close()
+
+
+def admitted_copy(conn: Connection, request_id: str, block_ids: list[int],
+                  copy: Callable[[], int]) -> tuple[int, bool]:
+    """`copy()` between P's `begin` (admits the read against the lease) and `end` (was the
+    lease live all along?): returns the bytes copied and that answer."""
+    lease = conn.call({"op": "begin", "request_id": request_id, "block_ids": block_ids})
+    nbytes = copy()
+    ended = conn.call({"op": "end", "request_id": request_id, "lease_id": lease["lease_id"]})
+    return nbytes, bool(ended["live"])
+
+
+@dataclass
+class ConnectedPuller:
+    """What every transport's puller shares: one connection per source, reused for pulls
+    and releases, and how a pull over it succeeds or fails."""
+
+    timeout_s: float = 10.0
+    conns: SourceConnections = field(default_factory=SourceConnections)
+    name: str = "?"  # each transport's own name
+
+    def release(self, endpoint: dict, remote_request_id: str) -> bool:
+        """Tell the source the blocks of `remote_request_id` may be freed."""
+        return self.conns.release(endpoint, remote_request_id, self.timeout_s)
+
+    def close(self) -> None:
+        """Close the connections, and with them every mapping of a source's caches."""
+        self.conns.close()
+
+    def _run_pull(self, endpoint: dict, remote_request_id: str, budget_s: float,
+                  exchange: Callable[[Connection], tuple[int, bool]],
+                  errors: tuple[type[BaseException], ...]) -> int:
+        """`exchange(conn)` -> (bytes, lease live at its end) over the connection to P:
+        `errors` it raises on bad data become a TransferError naming P, and a lease that
+        ended meanwhile fails the pull (its blocks may have been reused). Returns bytes."""
+        try:
+            nbytes, live = self.conns.run(endpoint, budget_s, exchange, self.timeout_s)
+        except TransferError:
+            raise
+        except errors as e:
+            where = f"{endpoint.get('host')}:{endpoint.get('port')}"
+            raise TransferError(f"{self.name} pull from {where} failed: {e!r}") from e
+        if not live:
+            raise TransferError(f"lease of {remote_request_id!r} ended during the copy")
+        return nbytes

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pdserve.transfer.blockcopy import Scratch, copy_blocks
-from pdserve.transfer.connections import SourceConnections
+from pdserve.transfer.connections import ConnectedPuller, admitted_copy
 from pdserve.transfer.host import local_host_id
 from pdserve.transfer.layout import HeadSlice
 from pdserve.transfer.protocol import PullStats, TransferError, pull_timeout_s
@@ -103,16 +103,14 @@ def import_kv_caches(layers: list[dict], device: torch.device) -> list[torch.Ten
 
 
 @dataclass
-class CudaIpcPuller:
+class CudaIpcPuller(ConnectedPuller):
     """D side of the cuda_ipc transport: maps each source's caches once, gathers with peer reads.
 
     The mapping lives on the connection to the source (see connections.py), reused across pulls.
     """
 
-    timeout_s: float = 10.0
     name: str = "cuda_ipc"
     kernel: bool = True  # False: torch's gather + scatter per layer (the path it replaced)
-    conns: SourceConnections = field(default_factory=SourceConnections)
     _scratch: Scratch = field(default_factory=Scratch)  # one layer's gather, on D's GPU
 
     def pull(
@@ -133,50 +131,25 @@ class CudaIpcPuller:
         if endpoint.get("host_id") != local_host_id():
             raise TransferError("cuda_ipc needs the source on this host")
         start = time.perf_counter()
-        budget = pull_timeout_s(self.timeout_s, kv_caches, len(local_block_ids))
 
         def exchange(conn: Connection) -> tuple[int, bool]:
             remote = self._mapping(conn, device)
             if len(remote) != len(kv_caches):
                 raise TransferError(f"{len(remote)} remote layers, {len(kv_caches)} local")
-            lease = conn.call(
-                {"op": "begin", "request_id": remote_request_id, "block_ids": remote_block_ids}
-            )
-            with torch.cuda.device(device):
-                nbytes = copy_blocks(
-                    remote,
-                    remote_block_ids,
-                    kv_caches,
-                    local_block_ids,
-                    heads,
-                    self._scratch,
-                    self.kernel,
-                )
-                torch.cuda.current_stream(device).synchronize()  # done before "end" is asked
-            ended = conn.call(
-                {"op": "end", "request_id": remote_request_id, "lease_id": lease["lease_id"]}
-            )
-            return nbytes, bool(ended["live"])
 
-        try:
-            nbytes, live = self.conns.run(endpoint, budget, exchange, self.timeout_s)
-        except TransferError:
-            raise
-        except (RuntimeError, IndexError, KeyError, TypeError, OSError) as e:
-            where = f"{endpoint.get('host')}:{endpoint.get('port')}"
-            raise TransferError(f"cuda_ipc copy from {where} failed: {e}") from e
-        if not live:
-            raise TransferError(f"lease of {remote_request_id!r} ended during the copy")
+            def copy() -> int:
+                with torch.cuda.device(device):
+                    nbytes = copy_blocks(remote, remote_block_ids, kv_caches, local_block_ids,
+                                         heads, self._scratch, self.kernel)
+                    torch.cuda.current_stream(device).synchronize()  # done before "end"
+                return nbytes
+
+            return admitted_copy(conn, remote_request_id, remote_block_ids, copy)
+
+        budget = pull_timeout_s(self.timeout_s, kv_caches, len(local_block_ids))
+        nbytes = self._run_pull(endpoint, remote_request_id, budget, exchange,
+                                (RuntimeError, IndexError, KeyError, TypeError, OSError))
         return PullStats(self.name, len(local_block_ids), nbytes, time.perf_counter() - start)
-
-    def release(self, endpoint: dict, remote_request_id: str) -> bool:
-        """Tell the source the blocks of `remote_request_id` may be freed."""
-        return self.conns.release(endpoint, remote_request_id, self.timeout_s)
-
-    def close(self) -> None:
-        """Close the connections, dropping the mappings (torch closes the IPC handles when the
-        storages die)."""
-        self.conns.close()
 
     def _mapping(self, conn: Connection, device: torch.device) -> list[torch.Tensor]:
         key = f"cuda_ipc:{device}"

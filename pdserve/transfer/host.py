@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pdserve.transfer.blockcopy import Scratch, as_index, copy_blocks, scatter_blocks
-from pdserve.transfer.connections import SourceConnections
+from pdserve.transfer.connections import ConnectedPuller, admitted_copy
 from pdserve.transfer.layout import HeadSlice, KVLayout
 from pdserve.transfer.protocol import PullStats, TransferError, pull_timeout_s
 from pdserve.transfer.wire import Connection
@@ -170,15 +170,13 @@ def _view(flat: torch.Tensor, offset: int, shape: list[int], dtype: torch.dtype)
 
 
 @dataclass
-class HostPuller:
+class HostPuller(ConnectedPuller):
     """D side of the host transport: maps each source's caches once, copies blocks directly.
 
     The mapping lives on the connection to the source (see connections.py), reused across pulls.
     """
 
-    timeout_s: float = 10.0
     name: str = "host"
-    conns: SourceConnections = field(default_factory=SourceConnections)
     _scratch: Scratch = field(default_factory=Scratch)  # gather buffer, reused across pulls
 
     def pull(
@@ -198,58 +196,26 @@ class HostPuller:
         ):
             raise TransferError("host transport needs a source on this host serving it")
         start = time.perf_counter()
-        budget = pull_timeout_s(self.timeout_s, kv_caches, len(local_block_ids))
 
         def exchange(conn: Connection) -> tuple[int, bool]:
             remote = self._mapping(conn)
             if remote.layers is not None and len(remote.layers) != len(kv_caches):
                 raise TransferError(f"{len(remote.layers)} remote layers, {len(kv_caches)} local")
-            lease = conn.call(
-                {"op": "begin", "request_id": remote_request_id, "block_ids": remote_block_ids}
-            )
-            if remote.layers is None:
-                nbytes = _pull_staged(
-                    conn,
-                    remote.flat,
-                    remote_request_id,
-                    remote_block_ids,
-                    local_block_ids,
-                    kv_caches,
-                    heads,
-                )
-            else:
-                nbytes = copy_blocks(
-                    remote.layers,
-                    remote_block_ids,
-                    kv_caches,
-                    local_block_ids,
-                    heads,
-                    self._scratch,
-                )
-            ended = conn.call(
-                {"op": "end", "request_id": remote_request_id, "lease_id": lease["lease_id"]}
-            )
-            return nbytes, bool(ended["live"])
 
-        try:
-            nbytes, live = self.conns.run(endpoint, budget, exchange, self.timeout_s)
-        except TransferError:
-            raise
-        except (RuntimeError, IndexError, KeyError, TypeError, ValueError, OSError) as e:
-            where = f"{endpoint.get('host')}:{endpoint.get('port')}"
-            raise TransferError(f"host copy from {where} failed: {e}") from e
-        if not live:
-            raise TransferError(f"lease of {remote_request_id!r} ended during the copy")
+            def copy() -> int:
+                if remote.layers is None:  # P's caches are on a GPU: through its staging buffer
+                    return _pull_staged(conn, remote.flat, remote_request_id, remote_block_ids,
+                                        local_block_ids, kv_caches, heads)
+                return copy_blocks(remote.layers, remote_block_ids, kv_caches, local_block_ids,
+                                   heads, self._scratch)
+
+            return admitted_copy(conn, remote_request_id, remote_block_ids, copy)
+
+        budget = pull_timeout_s(self.timeout_s, kv_caches, len(local_block_ids))
+        nbytes = self._run_pull(endpoint, remote_request_id, budget, exchange,
+                                (RuntimeError, IndexError, KeyError, TypeError, ValueError,
+                                 OSError))
         return PullStats(self.name, len(local_block_ids), nbytes, time.perf_counter() - start)
-
-    def release(self, endpoint: dict, remote_request_id: str) -> bool:
-        """Tell the source the blocks of `remote_request_id` may be freed."""
-        return self.conns.release(endpoint, remote_request_id, self.timeout_s)
-
-    def close(self) -> None:
-        """Close the connections, dropping their mappings (the memory of a gone P is freed once
-        nobody maps it)."""
-        self.conns.close()
 
     @staticmethod
     def _mapping(conn: Connection) -> _Mapping:

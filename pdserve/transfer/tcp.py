@@ -15,20 +15,18 @@ from dataclasses import dataclass, field
 import torch
 
 from pdserve.transfer.blockcopy import Scratch, as_index, scatter_blocks
-from pdserve.transfer.connections import SourceConnections
+from pdserve.transfer.connections import ConnectedPuller
 from pdserve.transfer.layout import HeadSlice
 from pdserve.transfer.protocol import PullStats, TransferError, pull_timeout_s
 from pdserve.transfer.wire import Connection
 
 
 @dataclass
-class TcpPuller:
+class TcpPuller(ConnectedPuller):
     """D side of the tcp transport. `timeout_s` bounds a whole pull, connect included;
     the connection to each source is kept for the next pull (see connections.py)."""
 
-    timeout_s: float = 10.0
     name: str = "tcp"
-    conns: SourceConnections = field(default_factory=SourceConnections)
     _scratch: Scratch = field(default_factory=Scratch)  # receive buffer, reused across pulls
 
     def pull(
@@ -45,33 +43,10 @@ class TcpPuller:
             raise ValueError("remote and local block lists differ in length")
         start = time.perf_counter()
         local = as_index(local_block_ids, kv_caches[0].device)
-        try:
-            nbytes, live = self._stream(
-                endpoint, remote_request_id, remote_block_ids, local, kv_caches, heads
-            )
-        except (KeyError, TypeError, IndexError, RuntimeError) as e:  # a malformed stream
-            raise TransferError(
-                f"tcp pull from {endpoint.get('host')}:{endpoint.get('port')}: {e!r}"
-            ) from e
-        if not live:  # blocks reused under the stream: the bytes may be stale
-            raise TransferError(f"lease of {remote_request_id!r} ended during the stream")
-        return PullStats(self.name, len(local_block_ids), nbytes, time.perf_counter() - start)
-
-    def _stream(
-        self,
-        endpoint: dict,
-        remote_request_id: str,
-        remote_block_ids: list[int],
-        local: torch.Tensor,
-        kv_caches: list[torch.Tensor],
-        heads: HeadSlice | None,
-    ) -> tuple[int, bool]:
-        """Send the read, receive and scatter each layer; returns bytes received and whether
-        the lease was still live at the end."""
         head_start = 0 if heads is None else heads.local_start
-        budget = pull_timeout_s(self.timeout_s, kv_caches, len(local))
 
         def exchange(conn: Connection) -> tuple[int, bool]:
+            """Send the read, receive and scatter each layer; P's last word: lease live?"""
             nbytes = 0
             reply = conn.call(
                 {
@@ -93,14 +68,11 @@ class TcpPuller:
                 nbytes += data.nbytes
             return nbytes, bool(conn.recv()["live"])
 
-        return self.conns.run(endpoint, budget, exchange, self.timeout_s)
-
-    def release(self, endpoint: dict, remote_request_id: str) -> bool:
-        """Tell the source the blocks of `remote_request_id` may be freed."""
-        return self.conns.release(endpoint, remote_request_id, self.timeout_s)
-
-    def close(self) -> None:
-        self.conns.close()
+        budget = pull_timeout_s(self.timeout_s, kv_caches, len(local))
+        # a malformed stream surfaces as one of these
+        nbytes = self._run_pull(endpoint, remote_request_id, budget, exchange,
+                                (KeyError, TypeError, IndexError, RuntimeError))
+        return PullStats(self.name, len(local_block_ids), nbytes, time.perf_counter() - start)
 
     @staticmethod
     def _check(data: torch.Tensor, cache: torch.Tensor, n: int, heads: HeadSlice | None) -> None:
