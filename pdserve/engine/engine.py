@@ -129,8 +129,7 @@ class Engine:
                                args.tensor_parallel_size, 0)
         ranks: list[RankCaches] | None = None
         if args.role == "colocated":
-            kv_caches = [torch.zeros(self.layout.cache_shape(num_blocks), dtype=self.dtype,
-                                     device=self.device) for _ in range(cfg.num_layers)]
+            kv_caches = self.layout.zeros(num_blocks, self.device)
         else:  # P and D: every rank's caches in a form other processes can map
             ranks = allocate_rank_caches(self.layout, num_blocks, self.device)
             kv_caches = ranks[0].kv_caches

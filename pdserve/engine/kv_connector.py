@@ -89,10 +89,7 @@ def allocate_rank_caches(layout: KVLayout, num_blocks: int, device: torch.device
             caches = allocate_shared_kv_caches(rank_layout, num_blocks, name)
             ranks.append(RankCaches(rank_layout, caches, name))
         elif rank == 0:
-            caches = [torch.zeros(rank_layout.cache_shape(num_blocks),
-                                  dtype=rank_layout.torch_dtype, device=device)
-                      for _ in range(rank_layout.num_layers)]
-            ranks.append(RankCaches(rank_layout, caches))
+            ranks.append(RankCaches(rank_layout, rank_layout.zeros(num_blocks, device)))
         else:
             ranks.append(RankCaches(rank_layout, None))
     return ranks

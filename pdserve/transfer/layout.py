@@ -97,6 +97,11 @@ class KVLayout:
         """Shape of one layer's cache tensor on this rank."""
         return (2, num_blocks, self.block_size, self.rank_kv_heads, self.head_dim)
 
+    def zeros(self, num_blocks: int, device: torch.device | str) -> list[torch.Tensor]:
+        """This rank's KV caches, one zeroed tensor per layer, on `device`."""
+        return [torch.zeros(self.cache_shape(num_blocks), dtype=self.torch_dtype, device=device)
+                for _ in range(self.num_layers)]
+
     @property
     def bytes_per_block(self) -> int:
         """Bytes of one block over all layers, on this rank."""
