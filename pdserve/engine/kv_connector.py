@@ -143,20 +143,24 @@ class KVConnector:
 
     def _pull(self, request_id: str, remote: RemoteKV, local_block_ids: list[int],
               first_block: int) -> None:
+        released = False
         try:
             result = PullResult(request_id, True)  # no blocks: all from D's own prefix cache
             if local_block_ids:
                 start = time.perf_counter()
-                for puller in self.pullers:  # each rank pulls its slice of the heads
-                    stats = puller.pull(remote, local_block_ids, first_block)
+                for i, puller in enumerate(self.pullers):  # each rank pulls its heads' slice
+                    last = i == len(self.pullers) - 1  # P ends the lease with the last read
+                    stats = puller.pull(remote, local_block_ids, first_block, release=last)
                     result.num_bytes += stats.bytes
                     result.transport = stats.transport
+                    released = stats.released
                 result.seconds = time.perf_counter() - start
         except Exception as e:  # any failure means: prefill locally instead
             log.warning("KV pull for %s failed: %s", request_id, e)
             result = PullResult(request_id, False, f"{type(e).__name__}: {e}")
-        self.pullers[0].release(remote)  # P may free now, whatever happened
-        self._done.put(result)
+        self._done.put(result)  # the request goes on before P hears back
+        if not released:
+            self.pullers[0].release(remote)  # P may free now, whatever happened
 
     def release_later(self, remote: RemoteKV) -> None:
         """Tell P to free a prefill D will not pull (on the pull thread: P may be slow)."""

@@ -18,11 +18,13 @@ P side, per engine rank (caches in shared memory if CPU, so same-host D can map 
 D side, per engine rank:
     puller = KVPuller(layout, caches)
     remote = RemoteKV.from_kv_transfer_params(params)
-    try:
-        stats = puller.pull(remote, local_block_ids, first_block=num_prefix_cached_blocks)
+    try:  # the last D rank's pull asks P to end the lease with its last read
+        stats = puller.pull(remote, local_block_ids, first_block=num_prefix_cached_blocks,
+                            release=is_last_rank)
     except (TransferError, IncompatibleLayout):
         ...  # prefill locally
-    release_remote_kv(remote)   # once, after every D rank has pulled (also on failure)
+    if not stats.released:     # a failed pull, or an earlier rank: tell P explicitly
+        release_remote_kv(remote)   # once, after every D rank has pulled (also on failure)
 """
 
 from pdserve.transfer.host import (

@@ -113,13 +113,31 @@ class SourceConnections:
 
 
 def admitted_copy(conn: Connection, request_id: str, block_ids: list[int],
-                  copy: Callable[[], int]) -> tuple[int, bool]:
+                  copy: Callable[[], int], finish: Callable[[], None] | None = None,
+                  release: bool = False) -> tuple[int, bool, bool]:
     """`copy()` between P's `begin` (admits the read against the lease) and `end` (was the
-    lease live all along?): returns the bytes copied and that answer."""
-    lease = conn.call({"op": "begin", "request_id": request_id, "block_ids": block_ids})
-    nbytes = copy()
-    ended = conn.call({"op": "end", "request_id": request_id, "lease_id": lease["lease_id"]})
-    return nbytes, bool(ended["live"])
+    lease live all along? and, with `release`, end it now): returns the bytes copied, that
+    answer, and whether P released the lease.
+
+    With `finish`, `copy()` only queues the copy on the device (it must not use the
+    connection) and `finish()` waits for it: `begin`'s round trip then overlaps the copy.
+    That is safe because a lease never comes back once ended: if it is live when P admits
+    the read, it was live since P answered, so the blocks held P's data all along; P
+    refusing `begin` fails the pull, whatever the copy read."""
+    begin = {"op": "begin", "request_id": request_id, "block_ids": block_ids}
+    if finish is None:
+        lease = conn.call(begin)
+        nbytes = copy()
+    else:
+        conn.send(begin)
+        try:
+            nbytes = copy()
+            lease = conn.recv()
+        finally:
+            finish()  # D's blocks must not be handed back while the copy still writes them
+    ended = conn.call({"op": "end", "request_id": request_id, "lease_id": lease["lease_id"],
+                       "release": release})
+    return nbytes, bool(ended["live"]), bool(ended.get("released"))
 
 
 @dataclass
@@ -140,13 +158,14 @@ class ConnectedPuller:
         self.conns.close()
 
     def _run_pull(self, endpoint: dict, remote_request_id: str, budget_s: float,
-                  exchange: Callable[[Connection], tuple[int, bool]],
-                  errors: tuple[type[BaseException], ...]) -> int:
-        """`exchange(conn)` -> (bytes, lease live at its end) over the connection to P:
-        `errors` it raises on bad data become a TransferError naming P, and a lease that
-        ended meanwhile fails the pull (its blocks may have been reused). Returns bytes."""
+                  exchange: Callable[[Connection], tuple[int, bool, bool]],
+                  errors: tuple[type[BaseException], ...]) -> tuple[int, bool]:
+        """`exchange(conn)` -> (bytes, lease live at its end, lease released) over the
+        connection to P: `errors` it raises on bad data become a TransferError naming P, and a
+        lease that ended meanwhile fails the pull (its blocks may have been reused). Returns
+        (bytes, released)."""
         try:
-            nbytes, live = self.conns.run(endpoint, budget_s, exchange, self.timeout_s)
+            nbytes, live, released = self.conns.run(endpoint, budget_s, exchange, self.timeout_s)
         except TransferError:
             raise
         except errors as e:
@@ -154,4 +173,4 @@ class ConnectedPuller:
             raise TransferError(f"{self.name} pull from {where} failed: {e!r}") from e
         if not live:
             raise TransferError(f"lease of {remote_request_id!r} ended during the copy")
-        return nbytes
+        return nbytes, released

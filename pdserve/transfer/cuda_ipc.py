@@ -6,7 +6,8 @@ cudaIpcOpenMemHandle maps P's memory into D's context and lazily enables peer ac
 one Triton launch on D's GPU (block_kernel.py) reads every block of every layer over
 NVLink/PCIe and writes it straight into D's cache: no CUDA context on P's GPU, no staging
 copy. `kernel=False` keeps the torch path (per layer, a gather into scratch and a scatter).
-Reads are admitted against P's lease with `begin`/`end` exactly like the host transport.
+Reads are admitted against P's lease with `begin`/`end` like the host transport; `begin`'s
+round trip overlaps the queued copy (see connections.admitted_copy).
 
 Assumptions, to be checked by tests/transfer/test_cuda_ipc.py on a GPU machine:
 - the KV of a request is complete on P's GPU once P has answered (it synced to sample);
@@ -121,6 +122,7 @@ class CudaIpcPuller(ConnectedPuller):
         local_block_ids: list[int],
         kv_caches: list[torch.Tensor],
         heads: HeadSlice | None = None,
+        release: bool = False,
     ) -> PullStats:
         """Copy remote blocks into `local_block_ids` of `kv_caches`; TransferError on failure."""
         if len(remote_block_ids) != len(local_block_ids):
@@ -132,24 +134,27 @@ class CudaIpcPuller(ConnectedPuller):
             raise TransferError("cuda_ipc needs the source on this host")
         start = time.perf_counter()
 
-        def exchange(conn: Connection) -> tuple[int, bool]:
+        def exchange(conn: Connection) -> tuple[int, bool, bool]:
             remote = self._mapping(conn, device)
             if len(remote) != len(kv_caches):
                 raise TransferError(f"{len(remote)} remote layers, {len(kv_caches)} local")
 
-            def copy() -> int:
+            def copy() -> int:  # queued on the device: `begin`'s round trip runs meanwhile
                 with torch.cuda.device(device):
-                    nbytes = copy_blocks(remote, remote_block_ids, kv_caches, local_block_ids,
-                                         heads, self._scratch, self.kernel)
-                    torch.cuda.current_stream(device).synchronize()  # done before "end"
-                return nbytes
+                    return copy_blocks(remote, remote_block_ids, kv_caches, local_block_ids,
+                                       heads, self._scratch, self.kernel)
 
-            return admitted_copy(conn, remote_request_id, remote_block_ids, copy)
+            def finish() -> None:  # the copy is done before "end" asks whether it was valid
+                torch.cuda.current_stream(device).synchronize()
+
+            return admitted_copy(conn, remote_request_id, remote_block_ids, copy, finish,
+                                 release)
 
         budget = pull_timeout_s(self.timeout_s, kv_caches, len(local_block_ids))
-        nbytes = self._run_pull(endpoint, remote_request_id, budget, exchange,
-                                (RuntimeError, IndexError, KeyError, TypeError, OSError))
-        return PullStats(self.name, len(local_block_ids), nbytes, time.perf_counter() - start)
+        nbytes, released = self._run_pull(endpoint, remote_request_id, budget, exchange,
+                                          (RuntimeError, IndexError, KeyError, TypeError, OSError))
+        return PullStats(self.name, len(local_block_ids), nbytes, time.perf_counter() - start,
+                         released)
 
     def _mapping(self, conn: Connection, device: torch.device) -> list[torch.Tensor]:
         key = f"cuda_ipc:{device}"

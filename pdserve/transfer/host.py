@@ -187,6 +187,7 @@ class HostPuller(ConnectedPuller):
         local_block_ids: list[int],
         kv_caches: list[torch.Tensor],
         heads: HeadSlice | None = None,
+        release: bool = False,
     ) -> PullStats:
         """Copy remote blocks into `local_block_ids` of `kv_caches`; TransferError on failure."""
         if len(remote_block_ids) != len(local_block_ids):
@@ -197,7 +198,7 @@ class HostPuller(ConnectedPuller):
             raise TransferError("host transport needs a source on this host serving it")
         start = time.perf_counter()
 
-        def exchange(conn: Connection) -> tuple[int, bool]:
+        def exchange(conn: Connection) -> tuple[int, bool, bool]:
             remote = self._mapping(conn)
             if remote.layers is not None and len(remote.layers) != len(kv_caches):
                 raise TransferError(f"{len(remote.layers)} remote layers, {len(kv_caches)} local")
@@ -209,13 +210,15 @@ class HostPuller(ConnectedPuller):
                 return copy_blocks(remote.layers, remote_block_ids, kv_caches, local_block_ids,
                                    heads, self._scratch)
 
-            return admitted_copy(conn, remote_request_id, remote_block_ids, copy)
+            return admitted_copy(conn, remote_request_id, remote_block_ids, copy,
+                                 release=release)
 
         budget = pull_timeout_s(self.timeout_s, kv_caches, len(local_block_ids))
-        nbytes = self._run_pull(endpoint, remote_request_id, budget, exchange,
-                                (RuntimeError, IndexError, KeyError, TypeError, ValueError,
-                                 OSError))
-        return PullStats(self.name, len(local_block_ids), nbytes, time.perf_counter() - start)
+        nbytes, released = self._run_pull(endpoint, remote_request_id, budget, exchange,
+                                          (RuntimeError, IndexError, KeyError, TypeError,
+                                           ValueError, OSError))
+        return PullStats(self.name, len(local_block_ids), nbytes, time.perf_counter() - start,
+                         released)
 
     @staticmethod
     def _mapping(conn: Connection) -> _Mapping:

@@ -22,6 +22,7 @@ class PullStats:
     num_blocks: int
     bytes: int
     seconds: float
+    released: bool = False  # P ended the lease in the same exchange (the pull's last part)
 
     @property
     def gbps(self) -> float:
@@ -34,6 +35,7 @@ class PullStats:
             max(self.num_blocks, other.num_blocks),
             self.bytes + other.bytes,
             self.seconds + other.seconds,
+            other.released,  # the later part is the one that may release
         )
 
 
@@ -59,8 +61,10 @@ class BlockPuller(Protocol):
         local_block_ids: list[int],
         kv_caches: list[torch.Tensor],
         heads: HeadSlice | None = None,
+        release: bool = False,
     ) -> PullStats:
-        """Copy remote blocks into `local_block_ids` of `kv_caches`; TransferError on failure."""
+        """Copy remote blocks into `local_block_ids` of `kv_caches`; TransferError on failure.
+        `release`: P ends the lease in the pull's last exchange (`PullStats.released`)."""
         ...
 
     def release(self, endpoint: dict, remote_request_id: str) -> bool:

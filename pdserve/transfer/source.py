@@ -9,11 +9,14 @@ Messages (see wire.py), each answered by one reply or {"error": ...}:
   open    {transport}                   -> {mapping}           host / cuda_ipc
   begin   {request_id, block_ids}       -> {lease_id}          before a direct read
   stage   {request_id, block_ids, heads, layers} -> {layers}   host via staging buffer
-  end     {request_id, lease_id}        -> {live}              after it: was the data valid?
-  read    {request_id, block_ids, heads}-> {num_layers}, one tensor per layer, {live}   tcp
+  end     {request_id, lease_id, release} -> {live, released}  after it: was the data valid?
+  read    {request_id, block_ids, heads, release} -> {num_layers}, a tensor per layer,
+                                                     {live, released}                   tcp
   release {request_id}                  -> {released}
-A connection carries any number of them in turn: D keeps one open per source across pulls
-(connections.py) until it sits idle for `read_timeout_s` or the source closes.
+`release: true` on a pull's last `end` or `read` ends the lease once the read is checked,
+as `release` would. A connection carries any number of them in turn: D keeps one open per
+source across pulls (connections.py) until it sits idle for `read_timeout_s` or the source
+closes.
 """
 
 from __future__ import annotations
@@ -186,7 +189,8 @@ class KVSource:
             send_msg(sock, {"layers": self._stage(msg, peer)})
         elif op == "end":
             self._unstage(peer)
-            send_msg(sock, {"live": self.leases.is_live(msg["request_id"], msg["lease_id"])})
+            live = self.leases.is_live(msg["request_id"], msg["lease_id"])
+            send_msg(sock, {"live": live, "released": self._release_if(msg)})
         elif op == "read":
             self._stream_blocks(sock, msg, peer.scratch)
         elif op == "release":
@@ -251,4 +255,9 @@ class KVSource:
                 data = gather_blocks(cache, ids, (start, stop), scratch).cpu()
             send_tensor(sock, {"layer": i}, data)
         # blocks reused under the stream (lease gone) would make the bytes sent stale
-        send_msg(sock, {"live": self.leases.is_live(msg["request_id"], lease_id)})
+        live = self.leases.is_live(msg["request_id"], lease_id)
+        send_msg(sock, {"live": live, "released": self._release_if(msg)})
+
+    def _release_if(self, msg: dict) -> bool:
+        """D's last read asked to end the lease with it (saves D a `release` round trip)."""
+        return bool(msg.get("release")) and self.leases.release_later(msg["request_id"])

@@ -37,6 +37,7 @@ class TcpPuller(ConnectedPuller):
         local_block_ids: list[int],
         kv_caches: list[torch.Tensor],
         heads: HeadSlice | None = None,
+        release: bool = False,
     ) -> PullStats:
         """Copy remote blocks into `local_block_ids` of `kv_caches`; TransferError on failure."""
         if len(remote_block_ids) != len(local_block_ids):
@@ -45,8 +46,9 @@ class TcpPuller(ConnectedPuller):
         local = as_index(local_block_ids, kv_caches[0].device)
         head_start = 0 if heads is None else heads.local_start
 
-        def exchange(conn: Connection) -> tuple[int, bool]:
-            """Send the read, receive and scatter each layer; P's last word: lease live?"""
+        def exchange(conn: Connection) -> tuple[int, bool, bool]:
+            """Send the read, receive and scatter each layer; P's last word: lease live (and
+            released, if asked)?"""
             nbytes = 0
             reply = conn.call(
                 {
@@ -54,6 +56,7 @@ class TcpPuller(ConnectedPuller):
                     "request_id": remote_request_id,
                     "block_ids": remote_block_ids,
                     "heads": None if heads is None else [heads.remote_start, heads.remote_stop],
+                    "release": release,
                 }
             )
             if reply["num_layers"] != len(kv_caches):
@@ -66,13 +69,15 @@ class TcpPuller(ConnectedPuller):
                 self._check(data, cache, len(local), heads)
                 scatter_blocks(cache, local, data, head_start)
                 nbytes += data.nbytes
-            return nbytes, bool(conn.recv()["live"])
+            last = conn.recv()
+            return nbytes, bool(last["live"]), bool(last.get("released"))
 
         budget = pull_timeout_s(self.timeout_s, kv_caches, len(local))
         # a malformed stream surfaces as one of these
-        nbytes = self._run_pull(endpoint, remote_request_id, budget, exchange,
-                                (KeyError, TypeError, IndexError, RuntimeError))
-        return PullStats(self.name, len(local_block_ids), nbytes, time.perf_counter() - start)
+        nbytes, released = self._run_pull(endpoint, remote_request_id, budget, exchange,
+                                          (KeyError, TypeError, IndexError, RuntimeError))
+        return PullStats(self.name, len(local_block_ids), nbytes, time.perf_counter() - start,
+                         released)
 
     @staticmethod
     def _check(data: torch.Tensor, cache: torch.Tensor, n: int, heads: HeadSlice | None) -> None:

@@ -84,21 +84,24 @@ class KVPuller:
     # (P endpoint, transport) pairs that failed once: the next pull goes down the list
     _broken: set[tuple[str, int, str]] = field(default_factory=set)
 
-    def pull(self, remote: RemoteKV, local_block_ids: list[int], first_block: int = 0) -> PullStats:
+    def pull(self, remote: RemoteKV, local_block_ids: list[int], first_block: int = 0,
+             release: bool = False) -> PullStats:
         """Copy remote blocks first_block .. first_block+len(local_block_ids) into local_block_ids.
 
-        `first_block` skips blocks D already holds (its prefix cache). Raises
-        IncompatibleLayout or TransferError; either way D prefills locally instead.
+        `first_block` skips blocks D already holds (its prefix cache). `release`: P ends the
+        lease with the last part's read (the caller's last pull; see `PullStats.released`).
+        Raises IncompatibleLayout or TransferError; either way D prefills locally instead.
         """
         remote_ids = remote.block_ids[first_block : first_block + len(local_block_ids)]
         if len(remote_ids) != len(local_block_ids):
             raise ValueError(f"{len(local_block_ids)} local blocks, {len(remote_ids)} remote")
         total: PullStats | None = None
-        for part in self.layout.head_slices_from(remote.layout):
+        parts = self.layout.head_slices_from(remote.layout)
+        for i, part in enumerate(parts):
             endpoint = remote.endpoints[part.remote_rank]
             whole = part.num_heads == self.layout.rank_kv_heads == remote.layout.rank_kv_heads
             args = (endpoint, remote.request_id, remote_ids, local_block_ids, self.kv_caches,
-                    None if whole else part)
+                    None if whole else part, release and i == len(parts) - 1)
             stats = self._pull_with_fallback(endpoint, args)
             total = stats if total is None else total + stats
         assert total is not None  # head_slices_from covers at least one head

@@ -88,6 +88,40 @@ def test_release_ends_the_lease_and_hands_blocks_to_the_owner(source, puller):
         puller.pull(source.endpoint, rid, [6], [0], empty_caches(LAYOUT, 1))
 
 
+def test_a_pull_that_releases_ends_the_lease_in_the_same_exchange(source, remote_caches, puller):
+    rid = request_id()
+    source.call("expire")
+    source.call("hold", rid, [6, 8])
+    local = empty_caches(LAYOUT, 2)
+    stats = puller.pull(source.endpoint, rid, [6, 8], [0, 1], local, release=True)
+    assert stats.released is True
+    for mine, theirs in zip(local, remote_caches):
+        assert torch.equal(mine, theirs[:, [6, 8]])  # checked first, then released
+    assert sorted(source.call("expire")) == [6, 8]
+    assert puller.release(source.endpoint, rid) is False  # nothing left to release
+    unreleased = request_id()
+    source.call("hold", unreleased, [3])
+    assert puller.pull(source.endpoint, unreleased, [3], [0], local).released is False
+    assert source.call("expire") == []  # a plain pull leaves the lease to D's release
+
+
+def test_a_refused_queued_copy_is_waited_for_before_the_pull_fails(in_process_source):
+    from pdserve.transfer.connections import admitted_copy
+    from pdserve.transfer.wire import Connection
+
+    source, leases = in_process_source
+    events = []
+    with Connection(source.endpoint(), 5.0) as conn, pytest.raises(TransferError, match="no live"):
+        admitted_copy(conn, "never-held", [0], lambda: events.append("copy") or 0,
+                      lambda: events.append("finish"))
+    assert events == ["copy", "finish"]  # D's blocks are not handed back mid-copy
+    leases.hold("held", [1])
+    with Connection(source.endpoint(), 5.0) as conn:
+        nbytes, live, released = admitted_copy(conn, "held", [1], lambda: 7,
+                                               lambda: events.append("finish"), release=True)
+    assert (nbytes, live, released) == (7, True, True) and "held" not in leases
+
+
 def test_a_source_nobody_listens_on_fails_fast(puller):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
