@@ -9,7 +9,8 @@ Cases (all bf16, random weights of a real architecture's preset):
                    / measured bf16 matmul rate
   offline          N requests, input and output lengths uniform in 100..1024, ignore_eos:
                    output and total tokens per second (vLLM 0.26 on an H100: 9,162 output tok/s)
-Times are medians of CUDA-event timings of whole engine steps after warm-up.
+Decode times are per step over runs of back-to-back steps (median of 5 runs of 20), so
+async scheduling's overlap counts; prefill times are single steps. CUDA events, after warm-up.
 """
 
 from __future__ import annotations
@@ -44,6 +45,24 @@ def median_time(fn, reps: int = 20) -> float:
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def steady_step_time(step, windows: int = 5, steps: int = 20) -> float:
+    """Seconds per step in steady state: the median over `windows` runs of `steps` back-to-back
+    calls, synchronized only at each window's end. A sync after every call (median_time) would
+    drain async scheduling's queued step each time and time serial steps instead."""
+    step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(windows):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / steps)
     return statistics.median(times)
 
 
@@ -94,7 +113,7 @@ def decode_case(engine: Engine, batch: int, context: int, ceil: dict, rng) -> di
     while len(engine.scheduler.running) < batch or any(
             r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running):
         engine.step()
-    step_s = median_time(engine.step, reps=50)
+    step_s = steady_step_time(engine.step)
     weights, _, _ = model_bytes(engine)
     kv = kv_bytes_per_token(engine) * batch * (context + 60)
     floor = (weights + kv) / (ceil["hbm_copy_GBps"] * 1e9)
@@ -159,8 +178,9 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.92)
     ap.add_argument("--enforce-eager", action="store_true")
-    ap.add_argument("--async-scheduling", action="store_true",
-                    help="queue step k+1 before reading step k's tokens back")
+    ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                    help="queue step k+1 before reading step k's tokens back (default: the "
+                    "engine's, i.e. on with one GPU)")
     ap.add_argument("--tensor-parallel-size", type=int, default=1,
                     help="GPUs per engine; floors are per GPU (communication excluded)")
     ap.add_argument("--max-model-len", type=int, default=10240)
@@ -187,6 +207,7 @@ def main() -> None:
                                   max_num_seqs=args.max_num_seqs,
                                   max_model_len=args.max_model_len)))
     result["init_s"] = time.perf_counter() - t0
+    result["async_scheduling"] = engine._overlap is not None  # what the engine chose
     result["num_kv_tokens"] = engine.num_blocks * engine.args.cache.block_size
     print(json.dumps({k: result[k] for k in ("ceilings", "init_s", "num_kv_tokens")}), flush=True)
     rng = random.Random(0)

@@ -65,8 +65,9 @@ class EngineArgs:
     kv_transport: str | None = None  # force "cuda_ipc", "host" or "tcp"; None = fastest that works
     kv_lease_ttl_s: float = 30.0  # P keeps a prefill's KV this long unless D releases it sooner
     enforce_eager: bool = False  # no CUDA graphs
-    # queue step k+1 before reading step k's tokens back (colocated, one device)
-    async_scheduling: bool = False
+    # queue step k+1 before reading step k's tokens back (colocated, one device). None: on
+    # for a colocated engine on one GPU, off elsewhere (a CPU step has nothing to overlap)
+    async_scheduling: bool | None = None
     # CPU engines: torch threads. None = $PDSERVE_CPU_THREADS, else half the cores, because
     # several instances usually share one machine and oversubscribed OpenMP threads spin.
     cpu_threads: int | None = None

@@ -295,9 +295,13 @@ class Engine:
     @functools.cached_property
     def _overlap(self) -> OverlappedLoop | None:
         """The --async-scheduling step loop, where it applies: one device, no KV connector."""
-        if not self.args.async_scheduling:
+        wanted = self.args.async_scheduling
+        supported = self.connector is None and type(self.runner) is ModelRunner
+        if wanted is None:  # the default: where it pays, i.e. a GPU that can run ahead
+            return OverlappedLoop(self) if supported and self.device.type == "cuda" else None
+        if not wanted:
             return None
-        if self.connector is not None or type(self.runner) is not ModelRunner:
+        if not supported:
             log.warning("--async-scheduling is ignored with --role %s and tensor parallel "
                         "size %d: steps run serially", self.args.role,
                         self.args.tensor_parallel_size)

@@ -74,8 +74,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="GPUs to shard the model over")
     p.add_argument("--enforce-eager", action="store_true", help="never use CUDA graphs")
-    p.add_argument("--async-scheduling", action="store_true",
-                   help="plan and queue the next step while the GPU runs this one (colocated)")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="plan and queue the next step while the device runs this one; default: "
+                   "on for a colocated instance on one GPU, off elsewhere (P/D roles and tensor "
+                   "parallelism always run steps serially)")
     p.add_argument("--kv-transport", choices=["cuda_ipc", "host", "tcp"], default=None,
                    help="P/D only: force how KV moves between instances; omitted = the "
                    "fastest that works")

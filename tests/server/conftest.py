@@ -73,8 +73,11 @@ def stop_server(server: Server) -> None:
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory) -> Iterator[Server]:
-    """One server for the whole folder: the embedded model, no --model flag."""
-    srv = start_server(tmp_path_factory.mktemp("server"), "--max-num-seqs", str(MAX_NUM_SEQS))
+    """One server for the whole folder: the embedded model, no --model flag. It schedules
+    asynchronously, as a GPU instance does by default, so every server test covers that path
+    (the engine tests compare it with serial steps token for token)."""
+    srv = start_server(tmp_path_factory.mktemp("server"), "--max-num-seqs", str(MAX_NUM_SEQS),
+                       "--async-scheduling")
     yield srv
     stop_server(srv)
 
