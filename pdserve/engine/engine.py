@@ -112,7 +112,7 @@ class Engine:
                        else profile_peak_activation_bytes)  # with TP, every rank profiles
             activation_bytes = profile(
                 loaded.model, sched.max_num_batched_tokens, sched.max_num_seqs, block_size,
-                (block_size, heads, cfg.head_dim), self.dtype, self.device)
+                (block_size, heads, cfg.head_dim), self.dtype, self.device, self.max_model_len)
             log.info("peak activations of a %d-token step: %.2f GiB",
                      sched.max_num_batched_tokens, activation_bytes / 2**30)
         per_block = kv_bytes_per_block(cfg, block_size, self.dtype, args.tensor_parallel_size)

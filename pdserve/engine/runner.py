@@ -44,22 +44,36 @@ def forward_step(model: torch.nn.Module, kv_caches: list[torch.Tensor],
     return model.compute_logits(hidden.index_select(0, x.sample_rows))
 
 
+def profile_seq_lens(num_tokens: int, max_seq_len: int | None) -> list[int]:
+    """The prompts of the largest step: `num_tokens` in as few sequences as fit the model
+    length (RoPE tables and block tables end there)."""
+    if not max_seq_len or num_tokens <= max_seq_len:
+        return [num_tokens]
+    full, rest = divmod(num_tokens, max_seq_len)
+    return [max_seq_len] * full + ([rest] if rest else [])
+
+
 @torch.inference_mode()
 def profile_peak_activation_bytes(model: torch.nn.Module, num_tokens: int, num_seqs: int,
                                   block_size: int, kv_shape_per_block: tuple, dtype: torch.dtype,
-                                  device: torch.device) -> int:
-    """Peak memory of the largest step (one prefill of `num_tokens`) above the weights."""
+                                  device: torch.device, max_seq_len: int | None = None) -> int:
+    """Peak memory of the largest step (prefills of `num_tokens` in all) above the weights."""
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
-    blocks = (num_tokens + block_size - 1) // block_size
+    lens = profile_seq_lens(num_tokens, max_seq_len)
+    tables, first = [], 0
+    for n in lens:
+        blocks = (n + block_size - 1) // block_size
+        tables.append(list(range(first, first + blocks)))
+        first += blocks
     num_layers = model.config.num_layers
-    caches = [torch.zeros((2, blocks) + kv_shape_per_block, dtype=dtype, device=device)
+    caches = [torch.zeros((2, first) + kv_shape_per_block, dtype=dtype, device=device)
               for _ in range(num_layers)]
     cache_bytes = sum(c.numel() * c.element_size() for c in caches)
-    meta = build_metadata([num_tokens], [num_tokens], [list(range(blocks))], block_size, device)
+    meta = build_metadata(lens, lens, tables, block_size, device)
     ids = torch.zeros(num_tokens, dtype=torch.long, device=device)
-    pos = torch.arange(num_tokens, device=device)
+    pos = torch.cat([torch.arange(n, device=device) for n in lens])
     hidden = model(ids, pos, caches, meta)
     model.compute_logits(hidden[:num_seqs] if num_seqs <= num_tokens else hidden)
     torch.cuda.synchronize(device)

@@ -183,13 +183,14 @@ class TPWorkers:
                 log.exception("could not abort the NCCL process group")
 
     def profile(self, model: torch.nn.Module, num_tokens: int, num_seqs: int, block_size: int,
-                kv_shape_per_block: tuple, dtype: torch.dtype, device: torch.device) -> int:
+                kv_shape_per_block: tuple, dtype: torch.dtype, device: torch.device,
+                max_seq_len: int | None = None) -> int:
         """`profile_peak_activation_bytes` on every rank at once (its all-reduces need them
         all); returns the largest peak of the ranks."""
         self.connect()
-        self.send("profile", (num_tokens, num_seqs, block_size, kv_shape_per_block))
+        self.send("profile", (num_tokens, num_seqs, block_size, kv_shape_per_block, max_seq_len))
         ours = profile_peak_activation_bytes(model, num_tokens, num_seqs, block_size,
-                                             kv_shape_per_block, dtype, device)
+                                             kv_shape_per_block, dtype, device, max_seq_len)
         return max([ours, *self.gather("profiling")])
 
     def close(self) -> None:
@@ -325,9 +326,10 @@ def _serve(spec: TPSpec, rank: int, port: int, conn, model: torch.nn.Module,
         elif command == "connect":
             join_group(spec, rank, port)
         elif command == "profile":
-            tokens, seqs, block_size, shape = arg
+            tokens, seqs, block_size, shape, max_seq_len = arg
             conn.send(("ok", profile_peak_activation_bytes(model, tokens, seqs, block_size,
-                                                           shape, spec.dtype, device)))
+                                                           shape, spec.dtype, device,
+                                                           max_seq_len)))
         elif command == "caches":
             kv_caches, export = arg.allocate(rank, spec.dtype, device)
             if arg.use_cuda_graphs:  # captured in the same order as rank 0's: their NCCL calls pair

@@ -161,3 +161,12 @@ def test_invalid_requests_are_refused_with_a_message(engine, prompt, max_tokens,
     with pytest.raises(ValueError, match=message):
         engine.add_request(EngineRequest("bad", prompt, SamplingParams(max_tokens=max_tokens)))
     assert "bad" not in engine.requests
+
+
+def test_the_profiled_step_splits_prompts_at_the_model_length():
+    from pdserve.engine.runner import profile_seq_lens
+
+    assert profile_seq_lens(8192, None) == [8192]
+    assert profile_seq_lens(8192, 10240) == [8192]
+    assert profile_seq_lens(8192, 1536) == [1536] * 5 + [512]
+    assert profile_seq_lens(4096, 2048) == [2048, 2048]

@@ -39,7 +39,7 @@ def hf_fp32(folder):
 
 @pytest.fixture(scope="module")
 def engine(folder):
-    e = Engine(EngineArgs(model=folder, dtype="bfloat16", device="cuda",
+    e = Engine(EngineArgs(model=folder, dtype="bfloat16", device="cuda", async_scheduling=False,
                           cache=CacheConfig(gpu_memory_utilization=0.3),
                           scheduler=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=4096)))
     yield e
@@ -135,3 +135,21 @@ def test_async_scheduling_gives_the_serial_tokens(engine, folder):
         assert overlapped.pool.num_free_blocks == overlapped.num_blocks
     finally:
         overlapped.close()
+
+
+def test_a_model_length_below_the_step_budget_profiles_and_serves(engine, folder):
+    """Start-up profiles an 8192-token step of prompts no longer than --max-model-len (one
+    longer prompt read past the RoPE table: an illegal memory access at max_model_len 1536)."""
+    short = Engine(EngineArgs(model=folder, dtype="bfloat16", device="cuda",  # the GPU's 0.3 more
+                              cache=CacheConfig(gpu_memory_utilization=0.7),
+                              scheduler=SchedulerConfig(max_num_seqs=16, max_model_len=512,
+                                                        max_num_batched_tokens=8192)))
+    try:
+        assert short._overlap is not None  # async scheduling: the GPU default
+        params = SamplingParams(max_tokens=NUM_TOKENS, temperature=0.0, ignore_eos=True)
+        g = torch.Generator().manual_seed(2)  # prompts new to `engine`'s prefix cache too
+        fresh = [torch.randint(10, 32000, (n,), generator=g).tolist() for n in (5, 100, 400)]
+        reqs = [EngineRequest(f"s{i}", p, params) for i, p in enumerate(fresh)]
+        assert short.generate(reqs) == engine.generate(reqs)
+    finally:
+        short.close()
