@@ -8,6 +8,7 @@ contiguous elements (the copied heads * head_dim) at `offset` within a row of `r
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -104,9 +105,12 @@ def plan_block_copy(
     dst: list[torch.Tensor],
     dst_ids: list[int],
     heads: HeadSlice | None,
+    sides: tuple[Side, Side] | None = None,
 ) -> BlockCopyPlan:
     """The plan for copy_blocks' arguments; NotPlannable if the caches do not fit the kernel.
 
+    `sides`: `Side.of(src, 0)` and `Side.of(dst, 0)` from an earlier pull between the same
+    caches (checking 32 layers on each side costs more host time than the rest of the plan).
     IndexError for a block id outside either pool: the kernel does not check bounds.
     """
     if len(src) != len(dst) or not src:
@@ -123,10 +127,14 @@ def plan_block_copy(
         raise IndexError(f"{heads} does not fit {src_heads} source, {dst_heads} local heads")
     if src[0].shape[2] != dst[0].shape[2] or src[0].shape[4] != dst[0].shape[4]:
         raise NotPlannable("block size or head dim differ")
-    s, d = Side.of(src, heads.remote_start), Side.of(dst, heads.local_start)
+    if sides is None:
+        sides = Side.of(src, 0), Side.of(dst, 0)
+    head_dim = src[0].shape[4]
+    s = dataclasses.replace(sides[0], offset=heads.remote_start * head_dim)
+    d = dataclasses.replace(sides[1], offset=heads.local_start * head_dim)
     _check_ids(src_ids, s.num_blocks, "source")
     _check_ids(dst_ids, d.num_blocks, "destination")
-    rows, head_dim = src[0].shape[2], src[0].shape[4]
+    rows = src[0].shape[2]
     elem = src[0].element_size()
     return BlockCopyPlan(s, d, list(src_ids), list(dst_ids), rows, heads.num_heads * head_dim, elem)
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pdserve.transfer.block_plan import NotPlannable, plan_block_copy
+from pdserve.transfer.block_plan import NotPlannable, Side, plan_block_copy
 from pdserve.transfer.layout import HeadSlice
 
 
@@ -76,15 +76,17 @@ def copy_blocks(
     heads: HeadSlice | None,
     scratch: Scratch | None = None,
     kernel: bool = True,
+    sides: tuple[Side, Side] | None = None,
 ) -> int:
     """Copy blocks between two sets of layer caches (any devices); returns bytes moved.
 
     Both sides addressable from one GPU (the same GPU, or a peer's caches mapped there
     through CUDA IPC): one Triton launch for every layer (block_kernel.py), unless `kernel`
-    is False. Otherwise blocks allocated in order make long runs: one direct slice copy
-    each. Scattered blocks: one batched gather and one scatter per layer.
+    is False (`sides`: the kernel's precomputed view of both caches, see plan_block_copy).
+    Otherwise blocks allocated in order make long runs: one direct slice copy each.
+    Scattered blocks: one batched gather and one scatter per layer.
     """
-    if kernel and (nbytes := _copy_on_gpu(src, src_ids, dst, dst_ids, heads)) is not None:
+    if kernel and (nbytes := _copy_on_gpu(src, src_ids, dst, dst_ids, heads, sides)) is not None:
         return nbytes
     span = (0, src[0].shape[3]) if heads is None else (heads.remote_start, heads.remote_stop)
     local_start = 0 if heads is None else heads.local_start
@@ -112,6 +114,7 @@ def _copy_on_gpu(
     dst: list[torch.Tensor],
     dst_ids: list[int],
     heads: HeadSlice | None,
+    sides: tuple[Side, Side] | None,
 ) -> int | None:
     """The one-launch kernel copy, or None where it does not apply (the torch path does)."""
     if not (src and dst and src[0].is_cuda and src[0].device == dst[0].device):
@@ -121,7 +124,7 @@ def _copy_on_gpu(
     if not block_kernel.kernel_available(dst[0].device):
         return None
     try:
-        plan = plan_block_copy(src, src_ids, dst, dst_ids, heads)
+        plan = plan_block_copy(src, src_ids, dst, dst_ids, heads, sides)
     except NotPlannable:
         return None
     return block_kernel.launch(plan, dst[0].device)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pdserve.transfer.block_plan import NotPlannable, Side
 from pdserve.transfer.blockcopy import Scratch, copy_blocks
 from pdserve.transfer.connections import ConnectedPuller, admitted_copy
 from pdserve.transfer.host import local_host_id
@@ -113,6 +114,9 @@ class CudaIpcPuller(ConnectedPuller):
     name: str = "cuda_ipc"
     kernel: bool = True  # False: torch's gather + scatter per layer (the path it replaced)
     _scratch: Scratch = field(default_factory=Scratch)  # one layer's gather, on D's GPU
+    # copies run on their own stream: on the engine's they would wait for its steps
+    _streams: dict[torch.device, torch.cuda.Stream] = field(default_factory=dict)
+    _local_side: tuple[list[torch.Tensor], Side | None] | None = None  # D's caches, planned
 
     def pull(
         self,
@@ -134,18 +138,23 @@ class CudaIpcPuller(ConnectedPuller):
             raise TransferError("cuda_ipc needs the source on this host")
         start = time.perf_counter()
 
+        stream = self._stream(device)
+
         def exchange(conn: Connection) -> tuple[int, bool, bool]:
-            remote = self._mapping(conn, device)
+            remote, remote_side = self._mapping(conn, device)
             if len(remote) != len(kv_caches):
                 raise TransferError(f"{len(remote)} remote layers, {len(kv_caches)} local")
+            local_side = self._side_of(kv_caches)
+            sides = None if remote_side is None or local_side is None else (remote_side,
+                                                                            local_side)
 
             def copy() -> int:  # queued on the device: `begin`'s round trip runs meanwhile
-                with torch.cuda.device(device):
+                with torch.cuda.device(device), torch.cuda.stream(stream):
                     return copy_blocks(remote, remote_block_ids, kv_caches, local_block_ids,
-                                       heads, self._scratch, self.kernel)
+                                       heads, self._scratch, self.kernel, sides)
 
             def finish() -> None:  # the copy is done before "end" asks whether it was valid
-                torch.cuda.current_stream(device).synchronize()
+                stream.synchronize()
 
             return admitted_copy(conn, remote_request_id, remote_block_ids, copy, finish,
                                  release)
@@ -156,9 +165,33 @@ class CudaIpcPuller(ConnectedPuller):
         return PullStats(self.name, len(local_block_ids), nbytes, time.perf_counter() - start,
                          released)
 
-    def _mapping(self, conn: Connection, device: torch.device) -> list[torch.Tensor]:
+    def _mapping(self, conn: Connection, device: torch.device
+                 ) -> tuple[list[torch.Tensor], Side | None]:
+        """P's caches mapped on `device`, and the copy kernel's view of them (None: the
+        kernel cannot read them), both made once per connection."""
         key = f"cuda_ipc:{device}"
         if key not in conn.mappings:
             layers = conn.call({"op": "open", "transport": "cuda_ipc"})["mapping"]["layers"]
-            conn.mappings[key] = import_kv_caches(layers, device)
+            caches = import_kv_caches(layers, device)
+            conn.mappings[key] = caches, _side(caches)
         return conn.mappings[key]
+
+    def _side_of(self, kv_caches: list[torch.Tensor]) -> Side | None:
+        """The kernel's view of D's caches: the same list every pull, so planned once."""
+        seen = self._local_side
+        if seen is None or seen[0] is not kv_caches or (
+                seen[1] is not None and seen[1].addresses[0] != kv_caches[0].data_ptr()):
+            self._local_side = kv_caches, _side(kv_caches)  # holds the list: its id stays its
+        return self._local_side[1]
+
+    def _stream(self, device: torch.device) -> torch.cuda.Stream:
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
+
+
+def _side(caches: list[torch.Tensor]) -> Side | None:
+    try:
+        return Side.of(caches, 0)
+    except NotPlannable:
+        return None

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pdserve.transfer import HeadSlice
-from pdserve.transfer.block_plan import NotPlannable, plan_block_copy
+from pdserve.transfer.block_plan import NotPlannable, Side, plan_block_copy
 
 
 def caches(num_layers: int, num_blocks: int, heads: int, dtype=torch.bfloat16) -> list:
@@ -30,6 +30,16 @@ def test_head_slice_sets_row_width_and_offsets():
     plan = plan_block_copy(caches(1, 4, 4), [0], caches(1, 4, 6), [0], HeadSlice(1, 1, 3, 4))
     assert (plan.rows, plan.row) == (4, 2 * 8)
     assert (plan.src.offset, plan.dst.offset) == (1 * 8, 4 * 8)
+
+
+def test_precomputed_sides_give_the_same_plan_for_any_head_slice():
+    src, dst = caches(2, 4, 4), caches(2, 4, 6)
+    sides = Side.of(src, 0), Side.of(dst, 0)  # what a puller keeps across pulls
+    for heads in (None, HeadSlice(1, 1, 3, 4), HeadSlice(0, 0, 4, 2)):
+        dst_now = dst if heads is not None else caches(2, 4, 4)
+        both = sides if heads is not None else (sides[0], Side.of(dst_now, 0))
+        assert (plan_block_copy(src, [0, 3], dst_now, [1, 2], heads, both)
+                == plan_block_copy(src, [0, 3], dst_now, [1, 2], heads))
 
 
 def test_whole_heads_copy_whole_rows():
