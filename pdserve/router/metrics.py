@@ -51,6 +51,12 @@ class RouterMetrics:
         self.upstream_errors = Counter("pdserve_router:upstream_errors",
                                        "Connection errors and 5xx from instances, by role.",
                                        ["role"], registry=r)
+        self.kv_releases = Counter("pdserve_router:kv_releases",
+                                   "Prefilled KV the router asked P to free, not to wait for "
+                                   "its lease's expiry, because D did not take the request, "
+                                   "by reason: client_disconnect, no_decode, decode_failed, "
+                                   "decode_refused.",
+                                   ["reason"], registry=r)
         self.client_disconnects = Counter("pdserve_router:client_disconnects",
                                           "Requests whose client left early.", registry=r)
         self.e2e = Histogram("pdserve_router:e2e_request_latency_seconds",

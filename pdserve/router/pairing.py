@@ -67,6 +67,15 @@ def estimate_prompt_tokens(body: dict) -> int:
     return chars // CHARS_PER_TOKEN + 1
 
 
-def requested_max_tokens(body: dict, default: int = 256) -> int:
-    value = body.get("max_tokens", body.get("max_completion_tokens"))
-    return value if isinstance(value, int) and value > 0 else default
+def max_tokens_field(body: dict, chat: bool) -> object:
+    """The body's max_tokens as the instances read it: in chat, max_completion_tokens wins;
+    completions ignore it. Unchecked (None, 0, "9", ...): the instance refuses what is bad."""
+    if chat and body.get("max_completion_tokens") is not None:
+        return body["max_completion_tokens"]
+    return body.get("max_tokens")
+
+
+def requested_max_tokens(body: dict, chat: bool, default: int = 256) -> int:
+    """Tokens the request may generate, for load accounting (`default` if unset or bad)."""
+    value = max_tokens_field(body, chat)
+    return value if type(value) is int and value > 0 else default

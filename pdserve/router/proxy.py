@@ -4,13 +4,16 @@ Nothing reaches the client until an instance has answered, so a failed prefill i
 elsewhere unseen; once tokens flow, a failure ends the stream with an OpenAI error event.
 A prompt shorter than `pd_min_prompt_tokens` skips P: it is served whole on a decode
 instance (conditional disaggregation), since a short prefill gains less than the hop costs.
+P holds the prompt's KV under a lease until D pulls it; if D never gets the request (no D,
+D failed, the client left first), the router asks P to free it rather than wait for the TTL.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 
 import httpx
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -21,6 +24,7 @@ from pdserve.router.pairing import (
     charged,
     estimate_prompt_tokens,
     least_loaded,
+    max_tokens_field,
     requested_max_tokens,
 )
 from pdserve.router.registry import Instance, Registry
@@ -56,16 +60,34 @@ class Load:
     max_tokens: int
 
     @classmethod
-    def of(cls, body: dict) -> Load:
-        return cls(estimate_prompt_tokens(body), requested_max_tokens(body))
+    def of(cls, body: dict, chat: bool) -> Load:
+        return cls(estimate_prompt_tokens(body), requested_max_tokens(body, chat))
+
+
+@dataclass
+class HeldKV:
+    """The prompt's KV that prefill instance `inst` holds under a lease until D pulls it."""
+
+    inst: Instance
+    request_id: str | None  # P's remote_request_id (None: a prefill we cannot release)
+    settled: bool = False  # D has the request (it releases), or the router released it
 
 
 def _needs_decode(body: dict, chat: bool) -> bool:
     """False for max_tokens 1, and for a max_tokens P would not see to refuse (0, "9")."""
-    value = body.get("max_tokens")
-    if chat and body.get("max_completion_tokens") is not None:
-        value = body["max_completion_tokens"]  # the newer name wins, as on the instances
+    value = max_tokens_field(body, chat)
     return value is None or (type(value) is int and value > 1)
+
+
+def release_reason(exc: BaseException) -> str:
+    """Why D never got the request, as the kv_releases metric labels it."""
+    if isinstance(exc, NoInstance):
+        return "no_decode"
+    if isinstance(exc, Refused):  # D's engine frees a refused prefill, its HTTP layer not
+        return "decode_refused"
+    if isinstance(exc, Exception):
+        return "decode_failed"
+    return "client_disconnect"  # cancelled: the client left (or the router is stopping)
 
 
 def json_error(status: int, message: str, code: str, type: str = "server_error") -> Response:
@@ -80,21 +102,24 @@ class Router:
     upstream: Upstream
     metrics: RouterMetrics
     pd_min_prompt_tokens: int = 0  # shorter prompts skip P (0: always disaggregate)
+    # lease releases in flight: the loop keeps only weak references to tasks
+    _releases: set[asyncio.Task] = field(default_factory=set, repr=False)
 
     async def route(self, path: str, body: dict) -> Response:
         """Answer one completion or chat request; 4xx from an instance pass through."""
-        start = time.monotonic()
+        start, chat = time.monotonic(), is_chat(path)
+        load = Load.of(body, chat)
         try:
             if self.registry.healthy("prefill") and self.registry.healthy("decode"):
-                if not _needs_decode(body, is_chat(path)):  # one token (or bad): P alone
-                    return await self.plain(path, body, "prefill_only", start)
-                if estimate_prompt_tokens(body) < self.pd_min_prompt_tokens:
-                    return await self.plain(path, body, "short_prompt", start)
-                return await self.disagg(path, body, start)
+                if not _needs_decode(body, chat):  # one token (or bad): P alone
+                    return await self.plain(path, body, load, "prefill_only", start)
+                if load.prompt < self.pd_min_prompt_tokens:
+                    return await self.plain(path, body, load, "short_prompt", start)
+                return await self.disagg(path, body, load, start)
             if self.registry.healthy("colocated"):
-                return await self.plain(path, body, "colocated", start)
+                return await self.plain(path, body, load, "colocated", start)
             self.metrics.fallbacks.inc()
-            return await self.plain(path, body, "fallback", start)
+            return await self.plain(path, body, load, "fallback", start)
         except Refused as exc:
             return Response(exc.content, exc.status_code, media_type="application/json")
         except NoInstance as exc:
@@ -111,11 +136,12 @@ class Router:
                 return inst
         raise NoInstance(f"no healthy {' or '.join(roles)} instance can serve the request")
 
-    async def plain(self, path: str, body: dict, kind: str, start: float) -> Response:
+    async def plain(self, path: str, body: dict, load: Load, kind: str, start: float
+                    ) -> Response:
         """Send the request unchanged; an instance that fails before answering is skipped."""
         label = "disagg" if kind == "prefill_only" else kind
         self.metrics.requests.labels(label).inc()
-        load, tried = Load.of(body), set()
+        tried: set[str] = set()
         while True:
             inst = self._pick(PLAIN_ROLES[kind], tried)
             try:
@@ -163,26 +189,48 @@ class Router:
 
     # ---- P then D ----------------------------------------------------------------------
 
-    async def disagg(self, path: str, body: dict, start: float) -> Response:
+    async def disagg(self, path: str, body: dict, load: Load, start: float) -> Response:
         """Prefill on P (retrying other Ps), then decode on D; P alone if it finished."""
-        chat, load = is_chat(path), Load.of(body)
-        answer = await self._prefill(path, body, load)
-        if answer is None:  # every prefill instance failed
+        chat = is_chat(path)
+        prefilled = await self._prefill(path, body, load)
+        if prefilled is None:  # every prefill instance failed
             self.metrics.fallbacks.inc()
-            return await self.plain(path, body, "fallback", start)
+            return await self.plain(path, body, load, "fallback", start)
+        p_inst, answer = prefilled
         self.metrics.requests.labels("disagg").inc()
         ktp = answer.get("kv_transfer_params")
         if not ktp or answer["choices"][0].get("finish_reason") != "length":
             return self._answer(without_kv_params(answer), body, chat, start)  # EOS/stop
-        d_body = decode_body(body, ktp)
+        held, d_body = HeldKV(p_inst, ktp.get("remote_request_id")), decode_body(body, ktp)
         if body.get("stream"):
-            events = self._disagg_stream(path, body, d_body, answer, load, start)
-            return StreamingResponse(events, media_type="text/event-stream")
-        d_answer = await self._decode(path, d_body, load)
+            events = self._disagg_stream(path, body, d_body, answer, held, load, start)
+            return _HandOffStream(events, lambda: self._release(held, "client_disconnect"))
+        try:
+            d_answer = await self._decode(path, d_body, load)
+        except BaseException as exc:  # D has stopped too (a cancelled post closes its socket)
+            self._release(held, release_reason(exc))
+            raise
         self.metrics.e2e.labels("disagg").observe(time.monotonic() - start)
         return JSONResponse(merge(answer, d_answer, chat))
 
-    async def _prefill(self, path: str, body: dict, load: Load) -> dict | None:
+    def _release(self, held: HeldKV, reason: str) -> None:
+        """D will never pull `held`: ask P to free it now rather than at the lease's expiry.
+        Best effort, in a task of its own so that it outlives the cancelled request."""
+        if held.settled or not isinstance(held.request_id, str):
+            return
+        held.settled = True
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # a stream finalized after the loop stopped: the TTL frees it
+            return
+        self.metrics.kv_releases.labels(reason).inc()
+        task = loop.create_task(self.upstream.release_lease(held.inst, held.request_id))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    async def _prefill(self, path: str, body: dict, load: Load
+                       ) -> tuple[Instance, dict] | None:
+        """The prefill instance that answered, and its answer (None: every one failed)."""
         p_body, tried = prefill_body(body), set()
         while True:
             inst = least_loaded(self.registry.healthy("prefill"), tried)
@@ -197,7 +245,7 @@ class Router:
                 self.metrics.prefill_retries.inc()
                 continue
             self.metrics.prefill_latency.observe(time.monotonic() - t0)
-            return resp.json()
+            return inst, resp.json()
 
     def _answer(self, answer: dict, body: dict, chat: bool, start: float) -> Response:
         """P's own whole answer, as JSON or replayed as a stream."""
@@ -236,8 +284,9 @@ class Router:
                 tried.add(inst.url)
 
     async def _disagg_stream(self, path: str, body: dict, d_body: dict, answer: dict,
-                             load: Load, start: float) -> AsyncIterator[str]:
-        """P's token at once, then D's chunks (its role chunk dropped, ids made P's)."""
+                             held: HeldKV, load: Load, start: float) -> AsyncIterator[str]:
+        """P's token at once, then D's chunks (its role chunk dropped, ids made P's). Until
+        D's stream is open, P's KV is the router's to release (see _HandOffStream)."""
         chat, usage = is_chat(path), include_usage(body)
         for chunk in first_chunks(answer, chat, usage):
             yield sse(chunk)
@@ -246,13 +295,18 @@ class Router:
             inst, resp, charge = await self._open_decode(path, d_body,
                                                          load.prompt + load.max_tokens)
         except Refused as exc:
+            self._release(held, release_reason(exc))
             yield sse(error_from(exc.content))
             yield sse("[DONE]")
             return
-        except (UpstreamError, NoInstance) as exc:
+        except Exception as exc:  # no D, or D failed before it accepted the request
+            self._release(held, release_reason(exc))
+            if not isinstance(exc, (UpstreamError, NoInstance)):
+                raise
             yield sse(error_body(f"decode failed: {exc}", code="decode_failed"))
             yield sse("[DONE]")
             return
+        held.settled = True  # D accepted it: D pulls the KV and releases the lease
         relay = DecodeRelay(answer["id"], chat, len(first_text(answer, chat)))
         try:
             async for line in resp.aiter_lines():
@@ -269,3 +323,19 @@ class Router:
             await resp.aclose()
             charge.release()
             self.metrics.e2e.labels("disagg").observe(time.monotonic() - start)
+
+
+class _HandOffStream(StreamingResponse):
+    """The SSE response of a disaggregated stream: however it ends before D's stream is open
+    (mostly: the client left), `release` gives P's KV back. Here rather than in the body's
+    own cleanup, which a client gone before the first byte never starts."""
+
+    def __init__(self, events: AsyncIterator[str], release: Callable[[], None]) -> None:
+        super().__init__(events, media_type="text/event-stream")
+        self._release_kv = release
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release_kv()  # a no-op once D has the request, or it was released

@@ -12,6 +12,8 @@ from pdserve.router.registry import Instance
 
 log = logging.getLogger(__name__)
 
+RELEASE_TIMEOUT_S = 5.0  # a lease release is best effort: P's TTL frees the blocks anyway
+
 
 class UpstreamError(Exception):
     """The instance could not answer (connection error or 5xx): another one may."""
@@ -78,6 +80,21 @@ class Upstream:
             await resp.aclose()
             raise
         return resp
+
+    async def release_lease(self, inst: Instance, request_id: str,
+                            timeout_s: float = RELEASE_TIMEOUT_S) -> bool:
+        """Ask prefill instance `inst` to free the KV it holds for `request_id` now. Best
+        effort: never raises, and a failure (logged) leaves the lease to expire on P."""
+        try:
+            resp = await self.client.post(inst.url + "/v1/kv/release", timeout=timeout_s,
+                                          json={"remote_request_id": request_id})
+            if resp.status_code == 200:
+                return True
+            message = f"HTTP {resp.status_code}: {resp.content[:300]!r}"
+        except Exception as exc:  # any: the router may be closing its client meanwhile
+            message = f"{type(exc).__name__}: {exc}"
+        log.warning("could not release KV lease %s on %s: %s", request_id, inst.url, message)
+        return False
 
     def broken(self, inst: Instance, exc: Exception) -> None:
         """A stream that broke after its headers: count it and mark the instance."""

@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pdserve.server.engine_client import EngineClient
 from pdserve.server.errors import (
@@ -90,6 +90,35 @@ def _add_routes(app: FastAPI) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         return await _handle(request, ChatCompletionRequest)
+
+    @app.post("/v1/kv/release")
+    async def kv_release(request: Request) -> Response:
+        """On P: free a finished prefill's held KV now, because no decode instance will pull
+        it (the router calls this when the hand-off to D failed or its client left).
+
+        Body: `{"remote_request_id": "<id>"}`, the value P put in its kv_transfer_params.
+        Answers 200 `{"queued": true}` once the release is handed to the engine, which frees
+        the blocks at its next step; the engine does not answer, so an id that holds no lease
+        (unknown, already pulled, expired) is queued the same and changes nothing. 400 if
+        the body is wrong or this instance is not a prefill instance; 503 if the engine is
+        dead (its blocks went with it)."""
+        st = _state(request)
+        body = await _parse(request, KVReleaseRequest)
+        if st.client.args.role != "prefill":
+            raise bad_request(f"only a prefill instance holds KV leases; this one runs with "
+                              f"--role {st.client.args.role}")
+        if not st.client.healthy:
+            raise engine_dead()
+        st.client.release_lease(body.remote_request_id)
+        return JSONResponse({"queued": True})
+
+
+class KVReleaseRequest(BaseModel):
+    """POST /v1/kv/release."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    remote_request_id: str = Field(min_length=1)
 
 
 async def _handle(request: Request, model: type[CompletionRequest | ChatCompletionRequest]

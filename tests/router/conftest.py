@@ -53,6 +53,18 @@ def routers_tmp(tmp_path_factory):
     return tmp_path_factory.mktemp("routers")
 
 
+@pytest.fixture(scope="package")
+def slow_lease_prefill(routers_tmp) -> Iterator[Proc]:
+    """A prefill instance that holds leases for 600 s: blocks that come back within seconds
+    were released on purpose, not by expiry. Tests that use it leave it holding nothing."""
+    p = start_instance(routers_tmp, "prefill", "--kv-lease-ttl-s", "600", *INSTANCE_FLAGS)
+    try:
+        wait_healthy(p)
+        yield p
+    finally:
+        p.stop()
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests that kill fleet instances run after every other router test (only ours move)."""
     slots = [i for i, item in enumerate(items) if item.get_closest_marker("kills_instance")

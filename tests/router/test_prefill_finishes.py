@@ -1,7 +1,8 @@
 """A request that P's first token already finishes: answered by P alone, its KV freed at once.
 
-P here holds leases for 600 s, so blocks that come back within seconds were released on
-purpose (a stop string the engine could not see), not by lease expiry.
+P here (slow_lease_prefill, shared with test_lease_release) holds leases for 600 s, so blocks
+that come back within seconds were released on purpose (a stop string the engine could not
+see), not by lease expiry.
 """
 
 from __future__ import annotations
@@ -16,26 +17,13 @@ from tests.router.cluster import (
     GREEDY,
     metric,
     sse_events,
-    start_instance,
     start_router,
     stream_text,
     wait_all_free,
-    wait_healthy,
 )
-from tests.router.conftest import INSTANCE_FLAGS
 
 PROMPT = "The capital of France is"
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-@pytest.fixture(scope="module")
-def slow_lease_prefill(routers_tmp) -> Iterator:
-    p = start_instance(routers_tmp, "prefill", "--kv-lease-ttl-s", "600", *INSTANCE_FLAGS)
-    try:
-        wait_healthy(p)
-        yield p
-    finally:
-        p.stop()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,235 @@
+"""P's KV is given back at once when the hand-off to D does not happen.
+
+P (slow_lease_prefill) holds leases for 600 s, so a lease gone within seconds was released
+on purpose. D is a stub on loopback that says it is healthy and then, as each test needs,
+never answers, answers 503, or is gone (its port closed); the router checks health every
+600 s, so it still believes in D when the request comes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+
+from tests.router.cluster import GREEDY, Proc, free_port, metric, start_router, wait_all_free
+
+PROMPT = "The capital of France is"
+RELEASED_WITHIN_S = 5.0  # far under the 600 s TTL, and under the 30 s default
+
+
+class StubDecode:
+    """A decode instance in name only. Modes for completions: "hang" (reads the request,
+    never answers), "error" (503, as an instance whose engine died), "refuse" (400, as its
+    HTTP layer refuses a request its engine never sees); `stop` closes the port."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode, self.requests, self._done = mode, 0, threading.Event()
+        self._received = threading.Event()
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self._answer(200, {"status": "ok"})
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("content-length", 0)))
+                stub.requests += 1
+                stub._received.set()
+                if stub.mode == "hang":
+                    stub._done.wait(60)  # the router gives up first (its client left)
+                    return
+                if stub.mode == "refuse":  # as D's HTTP layer refuses, before its engine
+                    self._answer(400, {"error": {"message": "too long", "type":
+                                                 "invalid_request_error", "param": None,
+                                                 "code": None}})
+                    return
+                self._answer(503, {"error": {"message": "engine died", "type": "server_error",
+                                             "param": None, "code": "engine_dead"}})
+
+            def _answer(self, status: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_for_request(self, timeout_s: float = 30.0) -> None:
+        assert self._received.wait(timeout_s), "the router never sent D the request"
+
+    def stop(self) -> None:
+        """Close the port: from now on connecting to it is refused."""
+        self._done.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def stub() -> Iterator[StubDecode]:
+    s = StubDecode("hang")
+    yield s
+    if not s._done.is_set():
+        s.stop()
+
+
+@pytest.fixture
+def router(routers_tmp, slow_lease_prefill, stub) -> Iterator[Proc]:
+    """A router over P and the stub D; it saw D healthy once and will not look again."""
+    r = start_router(routers_tmp, prefill=[slow_lease_prefill], decode=[stub],
+                     flags=("--health-interval", "600"))
+    listed = httpx.get(r.url + "/instances", timeout=10).json()["instances"]
+    assert all(i["healthy"] for i in listed), listed
+    yield r
+    r.stop()
+
+
+def leases(p: Proc) -> float:
+    return metric(p.url, "pdserve:num_kv_leases")
+
+
+def releases(router: Proc, reason: str) -> float:
+    return metric(router.url, "pdserve_router:kv_releases_total", reason=reason)
+
+
+def assert_released(p: Proc) -> None:
+    """No lease and every block free within seconds (the lease's TTL is 600 s)."""
+    deadline = time.monotonic() + RELEASED_WITHIN_S
+    while leases(p) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert leases(p) == 0
+    assert wait_all_free(p, timeout_s=max(0.0, deadline - time.monotonic())) == {p.url: 0}
+
+
+def completion(stream: bool) -> dict:
+    return {"prompt": PROMPT, "max_tokens": 8, "stream": stream, **GREEDY}
+
+
+def test_client_gone_before_decode_answered_releases_the_prefill(
+        slow_lease_prefill, stub, router):
+    with httpx.stream("POST", router.url + "/v1/completions", json=completion(True),
+                      timeout=60) as resp:
+        assert resp.status_code == 200
+        lines = resp.iter_lines()  # kept: a line iterator left behind closes the connection
+        first = next(line for line in lines if line.startswith("data: "))
+        assert json.loads(first[len("data: "):])["choices"][0]["text"]  # P's token
+        stub.wait_for_request()  # the router now waits for D's headers
+        assert leases(slow_lease_prefill) == 1
+    # the client has left; D never answered
+    assert_released(slow_lease_prefill)
+    assert releases(router, "client_disconnect") == 1
+    assert stub.requests == 1
+
+
+def test_client_gone_while_a_non_stream_request_waits_for_decode_releases_the_prefill(
+        slow_lease_prefill, stub, router):
+    async def leave_once_decode_has_it() -> None:
+        async with httpx.AsyncClient(timeout=60) as client:
+            post = asyncio.create_task(client.post(router.url + "/v1/completions",
+                                                   json=completion(False)))
+            await asyncio.to_thread(stub.wait_for_request)
+            assert leases(slow_lease_prefill) == 1
+            post.cancel()  # closes the connection: the router's route task is cancelled
+            with pytest.raises(asyncio.CancelledError):
+                await post
+
+    asyncio.run(leave_once_decode_has_it())
+    assert_released(slow_lease_prefill)
+    assert releases(router, "client_disconnect") == 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("decode", ["down", "error", "refuse"])
+def test_decode_that_cannot_take_the_request_releases_the_prefill(
+        decode, stream, slow_lease_prefill, stub, router):
+    if decode == "down":
+        stub.stop()  # killed: its port refuses connections
+    else:
+        stub.mode = decode
+    if stream:
+        with httpx.stream("POST", router.url + "/v1/completions", json=completion(True),
+                          timeout=60) as resp:
+            assert resp.status_code == 200
+            events = [line[len("data: "):] for line in resp.iter_lines()
+                      if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[0])["choices"][0]["text"]  # P's token reached the client
+        error = json.loads(events[-2])["error"]
+        if decode == "refuse":  # D's own words reach the client
+            assert error["message"] == "too long" and error["type"] == "invalid_request_error"
+        else:
+            assert error["code"] == "decode_failed" and error["type"] == "server_error"
+    else:
+        resp = httpx.post(router.url + "/v1/completions", json=completion(False), timeout=60)
+        status, code = {"down": (503, "no_healthy_instance"), "error": (502, "upstream_failed"),
+                        "refuse": (400, None)}[decode]
+        assert resp.status_code == status, resp.text
+        error = resp.json()["error"]
+        assert error["code"] == code
+        assert ("decode" in error["message"]) if code else error["message"] == "too long"
+    assert_released(slow_lease_prefill)
+    reason = {"down": "no_decode", "error": "decode_failed", "refuse": "decode_refused"}[decode]
+    assert releases(router, reason) == 1
+    assert stub.requests == (0 if decode == "down" else 1)
+
+
+def test_release_endpoint_frees_a_held_prefill(slow_lease_prefill):
+    url = slow_lease_prefill.url
+    body = {**completion(False), "max_tokens": 1, "kv_transfer_params": {
+        "do_remote_decode": True}}
+    ktp = httpx.post(url + "/v1/completions", json=body, timeout=60).json()[
+        "kv_transfer_params"]
+    assert ktp["remote_block_ids"] and leases(slow_lease_prefill) == 1
+    release = {"remote_request_id": ktp["remote_request_id"]}
+    resp = httpx.post(url + "/v1/kv/release", json=release, timeout=10)
+    assert resp.status_code == 200 and resp.json() == {"queued": True}
+    assert_released(slow_lease_prefill)
+    again = httpx.post(url + "/v1/kv/release", json=release, timeout=10)
+    assert again.status_code == 200 and again.json() == {"queued": True}
+
+
+def test_release_of_an_unknown_id_changes_nothing(slow_lease_prefill):
+    url = slow_lease_prefill.url
+    resp = httpx.post(url + "/v1/kv/release", json={"remote_request_id": "cmpl-nope"},
+                      timeout=10)
+    assert resp.status_code == 200 and resp.json() == {"queued": True}
+    assert httpx.get(url + "/health", timeout=10).status_code == 200
+    assert leases(slow_lease_prefill) == 0
+
+
+def assert_openai_400(resp: httpx.Response) -> dict:
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and error["message"]
+    return error
+
+
+@pytest.mark.parametrize("content", [
+    b"{}", b'{"remote_request_id": 7}', b'{"remote_request_id": ""}',
+    b'{"remote_request_id": null}', b'["cmpl-1"]', b"not json", b"",
+])
+def test_release_with_a_bad_body_is_400(slow_lease_prefill, content):
+    resp = httpx.post(slow_lease_prefill.url + "/v1/kv/release", content=content, timeout=10,
+                      headers={"content-type": "application/json"})
+    assert_openai_400(resp)
+
+
+def test_release_on_an_instance_that_is_not_prefill_is_400(fleet):
+    resp = httpx.post(fleet.d0.url + "/v1/kv/release", json={"remote_request_id": "x"},
+                      timeout=10)
+    assert "prefill" in assert_openai_400(resp)["message"]
