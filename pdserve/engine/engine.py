@@ -278,6 +278,8 @@ class Engine:
         pulling = request_id in self.scheduler.pulling
         if pulling:  # the pull is writing its blocks: free them once it ends
             self._aborted_pulls[request_id] = request
+        elif request.remote is not None and self.connector is not None:
+            self.connector.release_later(request.remote)  # never pulled: P may free it now
         self.scheduler.remove(request, free_blocks=not pulling)
         request.status = RequestStatus.FINISHED_ABORTED
         self._pending.append(self._output(request, [], None))

@@ -105,6 +105,19 @@ def test_failed_pull_falls_back_to_local_prefill(prefill, decode, prompts, hf_sm
     assert decode.stats().num_free_blocks == decode.num_blocks
 
 
+def test_a_decode_aborted_before_its_pull_frees_the_prefill_at_once(prefill, decode, prompts):
+    ktp = prefill_remote(prefill, "pabort", prompts[2]).kv_transfer_params
+    assert prefill.stats().num_leases == 1
+    params = SamplingParams(max_tokens=NUM_TOKENS, temperature=0.0, ignore_eos=True)
+    decode.add_request(EngineRequest("dabort", prompts[2], params, kv_transfer_params=ktp))
+    decode.abort_request("dabort")  # still waiting: no step has started its pull
+    settle(decode)
+    settle(prefill)  # P hears from D's pull thread: within the settle, not the 30 s TTL
+    assert prefill.stats().num_leases == 0
+    assert prefill.stats().num_free_blocks == prefill.num_blocks
+    assert decode.stats().num_free_blocks == decode.num_blocks
+
+
 def test_unclaimed_lease_expires_and_frees_its_blocks(prompts):
     p = engine("prefill", kv_lease_ttl_s=0.2)
     try:
