@@ -271,9 +271,13 @@ class Engine:
         self.connector.release_later(remote)
 
     def abort_request(self, request_id: str) -> None:
-        """Stop a request now and free its blocks; unknown or finished ids are ignored."""
+        """Stop a request now and free its blocks; unknown or finished ids are ignored, but
+        on P a finished prefill's held KV is released: its client (the router) left before
+        reading kv_transfer_params, so no decode instance will ever pull it."""
         request = self.requests.pop(request_id, None)
         if request is None:
+            if self.connector is not None:
+                self.connector.leases.release_later(request_id)
             return
         pulling = request_id in self.scheduler.pulling
         if pulling:  # the pull is writing its blocks: free them once it ends

@@ -122,6 +122,17 @@ def test_a_decode_aborted_before_its_pull_frees_the_prefill_at_once(prefill, dec
     assert decode.stats().num_free_blocks == decode.num_blocks
 
 
+def test_aborting_a_finished_prefill_frees_its_held_kv(prefill, prompts):
+    """The client's disconnect reached P after P had finished: nobody has the params."""
+    free_before = prefill.stats().num_free_blocks
+    prefill_remote(prefill, "pgone", prompts[1])
+    assert "pgone" in prefill.connector.leases
+    prefill.abort_request("pgone")
+    prefill.step()
+    assert "pgone" not in prefill.connector.leases
+    assert prefill.stats().num_free_blocks == free_before
+
+
 def test_unclaimed_lease_expires_and_frees_its_blocks(prompts):
     p = engine("prefill", kv_lease_ttl_s=0.2)
     try:
