@@ -17,12 +17,14 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import logging
 import math
 import mmap
 import os
 import socket
 import time
 import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -33,8 +35,11 @@ from pdserve.transfer.layout import HeadSlice, KVLayout
 from pdserve.transfer.protocol import PullStats, TransferError, pull_timeout_s
 from pdserve.transfer.wire import Connection
 
+log = logging.getLogger(__name__)
+
 SHM_DIR = "/dev/shm"
 SHM_PREFIX = "pdserve-kv-"
+CUDA_HOST_REGISTER_READ_ONLY = 8  # cudaHostRegisterReadOnly: D maps P's buffer read-only
 
 
 @functools.cache
@@ -141,6 +146,30 @@ class _Mapping:
     flat: torch.Tensor  # uint8 over the whole file
     layers: list[torch.Tensor] | None  # None: a staging buffer, filled per `stage`
     mm: mmap.mmap  # keeps the mapping alive as long as the views
+    pinned: bool = False  # page-locked in D's process too: copies to D's GPU are DMA
+
+
+def pin_for_device_copies(mapping: _Mapping) -> None:
+    """Page-lock D's view of P's staging buffer: P pinned the pages in its own process,
+    but a copy from D's (unregistered) view of them is staged through a driver buffer at a
+    fraction of PCIe speed. Best effort; unpinned when the mapping is dropped."""
+    ptr, size = mapping.flat.data_ptr(), mapping.flat.numel()
+    try:
+        err = torch.cuda.cudart().cudaHostRegister(ptr, size, CUDA_HOST_REGISTER_READ_ONLY)
+    except Exception as e:  # pageable copies still work, only slower
+        log.warning("could not pin the mapped KV staging buffer: %s", e)
+        return
+    if int(err) != 0:
+        log.warning("could not pin the mapped KV staging buffer: CUDA error %s", int(err))
+        return
+    mapping.pinned = True
+    # before the mmap goes: the finalizer runs while the dying mapping still holds it
+    weakref.finalize(mapping, _unpin, ptr)
+
+
+def _unpin(ptr: int) -> None:
+    with contextlib.suppress(Exception):
+        torch.cuda.cudart().cudaHostUnregister(ptr)
 
 
 def map_shared(desc: dict) -> _Mapping:
@@ -178,6 +207,7 @@ class HostPuller(ConnectedPuller):
 
     name: str = "host"
     _scratch: Scratch = field(default_factory=Scratch)  # gather buffer, reused across pulls
+    _streams: dict[torch.device, torch.cuda.Stream] = field(default_factory=dict)
 
     def pull(
         self,
@@ -198,17 +228,22 @@ class HostPuller(ConnectedPuller):
             raise TransferError("host transport needs a source on this host serving it")
         start = time.perf_counter()
 
+        device = kv_caches[0].device
+
         def exchange(conn: Connection) -> tuple[int, bool, bool]:
-            remote = self._mapping(conn)
+            remote = self._mapping(conn, device)
             if remote.layers is not None and len(remote.layers) != len(kv_caches):
                 raise TransferError(f"{len(remote.layers)} remote layers, {len(kv_caches)} local")
 
             def copy() -> int:
-                if remote.layers is None:  # P's caches are on a GPU: through its staging buffer
-                    return _pull_staged(conn, remote.flat, remote_request_id, remote_block_ids,
-                                        local_block_ids, kv_caches, heads)
-                return copy_blocks(remote.layers, remote_block_ids, kv_caches, local_block_ids,
-                                   heads, self._scratch)
+                with self._on_own_stream(device):
+                    if remote.layers is None:  # P's caches are on a GPU: via its staging buffer
+                        return _pull_staged(conn, remote.flat, remote_request_id,
+                                            remote_block_ids, local_block_ids, kv_caches, heads)
+                    nbytes = copy_blocks(remote.layers, remote_block_ids, kv_caches,
+                                         local_block_ids, heads, self._scratch)
+                    _wait_for_copies(device)
+                    return nbytes
 
             return admitted_copy(conn, remote_request_id, remote_block_ids, copy,
                                  release=release)
@@ -221,14 +256,26 @@ class HostPuller(ConnectedPuller):
                          released)
 
     @staticmethod
-    def _mapping(conn: Connection) -> _Mapping:
+    def _mapping(conn: Connection, device: torch.device) -> _Mapping:
         if "host" not in conn.mappings:
             desc = conn.call({"op": "open", "transport": "host"})["mapping"]
             try:
-                conn.mappings["host"] = map_shared(desc)
+                mapping = map_shared(desc)
             except (OSError, ValueError) as e:
                 raise TransferError(f"cannot map {desc.get('path')}: {e}") from e
+            if mapping.layers is None and device.type == "cuda":
+                pin_for_device_copies(mapping)
+            conn.mappings["host"] = mapping
         return conn.mappings["host"]
+
+    def _on_own_stream(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """D's copies on a stream of their own: on the engine's they would queue behind its
+        steps."""
+        if device.type != "cuda":
+            return contextlib.nullcontext()
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return torch.cuda.stream(self._streams[device])
 
 
 def _pull_staged(
@@ -274,4 +321,12 @@ def _pull_staged(
                 kv_caches[entry["layer"]], local, data, 0 if heads is None else heads.local_start
             )
             nbytes += data.nbytes
+        _wait_for_copies(cache.device)  # P stages the next chunk over these bytes
     return nbytes
+
+
+def _wait_for_copies(device: torch.device) -> None:
+    """Copies from a pinned buffer run asynchronously: wait before P may overwrite it, and
+    before the blocks go back to the engine."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
