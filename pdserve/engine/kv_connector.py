@@ -2,7 +2,8 @@
 
 The engine loop owns the block pool, so nothing here frees a block: released or expired
 leases and finished pulls are handed back through `poll()`, which the loop calls each step.
-Pulls run on one worker thread (KVPuller is not thread-safe) so the loop keeps decoding.
+Pulls run on one worker thread (KVPuller is not thread-safe) so the loop keeps decoding;
+with several ranks, each rank's puller runs on a thread of its own.
 
 With tensor parallelism everything lives in rank 0's process, which maps every rank's
 caches (shared memory on CPU, CUDA IPC on GPU): one KVSource per rank, all behind one lease
@@ -16,7 +17,7 @@ import logging
 import queue
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,7 @@ from pdserve.transfer import (
     KVPuller,
     KVSource,
     LeaseTable,
+    PullStats,
     RemoteKV,
     allocate_shared_kv_caches,
     unlink_shared_kv_caches,
@@ -118,6 +120,9 @@ class KVConnector:
             self.pullers.append(KVPuller(rank.layout, rank.kv_caches, transport=transport,
                                          timeout_s=pull_timeout_s))
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-pull")
+        # TP: every rank pulls its heads at once (its own puller, GPU and link), one thread each
+        self._ranks = (ThreadPoolExecutor(max_workers=len(ranks), thread_name_prefix="kv-rank")
+                       if len(ranks) > 1 else None)
         self._done: queue.Queue[PullResult] = queue.Queue()
         self.stats = ConnectorStats()
 
@@ -148,9 +153,7 @@ class KVConnector:
             result = PullResult(request_id, True)  # no blocks: all from D's own prefix cache
             if local_block_ids:
                 start = time.perf_counter()
-                for i, puller in enumerate(self.pullers):  # each rank pulls its heads' slice
-                    last = i == len(self.pullers) - 1  # P ends the lease with the last read
-                    stats = puller.pull(remote, local_block_ids, first_block, release=last)
+                for stats in self._pull_ranks(remote, local_block_ids, first_block):
                     result.num_bytes += stats.bytes
                     result.transport = stats.transport
                     released = stats.released
@@ -161,6 +164,18 @@ class KVConnector:
         self._done.put(result)  # the request goes on before P hears back
         if not released:
             self.pullers[0].release(remote)  # P may free now, whatever happened
+
+    def _pull_ranks(self, remote: RemoteKV, local_block_ids: list[int], first_block: int
+                    ) -> list[PullStats]:
+        """Every rank's slice of the heads. One rank: its last read also ends P's lease.
+        Several: all at once, each waited for even when one fails (a local prefill would
+        write the blocks a rank still copies into); D then releases the lease itself."""
+        if self._ranks is None:
+            return [self.pullers[0].pull(remote, local_block_ids, first_block, release=True)]
+        futures = [self._ranks.submit(puller.pull, remote, local_block_ids, first_block)
+                   for puller in self.pullers]
+        wait(futures)
+        return [f.result() for f in futures]  # the first failure, once every rank stopped
 
     def release_later(self, remote: RemoteKV) -> None:
         """Tell P to free a prefill D will not pull (on the pull thread: P may be slow)."""
@@ -194,6 +209,8 @@ class KVConnector:
 
     def close(self) -> None:
         self._worker.shutdown(wait=False, cancel_futures=True)
+        if self._ranks is not None:
+            self._ranks.shutdown(wait=False, cancel_futures=True)
         for source, puller, rank in zip(self.sources, self.pullers, self.ranks):
             source.close()
             puller.close()
