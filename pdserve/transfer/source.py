@@ -31,12 +31,13 @@ from dataclasses import dataclass, field
 import torch
 
 from pdserve.transfer import cuda_ipc, host
-from pdserve.transfer.blockcopy import Scratch, as_index, gather_blocks
+from pdserve.transfer.blockcopy import Scratch, as_index
 from pdserve.transfer.layout import KVLayout
 from pdserve.transfer.lease import LeaseTable
 from pdserve.transfer.protocol import MIN_PULL_BYTES_PER_S
 from pdserve.transfer.staging import StagingBuffer
-from pdserve.transfer.wire import recv_msg, send_msg, send_tensor
+from pdserve.transfer.tcp import host_slots, send_layers
+from pdserve.transfer.wire import HostSlot, recv_msg, send_msg, widen_socket_buffers
 
 
 class Refused(Exception):
@@ -246,14 +247,13 @@ class KVSource:
         peer.holds_staging = False
 
     def _stream_blocks(self, sock: socket.socket, msg: dict, scratch: Scratch) -> None:
-        start, stop = self._heads(msg)
+        heads = self._heads(msg)
         lease_id = self._admit(msg)
         ids = as_index(msg["block_ids"], self._device)
+        widen_socket_buffers(sock)
         send_msg(sock, {"num_layers": len(self.kv_caches)})
-        for i, cache in enumerate(self.kv_caches):
-            with torch.cuda.stream(self._stream) if self._stream else contextlib.nullcontext():
-                data = gather_blocks(cache, ids, (start, stop), scratch).cpu()
-            send_tensor(sock, {"layer": i}, data)
+        slots = _connection_slots(pinned=self._stream is not None)
+        send_layers(sock, self.kv_caches, ids, heads, scratch, slots, self._stream)
         # blocks reused under the stream (lease gone) would make the bytes sent stale
         live = self.leases.is_live(msg["request_id"], lease_id)
         send_msg(sock, {"live": live, "released": self._release_if(msg)})
@@ -261,3 +261,15 @@ class KVSource:
     def _release_if(self, msg: dict) -> bool:
         """D's last read asked to end the lease with it (saves D a `release` round trip)."""
         return bool(msg.get("release")) and self.leases.release_later(msg["request_id"])
+
+
+_per_connection = threading.local()  # socketserver serves each D connection in its own thread
+
+
+def _connection_slots(pinned: bool) -> tuple[HostSlot, ...]:
+    """The tcp stream's host buffers of the connection served by this thread: allocated on its
+    first read, kept for its next ones (pinned where the caches are on a GPU)."""
+    slots = getattr(_per_connection, "tcp_slots", None)
+    if slots is None or slots[0].pinned != pinned:
+        slots = _per_connection.tcp_slots = host_slots(pinned)
+    return slots

@@ -3,25 +3,87 @@
 A message is a 4-byte big-endian length and that many bytes of JSON. A message whose
 JSON has "nbytes" is followed by that many raw bytes (a tensor's contents, C order, with
 its "shape" and "dtype" in the JSON). Every transport's control traffic and the tcp
-transport's data use it.
+transport's data use it; the tcp transport's tensors go through reusable `HostSlot`s.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import math
 import socket
 import struct
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from pdserve.transfer.blockcopy import Scratch
 from pdserve.transfer.protocol import TransferError
 
 _LENGTH = struct.Struct("!I")
 MAX_HEADER_BYTES = 16 << 20  # a header this big is a corrupt stream, not a message
 _CHUNK = 4 << 20
+SOCKET_BUFFER_BYTES = 4 << 20  # Linux books twice that: 8 MiB, a good part of a layer, queued
+
+
+@functools.cache
+def _buffer_limits(kind: str) -> tuple[int, int]:
+    """Linux's limits on send ("w") or receive ("r") buffers: (the most a program may set,
+    net.core.<kind>mem_max; the most autotuning grows one to, net.ipv4.tcp_<kind>mem);
+    (0, 0) where unknown."""
+    try:
+        cap = int(Path(f"/proc/sys/net/core/{kind}mem_max").read_text())
+        auto = int(Path(f"/proc/sys/net/ipv4/tcp_{kind}mem").read_text().split()[2])
+    except (OSError, ValueError, IndexError):
+        return 0, 0
+    return cap, auto
+
+
+def widen_socket_buffers(sock: socket.socket, nbytes: int = SOCKET_BUFFER_BYTES) -> None:
+    """Ask for `nbytes` send and receive buffers where that beats the kernel's own sizing, best
+    effort: a layer in flight then sits in its queues instead of pacing the sender."""
+    for option, kind in ((socket.SO_SNDBUF, "w"), (socket.SO_RCVBUF, "r")):
+        cap, auto = _buffer_limits(kind)
+        # a set size is clipped to `cap` and stops autotuning: worth it only past autotuning's top
+        if nbytes <= cap and 2 * nbytes > auto:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, option, nbytes)
+
+
+@dataclass
+class HostSlot:
+    """A reusable host buffer for one layer in flight to or from the socket.
+
+    `pinned` where a GPU copies into or out of it asynchronously; `record` after queueing
+    such a copy, and `get` (the only way to the buffer) waits for it before handing the
+    buffer out again, so nothing overwrites bytes a copy still reads or writes.
+    """
+
+    pinned: bool = False
+    _buf: torch.Tensor | None = None
+    _event: torch.cuda.Event | None = None
+
+    def get(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """The buffer as a tensor of `shape`, once the device is done with it (grown if needed)."""
+        self.wait()
+        nbytes = math.prod(shape) * dtype.itemsize
+        if self._buf is None or self._buf.numel() < nbytes:
+            self._buf = None  # the old one goes before the new one comes
+            self._buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned)
+        return self._buf[:nbytes].view(dtype).view(shape)
+
+    def record(self, stream: torch.cuda.Stream) -> None:
+        """The copies queued on `stream` so far use the buffer: `get` and `wait` wait for them."""
+        if self._event is None:
+            self._event = torch.cuda.Event()
+        self._event.record(stream)
+
+    def wait(self) -> None:
+        if self._event is not None:
+            self._event.synchronize()
 
 
 def send_msg(sock: socket.socket, msg: dict) -> None:
@@ -80,19 +142,17 @@ def send_tensor(sock: socket.socket, header: dict, t: torch.Tensor) -> None:
 
 
 def recv_tensor(
-    sock: socket.socket, header: dict, deadline: float | None = None, scratch: Scratch | None = None
+    sock: socket.socket, header: dict, deadline: float | None = None, into: HostSlot | None = None
 ) -> torch.Tensor:
-    """The tensor announced by `header` (already received), read from the socket."""
+    """The tensor announced by `header` (already received), read from the socket (into the
+    buffer of `into`, if given)."""
     dtype = getattr(torch, str(header["dtype"]), None)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"unknown dtype {header['dtype']!r}")
     shape = tuple(header["shape"])
-    if scratch is None:
-        out = torch.empty(shape, dtype=dtype)
-    else:
-        out = scratch.get(shape, dtype, torch.device("cpu"))
-    if out.nbytes != header["nbytes"]:
+    if math.prod(shape) * dtype.itemsize != header["nbytes"]:
         raise ValueError(f"header says {header['nbytes']} bytes for {shape} {dtype}")
+    out = torch.empty(shape, dtype=dtype) if into is None else into.get(shape, dtype)
     recv_exact(sock, tensor_bytes(out), deadline)
     return out
 
@@ -128,6 +188,7 @@ class Connection:
         except (OSError, KeyError) as e:
             raise TransferError(f"cannot reach KV source {where}: {e}") from e
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        widen_socket_buffers(self.sock)  # tcp pulls stream whole layers over it
 
     def _arm(self) -> None:
         left = self.deadline - time.monotonic()
@@ -160,9 +221,9 @@ class Connection:
             raise TransferError(f"KV source {self.where} refused: {msg['error']}")
         return msg
 
-    def recv_tensor(self, header: dict, scratch: Scratch | None = None) -> torch.Tensor:
+    def recv_tensor(self, header: dict, into: HostSlot | None = None) -> torch.Tensor:
         try:
-            return recv_tensor(self.sock, header, self.deadline, scratch)
+            return recv_tensor(self.sock, header, self.deadline, into)
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise TransferError(f"KV source {self.where}: {type(e).__name__}: {e}") from e
 
