@@ -50,6 +50,14 @@ class _Peer:
 
     scratch: Scratch = field(default_factory=Scratch)  # connections are served concurrently
     holds_staging: bool = False
+    tcp_slots: tuple[HostSlot, ...] | None = None  # the tcp stream's host buffers, kept
+
+    def slots(self, pinned: bool) -> tuple[HostSlot, ...]:
+        """Host buffers for tcp reads: made on the first, kept for the next ones (pinned
+        where the caches are on a GPU)."""
+        if self.tcp_slots is None or self.tcp_slots[0].pinned != pinned:
+            self.tcp_slots = host_slots(pinned)
+        return self.tcp_slots
 
 
 @dataclass
@@ -193,7 +201,7 @@ class KVSource:
             live = self.leases.is_live(msg["request_id"], msg["lease_id"])
             send_msg(sock, {"live": live, "released": self._release_if(msg)})
         elif op == "read":
-            self._stream_blocks(sock, msg, peer.scratch)
+            self._stream_blocks(sock, msg, peer)
         elif op == "release":
             send_msg(sock, {"released": self.leases.release_later(msg["request_id"])})
         else:
@@ -246,14 +254,14 @@ class KVSource:
             self._staging.release()
         peer.holds_staging = False
 
-    def _stream_blocks(self, sock: socket.socket, msg: dict, scratch: Scratch) -> None:
+    def _stream_blocks(self, sock: socket.socket, msg: dict, peer: _Peer) -> None:
         heads = self._heads(msg)
         lease_id = self._admit(msg)
         ids = as_index(msg["block_ids"], self._device)
         widen_socket_buffers(sock)
         send_msg(sock, {"num_layers": len(self.kv_caches)})
-        slots = _connection_slots(pinned=self._stream is not None)
-        send_layers(sock, self.kv_caches, ids, heads, scratch, slots, self._stream)
+        slots = peer.slots(pinned=self._stream is not None)
+        send_layers(sock, self.kv_caches, ids, heads, peer.scratch, slots, self._stream)
         # blocks reused under the stream (lease gone) would make the bytes sent stale
         live = self.leases.is_live(msg["request_id"], lease_id)
         send_msg(sock, {"live": live, "released": self._release_if(msg)})
@@ -262,14 +270,3 @@ class KVSource:
         """D's last read asked to end the lease with it (saves D a `release` round trip)."""
         return bool(msg.get("release")) and self.leases.release_later(msg["request_id"])
 
-
-_per_connection = threading.local()  # socketserver serves each D connection in its own thread
-
-
-def _connection_slots(pinned: bool) -> tuple[HostSlot, ...]:
-    """The tcp stream's host buffers of the connection served by this thread: allocated on its
-    first read, kept for its next ones (pinned where the caches are on a GPU)."""
-    slots = getattr(_per_connection, "tcp_slots", None)
-    if slots is None or slots[0].pinned != pinned:
-        slots = _per_connection.tcp_slots = host_slots(pinned)
-    return slots
