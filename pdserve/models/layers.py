@@ -34,12 +34,14 @@ GEMV_MAX_ROWS = 1  # measured on an H100: a clear win at 1 row, within noise at 
 USE_GEMV = os.environ.get("PDSERVE_GEMV", "1") == "1"
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           tp_size: int = 1) -> torch.Tensor:
     """`F.linear`, or on the GPU for a single row the Triton GEMV (batch-1 decode: 5.79 vs
     6.13 ms a Llama-3.1-8B step on an H100, see docs/PERF.md)."""
-    if USE_GEMV and x.is_cuda and x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS and (
-        x.dtype == weight.dtype
-    ):
+    # tp_size 1 only: the kernel is measured and checked against transformers there, not yet
+    # in tensor-parallel workers
+    if (USE_GEMV and tp_size == 1 and x.is_cuda and x.dim() == 2
+            and x.shape[0] <= GEMV_MAX_ROWS and x.dtype == weight.dtype):
         from pdserve.kernels.triton_gemv import gemv
 
         y = gemv(x, weight)
@@ -202,7 +204,7 @@ class ColumnParallelLinear(nn.Module):
         param.data[offset : offset + size].copy_(loaded[start : start + size])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.tp_size)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -272,7 +274,7 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(loaded[:, start : start + self.input_size])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _all_reduce(linear(x, self.weight), self.tp_size)
+        y = _all_reduce(linear(x, self.weight, tp_size=self.tp_size), self.tp_size)
         # the bias is added once, after the reduction
         return y if self.bias is None else y + self.bias
 
@@ -310,7 +312,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Output projection to the vocabulary; each rank computes its vocab slice, then gathers."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        logits = linear(hidden, self.weight)
+        logits = linear(hidden, self.weight, tp_size=self.tp_size)
         if self.tp_size > 1:
             parts = [torch.empty_like(logits) for _ in range(self.tp_size)]
             dist.all_gather(parts, logits)
