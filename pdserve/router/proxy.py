@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import httpx
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from pdserve.event_stream import EventStream
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.pairing import (
     Charge,
@@ -204,7 +205,9 @@ class Router:
         held, d_body = HeldKV(p_inst, ktp.get("remote_request_id")), decode_body(body, ktp)
         if body.get("stream"):
             events = self._disagg_stream(path, body, d_body, answer, held, load, start)
-            return _HandOffStream(events, lambda: self._release(held, "client_disconnect"))
+            # however it ends before D's stream is open (mostly: the client left), P's KV
+            # goes back; a no-op once D has the request, or it was released
+            return EventStream(events, lambda: self._release(held, "client_disconnect"))
         try:
             d_answer = await self._decode(path, d_body, load)
         except BaseException as exc:  # D has stopped too (a cancelled post closes its socket)
@@ -286,7 +289,7 @@ class Router:
     async def _disagg_stream(self, path: str, body: dict, d_body: dict, answer: dict,
                              held: HeldKV, load: Load, start: float) -> AsyncIterator[str]:
         """P's token at once, then D's chunks (its role chunk dropped, ids made P's). Until
-        D's stream is open, P's KV is the router's to release (see _HandOffStream)."""
+        D's stream is open, P's KV is the router's to release (see `disagg`)."""
         chat, usage = is_chat(path), include_usage(body)
         for chunk in first_chunks(answer, chat, usage):
             yield sse(chunk)
@@ -323,19 +326,3 @@ class Router:
             await resp.aclose()
             charge.release()
             self.metrics.e2e.labels("disagg").observe(time.monotonic() - start)
-
-
-class _HandOffStream(StreamingResponse):
-    """The SSE response of a disaggregated stream: however it ends before D's stream is open
-    (mostly: the client left), `release` gives P's KV back. Here rather than in the body's
-    own cleanup, which a client gone before the first byte never starts."""
-
-    def __init__(self, events: AsyncIterator[str], release: Callable[[], None]) -> None:
-        super().__init__(events, media_type="text/event-stream")
-        self._release_kv = release
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._release_kv()  # a no-op once D has the request, or it was released

@@ -9,9 +9,10 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from pdserve.engine.outputs import EngineRequest
+from pdserve.event_stream import EventStream
 from pdserve.server.engine_client import EngineClient
 from pdserve.server.errors import APIError, bad_request, engine_dead, model_not_found
 from pdserve.server.generation import Generation
@@ -59,7 +60,8 @@ async def serve(
                               req.num_logprobs(), req.return_tokens_as_token_ids)
     if req.stream:
         await gen.start()  # before the headers: a request the engine refuses gets a 400
-        return _GenerationStream(gen, _stream(request, gen, builder, req.include_usage()))
+        # the generation is aborted however the response ends (a no-op once it finished)
+        return EventStream(_stream(request, gen, builder, req.include_usage()), gen.cancel)
     return await _complete(request, gen, builder)
 
 
@@ -117,21 +119,6 @@ async def _complete(request: Request, gen: Generation, builder: ResponseBuilder)
     body = builder.full(text, logprobs, finish, stop_reason, gen.usage(),
                         gen.kv_transfer_params)
     return JSONResponse(body)
-
-
-class _GenerationStream(StreamingResponse):
-    """An SSE response that aborts its generation however the response ends (a client gone
-    before the first byte never starts the body iterator, whose own cleanup would not run)."""
-
-    def __init__(self, gen: Generation, events: AsyncIterator[str]) -> None:
-        super().__init__(events, media_type="text/event-stream")
-        self._gen = gen
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._gen.cancel()  # a no-op once the request has finished
 
 
 async def _stream(request: Request, gen: Generation, builder: ResponseBuilder,
