@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+import torch
+
 from pdserve.transfer.protocol import TransferError
 from pdserve.transfer.wire import Connection, PeerClosed
 
@@ -148,6 +150,8 @@ class ConnectedPuller:
     timeout_s: float = 10.0
     conns: SourceConnections = field(default_factory=SourceConnections)
     name: str = "?"  # each transport's own name
+    # copies run on streams of their own: on the engine's they would queue behind its steps
+    _streams: dict[torch.device, torch.cuda.Stream] = field(default_factory=dict)
 
     def release(self, endpoint: dict, remote_request_id: str) -> bool:
         """Tell the source the blocks of `remote_request_id` may be freed."""
@@ -156,6 +160,12 @@ class ConnectedPuller:
     def close(self) -> None:
         """Close the connections, and with them every mapping of a source's caches."""
         self.conns.close()
+
+    def own_stream(self, device: torch.device) -> torch.cuda.Stream:
+        """This puller's CUDA stream on `device`, made once."""
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
 
     def _run_pull(self, endpoint: dict, remote_request_id: str, budget_s: float,
                   exchange: Callable[[Connection], tuple[int, bool, bool]],

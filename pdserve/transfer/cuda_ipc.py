@@ -114,8 +114,6 @@ class CudaIpcPuller(ConnectedPuller):
     name: str = "cuda_ipc"
     kernel: bool = True  # False: torch's gather + scatter per layer (the path it replaced)
     _scratch: Scratch = field(default_factory=Scratch)  # one layer's gather, on D's GPU
-    # copies run on their own stream: on the engine's they would wait for its steps
-    _streams: dict[torch.device, torch.cuda.Stream] = field(default_factory=dict)
     _local_side: tuple[list[torch.Tensor], Side | None] | None = None  # D's caches, planned
 
     def pull(
@@ -138,7 +136,7 @@ class CudaIpcPuller(ConnectedPuller):
             raise TransferError("cuda_ipc needs the source on this host")
         start = time.perf_counter()
 
-        stream = self._stream(device)
+        stream = self.own_stream(device)
 
         def exchange(conn: Connection) -> tuple[int, bool, bool]:
             remote, remote_side = self._mapping(conn, device)
@@ -183,11 +181,6 @@ class CudaIpcPuller(ConnectedPuller):
                 seen[1] is not None and seen[1].addresses[0] != kv_caches[0].data_ptr()):
             self._local_side = kv_caches, _side(kv_caches)  # holds the list: its id stays its
         return self._local_side[1]
-
-    def _stream(self, device: torch.device) -> torch.cuda.Stream:
-        if device not in self._streams:
-            self._streams[device] = torch.cuda.Stream(device)
-        return self._streams[device]
 
 
 def _side(caches: list[torch.Tensor]) -> Side | None:

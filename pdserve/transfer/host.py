@@ -207,7 +207,6 @@ class HostPuller(ConnectedPuller):
 
     name: str = "host"
     _scratch: Scratch = field(default_factory=Scratch)  # gather buffer, reused across pulls
-    _streams: dict[torch.device, torch.cuda.Stream] = field(default_factory=dict)
 
     def pull(
         self,
@@ -269,13 +268,9 @@ class HostPuller(ConnectedPuller):
         return conn.mappings["host"]
 
     def _on_own_stream(self, device: torch.device) -> contextlib.AbstractContextManager:
-        """D's copies on a stream of their own: on the engine's they would queue behind its
-        steps."""
         if device.type != "cuda":
             return contextlib.nullcontext()
-        if device not in self._streams:
-            self._streams[device] = torch.cuda.Stream(device)
-        return torch.cuda.stream(self._streams[device])
+        return torch.cuda.stream(self.own_stream(device))
 
 
 def _pull_staged(

@@ -99,9 +99,10 @@ class _Landing:
     _scattering: dict[int, Future] = field(default_factory=dict)  # CPU: slot -> its last scatter
 
     @classmethod
-    def for_device(cls, device: torch.device) -> _Landing:
+    def for_device(cls, device: torch.device, stream: torch.cuda.Stream | None) -> _Landing:
+        """`stream`: the puller's own on `device` (GPU only)."""
         if device.type == "cuda":
-            return cls(device, host_slots(pinned=True), stream=torch.cuda.Stream(device))
+            return cls(device, host_slots(pinned=True), stream=stream)
         return cls(device, host_slots(pinned=False), worker=ThreadPoolExecutor(1, "tcp-scatter"))
 
     def slot(self, layer: int) -> HostSlot:
@@ -181,7 +182,8 @@ class TcpPuller(ConnectedPuller):
         if self._landing is None or self._landing.device != device:
             if self._landing is not None:
                 self._landing.close()
-            self._landing = _Landing.for_device(device)
+            stream = self.own_stream(device) if device.type == "cuda" else None
+            self._landing = _Landing.for_device(device, stream)
         landing = self._landing
 
         def exchange(conn: Connection) -> tuple[int, bool, bool]:
