@@ -34,20 +34,6 @@ from pdserve.engine.outputs import EngineRequest  # noqa: E402
 from pdserve.engine.sampling_params import SamplingParams  # noqa: E402
 
 
-def median_time(fn, reps: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
-
-
 def steady_step_time(step, windows: int = 5, steps: int = 20) -> float:
     """Seconds per step in steady state: the median over `windows` runs of `steps` back-to-back
     calls, synchronized only at each window's end. A sync after every call (median_time) would
@@ -64,6 +50,11 @@ def steady_step_time(step, windows: int = 5, steps: int = 20) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 1e3 / steps)
     return statistics.median(times)
+
+
+def median_time(fn, reps: int = 20) -> float:
+    """Seconds per call of `fn`, each call timed alone (the median of `reps`)."""
+    return steady_step_time(fn, windows=reps, steps=1)
 
 
 def ceilings() -> dict:

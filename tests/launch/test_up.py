@@ -41,6 +41,18 @@ class Up:
         pytest.fail(f"no {text!r} in pdserve up's output:\n{self.output()[-3000:]}")
 
 
+def start_up(tmp: Path, *flags: str) -> Up:
+    """`pdserve up *flags` in its own session, its output in a file, logs under `tmp`."""
+    port = free_port(run=3)  # the router's, then one per instance
+    out_path = tmp / "up.out"
+    cmd = [sys.executable, "-m", "pdserve.cli", "up", *flags, "--port", str(port),
+           "--log-dir", str(tmp / "logs")]
+    with open(out_path, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env={**env(), "COLUMNS": "200"}, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    return Up(proc, out_path, f"http://127.0.0.1:{port}")
+
+
 def descendants(pid: int) -> set[int]:
     """Every live process below `pid` (children, their engine processes, ...)."""
     parents: dict[int, int] = {}
@@ -69,15 +81,8 @@ def alive(pid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def up(tmp_path_factory) -> Iterator[Up]:
-    tmp = tmp_path_factory.mktemp("up")
-    port = free_port(run=3)  # the router's, then one per instance
-    out_path = tmp / "up.out"
-    cmd = [sys.executable, "-m", "pdserve.cli", "up", "--port", str(port),
-           "--log-dir", str(tmp / "logs")]
-    with open(out_path, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env={**env(), "COLUMNS": "200"}, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    deployment = Up(proc, out_path, f"http://127.0.0.1:{port}")
+    deployment = start_up(tmp_path_factory.mktemp("up"))
+    proc = deployment.proc
     try:
         deployment.wait_for(READY, timeout_s=300)
         yield deployment

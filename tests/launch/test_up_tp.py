@@ -4,30 +4,23 @@ embedded SmolLM2's 3 KV heads, one per decode rank), and the tokens are those of
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from tests.launch.test_up import READY, REPO, Up, descendants
-from tests.router.cluster import blocks_in_use, env, free_port, metric
+from tests.launch.test_up import READY, Up, descendants, start_up
+from tests.router.cluster import blocks_in_use, metric
 
 PROMPTS = ["The three primary colours are", "A " * 30 + "story about a dragon who"]
 
 
 @pytest.fixture(scope="module")
 def up_tp(tmp_path_factory) -> Iterator[Up]:
-    tmp = tmp_path_factory.mktemp("up-tp")
-    port = free_port(run=3)
-    out_path = tmp / "up.out"
-    cmd = [sys.executable, "-m", "pdserve.cli", "up", "--prefill", "1", "--decode", "1",
-           "--decode-tp", "3", "--port", str(port), "--log-dir", str(tmp / "logs")]
-    with open(out_path, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env={**env(), "COLUMNS": "200"}, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    deployment = Up(proc, out_path, f"http://127.0.0.1:{port}")
+    deployment = start_up(tmp_path_factory.mktemp("up-tp"), "--prefill", "1", "--decode", "1",
+                          "--decode-tp", "3")
+    proc = deployment.proc
     try:
         deployment.wait_for(READY, timeout_s=300)
         yield deployment
