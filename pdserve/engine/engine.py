@@ -19,7 +19,7 @@ from pdserve.engine.runner import ModelRunner, profile_peak_activation_bytes
 from pdserve.engine.sampler import sample
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
-from pdserve.engine.tp import TPSpec
+from pdserve.engine.tp import TPSpec, visible_gpus_for
 from pdserve.engine.tp_runner import TPModelRunner, TPWorkers
 from pdserve.models.layers import build_rope_tables
 from pdserve.transfer import KVLayout, RemoteKV
@@ -73,6 +73,15 @@ def kv_cache_budget(args: EngineArgs, device: torch.device, activation_bytes: in
                - graphs_and_slack)
 
 
+def check_shared_gpu_budget(args: EngineArgs) -> None:
+    """Ranks sharing a GPU each measure the same free memory: the KV budget must be given."""
+    if args.cache.kv_cache_memory is None and not args.cache.num_blocks:
+        raise ValueError("tensor-parallel ranks that share a GPU need --kv-cache-memory")
+    log.warning("%d tensor-parallel ranks share %d GPU(s) over gloo, without CUDA graphs: "
+                "a test mode, not a fast one", args.tensor_parallel_size,
+                torch.cuda.device_count())
+
+
 class Engine:
     """One engine instance: model, KV cache, scheduler and sampler on one device."""
 
@@ -86,12 +95,17 @@ class Engine:
             set_cpu_threads(args.cpu_threads)
         tp = args.tensor_parallel_size
         self.tp_workers: TPWorkers | None = None
+        shares_gpus = False
         if tp > 1:
+            spec = TPSpec(args.model, self.dtype, self.device.type, tp, seed=args.seed,
+                          cpu_threads=torch.get_num_threads(),
+                          max_model_len=args.scheduler.max_model_len,
+                          num_gpus=visible_gpus_for(tp) if self.device.type == "cuda" else 0)
+            shares_gpus = spec.shares_gpus
+            if shares_gpus:
+                check_shared_gpu_budget(args)
             # ranks 1..tp-1 load their shards while this process loads rank 0's
-            self.tp_workers = TPWorkers.start(TPSpec(
-                args.model, self.dtype, self.device.type, tp, seed=args.seed,
-                cpu_threads=torch.get_num_threads(),
-                max_model_len=args.scheduler.max_model_len))
+            self.tp_workers = TPWorkers.start(spec)
         loaded = load_model(args.model, self.dtype, self.device, tp_rank=0, tp_size=tp,
                             seed=args.seed)
         self.model_config: ModelConfig = loaded.config
@@ -144,7 +158,7 @@ class Engine:
         runner_args = dict(
             max_tokens=max(sched.max_num_batched_tokens, sched.max_num_seqs),
             max_seqs=sched.max_num_seqs, max_model_len=self.max_model_len,
-            use_cuda_graphs=not args.enforce_eager)
+            use_cuda_graphs=not (args.enforce_eager or shares_gpus))
         if self.tp_workers is not None:
             shared = None if ranks is None else [r.shared_description() for r in ranks[1:]]
             self.runner = TPModelRunner(self.tp_workers, loaded.model, kv_caches, block_size,

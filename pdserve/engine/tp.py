@@ -27,6 +27,7 @@ NCCL_SAFE_ENV = {
     "NVSHMEM_DISABLE_NVLS": "1",
 }
 HEADER = 4  # tokens, sequences, block-table width, sampling rows
+SHARE_GPUS_ENV = "PDSERVE_TP_SHARE_GPUS"
 
 
 @dataclass
@@ -41,13 +42,34 @@ class TPSpec:
     cpu_threads: int = 1
     timeout_s: float = 120.0  # a collective that waits longer raises (a hung or dead rank)
     max_model_len: int | None = None  # GPU RoPE tables' length; None = the model's maximum
+    num_gpus: int = 0  # visible GPUs; fewer than tp_size only with PDSERVE_TP_SHARE_GPUS=1
+
+    @property
+    def shares_gpus(self) -> bool:
+        """Ranks share GPUs (a test mode): gloo instead of NCCL, which refuses two ranks on
+        one GPU, and no CUDA graphs, which cannot capture gloo's collectives."""
+        return self.device_type == "cuda" and self.num_gpus < self.tp_size
 
     @property
     def backend(self) -> str:
-        return "nccl" if self.device_type == "cuda" else "gloo"
+        return "nccl" if self.device_type == "cuda" and not self.shares_gpus else "gloo"
 
     def device(self, rank: int) -> torch.device:
-        return torch.device("cuda", rank) if self.device_type == "cuda" else torch.device("cpu")
+        if self.device_type != "cuda":
+            return torch.device("cpu")
+        return torch.device("cuda", rank % self.num_gpus if self.shares_gpus else rank)
+
+
+def visible_gpus_for(tp_size: int) -> int:
+    """The number of visible GPUs, checked against the TP size: fewer GPUs than ranks is an
+    error unless $PDSERVE_TP_SHARE_GPUS=1 asks for the test mode in which ranks share them."""
+    count = torch.cuda.device_count()
+    if count < tp_size and os.environ.get(SHARE_GPUS_ENV) != "1":
+        raise ValueError(
+            f"--tensor-parallel-size {tp_size} needs {tp_size} GPUs but {count} are visible "
+            f"(check CUDA_VISIBLE_DEVICES); {SHARE_GPUS_ENV}=1 runs the ranks on shared GPUs "
+            "over gloo, for testing only")
+    return count
 
 
 def make_store(world_size: int, timeout_s: float) -> dist.TCPStore:
@@ -63,7 +85,7 @@ def join_group(spec: TPSpec, rank: int, port: int, store: dist.TCPStore | None =
     if store is None:
         store = dist.TCPStore("127.0.0.1", port, spec.tp_size, is_master=False, timeout=timeout)
     if spec.device_type == "cuda":
-        torch.cuda.set_device(rank)
+        torch.cuda.set_device(spec.device(rank))
     dist.init_process_group(spec.backend, store=store, rank=rank, world_size=spec.tp_size,
                             timeout=timeout)
 

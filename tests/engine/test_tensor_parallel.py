@@ -161,3 +161,22 @@ def test_nccl_and_cuda_graphs_give_tp1_logits(folder):
         assert decode_steps > 0
     finally:
         runner.close()
+
+
+def test_tp_needs_a_gpu_per_rank_unless_sharing_is_asked(monkeypatch):
+    """Fewer GPUs than ranks is a clear error; PDSERVE_TP_SHARE_GPUS=1 maps ranks round-robin
+    onto the GPUs over gloo (NCCL refuses two ranks on one GPU)."""
+    from pdserve.engine.tp import SHARE_GPUS_ENV, visible_gpus_for
+
+    monkeypatch.delenv(SHARE_GPUS_ENV, raising=False)
+    have = torch.cuda.device_count()
+    with pytest.raises(ValueError, match=f"needs {have + 1} GPUs.*{SHARE_GPUS_ENV}=1"):
+        visible_gpus_for(have + 1)
+    monkeypatch.setenv(SHARE_GPUS_ENV, "1")
+    assert visible_gpus_for(have + 1) == have
+    shared = TPSpec(None, torch.bfloat16, "cuda", tp_size=4, num_gpus=2)
+    assert shared.shares_gpus and shared.backend == "gloo"
+    assert [shared.device(r).index for r in range(4)] == [0, 1, 0, 1]
+    own = TPSpec(None, torch.bfloat16, "cuda", tp_size=2, num_gpus=2)
+    assert not own.shares_gpus and own.backend == "nccl" and own.device(1).index == 1
+    assert TPSpec(None, torch.float32, "cpu", tp_size=2).backend == "gloo"
