@@ -162,7 +162,7 @@ class KVConnector:
             log.warning("KV pull for %s failed: %s", request_id, e)
             result = PullResult(request_id, False, f"{type(e).__name__}: {e}")
         self._done.put(result)  # the request goes on before P hears back
-        if not released:
+        if not released:  # P was not told with the last read (failed, TP, or lost `end`)
             self.pullers[0].release(remote)  # P may free now, whatever happened
 
     def _pull_ranks(self, remote: RemoteKV, local_block_ids: list[int], first_block: int

@@ -10,7 +10,7 @@ P side, per engine rank (caches in shared memory if CPU, so same-host D can map 
     leases.hold(request_id, block_ids, ttl_s=30)
     params = RemoteKV(engine_id, request_id, block_ids, layout, [source.endpoint()])
     return params.to_kv_transfer_params()
-    # every step: free what ended (expired, or released by D)
+    # every step: free what ended (expired, or released by D), once no read pins it
     pool.free(leases.expire())
     # shutdown
     source.close(); unlink_shared_kv_caches(name)

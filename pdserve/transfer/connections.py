@@ -114,19 +114,25 @@ class SourceConnections:
             conn.close()
 
 
+PIN_MARGIN = 0.5  # of P's `pinned_s`: a copy finished within it needs no answer to `end`
+
+
 def admitted_copy(conn: Connection, request_id: str, block_ids: list[int],
                   copy: Callable[[], int], finish: Callable[[], None] | None = None,
                   release: bool = False) -> tuple[int, bool, bool]:
-    """`copy()` between P's `begin` (admits the read against the lease) and `end` (was the
-    lease live all along? and, with `release`, end it now): returns the bytes copied, that
-    answer, and whether P released the lease.
+    """`copy()` between P's `begin` (admits the read and pins the lease) and `end` (unpins it
+    and, with `release`, ends the lease): returns the bytes copied, whether the lease was live
+    all along, and whether P was asked to end it (`release` reached P).
 
     With `finish`, `copy()` only queues the copy on the device (it must not use the
     connection) and `finish()` waits for it: `begin`'s round trip then overlaps the copy.
     That is safe because a lease never comes back once ended: if it is live when P admits
     the read, it was live since P answered, so the blocks held P's data all along; P
-    refusing `begin` fails the pull, whatever the copy read."""
+    refusing `begin` fails the pull, whatever the copy read. From admission on, P keeps the
+    blocks until `end` or the connection's close (source.py), so `end` goes unanswered and
+    the pull returns once the copy is done: P's answer could only say "live"."""
     begin = {"op": "begin", "request_id": request_id, "block_ids": block_ids}
+    sent = time.monotonic()
     if finish is None:
         lease = conn.call(begin)
         nbytes = copy()
@@ -137,9 +143,19 @@ def admitted_copy(conn: Connection, request_id: str, block_ids: list[int],
             lease = conn.recv()
         finally:
             finish()  # D's blocks must not be handed back while the copy still writes them
-    ended = conn.call({"op": "end", "request_id": request_id, "lease_id": lease["lease_id"],
-                       "release": release})
-    return nbytes, bool(ended["live"]), bool(ended.get("released"))
+    end = {"op": "end", "request_id": request_id, "lease_id": lease["lease_id"],
+           "release": release}
+    pinned_s = lease.get("pinned_s")
+    if pinned_s is None or time.monotonic() - sent >= PIN_MARGIN * float(pinned_s):
+        # an older P, or a copy so slow that P may have dropped a silent connection: ask
+        ended = conn.call(end)
+        return nbytes, bool(ended["live"]), bool(ended.get("released"))
+    try:
+        conn.send(end | {"reply": False})
+    except TransferError:  # the copy was pinned, but P may not have heard `end`:
+        conn.close()  # its read ends with the connection, and D releases explicitly
+        return nbytes, True, False
+    return nbytes, True, release
 
 
 @dataclass
@@ -170,7 +186,7 @@ class ConnectedPuller:
     def _run_pull(self, endpoint: dict, remote_request_id: str, budget_s: float,
                   exchange: Callable[[Connection], tuple[int, bool, bool]],
                   errors: tuple[type[BaseException], ...]) -> tuple[int, bool]:
-        """`exchange(conn)` -> (bytes, lease live at its end, lease released) over the
+        """`exchange(conn)` -> (bytes, lease live at its end, release sent to P) over the
         connection to P: `errors` it raises on bad data become a TransferError naming P, and a
         lease that ended meanwhile fails the pull (its blocks may have been reused). Returns
         (bytes, released)."""

@@ -6,8 +6,9 @@ cudaIpcOpenMemHandle maps P's memory into D's context and lazily enables peer ac
 one Triton launch on D's GPU (block_kernel.py) reads every block of every layer over
 NVLink/PCIe and writes it straight into D's cache: no CUDA context on P's GPU, no staging
 copy. `kernel=False` keeps the torch path (per layer, a gather into scratch and a scatter).
-Reads are admitted against P's lease with `begin`/`end` like the host transport; `begin`'s
-round trip overlaps the queued copy (see connections.admitted_copy).
+Reads are admitted (and P's blocks pinned) with `begin`/`end` like the host transport;
+`begin`'s round trip overlaps the queued copy, and `end` goes unanswered
+(see connections.admitted_copy).
 
 Assumptions, to be checked by tests/transfer/test_cuda_ipc.py on a GPU machine:
 - the KV of a request is complete on P's GPU once P has answered (it synced to sample);
@@ -151,7 +152,7 @@ class CudaIpcPuller(ConnectedPuller):
                     return copy_blocks(remote, remote_block_ids, kv_caches, local_block_ids,
                                        heads, self._scratch, self.kernel, sides)
 
-            def finish() -> None:  # the copy is done before "end" asks whether it was valid
+            def finish() -> None:  # the copy is done before `end` unpins P's blocks
                 stream.synchronize()
 
             return admitted_copy(conn, remote_request_id, remote_block_ids, copy, finish,

@@ -3,8 +3,8 @@
 P allocates its caches with `allocate_shared_kv_caches` (one file, all layers back to back)
 and unlinks it at shutdown. D asks P's KVSource once for the file and the layer offsets,
 maps it read-only, and for each pull asks P to admit the read (`begin`: the lease covers the
-blocks), copies with one index_select + index_copy_ per layer, then asks whether the lease
-was still live at the end (`end`), so blocks freed and reused mid-copy are never accepted.
+blocks, and P pins them), copies with one index_select + index_copy_ per layer, then tells
+P the read is over (`end`, unanswered): P frees or reuses no pinned block mid-copy.
 
 Caches not in shared memory (GPU caches; KVSource(staging_bytes=...)): P gathers the
 blocks into a pinned staging buffer in /dev/shm as many layers at a time as it holds

@@ -1,10 +1,15 @@
 """Leases: a prefill engine keeps a finished request's KV blocks alive until D has pulled them.
 
 The engine owns the blocks. It `hold`s them when P finishes a request, and frees whatever
-`release` or `expire` hands back. Transport threads only read the table: `begin_read` checks
-a read is covered by a live lease, `is_live` checks it still was when the read ended, and
-`release_later` ends a lease on D's word, its blocks going back to the owner at its next
+`release` or `expire` hands back. Transport threads only touch the table: `begin_read`
+admits a read covered by a live lease and pins it, `end_read` unpins it, and `release_later`
+ends a lease on D's (or the router's) word, its blocks going back to the owner at its next
 `expire` (so the engine frees blocks only on its own thread).
+
+The table's one rule for reads: a pinned lease's blocks are never handed back. A lease that
+ends while read (released, or past its TTL) refuses new reads at once, but its blocks come
+out of `expire` only once its last admitted read has ended. So a read, once admitted, saw
+P's data whatever happened meanwhile, and D need not ask afterwards.
 """
 
 from __future__ import annotations
@@ -24,15 +29,18 @@ class KVLease:
     block_ids: list[int]
     expires_at: float
     lease_id: int  # unique per hold, so a read can tell a re-held request id from its own lease
+    readers: int = 0  # admitted reads not yet ended: while > 0 the blocks stay put
+    ended: bool = False  # released or expired while read: the last `end_read` frees it
 
 
 class LeaseTable:
-    """Thread-safe table of live leases, keyed by request id."""
+    """Thread-safe table of leases, keyed by request id (live ones) and lease id (read ones)."""
 
     def __init__(self, default_ttl_s: float = 30.0) -> None:
         self.default_ttl_s = default_ttl_s
-        self._leases: dict[str, KVLease] = {}
-        self._ended: list[int] = []  # blocks of leases ended by release_later, for the owner
+        self._leases: dict[str, KVLease] = {}  # live: new reads are admitted
+        self._read: dict[int, KVLease] = {}  # pinned by a read, live or ended
+        self._freed: list[int] = []  # blocks of ended, unpinned leases, for the owner's `expire`
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
 
@@ -66,41 +74,44 @@ class LeaseTable:
             return True
 
     def release(self, request_id: str) -> list[int] | Literal[False]:
-        """End the lease and return its block ids for the caller to free; False if none."""
+        """End the lease and return its block ids for the caller to free; False if none.
+        A lease being read returns [] instead: its blocks come out of `expire` once read."""
         with self._lock:
-            lease = self._leases.pop(request_id, None)
-            return False if lease is None else lease.block_ids
-
-    def release_later(self, request_id: str) -> bool:
-        """End the lease now (reads are refused); its blocks come out of the next `expire`."""
-        with self._lock:
-            lease = self._leases.pop(request_id, None)
+            lease = self._end(request_id)
             if lease is None:
                 return False
-            self._ended.extend(lease.block_ids)
+            return [] if lease.readers else lease.block_ids
+
+    def release_later(self, request_id: str, lease_id: int | None = None) -> bool:
+        """End the lease now (new reads are refused); its blocks come out of the next `expire`
+        after its last read ends. With `lease_id`, only that lease (not a later hold of the
+        same request id). False if there is no such live lease."""
+        with self._lock:
+            lease = self._leases.get(request_id)
+            if lease is None or lease_id not in (None, lease.lease_id):
+                return False
+            self._end(request_id)
+            if not lease.readers:
+                self._freed.extend(lease.block_ids)
             return True
 
     def expire(self, now: float | None = None) -> list[int]:
-        """Block ids the owner must free now: expired leases plus those ended by release_later."""
+        """Block ids the owner must free now: leases past their TTL, and those ended by
+        `release_later`, except the ones still read (they come out once their reads end)."""
         now = time.monotonic() if now is None else now
         with self._lock:
             dead = [rid for rid, lease in self._leases.items() if lease.expires_at <= now]
-            blocks, self._ended = self._ended, []
+            blocks, self._freed = self._freed, []
             for rid in dead:
-                blocks.extend(self._leases.pop(rid).block_ids)
+                lease = self._end(rid)
+                if lease is not None and not lease.readers:
+                    blocks.extend(lease.block_ids)
             return blocks
 
-    def begin_read(
-        self,
-        request_id: str,
-        block_ids: list[int],
-        read_timeout_s: float,
-        now: float | None = None,
-    ) -> int | None:
-        """Admit a read of `block_ids`: the lease id if a live lease covers them, else None.
-
-        The lease is extended to outlive the read, so it cannot expire under a reader.
-        """
+    def begin_read(self, request_id: str, block_ids: list[int], now: float | None = None
+                   ) -> int | None:
+        """Admit and pin a read of `block_ids`: the lease id if a live lease covers them, else
+        None. Every admitted read must be ended by exactly one `end_read`."""
         now = time.monotonic() if now is None else now
         with self._lock:
             lease = self._leases.get(request_id)
@@ -108,8 +119,23 @@ class LeaseTable:
                 return None
             if not set(block_ids) <= set(lease.block_ids):
                 return None
-            lease.expires_at = max(lease.expires_at, now + read_timeout_s)
+            lease.readers += 1
+            self._read[lease.lease_id] = lease
             return lease.lease_id
+
+    def end_read(self, lease_id: int) -> bool:
+        """Unpin one admitted read of lease `lease_id`; an ended lease's blocks go to the
+        owner with its last read. True if such a read was open (its data stayed valid)."""
+        with self._lock:
+            lease = self._read.get(lease_id)
+            if lease is None:
+                return False
+            lease.readers -= 1
+            if lease.readers == 0:
+                del self._read[lease_id]
+                if lease.ended:
+                    self._freed.extend(lease.block_ids)
+            return True
 
     def is_live(self, request_id: str, lease_id: int, now: float | None = None) -> bool:
         """Whether lease `lease_id` of `request_id` is still held (a read's data stayed valid)."""
@@ -117,6 +143,19 @@ class LeaseTable:
         with self._lock:
             lease = self._leases.get(request_id)
             return lease is not None and lease.lease_id == lease_id and lease.expires_at > now
+
+    def covers(self, lease_id: int, block_ids: list[int]) -> bool:
+        """Whether lease `lease_id` is pinned by a read and holds `block_ids`."""
+        with self._lock:
+            lease = self._read.get(lease_id)
+            return lease is not None and set(block_ids) <= set(lease.block_ids)
+
+    def _end(self, request_id: str) -> KVLease | None:
+        """Take the lease out of the live table (lock held); a read one waits for `end_read`."""
+        lease = self._leases.pop(request_id, None)
+        if lease is not None:
+            lease.ended = True
+        return lease
 
     def __len__(self) -> int:
         with self._lock:

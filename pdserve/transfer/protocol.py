@@ -22,7 +22,7 @@ class PullStats:
     num_blocks: int
     bytes: int
     seconds: float
-    released: bool = False  # P ended the lease in the same exchange (the pull's last part)
+    released: bool = False  # P was told to end the lease with the pull's last read: no `release`
 
     @property
     def gbps(self) -> float:
@@ -65,7 +65,8 @@ class BlockPuller(Protocol):
         release: bool = False,
     ) -> PullStats:
         """Copy remote blocks into `local_block_ids` of `kv_caches`; TransferError on failure.
-        `release`: P ends the lease in the pull's last exchange (`PullStats.released`)."""
+        `release`: P ends the lease with the pull's last read (`PullStats.released`: the
+        request reached P; False: D must send `release` itself)."""
         ...
 
     def release(self, endpoint: dict, remote_request_id: str) -> bool:

@@ -4,16 +4,23 @@ One small threaded socket server answers every transport: it streams blocks itse
 or hands out a mapping of its caches (host shared memory, CUDA IPC handles) and admits
 direct reads with `begin`/`end`, always against the LeaseTable the engine fills.
 
-Messages (see wire.py), each answered by one reply or {"error": ...}:
+Messages (see wire.py), each answered by one reply or {"error": ...}, but a quiet `end`:
   ping                                  -> {layout}
   open    {transport}                   -> {mapping}           host / cuda_ipc
-  begin   {request_id, block_ids}       -> {lease_id}          before a direct read
+  begin   {request_id, block_ids}       -> {lease_id, pinned_s} before a direct read
   stage   {request_id, block_ids, heads, layers} -> {layers}   host via staging buffer
-  end     {request_id, lease_id, release} -> {live, released}  after it: was the data valid?
+  end     {request_id, lease_id, release, reply} -> {live, released}, or nothing with
+                                                     reply: false                 after it
   read    {request_id, block_ids, heads, release} -> {num_layers}, a tensor per layer,
                                                      {live, released}                   tcp
   release {request_id}                  -> {released}
-`release: true` on a pull's last `end` or `read` ends the lease once the read is checked,
+An admitted read (`begin` .. `end`, or a whole `read`) pins the lease in the table: a
+release or expiry meanwhile is carried out only when the read ends, so `live` is true for
+every read this connection began, and D may send `end` with `reply: false` and not wait.
+A read also ends when its connection closes; P closes a connection that sat silent for
+`read_timeout_s`, so a pin lasts at least `pinned_s` (that) after `begin`'s reply: a copy
+that took longer must ask (`reply: true`). `stage` reads only within this connection's
+begun reads. `release: true` on a pull's last `end` or `read` ends the lease with the read,
 as `release` would. A connection carries any number of them in turn: D keeps one open per
 source across pulls (connections.py) until it sits idle for `read_timeout_s` or the source
 closes.
@@ -34,7 +41,6 @@ from pdserve.transfer import cuda_ipc, host
 from pdserve.transfer.blockcopy import Scratch, as_index
 from pdserve.transfer.layout import KVLayout
 from pdserve.transfer.lease import LeaseTable
-from pdserve.transfer.protocol import MIN_PULL_BYTES_PER_S
 from pdserve.transfer.staging import StagingBuffer
 from pdserve.transfer.tcp import host_slots, send_layers
 from pdserve.transfer.wire import HostSlot, recv_msg, send_msg, widen_socket_buffers
@@ -44,12 +50,21 @@ class Refused(Exception):
     """A request the source will not serve; its message goes back to D."""
 
 
+@dataclass(frozen=True)
+class _Read:
+    """A read this connection began: its lease stays pinned until `end` or the close."""
+
+    request_id: str
+    lease_id: int
+
+
 @dataclass
 class _Peer:
     """What one D connection holds on the source."""
 
     scratch: Scratch = field(default_factory=Scratch)  # connections are served concurrently
     holds_staging: bool = False
+    reads: list[_Read] = field(default_factory=list)  # begun, not yet ended
     tcp_slots: tuple[HostSlot, ...] | None = None  # the tcp stream's host buffers, kept
 
     def slots(self, pinned: bool) -> tuple[HostSlot, ...]:
@@ -173,6 +188,7 @@ class KVSource:
                 self._serve_messages(sock, peer)
             finally:
                 self._unstage(peer)
+                self._end_reads(peer)  # D went away mid-read: its pins go, deferred frees run
                 with self._peers_lock:
                     self._live.discard(sock)
 
@@ -181,10 +197,16 @@ class KVSource:
             try:
                 self._dispatch(sock, msg, peer)
             except Refused as e:
-                send_msg(sock, {"error": str(e)})
+                self._answer(sock, msg, {"error": str(e)})
             except (KeyError, TypeError, IndexError, ValueError, RuntimeError) as e:
                 # a malformed request (or bad block ids) must not kill the server thread
-                send_msg(sock, {"error": f"bad request {msg.get('op')!r}: {e!r}"})
+                self._answer(sock, msg, {"error": f"bad request {msg.get('op')!r}: {e!r}"})
+
+    @staticmethod
+    def _answer(sock: socket.socket, msg: dict, reply: dict) -> None:
+        """Reply, unless D said it reads no reply (a stray one would put the stream out of step)."""
+        if not (msg.get("op") == "end" and msg.get("reply") is False):
+            send_msg(sock, reply)
 
     def _dispatch(self, sock: socket.socket, msg: dict, peer: _Peer) -> None:
         op = msg.get("op")
@@ -193,13 +215,19 @@ class KVSource:
         elif op == "open":
             send_msg(sock, {"mapping": self._mapping(msg.get("transport"))})
         elif op == "begin":
-            send_msg(sock, {"lease_id": self._admit(msg)})
+            read = self._admit(msg, peer)
+            send_msg(sock, {"lease_id": read.lease_id, "pinned_s": self.read_timeout_s})
         elif op == "stage":
             send_msg(sock, {"layers": self._stage(msg, peer)})
         elif op == "end":
             self._unstage(peer)
-            live = self.leases.is_live(msg["request_id"], msg["lease_id"])
-            send_msg(sock, {"live": live, "released": self._release_if(msg)})
+            read = _Read(msg["request_id"], msg["lease_id"])
+            released = self._release_if(msg, read.lease_id)  # carried out as the read ends
+            if read in peer.reads:
+                live = self._end_read(peer, read)
+            else:  # no read of this connection's (a stray end): only the table can tell
+                live = self.leases.is_live(read.request_id, read.lease_id)
+            self._answer(sock, msg, {"live": live, "released": released})
         elif op == "read":
             self._stream_blocks(sock, msg, peer)
         elif op == "release":
@@ -207,16 +235,23 @@ class KVSource:
         else:
             raise Refused(f"unknown op {op!r}")
 
-    def _admit(self, msg: dict) -> int:
+    def _admit(self, msg: dict, peer: _Peer) -> _Read:
+        """Begin a read for this connection: the lease is pinned until `_end_read`."""
         rid, blocks = msg["request_id"], msg["block_ids"]
-        # the lease must outlive D's whole budget for this read (see pull_timeout_s)
-        budget = (
-            self.read_timeout_s + len(blocks) * self.layout.bytes_per_block / MIN_PULL_BYTES_PER_S
-        )
-        lease_id = self.leases.begin_read(rid, blocks, budget)
+        lease_id = self.leases.begin_read(rid, blocks)
         if lease_id is None:
             raise Refused(f"no live lease of request {rid!r} covers blocks {blocks}")
-        return lease_id
+        read = _Read(rid, lease_id)
+        peer.reads.append(read)  # before anything can fail: the close then unpins it
+        return read
+
+    def _end_read(self, peer: _Peer, read: _Read) -> bool:
+        peer.reads.remove(read)
+        return self.leases.end_read(read.lease_id)
+
+    def _end_reads(self, peer: _Peer) -> None:
+        while peer.reads:
+            self._end_read(peer, peer.reads[-1])
 
     def _mapping(self, transport: str | None) -> dict:
         if transport not in self.transports or transport == "tcp":
@@ -240,7 +275,11 @@ class KVSource:
             raise Refused("no staging buffer here")
         heads = self._heads(msg)
         first, last = msg["layers"]
-        self._admit(msg)
+        rid, blocks = msg["request_id"], msg["block_ids"]
+        # only under a pin this connection holds: nothing may reuse the blocks mid-stage
+        if not any(r.request_id == rid and self.leases.covers(r.lease_id, blocks)
+                   for r in peer.reads):
+            raise Refused(f"no read of request {rid!r} covering blocks {blocks} was begun")
         if not peer.holds_staging:
             if not self._staging.acquire(self.read_timeout_s):
                 raise Refused("the staging buffer stayed busy; retry or use tcp")
@@ -256,17 +295,19 @@ class KVSource:
 
     def _stream_blocks(self, sock: socket.socket, msg: dict, peer: _Peer) -> None:
         heads = self._heads(msg)
-        lease_id = self._admit(msg)
-        ids = as_index(msg["block_ids"], self._device)
-        widen_socket_buffers(sock)
-        send_msg(sock, {"num_layers": len(self.kv_caches)})
-        slots = peer.slots(pinned=self._stream is not None)
-        send_layers(sock, self.kv_caches, ids, heads, peer.scratch, slots, self._stream)
-        # blocks reused under the stream (lease gone) would make the bytes sent stale
-        live = self.leases.is_live(msg["request_id"], lease_id)
-        send_msg(sock, {"live": live, "released": self._release_if(msg)})
+        read = self._admit(msg, peer)
+        try:
+            ids = as_index(msg["block_ids"], self._device)
+            widen_socket_buffers(sock)
+            send_msg(sock, {"num_layers": len(self.kv_caches)})
+            slots = peer.slots(pinned=self._stream is not None)
+            send_layers(sock, self.kv_caches, ids, heads, peer.scratch, slots, self._stream)
+            released = self._release_if(msg, read.lease_id)
+        finally:  # a refused or failed stream must not leave the lease pinned
+            live = self._end_read(peer, read)
+        send_msg(sock, {"live": live, "released": released})
 
-    def _release_if(self, msg: dict) -> bool:
+    def _release_if(self, msg: dict, lease_id: int) -> bool:
         """D's last read asked to end the lease with it (saves D a `release` round trip)."""
-        return bool(msg.get("release")) and self.leases.release_later(msg["request_id"])
+        return bool(msg.get("release")) and self.leases.release_later(msg["request_id"], lease_id)
 

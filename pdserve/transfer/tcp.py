@@ -1,9 +1,10 @@
 """Any two hosts: D asks P's KVSource to stream the blocks over a socket, layer by layer.
 
-D sends `read {request_id, block_ids, heads}`; P checks the lease, gathers each layer's
-blocks (and head slice) into one contiguous tensor and sends it as a framed message (JSON
-header with layer, shape, dtype, nbytes; then the raw bytes); a last message says whether
-the lease was still live when the stream ended. D scatters each layer into its own blocks.
+D sends `read {request_id, block_ids, heads}`; P admits it against the lease (pinning the
+blocks for the stream), gathers each layer's blocks (and head slice) into one contiguous
+tensor and sends it as a framed message (JSON header with layer, shape, dtype, nbytes; then
+the raw bytes); a last message says the lease stayed live (and whether it was released).
+D scatters each layer into its own blocks.
 The server side is `KVSource` (source.py), which serves every transport; its half of the
 stream is `send_layers`.
 

@@ -4,6 +4,8 @@ A message is a 4-byte big-endian length and that many bytes of JSON. A message w
 JSON has "nbytes" is followed by that many raw bytes (a tensor's contents, C order, with
 its "shape" and "dtype" in the JSON). Every transport's control traffic and the tcp
 transport's data use it; the tcp transport's tensors go through reusable `HostSlot`s.
+A request gets one reply (or a stream, for tcp's `read`), except an `end` sent with
+`"reply": false`, which D only `send`s: nothing comes back for it (source.py).
 """
 
 from __future__ import annotations

@@ -70,19 +70,66 @@ def test_release_later_hands_blocks_to_the_next_expire():
 def test_begin_read_admits_only_covered_blocks_of_a_live_lease():
     table = LeaseTable()
     table.hold("r", [1, 2, 3], ttl_s=10, now=0.0)
-    assert table.begin_read("r", [3, 1], read_timeout_s=5, now=1.0) is not None
-    assert table.begin_read("r", [1, 4], read_timeout_s=5, now=1.0) is None
-    assert table.begin_read("other", [1], read_timeout_s=5, now=1.0) is None
-    assert table.begin_read("r", [1], read_timeout_s=5, now=10.0) is None  # expired
+    assert table.begin_read("r", [3, 1], now=1.0) is not None
+    assert table.begin_read("r", [1, 4], now=1.0) is None
+    assert table.begin_read("other", [1], now=1.0) is None
+    assert table.begin_read("r", [1], now=10.0) is None  # expired
 
 
-def test_a_read_keeps_the_lease_alive_until_it_times_out():
+def test_a_release_during_a_read_frees_the_blocks_when_the_read_ends():
+    table = LeaseTable()
+    table.hold("r", [4, 2])
+    lease_id = table.begin_read("r", [2])
+    assert table.release_later("r")
+    assert "r" not in table and table.begin_read("r", [2]) is None  # ended: no new reads
+    assert table.expire() == []  # but the read still copies the blocks
+    assert table.end_read(lease_id)
+    assert table.expire() == [4, 2]
+
+
+def test_an_immediate_release_during_a_read_hands_the_blocks_back_later():
+    table = LeaseTable()
+    table.hold("r", [5])
+    lease_id = table.begin_read("r", [5])
+    assert table.release("r") == []  # ended, nothing to free yet
+    table.end_read(lease_id)
+    assert table.expire() == [5]
+
+
+def test_a_lease_that_expires_during_a_read_is_freed_when_the_read_ends():
     table = LeaseTable()
     table.hold("r", [1], ttl_s=1, now=0.0)
-    lease_id = table.begin_read("r", [1], read_timeout_s=20, now=0.5)
+    lease_id = table.begin_read("r", [1], now=0.5)
     assert table.expire(now=5.0) == []
-    assert table.is_live("r", lease_id, now=5.0)
-    assert table.expire(now=21.0) == [1]
+    assert "r" not in table and not table.is_live("r", lease_id, now=5.0)
+    assert table.end_read(lease_id)
+    assert table.expire(now=5.0) == [1]
+
+
+def test_every_concurrent_read_pins_the_lease():
+    table = LeaseTable()
+    table.hold("r", [7, 8])
+    first, second = table.begin_read("r", [7]), table.begin_read("r", [8])
+    assert first == second
+    table.release_later("r")
+    table.end_read(first)
+    assert table.expire() == []  # the other rank still reads
+    table.end_read(second)
+    assert table.expire() == [7, 8]
+    assert not table.end_read(first)  # every read was ended already
+
+
+def test_a_read_of_an_old_lease_does_not_pin_a_new_hold_of_the_request():
+    table = LeaseTable()
+    table.hold("r", [1])
+    old = table.begin_read("r", [1])
+    table.release_later("r")
+    new = table.hold("r", [2]).lease_id
+    assert not table.release_later("r", lease_id=old)  # the old lease's release is not the new's
+    table.end_read(old)
+    assert table.expire() == [1]
+    assert table.is_live("r", new) and table.release_later("r", lease_id=new)
+    assert table.expire() == [2]
 
 
 def test_is_live_tells_a_new_lease_of_the_same_request_apart():
@@ -141,3 +188,37 @@ def test_concurrent_release_of_one_lease_frees_it_once():
         assert sum(r is not False for r in results) == 1
         freed = [b for r in results if isinstance(r, list) for b in r] + table.expire()
         assert freed == [7]
+
+
+def race_reads_with_a_release(table: LeaseTable, readers: int = 4) -> list[int]:
+    """Readers read "r" while a thread releases it, all at once; what `expire` handed a
+    reader while its read was open (must be nothing)."""
+    barrier = threading.Barrier(readers + 1)
+    freed_while_read: list[int] = []
+
+    def read() -> None:
+        barrier.wait()
+        lease_id = table.begin_read("r", [7])
+        if lease_id is not None:
+            freed_while_read.extend(table.expire())
+            table.end_read(lease_id)
+
+    def release() -> None:
+        barrier.wait()
+        table.release_later("r")
+
+    threads = [threading.Thread(target=read) for _ in range(readers)]
+    threads.append(threading.Thread(target=release))
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return freed_while_read
+
+
+def test_reads_racing_a_release_free_the_blocks_once_after_the_last_read():
+    for _ in range(50):
+        table = LeaseTable()
+        table.hold("r", [7])
+        assert race_reads_with_a_release(table) == []
+        assert table.expire() == [7] and table.expire() == []

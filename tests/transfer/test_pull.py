@@ -96,9 +96,10 @@ def test_a_pull_that_releases_ends_the_lease_in_the_same_exchange(source, remote
     stats = puller.pull(source.endpoint, rid, [6, 8], [0, 1], local, release=True)
     assert stats.released is True
     for mine, theirs in zip(local, remote_caches):
-        assert torch.equal(mine, theirs[:, [6, 8]])  # checked first, then released
-    assert sorted(source.call("expire")) == [6, 8]
+        assert torch.equal(mine, theirs[:, [6, 8]])  # read under a pin, then released
+    # behind the pull's `end` on the one connection: answered once that is carried out
     assert puller.release(source.endpoint, rid) is False  # nothing left to release
+    assert sorted(source.call("expire")) == [6, 8]
     unreleased = request_id()
     source.call("hold", unreleased, [3])
     assert puller.pull(source.endpoint, unreleased, [3], [0], local).released is False
@@ -119,6 +120,7 @@ def test_a_refused_queued_copy_is_waited_for_before_the_pull_fails(in_process_so
     with Connection(source.endpoint(), 5.0) as conn:
         nbytes, live, released = admitted_copy(conn, "held", [1], lambda: 7,
                                                lambda: events.append("finish"), release=True)
+        conn.call({"op": "ping"})  # `end` went unanswered: P has carried it out by now
     assert (nbytes, live, released) == (7, True, True) and "held" not in leases
 
 
@@ -196,10 +198,13 @@ def in_process_source():
     unlink("in-process")
 
 
-def test_a_lease_that_ends_during_the_read_fails_the_pull(in_process_source, puller, monkeypatch):
+def test_a_source_that_answers_not_live_fails_the_pull(in_process_source, puller, monkeypatch):
+    from pdserve.transfer import connections
+
     source, leases = in_process_source
     leases.hold("r", [0, 1])
-    monkeypatch.setattr(leases, "is_live", lambda *a, **k: False)  # the owner freed the blocks
+    monkeypatch.setattr(connections, "PIN_MARGIN", 0.0)  # a copy too slow to trust the pin
+    monkeypatch.setattr(leases, "end_read", lambda *a, **k: False)  # P lost the read's pin
     with pytest.raises(TransferError, match="ended during"):
         puller.pull(source.endpoint(), "r", [0, 1], [0, 1], empty_caches(LAYOUT, 2))
 

@@ -92,3 +92,16 @@ def test_closing_the_source_unlinks_the_staging_file():
     assert len(glob.glob(f"/dev/shm/pdserve-kv-{os.getpid()}-staging-*")) == 1
     source.close()
     assert glob.glob(f"/dev/shm/pdserve-kv-{os.getpid()}-staging-*") == []
+
+
+def test_stage_outside_a_begun_read_is_refused(staged_source):
+    from pdserve.transfer.wire import Connection
+
+    source, leases, _ = staged_source
+    leases.hold("r", [1, 2])
+    stage = {"op": "stage", "request_id": "r", "block_ids": [1], "heads": None, "layers": [0, 1]}
+    with Connection(source.endpoint(), 5.0) as conn:
+        with pytest.raises(TransferError, match="was begun"):
+            conn.call(stage)
+        conn.call({"op": "begin", "request_id": "r", "block_ids": [1]})
+        assert conn.call(stage)["layers"]
