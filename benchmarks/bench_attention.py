@@ -232,11 +232,8 @@ def host_seconds(fn, calls: int = 50) -> float:
 
 def sweep(kv_cache, rows: list[dict], checkpoint) -> None:
     """Tile settings and split counts tried on the device, appended to `rows` as measured."""
-    # (block_n, warps, stages, merge_in_split): the last is the reduce kernel's A/B
-    decode_cfgs = [(64, 4, 3, True), (64, 4, 3, False), (128, 4, 3, True), (64, 4, 2, True),
-                   (32, 4, 3, True), (32, 2, 3, True), (64, 8, 3, True), (128, 4, 2, True)]
-    for batch, context, splits in [(1, 1024, [4, 8, 16, 32]), (1, 8192, [16, 32, 64]),
-                                   (1, 2048, [8, 16, 32, 64]),
+    decode_cfgs = [(64, 4, 3), (128, 4, 3), (64, 4, 2), (32, 4, 3), (64, 8, 3), (128, 4, 2)]
+    for batch, context, splits in [(1, 8192, [16, 32, 64]), (1, 2048, [8, 16, 32, 64]),
                                    (64, 8192, [1, 2, 4]), (64, 1024, [1, 2, 4, 8]),
                                    (256, 2048, [1, 2])]:  # fmt: skip
         meta = make_batch([1] * batch, [context] * batch, kv_cache.shape[1], seed=7)
@@ -244,8 +241,8 @@ def sweep(kv_cache, rows: list[dict], checkpoint) -> None:
         out = torch.empty_like(q)
         kv_bytes = batch * context * KV_HEADS * DIM * 4
         for n in splits:
-            for block_n, warps, stages, merge in decode_cfgs:
-                cfg = DecodeConfig(block_n, warps, stages, merge)
+            for block_n, warps, stages in decode_cfgs:
+                cfg = DecodeConfig(block_n, warps, stages)
                 row = {"kind": "decode", "batch": batch, "context": context, "splits": n,
                        "config": cfg.__dict__}  # fmt: skip
                 try:

@@ -3,9 +3,7 @@
 Stage 1 runs one program per (sequence, KV head, split). The query heads that share a KV
 head are one small [group, D] matrix, so every K/V tile is loaded once for the whole group
 and scored with `tl.dot`. Each split walks its slice of the sequence's pages and leaves a
-partial output and its log-sum-exp (base 2) in scratch, and the last split of a
-(sequence, KV head) to finish merges them (see counters.py): one launch. The older stage 2, a
-reduce kernel over all splits, stays as an option (`DecodeConfig.merge_in_split=False`).
+partial output and its log-sum-exp (base 2) in scratch. Stage 2 merges the splits.
 
 The grid is (num_seqs, num_kv_heads, num_splits), where num_splits depends only on the batch
 size and the device, never on sequence lengths: a decode step can be captured in a CUDA
@@ -23,7 +21,6 @@ import triton
 import triton.language as tl
 
 from pdserve.kernels.attention import AttentionMetadata
-from pdserve.kernels.counters import MAX_COUNTERS, counters_for
 
 MAX_SPLITS = 32  # bounds scratch; past this the reduction and empty splits cost more than they save
 
@@ -65,7 +62,6 @@ def _decode_split_kernel(
     out_ptr,
     part_out_ptr,
     part_lse_ptr,
-    counter_ptr,
     k_ptr,
     v_ptr,
     slot_ptr,
@@ -96,7 +92,6 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     FUSED_STORE: tl.constexpr,
-    MERGE: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -163,44 +158,6 @@ def _decode_split_kernel(
         tl.store(part_out_ptr + p_offs, o, mask=out_mask)
         lse_offs = seq.to(tl.int64) * stride_lb + heads * stride_lh + split
         tl.store(part_lse_ptr + lse_offs, lse, mask=row_ok)
-        if MERGE:  # the last split of this (sequence, KV head) to finish merges them all
-            tl.debug_barrier()  # every thread's partials are stored before the signal
-            counter = counter_ptr + seq * tl.num_programs(1) + kv_head
-            if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
-                o = _merge_splits(part_out_ptr, part_lse_ptr, seq, heads, row_ok, dims, dim_ok,
-                                  stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
-                                  GROUP_P2, DIM_P2, NUM_SPLITS)
-                o_offs = q_row.to(tl.int64) * stride_ot + heads[:, None] * stride_oh
-                tl.store(out_ptr + o_offs + dims[None, :], o.to(out_ptr.dtype.element_ty),
-                         mask=out_mask)
-                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
-
-
-@triton.jit
-def _merge_splits(
-    part_out_ptr, part_lse_ptr, seq, heads, row_ok, dims, dim_ok,
-    stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
-    GROUP_P2: tl.constexpr, DIM_P2: tl.constexpr, NUM_SPLITS: tl.constexpr,
-):  # fmt: skip
-    """Rows `heads`' outputs from every split's partial, in split order (deterministic)."""
-    lse_rows = part_lse_ptr + seq.to(tl.int64) * stride_lb + heads * stride_lh
-    m = tl.full([GROUP_P2], float("-inf"), dtype=tl.float32)
-    for s in range(NUM_SPLITS):
-        m = tl.maximum(m, tl.load(lse_rows + s, mask=row_ok, other=float("-inf"),
-                                  cache_modifier=".cg"))
-    m = tl.where(m > float("-inf"), m, 0.0)  # a row with no keys at all stays finite
-    total = tl.zeros([GROUP_P2], dtype=tl.float32)
-    acc = tl.zeros([GROUP_P2, DIM_P2], dtype=tl.float32)
-    p_rows = part_out_ptr + seq.to(tl.int64) * stride_pb + heads[:, None] * stride_ph
-    mask = row_ok[:, None] & dim_ok[None, :]
-    for s in range(NUM_SPLITS):
-        lse = tl.load(lse_rows + s, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
-        weight = tl.where(lse > float("-inf"), tl.exp2(lse - m), 0.0)  # empty splits: 0
-        part = tl.load(p_rows + s * stride_ps + dims[None, :], mask=mask, other=0.0,
-                       cache_modifier=".cg")
-        acc += weight[:, None] * part
-        total += weight
-    return acc / tl.where(total > 0, total, 1.0)[:, None]
 
 
 @triton.jit
@@ -273,7 +230,6 @@ class DecodeConfig:
     block_n: int = 64  # KV tokens per loop step (spans several pages)
     num_warps: int = 4
     num_stages: int = 3
-    merge_in_split: bool = True  # the last split merges (one launch), else a reduce kernel
 
 
 @lru_cache(maxsize=8)
@@ -320,10 +276,6 @@ def decode_attention(
     part_lse = scratch.lse if num_splits > 1 else out
     split_strides = (*part_out.stride()[:3], *part_lse.stride()[:2]) if num_splits > 1 else (0,) * 5
     cfg = config or DecodeConfig()
-    merge = num_splits > 1 and cfg.merge_in_split
-    if merge and num_seqs * num_kv_heads > MAX_COUNTERS:
-        raise ValueError(f"{num_seqs} x {num_kv_heads} heads to merge: use num_splits=1")
-    counters = counters_for(q.device) if merge else out  # unused without the merge
     k, v = new_kv if new_kv is not None else (q, q)  # unused without the fused store
     k_strides = (k.stride(0), k.stride(1), v.stride(0), v.stride(1))
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
@@ -335,7 +287,6 @@ def decode_attention(
         out,
         part_out,
         part_lse,
-        counters,
         k,
         v,
         meta.slot_mapping,
@@ -359,11 +310,10 @@ def decode_attention(
         BLOCK_N=cfg.block_n,
         NUM_SPLITS=num_splits,
         FUSED_STORE=new_kv is not None,
-        MERGE=merge,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages if q.is_cuda else 1,
     )
-    if num_splits == 1 or merge:
+    if num_splits == 1:
         return
     _decode_reduce_kernel[(num_seqs, num_heads)](
         part_out,

@@ -8,14 +8,8 @@ import torch  # noqa: E402
 from triton_paged_case import make_case, reference, rel_error  # noqa: E402
 
 from pdserve.kernels.attention import write_kv  # noqa: E402
-from pdserve.kernels.counters import counters_for  # noqa: E402
 from pdserve.kernels.triton_attention import triton_paged_attention  # noqa: E402
-from pdserve.kernels.triton_decode import (  # noqa: E402
-    MAX_SPLITS,
-    DecodeConfig,
-    DecodeScratch,
-    decode_attention,
-)
+from pdserve.kernels.triton_decode import MAX_SPLITS, DecodeScratch, decode_attention  # noqa: E402
 from pdserve.kernels.triton_kv_store import store_kv  # noqa: E402
 
 # (head_dim, query heads, kv heads, block size): GQA ratios 1, 3, 4 and 8
@@ -40,28 +34,21 @@ def test_decode_matches_reference(
     assert torch.equal(case.kv_cache.double(), expected_cache)  # the fused store wrote K/V
 
 
-@pytest.mark.parametrize("merge_in_split", [True, False])
 @pytest.mark.parametrize(
     "num_splits,fused_store", [(1, False), (8, False), (1, True), (3, True), (8, True)]
 )
-def test_split_counts_give_the_same_result(
-    num_splits: int, fused_store: bool, merge_in_split: bool
-) -> None:
-    """Either merge (the last split to finish, or a reduce kernel) gives the reference; the
-    in-kernel merge leaves its arrival counters zero for the next launch or graph replay."""
+def test_split_counts_give_the_same_result(num_splits: int, fused_store: bool) -> None:
     case = make_case([1, 1, 1], [3, 100, 257], 8, 2, 64, 16, seed=1)
     expected, expected_cache = reference(case)
     if not fused_store:
         store_kv(case.k, case.v, case.kv_cache, case.meta.slot_mapping)
     new_kv = (case.k, case.v) if fused_store else None
     out = torch.full_like(case.q, float("nan"))
-    config = DecodeConfig(merge_in_split=merge_in_split)
-    for _ in range(2):  # a second launch relies on the counters the first left behind
-        decode_attention(case.q, case.kv_cache, case.meta, case.scale, out,
-                         num_splits=num_splits, new_kv=new_kv, config=config)
-        assert rel_error(out, expected) < 1e-5
+    decode_attention(
+        case.q, case.kv_cache, case.meta, case.scale, out, num_splits=num_splits, new_kv=new_kv
+    )
+    assert rel_error(out, expected) < 1e-5
     assert torch.equal(case.kv_cache.double(), expected_cache)
-    assert not counters_for(case.q.device).any()
 
 
 def test_fused_store_skips_padding_slots() -> None:
