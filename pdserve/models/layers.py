@@ -32,16 +32,35 @@ GEMV_MAX_ROWS = 1  # measured on an H100: a clear win at 1 row, within noise at 
 # read once at import: a captured decode graph keeps whichever kernel it was captured with;
 # PDSERVE_GEMV=0 keeps cuBLAS everywhere
 USE_GEMV = os.environ.get("PDSERVE_GEMV", "1") == "1"
+# PDSERVE_FUSED_GEMV=0 keeps the GEMV but runs the RMSNorm and SwiGLU as kernels of their own
+USE_FUSED_GEMV = os.environ.get("PDSERVE_FUSED_GEMV", "1") == "1"
+
+
+def gemv_applies(x: torch.Tensor, weight: torch.Tensor, tp_size: int) -> bool:
+    """Whether `linear` runs x through the Triton GEMV rather than `F.linear`."""
+    # tp_size 1 only: the kernel is measured and checked against transformers there, not yet
+    # in tensor-parallel workers
+    return (USE_GEMV and tp_size == 1 and x.is_cuda and x.dim() == 2
+            and x.shape[0] <= GEMV_MAX_ROWS and x.dtype == weight.dtype)
+
+
+def fused_gemv_applies(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tp_size: int
+) -> bool:
+    """Whether the norm before (or SwiGLU after) a linear of x can run inside its GEMV.
+
+    x is the tensor the fused kernel reads (the hidden state before the norm, or gate_up):
+    it has the rows, dtype and device of the linear's own input, so this agrees with
+    `gemv_applies`. One row only (the fused kernels' shape); no bias (Qwen2's qkv).
+    """
+    return USE_FUSED_GEMV and bias is None and gemv_applies(x, weight, tp_size) and x.shape[0] == 1
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            tp_size: int = 1) -> torch.Tensor:
     """`F.linear`, or on the GPU for a single row the Triton GEMV (batch-1 decode: 5.79 vs
     6.13 ms a Llama-3.1-8B step on an H100, see docs/PERF.md)."""
-    # tp_size 1 only: the kernel is measured and checked against transformers there, not yet
-    # in tensor-parallel workers
-    if (USE_GEMV and tp_size == 1 and x.is_cuda and x.dim() == 2
-            and x.shape[0] <= GEMV_MAX_ROWS and x.dtype == weight.dtype):
+    if gemv_applies(x, weight, tp_size):
         from pdserve.kernels.triton_gemv import gemv
 
         y = gemv(x, weight)
@@ -88,6 +107,17 @@ class RMSNorm(nn.Module):
         if residual is not None:
             x = x + residual
         return self(x), x
+
+    def add_norm_linear(
+        self, x: torch.Tensor, residual: torch.Tensor | None, proj: ColumnParallelLinear
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(proj(norm(x + residual)), x + residual); one fused GEMV for one row on the GPU."""
+        if fused_gemv_applies(x, proj.weight, proj.bias, proj.tp_size):
+            from pdserve.kernels.triton_fused_gemv import add_rmsnorm_gemv
+
+            return add_rmsnorm_gemv(x, residual, self.weight, self.eps, proj.weight)
+        normed, residual = self.add_norm(x, residual)
+        return proj(normed), residual
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -333,10 +363,18 @@ class SwiGLUMLP(nn.Module):
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, False, tp_rank, tp_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
+        return self.activate_down(self.gate_up_proj(x))
+
+    def activate_down(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """down(silu(gate) * up) of the packed projection; one fused GEMV for one row on the GPU."""
+        down = self.down_proj
+        if fused_gemv_applies(gate_up, down.weight, down.bias, down.tp_size):
+            from pdserve.kernels.triton_fused_gemv import silu_mul_gemv
+
+            return silu_mul_gemv(gate_up, down.weight)
         if gate_up.is_cuda:
             from pdserve.kernels.triton_activation import silu_and_mul
 
-            return self.down_proj(silu_and_mul(gate_up))
+            return down(silu_and_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return down(F.silu(gate) * up)
