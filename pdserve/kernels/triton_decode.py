@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from pdserve.kernels.attention import AttentionMetadata
+from pdserve.kernels.pdl import pdl_launch, wait_for_previous_kernel
 
 MAX_SPLITS = 32  # bounds scratch; past this the reduction and empty splits cost more than they save
 
@@ -92,7 +93,9 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     FUSED_STORE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -177,7 +180,9 @@ def _decode_reduce_kernel(
     DIM_P2: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     SPLITS_P2: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     q_row = tl.load(query_start_ptr + seq)
@@ -312,6 +317,7 @@ def decode_attention(
         FUSED_STORE=new_kv is not None,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages if q.is_cuda else 1,
+        **pdl_launch(q),
     )
     if num_splits == 1:
         return
@@ -328,4 +334,5 @@ def decode_attention(
         NUM_SPLITS=num_splits,
         SPLITS_P2=triton.next_power_of_2(num_splits),
         num_warps=4,
+        **pdl_launch(q),
     )

@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pdserve.kernels.pdl import pdl_launch, wait_for_previous_kernel
 from pdserve.kernels.triton_gemv import GemvConfig, _check
 
 
@@ -48,8 +49,9 @@ def _add_rmsnorm_gemv_kernel(
     x_ptr, res_ptr, g_ptr, w_ptr, out_ptr, res_out_ptr,
     N, K, stride_x, stride_res, stride_g, stride_wn, stride_wk, eps,
     HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    EVEN_K: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    wait_for_previous_kernel(PDL)
     pid_n = tl.program_id(0)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -79,8 +81,9 @@ def _add_rmsnorm_gemv_kernel(
 @triton.jit
 def _silu_mul_gemv_kernel(
     gate_up_ptr, w_ptr, out_ptr, N, K, stride_gu, stride_wn, stride_wk,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    wait_for_previous_kernel(PDL)
     pid_n = tl.program_id(0)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -158,6 +161,7 @@ def add_rmsnorm_gemv(
         weight.stride(0), weight.stride(1), eps,
         HAS_RESIDUAL=residual is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         EVEN_K=k % cfg.block_k == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **pdl_launch(x),
     )  # fmt: skip
     new_residual = x if res_out is None else res_out.view(x.shape)
     return out.view(*x.shape[:-1], n), new_residual
@@ -180,6 +184,6 @@ def silu_mul_gemv(
     _silu_mul_gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
         gu1, weight, out, n, k, gu1.stride(0), weight.stride(0), weight.stride(1),
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=k % cfg.block_k == 0,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(gate_up),
     )  # fmt: skip
     return out.view(*gate_up.shape[:-1], n)

@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pdserve.kernels.pdl import pdl_launch, wait_for_previous_kernel
+
 MAX_ROWS = 16  # the tl.dot tile's height; more rows are a GEMM, not a GEMV
 MAX_COUNTERS = 1 << 16  # column blocks a split-K launch may have (split-K is for narrow N)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -56,8 +58,9 @@ def _gemv_kernel(
     x_ptr, w_ptr, out_ptr, partial_ptr, counter_ptr,
     M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_om, k_per_split, split_k,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr, USE_DOT: tl.constexpr, SPLIT: tl.constexpr,
+    EVEN_K: tl.constexpr, USE_DOT: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    wait_for_previous_kernel(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
@@ -196,6 +199,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = None
         k_per_split, split_k,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         EVEN_K=k % cfg.block_k == 0, USE_DOT=cfg.use_dot, SPLIT=split_k > 1,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(x),
     )  # fmt: skip
     return out.view(*x.shape[:-1], n)

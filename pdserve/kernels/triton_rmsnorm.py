@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pdserve.kernels.pdl import pdl_launch, wait_for_previous_kernel
+
 
 @triton.jit
 def _rmsnorm_kernel(
@@ -34,7 +36,9 @@ def _rmsnorm_kernel(
     eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -98,6 +102,7 @@ def _launch(
             HAS_RESIDUAL=residual is not None,
             BLOCK=block,
             num_warps=_num_warps(block),
+            **pdl_launch(x2),
         )
     new_residual = res_out.view(residual.shape) if res_out is not None else None
     return out.view(x.shape), new_residual

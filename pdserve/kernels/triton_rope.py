@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pdserve.kernels.pdl import pdl_launch, wait_for_previous_kernel
+
 
 def rope_cos_sin_cache(
     inv_freq: torch.Tensor, max_positions: int, dtype: torch.dtype = torch.float32
@@ -65,8 +67,9 @@ def _rope_kernel(
     q_ptr, k_ptr, pos_ptr, cache_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_cache,
     num_q_heads, num_k_heads,
-    HALF: tl.constexpr, HALF_P2: tl.constexpr, HEAD_BLOCK: tl.constexpr,
+    HALF: tl.constexpr, HALF_P2: tl.constexpr, HEAD_BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    wait_for_previous_kernel(PDL)
     tok = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
     q_blocks = tl.cdiv(num_q_heads, HEAD_BLOCK)
@@ -133,4 +136,5 @@ def apply_rope_(
         HALF_P2=half_p2,
         HEAD_BLOCK=head_block,
         num_warps=4,
+        **pdl_launch(q),
     )
