@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from pdserve.config import ModelConfig
-from pdserve.kernels import triton_fused_gemv
 from pdserve.kernels.attention import build_metadata
 from pdserve.kernels.triton_activation import silu_and_mul
 from pdserve.kernels.triton_fused_gemv import add_rmsnorm_gemv, silu_mul_gemv
@@ -21,6 +20,7 @@ from pdserve.models.layers import build_rope_tables, fused_gemv_applies
 from pdserve.models.llama import LlamaForCausalLM
 from pdserve.models.loader import _building_on
 from pdserve.models.random_weights import init_random_weights
+from tests.fused_calls import count_calls
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -109,18 +109,6 @@ def decode_logits(model: LlamaForCausalLM, caches: list[torch.Tensor]) -> torch.
         meta = build_metadata([1], [7], [table], block_size, device="cuda")
         ids, pos = torch.tensor([77], device="cuda"), torch.tensor([6], device="cuda")
         return model.compute_logits(model(ids, pos, caches, meta))
-
-
-def count_calls(monkeypatch, calls: dict[str, int]) -> None:
-    """Count the model's calls of each named fused kernel (layers imports them per call)."""
-    for name in calls:
-        kernel = getattr(triton_fused_gemv, name)
-
-        def counted(*args, _name: str = name, _kernel=kernel, **kwargs):
-            calls[_name] += 1
-            return _kernel(*args, **kwargs)
-
-        monkeypatch.setattr(triton_fused_gemv, name, counted)
 
 
 @pytest.mark.parametrize("variant", ["llama", "qwen3", "qwen2"])

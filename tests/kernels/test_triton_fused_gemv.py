@@ -11,10 +11,10 @@ pytest.importorskip("triton", reason="triton is not installed: the Triton kernel
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from pdserve.kernels import triton_fused_gemv  # noqa: E402
 from pdserve.kernels.triton_activation import silu_and_mul  # noqa: E402
 from pdserve.kernels.triton_fused_gemv import add_rmsnorm_gemv, silu_mul_gemv  # noqa: E402
 from pdserve.kernels.triton_gemv import GemvConfig, gemv  # noqa: E402
+from tests.fused_calls import count_calls  # noqa: E402
 
 EPS = 1e-5
 ULP = {torch.float32: 0.0, torch.float16: 2**-10, torch.bfloat16: 2**-7}  # the output's rounding
@@ -122,18 +122,6 @@ def test_refuses_what_it_does_not_compute() -> None:
         silu_mul_gemv(torch.randn(1, 129), w)
     with pytest.raises(ValueError, match="does not match"):
         silu_mul_gemv(torch.randn(1, 64), w)
-
-
-def count_calls(monkeypatch, calls: dict[str, int]) -> None:
-    """Count the model's calls of each named fused kernel (layers imports them per call)."""
-    for name in calls:
-        kernel = getattr(triton_fused_gemv, name)
-
-        def counted(*args, _name: str = name, _kernel=kernel, **kwargs):
-            calls[_name] += 1
-            return _kernel(*args, **kwargs)
-
-        monkeypatch.setattr(triton_fused_gemv, name, counted)
 
 
 def test_decoder_runs_the_fused_kernels_where_the_gemv_applies(monkeypatch) -> None:
