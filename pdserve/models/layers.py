@@ -351,7 +351,10 @@ class ParallelLMHead(VocabParallelEmbedding):
 
 
 class SwiGLUMLP(nn.Module):
-    """down(silu(gate(x)) * up(x)) with gate and up packed into one column-parallel matmul."""
+    """down(silu(gate(x)) * up(x)) with gate and up packed into one column-parallel matmul.
+
+    The decoder layer runs `gate_up_proj` itself (fused with its norm at one row), then
+    `activate_down`."""
 
     def __init__(
         self, hidden_size: int, intermediate_size: int, tp_rank: int = 0, tp_size: int = 1
@@ -361,9 +364,6 @@ class SwiGLUMLP(nn.Module):
             hidden_size, [intermediate_size, intermediate_size], False, tp_rank, tp_size
         )
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, False, tp_rank, tp_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.activate_down(self.gate_up_proj(x))
 
     def activate_down(self, gate_up: torch.Tensor) -> torch.Tensor:
         """down(silu(gate) * up) of the packed projection; one fused GEMV for one row on the GPU."""

@@ -36,7 +36,9 @@ _PACKED = {
 
 
 class LlamaAttention(nn.Module):
-    """Self-attention: fused qkv, optional per-head q/k RMSNorm, RoPE, paged attention, o_proj."""
+    """Self-attention: fused qkv, optional per-head q/k RMSNorm, RoPE, paged attention, o_proj.
+
+    The decoder layer runs `qkv_proj` itself (fused with its norm at one row), then `attend`."""
 
     def __init__(self, config: ModelConfig, tp_rank: int, tp_size: int) -> None:
         super().__init__()
@@ -58,15 +60,6 @@ class LlamaAttention(nn.Module):
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
         self.scale = config.head_dim**-0.5
-
-    def forward(
-        self,
-        positions: torch.Tensor,
-        hidden: torch.Tensor,
-        kv_cache: torch.Tensor,
-        meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        return self.attend(positions, self.qkv_proj(hidden), kv_cache, meta)
 
     def attend(
         self,
