@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pdserve.engine.batch_inputs import InputBuilder, StepInputs
+from pdserve.engine.batch_inputs import StepInputs
 from pdserve.engine.host_to_device import to_device
 from pdserve.engine.outputs import RequestOutput, TokenLogprob
 from pdserve.engine.request import Request
@@ -88,9 +88,7 @@ class OverlappedLoop:
         first = engine.runner.inputs
         # two sets of pinned input buffers taken in turn: the host fills one while the
         # device may not yet have copied the other (the step in flight) in
-        second = InputBuilder(first.ids.shape[0], first.tables.shape[0], first.tables.shape[1],
-                              first.block_size, first.device)
-        self.builders = [first, second]
+        self.builders = [first, first.like()]
         self.turn = 0
         self.in_flight: LaunchedStep | None = None
 

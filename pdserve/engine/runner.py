@@ -38,7 +38,10 @@ def forward_step(model: torch.nn.Module, kv_caches: list[torch.Tensor],
                  graphs: DecodeGraphs | None, x: StepInputs) -> torch.Tensor:
     """The forward every TP rank runs; the same choice of graph or eager on every rank."""
     if graphs is not None and graphs.fits(x):
-        return graphs.run(x).index_select(0, x.sample_rows)  # the graph includes the LM head
+        logits = graphs.run(x)  # the graph includes the LM head
+        if x.sample_rows.shape[0] == x.num_seqs:  # every decode row samples: rows 0..B-1
+            return logits
+        return logits.index_select(0, x.sample_rows)
     hidden = model(x.input_ids, x.positions, kv_caches, x.meta)
     # the vocab-parallel head all-gathers: every rank must call it, even with 0 rows
     return model.compute_logits(hidden.index_select(0, x.sample_rows))

@@ -81,6 +81,16 @@ def _draw(probs: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
     return (probs / noise).argmax(dim=1)
 
 
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's argmax; on the GPU one Triton launch (about 27 us less than torch's at a
+    128k vocabulary, see kernels/triton_argmax.py)."""
+    if logits.is_cuda and logits.dim() == 2:
+        from pdserve.kernels.triton_argmax import argmax_rows
+
+        return argmax_rows(logits)
+    return logits.argmax(dim=1)
+
+
 def _plain_greedy(r: Request) -> bool:
     p = r.params
     return (p.temperature == 0.0 and p.logprobs is None and p.repetition_penalty == 1.0
@@ -95,7 +105,7 @@ def sample_tokens(
     penalties or min_tokens masking (which index by the output history), nothing here waits
     for the GPU, so async scheduling can queue the next step behind it."""
     if all(_plain_greedy(r) for r in requests):  # the common serving case: one argmax
-        return logits.argmax(dim=1)
+        return argmax(logits)
     logits = logits.clone()
     _penalize(logits, requests)
     _mask_stops_before_min_tokens(logits, requests, eos_token_ids)

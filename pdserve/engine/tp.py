@@ -96,13 +96,12 @@ def pack_step(builder: InputBuilder, x: StepInputs) -> np.ndarray:
     The host buffers, not `x`, so that rank 0 never waits on a device-to-host copy; int32
     halves the bytes (the block table dominates) and holds every id, position and slot.
     """
+    host = builder.last
     t, n = x.input_ids.shape[0], x.sample_rows.shape[0]
     b, width = x.meta.block_tables.shape
     return np.concatenate([
         np.array([t, b, width, n], dtype=np.int32),
-        builder.ids.numpy()[:t], builder.pos.numpy()[:t], builder.slots.numpy()[:t],
-        builder.starts.numpy()[: b + 1], builder.seq_lens.numpy()[:b],
-        builder.tables.numpy()[:b, :width].ravel(), builder.rows.numpy()[:n],
+        host.ids, host.pos, host.slots, host.starts, host.seq_lens, host.tables.ravel(), host.rows,
     ], dtype=np.int32, casting="same_kind")
 
 

@@ -120,7 +120,7 @@ def _sm_count(device: torch.device) -> int:
 _counters: dict[torch.device, torch.Tensor] = {}
 
 
-def _counters_for(device: torch.device) -> torch.Tensor:
+def counters_for(device: torch.device) -> torch.Tensor:
     """Zeroed int32 counters, one per column block; each launch leaves them zero again."""
     if device not in _counters:  # allocated once and never freed: graphs keep its address
         _counters[device] = torch.zeros(MAX_COUNTERS, dtype=torch.int32, device=device)
@@ -190,7 +190,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = None
         if blocks > MAX_COUNTERS:
             raise ValueError(f"split-K over {blocks} column blocks: raise block_n or split_k=1")
         partial = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
-        counters = _counters_for(x.device)
+        counters = counters_for(x.device)
     else:
         partial = counters = out  # unused
     _gemv_kernel[(blocks, split_k)](

@@ -109,3 +109,60 @@ def test_half_precision_inputs() -> None:
     case = make_case([1, 1, 1], [5, 48, 130], 8, 2, 64, 16, dtype=torch.float16, seed=4)
     expected, _ = reference(case)
     assert rel_error(run(case), expected) < 2e-2
+
+
+def _rope_inputs(case) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each decode token's position (its sequence's length - 1) and a cos/sin table."""
+    from pdserve.kernels.triton_rope import rope_cos_sin_cache
+    from pdserve.models.layers import rope_inv_freq
+
+    head_dim = case.q.shape[-1]
+    table = rope_cos_sin_cache(rope_inv_freq(head_dim, 10000.0, None), 512, case.q.dtype)
+    return torch.tensor(case.meta.seq_lens_cpu) - 1, table
+
+
+@pytest.mark.parametrize("dtype,num_splits", [(torch.float32, 1), (torch.float32, 4),
+                                              (torch.bfloat16, 3)])
+def test_fused_rope_equals_rope_kernel_then_decode(dtype: torch.dtype, num_splits: int) -> None:
+    """Rotating q and the new k inside the decode kernel gives the rope kernel's numbers:
+    the same cached K (bit for bit, rounding included) and the same output."""
+    from pdserve.kernels.triton_rope import apply_rope_
+
+    case = make_case([1, 1, 1], [5, 70, 131], 8, 2, 64, 16, dtype=dtype, seed=4)
+    positions, table = _rope_inputs(case)
+    q, k = case.q.clone(), case.k.clone()
+    cache = case.kv_cache.clone()
+    apply_rope_(q, k, positions, table)
+    expected = torch.full_like(q, float("nan"))
+    decode_attention(q, cache, case.meta, case.scale, expected, num_splits=num_splits,
+                     new_kv=(k, case.v))
+    out = torch.full_like(case.q, float("nan"))
+    decode_attention(case.q, case.kv_cache, case.meta, case.scale, out, num_splits=num_splits,
+                     new_kv=(case.k, case.v), rope_table=table)
+    assert torch.equal(case.kv_cache, cache)
+    assert rel_error(out.float(), expected.float()) < (1e-6 if dtype == torch.float32 else 1e-2)
+    assert not torch.equal(case.q, q)  # the inputs stayed unrotated: the kernel rotated them
+
+
+def test_rope_needs_the_fused_store() -> None:
+    case = make_case([1], [9], 4, 2, 64, 16)
+    with pytest.raises(ValueError, match="new_kv"):
+        decode_attention(case.q, case.kv_cache, case.meta, case.scale, torch.empty_like(case.q),
+                         rope_table=_rope_inputs(case)[1])
+
+
+def test_mixed_batch_rotates_before_attention() -> None:
+    """Outside a decode-only step, paged attention with `rope` rotates first, then attends as
+    if q and k had arrived rotated."""
+    from pdserve.kernels.triton_rope import apply_rope_
+
+    case = make_case([1, 6], [40, 30], 8, 2, 64, 16, seed=6)
+    positions = torch.cat([torch.tensor([39]), torch.arange(24, 30)])
+    table = _rope_inputs(case)[1]
+    q, k = case.q.clone(), case.k.clone()
+    apply_rope_(q, k, positions, table)
+    cache = case.kv_cache.clone()
+    expected = triton_paged_attention(q, k, case.v, cache, case.meta, case.scale)
+    got = run(case, rope=(positions, table))
+    assert rel_error(got, expected) < 1e-6
+    assert torch.equal(case.kv_cache, cache)

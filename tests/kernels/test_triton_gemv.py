@@ -9,7 +9,7 @@ import torch  # noqa: E402
 from pdserve.kernels.triton_gemv import (  # noqa: E402
     MAX_ROWS,
     GemvConfig,
-    _counters_for,
+    counters_for,
     default_config,
     gemv,
 )
@@ -60,7 +60,7 @@ def test_split_k_is_deterministic_and_leaves_counters_zero() -> None:
     x, w = inputs(3, N, K, torch.float32)
     first = gemv(x, w, FMA_SPLIT)
     assert torch.equal(gemv(x, w, FMA_SPLIT), first)  # sums in split order, not arrival order
-    assert not _counters_for(x.device).any()  # ready for the next launch or graph replay
+    assert not counters_for(x.device).any()  # ready for the next launch or graph replay
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
