@@ -100,24 +100,17 @@ def paged_attention(
     kv_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
-    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Attention of this step's queries ([T, Hq, D]) over the paged cache; returns [T, Hq, D].
 
     Writes this step's K/V first. Triton kernels on CUDA tensors, PyTorch elsewhere;
     `PDSERVE_ATTENTION_BACKEND=torch|triton` forces one (tests force Triton's interpreter).
-    `rope` = (positions [T], cos/sin table): q and k are not rotated yet, and are rotated
-    here (inside the decode kernel where it can).
     """
     if attention_backend(q) == "triton":
         # imported here so that CPU-only installs need no triton
         from pdserve.kernels.triton_attention import triton_paged_attention
 
-        return triton_paged_attention(q, k, v, kv_cache, meta, scale, rope=rope)
-    if rope is not None:
-        from pdserve.kernels.triton_rope import apply_rope_
-
-        apply_rope_(q, k, *rope)
+        return triton_paged_attention(q, k, v, kv_cache, meta, scale)
     return torch_paged_attention(q, k, v, kv_cache, meta, scale)
 
 

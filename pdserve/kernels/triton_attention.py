@@ -17,7 +17,6 @@ from pdserve.kernels.sdpa_prefill import sdpa_prefill, sdpa_prefill_applies
 from pdserve.kernels.triton_decode import DecodeScratch, decode_attention
 from pdserve.kernels.triton_kv_store import store_kv
 from pdserve.kernels.triton_prefill import prefill_attention
-from pdserve.kernels.triton_rope import apply_rope_
 
 
 def triton_paged_attention(
@@ -29,23 +28,17 @@ def triton_paged_attention(
     scale: float,
     out: torch.Tensor | None = None,
     scratch: DecodeScratch | None = None,
-    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Paged attention of a mixed varlen batch; q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D].
 
     `out` and `scratch` may be preallocated (e.g. for CUDA-graph capture of decode steps).
-    With `rope` = (positions, cos/sin table), q and k arrive unrotated: the decode kernel
-    rotates them itself in a decode-only step, and triton_rope does it first otherwise.
     """
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if meta.max_query_len <= 1:  # decode only: the CUDA-graph case
-        decode_attention(q, kv_cache, meta, scale, out, scratch, new_kv=(k, v),
-                         rope_table=rope[1] if rope is not None else None)
+        decode_attention(q, kv_cache, meta, scale, out, scratch, new_kv=(k, v))
         return out
-    if rope is not None:
-        apply_rope_(q, k, *rope)
     has_decode = 1 in meta.query_lens_cpu
     if not has_decode and sdpa_prefill_applies(meta.query_lens_cpu, meta.seq_lens_cpu):
         store_kv(k, v, kv_cache, meta.slot_mapping)

@@ -27,31 +27,14 @@ MAX_SPLITS = 32  # bounds scratch; past this the reduction and empty splits cost
 
 
 @triton.jit
-def _rotate(x_ptrs, x, dims, dim_ok, cos, sin, HALF: tl.constexpr):
-    """RoPE (rotate-half) of vectors x loaded from x_ptrs (offsets `dims` on the last axis),
-    rounded as eager and triton_rope round: each product, then the sum, to x's dtype."""
-    partner = tl.where(dims < HALF, dims + HALF, dims - HALF)
-    swapped = tl.load(x_ptrs + (partner - dims), mask=dim_ok, other=0.0)
-    ty = x.dtype
-    direct = (x.to(tl.float32) * cos).to(ty).to(tl.float32)
-    crossed = (swapped.to(tl.float32) * sin).to(ty).to(tl.float32)
-    return tl.where(dims < HALF, direct - crossed, direct + crossed).to(ty)
-
-
-@triton.jit
 def _attend_new_token(
     q, acc, m_i, l_i, k_ptr, v_ptr, slot_ptr, cache_ptr, q_row, kv_head, dims, dim_ok,
     scale_log2, stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_c_kv, stride_c_blk, stride_c_tok, stride_c_head, cos, sin,
-    PAGE: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr,
+    stride_c_kv, stride_c_blk, stride_c_tok, stride_c_head, PAGE: tl.constexpr,
 ):  # fmt: skip
-    """Attend to this step's own key/value (read from k/v) and store them in the cache;
-    with ROPE, k is read unrotated and rotated here."""
+    """Attend to this step's own key/value (read from k/v) and store them in the cache."""
     row = q_row.to(tl.int64)
-    k_ptrs = k_ptr + row * stride_kt + kv_head * stride_kh + dims
-    k_new = tl.load(k_ptrs, mask=dim_ok, other=0.0)
-    if ROPE:
-        k_new = _rotate(k_ptrs, k_new, dims, dim_ok, cos, sin, HALF)
+    k_new = tl.load(k_ptr + row * stride_kt + kv_head * stride_kh + dims, mask=dim_ok, other=0.0)
     v_new = tl.load(v_ptr + row * stride_vt + kv_head * stride_vh + dims, mask=dim_ok, other=0.0)
     k_new = k_new.to(cache_ptr.dtype.element_ty)  # the values attended are those cached
     v_new = v_new.to(cache_ptr.dtype.element_ty)
@@ -83,7 +66,6 @@ def _decode_split_kernel(
     k_ptr,
     v_ptr,
     slot_ptr,
-    rope_ptr,
     scale_log2,
     stride_qt,
     stride_qh,
@@ -103,17 +85,14 @@ def _decode_split_kernel(
     stride_ps,
     stride_lb,
     stride_lh,
-    stride_rope,
     GROUP: tl.constexpr,
     GROUP_P2: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     DIM_P2: tl.constexpr,
-    HALF: tl.constexpr,
     PAGE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     FUSED_STORE: tl.constexpr,
-    ROPE: tl.constexpr,
     PDL: tl.constexpr,
 ):
     wait_for_previous_kernel(PDL)
@@ -138,15 +117,6 @@ def _decode_split_kernel(
     heads = kv_head * GROUP + rows
     q_offs = q_row.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + dims[None, :]
     q = tl.load(q_ptr + q_offs, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-    cos = tl.zeros([DIM_P2], dtype=tl.float32)
-    sin = tl.zeros([DIM_P2], dtype=tl.float32)
-    if ROPE:  # q and the new k arrive unrotated: one launch a layer fewer than triton_rope
-        # a decode token sits at position seq_len - 1: no load of positions to wait for
-        row = rope_ptr + (seq_len - 1).to(tl.int64) * stride_rope + dims % HALF
-        cos = tl.load(row, mask=dim_ok, other=0.0).to(tl.float32)
-        sin = tl.load(row + HALF, mask=dim_ok, other=0.0).to(tl.float32)
-        q = _rotate(q_ptr + q_offs, q, dims[None, :], row_ok[:, None] & dim_ok[None, :],
-                    cos[None, :], sin[None, :], HALF)
 
     m_i = tl.full([GROUP_P2], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_P2], dtype=tl.float32)
@@ -174,8 +144,7 @@ def _decode_split_kernel(
             acc, m_i, l_i = _attend_new_token(
                 q, acc, m_i, l_i, k_ptr, v_ptr, slot_ptr, cache_ptr, q_row, kv_head, dims, dim_ok,
                 scale_log2, stride_kt, stride_kh, stride_vt, stride_vh,
-                stride_c_kv, stride_c_blk, stride_c_tok, stride_c_head, cos, sin,
-                PAGE, ROPE, HALF,
+                stride_c_kv, stride_c_blk, stride_c_tok, stride_c_head, PAGE,
             )  # fmt: skip
 
     out_mask = row_ok[:, None] & dim_ok[None, :]
@@ -292,19 +261,13 @@ def decode_attention(
     num_splits: int | None = None,
     config: DecodeConfig | None = None,
     new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-    rope_table: torch.Tensor | None = None,
 ) -> None:
     """Attention of every query-length-1 sequence over the cache, written into `out` [T, Hq, D].
 
     Without `new_kv`, this step's K/V must already be in the cache. With `new_kv` = (k, v)
     ([T, Hkv, D]), the kernel stores them at `meta.slot_mapping` itself (one launch fewer).
-    With `rope_table` (cos/sin [max_positions, D], as `triton_rope.rope_cos_sin_cache` builds
-    it), q and the new k arrive unrotated and the kernel rotates them at position
-    seq_len - 1, every decode token's (needs `new_kv`; one launch fewer again). Other
-    sequences of the batch are left untouched.
+    Other sequences of the batch are left untouched.
     """
-    if rope_table is not None and new_kv is None:
-        raise ValueError("decode_attention rotates the new k only when it stores it: pass new_kv")
     num_seqs = meta.query_start_loc.shape[0] - 1
     _, num_heads, head_dim = q.shape
     num_kv_heads = kv_cache.shape[3]
@@ -320,10 +283,6 @@ def decode_attention(
     cfg = config or DecodeConfig()
     k, v = new_kv if new_kv is not None else (q, q)  # unused without the fused store
     k_strides = (k.stride(0), k.stride(1), v.stride(0), v.stride(1))
-    table = rope_table if rope_table is not None else q  # unused without
-    if rope_table is not None and (table.shape[-1] != head_dim or head_dim % 2
-                                   or table.stride(-1) != 1):
-        raise ValueError(f"RoPE table {tuple(table.shape)} is not for head dim {head_dim}")
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         q,
         kv_cache,
@@ -336,7 +295,6 @@ def decode_attention(
         k,
         v,
         meta.slot_mapping,
-        table,
         scale * 1.4426950408889634,  # exp(x) = exp2(x * log2(e))
         q.stride(0),
         q.stride(1),
@@ -349,17 +307,14 @@ def decode_attention(
         out.stride(0),
         out.stride(1),
         *split_strides,
-        table.stride(0),
         GROUP=group,
         GROUP_P2=max(16, triton.next_power_of_2(group)),  # tl.dot needs M >= 16
         HEAD_DIM=head_dim,
         DIM_P2=triton.next_power_of_2(head_dim),
-        HALF=head_dim // 2,
         PAGE=kv_cache.shape[2],
         BLOCK_N=cfg.block_n,
         NUM_SPLITS=num_splits,
         FUSED_STORE=new_kv is not None,
-        ROPE=rope_table is not None,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages if q.is_cuda else 1,
         **pdl_launch(q),

@@ -34,8 +34,6 @@ GEMV_MAX_ROWS = 1  # measured on an H100: a clear win at 1 row, within noise at 
 USE_GEMV = os.environ.get("PDSERVE_GEMV", "1") == "1"
 # PDSERVE_FUSED_GEMV=0 keeps the GEMV but runs the RMSNorm and SwiGLU as kernels of their own
 USE_FUSED_GEMV = os.environ.get("PDSERVE_FUSED_GEMV", "1") == "1"
-# PDSERVE_FUSED_ROPE=0 rotates q and k in a kernel of their own before decode attention
-USE_FUSED_ROPE = os.environ.get("PDSERVE_FUSED_ROPE", "1") == "1"
 
 
 def gemv_applies(x: torch.Tensor, weight: torch.Tensor, tp_size: int) -> bool:
@@ -169,15 +167,6 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._cos_sin: torch.Tensor | None = None  # GPU: [max_positions, D] cos | sin table
         self.max_positions = 0
-
-    def for_attention(
-        self, positions: torch.Tensor, q: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(positions, cos/sin table) for `paged_attention` to rotate q and k itself (inside
-        the decode kernel where it can), or None: rotate them with `forward` first."""
-        if USE_FUSED_ROPE and q.is_cuda and self._cos_sin is not None:
-            return positions, self._cos_sin
-        return None
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor

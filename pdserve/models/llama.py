@@ -76,10 +76,8 @@ class LlamaAttention(nn.Module):
         v = v.view(tokens, self.num_kv_heads, d)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        rope = self.rotary.for_attention(positions, q)
-        if rope is None:
-            q, k = self.rotary(positions, q, k)
-        out = paged_attention(q, k, v.contiguous(), kv_cache, meta, self.scale, rope=rope)
+        q, k = self.rotary(positions, q, k)
+        out = paged_attention(q, k, v.contiguous(), kv_cache, meta, self.scale)
         return self.o_proj(out.reshape(tokens, self.num_heads * d))
 
 
