@@ -3,7 +3,8 @@
     python3 benchmarks/bench_engine.py --model llama-3.1-8b --out $OUT/engine_llama.json
 
 Cases (all bf16, random weights of a real architecture's preset):
-  decode_b1_1k     time per decode step, batch 1, 1k context; floor = (weights + KV) / HBM BW
+  decode_b1_1k     time per decode step, batch 1, 1k context; floor = (weights read + KV) / HBM
+                   BW (also ratio_all_weights: against all weight bytes / HBM BW, the issue's)
   decode_bN_2k     batch 256 (or the most that fit), 2k context each; same floor with all KV
   prefill_8k       one 8k-token prompt in one step; floor = FLOPs (matmuls + causal attention)
                    / measured bf16 matmul rate
@@ -107,13 +108,19 @@ def decode_case(engine: Engine, batch: int, context: int, ceil: dict, rng) -> di
     step_s = steady_step_time(engine.step)
     weights, _, _ = model_bytes(engine)
     kv = kv_bytes_per_token(engine) * batch * (context + 60)
-    floor = (weights + kv) / (ceil["hbm_copy_GBps"] * 1e9)
+    bandwidth = ceil["hbm_copy_GBps"] * 1e9
+    floor = (weights + kv) / bandwidth
+    # the floor: every weight byte (the embedding table too, of which a step reads
+    # one row per token) over the bandwidth, without the KV
+    params = dict(engine.runner.model.named_parameters())
+    all_weights = sum(p.numel() * p.element_size() for p in params.values())
     for rid in ids:
         engine.abort_request(rid)
     engine.step()
     return {"batch": batch, "context": context, "step_ms": step_s * 1e3,
             "floor_ms": floor * 1e3, "ratio": step_s / floor, "weight_bytes": weights,
-            "kv_bytes": kv}
+            "kv_bytes": kv, "all_weight_bytes": all_weights,
+            "ratio_all_weights": step_s / (all_weights / bandwidth)}
 
 
 def prefill_case(engine: Engine, n: int, ceil: dict, rng) -> dict:
