@@ -1,11 +1,12 @@
 """Greedy sampling's argmax over a vocabulary-wide row of logits, in one launch.
 
 torch's argmax of one 128k-wide float32 row takes about 27 us on an H100, 0.5% of a batch-1
-Llama-3.1-8B decode step, for 0.5 MB of reads. Here each row is cut into SPLITS slices
-spread over the SMs; each program finds its slice's maximum and its first index and leaves
-them in a workspace, and the last program of the row to arrive (a counter, as
+Llama-3.1-8B decode step, for 0.5 MB of reads. Here each row is cut into slices of SLICE
+logits spread over the SMs; each program finds its slice's maximum and its first index and
+leaves them in a workspace, and the last program of the row to arrive (a counter, as
 triton_gemv's split-K) merges the slices in order. Ties go to the lowest index, as torch's
-argmax does; rows must be free of NaN (torch would return a NaN's index).
+argmax does. A NaN counts as the largest value, as in torch (so a diverged model still
+yields a token id inside the vocabulary); only a row holding both +inf and NaN may differ.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def _argmax_kernel(
     for start in range(split * SLICE, tl.minimum(split * SLICE + SLICE, V), BLOCK):
         offs = start + lanes
         x = tl.load(x_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+        x = tl.where(x != x, float("inf"), x)  # NaN wins, as in torch
         # strictly greater keeps a lane's first maximum; an unset lane takes any value
         better = ((x > best) | (index >= V)) & (offs < V)
         best = tl.where(better, x, best)
@@ -58,7 +60,7 @@ def _argmax_kernel(
 
 
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
-    """`logits.argmax(dim=1)` of a [B, V] tensor (int64 [B]), for V < 2**31 and rows without NaN.
+    """`logits.argmax(dim=1)` of a [B, V] tensor (int64 [B]), for V < 2**31.
 
     Safe to capture in a CUDA graph; launches on one device must share one stream (they
     share the counters with triton_gemv's split-K).

@@ -39,3 +39,10 @@ def test_rejects_bad_shapes() -> None:
         argmax_rows(torch.zeros(4))
     with pytest.raises(ValueError, match=r"\[B, V\]"):
         argmax_rows(torch.zeros(2, 0))
+
+
+def test_nan_counts_as_the_largest_value_as_in_torch() -> None:
+    logits = torch.randn(2, 2 * SLICE + 5, generator=torch.Generator().manual_seed(2))
+    logits[0, [SLICE + 3, 2 * SLICE + 1]] = float("nan")
+    logits[1] = float("nan")
+    assert argmax_rows(logits).tolist() == [SLICE + 3, 0] == logits.argmax(dim=1).tolist()
