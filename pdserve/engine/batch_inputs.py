@@ -45,16 +45,31 @@ def block_array(r) -> np.ndarray:
 
 
 @dataclass
-class HostStep:
-    """A step's inputs as numpy views of the builder's pinned staging buffer."""
+class StepArrays:
+    """A step's inputs as views of one byte buffer: numpy on the host, torch on the device."""
 
-    ids: np.ndarray  # [T] int64
-    pos: np.ndarray  # [T] int64
-    slots: np.ndarray  # [T] int64
-    rows: np.ndarray  # [N] int64
-    starts: np.ndarray  # [B + 1] int32
-    seq_lens: np.ndarray  # [B] int32
-    tables: np.ndarray  # [B, width] int32
+    ids: np.ndarray | torch.Tensor  # [T] int64
+    pos: np.ndarray | torch.Tensor  # [T] int64
+    slots: np.ndarray | torch.Tensor  # [T] int64
+    rows: np.ndarray | torch.Tensor  # [B] int64: the first N are the sampling rows
+    starts: np.ndarray | torch.Tensor  # [B + 1] int32
+    seq_lens: np.ndarray | torch.Tensor  # [B] int32
+    tables: np.ndarray | torch.Tensor  # [B, width] int32
+
+    @staticmethod
+    def nbytes(t: int, b: int, width: int) -> int:
+        return 8 * (3 * t + b) + 4 * (2 * b + 1 + b * width)
+
+    @classmethod
+    def view(cls, buf, t: int, b: int, width: int, int64, int32) -> StepArrays:
+        """The arrays of a step of t tokens, b sequences and tables b x width, laid out back
+        to back in `buf` (numpy or torch bytes, with that library's int64 and int32)."""
+        split = 8 * (3 * t + b)
+        longs = buf[:split].view(int64)
+        ints = buf[split : cls.nbytes(t, b, width)].view(int32)
+        return cls(ids=longs[:t], pos=longs[t : 2 * t], slots=longs[2 * t : 3 * t],
+                   rows=longs[3 * t :], starts=ints[: b + 1], seq_lens=ints[b + 1 : 2 * b + 1],
+                   tables=ints[2 * b + 1 :].reshape(b, width))
 
 
 class InputBuilder:
@@ -68,32 +83,20 @@ class InputBuilder:
         self.max_tokens, self.max_seqs = max_tokens, max_seqs
         self.max_blocks_per_seq, self.block_size = max_blocks_per_seq, block_size
         self.device = device
-        longs = 3 * max_tokens + max_seqs
-        ints = 2 * max_seqs + 1 + max_seqs * max_blocks_per_seq
-        self.staging = torch.zeros(8 * longs + 4 * ints, dtype=torch.uint8,
-                                   pin_memory=device.type == "cuda")
-        self.last: HostStep | None = None  # the host side of the step built last
+        size = StepArrays.nbytes(max_tokens, max_seqs, max_blocks_per_seq)
+        self.staging = torch.zeros(size, dtype=torch.uint8, pin_memory=device.type == "cuda")
+        self.last: StepArrays | None = None  # the host side of the step built last
 
     def like(self) -> InputBuilder:
         """Another builder of the same size (async scheduling fills one while one ships)."""
         return InputBuilder(self.max_tokens, self.max_seqs, self.max_blocks_per_seq,
                             self.block_size, self.device)
 
-    def _layout(self, t: int, b: int, width: int) -> tuple[HostStep, int]:
-        """Numpy views for a step of t tokens, b sequences and tables b x width; bytes used."""
-        raw = self.staging.numpy()
-        longs = raw[: 8 * (3 * t + b)].view(np.int64)
-        ints = raw[8 * (3 * t + b) : 8 * (3 * t + b) + 4 * (2 * b + 1 + b * width)].view(np.int32)
-        host = HostStep(ids=longs[:t], pos=longs[t : 2 * t], slots=longs[2 * t : 3 * t],
-                        rows=longs[3 * t :], starts=ints[: b + 1], seq_lens=ints[b + 1 : 2 * b + 1],
-                        tables=ints[2 * b + 1 :].reshape(b, width))
-        return host, 8 * (3 * t + b) + 4 * (2 * b + 1 + b * width)
-
     def build(self, step: SchedulerOutput) -> StepInputs:
         b = len(step.scheduled)
         t = sum(s.num_new_tokens for s in step.scheduled)
         width = max(max(len(s.request.block_ids) for s in step.scheduled), 1)
-        host, used = self._layout(t, b, width)
+        host = StepArrays.view(self.staging.numpy(), t, b, width, np.int64, np.int32)
         ids, pos, slots, rows = host.ids, host.pos, host.slots, host.rows
         starts, seq_lens, tables = host.starts, host.seq_lens, host.tables
         tables.fill(0)  # past a sequence's blocks: never read, but not stale ids either
@@ -128,18 +131,17 @@ class InputBuilder:
                 n_sample += 1
         host.rows = rows[:n_sample]
         self.last = host
-        dev = self.staging[:used].to(self.device, non_blocking=self.device.type == "cuda")
-        longs = dev[: 8 * (3 * t + b)].view(torch.int64)
-        ints = dev[8 * (3 * t + b) :].view(torch.int32)
+        staged = self.staging[: StepArrays.nbytes(t, b, width)]
+        shipped = staged.to(self.device, non_blocking=self.device.type == "cuda")
+        dev = StepArrays.view(shipped, t, b, width, torch.int64, torch.int32)
         meta = AttentionMetadata(
-            query_start_loc=ints[: b + 1],
-            seq_lens=ints[b + 1 : 2 * b + 1],
-            block_tables=ints[2 * b + 1 :].view(b, width),
-            slot_mapping=longs[2 * t : 3 * t],
+            query_start_loc=dev.starts,
+            seq_lens=dev.seq_lens,
+            block_tables=dev.tables,
+            slot_mapping=dev.slots,
             max_query_len=max(query_lens),
             max_seq_len=max(lens),
             query_lens_cpu=query_lens,
             seq_lens_cpu=lens,
         )
-        return StepInputs(longs[:t], longs[t : 2 * t], meta, longs[3 * t : 3 * t + n_sample], b,
-                          max(query_lens) == 1)
+        return StepInputs(dev.ids, dev.pos, meta, dev.rows[:n_sample], b, max(query_lens) == 1)

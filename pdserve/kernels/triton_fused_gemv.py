@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from pdserve.kernels.pdl import pdl_launch, wait_for_previous_kernel
-from pdserve.kernels.triton_gemv import GemvConfig, _check
+from pdserve.kernels.triton_gemv import GemvConfig, _check, weight_rows
 
 
 @triton.jit
@@ -53,10 +53,8 @@ def _add_rmsnorm_gemv_kernel(
 ):  # fmt: skip
     wait_for_previous_kernel(PDL)
     pid_n = tl.program_id(0)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols, w_rows = weight_rows(w_ptr, pid_n, N, stride_wn, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    # clamped rows: every W load is in bounds, so the W stream carries no row mask
-    w_rows = w_ptr + tl.minimum(cols, N - 1).to(tl.int64)[:, None] * stride_wn
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -85,9 +83,8 @@ def _silu_mul_gemv_kernel(
 ):  # fmt: skip
     wait_for_previous_kernel(PDL)
     pid_n = tl.program_id(0)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols, w_rows = weight_rows(w_ptr, pid_n, N, stride_wn, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    w_rows = w_ptr + tl.minimum(cols, N - 1).to(tl.int64)[:, None] * stride_wn
     ty = out_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):

@@ -54,6 +54,15 @@ class GemvConfig:
 
 
 @triton.jit
+def weight_rows(w_ptr, pid_n, N, stride_wn, BLOCK_N: tl.constexpr):
+    """Program `pid_n`'s output columns and pointers to their rows of W [N, K]. Rows past N
+    are clamped to the last one: every load is in bounds, so the W stream carries no row
+    mask (the stores mask those columns)."""
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return cols, w_ptr + tl.minimum(cols, N - 1).to(tl.int64)[:, None] * stride_wn
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, out_ptr, partial_ptr, counter_ptr,
     M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_om, k_per_split, split_k,
@@ -64,11 +73,10 @@ def _gemv_kernel(
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols, w_rows = weight_rows(w_ptr, pid_n, N, stride_wn, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    # clamped rows: every load is in bounds, so the W stream carries no row mask
+    # clamped rows of x too: every load is in bounds
     x_rows = x_ptr + tl.minimum(rows, M - 1)[:, None] * stride_xm
-    w_rows = w_ptr + tl.minimum(cols, N - 1).to(tl.int64)[:, None] * stride_wn
     k_begin = pid_k * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
     if USE_DOT:

@@ -163,20 +163,29 @@ def test_concurrent_holds_and_releases_lose_nothing():
     assert len(table) == 0
 
 
+def run_at_once(calls: list) -> None:
+    """Each call on a thread of its own, all let go at the same moment; returns when all end."""
+    barrier = threading.Barrier(len(calls))
+
+    def run(call) -> None:
+        barrier.wait()
+        call()
+
+    threads = [threading.Thread(target=run, args=(call,)) for call in calls]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+
+
 def race_to_release(table: LeaseTable, threads: int = 4) -> list:
     """Half the threads release, half release_later, all at once; their results."""
     results: list = []
-    barrier = threading.Barrier(threads)
 
     def release(i: int) -> None:
-        barrier.wait()
         results.append(table.release("r") if i % 2 else table.release_later("r"))
 
-    workers = [threading.Thread(target=release, args=(i,)) for i in range(threads)]
-    for th in workers:
-        th.start()
-    for th in workers:
-        th.join()
+    run_at_once([lambda i=i: release(i) for i in range(threads)])
     return results
 
 
@@ -193,26 +202,15 @@ def test_concurrent_release_of_one_lease_frees_it_once():
 def race_reads_with_a_release(table: LeaseTable, readers: int = 4) -> list[int]:
     """Readers read "r" while a thread releases it, all at once; what `expire` handed a
     reader while its read was open (must be nothing)."""
-    barrier = threading.Barrier(readers + 1)
     freed_while_read: list[int] = []
 
     def read() -> None:
-        barrier.wait()
         lease_id = table.begin_read("r", [7])
         if lease_id is not None:
             freed_while_read.extend(table.expire())
             table.end_read(lease_id)
 
-    def release() -> None:
-        barrier.wait()
-        table.release_later("r")
-
-    threads = [threading.Thread(target=read) for _ in range(readers)]
-    threads.append(threading.Thread(target=release))
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    run_at_once([read] * readers + [lambda: table.release_later("r")])
     return freed_while_read
 
 
