@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pdserve.security import DeploymentSecret
+
 
 @dataclass
 class ModelConfig:
@@ -71,3 +73,8 @@ class EngineArgs:
     # CPU engines: torch threads. None = $PDSERVE_CPU_THREADS, else half the cores, because
     # several instances usually share one machine and oversubscribed OpenMP threads spin.
     cpu_threads: int | None = None
+    # the secret of the deployment this instance belongs to (see docs/DESIGN.md, Trust
+    # model): signs and checks KV hand-offs and authenticates the KV socket
+    deployment_secret: DeploymentSecret | None = field(default=None, repr=False)
+    # prefill role: hold KV for callers without the secret (behind vLLM's P/D proxies)
+    accept_client_kv_requests: bool = False

@@ -12,6 +12,7 @@ import sys
 import uvicorn
 
 from pdserve.config import CacheConfig, EngineArgs, SchedulerConfig
+from pdserve.security import API_KEY_ENV, SECRET_ENV, load_secret
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
           "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
@@ -93,8 +94,26 @@ def add_parser(subparsers) -> None:
     p.add_argument("--advertise-url", default=None, metavar="URL",
                    help="with --router: how the router reaches this instance; omitted = "
                    "http://HOST:PORT (this machine's name when HOST is 0.0.0.0 or ::)")
+    add_security_flags(p)
+    p.add_argument("--accept-client-kv-requests", action="store_true",
+                   help="prefill role: hold a prompt's KV for callers that hold no deployment "
+                   "secret (needed behind vLLM's P/D proxies); decode instances still take "
+                   "only hand-offs signed by a prefill instance of the deployment")
     p.add_argument("--log-level", default="warning", help="uvicorn's log level")
     p.set_defaults(func=run)
+
+
+def add_security_flags(p: argparse.ArgumentParser) -> None:
+    """The flags every server of a deployment shares (serve, router, up)."""
+    p.add_argument("--api-key", default=None,
+                   help="clients must send `Authorization: Bearer KEY` on /v1/*; omitted = "
+                   f"${API_KEY_ENV}, else no key (anyone who reaches the port may call it)")
+    p.add_argument("--secret-file", default=None, metavar="PATH",
+                   help="a file holding the deployment secret that the router and the "
+                   f"instances share; omitted = ${SECRET_ENV} (`pdserve up` sets it)")
+    p.add_argument("--open-metrics", action="store_true",
+                   help="serve /metrics without the API key (for a scraper inside the "
+                   "deployment's network)")
 
 
 def engine_args(args: argparse.Namespace) -> EngineArgs:
@@ -122,6 +141,8 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
         enforce_eager=args.enforce_eager,
         async_scheduling=args.async_scheduling,
         cpu_threads=args.cpu_threads,
+        deployment_secret=load_secret(args.secret_file),
+        accept_client_kv_requests=args.accept_client_kv_requests,
     )
 
 
