@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.registry import Instance
+from pdserve.security import DeploymentSecret, sign_request
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,8 @@ class Upstream:
 
     client: httpx.AsyncClient
     metrics: RouterMetrics
+    # signs internal calls (a resumed stream); `pdserve up` hands it over in the environment
+    secret: DeploymentSecret | None = field(default_factory=DeploymentSecret.from_env)
 
     def _failed(self, inst: Instance, message: str, connect: bool) -> UpstreamError:
         inst.mark(False)  # until the next health check says otherwise
@@ -65,9 +69,16 @@ class Upstream:
         await self._check(inst, resp)
         return resp
 
-    async def open_stream(self, inst: Instance, path: str, body: dict) -> httpx.Response:
-        """A streamed request whose headers said 2xx; the caller reads and closes it."""
-        request = self.client.build_request("POST", inst.url + path, json=body)
+    async def open_stream(self, inst: Instance, path: str, body: dict, signed: bool = False
+                          ) -> httpx.Response:
+        """A streamed request whose headers said 2xx; the caller reads and closes it.
+        `signed`: an internal call, which carries the MAC of the deployment secret."""
+        content = json.dumps(body).encode()
+        headers = {"content-type": "application/json"}
+        if signed and self.secret is not None:
+            headers.update(sign_request(self.secret, "POST", path, content))
+        request = self.client.build_request("POST", inst.url + path, content=content,
+                                            headers=headers)
         try:
             resp = await self.client.send(request, stream=True)
         except httpx.ConnectError as exc:

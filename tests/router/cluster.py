@@ -68,10 +68,13 @@ def free_port(run: int = 1) -> int:
     raise RuntimeError("no free port")
 
 
+TEST_SECRET = "pdserve-router-tests-deployment-secret"  # one deployment: router + instances
+
+
 def env() -> dict[str, str]:
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    return {**os.environ, "PYTHONPATH": path, "PDSERVE_CPU_THREADS": "1",
-            "OMP_NUM_THREADS": "1"}
+    return {"PDSERVE_DEPLOYMENT_SECRET": TEST_SECRET, **os.environ, "PYTHONPATH": path,
+            "PDSERVE_CPU_THREADS": "1", "OMP_NUM_THREADS": "1"}
 
 
 def spawn(tmp: Path, name: str, *args: str) -> Proc:
