@@ -57,13 +57,18 @@ class HTTPAuth:
         if self.secret is not None:  # one per process: it remembers nonces to refuse replays
             self.verifier = RequestVerifier(self.secret)
 
-    def refusal(self, path: str, internal: bool, authorization: str | None
-                ) -> tuple[str, str] | None:
-        """Why this request may not go on, as (message, code); None: it may."""
+    def refusal(self, path: str, internal: bool, authorization: str | None,
+                signed: bool = False) -> tuple[str, str] | None:
+        """Why this request may not go on, as (message, code); None: it may. `signed`: it
+        carried a MAC, which did not verify."""
         path = path.rstrip("/") or "/"  # "/register/" is "/register" to the app's router
         if path in OPEN_PATHS or internal:
             return None
+        bad_mac = ("the X-PDServe-Auth signature is wrong, stale or replayed",
+                   "internal_call_required")
         if path in self.internal_paths:
+            if signed and self.secret is not None:
+                return bad_mac
             if self.secret is None:
                 return ("this route is off: the server was started without a deployment "
                         "secret ($PDSERVE_DEPLOYMENT_SECRET or --secret-file)",
@@ -76,6 +81,8 @@ class HTTPAuth:
             return None
         if authorization:
             return "Incorrect API key provided.", "invalid_api_key"
+        if signed:
+            return bad_mac
         return ("You didn't provide an API key. You need to provide your API key in an "
                 "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
                 "invalid_api_key")
@@ -105,7 +112,8 @@ class AuthMiddleware:
             receive = _replay(body, receive)
         # a fresh dict per request: the app's own state (uvicorn copies it) stays untouched
         scope["state"] = {**scope.get("state", {}), "internal": internal}
-        why = self.auth.refusal(scope["path"], internal, headers.get(b"authorization"))
+        why = self.auth.refusal(scope["path"], internal, headers.get(b"authorization"),
+                                signed=mac is not None)
         if why is not None:
             await _refuse(send, 401, *why)
             return
