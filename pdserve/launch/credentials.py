@@ -25,7 +25,9 @@ class Credentials:
     def from_args(cls, args: argparse.Namespace) -> Credentials:
         """--secret-file, else $PDSERVE_DEPLOYMENT_SECRET, else a new secret; --api-key,
         else $PDSERVE_API_KEY. Raises SecretError for an unusable secret."""
-        secret = load_secret(args.secret_file) or DeploymentSecret.generate()
+        # made in the form the children read back from their environment
+        secret = (load_secret(args.secret_file)
+                  or DeploymentSecret.from_text(DeploymentSecret.generate().to_text()))
         api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
         return cls(secret, api_key, args.open_metrics)
 

@@ -8,6 +8,7 @@ signs its calls, so it never needs the instances' key).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import subprocess
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from pdserve.router.heartbeat import keep_registered
 from pdserve.security import DeploymentSecret, sign_request
 from tests.router.cluster import (
     GREEDY,
@@ -298,3 +300,15 @@ def test_router_errors_name_no_instance(tmp, pd, mode):
     finally:
         r.stop()
         stub.stop()
+
+
+def test_an_instance_without_a_secret_does_not_register(router, pd, caplog):
+    rogue = StubInstance("ok")
+    try:
+        # returns at once (no heartbeat loop), having said what to set
+        asyncio.run(asyncio.wait_for(keep_registered(router.url, rogue.url, "decode", None),
+                                     timeout=5))
+        assert "PDSERVE_DEPLOYMENT_SECRET" in caplog.text
+        assert listed(router) == sorted([pd[0].url, pd[1].url])
+    finally:
+        rogue.stop()
