@@ -41,6 +41,8 @@ from pdserve.router.shaping import (
     merge,
     prefill_body,
     sse,
+    strip_kv_params,
+    strip_kv_params_line,
     without_kv_params,
 )
 from pdserve.router.upstream import Refused, Upstream, UpstreamError
@@ -151,7 +153,8 @@ class Router:
                 with charged(inst, load.prompt + load.max_tokens):
                     resp = await self.upstream.post(inst, path, body)
                 self.metrics.e2e.labels(label).observe(time.monotonic() - start)
-                return Response(resp.content, resp.status_code, media_type="application/json")
+                return Response(strip_kv_params(resp.content), resp.status_code,
+                                media_type="application/json")
             except UpstreamError:
                 tried.add(inst.url)
 
@@ -176,7 +179,7 @@ class Router:
                     self.metrics.ttft.labels(label).observe(time.monotonic() - start)
                     first = False
                 done = done or line == "data: [DONE]"
-                yield line + "\n"
+                yield strip_kv_params_line(line) + "\n"
             if not done:
                 raise httpx.RemoteProtocolError("the stream ended before [DONE]")
         except httpx.TransportError as exc:

@@ -34,6 +34,7 @@ class DecodeRelay:
             return sse(chunk)
         if self.chat and is_role_chunk(chunk):
             return None  # P's chunks already named the speaker
+        chunk.pop("kv_transfer_params", None)  # internal: never a client's
         chunk["id"] = self.request_id
         if not self.chat:
             for choice in chunk.get("choices", []):
@@ -61,7 +62,8 @@ def error_from(content: bytes) -> dict:
 
 
 def stream_failed(inst: Instance, exc: Exception) -> list[str]:
-    """The last events of a stream whose instance failed: an OpenAI error, then [DONE]."""
-    message = (f"the {inst.role} instance {inst.url} failed while streaming this response "
-               f"({type(exc).__name__}: {exc}); the response is incomplete")
+    """The last events of a stream whose instance failed: an OpenAI error, then [DONE]. It
+    names no instance URL (`Upstream.broken` logs it)."""
+    message = (f"the {inst.role} instance failed while streaming this response "
+               f"({type(exc).__name__}); the response is incomplete")
     return [sse(error_body(message, code="upstream_failed")), sse("[DONE]")]

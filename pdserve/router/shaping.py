@@ -88,6 +88,32 @@ def without_kv_params(answer: dict) -> dict:
     return {k: v for k, v in answer.items() if k != "kv_transfer_params"}
 
 
+def strip_kv_params(content: bytes) -> bytes:
+    """An instance's JSON answer without `kv_transfer_params` (internal: never a client's)."""
+    if b"kv_transfer_params" not in content:
+        return content
+    try:
+        answer = json.loads(content)
+    except ValueError:
+        return content
+    if not isinstance(answer, dict):
+        return content
+    return json.dumps(without_kv_params(answer)).encode()
+
+
+def strip_kv_params_line(line: str) -> str:
+    """One SSE line of an instance's stream, its chunk without `kv_transfer_params`."""
+    if not line.startswith("data: ") or "kv_transfer_params" not in line:
+        return line
+    try:
+        chunk = json.loads(line[len("data: "):])
+    except ValueError:
+        return line
+    if not isinstance(chunk, dict):
+        return line
+    return "data: " + json.dumps(without_kv_params(chunk))
+
+
 def shift_logprobs(logprobs: dict | None, by: int) -> dict | None:
     """Completions logprobs of D's part, with text offsets counted from P's text."""
     if not logprobs or "text_offset" not in logprobs or not by:

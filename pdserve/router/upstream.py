@@ -1,7 +1,12 @@
-"""Calls to instances, with failures sorted into 'try elsewhere' and 'tell the client'."""
+"""Calls to instances, with failures sorted into 'try elsewhere' and 'tell the client'.
+
+Every call is signed with the deployment secret (an instance then needs no API key from the
+router); the JSON is serialized here, once, so that the MAC covers exactly the bytes sent.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 
@@ -9,6 +14,7 @@ import httpx
 
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.registry import Instance
+from pdserve.security import DeploymentSecret, sign_request
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +25,8 @@ class UpstreamError(Exception):
     """The instance could not answer (connection error or 5xx): another one may."""
 
     def __init__(self, inst: Instance, message: str, connect: bool) -> None:
-        super().__init__(f"{inst.role} instance {inst.url}: {message}")
+        # what a client may read: no URL, no detail (the log has both)
+        super().__init__(f"the {inst.role} instance failed")
         self.inst = inst
         self.connect = connect  # the request never reached it: safe to send elsewhere
 
@@ -39,6 +46,16 @@ class Upstream:
 
     client: httpx.AsyncClient
     metrics: RouterMetrics
+    secret: DeploymentSecret | None = None  # None: calls go unsigned (instances must be open)
+
+    def signed(self, method: str, path: str, body: dict | None = None
+               ) -> tuple[bytes, dict[str, str]]:
+        """The bytes of `body` and the headers that authenticate this call to an instance."""
+        content = b"" if body is None else json.dumps(body).encode()
+        headers = {"content-type": "application/json"} if body is not None else {}
+        if self.secret is not None:
+            headers.update(sign_request(self.secret, method, path, content))
+        return content, headers
 
     def _failed(self, inst: Instance, message: str, connect: bool) -> UpstreamError:
         inst.mark(False)  # until the next health check says otherwise
@@ -56,8 +73,9 @@ class Upstream:
 
     async def post(self, inst: Instance, path: str, body: dict) -> httpx.Response:
         """A non-streamed request; returns a 2xx response with its body read."""
+        content, headers = self.signed("POST", path, body)
         try:
-            resp = await self.client.post(inst.url + path, json=body)
+            resp = await self.client.post(inst.url + path, content=content, headers=headers)
         except httpx.ConnectError as exc:
             raise self._failed(inst, f"cannot connect ({exc})", True) from exc
         except httpx.TransportError as exc:
@@ -67,7 +85,9 @@ class Upstream:
 
     async def open_stream(self, inst: Instance, path: str, body: dict) -> httpx.Response:
         """A streamed request whose headers said 2xx; the caller reads and closes it."""
-        request = self.client.build_request("POST", inst.url + path, json=body)
+        content, headers = self.signed("POST", path, body)
+        request = self.client.build_request("POST", inst.url + path, content=content,
+                                            headers=headers)
         try:
             resp = await self.client.send(request, stream=True)
         except httpx.ConnectError as exc:
@@ -85,9 +105,11 @@ class Upstream:
                             timeout_s: float = RELEASE_TIMEOUT_S) -> bool:
         """Ask prefill instance `inst` to free the KV it holds for `request_id` now. Best
         effort: never raises, and a failure (logged) leaves the lease to expire on P."""
+        content, headers = self.signed("POST", "/v1/kv/release",
+                                       {"remote_request_id": request_id})
         try:
             resp = await self.client.post(inst.url + "/v1/kv/release", timeout=timeout_s,
-                                          json={"remote_request_id": request_id})
+                                          content=content, headers=headers)
             if resp.status_code == 200:
                 return True
             message = f"HTTP {resp.status_code}: {resp.content[:300]!r}"

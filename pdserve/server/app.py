@@ -13,6 +13,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pdserve.http_auth import INSTANCE_INTERNAL_PATHS, AuthMiddleware, HTTPAuth
+from pdserve.security import DeploymentSecret
 from pdserve.server.engine_client import EngineClient
 from pdserve.server.errors import (
     APIError,
@@ -31,9 +33,13 @@ def build_app(
     load_tokenizer: Callable[[], object],
     served_model_name: str | None = None,
     keep_registered: Callable[[], Awaitable[None]] | None = None,
+    api_key: str | None = None,
+    secret: DeploymentSecret | None = None,
+    open_metrics: bool = False,
 ) -> FastAPI:
     """The app; its lifespan starts the engine process and loads the tokenizer side by side,
-    then runs `keep_registered` (heartbeats to a router) until the server stops."""
+    then runs `keep_registered` (heartbeats to a router) until the server stops. Clients
+    need `api_key` (if set); the deployment's own calls are signed with `secret`."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -56,6 +62,8 @@ def build_app(
 
     app = FastAPI(title="pdserve", lifespan=lifespan)
     install_error_handlers(app)
+    app.add_middleware(AuthMiddleware, auth=HTTPAuth(api_key, secret, open_metrics,
+                                                     INSTANCE_INTERNAL_PATHS))
     _add_routes(app)
     return app
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import httpx
 
+from pdserve.security import DeploymentSecret, sign_request
+
 REPO = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 300.0
 GREEDY = {"temperature": 0.0, "ignore_eos": True}
@@ -101,6 +103,18 @@ def wait_healthy(*procs: Proc, timeout_s: float = STARTUP_TIMEOUT_S,
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{p.url} did not become healthy:\n{p.log()}")
             time.sleep(0.3)
+
+
+def internal(method: str, base: str, path: str, body: dict | None = None,
+             content: bytes | None = None, timeout: float = 10) -> httpx.Response:
+    """A call signed with the test deployment's secret (tests/conftest.py sets it), as the
+    router and the instances make them to each other; `content`: raw bytes instead of JSON."""
+    secret = DeploymentSecret.from_env()
+    assert secret is not None, "tests/conftest.py sets $PDSERVE_DEPLOYMENT_SECRET"
+    if content is None:
+        content = b"" if body is None else json.dumps(body).encode()
+    headers = {"content-type": "application/json", **sign_request(secret, method, path, content)}
+    return httpx.request(method, base + path, content=content, headers=headers, timeout=timeout)
 
 
 def start_instance(tmp: Path, role: str, *flags: str) -> Proc:
