@@ -81,13 +81,14 @@ class Upstream:
             raise
         return resp
 
-    async def release_lease(self, inst: Instance, request_id: str,
+    async def release_lease(self, inst: Instance, request_id: str, lease_token: str | None,
                             timeout_s: float = RELEASE_TIMEOUT_S) -> bool:
         """Ask prefill instance `inst` to free the KV it holds for `request_id` now. Best
         effort: never raises, and a failure (logged) leaves the lease to expire on P."""
         try:
             resp = await self.client.post(inst.url + "/v1/kv/release", timeout=timeout_s,
-                                          json={"remote_request_id": request_id})
+                                          json={"remote_request_id": request_id,
+                                                "lease_token": lease_token})
             if resp.status_code == 200:
                 return True
             message = f"HTTP {resp.status_code}: {resp.content[:300]!r}"

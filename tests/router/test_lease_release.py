@@ -194,7 +194,12 @@ def test_release_endpoint_frees_a_held_prefill(slow_lease_prefill):
     ktp = httpx.post(url + "/v1/completions", json=body, timeout=60).json()[
         "kv_transfer_params"]
     assert ktp["remote_block_ids"] and leases(slow_lease_prefill) == 1
-    release = {"remote_request_id": ktp["remote_request_id"]}
+    wrong = {"remote_request_id": ktp["remote_request_id"], "lease_token": "guess"}
+    resp = httpx.post(url + "/v1/kv/release", json=wrong, timeout=10)
+    assert resp.status_code == 200 and resp.json() == {"queued": True}  # says nothing, and
+    time.sleep(1.0)
+    assert leases(slow_lease_prefill) == 1  # finding 5: the request id alone frees nothing
+    release = {"remote_request_id": ktp["remote_request_id"], "lease_token": ktp["lease_token"]}
     resp = httpx.post(url + "/v1/kv/release", json=release, timeout=10)
     assert resp.status_code == 200 and resp.json() == {"queued": True}
     assert_released(slow_lease_prefill)
@@ -204,8 +209,8 @@ def test_release_endpoint_frees_a_held_prefill(slow_lease_prefill):
 
 def test_release_of_an_unknown_id_changes_nothing(slow_lease_prefill):
     url = slow_lease_prefill.url
-    resp = httpx.post(url + "/v1/kv/release", json={"remote_request_id": "cmpl-nope"},
-                      timeout=10)
+    resp = httpx.post(url + "/v1/kv/release", json={"remote_request_id": "cmpl-nope",
+                                                     "lease_token": "t"}, timeout=10)
     assert resp.status_code == 200 and resp.json() == {"queued": True}
     assert httpx.get(url + "/health", timeout=10).status_code == 200
     assert leases(slow_lease_prefill) == 0
@@ -222,6 +227,7 @@ def assert_openai_400(resp: httpx.Response) -> dict:
 @pytest.mark.parametrize("content", [
     b"{}", b'{"remote_request_id": 7}', b'{"remote_request_id": ""}',
     b'{"remote_request_id": null}', b'["cmpl-1"]', b"not json", b"",
+    b'{"remote_request_id": "cmpl-1"}', b'{"remote_request_id": "cmpl-1", "lease_token": 5}',
 ])
 def test_release_with_a_bad_body_is_400(slow_lease_prefill, content):
     resp = httpx.post(slow_lease_prefill.url + "/v1/kv/release", content=content, timeout=10,
@@ -230,6 +236,6 @@ def test_release_with_a_bad_body_is_400(slow_lease_prefill, content):
 
 
 def test_release_on_an_instance_that_is_not_prefill_is_400(fleet):
-    resp = httpx.post(fleet.d0.url + "/v1/kv/release", json={"remote_request_id": "x"},
-                      timeout=10)
+    resp = httpx.post(fleet.d0.url + "/v1/kv/release",
+                      json={"remote_request_id": "x", "lease_token": "t"}, timeout=10)
     assert "prefill" in assert_openai_400(resp)["message"]
