@@ -127,9 +127,10 @@ def test_p_signs_its_hand_off_and_the_router_path_pulls_it(cluster):
     assert ktp["expires_at"] > time.time() + 10
     release = {"remote_request_id": ktp["remote_request_id"], "lease_token": ktp["lease_token"]}
     assert httpx.post(cluster.p.url + "/v1/kv/release", json=release, timeout=10).status_code == 200
-    pulls = metric(cluster.d.url, "pdserve:kv_pulls_ok")
+    pulls = metric(cluster.d.url, "pdserve:kv_pulls_ok_total")
     via_router = text(post(cluster.router.url, PROMPT_C))
-    assert metric(cluster.d.url, "pdserve:kv_pulls_ok") == pulls + 1  # D honoured P's signature
+    # D honoured P's signature, after the router carried it
+    assert metric(cluster.d.url, "pdserve:kv_pulls_ok_total") == pulls + 1
     assert via_router == text(post(cluster.p.url, PROMPT_C))  # the colocated computation
 
 
@@ -203,9 +204,9 @@ def test_finding_2_d_refuses_a_kv_source_without_the_secret(cluster):
         endpoint = {"host": "127.0.0.1", "port": server.getsockname()[1], "transports": ["tcp"],
                     "host_id": "elsewhere"}
         params = resigned(held_params(cluster, PROMPT_B), kv_endpoints=[endpoint])
-        failed = metric(cluster.d.url, "pdserve:kv_pulls_failed")
+        failed = metric(cluster.d.url, "pdserve:kv_pulls_failed_total")
         answer = text(decode_with(cluster, PROMPT_B, params))  # D prefilled locally instead
-        assert metric(cluster.d.url, "pdserve:kv_pulls_failed") == failed + 1
+        assert metric(cluster.d.url, "pdserve:kv_pulls_failed_total") == failed + 1
         deadline = time.monotonic() + 10
         while len(seen) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
