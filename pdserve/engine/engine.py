@@ -249,7 +249,7 @@ class Engine:
             remote = RemoteKV.from_kv_transfer_params(ktp)
             self.layout.check_compatible(remote.layout)  # IncompatibleLayout is a ValueError
             first = ktp.get("first_token_id")
-            if not isinstance(first, int) or not 0 <= first < self.vocab_size:
+            if type(first) is not int or not 0 <= first < self.vocab_size:
                 raise ValueError("kv_transfer_params.first_token_id must be a token id")
             if len(remote.block_ids) < self.kv.blocks_needed(len(req.prompt_token_ids)):
                 raise ValueError("kv_transfer_params.remote_block_ids do not cover the prompt")
