@@ -242,6 +242,7 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "device": f"CPU: {cpu_name()} ({os.cpu_count()} cores, shared with other jobs)",
         "python": platform.python_version(),
+        "load_average_at_start": [round(x, 1) for x in os.getloadavg()],  # shared machine
         "kv_handshake": handshake_cost(secret, args.handshake_reps),
         "handoff": handoff_cost(secret, args.reps),
         "internal_call": internal_call_cost(secret, args.reps),
@@ -255,6 +256,7 @@ def main() -> None:
         e2e["ratio_per_request"] = round(per_request / e2e["e2e_median_us"], 6)
         e2e["ratio_new_kv_connection"] = round(
             result["kv_handshake"]["handshake_us"] / e2e["e2e_median_us"], 6)
+        e2e["load_average_at_end"] = [round(x, 1) for x in os.getloadavg()]
         result["e2e_1p1d"] = e2e
     print(json.dumps(result, indent=2))
     if args.out:
