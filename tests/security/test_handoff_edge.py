@@ -23,7 +23,7 @@ from pdserve.server.handoff import (
 SECRET = DeploymentSecret.from_text("handoff-edge-test-secret-0123456789")
 PROMPT = [1, 2, 3, 4, 5]
 HELD = {"do_remote_prefill": True, "remote_request_id": "cmpl-1", "remote_block_ids": [7],
-        "lease_token": "tok", "first_token_id": 9, "expires_at": int(time.time()) + 30}
+        "lease_token": "tok", "first_token_id": 9, "expires_at": 2**40}  # far away
 
 
 def request(params: dict | None, prompt: list[int] = PROMPT) -> EngineRequest:
