@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+os.environ.setdefault("PDSERVE_DEPLOYMENT_SECRET", "pdserve-test-deployment-secret-0123456789")
+
 # One torch thread per engine process: tests run several processes on 2 cores, and
 # oversubscribed OpenMP threads spin (measured 8x slower steps).
 os.environ.setdefault("PDSERVE_CPU_THREADS", "1")

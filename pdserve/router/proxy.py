@@ -73,6 +73,7 @@ class HeldKV:
 
     inst: Instance
     request_id: str | None  # P's remote_request_id (None: a prefill we cannot release)
+    lease_token: str | None = None  # the lease's capability: P releases nothing without it
     settled: bool = False  # D has the request (it releases), or the router released it
 
 
@@ -205,7 +206,8 @@ class Router:
         ktp = answer.get("kv_transfer_params")
         if not ktp or answer["choices"][0].get("finish_reason") != "length":
             return self._answer(without_kv_params(answer), body, chat, start)  # EOS/stop
-        held, d_body = HeldKV(p_inst, ktp.get("remote_request_id")), decode_body(body, ktp)
+        held = HeldKV(p_inst, ktp.get("remote_request_id"), ktp.get("lease_token"))
+        d_body = decode_body(body, ktp)
         if body.get("stream"):
             events = self._disagg_stream(path, body, d_body, answer, held, load, start)
             # however it ends before D's stream is open (mostly: the client left), P's KV
@@ -230,7 +232,8 @@ class Router:
         except RuntimeError:  # a stream finalized after the loop stopped: the TTL frees it
             return
         self.metrics.kv_releases.labels(reason).inc()
-        task = loop.create_task(self.upstream.release_lease(held.inst, held.request_id))
+        task = loop.create_task(self.upstream.release_lease(held.inst, held.request_id,
+                                                            held.lease_token))
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)
 

@@ -101,12 +101,13 @@ class Upstream:
             raise
         return resp
 
-    async def release_lease(self, inst: Instance, request_id: str,
+    async def release_lease(self, inst: Instance, request_id: str, lease_token: str | None,
                             timeout_s: float = RELEASE_TIMEOUT_S) -> bool:
         """Ask prefill instance `inst` to free the KV it holds for `request_id` now. Best
         effort: never raises, and a failure (logged) leaves the lease to expire on P."""
         content, headers = self.signed("POST", "/v1/kv/release",
-                                       {"remote_request_id": request_id})
+                                       {"remote_request_id": request_id,
+                                        "lease_token": lease_token})
         try:
             resp = await self.client.post(inst.url + "/v1/kv/release", timeout=timeout_s,
                                           content=content, headers=headers)

@@ -16,6 +16,7 @@ from pdserve.event_stream import EventStream
 from pdserve.server.engine_client import EngineClient
 from pdserve.server.errors import APIError, bad_request, engine_dead, model_not_found
 from pdserve.server.generation import Generation
+from pdserve.server.handoff import check_kv_transfer_params
 from pdserve.server.metrics import ServerMetrics
 from pdserve.server.prompts import (
     chat_prompt_ids,
@@ -54,6 +55,8 @@ async def serve(
     if not st.client.healthy:
         raise engine_dead()
     engine_req = _engine_request(st, req, chat)
+    # a hand-off only from the deployment (a 400 otherwise): trust-http marks internal calls
+    check_kv_transfer_params(engine_req, st.client.args, getattr(request.state, "internal", False))
     gen = Generation(st.client, st.metrics, st.tokenizer, engine_req, req.stop_strings(),
                      req.include_stop_str_in_output, req.skip_special_tokens)
     builder = ResponseBuilder(chat, engine_req.request_id, st.served_model_name, st.tokenizer,

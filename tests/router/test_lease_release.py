@@ -202,7 +202,12 @@ def test_release_endpoint_frees_a_held_prefill(slow_lease_prefill):
     ktp = httpx.post(url + "/v1/completions", json=body, timeout=60).json()[
         "kv_transfer_params"]
     assert ktp["remote_block_ids"] and leases(slow_lease_prefill) == 1
-    release = {"remote_request_id": ktp["remote_request_id"]}
+    wrong = {"remote_request_id": ktp["remote_request_id"], "lease_token": "guess"}
+    resp = internal("POST", url, "/v1/kv/release", wrong)
+    assert resp.status_code == 200 and resp.json() == {"queued": True}  # says nothing, and
+    time.sleep(1.0)
+    assert leases(slow_lease_prefill) == 1  # finding 5: the request id alone frees nothing
+    release = {"remote_request_id": ktp["remote_request_id"], "lease_token": ktp["lease_token"]}
     resp = internal("POST", url, "/v1/kv/release", release)
     assert resp.status_code == 200 and resp.json() == {"queued": True}
     assert_released(slow_lease_prefill)
@@ -212,7 +217,8 @@ def test_release_endpoint_frees_a_held_prefill(slow_lease_prefill):
 
 def test_release_of_an_unknown_id_changes_nothing(slow_lease_prefill):
     url = slow_lease_prefill.url
-    resp = internal("POST", url, "/v1/kv/release", {"remote_request_id": "cmpl-nope"})
+    resp = internal("POST", url, "/v1/kv/release", {"remote_request_id": "cmpl-nope",
+                                                     "lease_token": "t"})
     assert resp.status_code == 200 and resp.json() == {"queued": True}
     assert httpx.get(url + "/health", timeout=10).status_code == 200
     assert leases(slow_lease_prefill) == 0
@@ -229,6 +235,7 @@ def assert_openai_400(resp: httpx.Response) -> dict:
 @pytest.mark.parametrize("content", [
     b"{}", b'{"remote_request_id": 7}', b'{"remote_request_id": ""}',
     b'{"remote_request_id": null}', b'["cmpl-1"]', b"not json", b"",
+    b'{"remote_request_id": "cmpl-1"}', b'{"remote_request_id": "cmpl-1", "lease_token": 5}',
 ])
 def test_release_with_a_bad_body_is_400(slow_lease_prefill, content):
     resp = internal("POST", slow_lease_prefill.url, "/v1/kv/release", content=content)
@@ -236,5 +243,6 @@ def test_release_with_a_bad_body_is_400(slow_lease_prefill, content):
 
 
 def test_release_on_an_instance_that_is_not_prefill_is_400(fleet):
-    resp = internal("POST", fleet.d0.url, "/v1/kv/release", {"remote_request_id": "x"})
+    resp = internal("POST", fleet.d0.url, "/v1/kv/release",
+                    {"remote_request_id": "x", "lease_token": "t"})
     assert "prefill" in assert_openai_400(resp)["message"]
