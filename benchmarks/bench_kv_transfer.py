@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pdserve.security import DeploymentSecret
 from pdserve.transfer import (
     KVLayout,
     KVSource,
@@ -39,9 +40,14 @@ from pdserve.transfer import (
 from pdserve.transfer.block_kernel import launch
 from pdserve.transfer.block_plan import plan_block_copy
 from pdserve.transfer.blockcopy import Scratch, copy_blocks
+from pdserve.transfer.connections import SourceConnections
 from pdserve.transfer.cuda_ipc import CudaIpcPuller, import_kv_caches
 from pdserve.transfer.transports import KVPuller
 from pdserve.transfer.wire import Connection
+
+# both sides of the bench hold the same deployment secret (the source runs in a child)
+SECRET = DeploymentSecret.from_text("bench-kv-transfer-deployment-secret")
+TOKEN = "bench-lease-token"
 
 
 def source_main(
@@ -60,9 +66,10 @@ def source_main(
     for c in caches:
         c.normal_()
     leases = LeaseTable()
-    leases.hold("bench", list(range(num_blocks)), ttl_s=3600)
+    leases.hold("bench", list(range(num_blocks)), ttl_s=3600, token=TOKEN)
     shm_name = name if shared else None
-    source = KVSource(caches, layout, leases, shm_name=shm_name, staging_bytes=staging).start()
+    source = KVSource(caches, layout, leases, shm_name=shm_name, staging_bytes=staging,
+                      secret=SECRET).start()
     conn.send(source.endpoint())
     while (msg := conn.recv()) != "stop":
         ids = torch.tensor(msg, device=caches[0].device)  # checksum of the blocks D pulled
@@ -142,7 +149,7 @@ def copy_rows(
     args: argparse.Namespace,
 ) -> list[dict]:
     """cuda_ipc's copy alone on P's mapped caches: the kernel, its tile variants, torch's path."""
-    with Connection(endpoint, 60) as conn:
+    with Connection(endpoint, 60, secret=SECRET) as conn:
         layers = conn.call({"op": "open", "transport": "cuda_ipc"})["mapping"]["layers"]
     remote = import_kv_caches(layers, device)  # the bench's lease covers every block
     local, local_ids = checked.local, checked.local_ids
@@ -178,10 +185,11 @@ def pull_fn(name: str, layout: KVLayout, endpoint: dict, remote_ids: list[int], 
     """(puller, one pull) for transport `name`; cuda_ipc_torch is cuda_ipc without the kernel."""
     local, local_ids = checked.local, checked.local_ids
     if name == "cuda_ipc_torch":
-        ipc = CudaIpcPuller(timeout_s=300, kernel=False)
-        return ipc, lambda: ipc.pull(endpoint, "bench", remote_ids, local_ids, local)
-    puller = KVPuller(layout, local, transport=name, timeout_s=300)
-    remote = RemoteKV("bench-p", "bench", remote_ids, layout, [endpoint])
+        ipc = CudaIpcPuller(timeout_s=300, kernel=False, conns=SourceConnections(SECRET))
+        return ipc, lambda: ipc.pull(endpoint, "bench", remote_ids, local_ids, local,
+                                     lease_token=TOKEN)
+    puller = KVPuller(layout, local, transport=name, timeout_s=300, secret=SECRET)
+    remote = RemoteKV("bench-p", "bench", remote_ids, layout, [endpoint], TOKEN)
     return puller, lambda: puller.pull(remote, local_ids)
 
 

@@ -6,10 +6,14 @@ import os
 
 import pytest
 
+os.environ.setdefault("PDSERVE_DEPLOYMENT_SECRET", "pdserve-test-deployment-secret-0123456789")
+
 # One torch thread per engine process: tests run several processes on 2 cores, and
 # oversubscribed OpenMP threads spin (measured 8x slower steps).
 os.environ.setdefault("PDSERVE_CPU_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Every process a test spawns (router, instances) belongs to one test deployment.
+os.environ.setdefault("PDSERVE_DEPLOYMENT_SECRET", "pdserve-test-deployment-secret-0123456789")
 # Without a GPU, Triton kernels run in its interpreter; this must be set before anything
 # imports triton, which a test folder collected earlier may do.
 if not os.path.exists("/dev/nvidia0"):

@@ -22,6 +22,7 @@ from pdserve.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutpu
 from pdserve.engine.tp import TPSpec, visible_gpus_for
 from pdserve.engine.tp_runner import TPModelRunner, TPWorkers
 from pdserve.models.layers import build_rope_tables
+from pdserve.security import SECRET_ENV, SecretError
 from pdserve.transfer import KVLayout, RemoteKV
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,14 @@ def check_shared_gpu_budget(args: EngineArgs) -> None:
                 torch.cuda.device_count())
 
 
+def check_deployment_secret(args: EngineArgs) -> None:
+    """Prefill and decode engines exchange KV only with holders of the deployment secret."""
+    if args.role in ("prefill", "decode") and args.deployment_secret is None:
+        raise SecretError(
+            f"a {args.role} instance needs the deployment secret: set "
+            f"${SECRET_ENV} or pass --secret-file (`pdserve up` generates one)")
+
+
 class Engine:
     """One engine instance: model, KV cache, scheduler and sampler on one device."""
 
@@ -89,6 +98,7 @@ class Engine:
         from pdserve.models.loader import load_model  # heavy: import when an engine is built
 
         self.args = args
+        check_deployment_secret(args)  # before minutes of model loading
         self.device = resolve_device(args.device)
         self.dtype = resolve_dtype(args.dtype, self.device)
         if self.device.type == "cpu":
@@ -172,7 +182,8 @@ class Engine:
                 if export is not None:  # a GPU worker's caches, mapped onto its GPU
                     ranks[rank].adopt_export(export, self.tp_workers.spec.device(rank))
             self.connector = KVConnector(ranks, lease_ttl_s=args.kv_lease_ttl_s,
-                                         transport=args.kv_transport)
+                                         transport=args.kv_transport,
+                                         secret=args.deployment_secret)
         self.requests: dict[str, Request] = {}
         self._pending: list[RequestOutput] = []  # outputs produced outside step(), e.g. aborts
         self._aborted_pulls: dict[str, Request] = {}  # their blocks are freed when the pull ends
@@ -240,7 +251,7 @@ class Engine:
             remote = RemoteKV.from_kv_transfer_params(ktp)
             self.layout.check_compatible(remote.layout)  # IncompatibleLayout is a ValueError
             first = ktp.get("first_token_id")
-            if not isinstance(first, int) or not 0 <= first < self.vocab_size:
+            if type(first) is not int or not 0 <= first < self.vocab_size:
                 raise ValueError("kv_transfer_params.first_token_id must be a token id")
             if len(remote.block_ids) < self.kv.blocks_needed(len(req.prompt_token_ids)):
                 raise ValueError("kv_transfer_params.remote_block_ids do not cover the prompt")
@@ -307,7 +318,7 @@ class Engine:
         request = self.requests.pop(request_id, None)
         if request is None:
             if self.connector is not None:
-                self.connector.leases.release_later(request_id)
+                self.connector.leases.revoke(request_id)  # our own lease: no token needed
             return
         pulling = request_id in self.scheduler.pulling
         if pulling:  # the pull is writing its blocks: free them once it ends
@@ -318,10 +329,12 @@ class Engine:
         request.status = RequestStatus.FINISHED_ABORTED
         self._pending.append(self._output(request, [], None))
 
-    def release_lease(self, request_id: str) -> bool:
+    def release_lease(self, request_id: str, lease_token: object) -> bool:
         """On P: free a held prefill's blocks now (e.g. a stop string ended it: no D will
-        pull). False if no lease of that id is held; the blocks return at the next step."""
-        return self.connector is not None and self.connector.leases.release_later(request_id)
+        pull). False if no lease of that id is held or `lease_token` is not its capability;
+        the blocks return at the next step."""
+        return self.connector is not None and self.connector.leases.release_later(
+            request_id, lease_token)
 
     # ---- one step ----------------------------------------------------------------------
 

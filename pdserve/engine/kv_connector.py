@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pdserve.security import DeploymentSecret, new_capability
 from pdserve.transfer import (
     KVLayout,
     KVPuller,
@@ -102,7 +103,7 @@ class KVConnector:
 
     def __init__(self, ranks: list[RankCaches], lease_ttl_s: float = 30.0,
                  transport: str | None = None, advertise_host: str = "127.0.0.1",
-                 pull_timeout_s: float = 10.0):
+                 pull_timeout_s: float = 10.0, secret: DeploymentSecret | None = None):
         self.engine_id = uuid.uuid4().hex[:12]
         self.ranks = ranks
         self.layout = ranks[0].layout
@@ -114,11 +115,11 @@ class KVConnector:
             on_gpu = rank.kv_caches[0].device.type == "cuda"
             self.sources.append(KVSource(
                 rank.kv_caches, rank.layout, self.leases, shm_name=rank.shm_name,
-                advertise_host=advertise_host, ipc_layers=rank.ipc_layers,
+                advertise_host=advertise_host, ipc_layers=rank.ipc_layers, secret=secret,
                 # GPU caches: also serve "host" through a pinned staging buffer
                 staging_bytes=STAGING_BYTES if on_gpu else 0).start())
             self.pullers.append(KVPuller(rank.layout, rank.kv_caches, transport=transport,
-                                         timeout_s=pull_timeout_s))
+                                         timeout_s=pull_timeout_s, secret=secret))
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-pull")
         # TP: every rank pulls its heads at once (its own puller, GPU and link), one thread each
         self._ranks = (ThreadPoolExecutor(max_workers=len(ranks), thread_name_prefix="kv-rank")
@@ -129,12 +130,18 @@ class KVConnector:
     # ---- P side ------------------------------------------------------------------------
 
     def hold(self, request_id: str, block_ids: list[int], first_token_id: int) -> dict:
-        """Keep a finished prefill's blocks under a lease; returns its kv_transfer_params."""
-        self.leases.hold(request_id, block_ids)
+        """Keep a finished prefill's blocks under a lease; returns its kv_transfer_params,
+        with the lease's capability (`lease_token`) and end (`expires_at`, unix seconds).
+        The server adds the prompt's digest and signs them (security.sign_handoff)."""
+        lease = self.leases.hold(request_id, block_ids, token=new_capability())
         self.stats.leases_held += 1
         remote = RemoteKV(self.engine_id, request_id, list(block_ids), self.layout,
-                          [source.endpoint() for source in self.sources])
-        return remote.to_kv_transfer_params() | {"first_token_id": first_token_id}
+                          [source.endpoint() for source in self.sources], lease.token)
+        # wall clock, for D (another host's monotonic clock means nothing here); whole
+        # seconds, rounded down: an int signs and travels through any JSON unchanged
+        expires_at = int(time.time() + lease.expires_at - time.monotonic())
+        return remote.to_kv_transfer_params() | {"first_token_id": first_token_id,
+                                                  "expires_at": expires_at}
 
     def num_leases(self) -> int:
         return len(self.leases)

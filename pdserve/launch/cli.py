@@ -12,8 +12,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from pdserve.launch.credentials import Credentials
 from pdserve.launch.layout import InstancePlan, Layout, count_gpus, plan
 from pdserve.launch.procs import Deployment, Proc, ShutdownRequested, raise_on_signals
+from pdserve.server.cli import add_security_flags
 
 
 def add_parser(subparsers) -> None:
@@ -23,7 +25,9 @@ def add_parser(subparsers) -> None:
         description="Start a deployment on this machine: instances on consecutive GPUs (or "
         "the CPU), the router in front, a table of what runs where; Ctrl-C stops it all. "
         "With no counts: 1 prefill + 1 decode instance. Arguments after `--` go to every "
-        "instance's `pdserve serve`.",
+        "instance's `pdserve serve`. A new deployment secret is made for the router and "
+        "the instances (in their environment) unless $PDSERVE_DEPLOYMENT_SECRET or "
+        "--secret-file gives one; --api-key protects the router and the instances alike.",
         usage="pdserve up [--prefill N --decode M | --colocated K] [--prefill-tp T] "
         "[--decode-tp T] [--model M] [--port P] [--config layout.yaml] [-- serve args]",
     )
@@ -52,6 +56,7 @@ def add_parser(subparsers) -> None:
                    help="where each process's log goes (default: a new temp folder)")
     p.add_argument("--startup-timeout", type=float, default=900.0,
                    help="seconds to wait for every process to be healthy")
+    add_security_flags(p)
     p.add_argument("instance_args", nargs=argparse.REMAINDER,
                    help="after `--`: extra flags for every `pdserve serve`")
     p.set_defaults(func=run)
@@ -69,7 +74,13 @@ def layout_from_args(args: argparse.Namespace) -> Layout:
     return Layout(**{k: v for k, v in given.items() if v is not None})
 
 
-def instance_proc(inst: InstancePlan, layout: Layout, log_dir: Path) -> Proc:
+def child_env(creds: Credentials | None) -> dict[str, str]:
+    """This process's environment, plus the deployment's credentials."""
+    return {**os.environ, **(creds.env() if creds else {})}
+
+
+def instance_proc(inst: InstancePlan, layout: Layout, log_dir: Path,
+                  creds: Credentials | None = None) -> Proc:
     cmd = [sys.executable, "-m", "pdserve.cli", "serve", "--role", inst.role,
            "--host", inst.host, "--port", str(inst.port)]
     if layout.model:
@@ -82,22 +93,27 @@ def instance_proc(inst: InstancePlan, layout: Layout, log_dir: Path) -> Proc:
         cmd += ["--gpu-memory-utilization", str(inst.gpu_memory_utilization)]
     if layout.kv_cache_memory:
         cmd += ["--kv-cache-memory", layout.kv_cache_memory]
-    env = dict(os.environ)
+    if creds:
+        cmd += creds.flags()
+    env = child_env(creds)
     if inst.devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, inst.devices))
     return Proc(inst.name, inst.role, inst.url, inst.devices_label(),
                 cmd + layout.instance_args, env, log_dir / f"{inst.name}.log", wave=inst.wave)
 
 
-def router_proc(instances: list[InstancePlan], layout: Layout, log_dir: Path) -> Proc:
+def router_proc(instances: list[InstancePlan], layout: Layout, log_dir: Path,
+                creds: Credentials | None = None) -> Proc:
     cmd = [sys.executable, "-m", "pdserve.cli", "router", "--host", layout.host,
            "--port", str(layout.port)]
     if layout.pd_min_prompt_tokens:
         cmd += ["--pd-min-prompt-tokens", str(layout.pd_min_prompt_tokens)]
     for inst in instances:
         cmd += [f"--{inst.role}", inst.url]
+    if creds:
+        cmd += creds.flags()
     url = f"http://{layout.host}:{layout.port}"
-    return Proc("router", "router", url, "-", cmd, dict(os.environ), log_dir / "router.log")
+    return Proc("router", "router", url, "-", cmd, child_env(creds), log_dir / "router.log")
 
 
 def table(dep: Deployment) -> Table:
@@ -115,13 +131,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         layout = layout_from_args(args)
         instances = plan(layout, 0 if layout.cpu else count_gpus())
-    except (ValueError, OSError) as exc:
+        creds = Credentials.from_args(args)
+    except (ValueError, OSError) as exc:  # SecretError is a ValueError
         console.print(f"[red]pdserve up: {escape(str(exc))}[/red]")
         return 2
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="pdserve-up-"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    procs = [instance_proc(i, layout, log_dir) for i in instances]
-    dep = Deployment(procs + [router_proc(instances, layout, log_dir)], console)
+    procs = [instance_proc(i, layout, log_dir, creds) for i in instances]
+    dep = Deployment(procs + [router_proc(instances, layout, log_dir, creds)], console)
     raise_on_signals()
     code = 0
     try:

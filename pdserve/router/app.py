@@ -12,11 +12,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from pdserve.http_auth import ROUTER_INTERNAL_PATHS, AuthMiddleware, HTTPAuth
 from pdserve.router.health import check, poll_forever
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.proxy import Router, json_error
 from pdserve.router.registry import ROLES, Registry
 from pdserve.router.upstream import Upstream
+from pdserve.security import DeploymentSecret
 
 # No read timeout: a long generation may take minutes; broken connections still raise.
 UPSTREAM_TIMEOUT = httpx.Timeout(None, connect=5.0)
@@ -24,15 +26,18 @@ UPSTREAM_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=2
 
 
 def build_app(registry: Registry, health_interval_s: float = 1.0,
-              pd_min_prompt_tokens: int = 0) -> FastAPI:
-    """The app; its lifespan opens the HTTP client to instances and starts health checks."""
+              pd_min_prompt_tokens: int = 0, api_key: str | None = None,
+              secret: DeploymentSecret | None = None, open_metrics: bool = False) -> FastAPI:
+    """The app; its lifespan opens the HTTP client to instances and starts health checks.
+    Clients need `api_key` (if set); `secret` signs the calls to instances and admits the
+    instances' own calls (/register); without it nobody can register."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         client = httpx.AsyncClient(timeout=UPSTREAM_TIMEOUT, limits=UPSTREAM_LIMITS)
         metrics = RouterMetrics(registry)
-        app.state.router = Router(registry, Upstream(client, metrics), metrics,
-                                  pd_min_prompt_tokens)
+        app.state.upstream = Upstream(client, metrics, secret)
+        app.state.router = Router(registry, app.state.upstream, metrics, pd_min_prompt_tokens)
         app.state.client = client
         poller = asyncio.create_task(poll_forever(client, registry, health_interval_s))
         try:
@@ -42,6 +47,8 @@ def build_app(registry: Registry, health_interval_s: float = 1.0,
             await client.aclose()
 
     app = FastAPI(title="pdserve router", lifespan=lifespan)
+    app.add_middleware(AuthMiddleware, auth=HTTPAuth(api_key, secret, open_metrics,
+                                                     ROUTER_INTERNAL_PATHS))
     _add_openai_routes(app)
     _add_registry_routes(app, registry)
     return app
@@ -82,6 +89,9 @@ async def _proxy(request: Request, path: str) -> Response:
     if not isinstance(body, dict):
         return json_error(400, "Request body must be a JSON object", None,
                           "invalid_request_error")
+    if "kv_transfer_params" in body:  # the router signs what it forwards: refuse, not strip
+        return json_error(400, "kv_transfer_params are internal to the deployment; a client "
+                          "may not send them", None, "invalid_request_error")
     return await _until_disconnect(request, _router(request).route(path, body))
 
 
@@ -97,13 +107,15 @@ def _add_openai_routes(app: FastAPI) -> None:
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
         """The union of the healthy instances' models."""
-        router = _router(request)
+        router, upstream = _router(request), request.app.state.upstream
         cards: dict[str, dict] = {}
         for inst in router.registry.all():
             if not inst.healthy:
                 continue
             try:
-                resp = await request.app.state.client.get(inst.url + "/v1/models", timeout=5)
+                _, headers = upstream.signed("GET", "/v1/models")
+                resp = await upstream.client.get(inst.url + "/v1/models", timeout=5,
+                                                 headers=headers)
                 for card in resp.json().get("data", []):
                     cards.setdefault(card["id"], card)
             except (httpx.HTTPError, ValueError, KeyError):

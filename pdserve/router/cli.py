@@ -7,6 +7,9 @@ import sys
 
 import uvicorn
 
+from pdserve.security import SecretError, load_secret
+from pdserve.server.cli import add_security_flags, api_key
+
 
 def add_parser(subparsers) -> None:
     """Register `router` on the top-level `pdserve` parser."""
@@ -14,7 +17,11 @@ def add_parser(subparsers) -> None:
         "router", help="route OpenAI requests over P/D or colocated instances",
         description="Serve /v1/completions, /v1/chat/completions, /v1/models, /health, "
         "/metrics, /register and /instances in front of pdserve instances. Each request "
-        "goes to the least-loaded prefill + decode pair, or to one colocated instance.",
+        "goes to the least-loaded prefill + decode pair, or to one colocated instance. "
+        "The router signs its calls to instances with the deployment secret, and takes "
+        "/register, /deregister and /instances only from holders of it: without a secret, "
+        "nothing can register and the router serves only the --prefill, --decode and "
+        "--colocated URLs given here (which must then run without --api-key).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--prefill", nargs="+", action="extend", default=[], metavar="URL",
@@ -36,6 +43,7 @@ def add_parser(subparsers) -> None:
                    "so the router needs no tokenizer. 0 = always disaggregate: where the "
                    "crossover lies depends on model, GPU and load (on H200, 1P1D lost at "
                    "2k-token prompts and won at 8k), so measure before setting it")
+    add_security_flags(p)
     p.add_argument("--log-level", default="warning", help="uvicorn's log level")
     p.set_defaults(func=run)
 
@@ -52,11 +60,21 @@ def run(args: argparse.Namespace) -> int:
     from pdserve.router.app import build_app
     from pdserve.router.registry import Registry
 
+    try:
+        secret = load_secret(args.secret_file)
+    except SecretError as exc:
+        print(f"pdserve router: {exc}", file=sys.stderr)
+        return 2
+    if secret is None:
+        print("pdserve router: no deployment secret ($PDSERVE_DEPLOYMENT_SECRET or "
+              "--secret-file): /register is refused; serving only the instances given on "
+              "the command line", file=sys.stderr)
     registry = Registry(heartbeat_ttl_s=args.heartbeat_ttl)
     for role in ("prefill", "decode", "colocated"):
         for url in getattr(args, role):
             registry.add_static(url, role)
-    app = build_app(registry, args.health_interval, args.pd_min_prompt_tokens)
+    app = build_app(registry, args.health_interval, args.pd_min_prompt_tokens,
+                    api_key=api_key(args), secret=secret, open_metrics=args.open_metrics)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)

@@ -2,32 +2,46 @@
 
 An instance started with a router's address runs `keep_registered` for its lifetime; when
 it stops (or dies), the heartbeats stop and the router drops it after its heartbeat TTL.
+Each call is signed with the deployment secret: a router takes registrations from nobody else.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 
 import httpx
 
 from pdserve.router.registry import normalize_url
+from pdserve.security import SECRET_ENV, DeploymentSecret, sign_request
 
 log = logging.getLogger(__name__)
 
 
-async def keep_registered(router_url: str, url: str, role: str, interval_s: float = 2.0,
+async def keep_registered(router_url: str, url: str, role: str,
+                          secret: DeploymentSecret | None, interval_s: float = 2.0,
                           deregister_on_exit: bool = True) -> None:
     """Heartbeat until cancelled, at least three times per the router's TTL; a router that
-    is down is retried, never fatal."""
+    is down is retried, never fatal. Without a secret it does not register at all."""
+    if secret is None:
+        log.error("not registering with router %s: this instance has no deployment secret; "
+                  "set $%s (the router's) or pass --secret-file", router_url, SECRET_ENV)
+        return
     body, base = {"url": url, "role": role}, normalize_url(router_url)
+
+    async def post(path: str, data: dict) -> httpx.Response:
+        content = json.dumps(data).encode()
+        return await client.post(base + path, content=content, headers={
+            "content-type": "application/json", **sign_request(secret, "POST", path, content)})
+
     async with httpx.AsyncClient(timeout=5.0) as client:
         try:
             while True:
                 wait = interval_s
                 try:
-                    resp = await client.post(base + "/register", json=body)
+                    resp = await post("/register", body)
                     if resp.status_code != 200:
                         log.warning("router %s refused registration: %s", base, resp.text)
                     wait = min(interval_s, _router_ttl(resp) / 3)
@@ -37,7 +51,7 @@ async def keep_registered(router_url: str, url: str, role: str, interval_s: floa
         finally:
             if deregister_on_exit:  # leave at once rather than after the TTL
                 try:
-                    await client.post(base + "/deregister", json={"url": url})
+                    await post("/deregister", {"url": url})
                 except httpx.HTTPError:
                     pass
 

@@ -54,6 +54,7 @@ from pdserve.router.shaping import (
     prefill_body,
     resume_body,
     sse,
+    strip_kv_params,
     tracked_body,
     without_kv_params,
 )
@@ -99,6 +100,7 @@ class HeldKV:
 
     inst: Instance
     request_id: str | None  # P's remote_request_id (None: a prefill we cannot release)
+    lease_token: str | None = None  # the lease's capability: P releases nothing without it
     settled: bool = False  # D has the request (it releases), or the router released it
 
 
@@ -178,7 +180,8 @@ class Router:
             return await self._plain_stream(path, body, load, kind, label, start)
         resp = await self._whole(PLAIN_ROLES[kind], path, body, load, set())
         self.metrics.e2e.labels(label).observe(time.monotonic() - start)
-        return Response(resp.content, resp.status_code, media_type="application/json")
+        return Response(strip_kv_params(resp.content), resp.status_code,
+                        media_type="application/json")
 
     async def _whole(self, roles: tuple[str, ...], path: str, body: dict, load: Load,
                      tried: set[str]) -> httpx.Response:
@@ -280,7 +283,7 @@ class Router:
             inst = self._pick(RESUME_ROLES, tried)
             charge = Charge(inst, load.prompt + load.max_tokens)
             try:
-                resp = await self.upstream.open_stream(inst, path, r_body, signed=True)
+                resp = await self.upstream.open_stream(inst, path, r_body)
                 return Attempt(inst, resp, charge)
             except BaseException as exc:
                 charge.release()
@@ -302,7 +305,8 @@ class Router:
         ktp = answer.get("kv_transfer_params")
         if not ktp or answer["choices"][0].get("finish_reason") != "length":
             return self._answer(without_kv_params(answer), body, chat, start)  # EOS/stop
-        held, d_body = HeldKV(p_inst, ktp.get("remote_request_id")), decode_body(body, ktp)
+        held = HeldKV(p_inst, ktp.get("remote_request_id"), ktp.get("lease_token"))
+        d_body = decode_body(body, ktp)
         if body.get("stream"):
             events = self._disagg_stream(path, body, tracked_body(d_body), answer, held,
                                          load, start)
@@ -318,7 +322,8 @@ class Router:
             tried = {exc.inst.url} if isinstance(exc, UpstreamError) else set()
             resp = await self._whole(RESUME_ROLES, path, body, load, tried)
             self.metrics.e2e.labels("disagg").observe(time.monotonic() - start)
-            return Response(resp.content, resp.status_code, media_type="application/json")
+            return Response(strip_kv_params(resp.content), resp.status_code,
+                            media_type="application/json")
         except BaseException as exc:  # D has stopped too (a cancelled post closes its socket)
             self._release(held, release_reason(exc))
             raise
@@ -336,7 +341,8 @@ class Router:
         except RuntimeError:  # a stream finalized after the loop stopped: the TTL frees it
             return
         self.metrics.kv_releases.labels(reason).inc()
-        task = loop.create_task(self.upstream.release_lease(held.inst, held.request_id))
+        task = loop.create_task(self.upstream.release_lease(held.inst, held.request_id,
+                                                            held.lease_token))
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)
 

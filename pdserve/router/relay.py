@@ -76,6 +76,7 @@ class StreamRelay:
             if self.progress.role_sent:
                 return None  # the client knows the speaker already
             self.progress.role_sent = True
+        chunk.pop("kv_transfer_params", None)  # internal: never a client's
         self._track(chunk)
         p = self.progress
         if p.response_id is None:
@@ -121,9 +122,10 @@ def error_from(content: bytes) -> dict:
 
 
 def stream_failed(inst: Instance, exc: Exception) -> list[str]:
-    """The last events of a stream whose instance failed: an OpenAI error, then [DONE]."""
-    message = (f"the {inst.role} instance {inst.url} failed while streaming this response "
-               f"({type(exc).__name__}: {exc}); the response is incomplete")
+    """The last events of a stream whose instance failed: an OpenAI error, then [DONE]. It
+    names no instance URL (`Upstream.broken` logs it)."""
+    message = (f"the {inst.role} instance failed while streaming this response "
+               f"({type(exc).__name__}); the response is incomplete")
     return [sse(error_body(message, code="upstream_failed")), sse("[DONE]")]
 
 

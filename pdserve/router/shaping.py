@@ -105,6 +105,19 @@ def without_kv_params(answer: dict) -> dict:
     return {k: v for k, v in answer.items() if k != "kv_transfer_params"}
 
 
+def strip_kv_params(content: bytes) -> bytes:
+    """An instance's JSON answer without `kv_transfer_params` (internal: never a client's)."""
+    if b"kv_transfer_params" not in content:
+        return content
+    try:
+        answer = json.loads(content)
+    except ValueError:
+        return content
+    if not isinstance(answer, dict):
+        return content
+    return json.dumps(without_kv_params(answer)).encode()
+
+
 def shift_logprobs(logprobs: dict | None, by: int) -> dict | None:
     """Completions logprobs of D's part, with text offsets counted from P's text."""
     if not logprobs or "text_offset" not in logprobs or not by:

@@ -1,10 +1,14 @@
-"""Calls to instances, with failures sorted into 'try elsewhere' and 'tell the client'."""
+"""Calls to instances, with failures sorted into 'try elsewhere' and 'tell the client'.
+
+Every call is signed with the deployment secret (an instance then needs no API key from the
+router); the JSON is serialized here, once, so that the MAC covers exactly the bytes sent.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import httpx
 
@@ -21,7 +25,8 @@ class UpstreamError(Exception):
     """The instance could not answer (connection error or 5xx): another one may."""
 
     def __init__(self, inst: Instance, message: str, connect: bool) -> None:
-        super().__init__(f"{inst.role} instance {inst.url}: {message}")
+        # what a client may read: no URL, no detail (the log has both)
+        super().__init__(f"the {inst.role} instance failed")
         self.inst = inst
         self.connect = connect  # the request never reached it: safe to send elsewhere
 
@@ -41,8 +46,16 @@ class Upstream:
 
     client: httpx.AsyncClient
     metrics: RouterMetrics
-    # signs internal calls (a resumed stream); `pdserve up` hands it over in the environment
-    secret: DeploymentSecret | None = field(default_factory=DeploymentSecret.from_env)
+    secret: DeploymentSecret | None = None  # None: calls go unsigned (instances must be open)
+
+    def signed(self, method: str, path: str, body: dict | None = None
+               ) -> tuple[bytes, dict[str, str]]:
+        """The bytes of `body` and the headers that authenticate this call to an instance."""
+        content = b"" if body is None else json.dumps(body).encode()
+        headers = {"content-type": "application/json"} if body is not None else {}
+        if self.secret is not None:
+            headers.update(sign_request(self.secret, method, path, content))
+        return content, headers
 
     def _failed(self, inst: Instance, message: str, connect: bool) -> UpstreamError:
         inst.mark(False)  # until the next health check says otherwise
@@ -60,8 +73,9 @@ class Upstream:
 
     async def post(self, inst: Instance, path: str, body: dict) -> httpx.Response:
         """A non-streamed request; returns a 2xx response with its body read."""
+        content, headers = self.signed("POST", path, body)
         try:
-            resp = await self.client.post(inst.url + path, json=body)
+            resp = await self.client.post(inst.url + path, content=content, headers=headers)
         except httpx.ConnectError as exc:
             raise self._failed(inst, f"cannot connect ({exc})", True) from exc
         except httpx.TransportError as exc:
@@ -69,14 +83,9 @@ class Upstream:
         await self._check(inst, resp)
         return resp
 
-    async def open_stream(self, inst: Instance, path: str, body: dict, signed: bool = False
-                          ) -> httpx.Response:
-        """A streamed request whose headers said 2xx; the caller reads and closes it.
-        `signed`: an internal call, which carries the MAC of the deployment secret."""
-        content = json.dumps(body).encode()
-        headers = {"content-type": "application/json"}
-        if signed and self.secret is not None:
-            headers.update(sign_request(self.secret, "POST", path, content))
+    async def open_stream(self, inst: Instance, path: str, body: dict) -> httpx.Response:
+        """A streamed request whose headers said 2xx; the caller reads and closes it."""
+        content, headers = self.signed("POST", path, body)
         request = self.client.build_request("POST", inst.url + path, content=content,
                                             headers=headers)
         try:
@@ -92,13 +101,16 @@ class Upstream:
             raise
         return resp
 
-    async def release_lease(self, inst: Instance, request_id: str,
+    async def release_lease(self, inst: Instance, request_id: str, lease_token: str | None,
                             timeout_s: float = RELEASE_TIMEOUT_S) -> bool:
         """Ask prefill instance `inst` to free the KV it holds for `request_id` now. Best
         effort: never raises, and a failure (logged) leaves the lease to expire on P."""
+        content, headers = self.signed("POST", "/v1/kv/release",
+                                       {"remote_request_id": request_id,
+                                        "lease_token": lease_token})
         try:
             resp = await self.client.post(inst.url + "/v1/kv/release", timeout=timeout_s,
-                                          json={"remote_request_id": request_id})
+                                          content=content, headers=headers)
             if resp.status_code == 200:
                 return True
             message = f"HTTP {resp.status_code}: {resp.content[:300]!r}"

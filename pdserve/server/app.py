@@ -13,6 +13,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pdserve.http_auth import INSTANCE_INTERNAL_PATHS, AuthMiddleware, HTTPAuth
+from pdserve.security import DeploymentSecret
 from pdserve.server.engine_client import EngineClient
 from pdserve.server.errors import (
     APIError,
@@ -31,9 +33,13 @@ def build_app(
     load_tokenizer: Callable[[], object],
     served_model_name: str | None = None,
     keep_registered: Callable[[], Awaitable[None]] | None = None,
+    api_key: str | None = None,
+    secret: DeploymentSecret | None = None,
+    open_metrics: bool = False,
 ) -> FastAPI:
     """The app; its lifespan starts the engine process and loads the tokenizer side by side,
-    then runs `keep_registered` (heartbeats to a router) until the server stops."""
+    then runs `keep_registered` (heartbeats to a router) until the server stops. Clients
+    need `api_key` (if set); the deployment's own calls are signed with `secret`."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -56,6 +62,8 @@ def build_app(
 
     app = FastAPI(title="pdserve", lifespan=lifespan)
     install_error_handlers(app)
+    app.add_middleware(AuthMiddleware, auth=HTTPAuth(api_key, secret, open_metrics,
+                                                     INSTANCE_INTERNAL_PATHS))
     _add_routes(app)
     return app
 
@@ -96,12 +104,13 @@ def _add_routes(app: FastAPI) -> None:
         """On P: free a finished prefill's held KV now, because no decode instance will pull
         it (the router calls this when the hand-off to D failed or its client left).
 
-        Body: `{"remote_request_id": "<id>"}`, the value P put in its kv_transfer_params.
+        Body: `{"remote_request_id": "<id>", "lease_token": "<token>"}`, the values P put
+        in its kv_transfer_params: the request id alone releases nothing.
         Answers 200 `{"queued": true}` once the release is handed to the engine, which frees
         the blocks at its next step; the engine does not answer, so an id that holds no lease
-        (unknown, already pulled, expired) is queued the same and changes nothing. 400 if
-        the body is wrong or this instance is not a prefill instance; 503 if the engine is
-        dead (its blocks went with it)."""
+        (unknown, already pulled, expired) or a wrong token is queued the same and changes
+        nothing. 400 if the body is wrong or this instance is not a prefill instance; 503 if
+        the engine is dead (its blocks went with it)."""
         st = _state(request)
         body = await _parse(request, KVReleaseRequest)
         if st.client.args.role != "prefill":
@@ -109,7 +118,7 @@ def _add_routes(app: FastAPI) -> None:
                               f"--role {st.client.args.role}")
         if not st.client.healthy:
             raise engine_dead()
-        st.client.release_lease(body.remote_request_id)
+        st.client.release_lease(body.remote_request_id, body.lease_token)
         return JSONResponse({"queued": True})
 
 
@@ -118,7 +127,8 @@ class KVReleaseRequest(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="ignore")
 
-    remote_request_id: str = Field(min_length=1)
+    remote_request_id: str = Field(min_length=1, max_length=256)
+    lease_token: str = Field(min_length=1, max_length=256)  # the lease's capability
 
 
 async def _handle(request: Request, model: type[CompletionRequest | ChatCompletionRequest]

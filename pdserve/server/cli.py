@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import re
 import signal
 import socket
@@ -12,7 +13,7 @@ import sys
 import uvicorn
 
 from pdserve.config import CacheConfig, EngineArgs, SchedulerConfig
-from pdserve.security import API_KEY_ENV, SECRET_ENV, load_secret
+from pdserve.security import API_KEY_ENV, SECRET_ENV, SecretError, load_secret
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
           "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
@@ -116,6 +117,11 @@ def add_security_flags(p: argparse.ArgumentParser) -> None:
                    "deployment's network)")
 
 
+def api_key(args: argparse.Namespace) -> str | None:
+    """--api-key, else $PDSERVE_API_KEY, else None (no key)."""
+    return args.api_key or os.environ.get(API_KEY_ENV) or None
+
+
 def engine_args(args: argparse.Namespace) -> EngineArgs:
     """Flags → the engine's configuration."""
     return EngineArgs(
@@ -166,14 +172,21 @@ def run(args: argparse.Namespace) -> int:
 
         return load_tokenizer(args.tokenizer or args.model)
 
+    try:
+        eargs = engine_args(args)
+    except SecretError as exc:
+        print(f"pdserve serve: {exc}", file=sys.stderr)
+        return 2
     heartbeat = None
     if args.router:
         from pdserve.router.heartbeat import keep_registered
 
         heartbeat = functools.partial(keep_registered, args.router, advertise_url(args),
-                                      args.role)
-    client = EngineClient(engine_args(args))
-    app = build_app(client, load_tokenizer, args.served_model_name, heartbeat)
+                                      args.role, eargs.deployment_secret)
+    client = EngineClient(eargs)
+    app = build_app(client, load_tokenizer, args.served_model_name, heartbeat,
+                    api_key=api_key(args), secret=eargs.deployment_secret,
+                    open_metrics=args.open_metrics)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=5)
     server = _AnnouncingServer(config)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pdserve.config import EngineArgs
 from pdserve.engine.outputs import EngineRequest, EngineStats, RequestOutput
 from pdserve.server.engine_process import EngineInfo, default_engine_factory, run_engine_process
+from pdserve.server.handoff import require_deployment_secret
 
 READER_POLL_S = 0.5  # how often the reader checks that the engine process is alive
 ABORTED = object()  # put on a request's queue when the server aborts it
@@ -32,6 +33,7 @@ class EngineClient:
         self, args: EngineArgs,
         factory: Callable[[EngineArgs], object] = default_engine_factory,
     ) -> None:
+        require_deployment_secret(args)  # P and D: a clear error before anything starts
         self.args = args
         self.info: EngineInfo | None = None
         self.stats = EngineStats()
@@ -95,10 +97,11 @@ class EngineClient:
         if self.healthy:
             self._inbox.put(("abort", request_id))
 
-    def release_lease(self, request_id: str) -> None:
-        """On P: free a finished prefill's held KV now (no decode instance will pull it)."""
+    def release_lease(self, request_id: str, lease_token: str | None) -> None:
+        """On P: free a finished prefill's held KV now (no decode instance will pull it),
+        if `lease_token` is its capability."""
         if self.healthy:
-            self._inbox.put(("release_lease", request_id))
+            self._inbox.put(("release_lease", (request_id, lease_token)))
 
     def shutdown(self) -> None:
         """Stop the engine process (politely, then by force)."""

@@ -31,7 +31,7 @@ class EngineInfo:
 
 
 # Messages in: ("add", EngineRequest) | ("abort", request_id)
-#              | ("release_lease", request_id) | ("shutdown", None).
+#              | ("release_lease", (request_id, lease_token)) | ("shutdown", None).
 # Messages out: ("ready", EngineInfo) | ("init_error", str) | ("outputs", list, EngineStats)
 #               | ("fatal", str). Every "add" is answered first by a verdict: an empty
 #               RequestOutput (accepted) or a finished one carrying `error` (refused).
@@ -101,7 +101,7 @@ def _loop(engine, inbox, outbox) -> None:
             elif kind == "abort":
                 _abort(engine, payload)
             elif kind == "release_lease":  # the step below frees its blocks
-                engine.release_lease(payload)
+                engine.release_lease(*payload)
         if verdicts:  # before the step: the server answers 400 or starts streaming at once
             outbox.put(("outputs", verdicts, engine.stats()))
         if engine.has_unfinished_requests() or messages:

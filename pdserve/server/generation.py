@@ -16,6 +16,7 @@ from pdserve.engine.outputs import EngineRequest, RequestOutput, TokenLogprob
 from pdserve.server.detokenizer import IncrementalDetokenizer
 from pdserve.server.engine_client import ABORTED, EngineClient, EngineDeadError
 from pdserve.server.errors import bad_request, engine_dead
+from pdserve.server.handoff import sign_prefill
 from pdserve.server.metrics import ServerMetrics
 
 
@@ -146,14 +147,17 @@ class Generation:
             self._last = now
         self.prompt_tokens = out.num_prompt_tokens or self.prompt_tokens
         self.cached_tokens = max(self.cached_tokens, out.num_cached_tokens)
-        if out.kv_transfer_params is not None:
-            self.kv_transfer_params = out.kv_transfer_params
+        if out.kv_transfer_params is not None:  # P held the KV: sign the hand-off for D
+            self.kv_transfer_params = sign_prefill(self.client.args.deployment_secret,
+                                                   out.kv_transfer_params,
+                                                   self.request.prompt_token_ids)
 
     def _release_unneeded_lease(self, delta: Delta) -> None:
         """The engine holds a prefill's KV for D only when it ran to max_tokens; a stop
         string that ended it here means no D will pull: free the blocks now, not at the TTL."""
         if self.kv_transfer_params is not None and delta.finish_reason != "length":
-            self.client.release_lease(self.request.request_id)
+            self.client.release_lease(self.request.request_id,
+                                      self.kv_transfer_params.get("lease_token"))
             self.kv_transfer_params = None  # nothing is held any more: no params, as vLLM
 
     def _to_delta(self, detok: IncrementalDetokenizer, out: RequestOutput) -> Delta:

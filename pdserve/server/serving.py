@@ -16,7 +16,7 @@ from pdserve.event_stream import EventStream
 from pdserve.server.engine_client import EngineClient
 from pdserve.server.errors import APIError, bad_request, engine_dead, model_not_found
 from pdserve.server.generation import Generation
-from pdserve.server.internal import internal_call
+from pdserve.server.handoff import check_kv_transfer_params
 from pdserve.server.metrics import ServerMetrics
 from pdserve.server.prompts import (
     chat_prompt_ids,
@@ -54,9 +54,12 @@ async def serve(
         raise model_not_found(req.model)
     if not st.client.healthy:
         raise engine_dead()
-    if req.resume is not None and not await internal_call(request):
+    internal = getattr(request.state, "internal", False)  # AuthMiddleware verified its MAC
+    if req.resume is not None and not internal:
         raise bad_request("resume is an internal field: only the router may send it", "resume")
     engine_req = _engine_request(st, req, chat)
+    # a hand-off only from the deployment (a 400 otherwise): trust-http marks internal calls
+    check_kv_transfer_params(engine_req, st.client.args, internal)
     gen = Generation(st.client, st.metrics, st.tokenizer, engine_req, req.stop_strings(),
                      req.include_stop_str_in_output, req.skip_special_tokens,
                      resume_text_chars=req.resume.text_chars if req.resume else 0)

@@ -7,7 +7,8 @@ connection to P and dials only when there is none, or P closed it (idle past its
 `read_timeout_s`, or restarted). A connection on which anything failed is closed, never
 reused: its stream may have stopped mid-message. What P handed a connection (mappings of
 its caches, `Connection.mappings`) lives and dies with it, since a new connection to the
-same port may reach a new P process. Not thread-safe: one per puller, like KVPuller.
+same port may reach a new P process. A new connection first proves the deployment secret
+both ways (handshake.py). Not thread-safe: one per puller, like KVPuller.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import TypeVar
 
 import torch
 
+from pdserve.security import DeploymentSecret
 from pdserve.transfer.protocol import TransferError
 from pdserve.transfer.wire import Connection, PeerClosed
 
@@ -31,8 +33,9 @@ def endpoint_key(endpoint: dict) -> tuple[str, int]:
 
 @dataclass
 class SourceConnections:
-    """Open connections to KV sources by (host, port)."""
+    """Open connections to KV sources by (host, port), made with the deployment `secret`."""
 
+    secret: DeploymentSecret | None = None  # None: every connection fails (TransferError)
     max_idle_s: float = 60.0  # close what sat unused this long (a P that went away for good)
     _open: dict[tuple[str, int], Connection] = field(default_factory=dict)
     _last_used: dict[tuple[str, int], float] = field(default_factory=dict)
@@ -58,11 +61,11 @@ class SourceConnections:
         conn, _ = self._connection(endpoint, deadline, connect_timeout_s)
         return self._exchange(endpoint, conn, exchange)
 
-    def release(self, endpoint: dict, request_id: str, timeout_s: float) -> bool:
+    def release(self, endpoint: dict, request_id: str, lease_token: str, timeout_s: float
+                ) -> bool:
         """Ask the source to end the lease of `request_id`; TransferError if unreachable."""
-        reply = self.run(
-            endpoint, timeout_s, lambda conn: conn.call({"op": "release", "request_id": request_id})
-        )
+        msg = {"op": "release", "request_id": request_id, "lease_token": lease_token}
+        reply = self.run(endpoint, timeout_s, lambda conn: conn.call(msg))
         return bool(reply["released"])
 
     def close(self) -> None:
@@ -97,7 +100,7 @@ class SourceConnections:
         left = deadline - time.monotonic()
         if left <= 0:
             raise TransferError(f"KV source {key[0]}:{key[1]}: timed out")
-        conn = self._open[key] = Connection(endpoint, left, connect_timeout_s)
+        conn = self._open[key] = Connection(endpoint, left, connect_timeout_s, self.secret)
         conn.deadline = deadline
         return conn, False
 
@@ -119,7 +122,7 @@ PIN_MARGIN = 0.5  # of P's `pinned_s`: a copy finished within it needs no answer
 
 def admitted_copy(conn: Connection, request_id: str, block_ids: list[int],
                   copy: Callable[[], int], finish: Callable[[], None] | None = None,
-                  release: bool = False) -> tuple[int, bool, bool]:
+                  release: bool = False, *, lease_token: str) -> tuple[int, bool, bool]:
     """`copy()` between P's `begin` (admits the read and pins the lease) and `end` (unpins it
     and, with `release`, ends the lease): returns the bytes copied, whether the lease was live
     all along, and whether P was asked to end it (`release` reached P).
@@ -131,7 +134,8 @@ def admitted_copy(conn: Connection, request_id: str, block_ids: list[int],
     refusing `begin` fails the pull, whatever the copy read. From admission on, P keeps the
     blocks until `end` or the connection's close (source.py), so `end` goes unanswered and
     the pull returns once the copy is done: P's answer could only say "live"."""
-    begin = {"op": "begin", "request_id": request_id, "block_ids": block_ids}
+    begin = {"op": "begin", "request_id": request_id, "lease_token": lease_token,
+             "block_ids": block_ids}
     sent = time.monotonic()
     if finish is None:
         lease = conn.call(begin)
@@ -143,8 +147,8 @@ def admitted_copy(conn: Connection, request_id: str, block_ids: list[int],
             lease = conn.recv()
         finally:
             finish()  # D's blocks must not be handed back while the copy still writes them
-    end = {"op": "end", "request_id": request_id, "lease_id": lease["lease_id"],
-           "release": release}
+    end = {"op": "end", "request_id": request_id, "lease_token": lease_token,
+           "lease_id": lease["lease_id"], "release": release}
     pinned_s = lease.get("pinned_s")
     if pinned_s is None or time.monotonic() - sent >= PIN_MARGIN * float(pinned_s):
         # an older P, or a copy so slow that P may have dropped a silent connection: ask
@@ -169,9 +173,9 @@ class ConnectedPuller:
     # copies run on streams of their own: on the engine's they would queue behind its steps
     _streams: dict[torch.device, torch.cuda.Stream] = field(default_factory=dict)
 
-    def release(self, endpoint: dict, remote_request_id: str) -> bool:
+    def release(self, endpoint: dict, remote_request_id: str, lease_token: str) -> bool:
         """Tell the source the blocks of `remote_request_id` may be freed."""
-        return self.conns.release(endpoint, remote_request_id, self.timeout_s)
+        return self.conns.release(endpoint, remote_request_id, lease_token, self.timeout_s)
 
     def close(self) -> None:
         """Close the connections, and with them every mapping of a source's caches."""

@@ -126,6 +126,8 @@ class CudaIpcPuller(ConnectedPuller):
         kv_caches: list[torch.Tensor],
         heads: HeadSlice | None = None,
         release: bool = False,
+        *,
+        lease_token: str,
     ) -> PullStats:
         """Copy remote blocks into `local_block_ids` of `kv_caches`; TransferError on failure."""
         if len(remote_block_ids) != len(local_block_ids):
@@ -156,7 +158,7 @@ class CudaIpcPuller(ConnectedPuller):
                 stream.synchronize()
 
             return admitted_copy(conn, remote_request_id, remote_block_ids, copy, finish,
-                                 release)
+                                 release, lease_token=lease_token)
 
         budget = pull_timeout_s(self.timeout_s, kv_caches, len(local_block_ids))
         nbytes, released = self._run_pull(endpoint, remote_request_id, budget, exchange,

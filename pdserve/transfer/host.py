@@ -22,6 +22,7 @@ import math
 import mmap
 import os
 import socket
+import stat
 import time
 import warnings
 import weakref
@@ -31,7 +32,7 @@ import torch
 
 from pdserve.transfer.blockcopy import Scratch, as_index, copy_blocks, scatter_blocks
 from pdserve.transfer.connections import ConnectedPuller, admitted_copy
-from pdserve.transfer.layout import HeadSlice, KVLayout
+from pdserve.transfer.layout import DTYPES, HeadSlice, KVLayout
 from pdserve.transfer.protocol import PullStats, TransferError, pull_timeout_s
 from pdserve.transfer.wire import Connection
 
@@ -172,12 +173,27 @@ def _unpin(ptr: int) -> None:
         torch.cuda.cudart().cudaHostUnregister(ptr)
 
 
+def check_shared_path(path: object) -> str:
+    """`path` if it names a KV file of pdserve's in /dev/shm (caches or staging buffer, both
+    `shared_kv_path`s), else ValueError: D maps nothing else, whatever a source says."""
+    if not isinstance(path, str) or os.path.normpath(path) != path:
+        raise ValueError(f"not a pdserve KV file: {path!r:.200}")
+    folder, name = os.path.split(path)
+    if folder != SHM_DIR or not name.startswith(SHM_PREFIX):
+        raise ValueError(f"not a pdserve KV file: {path!r:.200}")
+    return path
+
+
 def map_shared(desc: dict) -> _Mapping:
-    """Map P's cache file or staging buffer read-only (never creates it: P may be gone)."""
+    """Map P's cache file or staging buffer read-only (never creates it: P may be gone).
+    Only a regular /dev/shm/pdserve-kv-* file, and no symbolic link, is mapped."""
     if "staging" in desc:
         desc = desc["staging"]
-    fd = os.open(desc["path"], os.O_RDONLY)
+    path = check_shared_path(desc["path"])
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{path} is not a regular file")
         mm = mmap.mmap(fd, desc["size"], access=mmap.ACCESS_READ)
     finally:
         os.close(fd)
@@ -186,6 +202,8 @@ def map_shared(desc: dict) -> _Mapping:
         flat = torch.frombuffer(mm, dtype=torch.uint8)
     if "layers" not in desc:
         return _Mapping(flat, None, mm)
+    if desc["dtype"] not in DTYPES:
+        raise ValueError(f"unknown KV dtype {desc['dtype']!r:.40}")
     dtype = getattr(torch, desc["dtype"])
     layers = [_view(flat, layer["offset"], layer["shape"], dtype) for layer in desc["layers"]]
     return _Mapping(flat, layers, mm)
@@ -217,6 +235,8 @@ class HostPuller(ConnectedPuller):
         kv_caches: list[torch.Tensor],
         heads: HeadSlice | None = None,
         release: bool = False,
+        *,
+        lease_token: str,
     ) -> PullStats:
         """Copy remote blocks into `local_block_ids` of `kv_caches`; TransferError on failure."""
         if len(remote_block_ids) != len(local_block_ids):
@@ -237,7 +257,7 @@ class HostPuller(ConnectedPuller):
             def copy() -> int:
                 with self._on_own_stream(device):
                     if remote.layers is None:  # P's caches are on a GPU: via its staging buffer
-                        return _pull_staged(conn, remote.flat, remote_request_id,
+                        return _pull_staged(conn, remote.flat, remote_request_id, lease_token,
                                             remote_block_ids, local_block_ids, kv_caches, heads)
                     nbytes = copy_blocks(remote.layers, remote_block_ids, kv_caches,
                                          local_block_ids, heads, self._scratch)
@@ -245,7 +265,7 @@ class HostPuller(ConnectedPuller):
                     return nbytes
 
             return admitted_copy(conn, remote_request_id, remote_block_ids, copy,
-                                 release=release)
+                                 release=release, lease_token=lease_token)
 
         budget = pull_timeout_s(self.timeout_s, kv_caches, len(local_block_ids))
         nbytes, released = self._run_pull(endpoint, remote_request_id, budget, exchange,
@@ -260,7 +280,7 @@ class HostPuller(ConnectedPuller):
             desc = conn.call({"op": "open", "transport": "host"})["mapping"]
             try:
                 mapping = map_shared(desc)
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError, KeyError, TypeError) as e:
                 raise TransferError(f"cannot map {desc.get('path')}: {e}") from e
             if mapping.layers is None and device.type == "cuda":
                 pin_for_device_copies(mapping)
@@ -277,6 +297,7 @@ def _pull_staged(
     conn: Connection,
     staging: torch.Tensor,
     request_id: str,
+    lease_token: str,
     remote_ids: list[int],
     local_ids: list[int],
     kv_caches: list[torch.Tensor],
@@ -303,6 +324,7 @@ def _pull_staged(
             {
                 "op": "stage",
                 "request_id": request_id,
+                "lease_token": lease_token,
                 "block_ids": remote_ids,
                 "heads": span,
                 "layers": [first, last],

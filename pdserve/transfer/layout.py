@@ -17,6 +17,26 @@ class IncompatibleLayout(ValueError):
     """Two engines' KV caches cannot exchange blocks (the message says what differs)."""
 
 
+# what a layout may say: it comes off the network, so every field has bounds (an engine
+# divides by head counts and multiplies sizes: a 0 or a huge value must never reach it)
+DTYPES = ("float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2")
+INT_BOUNDS = {  # field -> (min, max), both included
+    "block_size": (1, 4096),
+    "num_layers": (1, 1024),
+    "num_kv_heads": (1, 4096),
+    "head_dim": (1, 4096),
+    "tp_size": (1, 1024),
+    "tp_rank": (0, 1023),
+}
+
+
+def bounded_int(value: object, name: str, low: int, high: int) -> int:
+    """`value` if it is an int (not a bool, not a float) in [low, high], else ValueError."""
+    if type(value) is not int or not low <= value <= high:
+        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r:.40}")
+    return value
+
+
 def kv_heads_of_rank(num_kv_heads: int, tp_size: int, tp_rank: int) -> tuple[int, int]:
     """Global [start, stop) of the KV heads tensor-parallel rank `tp_rank` holds."""
     if tp_size <= num_kv_heads:
@@ -68,8 +88,10 @@ class KVLayout:
     tp_rank: int = 0
 
     def __post_init__(self) -> None:
-        if not isinstance(getattr(torch, self.dtype, None), torch.dtype):
-            raise ValueError(f"unknown torch dtype {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"kv_layout.dtype must be one of {DTYPES}, got {self.dtype!r:.40}")
+        for name, (low, high) in INT_BOUNDS.items():
+            bounded_int(getattr(self, name), f"kv_layout.{name}", low, high)
         if not 0 <= self.tp_rank < self.tp_size:
             raise ValueError(f"tp_rank {self.tp_rank} is outside tp_size {self.tp_size}")
         big, small = max(self.tp_size, self.num_kv_heads), min(self.tp_size, self.num_kv_heads)
@@ -156,5 +178,14 @@ class KVLayout:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> KVLayout:
+    def from_dict(cls, d: object) -> KVLayout:
+        """Parse a layout that came off the network; ValueError for anything malformed."""
+        if not isinstance(d, dict):
+            raise ValueError("kv_layout must be a JSON object")
+        known = {"dtype", *INT_BOUNDS}
+        if not {"dtype", "block_size", "num_layers", "num_kv_heads", "head_dim"} <= set(d):
+            raise ValueError(f"kv_layout needs dtype, block_size, num_layers, num_kv_heads "
+                             f"and head_dim; got {sorted(map(str, d))[:10]}")
+        if extra := set(d) - known:
+            raise ValueError(f"kv_layout has unknown fields {sorted(map(str, extra))[:5]}")
         return cls(**d)

@@ -63,13 +63,16 @@ class BlockPuller(Protocol):
         kv_caches: list[torch.Tensor],
         heads: HeadSlice | None = None,
         release: bool = False,
+        *,
+        lease_token: str,
     ) -> PullStats:
         """Copy remote blocks into `local_block_ids` of `kv_caches`; TransferError on failure.
         `release`: P ends the lease with the pull's last read (`PullStats.released`: the
-        request reached P; False: D must send `release` itself)."""
+        request reached P; False: D must send `release` itself). `lease_token`: the lease's
+        capability, from the signed hand-off."""
         ...
 
-    def release(self, endpoint: dict, remote_request_id: str) -> bool:
+    def release(self, endpoint: dict, remote_request_id: str, lease_token: str) -> bool:
         """Tell the source its lease on `remote_request_id` can end."""
         ...
 

@@ -4,16 +4,20 @@ One small threaded socket server answers every transport: it streams blocks itse
 or hands out a mapping of its caches (host shared memory, CUDA IPC handles) and admits
 direct reads with `begin`/`end`, always against the LeaseTable the engine fills.
 
-Messages (see wire.py), each answered by one reply or {"error": ...}, but a quiet `end`:
+A connection starts with a mutual challenge (handshake.py): D proves it holds the
+deployment secret before P answers anything, and P proves it too. A wrong answer closes it.
+
+Messages (see wire.py), each answered by one reply or {"error": ...}, but a quiet `end`;
+every op on a lease carries its `lease_token` (the request id alone grants nothing):
   ping                                  -> {layout}
   open    {transport}                   -> {mapping}           host / cuda_ipc
-  begin   {request_id, block_ids}       -> {lease_id, pinned_s} before a direct read
-  stage   {request_id, block_ids, heads, layers} -> {layers}   host via staging buffer
-  end     {request_id, lease_id, release, reply} -> {live, released}, or nothing with
-                                                     reply: false                 after it
-  read    {request_id, block_ids, heads, release} -> {num_layers}, a tensor per layer,
-                                                     {live, released}                   tcp
-  release {request_id}                  -> {released}
+  begin   {request_id, lease_token, block_ids} -> {lease_id, pinned_s} before a direct read
+  stage   {request_id, lease_token, block_ids, heads, layers} -> {layers}   host via staging
+  end     {request_id, lease_token, lease_id, release, reply} -> {live, released}, or
+                                                     nothing with reply: false    after it
+  read    {request_id, lease_token, block_ids, heads, release} -> {num_layers}, a tensor
+                                                     per layer, {live, released}        tcp
+  release {request_id, lease_token}     -> {released}
 An admitted read (`begin` .. `end`, or a whole `read`) pins the lease in the table: a
 release or expiry meanwhile is carried out only when the read ends, so `live` is true for
 every read this connection began, and D may send `end` with `reply: false` and not wait.
@@ -37,8 +41,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pdserve.security import DeploymentSecret, SecretError, capability_matches
 from pdserve.transfer import cuda_ipc, host
 from pdserve.transfer.blockcopy import Scratch, as_index
+from pdserve.transfer.handshake import HANDSHAKE_TIMEOUT_S, prove_source
 from pdserve.transfer.layout import KVLayout
 from pdserve.transfer.lease import LeaseTable
 from pdserve.transfer.staging import StagingBuffer
@@ -56,6 +62,11 @@ class _Read:
 
     request_id: str
     lease_id: int
+    token: str  # the capability `begin` was given: every later op on the read must offer it
+
+    def matches(self, request_id: object, lease_id: object, token: object) -> bool:
+        return (request_id == self.request_id and lease_id == self.lease_id
+                and capability_matches(self.token, token))
 
 
 @dataclass
@@ -79,6 +90,7 @@ class _Peer:
 class KVSource:
     """Serves reads of leased blocks of one rank's `kv_caches` (started once per engine rank).
 
+    `secret` is the deployment's: only a peer that answers its challenge is served.
     `shm_name` is the name given to `allocate_shared_kv_caches` when the caches live in
     shared memory (enables the host transport). CUDA caches enable cuda_ipc. tcp always works.
     `staging_bytes` > 0 serves the host transport from caches not in shared memory (GPU)
@@ -98,8 +110,13 @@ class KVSource:
     # the owner's own CUDA IPC export, for caches this process only mapped (a TP worker's):
     # an imported allocation cannot be exported again
     ipc_layers: list[dict] | None = None
+    secret: DeploymentSecret | None = None  # required: set by the engine from EngineArgs
 
     def __post_init__(self) -> None:
+        if self.secret is None:
+            raise SecretError("a KV source needs the deployment secret: set "
+                              "$PDSERVE_DEPLOYMENT_SECRET or pass --secret-file")
+        self.refused_handshakes = 0  # connections closed for a wrong answer to the challenge
         self._server: socketserver.ThreadingTCPServer | None = None
         self._peers_lock = threading.Lock()
         self._live: set[socket.socket] = set()  # D connections being served, closed by close()
@@ -185,12 +202,26 @@ class KVSource:
         with contextlib.suppress(OSError, ValueError):
             peer = _Peer()
             try:
-                self._serve_messages(sock, peer)
+                if self._authenticated(sock):
+                    self._serve_messages(sock, peer)
             finally:
                 self._unstage(peer)
                 self._end_reads(peer)  # D went away mid-read: its pins go, deferred frees run
                 with self._peers_lock:
                     self._live.discard(sock)
+
+    def _authenticated(self, sock: socket.socket) -> bool:
+        """The mutual challenge, before anything is served; False (and counted): close."""
+        sock.settimeout(min(HANDSHAKE_TIMEOUT_S, self.read_timeout_s))
+        ok = False
+        try:
+            ok = prove_source(sock, self.secret)
+        finally:
+            if not ok:
+                with self._peers_lock:
+                    self.refused_handshakes += 1
+        sock.settimeout(self.read_timeout_s)
+        return ok
 
     def _serve_messages(self, sock: socket.socket, peer: _Peer) -> None:
         while (msg := recv_msg(sock)) is not None:
@@ -221,27 +252,30 @@ class KVSource:
             send_msg(sock, {"layers": self._stage(msg, peer)})
         elif op == "end":
             self._unstage(peer)
-            read = _Read(msg["request_id"], msg["lease_id"])
-            released = self._release_if(msg, read.lease_id)  # carried out as the read ends
-            if read in peer.reads:
+            rid, lease_id, token = msg["request_id"], msg["lease_id"], msg["lease_token"]
+            released = self._release_if(msg, lease_id)  # carried out as the read ends
+            read = next((r for r in peer.reads if r.matches(rid, lease_id, token)), None)
+            if read is not None:
                 live = self._end_read(peer, read)
             else:  # no read of this connection's (a stray end): only the table can tell
-                live = self.leases.is_live(read.request_id, read.lease_id)
+                live = self.leases.is_live(rid, lease_id, token)
             self._answer(sock, msg, {"live": live, "released": released})
         elif op == "read":
             self._stream_blocks(sock, msg, peer)
         elif op == "release":
-            send_msg(sock, {"released": self.leases.release_later(msg["request_id"])})
+            released = self.leases.release_later(msg["request_id"], msg["lease_token"])
+            send_msg(sock, {"released": released})
         else:
             raise Refused(f"unknown op {op!r}")
 
     def _admit(self, msg: dict, peer: _Peer) -> _Read:
         """Begin a read for this connection: the lease is pinned until `_end_read`."""
-        rid, blocks = msg["request_id"], msg["block_ids"]
-        lease_id = self.leases.begin_read(rid, blocks)
+        rid, blocks, token = msg["request_id"], msg["block_ids"], msg["lease_token"]
+        lease_id = self.leases.begin_read(rid, blocks, token)
         if lease_id is None:
-            raise Refused(f"no live lease of request {rid!r} covers blocks {blocks}")
-        read = _Read(rid, lease_id)
+            raise Refused(f"no live lease of request {rid!r} with this lease_token covers "
+                          f"blocks {blocks}")
+        read = _Read(rid, lease_id, token)
         peer.reads.append(read)  # before anything can fail: the close then unpins it
         return read
 
@@ -275,9 +309,9 @@ class KVSource:
             raise Refused("no staging buffer here")
         heads = self._heads(msg)
         first, last = msg["layers"]
-        rid, blocks = msg["request_id"], msg["block_ids"]
+        rid, blocks, token = msg["request_id"], msg["block_ids"], msg["lease_token"]
         # only under a pin this connection holds: nothing may reuse the blocks mid-stage
-        if not any(r.request_id == rid and self.leases.covers(r.lease_id, blocks)
+        if not any(r.matches(rid, r.lease_id, token) and self.leases.covers(r.lease_id, blocks)
                    for r in peer.reads):
             raise Refused(f"no read of request {rid!r} covering blocks {blocks} was begun")
         if not peer.holds_staging:
@@ -309,5 +343,6 @@ class KVSource:
 
     def _release_if(self, msg: dict, lease_id: int) -> bool:
         """D's last read asked to end the lease with it (saves D a `release` round trip)."""
-        return bool(msg.get("release")) and self.leases.release_later(msg["request_id"], lease_id)
+        return bool(msg.get("release")) and self.leases.release_later(
+            msg["request_id"], msg["lease_token"], lease_id)
 

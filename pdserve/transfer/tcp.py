@@ -1,10 +1,10 @@
 """Any two hosts: D asks P's KVSource to stream the blocks over a socket, layer by layer.
 
-D sends `read {request_id, block_ids, heads}`; P admits it against the lease (pinning the
-blocks for the stream), gathers each layer's blocks (and head slice) into one contiguous
-tensor and sends it as a framed message (JSON header with layer, shape, dtype, nbytes; then
-the raw bytes); a last message says the lease stayed live (and whether it was released).
-D scatters each layer into its own blocks.
+D sends `read {request_id, lease_token, block_ids, heads}`; P admits it against the lease
+(pinning the blocks for the stream), gathers each layer's blocks (and head slice) into one
+contiguous tensor and sends it as a framed message (JSON header with layer, shape, dtype,
+nbytes; then the raw bytes); a last message says the lease stayed live (and whether it was
+released). D scatters each layer into its own blocks.
 The server side is `KVSource` (source.py), which serves every transport; its half of the
 stream is `send_layers`.
 
@@ -172,6 +172,8 @@ class TcpPuller(ConnectedPuller):
         kv_caches: list[torch.Tensor],
         heads: HeadSlice | None = None,
         release: bool = False,
+        *,
+        lease_token: str,
     ) -> PullStats:
         """Copy remote blocks into `local_block_ids` of `kv_caches`; TransferError on failure."""
         if len(remote_block_ids) != len(local_block_ids):
@@ -195,6 +197,7 @@ class TcpPuller(ConnectedPuller):
                 {
                     "op": "read",
                     "request_id": remote_request_id,
+                    "lease_token": lease_token,
                     "block_ids": remote_block_ids,
                     "heads": None if heads is None else [heads.remote_start, heads.remote_stop],
                     "release": release,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pdserve.security import DeploymentSecret
 from pdserve.transfer.connections import SourceConnections
 from pdserve.transfer.cuda_ipc import CudaIpcPuller, peer_reachable
 from pdserve.transfer.host import HostPuller, local_host_id
@@ -43,20 +44,23 @@ def choose_transport(endpoint: dict, local_device: torch.device, prefer: str | N
 
 
 def release_remote_kv(
-    remote: RemoteKV, timeout_s: float = 5.0, conns: SourceConnections | None = None
+    remote: RemoteKV, timeout_s: float = 5.0, conns: SourceConnections | None = None,
+    secret: DeploymentSecret | None = None,
 ) -> bool:
     """Tell every P rank its lease on the request can end (after all D ranks pulled).
 
-    Over `conns` (a puller's open connections) when given, else over new ones. Best effort:
-    False if some rank could not be told; its lease then simply expires.
+    Over `conns` (a puller's open connections) when given, else over new ones made with
+    `secret`. Best effort: False if some rank could not be told; its lease then simply
+    expires.
     """
     own = conns is None
-    conns = SourceConnections() if conns is None else conns
+    conns = SourceConnections(secret) if conns is None else conns
     ok = True
     try:
         for endpoint in remote.endpoints:
             try:
-                ok = conns.release(endpoint, remote.request_id, timeout_s) and ok
+                ok = conns.release(endpoint, remote.request_id, remote.lease_token,
+                                   timeout_s) and ok
             except TransferError:
                 ok = False
     finally:
@@ -72,17 +76,22 @@ class KVPuller:
     Checks the layouts, splits the pull over the P ranks holding this rank's heads
     (heterogeneous TP), and picks a transport per P rank. Not thread-safe: call it from
     one thread (the engine's), or one KVPuller per thread. Every transport and `release`
-    share one connection per P endpoint, kept open across pulls.
+    share one connection per P endpoint, kept open across pulls, each opened with the
+    deployment `secret` (a source that cannot prove it holds it is refused).
     """
 
     layout: KVLayout
     kv_caches: list[torch.Tensor]
     transport: str | None = None  # force "cuda_ipc", "host" or "tcp"
     timeout_s: float = 10.0
+    secret: DeploymentSecret | None = None  # required to connect anywhere
     _pullers: dict[str, BlockPuller] = field(default_factory=dict)
-    _conns: SourceConnections = field(default_factory=SourceConnections)
+    _conns: SourceConnections = field(init=False)
     # (P endpoint, transport) pairs that failed once: the next pull goes down the list
     _broken: set[tuple[str, int, str]] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self._conns = SourceConnections(self.secret)
 
     def pull(self, remote: RemoteKV, local_block_ids: list[int], first_block: int = 0,
              release: bool = False) -> PullStats:
@@ -102,16 +111,16 @@ class KVPuller:
             whole = part.num_heads == self.layout.rank_kv_heads == remote.layout.rank_kv_heads
             args = (endpoint, remote.request_id, remote_ids, local_block_ids, self.kv_caches,
                     None if whole else part, release and i == len(parts) - 1)
-            stats = self._pull_with_fallback(endpoint, args)
+            stats = self._pull_with_fallback(endpoint, args, remote.lease_token)
             total = stats if total is None else total + stats
         assert total is not None  # head_slices_from covers at least one head
         return total
 
-    def _pull_with_fallback(self, endpoint: dict, args: tuple) -> PullStats:
+    def _pull_with_fallback(self, endpoint: dict, args: tuple, token: str) -> PullStats:
         """The best transport; if it fails (e.g. CUDA IPC where P's GPU is not visible), the
         next one offered, down to tcp, and the failed one is not tried again for this P."""
         if self.transport is not None:
-            return self._puller(self.transport).pull(*args)
+            return self._puller(self.transport).pull(*args, lease_token=token)
         device = self.kv_caches[0].device
         while True:
             name = choose_transport(endpoint, device, None)
@@ -124,7 +133,7 @@ class KVPuller:
                 endpoint = endpoint | {"transports": offered}
                 continue
             try:
-                return self._puller(name).pull(*args)
+                return self._puller(name).pull(*args, lease_token=token)
             except TransferError:
                 if name == "tcp":
                     raise

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from pdserve.security import DeploymentSecret
 from pdserve.transfer.protocol import TransferError
 
 _LENGTH = struct.Struct("!I")
@@ -111,8 +112,9 @@ def recv_exact(sock: socket.socket, view: memoryview, deadline: float | None = N
         got += n
 
 
-def recv_msg(sock: socket.socket) -> dict | None:
-    """The next message, or None on a clean close between messages."""
+def recv_msg(sock: socket.socket, max_bytes: int = MAX_HEADER_BYTES) -> dict | None:
+    """The next message, or None on a clean close between messages; ConnectionError if it
+    announces more than `max_bytes`."""
     head = bytearray(_LENGTH.size)
     n = sock.recv_into(head)
     if n == 0:
@@ -120,7 +122,7 @@ def recv_msg(sock: socket.socket) -> dict | None:
     if n < len(head):
         recv_exact(sock, memoryview(head)[n:])
     (length,) = _LENGTH.unpack(head)
-    if length > MAX_HEADER_BYTES:
+    if length > max_bytes:
         raise ConnectionError(f"header of {length} bytes: corrupt stream")
     body = bytearray(length)
     recv_exact(sock, memoryview(body))
@@ -172,10 +174,13 @@ class Connection:
     `deadline` (time.monotonic) bounds every call, so a source that stalls mid-stream cannot
     hang D: `timeout_s` from now at first, moved by whoever reuses the connection for a new
     exchange (see connections.py); `connect_timeout_s` (default: the same) the connect.
+    A new connection first answers the source's challenge and checks its answer to D's
+    (handshake.py): a source without the deployment `secret` is a TransferError.
     """
 
     def __init__(
-        self, endpoint: dict, timeout_s: float, connect_timeout_s: float | None = None
+        self, endpoint: dict, timeout_s: float, connect_timeout_s: float | None = None,
+        secret: DeploymentSecret | None = None,
     ) -> None:
         self.deadline = time.monotonic() + timeout_s
         where = f"{endpoint.get('host')}:{endpoint.get('port')}"
@@ -190,7 +195,21 @@ class Connection:
         except (OSError, KeyError) as e:
             raise TransferError(f"cannot reach KV source {where}: {e}") from e
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            self._handshake(secret)
+        except BaseException:
+            self.sock.close()
+            raise
         widen_socket_buffers(self.sock)  # tcp pulls stream whole layers over it
+
+    def _handshake(self, secret: DeploymentSecret | None) -> None:
+        from pdserve.transfer.handshake import prove_puller  # it imports this module
+
+        if secret is None:
+            raise TransferError("pulling KV needs the deployment secret: set "
+                                "$PDSERVE_DEPLOYMENT_SECRET or pass --secret-file")
+        self._arm()
+        prove_puller(self.sock, secret, self.where)
 
     def _arm(self) -> None:
         left = self.deadline - time.monotonic()

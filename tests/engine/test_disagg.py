@@ -10,14 +10,18 @@ from pdserve.config import CacheConfig, EngineArgs
 from pdserve.engine.engine import Engine
 from pdserve.engine.outputs import EngineRequest, RequestOutput
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.security import DeploymentSecret, SecretError
 from tests.conftest import hf_greedy
 
 NUM_TOKENS = 12
 
 
+SECRET = DeploymentSecret.from_env()  # tests/conftest.py sets it
+
+
 def engine(role: str, **kw) -> Engine:
     cache = CacheConfig(block_size=16, kv_cache_memory=32 * 2**20)
-    return Engine(EngineArgs(role=role, cache=cache, **kw))
+    return Engine(EngineArgs(role=role, cache=cache, deployment_secret=SECRET, **kw))
 
 
 @pytest.fixture(scope="module")
@@ -173,3 +177,33 @@ def test_incompatible_layout_is_refused(prefill, decode, prompts):
     with pytest.raises(ValueError, match="lacks"):
         decode.add_request(EngineRequest("dbad", prompts[0], SamplingParams(max_tokens=4),
                                          kv_transfer_params={"do_remote_prefill": True}))
+
+
+@pytest.mark.parametrize("role", ["prefill", "decode"])
+def test_prefill_and_decode_engines_refuse_to_start_without_the_secret(role):
+    with pytest.raises(SecretError, match="PDSERVE_DEPLOYMENT_SECRET"):
+        Engine(EngineArgs(role=role, cache=CacheConfig(kv_cache_memory=8 * 2**20)))
+
+
+def test_a_held_prefill_carries_its_lease_capability_and_end(prefill, prompts):
+    before = time.time()
+    ktp = prefill_remote(prefill, "pcap", prompts[0]).kv_transfer_params
+    lease = prefill.connector.leases._leases["pcap"]
+    assert ktp["lease_token"] == lease.token and len(ktp["lease_token"]) >= 20
+    ttl = prefill.args.kv_lease_ttl_s
+    assert isinstance(ktp["expires_at"], int) and before + ttl - 2 <= ktp["expires_at"] <= (
+        time.time() + ttl)
+    assert not prefill.release_lease("pcap", "not-the-token") and "pcap" in prefill.connector.leases
+    assert prefill.release_lease("pcap", ktp["lease_token"])
+
+
+def test_a_pull_with_a_wrong_lease_token_is_refused_and_prefilled_locally(
+        prefill, decode, prompts, hf_smollm2):
+    ktp = prefill_remote(prefill, "ptok", prompts[1]).kv_transfer_params
+    failed_before = decode.stats().kv_pulls_failed
+    forged = ktp | {"lease_token": "guessed-" + ktp["lease_token"][8:]}
+    tokens = decode_remote(decode, "dtok", prompts[1], forged)
+    assert tokens == hf_greedy(hf_smollm2, prompts[1], NUM_TOKENS)
+    assert decode.stats().kv_pulls_failed == failed_before + 1
+    assert "ptok" in prefill.connector.leases  # nobody without the token could end it
+    assert prefill.release_lease("ptok", ktp["lease_token"])

@@ -12,6 +12,7 @@ from pdserve.config import CacheConfig, EngineArgs, SchedulerConfig
 from pdserve.engine.engine import Engine
 from pdserve.engine.outputs import EngineRequest
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.security import DeploymentSecret
 from tests.engine.test_disagg import run, settle
 
 NUM_TOKENS = 10
@@ -29,6 +30,7 @@ PROMPTS = [
 def make(folder: str, role: str, tp: int) -> Engine:
     return Engine(EngineArgs(
         model=folder, dtype="float32", device="cpu", role=role, tensor_parallel_size=tp,
+        deployment_secret=DeploymentSecret.from_env(),  # tests/conftest.py sets it
         cache=CacheConfig(block_size=4, num_blocks=96),
         scheduler=SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=4, max_model_len=128)))
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.router.cluster import env, free_port, metric
+from tests.router.cluster import env, free_port, internal, metric
 
 REPO = Path(__file__).resolve().parents[2]
 READY = "- ready"
@@ -105,7 +105,7 @@ def test_table_shows_what_runs_where(up):
 
 
 def test_chat_goes_through_the_router_to_separate_prefill_and_decode(up):
-    instances = httpx.get(up.url + "/instances", timeout=10).json()["instances"]
+    instances = internal("GET", up.url, "/instances").json()["instances"]
     by_role = {i["role"]: i["url"] for i in instances}
     assert set(by_role) == {"prefill", "decode"}
     pids = {role: httpx.get(url + "/health", timeout=10).json()["engine_pid"]
@@ -122,7 +122,7 @@ def test_chat_goes_through_the_router_to_separate_prefill_and_decode(up):
 
 
 def test_a_dying_instance_is_reported(up):
-    decode_url = next(i["url"] for i in httpx.get(up.url + "/instances", timeout=10)
+    decode_url = next(i["url"] for i in internal("GET", up.url, "/instances")
                       .json()["instances"] if i["role"] == "decode")
     port = decode_url.rsplit(":", 1)[1]
     victim = next(pid for pid in descendants(up.proc.pid)

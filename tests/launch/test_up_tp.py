@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.launch.test_up import READY, Up, descendants, start_up
-from tests.router.cluster import blocks_in_use, metric
+from tests.router.cluster import blocks_in_use, internal, metric
 
 PROMPTS = ["The three primary colours are", "A " * 30 + "story about a dragon who"]
 
@@ -43,7 +43,7 @@ def completion(url: str, prompt: str) -> str:
 
 
 def test_tp1_prefill_to_tp3_decode_gives_tp1_tokens(up_tp):
-    instances = httpx.get(up_tp.url + "/instances", timeout=10).json()["instances"]
+    instances = internal("GET", up_tp.url, "/instances").json()["instances"]
     by_role = {i["role"]: i["url"] for i in instances}
     for prompt in PROMPTS:
         # a plain request on P runs colocated at TP=1: the reference

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import httpx
 
+from pdserve.security import DeploymentSecret, sign_request
+
 REPO = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 300.0
 GREEDY = {"temperature": 0.0, "ignore_eos": True}
@@ -68,13 +70,10 @@ def free_port(run: int = 1) -> int:
     raise RuntimeError("no free port")
 
 
-TEST_SECRET = "pdserve-router-tests-deployment-secret"  # one deployment: router + instances
-
-
 def env() -> dict[str, str]:
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    return {"PDSERVE_DEPLOYMENT_SECRET": TEST_SECRET, **os.environ, "PYTHONPATH": path,
-            "PDSERVE_CPU_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    return {**os.environ, "PYTHONPATH": path, "PDSERVE_CPU_THREADS": "1",
+            "OMP_NUM_THREADS": "1"}
 
 
 def spawn(tmp: Path, name: str, *args: str) -> Proc:
@@ -104,6 +103,18 @@ def wait_healthy(*procs: Proc, timeout_s: float = STARTUP_TIMEOUT_S,
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{p.url} did not become healthy:\n{p.log()}")
             time.sleep(0.3)
+
+
+def internal(method: str, base: str, path: str, body: dict | None = None,
+             content: bytes | None = None, timeout: float = 10) -> httpx.Response:
+    """A call signed with the test deployment's secret (tests/conftest.py sets it), as the
+    router and the instances make them to each other; `content`: raw bytes instead of JSON."""
+    secret = DeploymentSecret.from_env()
+    assert secret is not None, "tests/conftest.py sets $PDSERVE_DEPLOYMENT_SECRET"
+    if content is None:
+        content = b"" if body is None else json.dumps(body).encode()
+    headers = {"content-type": "application/json", **sign_request(secret, method, path, content)}
+    return httpx.request(method, base + path, content=content, headers=headers, timeout=timeout)
 
 
 def start_instance(tmp: Path, role: str, *flags: str) -> Proc:

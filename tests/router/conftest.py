@@ -57,7 +57,9 @@ def routers_tmp(tmp_path_factory):
 def slow_lease_prefill(routers_tmp) -> Iterator[Proc]:
     """A prefill instance that holds leases for 600 s: blocks that come back within seconds
     were released on purpose, not by expiry. Tests that use it leave it holding nothing."""
-    p = start_instance(routers_tmp, "prefill", "--kv-lease-ttl-s", "600", *INSTANCE_FLAGS)
+    # --accept-client-kv-requests: the tests also ask it to hold KV directly, as a client
+    p = start_instance(routers_tmp, "prefill", "--kv-lease-ttl-s", "600",
+                       "--accept-client-kv-requests", *INSTANCE_FLAGS)
     try:
         wait_healthy(p)
         yield p

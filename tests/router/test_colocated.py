@@ -13,6 +13,7 @@ from tests.router.cluster import (
     GREEDY,
     blocks_in_use,
     free_port,
+    internal,
     metric,
     sse_events,
     start_router,
@@ -80,7 +81,7 @@ def test_models_health_instances_and_metrics(fleet, router):
     models = httpx.get(router.url + "/v1/models", timeout=10).json()
     assert [m["id"] for m in models["data"]] == ["SmolLM2-135M-Instruct"]
     assert httpx.get(router.url + "/health", timeout=10).status_code == 200
-    listed = httpx.get(router.url + "/instances", timeout=10).json()["instances"]
+    listed = internal("GET", router.url, "/instances").json()["instances"]
     assert {(i["url"], i["role"], i["healthy"]) for i in listed} == {
         (fleet.c0.url, "colocated", True), (fleet.c1.url, "colocated", True)}
     assert metric(router.url, "pdserve_router:requests_total", kind="colocated") >= 1

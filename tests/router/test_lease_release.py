@@ -18,7 +18,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from tests.router.cluster import GREEDY, Proc, free_port, metric, start_router, wait_all_free
+from tests.router.cluster import (
+    GREEDY,
+    Proc,
+    free_port,
+    internal,
+    metric,
+    start_router,
+    wait_all_free,
+)
 
 PROMPT = "The capital of France is"
 RELEASED_WITHIN_S = 5.0  # far under the 600 s TTL, and under the 30 s default
@@ -92,7 +100,7 @@ def router(routers_tmp, slow_lease_prefill, stub) -> Iterator[Proc]:
     """A router over P and the stub D; it saw D healthy once and will not look again."""
     r = start_router(routers_tmp, prefill=[slow_lease_prefill], decode=[stub],
                      flags=("--health-interval", "600"))
-    listed = httpx.get(r.url + "/instances", timeout=10).json()["instances"]
+    listed = internal("GET", r.url, "/instances").json()["instances"]
     assert all(i["healthy"] for i in listed), listed
     yield r
     r.stop()
@@ -198,18 +206,23 @@ def test_release_endpoint_frees_a_held_prefill(slow_lease_prefill):
     ktp = httpx.post(url + "/v1/completions", json=body, timeout=60).json()[
         "kv_transfer_params"]
     assert ktp["remote_block_ids"] and leases(slow_lease_prefill) == 1
-    release = {"remote_request_id": ktp["remote_request_id"]}
-    resp = httpx.post(url + "/v1/kv/release", json=release, timeout=10)
+    wrong = {"remote_request_id": ktp["remote_request_id"], "lease_token": "guess"}
+    resp = internal("POST", url, "/v1/kv/release", wrong)
+    assert resp.status_code == 200 and resp.json() == {"queued": True}  # says nothing, and
+    time.sleep(1.0)
+    assert leases(slow_lease_prefill) == 1  # finding 5: the request id alone frees nothing
+    release = {"remote_request_id": ktp["remote_request_id"], "lease_token": ktp["lease_token"]}
+    resp = internal("POST", url, "/v1/kv/release", release)
     assert resp.status_code == 200 and resp.json() == {"queued": True}
     assert_released(slow_lease_prefill)
-    again = httpx.post(url + "/v1/kv/release", json=release, timeout=10)
+    again = internal("POST", url, "/v1/kv/release", release)
     assert again.status_code == 200 and again.json() == {"queued": True}
 
 
 def test_release_of_an_unknown_id_changes_nothing(slow_lease_prefill):
     url = slow_lease_prefill.url
-    resp = httpx.post(url + "/v1/kv/release", json={"remote_request_id": "cmpl-nope"},
-                      timeout=10)
+    resp = internal("POST", url, "/v1/kv/release", {"remote_request_id": "cmpl-nope",
+                                                     "lease_token": "t"})
     assert resp.status_code == 200 and resp.json() == {"queued": True}
     assert httpx.get(url + "/health", timeout=10).status_code == 200
     assert leases(slow_lease_prefill) == 0
@@ -226,14 +239,14 @@ def assert_openai_400(resp: httpx.Response) -> dict:
 @pytest.mark.parametrize("content", [
     b"{}", b'{"remote_request_id": 7}', b'{"remote_request_id": ""}',
     b'{"remote_request_id": null}', b'["cmpl-1"]', b"not json", b"",
+    b'{"remote_request_id": "cmpl-1"}', b'{"remote_request_id": "cmpl-1", "lease_token": 5}',
 ])
 def test_release_with_a_bad_body_is_400(slow_lease_prefill, content):
-    resp = httpx.post(slow_lease_prefill.url + "/v1/kv/release", content=content, timeout=10,
-                      headers={"content-type": "application/json"})
+    resp = internal("POST", slow_lease_prefill.url, "/v1/kv/release", content=content)
     assert_openai_400(resp)
 
 
 def test_release_on_an_instance_that_is_not_prefill_is_400(fleet):
-    resp = httpx.post(fleet.d0.url + "/v1/kv/release", json={"remote_request_id": "x"},
-                      timeout=10)
+    resp = internal("POST", fleet.d0.url, "/v1/kv/release",
+                    {"remote_request_id": "x", "lease_token": "t"})
     assert "prefill" in assert_openai_400(resp)["message"]

@@ -12,21 +12,30 @@ from contextlib import contextmanager
 import httpx
 
 from pdserve.router.heartbeat import keep_registered
-from tests.router.cluster import GREEDY, metric, start_instance, start_router, wait_healthy
+from pdserve.security import DeploymentSecret
+from tests.router.cluster import (
+    GREEDY,
+    internal,
+    metric,
+    start_instance,
+    start_router,
+    wait_healthy,
+)
 from tests.router.conftest import INSTANCE_FLAGS
 
 TTL_S = 2.0
 
 
 def instances(router) -> list[dict]:
-    return httpx.get(router.url + "/instances", timeout=10).json()["instances"]
+    return internal("GET", router.url, "/instances").json()["instances"]
 
 
 @contextmanager
 def heartbeats(router_url: str, url: str) -> Iterator[None]:
     """The instance side's heartbeat loop, in a thread, for the duration of the block."""
     loop = asyncio.new_event_loop()
-    task = loop.create_task(keep_registered(router_url, url, "colocated", interval_s=0.5,
+    task = loop.create_task(keep_registered(router_url, url, "colocated",
+                                            DeploymentSecret.from_env(), interval_s=0.5,
                                             deregister_on_exit=False))
 
     def run() -> None:
@@ -58,8 +67,8 @@ def test_registered_instance_serves_until_its_heartbeat_lapses(fleet, routers_tm
     router = start_router(routers_tmp, flags=("--heartbeat-ttl", str(TTL_S)))
     try:
         assert httpx.get(router.url + "/health", timeout=10).status_code == 503
-        reg = httpx.post(router.url + "/register",
-                         json={"url": fleet.c0.url, "role": "colocated"}, timeout=10)
+        reg = internal("POST", router.url, "/register",
+                       {"url": fleet.c0.url, "role": "colocated"})
         assert reg.status_code == 200
         assert reg.json()["instance"]["healthy"]  # checked on the spot
         body = {"prompt": "Hello", "max_tokens": 3, **GREEDY}
@@ -78,15 +87,12 @@ def test_registered_instance_serves_until_its_heartbeat_lapses(fleet, routers_tm
 def test_deregister_and_bad_registrations(fleet, routers_tmp):
     router = start_router(routers_tmp)
     try:
-        bad = httpx.post(router.url + "/register", json={"url": fleet.c0.url, "role": "x"},
-                         timeout=10)
+        bad = internal("POST", router.url, "/register", {"url": fleet.c0.url, "role": "x"})
         assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
-        assert httpx.post(router.url + "/register", json={"role": "decode"},
-                          timeout=10).status_code == 400
-        httpx.post(router.url + "/register", json={"url": fleet.c0.url, "role": "colocated"},
-                   timeout=10)
+        assert internal("POST", router.url, "/register", {"role": "decode"}).status_code == 400
+        internal("POST", router.url, "/register", {"url": fleet.c0.url, "role": "colocated"})
         assert len(instances(router)) == 1
-        gone = httpx.post(router.url + "/deregister", json={"url": fleet.c0.url}, timeout=10)
+        gone = internal("POST", router.url, "/deregister", {"url": fleet.c0.url})
         assert gone.json()["removed"] is True and instances(router) == []
     finally:
         router.stop()

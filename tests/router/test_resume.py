@@ -23,7 +23,6 @@ from pdserve.security import DeploymentSecret, sign_request
 from tests.router.cluster import (
     GREEDY,
     REPO,
-    TEST_SECRET,
     Proc,
     env,
     free_port,
@@ -250,7 +249,7 @@ def test_an_instance_continues_a_signed_resume_exactly(pool):
     head = "".join(text for _, text in chunks[:10])  # what a client of it has
     content = json.dumps(resume_request(ids, len(head))).encode()
     headers = {"content-type": "application/json",
-               **sign_request(DeploymentSecret.from_text(TEST_SECRET), "POST",
+               **sign_request(DeploymentSecret.from_env(), "POST",
                               "/v1/completions", content)}
     with httpx.stream("POST", d.url + "/v1/completions", content=content, headers=headers,
                       timeout=300) as resp:
@@ -275,7 +274,7 @@ def test_a_client_cannot_send_resume_to_an_instance(pool, auth):
         headers.update(sign_request(DeploymentSecret.from_text("x" * 32), "POST",
                                     "/v1/completions", content))
     elif auth == "other_body":
-        headers.update(sign_request(DeploymentSecret.from_text(TEST_SECRET), "POST",
+        headers.update(sign_request(DeploymentSecret.from_env(), "POST",
                                     "/v1/completions", b"{}"))
     resp = httpx.post(d.url + "/v1/completions", content=content, headers=headers, timeout=60)
     assert resp.status_code == 400, resp.text

@@ -192,12 +192,13 @@ def test_unknown_route_is_openai_shaped_404(client):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_kv_transfer_params_on_a_colocated_instance(client, stream):
-    # refused by the engine itself: its ValueError must come back as a 400, even streaming
+    # refused at the edge, before the engine: a client's kv_transfer_params are internal to
+    # a deployment (docs/DESIGN.md, Trust model); a 400 even streaming
     body = {"prompt": "hi", "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True},
             "stream": stream}
     resp = client.post("/v1/completions", json=body)
-    assert_openai_error(resp, 400)
-    assert "colocated" in resp.json()["error"]["message"]
+    assert_openai_error(resp, 400, "kv_transfer_params")
+    assert "internal" in resp.json()["error"]["message"]
     assert_still_serves(client)
 
 

@@ -119,7 +119,10 @@ def test_different_seeds_sample_differently(client):
 
 def test_kv_transfer_params_round_trip_is_a_dict_or_absent(client):
     # The engine fills kv_transfer_params on P/D instances; colocated, it may echo nothing.
-    resp = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 1,
-                                                "kv_transfer_params": {"x": 1}, **GREEDY})
+    resp = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 1, **GREEDY})
     assert resp.status_code == 200, resp.text
     assert isinstance(resp.json().get("kv_transfer_params", {}), dict)
+    # a client's own are refused (docs/DESIGN.md, Trust model): internal to a deployment
+    resp = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 1,
+                                                "kv_transfer_params": {"x": 1}, **GREEDY})
+    assert resp.status_code == 400 and "internal" in resp.json()["error"]["message"]

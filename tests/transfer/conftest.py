@@ -9,11 +9,13 @@ import torch
 
 from pdserve.transfer import KVLayout
 
-from .source_process import random_caches, start_source
+from .source_process import TOKEN, deployment_secret, random_caches, start_source
 
 LAYOUT = KVLayout(dtype="bfloat16", block_size=4, num_layers=3, num_kv_heads=4, head_dim=8)
 NUM_BLOCKS = 24
 SEED = 7
+SECRET = deployment_secret()  # what every source and puller here proves to the other
+T = TOKEN  # the lease token of every lease the pull tests hold
 
 
 @pytest.fixture(scope="session")

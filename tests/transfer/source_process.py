@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pdserve.security import DeploymentSecret
 from pdserve.transfer import (
     KVLayout,
     KVSource,
@@ -14,6 +15,15 @@ from pdserve.transfer import (
     allocate_shared_kv_caches,
     unlink_shared_kv_caches,
 )
+
+TOKEN = "test-lease-token"  # every lease of a source process: the pull tests' capability
+
+
+def deployment_secret() -> DeploymentSecret:
+    """The deployment secret tests/conftest.py puts in the environment (spawned children too)."""
+    secret = DeploymentSecret.from_env()
+    assert secret is not None, "tests/conftest.py sets $PDSERVE_DEPLOYMENT_SECRET"
+    return secret
 
 
 def random_caches(layout: KVLayout, num_blocks: int, seed: int, device: str = "cpu") -> list:
@@ -43,7 +53,8 @@ def _rank_source(
         for dst, src in zip(shared_caches, caches):
             dst.copy_(src)
         caches = shared_caches
-    return KVSource(caches, layout, leases, shm_name=shm_name, staging_bytes=staging_bytes).start()
+    return KVSource(caches, layout, leases, shm_name=shm_name, staging_bytes=staging_bytes,
+                    secret=deployment_secret()).start()
 
 
 def _serve(
@@ -58,11 +69,10 @@ def _serve(
     conn.send([s.endpoint() for s in sources])
     while True:
         op, *args = conn.recv()
-        if op == "hold":
-            leases.hold(*args)
-            conn.send(True)
+        if op == "hold":  # answers the lease's token
+            conn.send(leases.hold(*args, token=TOKEN).token)
         elif op == "release":
-            conn.send(leases.release(*args))
+            conn.send(leases.release(*args, TOKEN))
         elif op == "expire":
             conn.send(leases.expire())
         elif op == "stop":

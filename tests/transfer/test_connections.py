@@ -19,11 +19,13 @@ from pdserve.transfer import (
     allocate_shared_kv_caches,
     unlink_shared_kv_caches,
 )
+from pdserve.transfer.connections import SourceConnections
+from pdserve.transfer.handshake import prove_source
 from pdserve.transfer.host import HostPuller
 from pdserve.transfer.tcp import TcpPuller
 from pdserve.transfer.wire import recv_msg, send_msg
 
-from .conftest import LAYOUT, empty_caches
+from .conftest import LAYOUT, SECRET, T, empty_caches
 from .source_process import random_caches
 
 NUM_BLOCKS = 8
@@ -41,7 +43,7 @@ def make_source():
         for dst, src in zip(caches, random_caches(LAYOUT, NUM_BLOCKS, seed)):
             dst.copy_(src)
         source = KVSource(caches, LAYOUT, LeaseTable(), port=port, shm_name=name,
-                          read_timeout_s=read_timeout_s)
+                          read_timeout_s=read_timeout_s, secret=SECRET)
         started.append(source.start())
         return source
 
@@ -53,16 +55,16 @@ def make_source():
 
 @pytest.fixture(params=sorted(PULLERS))
 def puller(request):
-    p = PULLERS[request.param](timeout_s=5.0)
+    p = PULLERS[request.param](timeout_s=5.0, conns=SourceConnections(SECRET))
     yield p
     p.close()
 
 
 def pull_and_check(puller, source: KVSource, seed: int, rid: str, remote_ids: list[int]) -> None:
-    source.leases.hold(rid, remote_ids)
+    source.leases.hold(rid, remote_ids, token=T)
     local = empty_caches(LAYOUT, len(remote_ids))
     local_ids = list(range(len(remote_ids)))[::-1]
-    puller.pull(source.endpoint(), rid, remote_ids, local_ids, local)
+    puller.pull(source.endpoint(), rid, remote_ids, local_ids, local, lease_token=T)
     for mine, theirs in zip(local, random_caches(LAYOUT, NUM_BLOCKS, seed)):
         assert torch.equal(mine[:, local_ids], theirs[:, remote_ids])
 
@@ -71,17 +73,17 @@ def test_two_pulls_and_a_release_share_one_connection(make_source, puller):
     source = make_source(seed=1)
     pull_and_check(puller, source, 1, "a", [3, 5])
     pull_and_check(puller, source, 1, "b", [6, 0, 2])
-    assert puller.release(source.endpoint(), "a") is True
+    assert puller.release(source.endpoint(), "a", T) is True
     assert source.connections_accepted == 1
     assert len(puller.conns) == 1
 
 
 def test_kv_puller_pulls_and_releases_over_one_connection(make_source):
     source = make_source(seed=2)
-    source.leases.hold("r", [4, 1, 7])
-    remote = RemoteKV("p", "r", [4, 1, 7], LAYOUT, [source.endpoint()])
+    source.leases.hold("r", [4, 1, 7], token=T)
+    remote = RemoteKV("p", "r", [4, 1, 7], LAYOUT, [source.endpoint()], T)
     local = empty_caches(LAYOUT, 3)
-    puller = KVPuller(LAYOUT, local)
+    puller = KVPuller(LAYOUT, local, secret=SECRET)
     puller.pull(remote, [0, 1])
     puller.pull(remote, [2], first_block=2)
     assert puller.release(remote)
@@ -97,7 +99,7 @@ def test_a_connection_the_source_closed_while_idle_is_redialed(make_source, pull
     pull_and_check(puller, source, 3, "a", [1, 2])
     time.sleep(0.6)  # P closes the idle connection
     pull_and_check(puller, source, 3, "b", [5, 4])
-    assert puller.release(source.endpoint(), "b") is True
+    assert puller.release(source.endpoint(), "b", T) is True
     assert source.connections_accepted == 2
 
 
@@ -113,7 +115,7 @@ def test_a_source_restarted_on_the_same_port_is_redialed_and_remapped(make_sourc
 def test_a_failed_pull_closes_its_connection(make_source, puller):
     source = make_source(seed=6)
     with pytest.raises(TransferError, match="no live lease"):
-        puller.pull(source.endpoint(), "nobody", [1], [0], empty_caches(LAYOUT, 1))
+        puller.pull(source.endpoint(), "nobody", [1], [0], empty_caches(LAYOUT, 1), lease_token=T)
     assert len(puller.conns) == 0
     pull_and_check(puller, source, 6, "a", [1])
     assert source.connections_accepted == 2
@@ -129,6 +131,7 @@ def scripted_source(replies: list[list[dict | None]]) -> tuple[socket.socket, li
             conn, _ = server.accept()
             accepted[0] += 1
             with conn:
+                assert prove_source(conn, SECRET)
                 for reply in script:
                     recv_msg(conn)
                     if reply is None:
@@ -144,9 +147,9 @@ def test_a_request_that_races_the_idle_close_is_sent_again_once():
     server, accepted = scripted_source([[{"released": True}, None], [{"released": True}]])
     with server:
         endpoint = {"host": "127.0.0.1", "port": server.getsockname()[1]}
-        puller = TcpPuller(timeout_s=2.0)
-        assert puller.release(endpoint, "a") is True
-        assert puller.release(endpoint, "b") is True  # on a second connection
+        puller = TcpPuller(timeout_s=2.0, conns=SourceConnections(SECRET))
+        assert puller.release(endpoint, "a", T) is True
+        assert puller.release(endpoint, "b", T) is True  # on a second connection
         assert accepted[0] == 2
         puller.close()
 
@@ -156,6 +159,6 @@ def test_a_new_connection_closed_before_the_reply_is_not_retried():
     with server:
         endpoint = {"host": "127.0.0.1", "port": server.getsockname()[1]}
         with pytest.raises(TransferError, match="closed"):
-            TcpPuller(timeout_s=2.0).release(endpoint, "a")
+            TcpPuller(timeout_s=2.0, conns=SourceConnections(SECRET)).release(endpoint, "a", T)
         time.sleep(0.1)
         assert accepted[0] == 1

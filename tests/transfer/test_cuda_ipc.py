@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from pdserve.transfer import HeadSlice, KVLayout, KVPuller, RemoteKV, TransferError
+from pdserve.transfer.connections import SourceConnections
 from pdserve.transfer.cuda_ipc import CudaIpcPuller
 from pdserve.transfer.host import HostPuller
 from pdserve.transfer.tcp import TcpPuller
 
+from .conftest import SECRET, T
 from .source_process import random_caches, start_source
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -55,20 +57,21 @@ def test_pull_is_bit_exact(gpu_source, expected, device, puller_cls):
     gpu_source.call("hold", rid, [40, 3, 17, 8, 63])
     local = empty(LAYOUT, 10, device)
     puller = puller_cls()
-    stats = puller.pull(gpu_source.endpoint, rid, [40, 3, 17, 8, 63], [9, 0, 4, 5, 2], local)
+    stats = puller.pull(gpu_source.endpoint, rid, [40, 3, 17, 8, 63], [9, 0, 4, 5, 2], local,
+                        lease_token=T)
     assert stats.bytes == 5 * LAYOUT.bytes_per_block
     for mine, theirs in zip(local, expected):
         assert torch.equal(mine[:, [9, 0, 4, 5, 2]].cpu(), theirs[:, [40, 3, 17, 8, 63]])
-    assert puller.release(gpu_source.endpoint, rid)
+    assert puller.release(gpu_source.endpoint, rid, T)
 
 
 def test_pull_half_the_heads(gpu_source, expected, device):
     gpu_source.call("hold", "gpu-half", [1, 2])
     half = KVLayout(**{**LAYOUT.to_dict(), "tp_size": 2, "tp_rank": 1})
     local = empty(half, 2, device)
-    CudaIpcPuller().pull(
-        gpu_source.endpoint, "gpu-half", [1, 2], [1, 0], local, HeadSlice(0, 4, 8, 0)
-    )
+    CudaIpcPuller(conns=SourceConnections(SECRET)).pull(
+        gpu_source.endpoint, "gpu-half", [1, 2], [1, 0], local, HeadSlice(0, 4, 8, 0),
+        lease_token=T)
     for mine, theirs in zip(local, expected):
         assert torch.equal(mine[:, [1, 0]].cpu(), theirs[:, [1, 2], :, 4:8])
 
@@ -98,8 +101,9 @@ def test_kernel_pull_matches_the_torch_path(gpu_source, expected, device, kind, 
         for _ in range(2)
     )
     for caches, kernel in ((by_kernel, True), (by_torch, False)):
-        CudaIpcPuller(kernel=kernel).pull(gpu_source.endpoint, rid, remote_ids, local_ids,
-                                          caches, heads)
+        puller = CudaIpcPuller(kernel=kernel, conns=SourceConnections(SECRET))
+        puller.pull(gpu_source.endpoint, rid, remote_ids, local_ids, caches, heads,
+                    lease_token=T)
     part = heads or HeadSlice(0, 0, LAYOUT.num_kv_heads, 0)
     for mine, torch_path, theirs in zip(by_kernel, by_torch, expected):
         assert torch.equal(mine.view(torch.int16), torch_path.view(torch.int16))
@@ -109,13 +113,14 @@ def test_kernel_pull_matches_the_torch_path(gpu_source, expected, device, kind, 
 
 def test_pull_without_lease_is_refused(gpu_source, device):
     with pytest.raises(TransferError, match="no live lease"):
-        CudaIpcPuller().pull(gpu_source.endpoint, "nobody", [1], [0], empty(LAYOUT, 1, device))
+        CudaIpcPuller(conns=SourceConnections(SECRET)).pull(
+            gpu_source.endpoint, "nobody", [1], [0], empty(LAYOUT, 1, device), lease_token=T)
 
 
 def test_kv_puller_picks_cuda_ipc(gpu_source, expected, device):
     gpu_source.call("hold", "gpu-auto", [5])
-    remote = RemoteKV("p", "gpu-auto", [5], LAYOUT, gpu_source.endpoints)
+    remote = RemoteKV("p", "gpu-auto", [5], LAYOUT, gpu_source.endpoints, T)
     local = empty(LAYOUT, 1, device)
-    stats = KVPuller(LAYOUT, local).pull(remote, [0])
+    stats = KVPuller(LAYOUT, local, secret=SECRET).pull(remote, [0])
     assert stats.transport == "cuda_ipc"
     assert torch.equal(local[0][:, [0]].cpu(), expected[0][:, [5]])

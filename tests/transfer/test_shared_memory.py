@@ -17,9 +17,10 @@ from pdserve.transfer import (
     remove_stale_shared_kv_caches,
     unlink_shared_kv_caches,
 )
+from pdserve.transfer.connections import SourceConnections
 from pdserve.transfer.host import HostPuller, shared_kv_path
 
-from .conftest import LAYOUT, NUM_BLOCKS, empty_caches
+from .conftest import LAYOUT, NUM_BLOCKS, SECRET, T, empty_caches
 from .source_process import start_source
 
 
@@ -76,12 +77,13 @@ def test_a_crashed_source_fails_the_pull_and_its_file_is_reaped():
     proc = start_source(LAYOUT, NUM_BLOCKS, seed=12, shared=True)
     pid = proc.process.pid
     proc.call("hold", "r", [1])
-    puller = HostPuller(timeout_s=2.0)
-    puller.pull(proc.endpoint, "r", [1], [0], empty_caches(LAYOUT, 1))  # maps the file
+    puller = HostPuller(timeout_s=2.0, conns=SourceConnections(SECRET))
+    puller.pull(proc.endpoint, "r", [1], [0], empty_caches(LAYOUT, 1),
+                lease_token=T)  # maps the file
     os.kill(pid, signal.SIGKILL)
     proc.process.join(5)
     with pytest.raises(TransferError):
-        puller.pull(proc.endpoint, "r", [1], [0], empty_caches(LAYOUT, 1))
+        puller.pull(proc.endpoint, "r", [1], [0], empty_caches(LAYOUT, 1), lease_token=T)
     assert len(puller.conns) == 0  # nor its mapping: the dead source's memory is unmapped
     assert len(shm_files(pid)) == 1  # SIGKILL runs no clean-up ...
     assert shared_kv_path("test-12", pid) in remove_stale_shared_kv_caches()

@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from pdserve.transfer import HeadSlice, KVLayout, TransferError
+from pdserve.transfer.connections import SourceConnections
+from pdserve.transfer.handshake import prove_source
 from pdserve.transfer.tcp import NUM_SLOTS, TcpPuller
 from pdserve.transfer.wire import Connection, recv_exact, recv_msg, send_msg, send_tensor
 
-from .conftest import empty_caches
+from .conftest import SECRET, T, empty_caches
 from .source_process import random_caches, start_source
 
 # more layers than buffers; a whole pull (12 MiB) more than the sockets queue between the ends
@@ -36,7 +38,7 @@ def remote_caches() -> list[torch.Tensor]:
 
 @pytest.fixture
 def puller():
-    p = TcpPuller(timeout_s=10.0)
+    p = TcpPuller(timeout_s=10.0, conns=SourceConnections(SECRET))
     yield p
     p.close()
 
@@ -74,7 +76,8 @@ def test_consecutive_pulls_over_one_connection_are_bit_exact(source, remote_cach
         rid = f"many-{n}"
         source.call("hold", rid, remote_ids)
         local = caches_with_heads(local_heads, 40)
-        stats = puller.pull(source.endpoint, rid, remote_ids, local_ids, local, heads)
+        stats = puller.pull(source.endpoint, rid, remote_ids, local_ids, local, heads,
+                            lease_token=T)
         check(local, remote_caches, remote_ids, local_ids, heads)
         width = local_heads if heads is None else heads.num_heads
         assert stats.bytes == len(remote_ids) * LAYOUT.bytes_per_block * width // 4
@@ -85,10 +88,11 @@ def test_consecutive_pulls_over_one_connection_are_bit_exact(source, remote_cach
 def test_receive_buffers_are_allocated_once(source, puller):
     source.call("hold", "buffers", list(range(16)))
     local = empty_caches(LAYOUT, 16)
-    puller.pull(source.endpoint, "buffers", list(range(16)), list(range(16)), local)
+    puller.pull(source.endpoint, "buffers", list(range(16)), list(range(16)), local, lease_token=T)
     first = [slot._buf.data_ptr() for slot in puller._landing.slots]
-    puller.pull(source.endpoint, "buffers", list(range(16)), list(range(16)), local)
-    puller.pull(source.endpoint, "buffers", [3, 1], [0, 1], local)  # smaller: same buffers
+    puller.pull(source.endpoint, "buffers", list(range(16)), list(range(16)), local, lease_token=T)
+    puller.pull(source.endpoint, "buffers", [3, 1], [0, 1], local,
+                lease_token=T)  # smaller: same buffers
     assert [slot._buf.data_ptr() for slot in puller._landing.slots] == first
     source.call("release", "buffers")
 
@@ -102,6 +106,7 @@ def cut_source(cut_layer: int, num_blocks: int) -> socket.socket:
     def serve() -> None:
         conn, _ = server.accept()
         with conn:
+            assert prove_source(conn, SECRET)
             recv_msg(conn)
             send_msg(conn, {"num_layers": LAYOUT.num_layers})
             for i in range(cut_layer):
@@ -120,10 +125,11 @@ def test_a_stream_cut_mid_layer_fails_the_pull_and_the_puller_pulls_again(
     with cut_source(cut_layer=NUM_SLOTS + 1, num_blocks=3) as server:
         endpoint = {"host": "127.0.0.1", "port": server.getsockname()[1], "transports": ["tcp"]}
         with pytest.raises(TransferError, match="closed"):
-            puller.pull(endpoint, "cut", [0, 1, 2], [0, 1, 2], empty_caches(LAYOUT, 3))
+            puller.pull(endpoint, "cut", [0, 1, 2], [0, 1, 2], empty_caches(LAYOUT, 3),
+                        lease_token=T)
     source.call("hold", "after-cut", [9, 4, 33])
     local = empty_caches(LAYOUT, 8)
-    puller.pull(source.endpoint, "after-cut", [9, 4, 33], [7, 2, 5], local)
+    puller.pull(source.endpoint, "after-cut", [9, 4, 33], [7, 2, 5], local, lease_token=T)
     check(local, remote_caches, [9, 4, 33], [7, 2, 5], None)
 
 
@@ -132,14 +138,15 @@ def test_a_reader_that_hangs_up_mid_layer_leaves_the_source_serving(
 ):
     everything = list(range(NUM_BLOCKS))
     source.call("hold", "hang-up", everything)
-    with Connection(source.endpoint, 10.0) as conn:
-        read = {"op": "read", "request_id": "hang-up", "block_ids": everything, "heads": None}
+    with Connection(source.endpoint, 10.0, secret=SECRET) as conn:
+        read = {"op": "read", "lease_token": T, "request_id": "hang-up", "block_ids": everything,
+                "heads": None}
         assert conn.call(read)["num_layers"] == LAYOUT.num_layers
         header = conn.recv()
         assert header["layer"] == 0
         recv_exact(conn.sock, memoryview(bytearray(header["nbytes"] // 3)))
     local = empty_caches(LAYOUT, NUM_BLOCKS)  # the lease is still there: pull it all
-    puller.pull(source.endpoint, "hang-up", everything, everything[::-1], local)
+    puller.pull(source.endpoint, "hang-up", everything, everything[::-1], local, lease_token=T)
     check(local, remote_caches, everything, everything[::-1], None)
     source.call("release", "hang-up")
 
@@ -147,9 +154,10 @@ def test_a_reader_that_hangs_up_mid_layer_leaves_the_source_serving(
 def test_a_failed_scatter_fails_the_pull_and_the_next_pull_works(source, remote_caches, puller):
     source.call("hold", "scatter", [6, 7])
     with pytest.raises(TransferError):  # block 9 is past the end of D's 4 blocks
-        puller.pull(source.endpoint, "scatter", [6, 7], [0, 9], empty_caches(LAYOUT, 4))
+        puller.pull(source.endpoint, "scatter", [6, 7], [0, 9], empty_caches(LAYOUT, 4),
+                    lease_token=T)
     local = empty_caches(LAYOUT, 4)
-    puller.pull(source.endpoint, "scatter", [6, 7], [3, 0], local)
+    puller.pull(source.endpoint, "scatter", [6, 7], [3, 0], local, lease_token=T)
     check(local, remote_caches, [6, 7], [3, 0], None)
     source.call("release", "scatter")
 
@@ -157,12 +165,13 @@ def test_a_failed_scatter_fails_the_pull_and_the_next_pull_works(source, remote_
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_gpu_to_gpu_pulls_through_pinned_buffers_are_bit_exact(remote_caches):
     gpu_source = start_source(LAYOUT, NUM_BLOCKS, SEED, device="cuda")
-    puller = TcpPuller(timeout_s=10.0)
+    puller = TcpPuller(timeout_s=10.0, conns=SourceConnections(SECRET))
     try:
         for n, (remote_ids, local_ids, heads, local_heads) in enumerate(PULLS):
             gpu_source.call("hold", f"gpu-{n}", remote_ids)
             local = caches_with_heads(local_heads, 40, "cuda")
-            puller.pull(gpu_source.endpoint, f"gpu-{n}", remote_ids, local_ids, local, heads)
+            puller.pull(gpu_source.endpoint, f"gpu-{n}", remote_ids, local_ids, local, heads,
+                        lease_token=T)
             check(local, remote_caches, remote_ids, local_ids, heads)
         assert all(slot.pinned for slot in puller._landing.slots)
     finally:

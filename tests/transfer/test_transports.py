@@ -17,7 +17,7 @@ from pdserve.transfer import (
 )
 from pdserve.transfer.host import local_host_id
 
-from .conftest import LAYOUT, NUM_BLOCKS, empty_caches
+from .conftest import LAYOUT, NUM_BLOCKS, SECRET, empty_caches
 from .source_process import random_caches, start_source
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda", 0)
@@ -63,8 +63,9 @@ def test_a_forced_transport_must_be_offered():
         choose_transport(endpoint, CPU, prefer="cuda_ipc")
 
 
-def remote_kv(source, request_id: str, block_ids: list[int], layout: KVLayout) -> RemoteKV:
-    return RemoteKV("prefill-0", request_id, block_ids, layout, source.endpoints)
+def remote_kv(source, request_id: str, block_ids: list[int], layout: KVLayout,
+              token: str = "a-token") -> RemoteKV:
+    return RemoteKV("prefill-0", request_id, block_ids, layout, source.endpoints, token)
 
 
 def test_kv_transfer_params_keep_vllm_fields_and_round_trip(source):
@@ -87,12 +88,12 @@ def test_params_without_pdserve_fields_are_rejected():
 def test_puller_pulls_a_request_then_releases_it(source, remote_caches, transport):
     rid = f"r-whole-{transport}"
     source.call("expire")
-    source.call("hold", rid, [7, 3, 20])
+    token = source.call("hold", rid, [7, 3, 20])
     remote = RemoteKV.from_kv_transfer_params(
-        remote_kv(source, rid, [7, 3, 20], LAYOUT).to_kv_transfer_params()
+        remote_kv(source, rid, [7, 3, 20], LAYOUT, token).to_kv_transfer_params()
     )
     local = empty_caches(LAYOUT, 8)
-    puller = KVPuller(LAYOUT, local, transport=transport)
+    puller = KVPuller(LAYOUT, local, transport=transport, secret=SECRET)
     stats = puller.pull(remote, [5, 1], first_block=1)  # D's prefix cache has block 0
     assert stats.transport == (transport or "host")
     for mine, theirs in zip(local, remote_caches):
@@ -104,12 +105,12 @@ def test_puller_pulls_a_request_then_releases_it(source, remote_caches, transpor
 
 def test_decode_tp2_pulls_its_half_of_a_tp1_prefill(source, remote_caches):
     rid = "r-tp2"
-    source.call("hold", rid, [10, 12])
-    remote = remote_kv(source, rid, [10, 12], LAYOUT)
+    token = source.call("hold", rid, [10, 12])
+    remote = remote_kv(source, rid, [10, 12], LAYOUT, token)
     for rank in range(2):
         layout = KVLayout(**{**LAYOUT.to_dict(), "tp_size": 2, "tp_rank": rank})
         local = empty_caches(layout, 3)
-        KVPuller(layout, local).pull(remote, [2, 0])
+        KVPuller(layout, local, secret=SECRET).pull(remote, [2, 0])
         lo, hi = layout.heads
         for mine, theirs in zip(local, remote_caches):
             assert torch.equal(mine[:, [2, 0]], theirs[:, [10, 12], :, lo:hi])
@@ -119,10 +120,10 @@ def test_decode_tp1_pulls_from_both_ranks_of_a_tp2_prefill():
     p_layout = KVLayout(**{**LAYOUT.to_dict(), "tp_size": 2})
     proc = start_source(p_layout, NUM_BLOCKS, seed=30, shared=True)
     try:
-        proc.call("hold", "r", [5, 6])
-        remote = remote_kv(proc, "r", [5, 6], p_layout)
+        token = proc.call("hold", "r", [5, 6])
+        remote = remote_kv(proc, "r", [5, 6], p_layout, token)
         local = empty_caches(LAYOUT, 2)
-        stats = KVPuller(LAYOUT, local).pull(remote, [1, 0])
+        stats = KVPuller(LAYOUT, local, secret=SECRET).pull(remote, [1, 0])
         assert stats.bytes == 2 * LAYOUT.bytes_per_block
         ranks = [random_caches(p_layout.for_rank(r), NUM_BLOCKS, 30 + r) for r in range(2)]
         for layer, mine in enumerate(local):
@@ -136,7 +137,7 @@ def test_incompatible_layouts_are_refused_before_any_transfer(source):
     other = KVLayout(**{**LAYOUT.to_dict(), "block_size": 8})
     remote = remote_kv(source, "r-none", [1], LAYOUT)
     with pytest.raises(IncompatibleLayout):
-        KVPuller(other, empty_caches(other, 1)).pull(remote, [0])
+        KVPuller(other, empty_caches(other, 1), secret=SECRET).pull(remote, [0])
 
 
 def test_a_failing_transport_falls_back_to_the_next_and_is_not_retried(
@@ -153,10 +154,10 @@ def test_a_failing_transport_falls_back_to_the_next_and_is_not_retried(
     monkeypatch.setattr(host.HostPuller, "pull", refuse)
     rid = "r-fallback"
     source.call("expire")
-    source.call("hold", rid, [4, 9])
-    remote = remote_kv(source, rid, [4, 9], LAYOUT)
+    token = source.call("hold", rid, [4, 9])
+    remote = remote_kv(source, rid, [4, 9], LAYOUT, token)
     local = empty_caches(LAYOUT, 8)
-    puller = KVPuller(LAYOUT, local)
+    puller = KVPuller(LAYOUT, local, secret=SECRET)
     assert puller.pull(remote, [2, 6]).transport == "tcp"
     assert puller.pull(remote, [3, 7]).transport == "tcp"
     assert len(calls) == 1  # the broken transport is not tried again for this source
