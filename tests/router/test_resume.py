@@ -26,6 +26,7 @@ from tests.router.cluster import (
     Proc,
     env,
     free_port,
+    internal,
     metric,
     start_router,
     wait_healthy,
@@ -119,7 +120,7 @@ def path_of(chat: bool) -> str:
 
 def serving_decode(router: Proc, pool: Pool) -> Proc | None:
     """The decode instance the router has a request on, if any."""
-    listed = httpx.get(router.url + "/instances", timeout=10).json()["instances"]
+    listed = internal("GET", router.url, "/instances").json()["instances"]
     busy = {i["url"] for i in listed if i["in_flight"] > 0 and i["role"] == "decode"}
     return next((p for p in pool.of("decode") if p.url in busy), None)
 
