@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.router.cluster import GREEDY, metric, start_router, wait_all_free
+from tests.router.cluster import GREEDY, internal, metric, start_router, wait_all_free
 
 pytestmark = pytest.mark.kills_instance
 
@@ -38,7 +38,7 @@ def orphan_lease(fleet) -> None:
     """A prefill whose decode never comes: its lease must expire and free the blocks."""
     body = {"prompt": PROMPTS[0] * 4, "max_tokens": 1, **GREEDY,
             "kv_transfer_params": {"do_remote_decode": True}}
-    resp = httpx.post(fleet.p0.url + "/v1/completions", json=body, timeout=120)
+    resp = internal("POST", fleet.p0.url, "/v1/completions", body, timeout=120)
     assert resp.json()["kv_transfer_params"]["remote_block_ids"]
 
 
@@ -59,7 +59,7 @@ async def _load(url: str, n: int) -> list[tuple[str, int, str]]:
 def kill_when_busy(router_url: str, victim, in_flight: int) -> threading.Thread:
     """Kill `victim` (and its engine) once the router has `in_flight` requests on it."""
     def busy() -> int:
-        listed = httpx.get(router_url + "/instances", timeout=10).json()["instances"]
+        listed = internal("GET", router_url, "/instances").json()["instances"]
         return next((i["in_flight"] for i in listed if i["url"] == victim.url), 0)
 
     def run() -> None:
