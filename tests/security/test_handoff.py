@@ -28,6 +28,7 @@ from tests.router.cluster import (
     REPO,
     Proc,
     env,
+    internal,
     metric,
     start_instance,
     start_router,
@@ -126,7 +127,7 @@ def test_p_signs_its_hand_off_and_the_router_path_pulls_it(cluster):
     assert {"prompt_digest", "expires_at", "lease_token", "pdserve_sig"} <= set(ktp)
     assert ktp["expires_at"] > time.time() + 10
     release = {"remote_request_id": ktp["remote_request_id"], "lease_token": ktp["lease_token"]}
-    assert httpx.post(cluster.p.url + "/v1/kv/release", json=release, timeout=10).status_code == 200
+    assert internal("POST", cluster.p.url, "/v1/kv/release", release).status_code == 200
     pulls = metric(cluster.d.url, "pdserve:kv_pulls_ok_total")
     via_router = text(post(cluster.router.url, PROMPT_C))
     # D honoured P's signature, after the router carried it
