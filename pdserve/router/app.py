@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from pdserve.drain import Drain, DrainMiddleware, draining_health
 from pdserve.router.health import check, poll_forever
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.proxy import Router, json_error
@@ -24,8 +25,9 @@ UPSTREAM_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=2
 
 
 def build_app(registry: Registry, health_interval_s: float = 1.0,
-              pd_min_prompt_tokens: int = 0) -> FastAPI:
-    """The app; its lifespan opens the HTTP client to instances and starts health checks."""
+              pd_min_prompt_tokens: int = 0, drain: Drain | None = None) -> FastAPI:
+    """The app; its lifespan opens the HTTP client to instances and starts health checks.
+    `drain` (a DrainingServer's) refuses new requests and finishes those in flight."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -42,6 +44,8 @@ def build_app(registry: Registry, health_interval_s: float = 1.0,
             await client.aclose()
 
     app = FastAPI(title="pdserve router", lifespan=lifespan)
+    app.state.drain = drain or Drain()
+    app.add_middleware(DrainMiddleware, drain=app.state.drain)
     _add_openai_routes(app)
     _add_registry_routes(app, registry)
     return app
@@ -113,6 +117,8 @@ def _add_openai_routes(app: FastAPI) -> None:
     @app.get("/health")
     async def health(request: Request) -> Response:
         registry = _router(request).registry
+        if request.app.state.drain.draining:
+            return draining_health()
         if registry.can_serve():
             return JSONResponse({"status": "ok"})
         return json_error(503, "no healthy instance", "no_healthy_instance")

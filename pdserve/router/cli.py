@@ -7,6 +7,8 @@ import sys
 
 import uvicorn
 
+from pdserve.drain import Drain, DrainingServer, add_drain_flag
+
 
 def add_parser(subparsers) -> None:
     """Register `router` on the top-level `pdserve` parser."""
@@ -36,6 +38,7 @@ def add_parser(subparsers) -> None:
                    "so the router needs no tokenizer. 0 = always disaggregate: where the "
                    "crossover lies depends on model, GPU and load (on H200, 1P1D lost at "
                    "2k-token prompts and won at 8k), so measure before setting it")
+    add_drain_flag(p)
     p.add_argument("--log-level", default="warning", help="uvicorn's log level")
     p.set_defaults(func=run)
 
@@ -56,13 +59,14 @@ def run(args: argparse.Namespace) -> int:
     for role in ("prefill", "decode", "colocated"):
         for url in getattr(args, role):
             registry.add_static(url, role)
-    app = build_app(registry, args.health_interval, args.pd_min_prompt_tokens)
+    drain = Drain(args.drain_timeout)
+    app = build_app(registry, args.health_interval, args.pd_min_prompt_tokens, drain)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, drain)
     try:
-        server.run()
-    except KeyboardInterrupt:
+        server.run()  # SIGTERM and Ctrl-C drain, then return (see pdserve/drain.py)
+    except (KeyboardInterrupt, SystemExit):  # before serving; or the port was taken
         pass
     if server.started:
         return 0

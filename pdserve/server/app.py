@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pdserve.drain import Drain, DrainMiddleware, draining_health
 from pdserve.server.engine_client import EngineClient
 from pdserve.server.errors import (
     APIError,
@@ -31,9 +32,11 @@ def build_app(
     load_tokenizer: Callable[[], object],
     served_model_name: str | None = None,
     keep_registered: Callable[[], Awaitable[None]] | None = None,
+    drain: Drain | None = None,
 ) -> FastAPI:
     """The app; its lifespan starts the engine process and loads the tokenizer side by side,
-    then runs `keep_registered` (heartbeats to a router) until the server stops."""
+    then runs `keep_registered` (heartbeats to a router) until the server stops. `drain`
+    (a DrainingServer's) refuses new requests and finishes those in flight on SIGTERM."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -55,6 +58,8 @@ def build_app(
             client.shutdown()
 
     app = FastAPI(title="pdserve", lifespan=lifespan)
+    app.state.drain = drain or Drain()
+    app.add_middleware(DrainMiddleware, drain=app.state.drain)
     install_error_handlers(app)
     _add_routes(app)
     return app
@@ -68,6 +73,8 @@ def _add_routes(app: FastAPI) -> None:
     @app.get("/health")
     async def health(request: Request) -> Response:
         client = _state(request).client
+        if request.app.state.drain.draining:
+            return draining_health()
         if not client.healthy:
             return JSONResponse(engine_dead().body(), status_code=503)
         return JSONResponse({"status": "ok", "engine_pid": client.info.pid})
