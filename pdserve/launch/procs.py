@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -18,6 +19,8 @@ from pathlib import Path
 import httpx
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from pdserve.shm import remove_stale_shared_kv_caches
 
 STOP_GRACE_S = 15.0
 
@@ -66,6 +69,14 @@ class Proc:
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
+
+    def signal(self, sig: int) -> None:
+        """Signal the process alone (its engine is its to stop, after draining)."""
+        if self.popen is not None and self.popen.poll() is None:
+            try:
+                self.popen.send_signal(sig)
+            except ProcessLookupError:
+                pass
 
     def signal_group(self, sig: int) -> None:
         if self.popen is None:
@@ -138,12 +149,14 @@ class Deployment:
                 return
             time.sleep(interval_s)
 
-    def stop(self) -> None:
-        """Router first (no new requests), then instances; SIGKILL whatever outlives the grace."""
+    def stop(self, drain_timeout_s: float = 0.0) -> None:
+        """Router first (it drains: no new requests, those in flight finish), then the
+        instances (each drains, then stops its engine); SIGKILL whatever outlives the drain
+        and the grace; last, unlink the shared memory of engines that could not."""
         for group in ([self.router], self.instances):
             for proc in group:
-                proc.signal_group(signal.SIGTERM)
-            deadline = time.monotonic() + STOP_GRACE_S
+                proc.signal(signal.SIGTERM)  # not the group: the engine must outlive the drain
+            deadline = time.monotonic() + drain_timeout_s + STOP_GRACE_S
             for proc in group:
                 if proc.popen is None:
                     continue
@@ -153,6 +166,21 @@ class Deployment:
                     pass
                 proc.signal_group(signal.SIGKILL)  # stragglers in its group, if any
                 proc.popen.wait()
+        remove_stale_shared_kv_caches()
+
+
+def ports_in_use(ports: list[tuple[str, str, int]]) -> list[tuple[str, str, int]]:
+    """Those of (name, host, port) that cannot be listened on now (another server has them)."""
+    taken = []
+    for name, host, port in ports:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            try:
+                sock.bind((host, port))
+            except OSError:
+                taken.append((name, host, port))
+    return taken
 
 
 def raise_on_signals() -> None:
