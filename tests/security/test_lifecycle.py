@@ -176,6 +176,21 @@ def test_kill_9_of_an_engine_its_server_unlinks_the_shared_memory(two_prefill_se
     assert httpx.get(server.url + "/health", timeout=10).status_code == 503  # engine_dead
 
 
+def test_kill_9_of_a_tensor_parallel_server_takes_every_rank_along(tmp_path):
+    server = serve(tmp_path, "tp", "--role", "prefill", "--tensor-parallel-size", "3")
+    try:
+        wait_healthy(server, timeout_s=600)  # three ranks load on a shared 2-core machine
+        ranks = {p.pid for p in _descendants(server.proc.pid)
+                 if "resource_tracker" not in " ".join(p.cmdline())}
+        assert len(ranks) == 3 and engine_pid(server) in ranks  # rank 0 and its workers
+        Stream(server.url, LONG).start()
+        os.kill(server.proc.pid, signal.SIGKILL)
+        server.proc.wait()
+        assert not wait_gone(ranks), f"outlived their server: {ranks}"
+    finally:
+        cleanup(server)
+
+
 # ---- SIGTERM drains; Ctrl-C is quiet --------------------------------------------------------
 
 
