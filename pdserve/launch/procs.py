@@ -1,8 +1,9 @@
 """Processes of a deployment: start, wait for health, watch for deaths, stop with no orphans.
 
-Each child runs in its own process group (session), so stopping one signals everything it
-started too (an instance's engine process included), and a Ctrl-C reaches only this
-launcher, which then stops the children in order: the router first, then the instances.
+Each child runs in its own process group (session), so a Ctrl-C reaches only this launcher,
+which then stops the children in order: the router first, then the instances. Each gets
+SIGTERM alone and drains (its requests in flight finish, then it stops its engine); what
+outlives the drain and a grace is SIGKILLed with its whole group (its engine included).
 """
 
 from __future__ import annotations
