@@ -11,6 +11,7 @@ tests started are counted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -27,7 +28,7 @@ import httpx
 import psutil
 import pytest
 
-from pdserve.shm import SHM_DIR, SHM_PREFIX
+from pdserve.shm import SHM_DIR, SHM_PREFIX, remove_stale_shared_kv_caches
 from tests.router.cluster import REPO, Proc, env, free_port, wait_healthy
 
 SECRET = {"PDSERVE_DEPLOYMENT_SECRET": "lifecycle-tests-" + "0" * 32}
@@ -189,6 +190,26 @@ def test_kill_9_of_a_tensor_parallel_server_takes_every_rank_along(tmp_path):
         assert not wait_gone(ranks), f"outlived their server: {ranks}"
     finally:
         cleanup(server)
+
+
+def test_files_of_dead_processes_are_removed_at_start_and_no_others():
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # reaped: its pid names no process now
+    zombie = subprocess.Popen(["true"])  # exited, not reaped: holds no mapping either
+    while psutil.Process(zombie.pid).status() != psutil.STATUS_ZOMBIE:
+        time.sleep(0.05)
+    paths = {pid: os.path.join(SHM_DIR, f"{SHM_PREFIX}{pid}-lifecycle-test")
+             for pid in (dead.pid, zombie.pid, os.getpid())}
+    for path in paths.values():
+        open(path, "wb").close()
+    try:
+        remove_stale_shared_kv_caches()
+        assert [pid for pid, path in paths.items() if os.path.exists(path)] == [os.getpid()]
+    finally:
+        zombie.wait()
+        for path in paths.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
 
 # ---- SIGTERM drains; Ctrl-C is quiet --------------------------------------------------------
