@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     drain = args.drain_timeout
     procs = [instance_proc(i, layout, log_dir, drain) for i in instances]
     dep = Deployment(procs + [router_proc(instances, layout, log_dir, drain)], console)
-    raise_on_signals()
+    raise_on_signals(on_repeat=dep.hurry)  # Ctrl-C again: end the drains now
     code = 0
     try:
         dep.start(args.startup_timeout)

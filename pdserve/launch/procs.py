@@ -150,6 +150,11 @@ class Deployment:
                 return
             time.sleep(interval_s)
 
+    def hurry(self) -> None:
+        """A second SIGTERM to every server still running: each ends its drain at once."""
+        for proc in self.procs:
+            proc.signal(signal.SIGTERM)
+
     def stop(self, drain_timeout_s: float = 0.0) -> None:
         """Router first (it drains: no new requests, those in flight finish), then the
         instances (each drains, then stops its engine); SIGKILL whatever outlives the drain
@@ -184,12 +189,17 @@ def ports_in_use(ports: list[tuple[str, str, int]]) -> list[tuple[str, str, int]
     return taken
 
 
-def raise_on_signals() -> None:
-    """SIGINT and SIGTERM become ShutdownRequested in the main thread."""
+def raise_on_signals(on_repeat: Callable[[], None] | None = None) -> None:
+    """SIGINT and SIGTERM become ShutdownRequested in the main thread; a later one calls
+    `on_repeat` instead (it must not cut the cleanup short)."""
+
+    def again(signum, frame) -> None:
+        if on_repeat is not None:
+            on_repeat()
 
     def handler(signum, frame) -> None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut cleanup
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, again)
+        signal.signal(signal.SIGTERM, again)
         raise ShutdownRequested(signal.Signals(signum).name)
 
     signal.signal(signal.SIGINT, handler)
