@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from pdserve.drain import Drain, DrainMiddleware, draining_health
 from pdserve.http_auth import ROUTER_INTERNAL_PATHS, AuthMiddleware, HTTPAuth
 from pdserve.router.health import check, poll_forever
 from pdserve.router.metrics import RouterMetrics
@@ -27,10 +28,12 @@ UPSTREAM_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=2
 
 def build_app(registry: Registry, health_interval_s: float = 1.0,
               pd_min_prompt_tokens: int = 0, api_key: str | None = None,
-              secret: DeploymentSecret | None = None, open_metrics: bool = False) -> FastAPI:
+              secret: DeploymentSecret | None = None, open_metrics: bool = False,
+              drain: Drain | None = None) -> FastAPI:
     """The app; its lifespan opens the HTTP client to instances and starts health checks.
     Clients need `api_key` (if set); `secret` signs the calls to instances and admits the
-    instances' own calls (/register); without it nobody can register."""
+    instances' own calls (/register); without it nobody can register. `drain` (a
+    DrainingServer's) refuses new requests and finishes those in flight."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -47,6 +50,8 @@ def build_app(registry: Registry, health_interval_s: float = 1.0,
             await client.aclose()
 
     app = FastAPI(title="pdserve router", lifespan=lifespan)
+    app.state.drain = drain or Drain()
+    app.add_middleware(DrainMiddleware, drain=app.state.drain)
     app.add_middleware(AuthMiddleware, auth=HTTPAuth(api_key, secret, open_metrics,
                                                      ROUTER_INTERNAL_PATHS))
     _add_openai_routes(app)
@@ -125,6 +130,8 @@ def _add_openai_routes(app: FastAPI) -> None:
     @app.get("/health")
     async def health(request: Request) -> Response:
         registry = _router(request).registry
+        if request.app.state.drain.draining:
+            return draining_health()
         if registry.can_serve():
             return JSONResponse({"status": "ok"})
         return json_error(503, "no healthy instance", "no_healthy_instance")

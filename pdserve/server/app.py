@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pdserve.drain import Drain, DrainMiddleware, draining_health
 from pdserve.http_auth import INSTANCE_INTERNAL_PATHS, AuthMiddleware, HTTPAuth
 from pdserve.security import DeploymentSecret
 from pdserve.server.engine_client import EngineClient
@@ -36,10 +37,12 @@ def build_app(
     api_key: str | None = None,
     secret: DeploymentSecret | None = None,
     open_metrics: bool = False,
+    drain: Drain | None = None,
 ) -> FastAPI:
     """The app; its lifespan starts the engine process and loads the tokenizer side by side,
     then runs `keep_registered` (heartbeats to a router) until the server stops. Clients
-    need `api_key` (if set); the deployment's own calls are signed with `secret`."""
+    need `api_key` (if set); the deployment's own calls are signed with `secret`. `drain`
+    (a DrainingServer's) refuses new requests and finishes those in flight on SIGTERM."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -61,6 +64,8 @@ def build_app(
             client.shutdown()
 
     app = FastAPI(title="pdserve", lifespan=lifespan)
+    app.state.drain = drain or Drain()
+    app.add_middleware(DrainMiddleware, drain=app.state.drain)
     install_error_handlers(app)
     app.add_middleware(AuthMiddleware, auth=HTTPAuth(api_key, secret, open_metrics,
                                                      INSTANCE_INTERNAL_PATHS))
@@ -76,6 +81,8 @@ def _add_routes(app: FastAPI) -> None:
     @app.get("/health")
     async def health(request: Request) -> Response:
         client = _state(request).client
+        if request.app.state.drain.draining:
+            return draining_health()
         if not client.healthy:
             return JSONResponse(engine_dead().body(), status_code=503)
         return JSONResponse({"status": "ok", "engine_pid": client.info.pid})
