@@ -529,10 +529,11 @@ def print_details(r: Report) -> None:
         console.print(t)
 
 
-def device() -> str:
+def device(load_before: float) -> str:
     cpu = platform.processor() or platform.machine()
     return (f"CPU ({cpu}), {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} "
-            f"GiB, Python {platform.python_version()}, load average {os.getloadavg()[0]:.1f}")
+            f"GiB, Python {platform.python_version()}; 1-min load average {load_before:.1f} "
+            f"before, {os.getloadavg()[0]:.1f} after (other work on the machine slows it all)")
 
 
 def git_commit() -> str:
@@ -600,7 +601,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     log_root = Path(args.log_dir or f"/tmp/pdserve-fault-suite-{int(time.time())}")
-    started = datetime.now(UTC)
+    started, load_before = datetime.now(UTC), os.getloadavg()[0]
     console.print(f"fault suite: {args.scenarios}, {args.requests} requests, "
                   f"{args.concurrency} at once, max_tokens {args.max_tokens}; logs {log_root}")
     ref_name = f"reference-{args.reference_layout.lower()}"
@@ -622,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
     console.print(table(reports))
     result = {
         "command": "python " + " ".join([os.path.relpath(__file__, REPO), *sys.argv[1:]]),
-        "device": device(),
+        "device": device(load_before),
         "date": started.strftime("%Y-%m-%d %H:%M UTC"),
         "commit": git_commit(),
         "params": {k: v for k, v in vars(args).items() if k not in ("api_key", "out")},
