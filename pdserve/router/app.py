@@ -20,6 +20,8 @@ from pdserve.router.proxy import Router, json_error
 from pdserve.router.registry import ROLES, Registry
 from pdserve.router.upstream import Upstream
 from pdserve.security import DeploymentSecret
+from pdserve.server.app import json_body
+from pdserve.server.protocol import ChatCompletionRequest, CompletionRequest
 
 # No read timeout: a long generation may take minutes; broken connections still raise.
 UPSTREAM_TIMEOUT = httpx.Timeout(None, connect=5.0)
@@ -101,11 +103,11 @@ async def _proxy(request: Request, path: str) -> Response:
 
 
 def _add_openai_routes(app: FastAPI) -> None:
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=json_body(CompletionRequest))
     async def completions(request: Request) -> Response:
         return await _proxy(request, "/v1/completions")
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=json_body(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
         return await _proxy(request, "/v1/chat/completions")
 
@@ -141,8 +143,15 @@ def _add_openai_routes(app: FastAPI) -> None:
         return Response(_router(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
+def _object_body(properties: dict) -> dict:
+    """`openapi_extra` declaring a JSON object body with these properties, `url` required."""
+    schema = {"type": "object", "properties": properties, "required": ["url"]}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
 def _add_registry_routes(app: FastAPI, registry: Registry) -> None:
-    @app.post("/register")
+    @app.post("/register", openapi_extra=_object_body(
+        {"url": {"type": "string"}, "role": {"type": "string", "enum": list(ROLES)}}))
     async def register(request: Request) -> Response:
         """Join, or heartbeat: `{"url": ..., "role": ...}`, re-posted every few seconds."""
         try:
@@ -156,7 +165,7 @@ def _add_registry_routes(app: FastAPI, registry: Registry) -> None:
         return JSONResponse({"status": "ok", "instance": inst.to_json(),
                              "heartbeat_ttl_s": registry.heartbeat_ttl_s})
 
-    @app.post("/deregister")
+    @app.post("/deregister", openapi_extra=_object_body({"url": {"type": "string"}}))
     async def deregister(request: Request) -> Response:
         """Leave at once: `{"url": ...}`."""
         try:
