@@ -33,6 +33,7 @@ from pdserve.engine.cuda_graphs import DecodeGraphs
 from pdserve.engine.runner import ModelRunner, forward_step, profile_peak_activation_bytes
 from pdserve.engine.scheduler import SchedulerOutput
 from pdserve.engine.tp import NCCL_SAFE_ENV, TPSpec, join_group, make_store, pack_step, unpack_step
+from pdserve.lifecycle import exit_with_parent
 from pdserve.transfer.cuda_ipc import export_kv_caches
 from pdserve.transfer.host import map_shared_kv_caches
 
@@ -268,19 +269,15 @@ class TPModelRunner:
 # ---- ranks 1..N-1 ---------------------------------------------------------------------------
 
 
-def _exit_with_parent(parent: int) -> None:
-    # the pipe's EOF only reaches a worker waiting on it; this catches one stuck elsewhere
-    while True:
-        time.sleep(1.0)
-        if os.getppid() != parent:
-            os._exit(1)
-
-
 def _worker_main(spec: TPSpec, rank: int, port: int, conn) -> None:
     """A worker's life: load the shard, join the group, then run commands until stopped."""
     os.environ.update(NCCL_SAFE_ENV)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle; it stops us
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    # Ctrl-C and a group's SIGTERM are rank 0's to handle (after its server drains): it stops
+    # us. The pipe's EOF only reaches a worker waiting on it; the watch catches one busy
+    # elsewhere the moment rank 0's process dies
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    exit_with_parent()
     if spec.device_type == "cpu":
         torch.set_num_threads(spec.cpu_threads)
     try:

@@ -12,10 +12,18 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from pdserve.drain import add_drain_flag
 from pdserve.launch.credentials import Credentials
 from pdserve.launch.layout import InstancePlan, Layout, count_gpus, plan
-from pdserve.launch.procs import Deployment, Proc, ShutdownRequested, raise_on_signals
+from pdserve.launch.procs import (
+    Deployment,
+    Proc,
+    ShutdownRequested,
+    ports_in_use,
+    raise_on_signals,
+)
 from pdserve.server.cli import add_security_flags
+from pdserve.shm import remove_stale_shared_kv_caches
 
 
 def add_parser(subparsers) -> None:
@@ -57,6 +65,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--startup-timeout", type=float, default=900.0,
                    help="seconds to wait for every process to be healthy")
     add_security_flags(p)
+    add_drain_flag(p)
     p.add_argument("instance_args", nargs=argparse.REMAINDER,
                    help="after `--`: extra flags for every `pdserve serve`")
     p.set_defaults(func=run)
@@ -80,9 +89,12 @@ def child_env(creds: Credentials | None) -> dict[str, str]:
 
 
 def instance_proc(inst: InstancePlan, layout: Layout, log_dir: Path,
-                  creds: Credentials | None = None) -> Proc:
+                  creds: Credentials | None = None, drain_timeout_s: float | None = None
+                  ) -> Proc:
     cmd = [sys.executable, "-m", "pdserve.cli", "serve", "--role", inst.role,
            "--host", inst.host, "--port", str(inst.port)]
+    if drain_timeout_s is not None:
+        cmd += ["--drain-timeout", str(drain_timeout_s)]
     if layout.model:
         cmd += ["--model", layout.model]
     if inst.tp > 1:
@@ -103,9 +115,12 @@ def instance_proc(inst: InstancePlan, layout: Layout, log_dir: Path,
 
 
 def router_proc(instances: list[InstancePlan], layout: Layout, log_dir: Path,
-                creds: Credentials | None = None) -> Proc:
+                creds: Credentials | None = None, drain_timeout_s: float | None = None
+                ) -> Proc:
     cmd = [sys.executable, "-m", "pdserve.cli", "router", "--host", layout.host,
            "--port", str(layout.port)]
+    if drain_timeout_s is not None:
+        cmd += ["--drain-timeout", str(drain_timeout_s)]
     if layout.pd_min_prompt_tokens:
         cmd += ["--pd-min-prompt-tokens", str(layout.pd_min_prompt_tokens)]
     for inst in instances:
@@ -135,11 +150,24 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:  # SecretError is a ValueError
         console.print(f"[red]pdserve up: {escape(str(exc))}[/red]")
         return 2
+    taken = ports_in_use([("router", layout.host, layout.port)]
+                         + [(i.name, i.host, i.port) for i in instances])
+    if taken:  # before anything starts: never health-check someone else's server
+        names = ", ".join(f"{port} ({name})" for name, _, port in taken)
+        word = "port" if len(taken) == 1 else "ports"
+        console.print(f"[red]pdserve up: {word} {escape(names)} on {escape(layout.host)} "
+                      f"already in use; nothing was started. Stop what listens there, or "
+                      f"choose free ports with --port P (the router listens on P, the "
+                      f"{len(instances)} instance(s) on P+1 to P+{len(instances)}).[/red]",
+                      highlight=False)
+        return 1
+    remove_stale_shared_kv_caches()  # KV files of engines that died without unlinking them
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="pdserve-up-"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    procs = [instance_proc(i, layout, log_dir, creds) for i in instances]
-    dep = Deployment(procs + [router_proc(instances, layout, log_dir, creds)], console)
-    raise_on_signals()
+    drain = args.drain_timeout
+    procs = [instance_proc(i, layout, log_dir, creds, drain) for i in instances]
+    dep = Deployment(procs + [router_proc(instances, layout, log_dir, creds, drain)], console)
+    raise_on_signals(on_repeat=dep.hurry)  # Ctrl-C again: end the drains now
     code = 0
     try:
         dep.start(args.startup_timeout)
@@ -156,6 +184,6 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"[red]pdserve up: {escape(str(exc))}[/red]", highlight=False)
         code = 1
     finally:
-        dep.stop()
+        dep.stop(drain)  # the router drains first, then the instances
         console.print("pdserve up: stopped", highlight=False)
     return code

@@ -1,14 +1,16 @@
 """Processes of a deployment: start, wait for health, watch for deaths, stop with no orphans.
 
-Each child runs in its own process group (session), so stopping one signals everything it
-started too (an instance's engine process included), and a Ctrl-C reaches only this
-launcher, which then stops the children in order: the router first, then the instances.
+Each child runs in its own process group (session), so a Ctrl-C reaches only this launcher,
+which then stops the children in order: the router first, then the instances. Each gets
+SIGTERM alone and drains (its requests in flight finish, then it stops its engine); what
+outlives the drain and a grace is SIGKILLed with its whole group (its engine included).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -18,6 +20,8 @@ from pathlib import Path
 import httpx
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from pdserve.shm import remove_stale_shared_kv_caches
 
 STOP_GRACE_S = 15.0
 
@@ -66,6 +70,14 @@ class Proc:
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
+
+    def signal(self, sig: int) -> None:
+        """Signal the process alone (its engine is its to stop, after draining)."""
+        if self.popen is not None and self.popen.poll() is None:
+            try:
+                self.popen.send_signal(sig)
+            except ProcessLookupError:
+                pass
 
     def signal_group(self, sig: int) -> None:
         if self.popen is None:
@@ -138,12 +150,19 @@ class Deployment:
                 return
             time.sleep(interval_s)
 
-    def stop(self) -> None:
-        """Router first (no new requests), then instances; SIGKILL whatever outlives the grace."""
+    def hurry(self) -> None:
+        """A second SIGTERM to every server still running: each ends its drain at once."""
+        for proc in self.procs:
+            proc.signal(signal.SIGTERM)
+
+    def stop(self, drain_timeout_s: float = 0.0) -> None:
+        """Router first (it drains: no new requests, those in flight finish), then the
+        instances (each drains, then stops its engine); SIGKILL whatever outlives the drain
+        and the grace; last, unlink the shared memory of engines that could not."""
         for group in ([self.router], self.instances):
             for proc in group:
-                proc.signal_group(signal.SIGTERM)
-            deadline = time.monotonic() + STOP_GRACE_S
+                proc.signal(signal.SIGTERM)  # not the group: the engine must outlive the drain
+            deadline = time.monotonic() + drain_timeout_s + STOP_GRACE_S
             for proc in group:
                 if proc.popen is None:
                     continue
@@ -153,14 +172,34 @@ class Deployment:
                     pass
                 proc.signal_group(signal.SIGKILL)  # stragglers in its group, if any
                 proc.popen.wait()
+        remove_stale_shared_kv_caches()
 
 
-def raise_on_signals() -> None:
-    """SIGINT and SIGTERM become ShutdownRequested in the main thread."""
+def ports_in_use(ports: list[tuple[str, str, int]]) -> list[tuple[str, str, int]]:
+    """Those of (name, host, port) that cannot be listened on now (another server has them)."""
+    taken = []
+    for name, host, port in ports:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            try:
+                sock.bind((host, port))
+            except OSError:
+                taken.append((name, host, port))
+    return taken
+
+
+def raise_on_signals(on_repeat: Callable[[], None] | None = None) -> None:
+    """SIGINT and SIGTERM become ShutdownRequested in the main thread; a later one calls
+    `on_repeat` instead (it must not cut the cleanup short)."""
+
+    def again(signum, frame) -> None:
+        if on_repeat is not None:
+            on_repeat()
 
     def handler(signum, frame) -> None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut cleanup
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, again)
+        signal.signal(signal.SIGTERM, again)
         raise ShutdownRequested(signal.Signals(signum).name)
 
     signal.signal(signal.SIGINT, handler)

@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from pdserve.drain import Drain, DrainMiddleware, draining_health
 from pdserve.http_auth import ROUTER_INTERNAL_PATHS, AuthMiddleware, HTTPAuth
 from pdserve.router.health import check, poll_forever
 from pdserve.router.metrics import RouterMetrics
@@ -19,6 +20,8 @@ from pdserve.router.proxy import Router, json_error
 from pdserve.router.registry import ROLES, Registry
 from pdserve.router.upstream import Upstream
 from pdserve.security import DeploymentSecret
+from pdserve.server.app import json_body
+from pdserve.server.protocol import ChatCompletionRequest, CompletionRequest
 
 # No read timeout: a long generation may take minutes; broken connections still raise.
 UPSTREAM_TIMEOUT = httpx.Timeout(None, connect=5.0)
@@ -27,10 +30,12 @@ UPSTREAM_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=2
 
 def build_app(registry: Registry, health_interval_s: float = 1.0,
               pd_min_prompt_tokens: int = 0, api_key: str | None = None,
-              secret: DeploymentSecret | None = None, open_metrics: bool = False) -> FastAPI:
+              secret: DeploymentSecret | None = None, open_metrics: bool = False,
+              drain: Drain | None = None) -> FastAPI:
     """The app; its lifespan opens the HTTP client to instances and starts health checks.
     Clients need `api_key` (if set); `secret` signs the calls to instances and admits the
-    instances' own calls (/register); without it nobody can register."""
+    instances' own calls (/register); without it nobody can register. `drain` (a
+    DrainingServer's) refuses new requests and finishes those in flight."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -47,6 +52,8 @@ def build_app(registry: Registry, health_interval_s: float = 1.0,
             await client.aclose()
 
     app = FastAPI(title="pdserve router", lifespan=lifespan)
+    app.state.drain = drain or Drain()
+    app.add_middleware(DrainMiddleware, drain=app.state.drain)
     app.add_middleware(AuthMiddleware, auth=HTTPAuth(api_key, secret, open_metrics,
                                                      ROUTER_INTERNAL_PATHS))
     _add_openai_routes(app)
@@ -96,11 +103,11 @@ async def _proxy(request: Request, path: str) -> Response:
 
 
 def _add_openai_routes(app: FastAPI) -> None:
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=json_body(CompletionRequest))
     async def completions(request: Request) -> Response:
         return await _proxy(request, "/v1/completions")
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=json_body(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
         return await _proxy(request, "/v1/chat/completions")
 
@@ -125,6 +132,8 @@ def _add_openai_routes(app: FastAPI) -> None:
     @app.get("/health")
     async def health(request: Request) -> Response:
         registry = _router(request).registry
+        if request.app.state.drain.draining:
+            return draining_health()
         if registry.can_serve():
             return JSONResponse({"status": "ok"})
         return json_error(503, "no healthy instance", "no_healthy_instance")
@@ -134,8 +143,15 @@ def _add_openai_routes(app: FastAPI) -> None:
         return Response(_router(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
+def _object_body(properties: dict) -> dict:
+    """`openapi_extra` declaring a JSON object body with these properties, `url` required."""
+    schema = {"type": "object", "properties": properties, "required": ["url"]}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
 def _add_registry_routes(app: FastAPI, registry: Registry) -> None:
-    @app.post("/register")
+    @app.post("/register", openapi_extra=_object_body(
+        {"url": {"type": "string"}, "role": {"type": "string", "enum": list(ROLES)}}))
     async def register(request: Request) -> Response:
         """Join, or heartbeat: `{"url": ..., "role": ...}`, re-posted every few seconds."""
         try:
@@ -149,7 +165,7 @@ def _add_registry_routes(app: FastAPI, registry: Registry) -> None:
         return JSONResponse({"status": "ok", "instance": inst.to_json(),
                              "heartbeat_ttl_s": registry.heartbeat_ttl_s})
 
-    @app.post("/deregister")
+    @app.post("/deregister", openapi_extra=_object_body({"url": {"type": "string"}}))
     async def deregister(request: Request) -> Response:
         """Leave at once: `{"url": ...}`."""
         try:

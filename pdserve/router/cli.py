@@ -7,6 +7,7 @@ import sys
 
 import uvicorn
 
+from pdserve.drain import Drain, DrainingServer, add_drain_flag
 from pdserve.security import SecretError, load_secret
 from pdserve.server.cli import add_security_flags, api_key
 
@@ -44,6 +45,7 @@ def add_parser(subparsers) -> None:
                    "crossover lies depends on model, GPU and load (on H200, 1P1D lost at "
                    "2k-token prompts and won at 8k), so measure before setting it")
     add_security_flags(p)
+    add_drain_flag(p)
     p.add_argument("--log-level", default="warning", help="uvicorn's log level")
     p.set_defaults(func=run)
 
@@ -73,14 +75,16 @@ def run(args: argparse.Namespace) -> int:
     for role in ("prefill", "decode", "colocated"):
         for url in getattr(args, role):
             registry.add_static(url, role)
+    drain = Drain(args.drain_timeout)
     app = build_app(registry, args.health_interval, args.pd_min_prompt_tokens,
-                    api_key=api_key(args), secret=secret, open_metrics=args.open_metrics)
+                    api_key=api_key(args), secret=secret, open_metrics=args.open_metrics,
+                    drain=drain)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, drain)
     try:
-        server.run()
-    except KeyboardInterrupt:
+        server.run()  # SIGTERM and Ctrl-C drain, then return (see pdserve/drain.py)
+    except (KeyboardInterrupt, SystemExit):  # before serving; or the port was taken
         pass
     if server.started:
         return 0

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pdserve.drain import Drain, DrainMiddleware, draining_health
 from pdserve.http_auth import INSTANCE_INTERNAL_PATHS, AuthMiddleware, HTTPAuth
 from pdserve.security import DeploymentSecret
 from pdserve.server.engine_client import EngineClient
@@ -36,10 +37,12 @@ def build_app(
     api_key: str | None = None,
     secret: DeploymentSecret | None = None,
     open_metrics: bool = False,
+    drain: Drain | None = None,
 ) -> FastAPI:
     """The app; its lifespan starts the engine process and loads the tokenizer side by side,
     then runs `keep_registered` (heartbeats to a router) until the server stops. Clients
-    need `api_key` (if set); the deployment's own calls are signed with `secret`."""
+    need `api_key` (if set); the deployment's own calls are signed with `secret`. `drain`
+    (a DrainingServer's) refuses new requests and finishes those in flight on SIGTERM."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -61,6 +64,8 @@ def build_app(
             client.shutdown()
 
     app = FastAPI(title="pdserve", lifespan=lifespan)
+    app.state.drain = drain or Drain()
+    app.add_middleware(DrainMiddleware, drain=app.state.drain)
     install_error_handlers(app)
     app.add_middleware(AuthMiddleware, auth=HTTPAuth(api_key, secret, open_metrics,
                                                      INSTANCE_INTERNAL_PATHS))
@@ -76,6 +81,8 @@ def _add_routes(app: FastAPI) -> None:
     @app.get("/health")
     async def health(request: Request) -> Response:
         client = _state(request).client
+        if request.app.state.drain.draining:
+            return draining_health()
         if not client.healthy:
             return JSONResponse(engine_dead().body(), status_code=503)
         return JSONResponse({"status": "ok", "engine_pid": client.info.pid})
@@ -91,15 +98,15 @@ def _add_routes(app: FastAPI) -> None:
     async def metrics(request: Request) -> Response:
         return Response(_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=json_body(CompletionRequest))
     async def completions(request: Request) -> Response:
         return await _handle(request, CompletionRequest)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=json_body(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
         return await _handle(request, ChatCompletionRequest)
 
-    @app.post("/v1/kv/release")
+    @app.post("/v1/kv/release", openapi_extra=json_body(KVReleaseRequest))
     async def kv_release(request: Request) -> Response:
         """On P: free a finished prefill's held KV now, because no decode instance will pull
         it (the router calls this when the hand-off to D failed or its client left).
@@ -140,6 +147,27 @@ async def _handle(request: Request, model: type[CompletionRequest | ChatCompleti
     except APIError as exc:
         st.metrics.observe_error(exc.status_code)
         raise
+
+
+def json_body(model: type[BaseModel]) -> dict:
+    """`openapi_extra` that declares `model` as a route's JSON body in /openapi.json, for
+    clients and fuzzers; the route still parses its raw body itself (400s, not FastAPI's 422).
+    Pydantic's `$defs` are inlined: a `#/$defs/...` reference would point at the document root."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: object) -> object:
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        if not isinstance(node, dict):
+            return node
+        if "$ref" in node:
+            rest = {k: v for k, v in node.items() if k != "$ref"}
+            return {**inline(defs[node["$ref"].rsplit("/", 1)[-1]]), **inline(rest)}
+        return {k: inline(v) for k, v in node.items()}
+
+    return {"requestBody": {"required": True,
+                            "content": {"application/json": {"schema": inline(schema)}}}}
 
 
 async def _parse(request: Request, model: type[BaseModel]) -> BaseModel:

@@ -13,6 +13,7 @@ import sys
 import uvicorn
 
 from pdserve.config import CacheConfig, EngineArgs, SchedulerConfig
+from pdserve.drain import Drain, DrainingServer, add_drain_flag
 from pdserve.security import API_KEY_ENV, SECRET_ENV, SecretError, load_secret
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
@@ -100,6 +101,7 @@ def add_parser(subparsers) -> None:
                    help="prefill role: hold a prompt's KV for callers that hold no deployment "
                    "secret (needed behind vLLM's P/D proxies); decode instances still take "
                    "only hand-offs signed by a prefill instance of the deployment")
+    add_drain_flag(p)
     p.add_argument("--log-level", default="warning", help="uvicorn's log level")
     p.set_defaults(func=run)
 
@@ -184,25 +186,33 @@ def run(args: argparse.Namespace) -> int:
         heartbeat = functools.partial(keep_registered, args.router, advertise_url(args),
                                       args.role, eargs.deployment_secret)
     client = EngineClient(eargs)
+    drain = Drain(args.drain_timeout)
     app = build_app(client, load_tokenizer, args.served_model_name, heartbeat,
                     api_key=api_key(args), secret=eargs.deployment_secret,
-                    open_metrics=args.open_metrics)
+                    open_metrics=args.open_metrics, drain=drain)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=5)
-    server = _AnnouncingServer(config)
-    # uvicorn re-raises SIGTERM after its graceful shutdown: make that a normal exit, so that
-    # the engine is stopped and multiprocessing cleans up after itself.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:  # before the engine loads: a port in use fails at once, not a minute later
+        sock = config.bind_socket()
+    except SystemExit:
+        print(f"pdserve serve: cannot listen on {args.host}:{args.port} (in use?); choose "
+              "another with --port", file=sys.stderr)
+        return 1
+    server = _AnnouncingServer(config, drain)
     try:
-        server.run()
-    except (KeyboardInterrupt, SystemExit):
+        server.run(sockets=[sock])  # SIGTERM and Ctrl-C drain, then return (see pdserve/drain.py)
+    except (KeyboardInterrupt, SystemExit):  # before serving: nothing to drain
         pass
     finally:
+        # stopping the engine is bounded (5 s, then SIGKILL): a further signal must not cut
+        # it short and leave the engine or its shared memory behind, nor print a traceback
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         client.shutdown()
     return 0 if server.started else 1
 
 
-class _AnnouncingServer(uvicorn.Server):
+class _AnnouncingServer(DrainingServer):
     """A uvicorn server that prints one line once it accepts connections."""
 
     async def startup(self, sockets=None) -> None:

@@ -17,6 +17,7 @@ from pdserve.config import EngineArgs
 from pdserve.engine.outputs import EngineRequest, EngineStats, RequestOutput
 from pdserve.server.engine_process import EngineInfo, default_engine_factory, run_engine_process
 from pdserve.server.handoff import require_deployment_secret
+from pdserve.shm import unlink_shared_kv_files_of
 
 READER_POLL_S = 0.5  # how often the reader checks that the engine process is alive
 ABORTED = object()  # put on a request's queue when the server aborts it
@@ -111,6 +112,12 @@ class EngineClient:
         if self._proc.is_alive():
             self._proc.kill()
             self._proc.join(timeout=5)
+        self._forget_shared_memory()
+
+    def _forget_shared_memory(self) -> None:
+        """Unlink the KV files of an engine that is gone (killed with -9: it could not)."""
+        if self._proc.pid is not None and not self._proc.is_alive():
+            unlink_shared_kv_files_of(self._proc.pid)
 
     def _read_outputs(self) -> None:
         """Reader thread: the engine's messages, handed to the event loop one by one."""
@@ -119,6 +126,7 @@ class EngineClient:
                 msg = self._outbox.get(timeout=READER_POLL_S)
             except queue.Empty:
                 if not self._proc.is_alive():
+                    self._forget_shared_memory()
                     self._post(self._fail_all,
                                f"engine process exited with code {self._proc.exitcode}")
                     return

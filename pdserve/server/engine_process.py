@@ -9,12 +9,15 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import signal
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from pdserve.config import EngineArgs
 from pdserve.engine.outputs import EngineRequest, RequestOutput
+from pdserve.lifecycle import exit_with_parent
+from pdserve.shm import remove_stale_shared_kv_caches, unlink_shared_kv_files_of
 
 IDLE_POLL_S = 1.0  # how often an idle engine checks that its parent is still alive
 
@@ -54,6 +57,7 @@ def run_engine_process(
     # the server reaps this process as a daemon, but it must be free to start tensor-parallel
     # workers (multiprocessing forbids children of daemons; the workers exit with it)
     mp.current_process().daemon = False
+    _bind_to_server()
     try:
         engine = factory(args)
     except BaseException:
@@ -76,6 +80,18 @@ def run_engine_process(
     finally:
         if hasattr(engine, "close"):
             engine.close()  # the KV source's socket and shared memory
+    outbox.cancel_join_thread()  # stopped: never let a full, unread pipe block the exit
+
+
+def _bind_to_server() -> None:
+    """The server owns this process's life: a terminal's Ctrl-C or a SIGTERM sent to the
+    whole process group reaches us too, but the server drains its requests first and then
+    stops us; if the server dies instead, we unlink our shared memory and exit at once."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    pid = os.getpid()
+    exit_with_parent(lambda: unlink_shared_kv_files_of(pid))
+    remove_stale_shared_kv_caches()  # left by engines killed with -9
 
 
 def _loop(engine, inbox, outbox) -> None:

@@ -30,6 +30,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pdserve.shm import (  # noqa: F401  (the files' names and cleanup, re-exported)
+    SHM_DIR,
+    SHM_PREFIX,
+    remove_stale_shared_kv_caches,
+    shared_kv_path,
+    unlink_shared_kv_caches,
+    unlink_shared_kv_files_of,
+)
 from pdserve.transfer.blockcopy import Scratch, as_index, copy_blocks, scatter_blocks
 from pdserve.transfer.connections import ConnectedPuller, admitted_copy
 from pdserve.transfer.layout import DTYPES, HeadSlice, KVLayout
@@ -38,8 +46,6 @@ from pdserve.transfer.wire import Connection
 
 log = logging.getLogger(__name__)
 
-SHM_DIR = "/dev/shm"
-SHM_PREFIX = "pdserve-kv-"
 CUDA_HOST_REGISTER_READ_ONLY = 8  # cudaHostRegisterReadOnly: D maps P's buffer read-only
 
 
@@ -52,11 +58,6 @@ def local_host_id() -> str:
     except OSError:
         boot = "unknown"
     return f"{socket.gethostname()}/{boot}"
-
-
-def shared_kv_path(name: str, pid: int | None = None) -> str:
-    """The /dev/shm file of the caches `name` of process `pid` (pid lets stale files be found)."""
-    return os.path.join(SHM_DIR, f"{SHM_PREFIX}{os.getpid() if pid is None else pid}-{name}")
 
 
 def allocate_shared_bytes(nbytes: int, name: str) -> torch.Tensor:
@@ -83,39 +84,6 @@ def allocate_shared_kv_caches(layout: KVLayout, num_blocks: int, name: str) -> l
         flat[i * per_layer : (i + 1) * per_layer].view(layout.torch_dtype).view(shape)
         for i in range(layout.num_layers)
     ]
-
-
-def unlink_shared_kv_caches(name: str) -> bool:
-    """Remove the /dev/shm file (mappings stay valid until dropped); False if already gone."""
-    try:
-        os.unlink(shared_kv_path(name))
-        return True
-    except FileNotFoundError:
-        return False
-
-
-def remove_stale_shared_kv_caches() -> list[str]:
-    """Unlink cache files of processes that no longer exist (crashed engines); returns paths."""
-    removed = []
-    for entry in os.listdir(SHM_DIR):
-        if not entry.startswith(SHM_PREFIX):
-            continue
-        pid = entry[len(SHM_PREFIX) :].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(SHM_DIR, entry))
-                removed.append(os.path.join(SHM_DIR, entry))
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def describe_shared_kv_caches(kv_caches: list[torch.Tensor], name: str) -> dict:
