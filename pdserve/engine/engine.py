@@ -229,6 +229,8 @@ class Engine:
             )
         if req.kv_transfer_params:
             self._validate_kv_transfer(req)
+        if req.output_token_ids:
+            self._validate_resumed(req)
         need = self.kv.blocks_needed(n + p.max_tokens)
         if need > self.num_blocks:
             raise ValueError(
@@ -257,6 +259,19 @@ class Engine:
                 raise ValueError("max_tokens must be at least 2 with do_remote_prefill "
                                  "(the prefill instance produced the first token)")
 
+    def _validate_resumed(self, req: EngineRequest) -> None:
+        """A resumed request: its tokens already generated elsewhere leave one to do here."""
+        out = req.output_token_ids
+        if req.kv_transfer_params:
+            raise ValueError("a resumed request takes no kv_transfer_params")
+        if len(out) >= req.params.max_tokens:
+            raise ValueError("a resumed request must leave at least one token to generate")
+        bad = [t for t in out if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(
+                f"token id {bad[0]} is out of the vocabulary (0..{self.vocab_size - 1})"
+            )
+
     def add_request(self, req: EngineRequest) -> None:
         """Queue a request; raises ValueError (a message for the user) if it is invalid."""
         try:
@@ -271,6 +286,7 @@ class Engine:
             arrival_time=req.arrival_time,
             kv_transfer_params=req.kv_transfer_params,
         )
+        request.output_token_ids = list(req.output_token_ids)  # resumed: recomputed first
         ktp = req.kv_transfer_params or {}
         if ktp.get("do_remote_prefill"):
             request.remote = RemoteKV.from_kv_transfer_params(ktp)

@@ -19,6 +19,9 @@ class EngineRequest:
     # vLLM's P/D fields: {"do_remote_decode": True} on a prefill instance, or the prefill's
     # answer ({"do_remote_prefill": True, "remote_block_ids": ...}) on a decode instance.
     kv_transfer_params: dict | None = None
+    # a resumed request: tokens another instance generated for it (and the client has);
+    # the engine recomputes their KV and continues after them, counting them as output
+    output_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass

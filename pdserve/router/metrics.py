@@ -1,4 +1,5 @@
-"""The router's Prometheus metrics: routes taken, retries, fallbacks, upstream errors, latency."""
+"""The router's Prometheus metrics: routes taken, retries, fallbacks, resumes, upstream errors,
+latency."""
 
 from __future__ import annotations
 
@@ -57,6 +58,14 @@ class RouterMetrics:
                                    "by reason: client_disconnect, no_decode, decode_failed, "
                                    "decode_refused.",
                                    ["reason"], registry=r)
+        self.resumes = Counter("pdserve_router:resumes",
+                               "Answers an instance failed mid-way and the router moved on, "
+                               "by outcome: resumed (a stream continues on another "
+                               "instance), rerun (a non-streamed request runs again whole "
+                               "elsewhere), no_instance, refused (the new instance refused "
+                               "it), untracked (the chunks had no token ids), limit (it "
+                               "failed more than the allowed resumes).",
+                               ["outcome"], registry=r)
         self.client_disconnects = Counter("pdserve_router:client_disconnects",
                                           "Requests whose client left early.", registry=r)
         self.e2e = Histogram("pdserve_router:e2e_request_latency_seconds",

@@ -1,7 +1,12 @@
 """Routing one request: P then D (disaggregated), or one instance whole (colocated, fallback).
 
 Nothing reaches the client until an instance has answered, so a failed prefill is retried
-elsewhere unseen; once tokens flow, a failure ends the stream with an OpenAI error event.
+elsewhere unseen. Once tokens flow, an instance that fails is replaced: the router knows the
+token ids it relayed (the instance sends them with each chunk, and the router strips them),
+and another instance resumes the answer after them, so the client sees a delay, not an
+error (greedy text stays exactly the uninterrupted one). A non-streamed request whose
+instance failed runs again whole elsewhere. Only when no instance is left, or after
+MAX_RESUMES, does a stream end with an OpenAI error event.
 A prompt shorter than `pd_min_prompt_tokens` skips P: it is served whole on a decode
 instance (conditional disaggregation), since a short prefill gains less than the hop costs.
 P holds the prompt's KV under a lease until D pulls it; if D never gets the request (no D,
@@ -11,8 +16,9 @@ D failed, the client left first), the router asks P to free it rather than wait 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import httpx
@@ -29,26 +35,38 @@ from pdserve.router.pairing import (
     requested_max_tokens,
 )
 from pdserve.router.registry import Instance, Registry
-from pdserve.router.relay import DecodeRelay, error_from, stream_failed
+from pdserve.router.relay import (
+    InstanceFailed,
+    Progress,
+    StreamRelay,
+    error_from,
+    not_resumed,
+    stream_failed,
+)
 from pdserve.router.shaping import (
     answer_as_stream,
     decode_body,
     error_body,
     first_chunks,
-    first_text,
     include_usage,
     is_chat,
     merge,
     prefill_body,
+    resume_body,
     sse,
     strip_kv_params,
-    strip_kv_params_line,
+    tracked_body,
     without_kv_params,
 )
 from pdserve.router.upstream import Refused, Upstream, UpstreamError
 
+log = logging.getLogger(__name__)
+
 PLAIN_ROLES = {"colocated": ("colocated",), "fallback": ("decode", "colocated", "prefill"),
                "prefill_only": ("prefill",), "short_prompt": ("decode", "colocated", "prefill")}
+RESUME_ROLES = ("decode", "colocated", "prefill")  # who may take over a failed answer
+MAX_RESUMES = 2  # per request: an answer that keeps killing instances is not chased forever
+INTERNAL_FIELDS = ("resume",)  # request fields only the router may send an instance
 
 
 class NoInstance(Exception):
@@ -65,6 +83,15 @@ class Load:
     @classmethod
     def of(cls, body: dict, chat: bool) -> Load:
         return cls(estimate_prompt_tokens(body), requested_max_tokens(body, chat))
+
+
+@dataclass
+class Attempt:
+    """One instance's open stream of an answer, and the load it is charged for."""
+
+    inst: Instance
+    resp: httpx.Response
+    charge: Charge
 
 
 @dataclass
@@ -112,6 +139,10 @@ class Router:
     async def route(self, path: str, body: dict) -> Response:
         """Answer one completion or chat request; 4xx from an instance pass through."""
         start, chat = time.monotonic(), is_chat(path)
+        internal = [name for name in INTERNAL_FIELDS if name in body]
+        if internal:
+            return json_error(400, f"{internal[0]} is an internal field: clients may not "
+                              "send it", None, "invalid_request_error")
         load = Load.of(body, chat)
         try:
             if self.registry.healthy("prefill") and self.registry.healthy("decode"):
@@ -145,52 +176,120 @@ class Router:
         """Send the request unchanged; an instance that fails before answering is skipped."""
         label = "disagg" if kind == "prefill_only" else kind
         self.metrics.requests.labels(label).inc()
+        if body.get("stream"):
+            return await self._plain_stream(path, body, load, kind, label, start)
+        resp = await self._whole(PLAIN_ROLES[kind], path, body, load, set())
+        self.metrics.e2e.labels(label).observe(time.monotonic() - start)
+        return Response(strip_kv_params(resp.content), resp.status_code,
+                        media_type="application/json")
+
+    async def _whole(self, roles: tuple[str, ...], path: str, body: dict, load: Load,
+                     tried: set[str]) -> httpx.Response:
+        """A non-streamed answer from the first instance of `roles` that gives one; one
+        that fails while answering is replaced, and the request runs again whole there."""
+        while True:
+            inst = self._pick(roles, tried)
+            try:
+                with charged(inst, load.prompt + load.max_tokens):
+                    return await self.upstream.post(inst, path, body)
+            except UpstreamError as exc:
+                tried.add(inst.url)
+                if not exc.connect:  # it had the request: what it did is lost
+                    self.metrics.resumes.labels("rerun").inc()
+
+    async def _plain_stream(self, path: str, body: dict, load: Load, kind: str, label: str,
+                            start: float) -> Response:
+        """The first instance that opens the stream; the relay resumes it if it fails."""
         tried: set[str] = set()
         while True:
             inst = self._pick(PLAIN_ROLES[kind], tried)
+            charge = Charge(inst, load.prompt + load.max_tokens)
             try:
-                if body.get("stream"):
-                    return await self._plain_stream(inst, path, body, load, label, start)
-                with charged(inst, load.prompt + load.max_tokens):
-                    resp = await self.upstream.post(inst, path, body)
-                self.metrics.e2e.labels(label).observe(time.monotonic() - start)
-                return Response(strip_kv_params(resp.content), resp.status_code,
-                                media_type="application/json")
-            except UpstreamError:
+                resp = await self.upstream.open_stream(inst, path, tracked_body(body))
+            except BaseException as exc:
+                charge.release()
+                if not isinstance(exc, UpstreamError):
+                    raise
                 tried.add(inst.url)
+                continue
+            events = self._relay(path, body, Attempt(inst, resp, charge), Progress(), load,
+                                 label, start)
+            return StreamingResponse(events, media_type="text/event-stream")
 
-    async def _plain_stream(self, inst: Instance, path: str, body: dict, load: Load,
-                            label: str, start: float) -> Response:
-        charge = Charge(inst, load.prompt + load.max_tokens)
-        try:
-            resp = await self.upstream.open_stream(inst, path, body)
-        except BaseException:
-            charge.release()
-            raise
-        return StreamingResponse(self._relay(inst, resp, charge, label, start),
-                                 media_type="text/event-stream")
+    # ---- relaying a stream, and resuming it on another instance ------------------------
 
-    async def _relay(self, inst: Instance, resp: httpx.Response, charge: Charge, label: str,
-                     start: float) -> AsyncIterator[str]:
-        """Pass SSE lines through; a broken stream ends with an error event."""
-        done, first = False, True
+    async def _relay(self, path: str, body: dict, attempt: Attempt | None,
+                     progress: Progress, load: Load, label: str, start: float,
+                     failed: Sequence[str] = ()) -> AsyncIterator[str]:
+        """Relay the stream of `attempt` (None: no instance took it, for the reason in
+        `failed`); when its instance fails, resume the answer on another one after what the
+        client has, up to MAX_RESUMES times. It ends with [DONE], or an error and [DONE]."""
+        chat, tried, resumes = is_chat(path), set(), 0
+        keep_ids = body.get("return_token_ids") is True
+        timed = progress.response_id is not None  # disagg: TTFT was P's first chunk
         try:
-            async for line in resp.aiter_lines():
-                if first and line.startswith("data: "):
-                    self.metrics.ttft.labels(label).observe(time.monotonic() - start)
-                    first = False
-                done = done or line == "data: [DONE]"
-                yield strip_kv_params_line(line) + "\n"
-            if not done:
-                raise httpx.RemoteProtocolError("the stream ended before [DONE]")
-        except httpx.TransportError as exc:
-            self.upstream.broken(inst, exc)
-            for event in stream_failed(inst, exc):
-                yield event
+            while True:
+                if attempt is not None:
+                    relay = StreamRelay(chat, progress, keep_ids)
+                    try:
+                        async for line in attempt.resp.aiter_lines():
+                            event = relay.event(line)
+                            if event is None:
+                                continue
+                            if not timed:
+                                self.metrics.ttft.labels(label).observe(
+                                    time.monotonic() - start)
+                                timed = True
+                            yield event
+                        if progress.done:
+                            return
+                        raise httpx.RemoteProtocolError("the stream ended before [DONE]")
+                    except (httpx.TransportError, InstanceFailed) as exc:
+                        self.upstream.broken(attempt.inst, exc)
+                        tried.add(attempt.inst.url)
+                        failed = stream_failed(attempt.inst, exc)
+                    finally:
+                        await attempt.resp.aclose()
+                        attempt.charge.release()
+                if progress.finished:  # all of it went out: only usage can be missing
+                    yield sse("[DONE]")
+                    return
+                if resumes == MAX_RESUMES or not progress.tracked:
+                    self.metrics.resumes.labels("limit" if progress.tracked
+                                                else "untracked").inc()
+                    for event in failed:
+                        yield event
+                    return
+                resumes += 1
+                try:
+                    attempt = await self._open_resume(path, body, progress, load, tried)
+                except (NoInstance, Refused) as exc:
+                    outcome = "refused" if isinstance(exc, Refused) else "no_instance"
+                    self.metrics.resumes.labels(outcome).inc()
+                    log.warning("could not resume %s: %s", progress.response_id, exc)
+                    for event in failed or not_resumed("no instance could take it over"):
+                        yield event
+                    return
+                self.metrics.resumes.labels("resumed").inc()
         finally:
-            await resp.aclose()
-            charge.release()
             self.metrics.e2e.labels(label).observe(time.monotonic() - start)
+
+    async def _open_resume(self, path: str, body: dict, progress: Progress, load: Load,
+                           tried: set[str]) -> Attempt:
+        """Another instance's stream that continues the answer after what the client has;
+        the first that can be reached (decode first, then colocated, then prefill)."""
+        r_body = resume_body(body, progress.token_ids, progress.text_chars)
+        while True:
+            inst = self._pick(RESUME_ROLES, tried)
+            charge = Charge(inst, load.prompt + load.max_tokens)
+            try:
+                resp = await self.upstream.open_stream(inst, path, r_body)
+                return Attempt(inst, resp, charge)
+            except BaseException as exc:
+                charge.release()
+                if not isinstance(exc, UpstreamError):
+                    raise
+                tried.add(inst.url)
 
     # ---- P then D ----------------------------------------------------------------------
 
@@ -209,12 +308,22 @@ class Router:
         held = HeldKV(p_inst, ktp.get("remote_request_id"), ktp.get("lease_token"))
         d_body = decode_body(body, ktp)
         if body.get("stream"):
-            events = self._disagg_stream(path, body, d_body, answer, held, load, start)
+            events = self._disagg_stream(path, body, tracked_body(d_body), answer, held,
+                                         load, start)
             # however it ends before D's stream is open (mostly: the client left), P's KV
             # goes back; a no-op once D has the request, or it was released
             return EventStream(events, lambda: self._release(held, "client_disconnect"))
         try:
             d_answer = await self._decode(path, d_body, load)
+        except (NoInstance, UpstreamError) as exc:  # D failed: the request runs whole again
+            self._release(held, release_reason(exc))
+            if isinstance(exc, UpstreamError) and not exc.connect:
+                self.metrics.resumes.labels("rerun").inc()
+            tried = {exc.inst.url} if isinstance(exc, UpstreamError) else set()
+            resp = await self._whole(RESUME_ROLES, path, body, load, tried)
+            self.metrics.e2e.labels("disagg").observe(time.monotonic() - start)
+            return Response(strip_kv_params(resp.content), resp.status_code,
+                            media_type="application/json")
         except BaseException as exc:  # D has stopped too (a cancelled post closes its socket)
             self._release(held, release_reason(exc))
             raise
@@ -277,15 +386,15 @@ class Router:
                     raise
                 tried.add(inst.url)
 
-    async def _open_decode(self, path: str, d_body: dict, tokens: int
-                           ) -> tuple[Instance, httpx.Response, Charge]:
+    async def _open_decode(self, path: str, d_body: dict, tokens: int) -> Attempt:
         """D's open stream, charged; a D that cannot be reached is replaced."""
         tried: set[str] = set()
         while True:
             inst = self._pick(("decode",), tried)
             charge = Charge(inst, tokens)
             try:
-                return inst, await self.upstream.open_stream(inst, path, d_body), charge
+                return Attempt(inst, await self.upstream.open_stream(inst, path, d_body),
+                               charge)
             except BaseException as exc:
                 charge.release()
                 if not (isinstance(exc, UpstreamError) and exc.connect):
@@ -295,14 +404,18 @@ class Router:
     async def _disagg_stream(self, path: str, body: dict, d_body: dict, answer: dict,
                              held: HeldKV, load: Load, start: float) -> AsyncIterator[str]:
         """P's token at once, then D's chunks (its role chunk dropped, ids made P's). Until
-        D's stream is open, P's KV is the router's to release (see `disagg`)."""
+        D's stream is open, P's KV is the router's to release (see `disagg`). If no D can
+        take it, or D fails later, another instance resumes the answer after P's token."""
         chat, usage = is_chat(path), include_usage(body)
         for chunk in first_chunks(answer, chat, usage):
             yield sse(chunk)
         self.metrics.ttft.labels("disagg").observe(time.monotonic() - start)
+        progress = Progress.after_prefill(answer, chat,
+                                          answer["kv_transfer_params"].get("first_token_id"))
+        attempt: Attempt | None = None
+        failed: list[str] = []
         try:
-            inst, resp, charge = await self._open_decode(path, d_body,
-                                                         load.prompt + load.max_tokens)
+            attempt = await self._open_decode(path, d_body, load.prompt + load.max_tokens)
         except Refused as exc:
             self._release(held, release_reason(exc))
             yield sse(error_from(exc.content))
@@ -312,23 +425,10 @@ class Router:
             self._release(held, release_reason(exc))
             if not isinstance(exc, (UpstreamError, NoInstance)):
                 raise
-            yield sse(error_body(f"decode failed: {exc}", code="decode_failed"))
-            yield sse("[DONE]")
-            return
-        held.settled = True  # D accepted it: D pulls the KV and releases the lease
-        relay = DecodeRelay(answer["id"], chat, len(first_text(answer, chat)))
-        try:
-            async for line in resp.aiter_lines():
-                event = relay.event(line)
-                if event is not None:
-                    yield event
-            if not relay.done:
-                raise httpx.RemoteProtocolError("the stream ended before [DONE]")
-        except httpx.TransportError as exc:
-            self.upstream.broken(inst, exc)
-            for event in stream_failed(inst, exc):
-                yield event
-        finally:
-            await resp.aclose()
-            charge.release()
-            self.metrics.e2e.labels("disagg").observe(time.monotonic() - start)
+            failed = [sse(error_body(f"decode failed: {exc}", code="decode_failed")),
+                      sse("[DONE]")]
+        else:
+            held.settled = True  # D accepted it: D pulls the KV and releases the lease
+        async for event in self._relay(path, body, attempt, progress, load, "disagg", start,
+                                       failed):
+            yield event

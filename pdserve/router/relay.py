@@ -1,45 +1,105 @@
-"""Relaying SSE from an instance: D's chunks rewritten into the stream P opened, and the
-error events that end a stream whose instance failed."""
+"""Relaying SSE from an instance into the client's stream, keeping track of what the client
+has (so that another instance can resume the answer), and the error events that end a
+stream no instance could finish."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pdserve.router.registry import Instance
-from pdserve.router.shaping import error_body, shift_logprobs, sse
+from pdserve.router.shaping import error_body, first_text, shift_logprobs, sse
+
+
+class InstanceFailed(Exception):
+    """The instance reported in its stream that it failed (its engine died)."""
 
 
 @dataclass
-class DecodeRelay:
-    """Rewrites D's SSE lines into the client's stream that P's chunks opened."""
+class Progress:
+    """What the client has of one streamed answer: enough to resume it elsewhere."""
 
-    request_id: str
+    token_ids: list[int] = field(default_factory=list)  # output tokens whose text it has
+    text_chars: int = 0  # characters of output text it has
+    response_id: str | None = None  # the answer's id and created time, from its first chunk
+    created: int | None = None
+    role_sent: bool = False  # chat: the chunk naming the speaker went out
+    finished: bool = False  # a finish_reason went out: only usage and [DONE] can be missing
+    done: bool = False  # [DONE] went out
+    tracked: bool = True  # every chunk carried its token ids (else it cannot be resumed)
+
+    @classmethod
+    def after_prefill(cls, answer: dict, chat: bool, first_token_id: object) -> Progress:
+        """The client has P's token (sent as the stream's first chunks)."""
+        ok = isinstance(first_token_id, int)
+        return cls(token_ids=[first_token_id] if ok else [],
+                   text_chars=len(first_text(answer, chat)), response_id=answer["id"],
+                   created=answer.get("created"), role_sent=chat, tracked=ok)
+
+
+@dataclass
+class StreamRelay:
+    """Rewrites one instance's SSE lines into the client's stream: the answer's id and
+    created time throughout, one role chunk, completions logprobs offsets counted from the
+    start of the answer; the token ids the router asked for are read and (unless the client
+    asked for them too) removed."""
+
     chat: bool
-    text_offset: int  # the length of P's text: D's completions offsets start after it
-    done: bool = False
+    progress: Progress
+    keep_token_ids: bool = False
+    text_offset: int = field(init=False)  # the client's text before this instance's part
+
+    def __post_init__(self) -> None:
+        self.text_offset = self.progress.text_chars
 
     def event(self, line: str) -> str | None:
+        """The event to send for one line, or None; raises InstanceFailed for a server
+        error that the instance reports in its stream."""
         if not line.startswith("data: "):
             return None
         data = line[len("data: "):]
         if data == "[DONE]":
-            self.done = True
+            self.progress.done = True
             return sse(data)
         try:
             chunk = json.loads(data)
         except ValueError:
             return line + "\n\n"  # not ours to judge: pass it on as it came
+        if not isinstance(chunk, dict):
+            return line + "\n\n"
         if "error" in chunk:
+            error = chunk["error"]
+            if isinstance(error, dict) and error.get("type") == "server_error":
+                raise InstanceFailed(str(error.get("message")))
             return sse(chunk)
         if self.chat and is_role_chunk(chunk):
-            return None  # P's chunks already named the speaker
+            if self.progress.role_sent:
+                return None  # the client knows the speaker already
+            self.progress.role_sent = True
         chunk.pop("kv_transfer_params", None)  # internal: never a client's
-        chunk["id"] = self.request_id
-        if not self.chat:
-            for choice in chunk.get("choices", []):
-                choice["logprobs"] = shift_logprobs(choice.get("logprobs"), self.text_offset)
+        self._track(chunk)
+        p = self.progress
+        if p.response_id is None:
+            p.response_id, p.created = chunk.get("id"), chunk.get("created")
+        else:
+            chunk["id"], chunk["created"] = p.response_id, p.created
         return sse(chunk)
+
+    def _track(self, chunk: dict) -> None:
+        for choice in chunk.get("choices") or []:
+            ids = choice.get("token_ids") if self.keep_token_ids else choice.pop("token_ids",
+                                                                                 None)
+            text = ((choice.get("delta") or {}).get("content") if self.chat
+                    else choice.get("text")) or ""
+            if isinstance(ids, list):
+                self.progress.token_ids += ids
+            elif text or choice.get("finish_reason") is not None:
+                self.progress.tracked = False  # an instance that does not send them
+            self.progress.text_chars += len(text)
+            if choice.get("finish_reason") is not None:
+                self.progress.finished = True
+            if not self.chat:
+                choice["logprobs"] = shift_logprobs(choice.get("logprobs"), self.text_offset)
 
 
 def is_role_chunk(chunk: dict) -> bool:
@@ -66,4 +126,10 @@ def stream_failed(inst: Instance, exc: Exception) -> list[str]:
     names no instance URL (`Upstream.broken` logs it)."""
     message = (f"the {inst.role} instance failed while streaming this response "
                f"({type(exc).__name__}); the response is incomplete")
+    return [sse(error_body(message, code="upstream_failed")), sse("[DONE]")]
+
+
+def not_resumed(why: str) -> list[str]:
+    """The last events of a stream that no other instance could take over."""
+    message = f"the response is incomplete: {why}"
     return [sse(error_body(message, code="upstream_failed")), sse("[DONE]")]

@@ -39,6 +39,21 @@ def decode_body(body: dict, kv_transfer_params: dict) -> dict:
     return {**body, "kv_transfer_params": kv_transfer_params}
 
 
+def tracked_body(body: dict) -> dict:
+    """A streamed request whose chunks carry their token ids, for the router to resume."""
+    return {**body, "return_token_ids": True}
+
+
+def resume_body(body: dict, token_ids: list[int], text_chars: int) -> dict:
+    """The client's request for another instance that continues its answer after the
+    `token_ids` the client has (whose text is `text_chars` characters long)."""
+    out = {k: v for k, v in body.items() if k != "kv_transfer_params"}
+    out.update(stream=True, return_token_ids=True)
+    if token_ids:  # none yet: the answer simply starts again there
+        out["resume"] = {"token_ids": token_ids, "text_chars": text_chars}
+    return out
+
+
 def first_text(answer: dict, chat: bool) -> str:
     choice = answer["choices"][0]
     return (choice["message"].get("content") or "") if chat else choice["text"]
@@ -68,6 +83,8 @@ def first_chunks(answer: dict, chat: bool, include_usage: bool, finished: bool =
     else:
         content = {"index": 0, "text": text}
     content.update(logprobs=choice.get("logprobs"), finish_reason=finish, stop_reason=stop)
+    if "token_ids" in choice:  # the client asked for them (return_token_ids)
+        content["token_ids"] = choice["token_ids"]
     chunks.append(_chunk(answer, chat, content, include_usage))
     return chunks
 
@@ -101,19 +118,6 @@ def strip_kv_params(content: bytes) -> bytes:
     return json.dumps(without_kv_params(answer)).encode()
 
 
-def strip_kv_params_line(line: str) -> str:
-    """One SSE line of an instance's stream, its chunk without `kv_transfer_params`."""
-    if not line.startswith("data: ") or "kv_transfer_params" not in line:
-        return line
-    try:
-        chunk = json.loads(line[len("data: "):])
-    except ValueError:
-        return line
-    if not isinstance(chunk, dict):
-        return line
-    return "data: " + json.dumps(without_kv_params(chunk))
-
-
 def shift_logprobs(logprobs: dict | None, by: int) -> dict | None:
     """Completions logprobs of D's part, with text offsets counted from P's text."""
     if not logprobs or "text_offset" not in logprobs or not by:
@@ -142,5 +146,7 @@ def merge(p_answer: dict, d_answer: dict, chat: bool) -> dict:
         choice["text"] = ptext + d_choice["text"]
     choice["logprobs"] = merge_logprobs(p_choice.get("logprobs"), d_choice.get("logprobs"),
                                         len(ptext))
+    if "token_ids" in choice:  # the client asked for them (return_token_ids)
+        choice["token_ids"] = (p_choice.get("token_ids") or []) + choice["token_ids"]
     out["choices"] = [choice]
     return out

@@ -46,12 +46,20 @@ class IncrementalDetokenizer:
     def add_token(self, token_id: int) -> str:
         """Feed one sampled token; return the text that may now be sent (maybe empty)."""
         if self.stopped_by is not None:
-            return ""
+            return self._release(final=True)  # "" unless resume() left some text unsent
         self._ids.append(token_id)
         new_text = self._decode_new()
         if new_text:
             self._append_and_check_stop(new_text)
         return self._release(final=self.stopped_by is not None)
+
+    def resume(self, token_ids: list[int], sent_chars: int) -> None:
+        """Continue output that another instance began: its tokens are decoded as if they
+        were sampled here (so a stop string spanning the break still stops), and the first
+        `sent_chars` characters of their text count as released: the client has them."""
+        for token_id in token_ids:
+            self.add_token(token_id)
+        self._sent = min(sent_chars, len(self.text))
 
     def flush(self) -> str:
         """At the end of the request: release everything held back (an incomplete tail too)."""

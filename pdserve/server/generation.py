@@ -42,6 +42,7 @@ class Generation:
     stop: list[str]
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    resume_text_chars: int = 0  # a resumed request: characters of its text the client has
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
@@ -54,8 +55,10 @@ class Generation:
     def __post_init__(self) -> None:
         self.prompt_tokens = len(self.request.prompt_token_ids)
         # a decode instance continues after the prefill's first token: usage counts it, as a
-        # colocated run would (the router sent its text already)
-        self.completion_tokens = len(self._detok_context()) - self.prompt_tokens
+        # colocated run would (the router sent its text already); a resumed request counts
+        # the tokens generated before it moved here
+        self.completion_tokens = (len(self._detok_context()) - self.prompt_tokens
+                                  + len(self.request.output_token_ids))
 
     def usage(self) -> dict:
         return {
@@ -89,6 +92,8 @@ class Generation:
             self.tokenizer, self._detok_context(), self.stop,
             self.include_stop_str_in_output, self.skip_special_tokens,
         )
+        if self.request.output_token_ids:  # its text goes on where the client's text ends
+            detok.resume(self.request.output_token_ids, self.resume_text_chars)
         reason = "abort"
         finished = self._aborted
         try:

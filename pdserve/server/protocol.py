@@ -25,6 +25,21 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+MAX_RESUME_TOKENS = 1 << 20  # a bound on the list before the context length checks it
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+
+
+class Resume(BaseModel):
+    """Internal, from the router only: continue a stream that another instance began. Its
+    tokens follow the prompt as output already generated; the client has `text_chars`
+    characters of their text, so the text sent from here continues after those."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    token_ids: list[TokenId] = Field(min_length=1, max_length=MAX_RESUME_TOKENS)
+    text_chars: int = Field(ge=0, le=2**31)
+
+
 class _SamplingRequest(BaseModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -54,6 +69,8 @@ class _SamplingRequest(BaseModel):
     skip_special_tokens: bool = True
     return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:<id>" (vLLM)
     kv_transfer_params: dict | None = None
+    return_token_ids: bool = False  # each choice carries its tokens' ids (vLLM's field)
+    resume: Resume | None = None  # internal: see Resume
 
     @model_validator(mode="after")
     def _refuse_unsupported(self) -> _SamplingRequest:
@@ -69,6 +86,8 @@ class _SamplingRequest(BaseModel):
             raise ValueError("stream_options is only allowed when stream is true")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError("min_tokens must not exceed max_tokens")
+        if self.resume is not None and (not self.stream or self.kv_transfer_params):
+            raise ValueError("resume needs stream true and no kv_transfer_params")
         return self
 
     def stop_strings(self) -> list[str]:

@@ -25,6 +25,7 @@ class ResponseBuilder:
     tokenizer: object
     num_logprobs: int | None
     tokens_as_ids: bool = False
+    token_ids: bool = False  # return_token_ids: each choice carries its tokens' ids
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -93,6 +94,8 @@ class ResponseBuilder:
               include_usage: bool) -> dict:
         choice = self._choice(delta.text, self.logprobs(delta.logprobs, text_offset),
                               delta.finish_reason, delta.stop_reason, streaming=True)
+        if self.token_ids:
+            choice["token_ids"] = delta.token_ids
         body = self._envelope([choice], True)
         if include_usage:
             body["usage"] = None  # OpenAI: null on every chunk but the last
@@ -105,10 +108,12 @@ class ResponseBuilder:
 
     def full(self, text: str, logprobs: list[TokenLogprob], finish: str | None,
              stop_reason: str | int | None, usage: dict,
-             kv_transfer_params: dict | None) -> dict:
+             kv_transfer_params: dict | None, token_ids: list[int] | None = None) -> dict:
         """The non-streaming body."""
         choice = self._choice(text, self.logprobs(logprobs), finish, stop_reason,
                               streaming=False)
+        if self.token_ids:
+            choice["token_ids"] = token_ids or []
         body = {**self._envelope([choice], False), "usage": usage}
         if kv_transfer_params is not None:
             body["kv_transfer_params"] = kv_transfer_params

@@ -54,13 +54,18 @@ async def serve(
         raise model_not_found(req.model)
     if not st.client.healthy:
         raise engine_dead()
+    internal = getattr(request.state, "internal", False)  # AuthMiddleware verified its MAC
+    if req.resume is not None and not internal:
+        raise bad_request("resume is an internal field: only the router may send it", "resume")
     engine_req = _engine_request(st, req, chat)
     # a hand-off only from the deployment (a 400 otherwise): trust-http marks internal calls
-    check_kv_transfer_params(engine_req, st.client.args, getattr(request.state, "internal", False))
+    check_kv_transfer_params(engine_req, st.client.args, internal)
     gen = Generation(st.client, st.metrics, st.tokenizer, engine_req, req.stop_strings(),
-                     req.include_stop_str_in_output, req.skip_special_tokens)
+                     req.include_stop_str_in_output, req.skip_special_tokens,
+                     resume_text_chars=req.resume.text_chars if req.resume else 0)
     builder = ResponseBuilder(chat, engine_req.request_id, st.served_model_name, st.tokenizer,
-                              req.num_logprobs(), req.return_tokens_as_token_ids)
+                              req.num_logprobs(), req.return_tokens_as_token_ids,
+                              token_ids=req.return_token_ids)
     if req.stream:
         await gen.start()  # before the headers: a request the engine refuses gets a 400
         # the generation is aborted however the response ends (a no-op once it finished)
@@ -87,9 +92,14 @@ def _engine_request(
         raise bad_request("min_tokens must not exceed max_tokens", "min_tokens")
     check_token_ids(req.stop_token_ids or [], info.vocab_size, "stop_token_ids")
     check_fits_cache(len(prompt_ids) + max_tokens, st.cache_tokens())
+    resumed = req.resume.token_ids if req.resume else []  # output another instance made
+    if len(resumed) >= max_tokens:
+        raise bad_request("resume.token_ids must leave a token to generate", "resume")
+    check_token_ids(resumed, info.vocab_size, "resume")
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     return EngineRequest(request_id, prompt_ids, req.sampling_params(max_tokens),
-                         kv_transfer_params=req.kv_transfer_params)
+                         kv_transfer_params=req.kv_transfer_params,
+                         output_token_ids=list(resumed))
 
 
 @asynccontextmanager
@@ -110,17 +120,18 @@ async def _abort_on_disconnect(request: Request, gen: Generation):
 
 async def _complete(request: Request, gen: Generation, builder: ResponseBuilder) -> Response:
     """Run to the end, then answer with one body."""
-    text, logprobs, finish, stop_reason = "", [], None, None
+    text, logprobs, finish, stop_reason, token_ids = "", [], None, None, []
     async with _abort_on_disconnect(request, gen):
         await gen.start()
         async for delta in gen.deltas():
             text += delta.text
+            token_ids += delta.token_ids
             logprobs.extend(delta.logprobs)
             finish, stop_reason = delta.finish_reason, delta.stop_reason
     if finish is None:  # the client left: nobody reads this
         return Response(status_code=499)
     body = builder.full(text, logprobs, finish, stop_reason, gen.usage(),
-                        gen.kv_transfer_params)
+                        gen.kv_transfer_params, token_ids)
     return JSONResponse(body)
 
 

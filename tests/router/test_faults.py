@@ -38,7 +38,7 @@ def orphan_lease(fleet) -> None:
     """A prefill whose decode never comes: its lease must expire and free the blocks."""
     body = {"prompt": PROMPTS[0] * 4, "max_tokens": 1, **GREEDY,
             "kv_transfer_params": {"do_remote_decode": True}}
-    resp = httpx.post(fleet.p0.url + "/v1/completions", json=body, timeout=120)
+    resp = internal("POST", fleet.p0.url, "/v1/completions", body, timeout=120)
     assert resp.json()["kv_transfer_params"]["remote_block_ids"]
 
 
@@ -140,7 +140,8 @@ def _request(url: str, prompt: str, stream: bool) -> tuple[str | None, dict | No
     return text, None
 
 
-def test_killed_decode_fails_its_requests_clearly_and_nothing_else(fleet, routers_tmp):
+def test_killed_decode_under_load_loses_no_request(fleet, routers_tmp):
+    """Each answer d1 had in hand is resumed (streamed) or run again (not streamed) on d0."""
     router = start_router(routers_tmp, prefill=[fleet.p0], decode=[fleet.d0, fleet.d1])
     try:
         prompts = [f"Write a poem about the number {i}." for i in range(12)]
@@ -154,18 +155,14 @@ def test_killed_decode_fails_its_requests_clearly_and_nothing_else(fleet, router
             results = list(pool.map(lambda ip: _request(router.url, ip[1], ip[0] % 2 == 0),
                                     enumerate(prompts)))
         killer.join(timeout=5)
+        assert fleet.d1.proc.poll() is not None
         failed = [(p, err) for p, (_, err) in zip(prompts, results) if err is not None]
-        for _, err in failed:  # each names the role that failed it, never its URL
-            assert "decode instance" in err["error"]["message"], err
-            assert fleet.d1.url not in err["error"]["message"], err
-            assert err["error"]["type"] == "server_error"
-        completed = [(p, text) for p, (text, err) in zip(prompts, results) if err is None]
-        assert failed, "d1 was killed with requests in flight: they must fail"
-        assert completed and all(text == refs[p] for p, text in completed)
-        print(f"killed decode: {len(failed)} failed clearly, {len(completed)} completed")
-        after = httpx.post(router.url + "/v1/completions", timeout=120,
-                           json={"prompt": prompts[0], "max_tokens": 16, **GREEDY})
-        assert after.status_code == 200 and after.json()["choices"][0]["text"] == refs[prompts[0]]
+        assert not failed, failed[:3]
+        assert all(text == refs[p] for p, (text, _) in zip(prompts, results))
+        moved = sum(metric(router.url, "pdserve_router:resumes_total", outcome=o)
+                    for o in ("resumed", "rerun"))
+        assert moved > 0, "d1 was killed with requests in flight: they must have moved"
+        print(f"killed decode: {moved:.0f} answers moved, all {len(prompts)} completed")
     finally:
         router.stop()
 

