@@ -156,7 +156,7 @@ def _add_registry_routes(app: FastAPI, registry: Registry) -> None:
         try:
             data = await http_limits.read_json_body(request)
             inst = registry.register(str(data["url"]), str(data.get("role", "colocated")))
-        except (ValueError, KeyError, TypeError, http_limits.BodyError) as exc:
+        except (ValueError, KeyError, TypeError) as exc:  # BodyError: its own 4xx
             return json_error(400, f"register needs {{url, role in {ROLES}}}: {exc}", None,
                               "invalid_request_error")
         if not inst.healthy:  # a newcomer serves as soon as it answers, not a poll later
@@ -169,7 +169,7 @@ def _add_registry_routes(app: FastAPI, registry: Registry) -> None:
         """Leave at once: `{"url": ...}`."""
         try:
             url = str((await http_limits.read_json_body(request))["url"])
-        except (ValueError, KeyError, TypeError, http_limits.BodyError) as exc:
+        except (ValueError, KeyError, TypeError) as exc:  # BodyError: its own 4xx
             return json_error(400, f"deregister needs {{url}}: {exc}", None,
                               "invalid_request_error")
         return JSONResponse({"status": "ok", "removed": registry.deregister(url)})

@@ -30,6 +30,7 @@ MAX_KV_PARAMS_KEYS = 64
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
+Bias = Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]
 Count = Annotated[int, Field(ge=1, le=MAX_INT)]
 TokenId = Annotated[int, Field(ge=0, le=MAX_INT)]
 Text = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
@@ -62,7 +63,7 @@ class _SamplingRequest(BaseModel):
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     frequency_penalty: Penalty = 0.0
     presence_penalty: Penalty = 0.0
-    logit_bias: dict[Name, Penalty] | None = Field(None, max_length=MAX_LOGIT_BIAS)
+    logit_bias: dict[Name, Bias] | None = Field(None, max_length=MAX_LOGIT_BIAS)
     user: Name | None = None
     # vLLM / pdserve extensions.
     top_k: int = Field(0, ge=-1, le=MAX_INT)  # 0 or -1 = disabled

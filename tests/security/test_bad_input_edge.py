@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -166,6 +167,19 @@ def test_a_10mb_chunked_body_is_413(url):
     assert_still_serves(url)
 
 
+@pytest.mark.parametrize("raw", [b"[" * 5000 + b"]" * 5000, b'{"url": NaN}',
+                                 b'{"url": "\\ud800", "role": "decode"}', b"x" * 9_000_000])
+def test_registry_and_lease_routes_refuse_bad_bodies(deployment, raw):
+    """/register, /deregister and /v1/kv/release parse bodies too (a 401 once they need the
+    deployment's MAC, a 400 or 413 here: never a 500)."""
+    router, p = deployment["router"].url, deployment["prefill"].url
+    for url, path in ((router, "/register"), (router, "/deregister"), (p, "/v1/kv/release")):
+        resp = post_raw(url, path, raw)
+        assert 400 <= resp.status_code < 500, (path, resp.status_code, resp.text[:300])
+    assert_still_serves(router)
+    assert_still_serves(p)
+
+
 # ---- fields: types are strict and every size is bounded ----------------------------------
 
 @pytest.mark.parametrize("fields", [
@@ -282,7 +296,8 @@ def test_a_request_that_makes_the_decode_engine_raise_fails_alone(deployment, ma
             "kv_transfer_params": BAD_LAYOUT_KV}
     assert_openai_error(httpx.post(d + COMPLETIONS, json=body, timeout=120))
     assert_still_serves(d)
-    assert metric(d, "pdserve:request_failures_total") >= 0  # exported (0 if refused earlier)
+    exported = httpx.get(d + "/metrics", timeout=10).text  # (0 where refused at the edge)
+    assert re.search(r"^pdserve:request_failures_total\{[^}]*\} \d", exported, re.M)
 
 
 def test_the_engine_process_contains_any_exception_of_one_request():
