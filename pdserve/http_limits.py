@@ -44,7 +44,9 @@ def too_large(max_bytes: int) -> BodyError:
 
 class BodyLimit:
     """ASGI middleware: a request whose Content-Length exceeds `max_bytes` is answered 413
-    at once; a body that grows past it while arriving raises BodyError in its reader."""
+    at once; a body that grows past it while arriving raises BodyError in its reader, which
+    answers 413 too unless that reader (a route's parser) answers first. Install it
+    outermost, so that it bounds every layer that reads a body (the auth middleware too)."""
 
     def __init__(self, app, max_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
         self.app = app
@@ -60,7 +62,7 @@ class BodyLimit:
                 "Content-Length is not a number")
             await JSONResponse(err.body(), err.status_code)(scope, receive, send)
             return
-        received = 0
+        received, started = 0, False
 
         async def bounded_receive():
             nonlocal received
@@ -71,17 +73,22 @@ class BodyLimit:
                     raise too_large(self.max_bytes)
             return message
 
-        await self.app(scope, bounded_receive, send)
+        async def tracked_send(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, bounded_receive, tracked_send)
+        except BodyError as err:  # nobody inside answered it
+            if started:
+                raise
+            await JSONResponse(err.body(), err.status_code)(scope, receive, send)
 
 
 def install(app: FastAPI, max_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
-    """Bound every request body of `app`; a BodyError anywhere answers in OpenAI's shape."""
-
-    async def on_body_error(_: Request, exc: BodyError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status_code)
-
+    """Bound every request body of `app` (call after adding its other middleware)."""
     app.add_middleware(BodyLimit, max_bytes=max_bytes)
-    app.add_exception_handler(BodyError, on_body_error)
 
 
 async def read_json_body(request: Request) -> dict:

@@ -19,7 +19,15 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.router.cluster import Proc, metric, start_instance, start_router, wait_healthy
+from pdserve.security import DeploymentSecret, sign_request
+from tests.router.cluster import (
+    Proc,
+    internal,
+    metric,
+    start_instance,
+    start_router,
+    wait_healthy,
+)
 
 INSTANCE_FLAGS = ("--max-num-seqs", "8", "--kv-cache-memory", "64MiB")
 CHAT = "/v1/chat/completions"
@@ -170,14 +178,28 @@ def test_a_10mb_chunked_body_is_413(url):
 @pytest.mark.parametrize("raw", [b"[" * 5000 + b"]" * 5000, b'{"url": NaN}',
                                  b'{"url": "\\ud800", "role": "decode"}', b"x" * 9_000_000])
 def test_registry_and_lease_routes_refuse_bad_bodies(deployment, raw):
-    """/register, /deregister and /v1/kv/release parse bodies too (a 401 once they need the
-    deployment's MAC, a 400 or 413 here: never a 500)."""
+    """/register, /deregister and /v1/kv/release parse bodies too: unsigned, a 401 (or 413);
+    signed with the deployment's secret, the parser's 400 (or 413): never a 500."""
     router, p = deployment["router"].url, deployment["prefill"].url
     for url, path in ((router, "/register"), (router, "/deregister"), (p, "/v1/kv/release")):
-        resp = post_raw(url, path, raw)
-        assert 400 <= resp.status_code < 500, (path, resp.status_code, resp.text[:300])
+        for resp in (post_raw(url, path, raw), internal("POST", url, path, content=raw)):
+            assert 400 <= resp.status_code < 500, (path, resp.status_code, resp.text[:300])
+            assert resp.status_code in (400, 401, 413) and resp.json()["error"]["message"]
     assert_still_serves(router)
     assert_still_serves(p)
+
+
+def test_a_signed_chunked_body_over_the_limit_is_413(deployment):
+    """The auth middleware reads a signed body to check its MAC: the limit bounds it too."""
+    router = deployment["router"].url
+    raw = b'{"url": "' + b"x" * 10_000_000 + b'"}'
+    secret = DeploymentSecret.from_env()
+    headers = {"content-type": "application/json",
+               **sign_request(secret, "POST", "/register", raw)}
+    chunks = (raw[i:i + 2**20] for i in range(0, len(raw), 2**20))
+    resp = httpx.post(router + "/register", content=chunks, headers=headers, timeout=60)
+    assert resp.status_code == 413, resp.text[:300]
+    assert_still_serves(router)
 
 
 # ---- fields: types are strict and every size is bounded ----------------------------------
