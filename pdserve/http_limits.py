@@ -30,12 +30,12 @@ class BodyError(Exception):
         super().__init__(message)
         self.message = message
         self.status_code = status_code
+        self.code = "request_too_large" if status_code == 413 else None
 
     def body(self) -> dict:
         """OpenAI's error shape."""
         return {"error": {"message": self.message, "type": "invalid_request_error",
-                          "param": None, "code": "request_too_large"
-                          if self.status_code == 413 else None}}
+                          "param": None, "code": self.code}}
 
 
 def too_large(max_bytes: int) -> BodyError:

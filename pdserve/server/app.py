@@ -179,7 +179,7 @@ async def _parse(request: Request, model: type[BaseModel]) -> BaseModel:
     try:
         data = await http_limits.read_json_body(request)
     except http_limits.BodyError as exc:
-        raise APIError(exc.message, exc.status_code) from exc
+        raise APIError(exc.message, exc.status_code, code=exc.code) from exc
     try:
         return model.model_validate(data)
     except ValidationError as exc:

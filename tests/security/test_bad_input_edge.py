@@ -156,7 +156,7 @@ def test_json_nested_within_the_limit_is_fine(url):
 def test_a_10mb_body_is_413(url):
     body = json.dumps({"prompt": "x" * 10_000_000, "max_tokens": 2}).encode()
     err = assert_openai_error(post_raw(url, COMPLETIONS, body), 413)
-    assert "larger than the limit" in err["message"]
+    assert "larger than the limit" in err["message"] and err["code"] == "request_too_large"
     assert_still_serves(url)
 
 
@@ -171,7 +171,7 @@ def test_a_10mb_chunked_body_is_413(url):
 
     resp = post_raw(url, COMPLETIONS, chunks())
     assert resp.request.headers.get("transfer-encoding") == "chunked"
-    assert_openai_error(resp, 413)
+    assert assert_openai_error(resp, 413)["code"] == "request_too_large"
     assert_still_serves(url)
 
 
@@ -187,6 +187,18 @@ def test_registry_and_lease_routes_refuse_bad_bodies(deployment, raw):
             assert resp.status_code in (400, 401, 413) and resp.json()["error"]["message"]
     assert_still_serves(router)
     assert_still_serves(p)
+
+
+def test_max_request_bytes_flag(deployment, tmp_path):
+    router = start_router(tmp_path, prefill=[deployment["prefill"]],
+                          decode=[deployment["instance"]], flags=("--max-request-bytes", "2KiB"))
+    try:
+        big = {"prompt": "x" * 3000, "max_tokens": 2}
+        resp = httpx.post(router.url + COMPLETIONS, json=big, timeout=60)
+        assert "2048 bytes" in assert_openai_error(resp, 413)["message"]
+        assert_still_serves(router.url)
+    finally:
+        router.stop()
 
 
 def test_a_signed_chunked_body_over_the_limit_is_413(deployment):
