@@ -186,6 +186,7 @@ class Engine:
                                          secret=args.deployment_secret)
         self.requests: dict[str, Request] = {}
         self._pending: list[RequestOutput] = []  # outputs produced outside step(), e.g. aborts
+        self.request_failures = 0  # counted by the engine process, which contains them
         self._aborted_pulls: dict[str, Request] = {}  # their blocks are freed when the pull ends
         if self.device.type == "cuda":
             self._compile_mixed_step()
@@ -454,6 +455,7 @@ class Engine:
             kv_pulls_ok=self.connector.stats.pulls_ok if self.connector else 0,
             kv_pulls_failed=self.connector.stats.pulls_failed if self.connector else 0,
             kv_bytes_pulled=self.connector.stats.bytes_pulled if self.connector else 0,
+            request_failures=self.request_failures,
         )
 
     def generate(self, requests: list[EngineRequest]) -> dict[str, list[int]]:

@@ -64,6 +64,7 @@ class EngineStats:
     kv_pulls_ok: int = 0
     kv_pulls_failed: int = 0  # each fell back to a local prefill
     kv_bytes_pulled: int = 0
+    request_failures: int = 0  # requests failed by an unexpected error (the engine lived on)
 
     @property
     def kv_usage(self) -> float:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Awaitable
 from contextlib import asynccontextmanager
 
@@ -12,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from pdserve import http_limits
 from pdserve.drain import Drain, DrainMiddleware, draining_health
 from pdserve.http_auth import ROUTER_INTERNAL_PATHS, AuthMiddleware, HTTPAuth
 from pdserve.router.health import check, poll_forever
@@ -19,6 +19,7 @@ from pdserve.router.metrics import RouterMetrics
 from pdserve.router.proxy import Router, json_error
 from pdserve.router.registry import ROLES, Registry
 from pdserve.router.upstream import Upstream
+from pdserve.router.validation import read_request
 from pdserve.security import DeploymentSecret
 from pdserve.server.app import json_body
 from pdserve.server.protocol import ChatCompletionRequest, CompletionRequest
@@ -31,11 +32,13 @@ UPSTREAM_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=2
 def build_app(registry: Registry, health_interval_s: float = 1.0,
               pd_min_prompt_tokens: int = 0, api_key: str | None = None,
               secret: DeploymentSecret | None = None, open_metrics: bool = False,
-              drain: Drain | None = None) -> FastAPI:
+              drain: Drain | None = None,
+              max_request_bytes: int = http_limits.DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
     """The app; its lifespan opens the HTTP client to instances and starts health checks.
     Clients need `api_key` (if set); `secret` signs the calls to instances and admits the
     instances' own calls (/register); without it nobody can register. `drain` (a
-    DrainingServer's) refuses new requests and finishes those in flight."""
+    DrainingServer's) refuses new requests and finishes those in flight. A body over
+    `max_request_bytes` is refused with 413."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -56,6 +59,7 @@ def build_app(registry: Registry, health_interval_s: float = 1.0,
     app.add_middleware(DrainMiddleware, drain=app.state.drain)
     app.add_middleware(AuthMiddleware, auth=HTTPAuth(api_key, secret, open_metrics,
                                                      ROUTER_INTERNAL_PATHS))
+    http_limits.install(app, max_request_bytes)  # outermost: before any read
     _add_openai_routes(app)
     _add_registry_routes(app, registry)
     return app
@@ -88,14 +92,9 @@ async def _until_disconnect(request: Request, work: Awaitable[Response]) -> Resp
 
 
 async def _proxy(request: Request, path: str) -> Response:
-    try:
-        body = json.loads(await request.body())
-    except ValueError as exc:
-        return json_error(400, f"Request body is not valid JSON: {exc}", None,
-                          "invalid_request_error")
-    if not isinstance(body, dict):
-        return json_error(400, "Request body must be a JSON object", None,
-                          "invalid_request_error")
+    body = await read_request(request, path)  # refused here as an instance would refuse it
+    if isinstance(body, Response):
+        return body
     if "kv_transfer_params" in body:  # the router signs what it forwards: refuse, not strip
         return json_error(400, "kv_transfer_params are internal to the deployment; a client "
                           "may not send them", None, "invalid_request_error")
@@ -155,9 +154,9 @@ def _add_registry_routes(app: FastAPI, registry: Registry) -> None:
     async def register(request: Request) -> Response:
         """Join, or heartbeat: `{"url": ..., "role": ...}`, re-posted every few seconds."""
         try:
-            data = json.loads(await request.body())
+            data = await http_limits.read_json_body(request)
             inst = registry.register(str(data["url"]), str(data.get("role", "colocated")))
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError) as exc:  # BodyError: its own 4xx
             return json_error(400, f"register needs {{url, role in {ROLES}}}: {exc}", None,
                               "invalid_request_error")
         if not inst.healthy:  # a newcomer serves as soon as it answers, not a poll later
@@ -169,8 +168,8 @@ def _add_registry_routes(app: FastAPI, registry: Registry) -> None:
     async def deregister(request: Request) -> Response:
         """Leave at once: `{"url": ...}`."""
         try:
-            url = str(json.loads(await request.body())["url"])
-        except (ValueError, KeyError, TypeError) as exc:
+            url = str((await http_limits.read_json_body(request))["url"])
+        except (ValueError, KeyError, TypeError) as exc:  # BodyError: its own 4xx
             return json_error(400, f"deregister needs {{url}}: {exc}", None,
                               "invalid_request_error")
         return JSONResponse({"status": "ok", "removed": registry.deregister(url)})

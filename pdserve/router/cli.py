@@ -9,7 +9,7 @@ import uvicorn
 
 from pdserve.drain import Drain, DrainingServer, add_drain_flag
 from pdserve.security import SecretError, load_secret
-from pdserve.server.cli import add_security_flags, api_key
+from pdserve.server.cli import add_max_request_bytes_flag, add_security_flags, api_key
 
 
 def add_parser(subparsers) -> None:
@@ -46,6 +46,7 @@ def add_parser(subparsers) -> None:
                    "2k-token prompts and won at 8k), so measure before setting it")
     add_security_flags(p)
     add_drain_flag(p)
+    add_max_request_bytes_flag(p)
     p.add_argument("--log-level", default="warning", help="uvicorn's log level")
     p.set_defaults(func=run)
 
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     drain = Drain(args.drain_timeout)
     app = build_app(registry, args.health_interval, args.pd_min_prompt_tokens,
                     api_key=api_key(args), secret=secret, open_metrics=args.open_metrics,
-                    drain=drain)
+                    drain=drain, max_request_bytes=args.max_request_bytes)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=5)
     server = DrainingServer(config, drain)

@@ -349,7 +349,7 @@ class Router:
     async def _prefill(self, path: str, body: dict, load: Load
                        ) -> tuple[Instance, dict] | None:
         """The prefill instance that answered, and its answer (None: every one failed)."""
-        p_body, tried = prefill_body(body), set()
+        p_body, tried = prefill_body(body, is_chat(path)), set()
         while True:
             inst = least_loaded(self.registry.healthy("prefill"), tried)
             if inst is None:

@@ -26,11 +26,19 @@ def include_usage(body: dict) -> bool:
     return bool(body.get("stream") and isinstance(opts, dict) and opts.get("include_usage"))
 
 
-def prefill_body(body: dict) -> dict:
-    """What P gets: the client's request cut to one token, not streamed, KV kept for D."""
+def prefill_body(body: dict, chat: bool = False) -> dict:
+    """What P gets: the client's request cut to one token, not streamed, KV kept for D;
+    with the client's max_tokens as `decode_max_tokens`, so that P refuses (before the
+    router starts a stream) what D would refuse for the context's length."""
     out = {k: v for k, v in body.items() if k != "stream_options"}
     out.update(max_tokens=1, stream=False, kv_transfer_params={"do_remote_decode": True})
     out.pop("max_completion_tokens", None)
+    wanted = body.get("max_completion_tokens") if chat else None
+    wanted = body.get("max_tokens") if wanted is None else wanted
+    if wanted is not None:
+        out["decode_max_tokens"] = wanted
+    if isinstance(body.get("min_tokens"), int):  # D enforces the rest; P's one token is 1
+        out["min_tokens"] = min(body["min_tokens"], 1)
     return out
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -13,6 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pdserve import http_limits
 from pdserve.drain import Drain, DrainMiddleware, draining_health
 from pdserve.http_auth import INSTANCE_INTERNAL_PATHS, AuthMiddleware, HTTPAuth
 from pdserve.security import DeploymentSecret
@@ -38,11 +38,13 @@ def build_app(
     secret: DeploymentSecret | None = None,
     open_metrics: bool = False,
     drain: Drain | None = None,
+    max_request_bytes: int = http_limits.DEFAULT_MAX_REQUEST_BYTES,
 ) -> FastAPI:
     """The app; its lifespan starts the engine process and loads the tokenizer side by side,
     then runs `keep_registered` (heartbeats to a router) until the server stops. Clients
     need `api_key` (if set); the deployment's own calls are signed with `secret`. `drain`
-    (a DrainingServer's) refuses new requests and finishes those in flight on SIGTERM."""
+    (a DrainingServer's) refuses new requests and finishes those in flight on SIGTERM. A
+    body over `max_request_bytes` is refused with 413."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -69,6 +71,7 @@ def build_app(
     install_error_handlers(app)
     app.add_middleware(AuthMiddleware, auth=HTTPAuth(api_key, secret, open_metrics,
                                                      INSTANCE_INTERNAL_PATHS))
+    http_limits.install(app, max_request_bytes)  # outermost: before any read
     _add_routes(app)
     return app
 
@@ -171,16 +174,12 @@ def json_body(model: type[BaseModel]) -> dict:
 
 
 async def _parse(request: Request, model: type[BaseModel]) -> BaseModel:
-    """Body bytes → validated request; every failure is a 400 with a readable message."""
-    raw = await request.body()
+    """Body bytes → validated request; every failure is a 4xx with a readable message
+    (400, or 413 for a body over the size limit)."""
     try:
-        data = json.loads(raw)
-    except UnicodeDecodeError as exc:
-        raise bad_request(f"Request body is not valid UTF-8: {exc}") from exc
-    except json.JSONDecodeError as exc:
-        raise bad_request(f"Request body is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise bad_request("Request body must be a JSON object")
+        data = await http_limits.read_json_body(request)
+    except http_limits.BodyError as exc:
+        raise APIError(exc.message, exc.status_code, code=exc.code) from exc
     try:
         return model.model_validate(data)
     except ValidationError as exc:

@@ -97,6 +97,7 @@ def add_parser(subparsers) -> None:
                    help="with --router: how the router reaches this instance; omitted = "
                    "http://HOST:PORT (this machine's name when HOST is 0.0.0.0 or ::)")
     add_security_flags(p)
+    add_max_request_bytes_flag(p)
     p.add_argument("--accept-client-kv-requests", action="store_true",
                    help="prefill role: hold a prompt's KV for callers that hold no deployment "
                    "secret (needed behind vLLM's P/D proxies); decode instances still take "
@@ -122,6 +123,15 @@ def add_security_flags(p: argparse.ArgumentParser) -> None:
 def api_key(args: argparse.Namespace) -> str | None:
     """--api-key, else $PDSERVE_API_KEY, else None (no key)."""
     return args.api_key or os.environ.get(API_KEY_ENV) or None
+
+
+def add_max_request_bytes_flag(p: argparse.ArgumentParser) -> None:
+    """--max-request-bytes, shared by serve and router."""
+    from pdserve.http_limits import DEFAULT_MAX_REQUEST_BYTES
+
+    p.add_argument("--max-request-bytes", type=parse_bytes, default=DEFAULT_MAX_REQUEST_BYTES,
+                   metavar="BYTES", help="refuse a request body larger than this with 413 "
+                   "(suffixes allowed: 8MiB, 100KB)")
 
 
 def engine_args(args: argparse.Namespace) -> EngineArgs:
@@ -189,7 +199,8 @@ def run(args: argparse.Namespace) -> int:
     drain = Drain(args.drain_timeout)
     app = build_app(client, load_tokenizer, args.served_model_name, heartbeat,
                     api_key=api_key(args), secret=eargs.deployment_secret,
-                    open_metrics=args.open_metrics, drain=drain)
+                    open_metrics=args.open_metrics, drain=drain,
+                    max_request_bytes=args.max_request_bytes)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=5)
     try:  # before the engine loads: a port in use fails at once, not a minute later

@@ -6,6 +6,8 @@ GIL from the step loop. It blocks on its inbox while it has nothing to do.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import multiprocessing as mp
 import os
 import queue
@@ -20,6 +22,9 @@ from pdserve.lifecycle import exit_with_parent
 from pdserve.shm import remove_stale_shared_kv_caches, unlink_shared_kv_files_of
 
 IDLE_POLL_S = 1.0  # how often an idle engine checks that its parent is still alive
+MAX_ERROR_CHARS = 300  # of an unexpected error's text in the verdict the client sees
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -117,7 +122,7 @@ def _loop(engine, inbox, outbox) -> None:
             elif kind == "abort":
                 _abort(engine, payload)
             elif kind == "release_lease":  # the step below frees its blocks
-                engine.release_lease(*payload)
+                _release_lease(engine, *payload)
         if verdicts:  # before the step: the server answers 400 or starts streaming at once
             outbox.put(("outputs", verdicts, engine.stats()))
         if engine.has_unfinished_requests() or messages:
@@ -134,13 +139,21 @@ def _drain(inbox) -> list:
 
 
 def _add(engine, req: EngineRequest) -> RequestOutput:
-    """Queue a request; the verdict is an empty output (accepted) or one with `error`."""
+    """Queue a request; the verdict is an empty output (accepted) or one with `error`.
+    Whatever a request makes the engine raise fails that request alone, never the process."""
     try:
         engine.add_request(req)
     except ValueError as exc:  # the engine's message is meant for the user
-        return RequestOutput(req.request_id, [], finished=True, finish_reason="abort",
-                             error=str(exc))
-    return RequestOutput(req.request_id, [])
+        error = str(exc)
+    except Exception as exc:
+        _request_failed(engine, "add", req.request_id)
+        with contextlib.suppress(Exception):  # undo whatever it left half-added
+            engine.abort_request(req.request_id)
+        error = f"the request could not be handled: {type(exc).__name__}: {exc}"
+    else:
+        return RequestOutput(req.request_id, [])
+    return RequestOutput(req.request_id, [], finished=True, finish_reason="abort",
+                         error=error[:MAX_ERROR_CHARS])
 
 
 def _abort(engine, request_id: str) -> None:
@@ -148,3 +161,18 @@ def _abort(engine, request_id: str) -> None:
         engine.abort_request(request_id)
     except (KeyError, ValueError):
         pass  # it finished on its own before the abort arrived
+    except Exception:
+        _request_failed(engine, "abort", request_id)
+
+
+def _release_lease(engine, request_id: str, lease_token: str | None) -> None:
+    try:
+        engine.release_lease(request_id, lease_token)
+    except Exception:
+        _request_failed(engine, "release_lease", request_id)
+
+
+def _request_failed(engine, what: str, request_id: str) -> None:
+    """Log (with the traceback) and count one request's failure; the engine goes on."""
+    log.exception("%s of request %s failed; the engine goes on", what, request_id)
+    engine.request_failures += 1

@@ -59,14 +59,21 @@ def validation_error(errors: list[dict]) -> APIError:
     """A 400 naming the first field pydantic rejected, and why."""
     if not errors:
         return bad_request("Invalid request")
-    err = errors[0]
+    # a value that fits none of a union's types: say what bound it broke, not "not a string"
+    err = next((e for e in errors if not str(e.get("type")).endswith("_type")), errors[0])
     if err.get("type") == "json_invalid":
         return bad_request(f"Request body is not valid JSON: {err.get('ctx', {}).get('error')}")
-    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    loc = [str(p) for p in err.get("loc", ()) if p != "body" and not _is_union_tag(p)]
     msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
     more = f" (and {len(errors) - 1} more error(s))" if len(errors) > 1 else ""
     text = f"{'.'.join(loc)}: {msg}{more}" if loc else f"{msg}{more}"
     return bad_request(text, loc[0] if loc else None)
+
+
+def _is_union_tag(part: object) -> bool:
+    """pydantic names a union's branch in `loc` ("str", "list[int]", "constrained-str")."""
+    return isinstance(part, str) and (part in {"str", "int", "float", "bool", "list", "dict"}
+                                      or any(c in part for c in "[-"))
 
 
 async def _on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

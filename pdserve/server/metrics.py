@@ -59,6 +59,8 @@ class _EngineStatsCollector(Collector):
                                 s.kv_pulls_failed),
             "kv_bytes_pulled": ("Bytes of KV pulled from prefill instances.",
                                 s.kv_bytes_pulled),
+            "request_failures": ("Requests the engine failed on an unexpected error (each "
+                                 "failed alone; the engine went on).", s.request_failures),
         }
         for name, (doc, value) in counters.items():
             c = CounterMetricFamily(f"pdserve:{name}", doc, labels=["model_name"])

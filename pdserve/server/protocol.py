@@ -14,9 +14,31 @@ from pdserve.engine.sampling_params import SamplingParams
 
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20
+# Bounds on every size a client controls: each is far above real use and far below what
+# would cost an instance seconds of CPU or gigabytes before the request is refused.
+MAX_INT = 2**31 - 1  # counts and token ids
+MAX_PROMPT_CHARS = 4 * 2**20  # a whole text prompt, or one message's text
+MAX_PROMPT_TOKEN_IDS = 2**20
+MAX_PROMPTS = MAX_PROMPT_TOKEN_IDS  # a batch (more than one is refused with a message)
+MAX_MESSAGES = 4096
+MAX_CONTENT_PARTS = 1024
+MAX_STOP_CHARS = 1024  # one stop string
+MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGIT_BIAS = 1024
+MAX_NAME_CHARS = 256  # model and user names
+MAX_KV_PARAMS_KEYS = 64
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
+Bias = Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]
+Count = Annotated[int, Field(ge=1, le=MAX_INT)]
+TokenId = Annotated[int, Field(ge=0, le=MAX_INT)]
+Text = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
+StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+Name = Annotated[str, Field(max_length=MAX_NAME_CHARS)]
+Prompts = Annotated[list[Text], Field(max_length=MAX_PROMPTS)]
+TokenIds = Annotated[list[TokenId], Field(max_length=MAX_PROMPT_TOKEN_IDS)]
+Parts = Annotated[list["ContentPart"], Field(max_length=MAX_CONTENT_PARTS)]
 
 
 class StreamOptions(BaseModel):
@@ -24,9 +46,6 @@ class StreamOptions(BaseModel):
 
     include_usage: bool = False
 
-
-MAX_RESUME_TOKENS = 1 << 20  # a bound on the list before the context length checks it
-TokenId = Annotated[int, Field(ge=0, lt=2**31)]
 
 
 class Resume(BaseModel):
@@ -36,8 +55,8 @@ class Resume(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="forbid")
 
-    token_ids: list[TokenId] = Field(min_length=1, max_length=MAX_RESUME_TOKENS)
-    text_chars: int = Field(ge=0, le=2**31)
+    token_ids: list[TokenId] = Field(min_length=1, max_length=MAX_PROMPT_TOKEN_IDS)
+    text_chars: int = Field(ge=0, le=MAX_INT)
 
 
 class _SamplingRequest(BaseModel):
@@ -45,30 +64,33 @@ class _SamplingRequest(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="ignore")
 
-    model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    model: Name | None = None
+    max_tokens: Count | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, le=MAX_INT)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: StopString | list[StopString] | None = Field(None, max_length=MAX_STOP_STRINGS)
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     frequency_penalty: Penalty = 0.0
     presence_penalty: Penalty = 0.0
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    logit_bias: dict[Name, Bias] | None = Field(None, max_length=MAX_LOGIT_BIAS)
+    user: Name | None = None
     # vLLM / pdserve extensions.
-    top_k: int = Field(0, ge=-1)  # 0 or -1 = disabled
+    top_k: int = Field(0, ge=-1, le=MAX_INT)  # 0 or -1 = disabled
     min_p: Probability = 0.0
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, allow_inf_nan=False)
-    min_tokens: int = Field(0, ge=0)
-    stop_token_ids: list[int] | None = None
+    min_tokens: int = Field(0, ge=0, le=MAX_INT)
+    stop_token_ids: list[TokenId] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:<id>" (vLLM)
-    kv_transfer_params: dict | None = None
+    kv_transfer_params: dict | None = Field(None, max_length=MAX_KV_PARAMS_KEYS)
+    # The router's P request: the max_tokens D will get, so that P refuses (with the
+    # context-length 400) a request D would refuse, before the router starts streaming.
+    decode_max_tokens: Count | None = None
     return_token_ids: bool = False  # each choice carries its tokens' ids (vLLM's field)
     resume: Resume | None = None  # internal: see Resume
 
@@ -124,11 +146,11 @@ class _SamplingRequest(BaseModel):
 class CompletionRequest(_SamplingRequest):
     """POST /v1/completions. `prompt` is text or token ids; one prompt per request."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | Prompts | TokenIds | Annotated[list[TokenIds], Field(max_length=MAX_PROMPTS)]
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
-    best_of: int | None = Field(None, ge=1)
-    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1, le=MAX_INT)
+    suffix: Text | None = None
 
     @model_validator(mode="after")
     def _one_prompt(self) -> CompletionRequest:
@@ -158,14 +180,14 @@ class ContentPart(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[ContentPart] | None = None
+    content: Text | Parts | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -178,8 +200,8 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_SamplingRequest):
     """POST /v1/chat/completions. Messages go through the model's chat template."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: Count | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True

@@ -57,7 +57,8 @@ async def serve(
     internal = getattr(request.state, "internal", False)  # AuthMiddleware verified its MAC
     if req.resume is not None and not internal:
         raise bad_request("resume is an internal field: only the router may send it", "resume")
-    engine_req = _engine_request(st, req, chat)
+    # chat templating and tokenization are CPU work (seconds for a huge prompt): off the loop
+    engine_req = await asyncio.to_thread(_checked_engine_request, st, req, chat)
     # a hand-off only from the deployment (a 400 otherwise): trust-http marks internal calls
     check_kv_transfer_params(engine_req, st.client.args, internal)
     gen = Generation(st.client, st.metrics, st.tokenizer, engine_req, req.stop_strings(),
@@ -100,6 +101,20 @@ def _engine_request(
     return EngineRequest(request_id, prompt_ids, req.sampling_params(max_tokens),
                          kv_transfer_params=req.kv_transfer_params,
                          output_token_ids=list(resumed))
+
+
+def _checked_engine_request(
+    st: ServerState, req: CompletionRequest | ChatCompletionRequest, chat: bool
+) -> EngineRequest:
+    """`_engine_request`, and on a router's prefill request the check D will make of the
+    client's max_tokens (P itself runs one token), so that the router hears it first."""
+    engine_req = _engine_request(st, req, chat)
+    if req.decode_max_tokens is not None:
+        prompt_ids, info = engine_req.prompt_token_ids, st.client.info
+        resolve_max_tokens(prompt_ids, req.decode_max_tokens, None, info.vocab_size,
+                           info.max_model_len)
+        check_fits_cache(len(prompt_ids) + req.decode_max_tokens, st.cache_tokens())
+    return engine_req
 
 
 @asynccontextmanager

@@ -34,8 +34,17 @@ def test_prefill_body_asks_for_one_unstreamed_token_and_kv_kept():
             "stream_options": {"include_usage": True}, "temperature": 0}
     out = prefill_body(body)
     assert out == {"prompt": "x", "max_tokens": 1, "stream": False, "temperature": 0,
-                   "kv_transfer_params": {"do_remote_decode": True}}
+                   "kv_transfer_params": {"do_remote_decode": True}, "decode_max_tokens": 9}
     assert body["max_tokens"] == 9  # the client's body is not changed
+
+
+def test_prefill_body_carries_the_decode_budget_and_caps_min_tokens():
+    body = {"messages": [], "max_tokens": 5, "max_completion_tokens": 50, "min_tokens": 3}
+    out = prefill_body(body, chat=True)
+    assert out["decode_max_tokens"] == 50 and out["max_tokens"] == 1
+    assert out["min_tokens"] == 1 and "max_completion_tokens" not in out
+    # completions ignore max_completion_tokens, as the instances do
+    assert "decode_max_tokens" not in prefill_body({"prompt": "x", "max_completion_tokens": 50})
 
 
 def test_merge_puts_p_text_first_and_takes_usage_from_d():
