@@ -27,6 +27,8 @@ from types import FrameType
 import uvicorn
 from starlette.responses import JSONResponse
 
+from pdserve.race import run_until
+
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
 RETRY_AFTER_S = 1  # a client (or proxy) should retry at once, on another instance
 EXPIRED_GRACE_S = 5.0  # after the deadline: time for the cut streams to send their end
@@ -140,15 +142,7 @@ class DrainMiddleware:
             response.observe(message)
             await send(message)
 
-        work = asyncio.ensure_future(self.app(scope, receive, tracked_send))
-        expired = asyncio.ensure_future(self.drain._expired.wait())
-        try:
-            await asyncio.wait({work, expired}, return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:  # the server itself cancels us: stop the work too
-            work.cancel()
-            raise
-        finally:
-            expired.cancel()
+        work = await run_until(self.app(scope, receive, tracked_send), self.drain._expired.wait())
         if not work.done():  # the drain expired first: cut the request, end its response
             work.cancel()
             with contextlib.suppress(BaseException):

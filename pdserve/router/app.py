@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pdserve import http_limits
 from pdserve.drain import Drain, DrainMiddleware, draining_health
 from pdserve.http_auth import ROUTER_INTERNAL_PATHS, AuthMiddleware, HTTPAuth
+from pdserve.race import run_until
 from pdserve.router.health import check, poll_forever
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.proxy import Router, json_error
@@ -76,14 +77,7 @@ async def _until_disconnect(request: Request, work: Awaitable[Response]) -> Resp
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
-    task, watcher = asyncio.ensure_future(work), asyncio.ensure_future(watch())
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:  # the router itself is stopping: stop the work too
-        task.cancel()
-        raise
-    finally:
-        watcher.cancel()
+    task = await run_until(work, watch())
     if task.done():
         return task.result()
     task.cancel()
