@@ -13,7 +13,6 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
@@ -21,12 +20,12 @@ import pytest
 from tests.router.cluster import (
     GREEDY,
     Proc,
-    free_port,
     internal,
     metric,
     start_router,
     wait_all_free,
 )
+from tests.router.stub_http import JSONHandler, serve_on_loopback
 
 PROMPT = "The capital of France is"
 RELEASED_WITHIN_S = 5.0  # far under the 600 s TTL, and under the 30 s default
@@ -42,7 +41,7 @@ class StubDecode:
         self._received = threading.Event()
         stub = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(JSONHandler):
             def do_GET(self) -> None:
                 self._answer(200, {"status": "ok"})
 
@@ -61,21 +60,7 @@ class StubDecode:
                 self._answer(503, {"error": {"message": "engine died", "type": "server_error",
                                              "param": None, "code": "engine_dead"}})
 
-            def _answer(self, status: int, body: dict) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server, self.url = serve_on_loopback(Handler)
 
     def wait_for_request(self, timeout_s: float = 30.0) -> None:
         assert self._received.wait(timeout_s), "the router never sent D the request"

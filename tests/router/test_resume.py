@@ -29,6 +29,7 @@ from tests.router.cluster import (
     internal,
     metric,
     start_router,
+    stream_text,
     wait_healthy,
 )
 
@@ -146,22 +147,13 @@ def stream(router: Proc, body: dict, chat: bool, kill: Pool | None = None
     return events, victim
 
 
-def text_of(events: list[dict | str], chat: bool) -> str:
-    out = ""
-    for e in events:
-        if isinstance(e, dict) and e.get("choices"):
-            c = e["choices"][0]
-            out += (c["delta"].get("content") or "") if chat else c["text"]
-    return out
-
-
 def assert_whole_stream(events: list[dict | str], chat: bool, reference: str) -> None:
     """What a client of an undisturbed run gets: the text, one id, one role chunk, the
     finish reason, usage counting every token, [DONE], and nothing internal."""
     assert events[-1] == "[DONE]"
     chunks = [e for e in events[:-1] if isinstance(e, dict)]
     assert not [c for c in chunks if "error" in c], chunks
-    assert text_of(events, chat) == reference
+    assert stream_text(events, chat) == reference
     assert len({c["id"] for c in chunks}) == 1 and len({c["created"] for c in chunks}) == 1
     finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
     assert finishes[-1] == "length" and finishes.count("length") == 1
@@ -183,11 +175,11 @@ def resumed(router: Proc, outcome: str = "resumed") -> float:
 def test_killed_decode_mid_stream_the_client_gets_the_uninterrupted_text(
         pool, disagg_router, chat):
     reference, _ = stream(disagg_router, request_body(chat, True), chat)
-    assert_whole_stream(reference, chat, text_of(reference, chat))
+    assert_whole_stream(reference, chat, stream_text(reference, chat))
     before = resumed(disagg_router)
     events, victim = stream(disagg_router, request_body(chat, True), chat, kill=pool)
     assert victim is not None and victim.proc.poll() is not None
-    assert_whole_stream(events, chat, text_of(reference, chat))
+    assert_whole_stream(events, chat, stream_text(reference, chat))
     assert resumed(disagg_router) == before + 1
 
 
@@ -195,7 +187,7 @@ def test_killed_decode_of_a_plain_stream_resumes_on_the_other(pool, decode_route
     reference, _ = stream(decode_router, request_body(False, True), False)
     events, victim = stream(decode_router, request_body(False, True), False, kill=pool)
     assert victim is not None
-    assert_whole_stream(events, False, text_of(reference, False))
+    assert_whole_stream(events, False, stream_text(reference, False))
     assert resumed(decode_router) == 1
 
 

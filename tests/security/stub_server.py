@@ -4,10 +4,8 @@ a rogue trying to join a router, or a decode instance that fails in a chosen way
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from tests.router.cluster import free_port
+from tests.router.stub_http import JSONHandler, serve_on_loopback
 
 CHUNK = {"id": "cmpl-stub", "object": "text_completion", "created": 0, "model": "stub",
          "choices": [{"index": 0, "text": " stub", "logprobs": None, "finish_reason": None}]}
@@ -23,7 +21,7 @@ class StubInstance:
         self.calls: list[tuple[str, str]] = []  # (method, path) of every request received
         stub = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(JSONHandler):
             def do_GET(self) -> None:
                 stub.calls.append(("GET", self.path))
                 self._answer(200, {"status": "ok", "engine_pid": 0})
@@ -48,21 +46,7 @@ class StubInstance:
                     choice = {**CHUNK["choices"][0], "finish_reason": "length"}
                     self._answer(200, {**CHUNK, "choices": [choice]})
 
-            def _answer(self, status: int, body: dict) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server, self.url = serve_on_loopback(Handler)
 
     def posts(self) -> list[str]:
         return [path for method, path in self.calls if method == "POST"]
