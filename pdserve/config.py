@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pdserve.security import DeploymentSecret
+from pdserve.security import SECRET_ENV, DeploymentSecret, SecretError
 
 
 @dataclass
@@ -78,3 +78,11 @@ class EngineArgs:
     deployment_secret: DeploymentSecret | None = field(default=None, repr=False)
     # prefill role: hold KV for callers without the secret (behind vLLM's P/D proxies)
     accept_client_kv_requests: bool = False
+
+    def require_deployment_secret(self) -> None:
+        """Prefill and decode instances exchange KV only with holders of the secret: refuse
+        to start without it (before minutes of model loading)."""
+        if self.role in ("prefill", "decode") and self.deployment_secret is None:
+            raise SecretError(
+                f"a {self.role} instance needs the deployment secret: set ${SECRET_ENV} or "
+                "pass --secret-file (`pdserve up` generates one)")

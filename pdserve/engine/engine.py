@@ -22,7 +22,6 @@ from pdserve.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutpu
 from pdserve.engine.tp import TPSpec, visible_gpus_for
 from pdserve.engine.tp_runner import TPModelRunner, TPWorkers
 from pdserve.models.layers import build_rope_tables
-from pdserve.security import SECRET_ENV, SecretError
 from pdserve.transfer import KVLayout, RemoteKV
 
 log = logging.getLogger(__name__)
@@ -83,14 +82,6 @@ def check_shared_gpu_budget(args: EngineArgs) -> None:
                 torch.cuda.device_count())
 
 
-def check_deployment_secret(args: EngineArgs) -> None:
-    """Prefill and decode engines exchange KV only with holders of the deployment secret."""
-    if args.role in ("prefill", "decode") and args.deployment_secret is None:
-        raise SecretError(
-            f"a {args.role} instance needs the deployment secret: set "
-            f"${SECRET_ENV} or pass --secret-file (`pdserve up` generates one)")
-
-
 class Engine:
     """One engine instance: model, KV cache, scheduler and sampler on one device."""
 
@@ -98,7 +89,7 @@ class Engine:
         from pdserve.models.loader import load_model  # heavy: import when an engine is built
 
         self.args = args
-        check_deployment_secret(args)  # before minutes of model loading
+        args.require_deployment_secret()  # before minutes of model loading
         self.device = resolve_device(args.device)
         self.dtype = resolve_dtype(args.dtype, self.device)
         if self.device.type == "cpu":

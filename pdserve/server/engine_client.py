@@ -16,7 +16,6 @@ from collections.abc import Callable
 from pdserve.config import EngineArgs
 from pdserve.engine.outputs import EngineRequest, EngineStats, RequestOutput
 from pdserve.server.engine_process import EngineInfo, default_engine_factory, run_engine_process
-from pdserve.server.handoff import require_deployment_secret
 from pdserve.shm import unlink_shared_kv_files_of
 
 READER_POLL_S = 0.5  # how often the reader checks that the engine process is alive
@@ -34,7 +33,7 @@ class EngineClient:
         self, args: EngineArgs,
         factory: Callable[[EngineArgs], object] = default_engine_factory,
     ) -> None:
-        require_deployment_secret(args)  # P and D: a clear error before anything starts
+        args.require_deployment_secret()  # P and D: a clear error before anything starts
         self.args = args
         self.info: EngineInfo | None = None
         self.stats = EngineStats()

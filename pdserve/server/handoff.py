@@ -19,9 +19,7 @@ import time
 from pdserve.config import EngineArgs
 from pdserve.engine.outputs import EngineRequest
 from pdserve.security import (
-    SECRET_ENV,
     DeploymentSecret,
-    SecretError,
     handoff_signed,
     prompt_digest,
     sign_handoff,
@@ -33,15 +31,6 @@ UNSIGNED = f"{PARAM} must be a hand-off signed by a prefill instance of this dep
 OTHER_PROMPT = f"{PARAM} were made for another prompt: a hand-off moves KV to its own prompt only"
 EXPIRED = f"{PARAM} expired: the prefill instance no longer holds that KV"
 INTERNAL = f"{PARAM} are internal to a pdserve deployment"
-
-
-def require_deployment_secret(args: EngineArgs) -> None:
-    """Prefill and decode instances exchange KV only with holders of the secret: refuse to
-    start without it (before the engine spends minutes loading the model)."""
-    if args.role in ("prefill", "decode") and args.deployment_secret is None:
-        raise SecretError(
-            f"a {args.role} instance needs the deployment secret: set ${SECRET_ENV} or pass "
-            "--secret-file (`pdserve up` generates one)")
 
 
 def sign_prefill(secret: DeploymentSecret | None, params: dict, prompt_ids: list[int]) -> dict:

@@ -16,7 +16,6 @@ from pdserve.security import DeploymentSecret, SecretError, handoff_signed
 from pdserve.server.errors import APIError
 from pdserve.server.handoff import (
     check_kv_transfer_params,
-    require_deployment_secret,
     sign_prefill,
 )
 
@@ -85,6 +84,6 @@ def test_no_params_is_fine():
 @pytest.mark.parametrize("role", ["prefill", "decode"])
 def test_p_and_d_need_the_secret(role):
     with pytest.raises(SecretError, match="PDSERVE_DEPLOYMENT_SECRET"):
-        require_deployment_secret(EngineArgs(role=role))
-    require_deployment_secret(EngineArgs(role=role, deployment_secret=SECRET))
-    require_deployment_secret(EngineArgs(role="colocated"))
+        EngineArgs(role=role).require_deployment_secret()
+    EngineArgs(role=role, deployment_secret=SECRET).require_deployment_secret()
+    EngineArgs(role="colocated").require_deployment_secret()
