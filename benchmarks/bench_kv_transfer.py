@@ -29,19 +29,16 @@ from dataclasses import dataclass
 import torch
 
 from pdserve.security import DeploymentSecret
-from pdserve.transfer import (
-    KVLayout,
-    KVSource,
-    LeaseTable,
-    RemoteKV,
-    allocate_shared_kv_caches,
-    unlink_shared_kv_caches,
-)
 from pdserve.transfer.block_kernel import launch
 from pdserve.transfer.block_plan import plan_block_copy
 from pdserve.transfer.blockcopy import Scratch, copy_blocks
 from pdserve.transfer.connections import SourceConnections
 from pdserve.transfer.cuda_ipc import CudaIpcPuller, import_kv_caches
+from pdserve.transfer.host import allocate_shared_kv_caches, unlink_shared_kv_caches
+from pdserve.transfer.layout import KVLayout
+from pdserve.transfer.lease import LeaseTable
+from pdserve.transfer.params import RemoteKV
+from pdserve.transfer.source import KVSource
 from pdserve.transfer.transports import KVPuller
 from pdserve.transfer.wire import Connection
 

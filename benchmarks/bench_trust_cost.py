@@ -42,13 +42,10 @@ from pdserve.security import (
     sign_request,
 )
 from pdserve.server.handoff import check_handoff, sign_prefill
-from pdserve.transfer import (
-    KVLayout,
-    KVSource,
-    LeaseTable,
-    allocate_shared_kv_caches,
-    unlink_shared_kv_caches,
-)
+from pdserve.transfer.host import allocate_shared_kv_caches, unlink_shared_kv_caches
+from pdserve.transfer.layout import KVLayout
+from pdserve.transfer.lease import LeaseTable
+from pdserve.transfer.source import KVSource
 from pdserve.transfer.wire import Connection
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,6 +10,7 @@ import torch
 
 from pdserve.config import EngineArgs, ModelConfig
 from pdserve.engine.blocks import BlockPool
+from pdserve.engine.handoff import HoldForDecode, RemotePrefill
 from pdserve.engine.kv_connector import KVConnector, RankCaches, allocate_rank_caches
 from pdserve.engine.kv_manager import KVCacheManager
 from pdserve.engine.outputs import EngineRequest, EngineStats, RequestOutput
@@ -22,7 +23,7 @@ from pdserve.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutpu
 from pdserve.engine.tp import TPSpec, visible_gpus_for
 from pdserve.engine.tp_runner import TPModelRunner, TPWorkers
 from pdserve.models.layers import build_rope_tables
-from pdserve.transfer import KVLayout, RemoteKV
+from pdserve.transfer.layout import KVLayout
 
 log = logging.getLogger(__name__)
 
@@ -219,8 +220,8 @@ class Engine:
                 f"you requested {n + p.max_tokens} tokens ({n} in the prompt, {p.max_tokens} "
                 "in the completion). Please reduce the prompt or max_tokens."
             )
-        if req.kv_transfer_params:
-            self._validate_kv_transfer(req)
+        if isinstance(req.handoff, RemotePrefill):
+            self._validate_remote_prefill(req, req.handoff)
         if req.output_token_ids:
             self._validate_resumed(req)
         need = self.kv.blocks_needed(n + p.max_tokens)
@@ -230,31 +231,25 @@ class Engine:
                 "shorten it or start the server with a larger --kv-cache-memory"
             )
 
-    def _validate_kv_transfer(self, req: EngineRequest) -> None:
-        ktp = req.kv_transfer_params or {}
-        if not (ktp.get("do_remote_decode") or ktp.get("do_remote_prefill")):
-            return
+    def _validate_remote_prefill(self, req: EngineRequest, handoff: RemotePrefill) -> None:
+        """D: P's KV must fit this engine's cache layout and cover the prompt."""
         if self.connector is None:
-            raise ValueError(
-                "kv_transfer_params needs a prefill or decode instance; this one runs with "
-                "--role colocated"
-            )
-        if ktp.get("do_remote_prefill"):
-            remote = RemoteKV.from_kv_transfer_params(ktp)
-            self.layout.check_compatible(remote.layout)  # IncompatibleLayout is a ValueError
-            first = ktp.get("first_token_id")
-            if type(first) is not int or not 0 <= first < self.vocab_size:
-                raise ValueError("kv_transfer_params.first_token_id must be a token id")
-            if len(remote.block_ids) < self.kv.blocks_needed(len(req.prompt_token_ids)):
-                raise ValueError("kv_transfer_params.remote_block_ids do not cover the prompt")
-            if req.params.max_tokens < 2:
-                raise ValueError("max_tokens must be at least 2 with do_remote_prefill "
-                                 "(the prefill instance produced the first token)")
+            raise ValueError("kv_transfer_params with do_remote_prefill need a decode "
+                             "instance; this one runs with --role colocated")
+        self.layout.check_compatible(handoff.remote.layout)  # IncompatibleLayout: ValueError
+        if len(handoff.remote.block_ids) < self.kv.blocks_needed(len(req.prompt_token_ids)):
+            raise ValueError("kv_transfer_params.remote_block_ids do not cover the prompt")
+        if req.params.max_tokens < 2:
+            raise ValueError("max_tokens must be at least 2 with do_remote_prefill "
+                             "(the prefill instance produced the first token)")
 
     def _validate_resumed(self, req: EngineRequest) -> None:
         """A resumed request: its tokens already generated elsewhere leave one to do here."""
         out = req.output_token_ids
-        if req.kv_transfer_params:
+        if isinstance(req.handoff, RemotePrefill):
+            if out != [req.handoff.first_token_id]:  # the client has P's token: D goes on
+                raise ValueError("a resumed request with a hand-off resumes after P's token")
+        elif req.handoff is not None:
             raise ValueError("a resumed request takes no kv_transfer_params")
         if len(out) >= req.params.max_tokens:
             raise ValueError("a resumed request must leave at least one token to generate")
@@ -276,15 +271,15 @@ class Engine:
             prompt_token_ids=list(req.prompt_token_ids),
             params=req.params,
             arrival_time=req.arrival_time,
-            kv_transfer_params=req.kv_transfer_params,
         )
         request.output_token_ids = list(req.output_token_ids)  # resumed: recomputed first
-        ktp = req.kv_transfer_params or {}
-        if ktp.get("do_remote_prefill"):
-            request.remote = RemoteKV.from_kv_transfer_params(ktp)
-            request.output_token_ids = [int(ktp["first_token_id"])]
-        elif ktp.get("do_remote_decode"):
-            request.remote_decode = True
+        if isinstance(req.handoff, RemotePrefill):  # D: pull P's KV, go on after its token
+            request.remote = req.handoff.remote
+            request.output_token_ids = [req.handoff.first_token_id]
+        # a colocated instance holds nothing: it answers plain and hands no KV over, as vLLM
+        # without a KV connector does (a router then serves the request whole on D)
+        request.remote_decode = (isinstance(req.handoff, HoldForDecode)
+                                 and self.connector is not None)
         if req.params.seed is not None and not req.params.greedy:
             request.generator = torch.Generator(device=self.device)
             request.generator.manual_seed(req.params.seed)
@@ -294,19 +289,13 @@ class Engine:
     def _release_refused(self, req: EngineRequest) -> None:
         """On D: a refused request's prefilled KV will never be pulled; let P free it now
         rather than at its lease's expiry (best effort, off the engine thread)."""
-        ktp = req.kv_transfer_params or {}
-        if self.connector is None or not ktp.get("do_remote_prefill"):
-            return
-        try:
-            remote = RemoteKV.from_kv_transfer_params(ktp)
-        except ValueError:
-            return  # not a pdserve prefill: nothing we could release
-        self.connector.release_later(remote)
+        if self.connector is not None and isinstance(req.handoff, RemotePrefill):
+            self.connector.release_later(req.handoff.remote)
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now and free its blocks; unknown or finished ids are ignored, but
         on P a finished prefill's held KV is released: its client (the router) left before
-        reading kv_transfer_params, so no decode instance will ever pull it."""
+        reading its hand-off, so no decode instance will ever pull it."""
         request = self.requests.pop(request_id, None)
         if request is None:
             if self.connector is not None:
@@ -386,7 +375,7 @@ class Engine:
                 and request.status == RequestStatus.FINISHED_LENGTH)
         self.scheduler.remove(request, free_blocks=not hold)
         if hold:
-            out.kv_transfer_params = self.connector.hold(
+            out.held = self.connector.hold(
                 request.request_id, request.block_ids, request.output_token_ids[0])
             request.block_ids = []  # the lease owns the references now
         del self.requests[request.request_id]

@@ -22,19 +22,20 @@ from dataclasses import dataclass
 
 import torch
 
+from pdserve.engine.handoff import HeldPrefill
 from pdserve.security import DeploymentSecret, new_capability
-from pdserve.transfer import (
-    KVLayout,
-    KVPuller,
-    KVSource,
-    LeaseTable,
-    PullStats,
-    RemoteKV,
+from pdserve.transfer.cuda_ipc import import_kv_caches
+from pdserve.transfer.host import (
     allocate_shared_kv_caches,
+    describe_shared_kv_caches,
     unlink_shared_kv_caches,
 )
-from pdserve.transfer.cuda_ipc import import_kv_caches
-from pdserve.transfer.host import describe_shared_kv_caches
+from pdserve.transfer.layout import KVLayout
+from pdserve.transfer.lease import LeaseTable
+from pdserve.transfer.params import RemoteKV
+from pdserve.transfer.protocol import PullStats
+from pdserve.transfer.source import KVSource
+from pdserve.transfer.transports import KVPuller
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +130,10 @@ class KVConnector:
 
     # ---- P side ------------------------------------------------------------------------
 
-    def hold(self, request_id: str, block_ids: list[int], first_token_id: int) -> dict:
-        """Keep a finished prefill's blocks under a lease; returns its kv_transfer_params,
-        with the lease's capability (`lease_token`) and end (`expires_at`, unix seconds).
-        The server adds the prompt's digest and signs them (security.sign_handoff)."""
+    def hold(self, request_id: str, block_ids: list[int], first_token_id: int) -> HeldPrefill:
+        """Keep a finished prefill's blocks under a lease, with its capability
+        (`lease_token`) and end; the server turns it into the kv_transfer_params it answers
+        with, bound to the prompt and signed (security.sign_handoff)."""
         lease = self.leases.hold(request_id, block_ids, token=new_capability())
         self.stats.leases_held += 1
         remote = RemoteKV(self.engine_id, request_id, list(block_ids), self.layout,
@@ -140,8 +141,7 @@ class KVConnector:
         # wall clock, for D (another host's monotonic clock means nothing here); whole
         # seconds, rounded down: an int signs and travels through any JSON unchanged
         expires_at = int(time.time() + lease.expires_at - time.monotonic())
-        return remote.to_kv_transfer_params() | {"first_token_id": first_token_id,
-                                                  "expires_at": expires_at}
+        return HeldPrefill(remote, first_token_id, expires_at)
 
     def num_leases(self) -> int:
         return len(self.leases)

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pdserve.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from pdserve.engine.handoff import HeldPrefill, KVHandoff
 
 
 @dataclass
@@ -16,9 +20,8 @@ class EngineRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_time: float = field(default_factory=time.monotonic)
-    # vLLM's P/D fields: {"do_remote_decode": True} on a prefill instance, or the prefill's
-    # answer ({"do_remote_prefill": True, "remote_block_ids": ...}) on a decode instance.
-    kv_transfer_params: dict | None = None
+    # its part in P/D: hold the KV for D (on P), or pull P's (on D); see engine/handoff.py
+    handoff: KVHandoff | None = None
     # a resumed request: tokens another instance generated for it (and the client has);
     # the engine recomputes their KV and continues after them, counting them as output
     output_token_ids: list[int] = field(default_factory=list)
@@ -44,7 +47,7 @@ class RequestOutput:
     new_logprobs: list[TokenLogprob] | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
-    kv_transfer_params: dict | None = None
+    held: HeldPrefill | None = None  # P: the finished prefill's KV, held for D
     error: str | None = None  # set when the engine refused or failed the request
 
 

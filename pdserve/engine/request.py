@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.transfer.params import RemoteKV
 
 
 class RequestStatus(enum.Enum):
@@ -35,7 +36,6 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_time: float = field(default_factory=time.monotonic)
-    kv_transfer_params: dict | None = None
     output_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     block_ids: list[int] = field(default_factory=list)
@@ -46,7 +46,7 @@ class Request:
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of its full blocks
     num_registered_blocks: int = 0  # leading blocks already published to the prefix cache
     remote_decode: bool = False  # P side: keep the KV under a lease for a decode instance
-    remote: object | None = None  # D side: the RemoteKV to pull before decoding
+    remote: RemoteKV | None = None  # D side: where P holds the prompt's KV, to pull first
     block_array: object | None = None  # numpy copy of block_ids for the input builder
     # async scheduling: tokens sampled on the device but not yet read back (0 or 1); the
     # scheduler counts them so the next step can feed them in before they are known

@@ -43,12 +43,18 @@ class RouterMetrics:
         r = self.registry
         self.requests = Counter("pdserve_router:requests",
                                 "Requests by route: disagg (P then D), short_prompt (whole "
-                                "on D: under --pd-min-prompt-tokens), colocated, fallback.",
+                                "on D: under --pd-min-prompt-tokens), colocated, fallback, "
+                                "no_handoff (P kept no KV: whole on D).",
                                 ["kind"], registry=r)
         self.prefill_retries = Counter("pdserve_router:prefill_retries",
                                        "Prefill attempts that failed and moved on.", registry=r)
         self.fallbacks = Counter("pdserve_router:fallbacks",
                                  "Requests served plain because no prefill could.", registry=r)
+        self.handoffs_missing = Counter("pdserve_router:handoffs_missing",
+                                        "Prefills that ran to length but returned no "
+                                        "kv_transfer_params (a P without a KV connector): "
+                                        "each was served whole on a decode instance.",
+                                        registry=r)
         self.upstream_errors = Counter("pdserve_router:upstream_errors",
                                        "Connection errors and 5xx from instances, by role.",
                                        ["role"], registry=r)

@@ -48,9 +48,9 @@ from pdserve.router.shaping import (
     decode_body,
     error_body,
     first_chunks,
+    first_text,
     include_usage,
     is_chat,
-    merge,
     prefill_body,
     resume_body,
     sse,
@@ -63,7 +63,8 @@ from pdserve.router.upstream import Refused, Upstream, UpstreamError
 log = logging.getLogger(__name__)
 
 PLAIN_ROLES = {"colocated": ("colocated",), "fallback": ("decode", "colocated", "prefill"),
-               "prefill_only": ("prefill",), "short_prompt": ("decode", "colocated", "prefill")}
+               "prefill_only": ("prefill",), "short_prompt": ("decode", "colocated", "prefill"),
+               "no_handoff": ("decode", "colocated", "prefill")}
 RESUME_ROLES = ("decode", "colocated", "prefill")  # who may take over a failed answer
 MAX_RESUMES = 2  # per request: an answer that keeps killing instances is not chased forever
 INTERNAL_FIELDS = ("resume",)  # request fields only the router may send an instance
@@ -301,20 +302,31 @@ class Router:
             self.metrics.fallbacks.inc()
             return await self.plain(path, body, load, "fallback", start)
         p_inst, answer = prefilled
-        self.metrics.requests.labels("disagg").inc()
+        if answer["choices"][0].get("finish_reason") != "length":  # EOS or stop: all done
+            self.metrics.requests.labels("disagg").inc()
+            return self._answer(without_kv_params(answer), body, chat, start)
         ktp = answer.get("kv_transfer_params")
-        if not ktp or answer["choices"][0].get("finish_reason") != "length":
-            return self._answer(without_kv_params(answer), body, chat, start)  # EOS/stop
+        if not isinstance(ktp, dict) or not ktp.get("do_remote_prefill"):
+            # P kept no KV (e.g. vLLM without a KV connector): D serves it whole, uncut
+            self.metrics.handoffs_missing.inc()
+            return await self.plain(path, body, load, "no_handoff", start)
+        self.metrics.requests.labels("disagg").inc()
         held = HeldKV(p_inst, ktp.get("remote_request_id"), ktp.get("lease_token"))
-        d_body = decode_body(body, ktp)
         if body.get("stream"):
-            events = self._disagg_stream(path, body, tracked_body(d_body), answer, held,
-                                         load, start)
+            # pdserve's P names its first token, which a pdserve D continues from: the
+            # client gets it now (TTFT) and D, told so by `resume`, sends the rest; a D
+            # that recomputes the first token itself (vLLM's) streams the whole answer
+            sent = answer if type(ktp.get("first_token_id")) is int else None
+            d_body = tracked_body(decode_body(body, ktp))
+            if sent is not None:
+                d_body["resume"] = {"token_ids": [ktp["first_token_id"]],
+                                    "text_chars": len(first_text(answer, chat))}
+            events = self._disagg_stream(path, body, d_body, sent, held, load, start)
             # however it ends before D's stream is open (mostly: the client left), P's KV
             # goes back; a no-op once D has the request, or it was released
             return EventStream(events, lambda: self._release(held, "client_disconnect"))
-        try:
-            d_answer = await self._decode(path, d_body, load)
+        try:  # D's answer is the whole completion, P's first token included
+            d_answer = await self._decode(path, decode_body(body, ktp), load)
         except (NoInstance, UpstreamError) as exc:  # D failed: the request runs whole again
             self._release(held, release_reason(exc))
             if isinstance(exc, UpstreamError) and not exc.connect:
@@ -328,7 +340,7 @@ class Router:
             self._release(held, release_reason(exc))
             raise
         self.metrics.e2e.labels("disagg").observe(time.monotonic() - start)
-        return JSONResponse(merge(answer, d_answer, chat))
+        return JSONResponse(without_kv_params(d_answer))
 
     def _release(self, held: HeldKV, reason: str) -> None:
         """D will never pull `held`: ask P to free it now rather than at the lease's expiry.
@@ -401,17 +413,20 @@ class Router:
                     raise
                 tried.add(inst.url)
 
-    async def _disagg_stream(self, path: str, body: dict, d_body: dict, answer: dict,
+    async def _disagg_stream(self, path: str, body: dict, d_body: dict, sent: dict | None,
                              held: HeldKV, load: Load, start: float) -> AsyncIterator[str]:
-        """P's token at once, then D's chunks (its role chunk dropped, ids made P's). Until
-        D's stream is open, P's KV is the router's to release (see `disagg`). If no D can
-        take it, or D fails later, another instance resumes the answer after P's token."""
+        """P's answer `sent` at once (if given), then D's chunks (its role chunk dropped, ids
+        made P's). Until D's stream is open, P's KV is the router's to release (see
+        `disagg`). If no D can take it, or D fails later, another instance resumes the
+        answer after what the client has."""
         chat, usage = is_chat(path), include_usage(body)
-        for chunk in first_chunks(answer, chat, usage):
-            yield sse(chunk)
-        self.metrics.ttft.labels("disagg").observe(time.monotonic() - start)
-        progress = Progress.after_prefill(answer, chat,
-                                          answer["kv_transfer_params"].get("first_token_id"))
+        progress = Progress()
+        if sent is not None:
+            for chunk in first_chunks(sent, chat, usage):
+                yield sse(chunk)
+            self.metrics.ttft.labels("disagg").observe(time.monotonic() - start)
+            progress = Progress.after_prefill(sent, chat,
+                                              sent["kv_transfer_params"]["first_token_id"])
         attempt: Attempt | None = None
         failed: list[str] = []
         try:

@@ -13,7 +13,7 @@ class Instance:
     """One engine instance the router may send requests to."""
 
     url: str
-    role: str
+    roles: tuple[str, ...]  # usually one; a static URL given as --prefill and --decode: both
     static: bool = True  # from flags/config: kept when unhealthy; registered ones are dropped
     healthy: bool = False  # unknown until the first health check or successful request
     outstanding_tokens: int = 0  # the router's own count: prompt + max tokens in flight
@@ -27,6 +27,11 @@ class Instance:
         elif self.healthy or self.unhealthy_since is None:
             self.unhealthy_since = time.monotonic()
         self.healthy = healthy
+
+    @property
+    def role(self) -> str:
+        """Its roles as one label, e.g. "decode" or "prefill+decode"."""
+        return "+".join(self.roles)
 
     def to_json(self) -> dict:
         return {"url": self.url, "role": self.role, "static": self.static,
@@ -50,10 +55,16 @@ class Registry:
         self.instances: dict[str, Instance] = {}
 
     def add_static(self, url: str, role: str) -> Instance:
+        """A configured instance; the same URL in a second role is one instance serving
+        both (e.g. a vLLM instance with kv_role kv_both as prefill and decode)."""
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, not {role!r}")
         url = normalize_url(url)
-        inst = self.instances[url] = Instance(url, role, static=True)
+        inst = self.instances.get(url)
+        if inst is None:
+            inst = self.instances[url] = Instance(url, (role,), static=True)
+        elif role not in inst.roles:
+            inst.roles += (role,)
         return inst
 
     def register(self, url: str, role: str) -> Instance:
@@ -63,8 +74,8 @@ class Registry:
         url = normalize_url(url)
         inst = self.instances.get(url)
         if inst is None:
-            inst = self.instances[url] = Instance(url, role, static=False)
-        inst.role = role
+            inst = self.instances[url] = Instance(url, (role,), static=False)
+        inst.roles = (role,)
         inst.last_heartbeat = time.monotonic()
         return inst
 
@@ -82,7 +93,7 @@ class Registry:
         return gone
 
     def healthy(self, role: str) -> list[Instance]:
-        return [i for i in self.instances.values() if i.role == role and i.healthy]
+        return [i for i in self.instances.values() if role in i.roles and i.healthy]
 
     def all(self) -> list[Instance]:
         return list(self.instances.values())

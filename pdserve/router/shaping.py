@@ -1,4 +1,4 @@
-"""Pure functions on OpenAI bodies: the P and D requests, P's token as chunks, P+D merged."""
+"""Pure functions on OpenAI bodies: the P and D requests, and P's token as stream chunks."""
 
 from __future__ import annotations
 
@@ -43,7 +43,8 @@ def prefill_body(body: dict, chat: bool = False) -> dict:
 
 
 def decode_body(body: dict, kv_transfer_params: dict) -> dict:
-    """What D gets: the client's request as sent, plus where P holds the prompt's KV."""
+    """What D gets: the client's request as sent, plus where P holds the prompt's KV; D
+    answers with the whole completion (P's first token first), as vLLM's D does."""
     return {**body, "kv_transfer_params": kv_transfer_params}
 
 
@@ -131,30 +132,3 @@ def shift_logprobs(logprobs: dict | None, by: int) -> dict | None:
     if not logprobs or "text_offset" not in logprobs or not by:
         return logprobs
     return {**logprobs, "text_offset": [o + by for o in logprobs["text_offset"]]}
-
-
-def merge_logprobs(first: dict | None, rest: dict | None, offset: int) -> dict | None:
-    if first is None or rest is None:
-        return first or rest
-    rest = shift_logprobs(rest, offset)
-    return {k: (first.get(k) or []) + (rest.get(k) or []) for k in {*first, *rest}}
-
-
-def merge(p_answer: dict, d_answer: dict, chat: bool) -> dict:
-    """The client's answer: P's first token's text, then D's; id from P, the rest from D."""
-    p_choice, d_choice = p_answer["choices"][0], d_answer["choices"][0]
-    ptext = first_text(p_answer, chat)
-    out = without_kv_params({**d_answer, "id": p_answer["id"]})
-    choice = dict(d_choice)
-    if chat:
-        message = dict(d_choice["message"])
-        message["content"] = ptext + (message.get("content") or "")
-        choice["message"] = message
-    else:
-        choice["text"] = ptext + d_choice["text"]
-    choice["logprobs"] = merge_logprobs(p_choice.get("logprobs"), d_choice.get("logprobs"),
-                                        len(ptext))
-    if "token_ids" in choice:  # the client asked for them (return_token_ids)
-        choice["token_ids"] = (p_choice.get("token_ids") or []) + choice["token_ids"]
-    out["choices"] = [choice]
-    return out

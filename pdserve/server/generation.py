@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from pdserve.engine.handoff import RemotePrefill
 from pdserve.engine.outputs import EngineRequest, RequestOutput, TokenLogprob
 from pdserve.server.detokenizer import IncrementalDetokenizer
 from pdserve.server.engine_client import ABORTED, EngineClient, EngineDeadError
@@ -29,6 +30,14 @@ class Delta:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: str | int | None = None  # the stop string or token id that ended it
+
+
+@dataclass
+class PrefilledToken:
+    """The first token of a request that P prefilled, as its hand-off names it."""
+
+    token_id: int
+    logprobs: list[TokenLogprob]  # empty unless the client asked for logprobs
 
 
 @dataclass
@@ -54,11 +63,9 @@ class Generation:
 
     def __post_init__(self) -> None:
         self.prompt_tokens = len(self.request.prompt_token_ids)
-        # a decode instance continues after the prefill's first token: usage counts it, as a
-        # colocated run would (the router sent its text already); a resumed request counts
-        # the tokens generated before it moved here
-        self.completion_tokens = (len(self._detok_context()) - self.prompt_tokens
-                                  + len(self.request.output_token_ids))
+        # a resumed request counts the tokens generated before it moved here (the client
+        # has them); a decode instance's first token, P's, is counted as it is sent
+        self.completion_tokens = len(self.request.output_token_ids)
 
     def usage(self) -> dict:
         return {
@@ -89,7 +96,7 @@ class Generation:
     async def deltas(self) -> AsyncIterator[Delta]:
         """Yield deltas until the request finishes; leaving early aborts the engine request."""
         detok = IncrementalDetokenizer(
-            self.tokenizer, self._detok_context(), self.stop,
+            self.tokenizer, self.request.prompt_token_ids, self.stop,
             self.include_stop_str_in_output, self.skip_special_tokens,
         )
         if self.request.output_token_ids:  # its text goes on where the client's text ends
@@ -97,6 +104,9 @@ class Generation:
         reason = "abort"
         finished = self._aborted
         try:
+            first = self._prefilled_first_token(finished)
+            if first is not None:  # D: the answer starts with P's token, as vLLM's D's does
+                yield self._consume(detok, [first.token_id], first.logprobs)
             while not finished:
                 out = await self._queue.get()
                 if out is ABORTED:
@@ -124,13 +134,15 @@ class Generation:
                                               self.completion_tokens,
                                               time.monotonic() - self._start)
 
-    def _detok_context(self) -> list[int]:
-        """Tokens before the first one this instance samples: on a decode instance the
-        prefill's first token comes too (it was sent to the client by the router)."""
-        ktp = self.request.kv_transfer_params or {}
-        first = ktp.get("first_token_id") if ktp.get("do_remote_prefill") else None
-        ids = self.request.prompt_token_ids
-        return [*ids, first] if isinstance(first, int) else ids
+    def _prefilled_first_token(self, aborted: bool) -> PrefilledToken | None:
+        """On D, the first token P sampled, unless the client has it already (the router
+        streamed it and sent it back as `resume`): D's answer is then the whole completion,
+        first token included, which is what vLLM's P/D proxies expect of a decode instance."""
+        handoff = self.request.handoff
+        if aborted or self.request.output_token_ids or not isinstance(handoff, RemotePrefill):
+            return None
+        logprob = handoff.first_token_logprob
+        return PrefilledToken(handoff.first_token_id, [logprob] if logprob else [])
 
     def cancel(self) -> None:
         """The client went away: free the engine's blocks and end `deltas`."""
@@ -147,10 +159,10 @@ class Generation:
             self._last = now
         self.prompt_tokens = out.num_prompt_tokens or self.prompt_tokens
         self.cached_tokens = max(self.cached_tokens, out.num_cached_tokens)
-        if out.kv_transfer_params is not None:  # P held the KV: sign the hand-off for D
-            self.kv_transfer_params = sign_prefill(self.client.args.deployment_secret,
-                                                   out.kv_transfer_params,
-                                                   self.request.prompt_token_ids)
+        if out.held is not None:  # P held the KV: sign the hand-off for D
+            self.kv_transfer_params = sign_prefill(
+                self.client.args.deployment_secret, out.held, self.request.prompt_token_ids,
+                out.new_logprobs[0] if out.new_logprobs else None)
 
     def _release_unneeded_lease(self, delta: Delta) -> None:
         """The engine holds a prefill's KV for D only when it ran to max_tokens; a stop

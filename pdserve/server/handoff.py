@@ -6,9 +6,9 @@ lease's `lease_token` and `expires_at`); the server binds them to the prompt
 request's kv_transfer_params only as docs/DESIGN.md "Trust model" says: a pull
 (`do_remote_prefill`) only from a hand-off a P of this deployment signed, unexpired, for
 this very prompt; a hold (`do_remote_decode`) only from an internal call (or with
---accept-client-kv-requests); nothing else from a client. What passes is parsed with
-bounds once, by the engine (RemoteKV.from_kv_transfer_params: a ValueError is a 400), so
-that the server process never imports torch.
+--accept-client-kv-requests); nothing else from a client. What passes is parsed here,
+once, with bounds, into the typed hand-off the engine takes (engine/handoff.py); a
+malformed one is a 400.
 """
 
 from __future__ import annotations
@@ -17,7 +17,13 @@ import math
 import time
 
 from pdserve.config import EngineArgs
-from pdserve.engine.outputs import EngineRequest
+from pdserve.engine.handoff import (
+    HeldPrefill,
+    HoldForDecode,
+    KVHandoff,
+    parse_kv_transfer_params,
+)
+from pdserve.engine.outputs import TokenLogprob
 from pdserve.security import (
     DeploymentSecret,
     handoff_signed,
@@ -33,30 +39,29 @@ EXPIRED = f"{PARAM} expired: the prefill instance no longer holds that KV"
 INTERNAL = f"{PARAM} are internal to a pdserve deployment"
 
 
-def sign_prefill(secret: DeploymentSecret | None, params: dict, prompt_ids: list[int]) -> dict:
-    """P: the engine's kv_transfer_params bound to the prompt and signed (unsigned without a
-    secret, which no D of a deployment accepts)."""
+def sign_prefill(secret: DeploymentSecret | None, held: HeldPrefill, prompt_ids: list[int],
+                 first_token_logprob: TokenLogprob | None = None) -> dict:
+    """P: the kv_transfer_params of a held prefill, bound to the prompt and signed
+    (unsigned without a secret, which no D of a deployment accepts)."""
+    params = held.to_kv_transfer_params(first_token_logprob)
     bound = params | {"prompt_digest": prompt_digest(prompt_ids)}
     return bound if secret is None else sign_handoff(secret, bound)
 
 
-def check_kv_transfer_params(req: EngineRequest, args: EngineArgs, internal: bool,
-                             now: float | None = None) -> None:
-    """Raise a 400 APIError unless `req`'s kv_transfer_params may be honoured here.
-
-    `internal`: the HTTP call carried a valid internal MAC (the router's)."""
-    params = req.kv_transfer_params
-    if params is None:
-        return
-    if not isinstance(params, dict):
-        raise bad_request(INTERNAL, PARAM)
-    if params.get("do_remote_prefill"):
-        check_handoff(params, req.prompt_token_ids, args.deployment_secret, now)
-    elif params.get("do_remote_decode"):
-        if not (internal or args.accept_client_kv_requests):
-            raise bad_request(INTERNAL, PARAM)
-    elif not internal:
-        raise bad_request(INTERNAL, PARAM)
+def accept_handoff(params: dict | None, prompt_ids: list[int], args: EngineArgs,
+                   internal: bool, vocab_size: int, now: float | None = None
+                   ) -> KVHandoff | None:
+    """The typed hand-off of a request's kv_transfer_params, if it may be honoured here;
+    a 400 APIError otherwise. `internal`: the call carried a valid internal MAC."""
+    if isinstance(params, dict) and params.get("do_remote_prefill"):
+        check_handoff(params, prompt_ids, args.deployment_secret, now)  # signed: P's own
+    try:
+        handoff = parse_kv_transfer_params(params, vocab_size)
+    except ValueError as exc:
+        raise bad_request(f"{PARAM}: {exc}", PARAM) from exc
+    if isinstance(handoff, HoldForDecode) and not (internal or args.accept_client_kv_requests):
+        raise bad_request(INTERNAL, PARAM)  # a hold: from the router, or a trusted proxy
+    return handoff
 
 
 def check_handoff(params: dict, prompt_ids: list[int], secret: DeploymentSecret | None,

@@ -108,8 +108,8 @@ class _SamplingRequest(BaseModel):
             raise ValueError("stream_options is only allowed when stream is true")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError("min_tokens must not exceed max_tokens")
-        if self.resume is not None and (not self.stream or self.kv_transfer_params):
-            raise ValueError("resume needs stream true and no kv_transfer_params")
+        if self.resume is not None and not self.stream:
+            raise ValueError("resume needs stream true")
         return self
 
     def stop_strings(self) -> list[str]:

@@ -16,7 +16,7 @@ from pdserve.event_stream import EventStream
 from pdserve.server.engine_client import EngineClient
 from pdserve.server.errors import APIError, bad_request, engine_dead, model_not_found
 from pdserve.server.generation import Generation
-from pdserve.server.handoff import check_kv_transfer_params
+from pdserve.server.handoff import accept_handoff
 from pdserve.server.metrics import ServerMetrics
 from pdserve.server.prompts import (
     chat_prompt_ids,
@@ -60,7 +60,8 @@ async def serve(
     # chat templating and tokenization are CPU work (seconds for a huge prompt): off the loop
     engine_req = await asyncio.to_thread(_checked_engine_request, st, req, chat)
     # a hand-off only from the deployment (a 400 otherwise): trust-http marks internal calls
-    check_kv_transfer_params(engine_req, st.client.args, internal)
+    engine_req.handoff = accept_handoff(req.kv_transfer_params, engine_req.prompt_token_ids,
+                                        st.client.args, internal, st.client.info.vocab_size)
     gen = Generation(st.client, st.metrics, st.tokenizer, engine_req, req.stop_strings(),
                      req.include_stop_str_in_output, req.skip_special_tokens,
                      resume_text_chars=req.resume.text_chars if req.resume else 0)
@@ -99,7 +100,6 @@ def _engine_request(
     check_token_ids(resumed, info.vocab_size, "resume")
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     return EngineRequest(request_id, prompt_ids, req.sampling_params(max_tokens),
-                         kv_transfer_params=req.kv_transfer_params,
                          output_token_ids=list(resumed))
 
 

@@ -1,5 +1,9 @@
 """KV transfer between engine instances: leases on P, pulls on D, three transports.
 
+Import from the modules themselves (layout, params, lease, source, transports, host): this
+package imports nothing, so that a server process can parse a hand-off (params, layout)
+without importing torch.
+
 Both sides hold the deployment secret: every connection to a source starts with a mutual
 challenge (handshake.py), and a lease is read or released only with its `lease_token`.
 
@@ -30,39 +34,3 @@ D side, per engine rank (the params already checked: signed, unexpired, this pro
     if not stats.released:     # a failed pull, or an earlier rank: tell P explicitly
         puller.release(remote)   # once, after every D rank has pulled (also on failure)
 """
-
-from pdserve.transfer.host import (
-    allocate_shared_kv_caches,
-    remove_stale_shared_kv_caches,
-    unlink_shared_kv_caches,
-)
-from pdserve.transfer.layout import HeadSlice, IncompatibleLayout, KVLayout
-from pdserve.transfer.lease import KVLease, LeaseTable
-from pdserve.transfer.params import RemoteKV
-from pdserve.transfer.protocol import PullStats, TransferError
-from pdserve.transfer.source import KVSource
-from pdserve.transfer.transports import (
-    TRANSPORTS,
-    KVPuller,
-    choose_transport,
-    release_remote_kv,
-)
-
-__all__ = [
-    "TRANSPORTS",
-    "HeadSlice",
-    "IncompatibleLayout",
-    "KVLayout",
-    "KVLease",
-    "KVPuller",
-    "KVSource",
-    "LeaseTable",
-    "PullStats",
-    "RemoteKV",
-    "TransferError",
-    "allocate_shared_kv_caches",
-    "choose_transport",
-    "release_remote_kv",
-    "remove_stale_shared_kv_caches",
-    "unlink_shared_kv_caches",
-]

@@ -9,8 +9,10 @@ plan is `KVLayout.head_slices_from`.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch only where tensors are made: a server parses layouts without it
+    import torch
 
 
 class IncompatibleLayout(ValueError):
@@ -103,6 +105,8 @@ class KVLayout:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        import torch
+
         return getattr(torch, self.dtype)
 
     @property
@@ -121,13 +125,15 @@ class KVLayout:
 
     def zeros(self, num_blocks: int, device: torch.device | str) -> list[torch.Tensor]:
         """This rank's KV caches, one zeroed tensor per layer, on `device`."""
+        import torch
+
         return [torch.zeros(self.cache_shape(num_blocks), dtype=self.torch_dtype, device=device)
                 for _ in range(self.num_layers)]
 
     @property
     def bytes_per_block(self) -> int:
         """Bytes of one block over all layers, on this rank."""
-        elem = torch.empty((), dtype=self.torch_dtype).element_size()
+        elem = self.torch_dtype.itemsize
         return self.num_layers * 2 * self.block_size * self.rank_kv_heads * self.head_dim * elem
 
     def for_rank(self, tp_rank: int) -> KVLayout:

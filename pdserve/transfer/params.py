@@ -65,7 +65,7 @@ class RemoteKV:
             raise ValueError(f"{len(endpoints)} endpoints for a TP={layout.tp_size} prefill")
         if "tp_size" in params and params["tp_size"] != layout.tp_size:
             raise ValueError("kv_transfer_params.tp_size differs from kv_layout.tp_size")
-        blocks = _list(params["remote_block_ids"], "remote_block_ids", MAX_BLOCKS)
+        blocks = _block_ids(params["remote_block_ids"])
         return cls(
             engine_id=_text(params["remote_engine_id"], "remote_engine_id"),
             request_id=_text(params["remote_request_id"], "remote_request_id"),
@@ -74,6 +74,18 @@ class RemoteKV:
             endpoints=[_endpoint(e, rank) for rank, e in enumerate(endpoints)],
             lease_token=_text(params["lease_token"], "lease_token"),
         )
+
+
+def _block_ids(value: object) -> list:
+    """Flat ids (pdserve's), or vLLM's one list per KV cache group: a model with one group
+    (full attention in every layer, as every model pdserve serves) sends `[[ids]]`."""
+    blocks = _list(value, "remote_block_ids", MAX_BLOCKS)
+    if blocks and all(isinstance(group, list) for group in blocks):
+        if len(blocks) != 1:
+            raise ValueError("remote_block_ids has several KV cache groups; pdserve models "
+                             "have one")
+        blocks = _list(blocks[0], "remote_block_ids[0]", MAX_BLOCKS)
+    return blocks
 
 
 def _text(value: object, name: str, max_chars: int = MAX_ID_CHARS) -> str:

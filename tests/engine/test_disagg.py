@@ -8,6 +8,7 @@ import pytest
 
 from pdserve.config import CacheConfig, EngineArgs
 from pdserve.engine.engine import Engine
+from pdserve.engine.handoff import HoldForDecode, KVHandoff, parse_kv_transfer_params
 from pdserve.engine.outputs import EngineRequest, RequestOutput
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.security import DeploymentSecret, SecretError
@@ -17,6 +18,17 @@ NUM_TOKENS = 12
 
 
 SECRET = DeploymentSecret.from_env()  # tests/conftest.py sets it
+VOCAB = 49152  # SmolLM2's
+
+
+def wire(out: RequestOutput) -> dict | None:
+    """P's hand-off as it travels (unsigned: the engines trust their server's checks)."""
+    return None if out.held is None else out.held.to_kv_transfer_params(None)
+
+
+def remote_prefill(params: dict) -> KVHandoff:
+    """D's typed hand-off, as its server parses it at the edge."""
+    return parse_kv_transfer_params(params, VOCAB)
 
 
 def engine(role: str, **kw) -> Engine:
@@ -55,14 +67,13 @@ def run(engine: Engine, req: EngineRequest, timeout_s: float = 120) -> list[Requ
 
 def prefill_remote(prefill: Engine, rid: str, prompt: list[int]) -> RequestOutput:
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-    [out] = run(prefill, EngineRequest(rid, prompt, params, kv_transfer_params={
-        "do_remote_decode": True}))
+    [out] = run(prefill, EngineRequest(rid, prompt, params, handoff=HoldForDecode()))
     return out
 
 
 def decode_remote(decode: Engine, rid: str, prompt: list[int], ktp: dict) -> list[int]:
     params = SamplingParams(max_tokens=NUM_TOKENS, temperature=0.0, ignore_eos=True)
-    outs = run(decode, EngineRequest(rid, prompt, params, kv_transfer_params=ktp))
+    outs = run(decode, EngineRequest(rid, prompt, params, handoff=remote_prefill(ktp)))
     return [ktp["first_token_id"]] + [t for o in outs for t in o.new_token_ids]
 
 
@@ -77,7 +88,7 @@ def settle(engine: Engine, timeout_s: float = 10) -> None:
 def test_disaggregated_greedy_equals_transformers(prefill, decode, prompts, hf_smollm2):
     for i, prompt in enumerate(prompts):
         p_out = prefill_remote(prefill, f"p{i}", prompt)
-        ktp = p_out.kv_transfer_params
+        ktp = wire(p_out)
         assert ktp["do_remote_prefill"] and ktp["remote_block_ids"]
         assert decode_remote(decode, f"d{i}", prompt, ktp) == hf_greedy(hf_smollm2, prompt,
                                                                         NUM_TOKENS)
@@ -91,7 +102,7 @@ def test_disaggregated_greedy_equals_transformers(prefill, decode, prompts, hf_s
 def test_tcp_transport_gives_the_same_tokens(prefill, prompts, hf_smollm2):
     d = engine("decode", kv_transport="tcp")
     try:
-        ktp = prefill_remote(prefill, "ptcp", prompts[2]).kv_transfer_params
+        ktp = wire(prefill_remote(prefill, "ptcp", prompts[2]))
         assert decode_remote(d, "dtcp", prompts[2], ktp) == hf_greedy(hf_smollm2, prompts[2],
                                                                       NUM_TOKENS)
         assert d.stats().kv_bytes_pulled > 0
@@ -100,7 +111,7 @@ def test_tcp_transport_gives_the_same_tokens(prefill, prompts, hf_smollm2):
 
 
 def test_failed_pull_falls_back_to_local_prefill(prefill, decode, prompts, hf_smollm2):
-    ktp = prefill_remote(prefill, "pfail", prompts[1]).kv_transfer_params
+    ktp = wire(prefill_remote(prefill, "pfail", prompts[1]))
     broken = ktp | {"kv_endpoints": [ktp["kv_endpoints"][0] | {"port": 1, "transports": ["tcp"]}]}
     failed_before = decode.stats().kv_pulls_failed
     tokens = decode_remote(decode, "dfail", prompts[1], broken)
@@ -111,10 +122,10 @@ def test_failed_pull_falls_back_to_local_prefill(prefill, decode, prompts, hf_sm
 
 def test_a_decode_aborted_before_its_pull_frees_the_prefill_at_once(prefill, decode, prompts):
     free_before = prefill.stats().num_free_blocks  # earlier tests may still hold leases
-    ktp = prefill_remote(prefill, "pabort", prompts[2]).kv_transfer_params
+    ktp = wire(prefill_remote(prefill, "pabort", prompts[2]))
     assert "pabort" in prefill.connector.leases
     params = SamplingParams(max_tokens=NUM_TOKENS, temperature=0.0, ignore_eos=True)
-    decode.add_request(EngineRequest("dabort", prompts[2], params, kv_transfer_params=ktp))
+    decode.add_request(EngineRequest("dabort", prompts[2], params, handoff=remote_prefill(ktp)))
     decode.abort_request("dabort")  # still waiting: no step has started its pull
     settle(decode)
     deadline = time.monotonic() + 10  # P hears from D's pull thread, long before the TTL
@@ -152,31 +163,37 @@ def test_unclaimed_lease_expires_and_frees_its_blocks(prompts):
 def test_first_token_eos_is_not_held(prefill, prompts):
     params = SamplingParams(max_tokens=1, temperature=0.0, stop_token_ids=list(range(50000)))
     [out] = run(prefill, EngineRequest("peos", prompts[0], params,
-                                       kv_transfer_params={"do_remote_decode": True}))
-    assert out.finish_reason == "stop" and out.kv_transfer_params is None
+                                       handoff=HoldForDecode()))
+    assert out.finish_reason == "stop" and wire(out) is None
 
 
-def test_colocated_instance_refuses_kv_transfer_params(prompts):
+def test_a_colocated_instance_answers_a_hold_plain_and_refuses_a_pull(prefill, prompts):
+    """As vLLM without a KV connector: nothing is held, so no hand-off comes back."""
     e = Engine(EngineArgs(cache=CacheConfig(kv_cache_memory=8 * 2**20)))
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    [out] = run(e, EngineRequest("x", prompts[0], params, handoff=HoldForDecode()))
+    assert out.finish_reason == "length" and out.held is None
+    assert e.stats().num_free_blocks == e.num_blocks
+    ktp = wire(prefill_remote(prefill, "pcolo", prompts[0]))
     with pytest.raises(ValueError, match="--role colocated"):
-        e.add_request(EngineRequest("x", prompts[0], SamplingParams(),
-                                    kv_transfer_params={"do_remote_decode": True}))
+        e.add_request(EngineRequest("y", prompts[0], SamplingParams(max_tokens=4),
+                                    handoff=remote_prefill(ktp)))
+    assert prefill.release_lease("pcolo", ktp["lease_token"])
 
 
 def test_incompatible_layout_is_refused(prefill, decode, prompts):
-    ktp = prefill_remote(prefill, "pbad", prompts[0]).kv_transfer_params
+    ktp = wire(prefill_remote(prefill, "pbad", prompts[0]))
     bad = ktp | {"kv_layout": ktp["kv_layout"] | {"block_size": 32}}
     with pytest.raises(ValueError, match="block"):
         decode.add_request(EngineRequest("dbad", prompts[0], SamplingParams(max_tokens=4),
-                                         kv_transfer_params=bad))
+                                         handoff=remote_prefill(bad)))
     # the refusal told P to end the lease now, well before its 30 s TTL
     deadline = time.monotonic() + 10
     while "pbad" in prefill.connector.leases and time.monotonic() < deadline:
         time.sleep(0.05)
     assert "pbad" not in prefill.connector.leases
-    with pytest.raises(ValueError, match="lacks"):
-        decode.add_request(EngineRequest("dbad", prompts[0], SamplingParams(max_tokens=4),
-                                         kv_transfer_params={"do_remote_prefill": True}))
+    with pytest.raises(ValueError, match="first_token_id"):
+        remote_prefill({"do_remote_prefill": True})
 
 
 @pytest.mark.parametrize("role", ["prefill", "decode"])
@@ -187,7 +204,7 @@ def test_prefill_and_decode_engines_refuse_to_start_without_the_secret(role):
 
 def test_a_held_prefill_carries_its_lease_capability_and_end(prefill, prompts):
     before = time.time()
-    ktp = prefill_remote(prefill, "pcap", prompts[0]).kv_transfer_params
+    ktp = wire(prefill_remote(prefill, "pcap", prompts[0]))
     lease = prefill.connector.leases._leases["pcap"]
     assert ktp["lease_token"] == lease.token and len(ktp["lease_token"]) >= 20
     ttl = prefill.args.kv_lease_ttl_s
@@ -199,7 +216,7 @@ def test_a_held_prefill_carries_its_lease_capability_and_end(prefill, prompts):
 
 def test_a_pull_with_a_wrong_lease_token_is_refused_and_prefilled_locally(
         prefill, decode, prompts, hf_smollm2):
-    ktp = prefill_remote(prefill, "ptok", prompts[1]).kv_transfer_params
+    ktp = wire(prefill_remote(prefill, "ptok", prompts[1]))
     failed_before = decode.stats().kv_pulls_failed
     forged = ktp | {"lease_token": "guessed-" + ktp["lease_token"][8:]}
     tokens = decode_remote(decode, "dtok", prompts[1], forged)

@@ -10,10 +10,11 @@ import pytest
 
 from pdserve.config import CacheConfig, EngineArgs, SchedulerConfig
 from pdserve.engine.engine import Engine
+from pdserve.engine.handoff import HoldForDecode
 from pdserve.engine.outputs import EngineRequest
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.security import DeploymentSecret
-from tests.engine.test_disagg import run, settle
+from tests.engine.test_disagg import remote_prefill, run, settle, wire
 
 NUM_TOKENS = 10
 # short, one exact block, several blocks, long, and two sharing a 3-block prefix
@@ -54,10 +55,10 @@ def disaggregated(prefill: Engine, decode: Engine) -> list[list[int]]:
     tokens = []
     for i, prompt in enumerate(PROMPTS):
         [p_out] = run(prefill, EngineRequest(f"p{i}", prompt, greedy(1),
-                                             kv_transfer_params={"do_remote_decode": True}))
-        ktp = p_out.kv_transfer_params
+                                             handoff=HoldForDecode()))
+        ktp = wire(p_out)
         outs = run(decode, EngineRequest(f"d{i}", prompt, greedy(NUM_TOKENS),
-                                         kv_transfer_params=ktp))
+                                         handoff=remote_prefill(ktp)))
         tokens.append([ktp["first_token_id"]] + [t for o in outs for t in o.new_token_ids])
     return tokens
 

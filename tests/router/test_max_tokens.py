@@ -45,7 +45,7 @@ def test_load_and_the_p_alone_decision_read_the_same_field():
 
 
 def test_release_reasons():
-    inst = Instance("http://d", "decode")
+    inst = Instance("http://d", ("decode",))
     assert release_reason(NoInstance("none")) == "no_decode"
     assert release_reason(Refused(400, b"{}")) == "decode_refused"
     assert release_reason(UpstreamError(inst, "HTTP 503", connect=False)) == "decode_failed"

@@ -1,4 +1,4 @@
-"""The router's body shaping: P and D requests, P's token as chunks, P and D merged."""
+"""The router's body shaping: P and D requests, P's token as chunks."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from pdserve.router.relay import InstanceFailed, Progress, StreamRelay
 from pdserve.router.shaping import (
     answer_as_stream,
     first_chunks,
-    merge,
     prefill_body,
     resume_body,
 )
@@ -45,26 +44,6 @@ def test_prefill_body_carries_the_decode_budget_and_caps_min_tokens():
     assert out["min_tokens"] == 1 and "max_completion_tokens" not in out
     # completions ignore max_completion_tokens, as the instances do
     assert "decode_max_tokens" not in prefill_body({"prompt": "x", "max_completion_tokens": 50})
-
-
-def test_merge_puts_p_text_first_and_takes_usage_from_d():
-    d = {"id": "d-1", "object": "text_completion", "created": 2, "model": "m",
-         "choices": [{"index": 0, "text": ".", "logprobs": None, "finish_reason": "length"}],
-         "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}
-    out = merge(p_answer(False), d, chat=False)
-    assert out["id"] == "p-1" and out["choices"][0]["text"] == " Paris."
-    assert out["usage"]["completion_tokens"] == 2 and "kv_transfer_params" not in out
-
-
-def test_merge_concatenates_completion_logprobs_with_shifted_offsets():
-    p = p_answer(False)
-    p["choices"][0]["logprobs"] = {"tokens": ["a"], "token_logprobs": [-1.0],
-                                   "top_logprobs": [{}], "text_offset": [0]}
-    d = {"id": "d", "choices": [{"index": 0, "text": "bc", "finish_reason": "length",
-         "logprobs": {"tokens": ["b", "c"], "token_logprobs": [-2.0, -3.0],
-                      "top_logprobs": [{}, {}], "text_offset": [0, 1]}}]}
-    lp = merge(p, d, chat=False)["choices"][0]["logprobs"]
-    assert lp["tokens"] == ["a", "b", "c"] and lp["text_offset"] == [0, 6, 7]
 
 
 def test_first_chunks_of_chat_name_the_role_then_the_content():
@@ -128,7 +107,7 @@ def test_resume_body_continues_after_the_client_s_tokens():
 
 
 def test_least_loaded_counts_outstanding_tokens_and_skips_excluded():
-    a, b = Instance("http://a", "prefill"), Instance("http://b", "prefill")
+    a, b = Instance("http://a", ("prefill",)), Instance("http://b", ("prefill",))
     a.outstanding_tokens = 100
     assert least_loaded([a, b]) is b
     assert least_loaded([a, b], exclude={"http://b"}) is a
@@ -149,3 +128,14 @@ def test_registered_instances_expire_without_heartbeat_but_static_ones_stay():
     reg.register("http://127.0.0.1:2/", "prefill")
     assert [i.url for i in reg.expire()] == ["http://127.0.0.1:2"]
     assert [i.url for i in reg.all()] == ["http://127.0.0.1:1"]
+
+
+def test_one_url_given_as_prefill_and_decode_is_one_instance_serving_both():
+    """E.g. a vLLM instance with kv_role kv_both, or `--prefill X --decode X`."""
+    reg = Registry()
+    a = reg.add_static("127.0.0.1:1", "prefill")
+    b = reg.add_static("http://127.0.0.1:1/", "decode")
+    assert a is b and reg.all() == [a] and a.role == "prefill+decode"
+    a.mark(True)
+    assert reg.healthy("prefill") == reg.healthy("decode") == [a]
+    assert reg.healthy("colocated") == []

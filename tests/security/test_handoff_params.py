@@ -10,7 +10,8 @@ import json
 
 import pytest
 
-from pdserve.transfer import KVLayout, RemoteKV
+from pdserve.transfer.layout import KVLayout
+from pdserve.transfer.params import RemoteKV
 
 LAYOUT = {"dtype": "float32", "block_size": 16, "num_layers": 30, "num_kv_heads": 2,
           "head_dim": 64}

@@ -11,19 +11,15 @@ import pytest
 import torch
 
 from pdserve.security import DeploymentSecret, challenge_answer
-from pdserve.transfer import (
-    KVLayout,
-    KVPuller,
-    KVSource,
-    LeaseTable,
-    RemoteKV,
-    TransferError,
-    allocate_shared_kv_caches,
-    unlink_shared_kv_caches,
-)
 from pdserve.transfer.connections import SourceConnections
 from pdserve.transfer.handshake import prove_source
-from pdserve.transfer.host import HostPuller
+from pdserve.transfer.host import HostPuller, allocate_shared_kv_caches, unlink_shared_kv_caches
+from pdserve.transfer.layout import KVLayout
+from pdserve.transfer.lease import LeaseTable
+from pdserve.transfer.params import RemoteKV
+from pdserve.transfer.protocol import TransferError
+from pdserve.transfer.source import KVSource
+from pdserve.transfer.transports import KVPuller
 from pdserve.transfer.wire import Connection, recv_msg, send_msg
 
 LAYOUT = KVLayout(dtype="float32", block_size=4, num_layers=2, num_kv_heads=2, head_dim=4)

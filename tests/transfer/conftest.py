@@ -7,7 +7,7 @@ import glob
 import pytest
 import torch
 
-from pdserve.transfer import KVLayout
+from pdserve.transfer.layout import KVLayout
 
 from .source_process import TOKEN, deployment_secret, random_caches, start_source
 

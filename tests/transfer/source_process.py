@@ -8,13 +8,10 @@ from dataclasses import dataclass
 import torch
 
 from pdserve.security import DeploymentSecret
-from pdserve.transfer import (
-    KVLayout,
-    KVSource,
-    LeaseTable,
-    allocate_shared_kv_caches,
-    unlink_shared_kv_caches,
-)
+from pdserve.transfer.host import allocate_shared_kv_caches, unlink_shared_kv_caches
+from pdserve.transfer.layout import KVLayout
+from pdserve.transfer.lease import LeaseTable
+from pdserve.transfer.source import KVSource
 
 TOKEN = "test-lease-token"  # every lease of a source process: the pull tests' capability
 

@@ -12,10 +12,10 @@ pytest.importorskip("triton", reason="triton is not installed: the kernel cannot
 
 import torch  # noqa: E402
 
-from pdserve.transfer import HeadSlice  # noqa: E402
 from pdserve.transfer.block_kernel import kernel_available, launch  # noqa: E402
 from pdserve.transfer.block_plan import plan_block_copy  # noqa: E402
 from pdserve.transfer.blockcopy import Scratch, copy_blocks  # noqa: E402
+from pdserve.transfer.layout import HeadSlice  # noqa: E402
 
 DEVICE = torch.device("cuda" if kernel_available(torch.device("cuda")) else "cpu")
 if not kernel_available(DEVICE):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pdserve.transfer import HeadSlice
 from pdserve.transfer.block_plan import NotPlannable, Side, plan_block_copy
+from pdserve.transfer.layout import HeadSlice
 
 
 def caches(num_layers: int, num_blocks: int, heads: int, dtype=torch.bfloat16) -> list:

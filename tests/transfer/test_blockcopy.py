@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pdserve.transfer import HeadSlice
 from pdserve.transfer.blockcopy import Scratch, copy_blocks, runs
+from pdserve.transfer.layout import HeadSlice
 
 
 def caches(num_blocks: int, heads: int, fill: bool) -> list[torch.Tensor]:

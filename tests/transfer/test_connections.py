@@ -10,19 +10,15 @@ import uuid
 import pytest
 import torch
 
-from pdserve.transfer import (
-    KVPuller,
-    KVSource,
-    LeaseTable,
-    RemoteKV,
-    TransferError,
-    allocate_shared_kv_caches,
-    unlink_shared_kv_caches,
-)
 from pdserve.transfer.connections import SourceConnections
 from pdserve.transfer.handshake import prove_source
-from pdserve.transfer.host import HostPuller
+from pdserve.transfer.host import HostPuller, allocate_shared_kv_caches, unlink_shared_kv_caches
+from pdserve.transfer.lease import LeaseTable
+from pdserve.transfer.params import RemoteKV
+from pdserve.transfer.protocol import TransferError
+from pdserve.transfer.source import KVSource
 from pdserve.transfer.tcp import TcpPuller
+from pdserve.transfer.transports import KVPuller
 from pdserve.transfer.wire import recv_msg, send_msg
 
 from .conftest import LAYOUT, SECRET, T, empty_caches

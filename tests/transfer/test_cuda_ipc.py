@@ -8,11 +8,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pdserve.transfer import HeadSlice, KVLayout, KVPuller, RemoteKV, TransferError
 from pdserve.transfer.connections import SourceConnections
 from pdserve.transfer.cuda_ipc import CudaIpcPuller
 from pdserve.transfer.host import HostPuller
+from pdserve.transfer.layout import HeadSlice, KVLayout
+from pdserve.transfer.params import RemoteKV
+from pdserve.transfer.protocol import TransferError
 from pdserve.transfer.tcp import TcpPuller
+from pdserve.transfer.transports import KVPuller
 
 from .conftest import SECRET, T
 from .source_process import random_caches, start_source

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pdserve.transfer import HeadSlice, IncompatibleLayout, KVLayout
+from pdserve.transfer.layout import HeadSlice, IncompatibleLayout, KVLayout
 
 BASE = dict(dtype="bfloat16", block_size=16, num_layers=32, num_kv_heads=8, head_dim=128)
 

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from pdserve.transfer import LeaseTable
+from pdserve.transfer.lease import LeaseTable
 
 T = "the-lease-token"  # every lease here is held with it; its own tests try others
 

@@ -8,16 +8,12 @@ import uuid
 import pytest
 import torch
 
-from pdserve.transfer import (
-    KVSource,
-    LeaseTable,
-    TransferError,
-    allocate_shared_kv_caches,
-    unlink_shared_kv_caches,
-)
 from pdserve.transfer import connections as connections_module
 from pdserve.transfer.connections import SourceConnections, admitted_copy
-from pdserve.transfer.host import HostPuller
+from pdserve.transfer.host import HostPuller, allocate_shared_kv_caches, unlink_shared_kv_caches
+from pdserve.transfer.lease import LeaseTable
+from pdserve.transfer.protocol import TransferError
+from pdserve.transfer.source import KVSource
 from pdserve.transfer.wire import Connection, PeerClosed
 
 from .conftest import LAYOUT, SECRET, T, empty_caches

@@ -9,9 +9,10 @@ import time
 import pytest
 import torch
 
-from pdserve.transfer import HeadSlice, TransferError
 from pdserve.transfer.connections import SourceConnections
 from pdserve.transfer.host import HostPuller, local_host_id
+from pdserve.transfer.layout import HeadSlice
+from pdserve.transfer.protocol import TransferError
 from pdserve.transfer.tcp import TcpPuller
 
 from .conftest import LAYOUT, SECRET, T, empty_caches
@@ -191,8 +192,10 @@ def test_garbage_on_the_socket_does_not_stop_the_source(source):
 @pytest.fixture
 def in_process_source():
     """A source in this process (threads), so a test can meddle with its lease table."""
-    from pdserve.transfer import KVSource, LeaseTable, allocate_shared_kv_caches
-    from pdserve.transfer import unlink_shared_kv_caches as unlink
+    from pdserve.transfer.host import allocate_shared_kv_caches
+    from pdserve.transfer.host import unlink_shared_kv_caches as unlink
+    from pdserve.transfer.lease import LeaseTable
+    from pdserve.transfer.source import KVSource
 
     caches = allocate_shared_kv_caches(LAYOUT, 4, "in-process")
     leases = LeaseTable()

@@ -11,14 +11,15 @@ import sys
 import pytest
 import torch
 
-from pdserve.transfer import (
-    TransferError,
+from pdserve.transfer.connections import SourceConnections
+from pdserve.transfer.host import (
+    HostPuller,
     allocate_shared_kv_caches,
     remove_stale_shared_kv_caches,
+    shared_kv_path,
     unlink_shared_kv_caches,
 )
-from pdserve.transfer.connections import SourceConnections
-from pdserve.transfer.host import HostPuller, shared_kv_path
+from pdserve.transfer.protocol import TransferError
 
 from .conftest import LAYOUT, NUM_BLOCKS, SECRET, T, empty_caches
 from .source_process import start_source
@@ -65,7 +66,8 @@ def test_source_shutdown_leaves_no_shm_file():
 
 def test_exit_without_unlink_still_cleans_up():
     code = (
-        "from pdserve.transfer import KVLayout, allocate_shared_kv_caches as a\n"
+        "from pdserve.transfer.layout import KVLayout\n"
+        "from pdserve.transfer.host import allocate_shared_kv_caches as a\n"
         "a(KVLayout('float32', 4, 2, 2, 8), 3, 'atexit-test')\n"
         "import os; print(os.getpid())\n"
     )

@@ -9,9 +9,12 @@ import threading
 import pytest
 import torch
 
-from pdserve.transfer import HeadSlice, KVSource, LeaseTable, TransferError
 from pdserve.transfer.connections import SourceConnections
 from pdserve.transfer.host import HostPuller
+from pdserve.transfer.layout import HeadSlice
+from pdserve.transfer.lease import LeaseTable
+from pdserve.transfer.protocol import TransferError
+from pdserve.transfer.source import KVSource
 
 from .conftest import LAYOUT, SECRET, T, empty_caches
 from .source_process import random_caches

@@ -8,9 +8,10 @@ import threading
 import pytest
 import torch
 
-from pdserve.transfer import HeadSlice, KVLayout, TransferError
 from pdserve.transfer.connections import SourceConnections
 from pdserve.transfer.handshake import prove_source
+from pdserve.transfer.layout import HeadSlice, KVLayout
+from pdserve.transfer.protocol import TransferError
 from pdserve.transfer.tcp import NUM_SLOTS, TcpPuller
 from pdserve.transfer.wire import Connection, recv_exact, recv_msg, send_msg, send_tensor
 

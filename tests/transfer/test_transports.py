@@ -7,15 +7,11 @@ import json
 import pytest
 import torch
 
-from pdserve.transfer import (
-    IncompatibleLayout,
-    KVLayout,
-    KVPuller,
-    RemoteKV,
-    TransferError,
-    choose_transport,
-)
 from pdserve.transfer.host import local_host_id
+from pdserve.transfer.layout import IncompatibleLayout, KVLayout
+from pdserve.transfer.params import RemoteKV
+from pdserve.transfer.protocol import TransferError
+from pdserve.transfer.transports import KVPuller, choose_transport
 
 from .conftest import LAYOUT, NUM_BLOCKS, SECRET, empty_caches
 from .source_process import random_caches, start_source
