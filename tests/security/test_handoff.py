@@ -212,9 +212,8 @@ def test_finding_2_d_refuses_a_kv_source_without_the_secret(cluster):
         while len(seen) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
     assert "answer" in seen[0] and seen[1] is None  # no read nor release frame followed
-    # D continues after P's first token: together, the colocated text
-    first = text(post(cluster.p.url, PROMPT_B, max_tokens=1))
-    assert first + answer == text(post(cluster.p.url, PROMPT_B))
+    # D's answer is the whole completion, P's first token first: the colocated text
+    assert answer == text(post(cluster.p.url, PROMPT_B))
 
 
 @pytest.mark.parametrize("payload", FINDING_1, ids=["num_kv_heads_0", "block_id_1e400"])
@@ -235,7 +234,7 @@ def test_finding_1_malformed_params_get_400_and_the_instances_live_on(cluster, p
 
 def test_a_client_cannot_ask_d_to_hold_kv_nor_send_other_params(cluster):
     refused(decode_with(cluster, PROMPT_C, {"do_remote_decode": True}), "internal")
-    refused(decode_with(cluster, PROMPT_C, {"remote_block_ids": [1]}), "internal")
+    refused(decode_with(cluster, PROMPT_C, {"remote_block_ids": [1]}), "do_remote_prefill")
 
 
 @pytest.mark.parametrize("role", ["prefill", "decode"])

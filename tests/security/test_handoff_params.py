@@ -58,6 +58,9 @@ BAD = [
     {"remote_engine_id": None},
     {"lease_token": ""},
     {"lease_token": 5},
+    {"remote_block_ids": [[3], [4]]},  # two KV cache groups: no pdserve model has them
+    {"remote_block_ids": [[3], 4]},
+    {"remote_block_ids": [[-1]]},
 ]
 
 
@@ -94,3 +97,9 @@ def test_a_good_hand_off_parses_with_only_known_endpoint_fields():
 def test_layout_from_dict_refuses_out_of_range_ints(field, value):
     with pytest.raises(ValueError, match=field):
         KVLayout.from_dict(LAYOUT | {field: value})
+
+
+def test_vllms_one_list_per_kv_cache_group_is_accepted():
+    """Newer vLLM writes remote_block_ids as [[ids]] (one list per KV cache group)."""
+    assert RemoteKV.from_kv_transfer_params(GOOD | {"remote_block_ids": [[3, 4]]}).block_ids == [
+        3, 4]
