@@ -24,7 +24,7 @@ from pdserve.server.errors import (
     install_error_handlers,
     validation_error,
 )
-from pdserve.server.metrics import ServerMetrics
+from pdserve.server.metrics import ServerMetrics, cache_info
 from pdserve.server.protocol import ChatCompletionRequest, CompletionRequest
 from pdserve.server.serving import ServerState, serve
 
@@ -53,8 +53,9 @@ def build_app(
         )
         client.attach(asyncio.get_running_loop())
         name = served_model_name or info.model_name
-        app.state.server = ServerState(client, tokenizer, name,
-                                       ServerMetrics(name, lambda: client.stats))
+        metrics = ServerMetrics(name, lambda: client.stats, info.max_model_len,
+                                cache_info(client.args))
+        app.state.server = ServerState(client, tokenizer, name, metrics)
         heartbeat = asyncio.create_task(keep_registered()) if keep_registered else None
         try:
             yield
