@@ -71,7 +71,7 @@ def routers(fleet, routers_tmp):
 
 
 def served(procs) -> list[float]:
-    return [metric(p.url, "pdserve:request_success_total", finished_reason="length")
+    return [metric(p.url, "vllm:request_success_total", finished_reason="length")
             for p in procs]
 
 
@@ -164,7 +164,7 @@ def test_prefill_that_finishes_the_request_skips_decode(fleet, routers, referenc
 
 def test_client_disconnect_mid_stream_aborts_decode(fleet, routers):
     def aborted() -> float:
-        return metric(fleet.d0.url, "pdserve:request_success_total", finished_reason="abort")
+        return metric(fleet.d0.url, "vllm:request_success_total", finished_reason="abort")
 
     before = aborted()
     body = {"prompt": "Tell me a long story.", "max_tokens": 2000, "stream": True, **GREEDY}
