@@ -454,8 +454,8 @@ class Engine:
             kv_bytes_pulled=self.connector.stats.bytes_pulled if self.connector else 0,
             request_failures=self.request_failures,
             iteration_tokens=self.scheduler.iteration_tokens.copy(),
-            kv_transfer_seconds=self.connector.stats.pull_seconds.copy() if self.connector
-            else EngineStats().kv_transfer_seconds,
+            **({"kv_transfer_seconds": self.connector.stats.pull_seconds.copy()}
+               if self.connector else {}),  # else: EngineStats's empty histogram
         )
 
     def generate(self, requests: list[EngineRequest]) -> dict[str, list[int]]:
