@@ -29,7 +29,7 @@ run_layout() {  # label, then `pdserve up` layout flags
   bench "$label" 8192 1 "$N8K"
   bench "$label" 2048 4 "$N2K"
   for port in $((PORT + 1)) $((PORT + 2)); do
-    curl -s "localhost:$port/metrics" | grep -E "^pdserve:(kv_pull|kv_bytes|num_preempt)" \
+    curl -s "localhost:$port/metrics" | grep -E "^(pdserve:(kv_pull|kv_bytes|kv_transfer)|vllm:num_preempt)" \
       > "$OUT/metrics-$label-$port.txt"
   done
   cat "$OUT"/metrics-"$label"-*.txt

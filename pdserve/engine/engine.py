@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 
 import torch
 
@@ -13,7 +14,7 @@ from pdserve.engine.blocks import BlockPool
 from pdserve.engine.handoff import HoldForDecode, RemotePrefill
 from pdserve.engine.kv_connector import KVConnector, RankCaches, allocate_rank_caches
 from pdserve.engine.kv_manager import KVCacheManager
-from pdserve.engine.outputs import EngineRequest, EngineStats, RequestOutput
+from pdserve.engine.outputs import EngineRequest, EngineStats, RequestOutput, RequestTimes
 from pdserve.engine.overlap import OverlappedLoop
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.runner import ModelRunner, profile_peak_activation_bytes
@@ -411,6 +412,8 @@ class Engine:
             request.status = RequestStatus.FINISHED_LENGTH
 
     def _output(self, request: Request, tokens: list[int], logprob) -> RequestOutput:
+        if tokens and not request.first_token_time:
+            request.first_token_time = time.monotonic()
         return RequestOutput(
             request_id=request.request_id,
             new_token_ids=tokens,
@@ -419,6 +422,9 @@ class Engine:
             new_logprobs=[logprob] if logprob is not None else None,
             num_prompt_tokens=request.num_prompt_tokens,
             num_cached_tokens=max(request.num_cached_tokens, 0),
+            times=RequestTimes(request.arrival_time, request.scheduled_time,
+                               request.first_token_time, time.monotonic())
+            if request.is_finished else None,
         )
 
     def stats(self) -> EngineStats:
@@ -436,6 +442,9 @@ class Engine:
             kv_pulls_failed=self.connector.stats.pulls_failed if self.connector else 0,
             kv_bytes_pulled=self.connector.stats.bytes_pulled if self.connector else 0,
             request_failures=self.request_failures,
+            iteration_tokens=self.scheduler.iteration_tokens.copy(),
+            **({"kv_transfer_seconds": self.connector.stats.pull_seconds.copy()}
+               if self.connector else {}),  # else: EngineStats's empty histogram
         )
 
     def generate(self, requests: list[EngineRequest]) -> dict[str, list[int]]:

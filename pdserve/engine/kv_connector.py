@@ -18,11 +18,12 @@ import queue
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from pdserve.engine.handoff import HeldPrefill
+from pdserve.engine.histogram import KV_TRANSFER_BUCKETS, StepHistogram
 from pdserve.security import DeploymentSecret, new_capability
 from pdserve.transfer.cuda_ipc import import_kv_caches
 from pdserve.transfer.host import (
@@ -58,6 +59,8 @@ class ConnectorStats:
     pulls_failed: int = 0
     bytes_pulled: int = 0
     leases_held: int = 0
+    # durations of the pulls that moved blocks (all-prefix-hit pulls move none)
+    pull_seconds: StepHistogram = field(default_factory=lambda: StepHistogram(KV_TRANSFER_BUCKETS))
 
 
 @dataclass
@@ -209,6 +212,8 @@ class KVConnector:
             if r.ok:
                 self.stats.pulls_ok += 1
                 self.stats.bytes_pulled += r.num_bytes
+                if r.num_bytes:
+                    self.stats.pull_seconds.observe(r.seconds)
             else:
                 self.stats.pulls_failed += 1
         freed = self.leases.expire()

@@ -6,6 +6,11 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from pdserve.engine.histogram import (
+    ITERATION_TOKEN_BUCKETS,
+    KV_TRANSFER_BUCKETS,
+    StepHistogram,
+)
 from pdserve.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -37,6 +42,39 @@ class TokenLogprob:
 
 
 @dataclass
+class RequestTimes:
+    """When a request reached each phase, in `time.monotonic()` seconds (system-wide on
+    Linux, so the server process can compare them with its own); 0.0 = never reached.
+    `scheduled` is the first time the scheduler gave it blocks (on D: its KV pull began);
+    `first_token` the first token sampled here (on D: after P's, which came with the KV)."""
+
+    arrival: float
+    scheduled: float = 0.0
+    first_token: float = 0.0
+    finished: float = 0.0
+
+    @property
+    def queue_s(self) -> float:
+        """Waiting to be scheduled (an aborted request that never was: until the abort)."""
+        return max((self.scheduled or self.finished) - self.arrival, 0.0)
+
+    @property
+    def prefill_s(self) -> float:
+        """Scheduled -> first token (on D: the KV pull, then the first decode step)."""
+        if not self.scheduled:
+            return 0.0
+        return max((self.first_token or self.finished) - self.scheduled, 0.0)
+
+    @property
+    def decode_s(self) -> float:
+        return max(self.finished - self.first_token, 0.0) if self.first_token else 0.0
+
+    @property
+    def inference_s(self) -> float:
+        return max(self.finished - self.scheduled, 0.0) if self.scheduled else 0.0
+
+
+@dataclass
 class RequestOutput:
     """New tokens of one request from one engine step (a delta, not the whole text)."""
 
@@ -49,6 +87,7 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     held: HeldPrefill | None = None  # P: the finished prefill's KV, held for D
     error: str | None = None  # set when the engine refused or failed the request
+    times: RequestTimes | None = None  # set on the finishing output
 
 
 @dataclass
@@ -68,6 +107,11 @@ class EngineStats:
     kv_pulls_failed: int = 0  # each fell back to a local prefill
     kv_bytes_pulled: int = 0
     request_failures: int = 0  # requests failed by an unexpected error (the engine lived on)
+    # tokens computed per step, and D's KV pull durations: cumulative bucket counts
+    iteration_tokens: StepHistogram = field(
+        default_factory=lambda: StepHistogram(ITERATION_TOKEN_BUCKETS))
+    kv_transfer_seconds: StepHistogram = field(
+        default_factory=lambda: StepHistogram(KV_TRANSFER_BUCKETS))
 
     @property
     def kv_usage(self) -> float:

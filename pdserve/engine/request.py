@@ -51,6 +51,8 @@ class Request:
     # async scheduling: tokens sampled on the device but not yet read back (0 or 1); the
     # scheduler counts them so the next step can feed them in before they are known
     num_pending_tokens: int = 0
+    scheduled_time: float = 0.0  # monotonic, first time it was scheduled (0: not yet)
+    first_token_time: float = 0.0  # monotonic, its first token sampled here (0: not yet)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -10,10 +10,12 @@ prefix cache, so the recompute is cheap).
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
 from pdserve.config import SchedulerConfig
+from pdserve.engine.histogram import ITERATION_TOKEN_BUCKETS, StepHistogram
 from pdserve.engine.kv_manager import KVCacheManager
 from pdserve.engine.request import Request, RequestStatus
 
@@ -50,6 +52,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.pulling: dict[str, Request] = {}  # D side: waiting for their KV from P
         self.num_preemptions = 0
+        self.iteration_tokens = StepHistogram(ITERATION_TOKEN_BUCKETS)  # tokens per step
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -89,6 +92,8 @@ class Scheduler:
         budget -= out.num_tokens
         if not out.preempted:  # no admissions while the pool is too tight to keep the running
             self._schedule_waiting(out, budget)
+        if out.scheduled:
+            self.iteration_tokens.observe(out.num_tokens)
         return out
 
     def _num_new_tokens(self, request: Request, budget: int) -> int:
@@ -142,6 +147,7 @@ class Scheduler:
             self.kv.pool.record_lookup(request.num_tokens, hit)
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
+            request.scheduled_time = request.scheduled_time or time.monotonic()
             self.running.append(request)
             out.scheduled.append(ScheduledRequest(request, num_new))
             budget -= num_new
@@ -158,6 +164,7 @@ class Scheduler:
         self.kv.pool.record_lookup(request.num_prompt_tokens, hit)
         self.waiting.popleft()
         request.status = RequestStatus.WAITING_FOR_REMOTE_KV
+        request.scheduled_time = request.scheduled_time or time.monotonic()
         self.pulling[request.request_id] = request
         out.new_pulls.append(request)
         return True

@@ -1,4 +1,5 @@
-"""The router's FastAPI app: the OpenAI front door, registration, health, metrics."""
+"""The router's FastAPI app: the OpenAI front door, registration, health, metrics, and the
+tool endpoints of tool_routes.py (/tokenize, /detokenize, /version, /ping)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pdserve.router.health import check, poll_forever
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.proxy import Router, json_error
 from pdserve.router.registry import ROLES, Registry
+from pdserve.router.tool_routes import add_tool_routes
 from pdserve.router.upstream import Upstream
 from pdserve.router.validation import read_request
 from pdserve.security import DeploymentSecret
@@ -95,6 +97,33 @@ async def _proxy(request: Request, path: str) -> Response:
     return await _until_disconnect(request, _router(request).route(path, body))
 
 
+async def _model_cards(request: Request) -> list[dict]:
+    """The union of the healthy instances' models, each asked for its /v1/models."""
+    router, upstream = _router(request), request.app.state.upstream
+    cards: dict[str, dict] = {}
+    for inst in router.registry.all():
+        if not inst.healthy:
+            continue
+        try:
+            _, headers = upstream.signed("GET", "/v1/models")
+            resp = await upstream.client.get(inst.url + "/v1/models", timeout=5,
+                                             headers=headers)
+            for card in resp.json().get("data", []):
+                cards.setdefault(card["id"], card)
+        except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+    return list(cards.values())
+
+
+async def _health(request: Request) -> Response:
+    registry = _router(request).registry
+    if request.app.state.drain.draining:
+        return draining_health()
+    if registry.can_serve():
+        return JSONResponse({"status": "ok"})
+    return json_error(503, "no healthy instance", "no_healthy_instance")
+
+
 def _add_openai_routes(app: FastAPI) -> None:
     @app.post("/v1/completions", openapi_extra=json_body(CompletionRequest))
     async def completions(request: Request) -> Response:
@@ -107,29 +136,10 @@ def _add_openai_routes(app: FastAPI) -> None:
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
         """The union of the healthy instances' models."""
-        router, upstream = _router(request), request.app.state.upstream
-        cards: dict[str, dict] = {}
-        for inst in router.registry.all():
-            if not inst.healthy:
-                continue
-            try:
-                _, headers = upstream.signed("GET", "/v1/models")
-                resp = await upstream.client.get(inst.url + "/v1/models", timeout=5,
-                                                 headers=headers)
-                for card in resp.json().get("data", []):
-                    cards.setdefault(card["id"], card)
-            except (httpx.HTTPError, ValueError, KeyError):
-                continue
-        return JSONResponse({"object": "list", "data": list(cards.values())})
+        return JSONResponse({"object": "list", "data": await _model_cards(request)})
 
-    @app.get("/health")
-    async def health(request: Request) -> Response:
-        registry = _router(request).registry
-        if request.app.state.drain.draining:
-            return draining_health()
-        if registry.can_serve():
-            return JSONResponse({"status": "ok"})
-        return json_error(503, "no healthy instance", "no_healthy_instance")
+    app.get("/health")(_health)
+    add_tool_routes(app, _router, _model_cards, _health)
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:

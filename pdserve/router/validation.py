@@ -15,7 +15,15 @@ from pydantic import ValidationError
 
 from pdserve import http_limits
 from pdserve.server.errors import validation_error
-from pdserve.server.protocol import ChatCompletionRequest, CompletionRequest
+from pdserve.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+
+MODELS = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest,
+          "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest}
 
 
 async def read_request(request: Request, path: str) -> dict | Response:
@@ -31,12 +39,12 @@ async def read_request(request: Request, path: str) -> dict | Response:
 
 
 def check_body(raw: bytes, path: str) -> dict | Response:
-    """Parse and validate `raw` as a request to `path` (completions or chat)."""
+    """Parse and validate `raw` as a request to `path` (a key of MODELS)."""
     try:
         body = http_limits.parse_json_object(raw)
     except http_limits.BodyError as exc:
         return JSONResponse(exc.body(), exc.status_code)
-    model = ChatCompletionRequest if path.endswith("/chat/completions") else CompletionRequest
+    model = MODELS.get(path, CompletionRequest)
     try:
         model.model_validate(body)
     except ValidationError as exc:

@@ -1,4 +1,5 @@
-"""The FastAPI app of one instance: OpenAI completions and chat, models, health, metrics."""
+"""The FastAPI app of one instance: OpenAI completions and chat, models, health, metrics,
+and the tool endpoints of tool_routes.py (/tokenize, /detokenize, /version, /ping)."""
 
 from __future__ import annotations
 
@@ -24,9 +25,10 @@ from pdserve.server.errors import (
     install_error_handlers,
     validation_error,
 )
-from pdserve.server.metrics import ServerMetrics
+from pdserve.server.metrics import ServerMetrics, cache_info
 from pdserve.server.protocol import ChatCompletionRequest, CompletionRequest
 from pdserve.server.serving import ServerState, serve
+from pdserve.server.tool_routes import add_tool_routes, model_card
 
 
 def build_app(
@@ -53,8 +55,9 @@ def build_app(
         )
         client.attach(asyncio.get_running_loop())
         name = served_model_name or info.model_name
-        app.state.server = ServerState(client, tokenizer, name,
-                                       ServerMetrics(name, lambda: client.stats))
+        metrics = ServerMetrics(name, lambda: client.stats, info.max_model_len,
+                                cache_info(client.args))
+        app.state.server = ServerState(client, tokenizer, name, metrics)
         heartbeat = asyncio.create_task(keep_registered()) if keep_registered else None
         try:
             yield
@@ -80,22 +83,22 @@ def _state(request: Request) -> ServerState:
     return request.app.state.server
 
 
+async def _health(request: Request) -> Response:
+    client = _state(request).client
+    if request.app.state.drain.draining:
+        return draining_health()
+    if not client.healthy:
+        return JSONResponse(engine_dead().body(), status_code=503)
+    return JSONResponse({"status": "ok", "engine_pid": client.info.pid})
+
+
 def _add_routes(app: FastAPI) -> None:
-    @app.get("/health")
-    async def health(request: Request) -> Response:
-        client = _state(request).client
-        if request.app.state.drain.draining:
-            return draining_health()
-        if not client.healthy:
-            return JSONResponse(engine_dead().body(), status_code=503)
-        return JSONResponse({"status": "ok", "engine_pid": client.info.pid})
+    app.get("/health")(_health)
+    add_tool_routes(app, _state, _parse, json_body, _health)
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
-        st = _state(request)
-        card = {"id": st.served_model_name, "object": "model", "created": 0,
-                "owned_by": "pdserve", "max_model_len": st.client.info.max_model_len}
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [model_card(_state(request))]}
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:

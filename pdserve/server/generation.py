@@ -13,12 +13,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from pdserve.engine.handoff import RemotePrefill
-from pdserve.engine.outputs import EngineRequest, RequestOutput, TokenLogprob
+from pdserve.engine.outputs import EngineRequest, RequestOutput, RequestTimes, TokenLogprob
 from pdserve.server.detokenizer import IncrementalDetokenizer
 from pdserve.server.engine_client import ABORTED, EngineClient, EngineDeadError
 from pdserve.server.errors import bad_request, engine_dead
 from pdserve.server.handoff import sign_prefill
-from pdserve.server.metrics import ServerMetrics
+from pdserve.server.metrics import FinishedRequest, ServerMetrics
 
 
 @dataclass
@@ -52,10 +52,12 @@ class Generation:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     resume_text_chars: int = 0  # a resumed request: characters of its text the client has
+    max_tokens_param: int | None = None  # the client's max_tokens, for /metrics
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
     kv_transfer_params: dict | None = None
+    times: RequestTimes | None = None  # the engine's phase times, from its finishing output
     _start: float = 0.0  # when start() began: the request's arrival, for TTFT and e2e
     _last: float = 0.0  # when the previous token arrived, for inter-token latency
     _queue: asyncio.Queue | None = None  # the engine client's queue of this request's outputs
@@ -130,9 +132,10 @@ class Generation:
             if not finished:
                 self.cancel()  # sync, so it also runs under cancellation
             if reason != "error":  # errors are counted by status in request_errors
-                self.metrics.observe_finished(reason, self.prompt_tokens,
-                                              self.completion_tokens,
-                                              time.monotonic() - self._start)
+                self.metrics.observe_finished(FinishedRequest(
+                    reason, self.prompt_tokens, self.completion_tokens,
+                    time.monotonic() - self._start, self.request.params.max_tokens,
+                    self.max_tokens_param, self.times))
 
     def _prefilled_first_token(self, aborted: bool) -> PrefilledToken | None:
         """On D, the first token P sampled, unless the client has it already (the router
@@ -159,6 +162,7 @@ class Generation:
             self._last = now
         self.prompt_tokens = out.num_prompt_tokens or self.prompt_tokens
         self.cached_tokens = max(self.cached_tokens, out.num_cached_tokens)
+        self.times = out.times or self.times
         if out.held is not None:  # P held the KV: sign the hand-off for D
             self.kv_transfer_params = sign_prefill(
                 self.client.args.deployment_secret, out.held, self.request.prompt_token_ids,

@@ -1,121 +1,264 @@
-"""Prometheus metrics, named like vLLM's `vllm:` family under a `pdserve:` prefix.
+"""Prometheus metrics of one instance, under vLLM's own names, types and labels.
 
-Per-request histograms are observed by the server as requests finish; engine-wide gauges
-(running, waiting, KV blocks, prefix cache) are read from the engine's latest stats at
-scrape time, so they never go stale between observations.
+Every series vLLM's `PrometheusStatLogger` serves by default is here as `vllm:...`, labelled
+`model_name` and `engine` ("0": one engine per instance, as a single-engine vLLM), so vLLM's
+Grafana dashboard, llm-d's scheduler and autoscalers read pdserve unchanged; the list is
+tests/data/vllm_metrics.json (scripts/vllm_metric_names.py) and docs/DESIGN.md, "Metrics",
+names the few vLLM series with no meaning here. What vLLM has no name for is `pdserve:...`.
+
+Where the figures come from: engine-wide gauges and counters (running, waiting, KV usage,
+prefix cache, preemptions, tokens per step, KV pulls) from the engine's latest stats at
+scrape time, so they never go stale; per-request histograms from the server as each request
+finishes, its phase times (queue, prefill, decode, inference) from the engine's RequestTimes.
+
+On a prefill instance (P of P/D) a request is the prefill: TTFT is P's first (and only)
+token, decode and inter-token figures are empty or zero. On a decode instance (D) a request
+arrives with its prompt's KV on P: queue = arrival -> its KV pull began, prefill = the pull
+plus D's first step, TTFT = arrival -> D's first sampled token (the client saw P's before),
+generation tokens count P's first token too (as the client's usage does).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.registry import Collector
 
-from pdserve.engine.outputs import EngineStats
+from pdserve.config import EngineArgs
+from pdserve.engine.histogram import StepHistogram
+from pdserve.engine.outputs import EngineStats, RequestTimes
 
-LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
-                   2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
-TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
+ENGINE = "0"  # vLLM's engine label of a single-engine server
+LABELS = ["model_name", "engine"]
+# vLLM's buckets (vllm/v1/metrics/loggers.py), so that dashboards' quantiles compare
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+TOKEN_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
+                         2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
+                           40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+N_BUCKETS = (1, 2, 5, 10, 20)
+
+
+def buckets_1_2_5(max_value: int) -> tuple[int, ...]:
+    """1, 2, 5, 10, 20, 50, ... up to `max_value` (vLLM's token-count buckets)."""
+    out, scale = [], 1
+    while True:
+        for m in (1, 2, 5):
+            if m * scale > max_value:
+                return tuple(out)
+            out.append(m * scale)
+        scale *= 10
+
+
+def cache_info(args: EngineArgs) -> dict[str, str]:
+    """vllm:cache_config_info's labels (vLLM's CacheConfig field names) that pdserve has;
+    num_gpu_blocks is added at scrape time, once the engine has sized its pool."""
+    c = args.cache
+    return {"block_size": str(c.block_size), "cache_dtype": "auto",
+            "enable_prefix_caching": str(c.enable_prefix_caching),
+            "gpu_memory_utilization": str(c.gpu_memory_utilization)}
+
+
+@dataclass
+class FinishedRequest:
+    """One request that ended (aborts included), as the server saw it."""
+
+    reason: str  # "stop", "length" or "abort"
+    prompt_tokens: int
+    generation_tokens: int
+    e2e_s: float  # arrival at this server -> finished
+    max_tokens: int  # the generation budget it ran with
+    max_tokens_param: int | None  # the client's max_tokens, if it sent one
+    times: RequestTimes | None  # the engine's phase times (None: it never reached it)
 
 
 class _EngineStatsCollector(Collector):
-    """Engine-wide state, read from the engine process's latest stats snapshot."""
+    """Engine-wide series, read from the engine process's latest stats snapshot."""
 
-    def __init__(self, get_stats: Callable[[], EngineStats], model: str) -> None:
+    def __init__(self, get_stats: Callable[[], EngineStats], model: str,
+                 cache_info: dict[str, str]) -> None:
         self._get_stats = get_stats
         self._model = model
+        self._cache_info = cache_info
 
     def collect(self) -> Iterator:
-        s = self._get_stats()
-        rate = s.prefix_cache_hits / s.prefix_cache_queries if s.prefix_cache_queries else 0.0
+        s, labels = self._get_stats(), [self._model, ENGINE]
         gauges = {
-            "num_requests_running": ("Requests in the running batch.", s.num_running),
-            "num_requests_waiting": ("Requests waiting to be scheduled.", s.num_waiting),
-            "kv_cache_usage_perc": ("Fraction of KV blocks in use (0-1).", s.kv_usage),
-            "kv_blocks_free": ("KV cache blocks free (evictable cached ones included).",
-                               s.num_free_blocks),
-            "kv_blocks_total": ("KV cache blocks in the pool.", s.num_total_blocks),
-            "prefix_cache_hit_rate": ("Prefix-cache hits over queries, in tokens, since start.",
-                                      rate),
-            "num_requests_pulling_kv": ("Decode side: requests waiting for their KV.",
-                                        s.num_pulling),
-            "num_kv_leases": ("Prefill side: finished prefills holding KV for a decode.",
-                              s.num_leases),
+            "vllm:num_requests_running": ("Number of requests in model execution batches.",
+                                          s.num_running),
+            "vllm:num_requests_waiting": ("Number of requests waiting to be processed (on D, "
+                                          "those waiting for their KV pull included).",
+                                          s.num_waiting + s.num_pulling),
+            "vllm:kv_cache_usage_perc": ("KV-cache usage. 1 means 100 percent usage.",
+                                         s.kv_usage),
+            "pdserve:kv_blocks_free": ("KV cache blocks free (evictable cached ones included).",
+                                       s.num_free_blocks),
+            "pdserve:kv_blocks_total": ("KV cache blocks in the pool.", s.num_total_blocks),
+            "pdserve:num_requests_pulling_kv": ("Decode side: requests waiting for their KV.",
+                                                s.num_pulling),
+            "pdserve:num_kv_leases": ("Prefill side: finished prefills holding KV for a "
+                                      "decode instance.", s.num_leases),
         }
         for name, (doc, value) in gauges.items():
-            g = GaugeMetricFamily(f"pdserve:{name}", doc, labels=["model_name"])
-            g.add_metric([self._model], float(value))
-            yield g
+            yield _gauge(name, doc, labels, value)
         counters = {
-            "prefix_cache_queries": ("Prompt tokens looked up in the prefix cache.",
-                                     s.prefix_cache_queries),
-            "prefix_cache_hits": ("Prompt tokens found in the prefix cache.",
-                                  s.prefix_cache_hits),
-            "num_preemptions": ("Requests preempted to free KV blocks.", s.num_preemptions),
-            "kv_pulls_ok": ("KV pulls from a prefill instance that succeeded.", s.kv_pulls_ok),
-            "kv_pulls_failed": ("KV pulls that failed (each fell back to a local prefill).",
-                                s.kv_pulls_failed),
-            "kv_bytes_pulled": ("Bytes of KV pulled from prefill instances.",
-                                s.kv_bytes_pulled),
-            "request_failures": ("Requests the engine failed on an unexpected error (each "
-                                 "failed alone; the engine went on).", s.request_failures),
+            "vllm:prefix_cache_queries": ("Prefix cache queries, in terms of number of queried "
+                                          "tokens.", s.prefix_cache_queries),
+            "vllm:prefix_cache_hits": ("Prefix cache hits, in terms of number of cached "
+                                       "tokens.", s.prefix_cache_hits),
+            "vllm:num_preemptions": ("Cumulative number of preemption from the engine.",
+                                     s.num_preemptions),
+            "pdserve:kv_pulls_ok": ("KV pulls from a prefill instance that succeeded.",
+                                    s.kv_pulls_ok),
+            "pdserve:kv_pulls_failed": ("KV pulls that failed (each fell back to a local "
+                                        "prefill).", s.kv_pulls_failed),
+            "pdserve:kv_bytes_pulled": ("Bytes of KV pulled from prefill instances.",
+                                        s.kv_bytes_pulled),
+            "pdserve:request_failures": ("Requests the engine failed on an unexpected error "
+                                         "(each failed alone; the engine went on).",
+                                         s.request_failures),
         }
         for name, (doc, value) in counters.items():
-            c = CounterMetricFamily(f"pdserve:{name}", doc, labels=["model_name"])
-            c.add_metric([self._model], float(value))
+            c = CounterMetricFamily(name, doc, labels=LABELS)
+            c.add_metric(labels, float(value))
             yield c
+        yield _histogram("vllm:iteration_tokens_total",
+                         "Histogram of number of tokens per engine_step.", labels,
+                         s.iteration_tokens)
+        yield _histogram("pdserve:kv_transfer_seconds",
+                         "Decode side: seconds one KV pull from a prefill instance took.",
+                         labels, s.kv_transfer_seconds)
+        yield from self._constant_gauges(labels, s.num_total_blocks)
+
+    def _constant_gauges(self, labels: list[str], num_blocks: int) -> Iterator:
+        """Info-style series: the cache config, and a sleep state (pdserve never sleeps)."""
+        config = {**self._cache_info, "num_gpu_blocks": str(num_blocks)}
+        info = GaugeMetricFamily("vllm:cache_config_info",
+                                 "Information of the LLMEngine CacheConfig",
+                                 labels=[*LABELS, *config])
+        info.add_metric([*labels, *config.values()], 1.0)
+        yield info
+        sleep = GaugeMetricFamily("vllm:engine_sleep_state", "Engine sleep state; awake = 1 "
+                                  "means engine is awake (pdserve has no sleep mode).",
+                                  labels=[*LABELS, "sleep_state"])
+        for state, value in (("awake", 1.0), ("weights_offloaded", 0.0), ("discard_all", 0.0)):
+            sleep.add_metric([*labels, state], value)
+        yield sleep
+
+
+def _gauge(name: str, doc: str, labels: list[str], value: float) -> GaugeMetricFamily:
+    g = GaugeMetricFamily(name, doc, labels=LABELS)
+    g.add_metric(labels, float(value))
+    return g
+
+
+def _histogram(name: str, doc: str, labels: list[str], h: StepHistogram
+               ) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, doc, labels=LABELS)
+    family.add_metric(labels, h.cumulative(), sum_value=h.sum)
+    return family
 
 
 class ServerMetrics:
     """All metrics of one instance, in their own registry (tests can build several)."""
 
-    def __init__(self, model: str, get_stats: Callable[[], EngineStats]) -> None:
+    def __init__(self, model: str, get_stats: Callable[[], EngineStats],
+                 max_model_len: int = 2**20, cache_info: dict[str, str] | None = None) -> None:
         self.model = model
         self.registry = CollectorRegistry()
-        r, labels = self.registry, ["model_name"]
-        self.requests = Counter("pdserve:request_success", "Finished requests, by reason.",
-                                ["model_name", "finished_reason"], registry=r)
+        tokens = buckets_1_2_5(max_model_len)
+        self.requests = Counter("vllm:request_success",
+                                "Count of successfully processed requests.",
+                                [*LABELS, "finished_reason"], registry=self.registry)
         self.errors = Counter("pdserve:request_errors", "Requests refused or failed, by status.",
-                              ["model_name", "status"], registry=r)
-        self.prompt_tokens = Counter("pdserve:prompt_tokens", "Prompt tokens processed.",
-                                     labels, registry=r)
-        self.generation_tokens = Counter("pdserve:generation_tokens", "Tokens generated.",
-                                         labels, registry=r)
-        self.ttft = Histogram("pdserve:time_to_first_token_seconds", "Time to first token.",
-                              labels, buckets=LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("pdserve:inter_token_latency_seconds",
-                             "Time between consecutive output deltas of a request.",
-                             labels, buckets=LATENCY_BUCKETS, registry=r)
-        self.e2e = Histogram("pdserve:e2e_request_latency_seconds", "End-to-end latency.",
-                             labels, buckets=LATENCY_BUCKETS, registry=r)
-        self.prompt_hist = Histogram("pdserve:request_prompt_tokens", "Prompt length.",
-                                     labels, buckets=TOKEN_BUCKETS, registry=r)
-        self.generation_hist = Histogram("pdserve:request_generation_tokens",
-                                         "Generated length.", labels, buckets=TOKEN_BUCKETS,
-                                         registry=r)
-        r.register(_EngineStatsCollector(get_stats, model))
+                              [*LABELS, "status"], registry=self.registry)
+        self.prompt_tokens = self._counter("vllm:prompt_tokens",
+                                           "Number of prefill tokens processed.")
+        self.generation_tokens = self._counter("vllm:generation_tokens",
+                                               "Number of generation tokens processed.")
+        h = self._histogram
+        self.prompt_hist = h("vllm:request_prompt_tokens", "Number of prefill tokens processed.",
+                             tokens)
+        self.generation_hist = h("vllm:request_generation_tokens",
+                                 "Number of generation tokens processed.", tokens)
+        self.max_generation_hist = h("vllm:request_max_num_generation_tokens",
+                                     "Histogram of maximum number of requested generation "
+                                     "tokens.", tokens)
+        self.n_hist = h("vllm:request_params_n", "Histogram of the n request parameter.",
+                        N_BUCKETS)
+        self.max_tokens_hist = h("vllm:request_params_max_tokens",
+                                 "Histogram of the max_tokens request parameter.", tokens)
+        self.ttft = h("vllm:time_to_first_token_seconds",
+                      "Histogram of time to first token in seconds.", TTFT_BUCKETS)
+        self.itl = h("vllm:inter_token_latency_seconds",
+                     "Histogram of inter-token latency in seconds.", TOKEN_LATENCY_BUCKETS)
+        self.tpot = h("vllm:request_time_per_output_token_seconds",
+                      "Histogram of time_per_output_token_seconds per request.",
+                      TOKEN_LATENCY_BUCKETS)
+        phases = {"e2e": ("vllm:e2e_request_latency_seconds",
+                          "Histogram of e2e request latency in seconds."),
+                  "queue": ("vllm:request_queue_time_seconds",
+                            "Histogram of time spent in WAITING phase for request."),
+                  "inference": ("vllm:request_inference_time_seconds",
+                                "Histogram of time spent in RUNNING phase for request."),
+                  "prefill": ("vllm:request_prefill_time_seconds",
+                              "Histogram of time spent in PREFILL phase for request."),
+                  "decode": ("vllm:request_decode_time_seconds",
+                             "Histogram of time spent in DECODE phase for request.")}
+        self.phase = {k: h(name, doc, REQUEST_LATENCY_BUCKETS)
+                      for k, (name, doc) in phases.items()}
+        self.registry.register(_EngineStatsCollector(get_stats, model, cache_info or {}))
+        for reason in ("stop", "length", "abort"):  # every series from the start, as vLLM's
+            self.requests.labels(model, ENGINE, reason)
+
+    def _counter(self, name: str, doc: str) -> Counter:
+        """A counter exposed at zero from the start: dashboards see it exist before use."""
+        counter = Counter(name, doc, LABELS, registry=self.registry)
+        counter.labels(self.model, ENGINE)
+        return counter
+
+    def _histogram(self, name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+        histogram = Histogram(name, doc, LABELS, buckets=buckets, registry=self.registry)
+        histogram.labels(self.model, ENGINE)
+        return histogram
 
     def observe_first_token(self, seconds: float) -> None:
-        self.ttft.labels(self.model).observe(seconds)
+        self.ttft.labels(self.model, ENGINE).observe(seconds)
 
     def observe_inter_token(self, seconds: float) -> None:
-        self.itl.labels(self.model).observe(seconds)
+        self.itl.labels(self.model, ENGINE).observe(seconds)
 
-    def observe_finished(
-        self, reason: str, prompt_tokens: int, generation_tokens: int, e2e_s: float
-    ) -> None:
+    def observe_finished(self, r: FinishedRequest) -> None:
         """One request ended (any reason, aborts included)."""
-        self.requests.labels(self.model, reason).inc()
-        self.prompt_tokens.labels(self.model).inc(prompt_tokens)
-        self.generation_tokens.labels(self.model).inc(generation_tokens)
-        self.prompt_hist.labels(self.model).observe(prompt_tokens)
-        self.generation_hist.labels(self.model).observe(generation_tokens)
-        self.e2e.labels(self.model).observe(e2e_s)
+        m = (self.model, ENGINE)
+        self.requests.labels(*m, r.reason).inc()
+        self.prompt_tokens.labels(*m).inc(r.prompt_tokens)
+        self.generation_tokens.labels(*m).inc(r.generation_tokens)
+        self.prompt_hist.labels(*m).observe(r.prompt_tokens)
+        self.generation_hist.labels(*m).observe(r.generation_tokens)
+        self.max_generation_hist.labels(*m).observe(r.max_tokens)
+        self.n_hist.labels(*m).observe(1)  # n > 1 is refused at the edge
+        if r.max_tokens_param is not None:
+            self.max_tokens_hist.labels(*m).observe(r.max_tokens_param)
+        self.phase["e2e"].labels(*m).observe(r.e2e_s)
+        t = r.times or RequestTimes(arrival=0.0)  # never reached the engine: all phases 0
+        for name, seconds in (("queue", t.queue_s), ("prefill", t.prefill_s),
+                              ("decode", t.decode_s), ("inference", t.inference_s)):
+            self.phase[name].labels(*m).observe(seconds)
+        # vLLM's mean time per output token: the decode phase over the tokens after the first
+        per_token = t.decode_s / (r.generation_tokens - 1) if r.generation_tokens > 1 else 0.0
+        self.tpot.labels(*m).observe(per_token)
 
     def observe_error(self, status: int) -> None:
-        self.errors.labels(self.model, str(status)).inc()
+        self.errors.labels(self.model, ENGINE, str(status)).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

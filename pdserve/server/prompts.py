@@ -11,7 +11,7 @@ def completion_prompt_ids(tokenizer, prompt: str | list[int]) -> list[int]:
     if isinstance(prompt, str):
         if prompt == "":
             raise bad_request("prompt must not be empty", "prompt")
-        return _encode(tokenizer, prompt, add_special_tokens=True)
+        return encode_text(tokenizer, prompt, add_special_tokens=True)
     return list(prompt)
 
 
@@ -22,26 +22,30 @@ def _check_unicode(text: str) -> None:
         raise bad_request(f"text is not valid Unicode: {exc}") from exc
 
 
-def _encode(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
+def encode_text(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
+    """Token ids of `text` (refused with a 400 if it is not valid Unicode)."""
     _check_unicode(text)
     return list(tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
 
 
 def chat_prompt_ids(
-    tokenizer, messages: list[ChatMessage], add_generation_prompt: bool
+    tokenizer, messages: list[ChatMessage], add_generation_prompt: bool,
+    continue_final_message: bool = False, add_special_tokens: bool = False,
 ) -> list[int]:
-    """Render the chat template to text, then tokenize it (the template holds the specials)."""
+    """Render the chat template to text, then tokenize it (the template holds the specials).
+    `continue_final_message`: the last message stays open, for the model to go on with it."""
     conversation = [{"role": m.role, "content": m.text()} for m in messages]
     for turn in conversation:
         _check_unicode(turn["content"])
     try:
         text = tokenizer.apply_chat_template(
-            conversation, add_generation_prompt=add_generation_prompt, tokenize=False
+            conversation, add_generation_prompt=add_generation_prompt, tokenize=False,
+            continue_final_message=continue_final_message,
         )
     except Exception as exc:  # a template may reject e.g. a conversation ending badly
         raise bad_request(f"messages could not be rendered by the chat template: {exc}",
                           "messages") from exc
-    return _encode(tokenizer, text, add_special_tokens=False)
+    return encode_text(tokenizer, text, add_special_tokens=add_special_tokens)
 
 
 def resolve_max_tokens(

@@ -216,3 +216,41 @@ class ChatCompletionRequest(_SamplingRequest):
 
     def num_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize, vLLM's shape: a `prompt` (text) or chat `messages`, not both."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: Name | None = None
+    prompt: Text | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=MAX_MESSAGES)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool | None = None  # None: True for a prompt, False for messages
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        if self.messages is not None and self.continue_final_message \
+                and self.add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both "
+                             "be true")
+        return self
+
+    def with_special_tokens(self) -> bool:
+        if self.add_special_tokens is not None:
+            return self.add_special_tokens
+        return self.prompt is not None  # a chat template writes its own special tokens
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize: token ids back to text (each id is checked against the vocabulary)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: Name | None = None
+    tokens: TokenIds

@@ -64,7 +64,8 @@ async def serve(
                                         st.client.args, internal, st.client.info.vocab_size)
     gen = Generation(st.client, st.metrics, st.tokenizer, engine_req, req.stop_strings(),
                      req.include_stop_str_in_output, req.skip_special_tokens,
-                     resume_text_chars=req.resume.text_chars if req.resume else 0)
+                     resume_text_chars=req.resume.text_chars if req.resume else 0,
+                     max_tokens_param=req.max_tokens)
     builder = ResponseBuilder(chat, engine_req.request_id, st.served_model_name, st.tokenizer,
                               req.num_logprobs(), req.return_tokens_as_token_ids,
                               token_ids=req.return_token_ids)

@@ -118,7 +118,7 @@ def test_chat_goes_through_the_router_to_separate_prefill_and_decode(up):
     assert resp.json()["choices"][0]["message"]["content"]
     assert metric(up.url, "pdserve_router:requests_total", kind="disagg") == 1
     for url in by_role.values():
-        assert metric(url, "pdserve:request_success_total", finished_reason="length") == 1
+        assert metric(url, "vllm:request_success_total", finished_reason="length") == 1
 
 
 def test_a_dying_instance_is_reported(up):

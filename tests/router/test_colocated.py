@@ -52,13 +52,13 @@ def test_stream_is_relayed_to_done_with_usage(fleet, router):
 
 
 def test_concurrent_requests_spread_over_both_instances(fleet, router):
-    before = [metric(c.url, "pdserve:request_success_total", finished_reason="length")
+    before = [metric(c.url, "vllm:request_success_total", finished_reason="length")
               for c in (fleet.c0, fleet.c1)]
     with ThreadPoolExecutor(8) as pool:
         codes = list(pool.map(lambda _: httpx.post(router.url + "/v1/completions", json=BODY,
                                                    timeout=120).status_code, range(8)))
     assert codes == [200] * 8
-    after = [metric(c.url, "pdserve:request_success_total", finished_reason="length")
+    after = [metric(c.url, "vllm:request_success_total", finished_reason="length")
              for c in (fleet.c0, fleet.c1)]
     served = [a - b for a, b in zip(after, before)]
     assert sum(served) == 8 and min(served) >= 2, served
@@ -88,7 +88,7 @@ def test_models_health_instances_and_metrics(fleet, router):
 
 
 def test_streaming_client_disconnect_aborts_on_the_instance(fleet, router):
-    aborted = sum(metric(c.url, "pdserve:request_success_total", finished_reason="abort")
+    aborted = sum(metric(c.url, "vllm:request_success_total", finished_reason="abort")
                   for c in (fleet.c0, fleet.c1))
     body = {"prompt": "Tell me a long story.", "max_tokens": 2000, "stream": True, **GREEDY}
     with httpx.stream("POST", router.url + "/v1/completions", json=body, timeout=60) as resp:
@@ -99,7 +99,7 @@ def test_streaming_client_disconnect_aborts_on_the_instance(fleet, router):
                                                                 fleet.c1.url: 0}
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        now = sum(metric(c.url, "pdserve:request_success_total", finished_reason="abort")
+        now = sum(metric(c.url, "vllm:request_success_total", finished_reason="abort")
                   for c in (fleet.c0, fleet.c1))
         if now == aborted + 1:
             break

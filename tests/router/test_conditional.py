@@ -25,7 +25,7 @@ def router(fleet, routers_tmp) -> Iterator:
 
 def prompt_tokens(inst) -> float:
     """Prompt tokens the instance has processed: it moves with every request served."""
-    return metric(inst.url, "pdserve:prompt_tokens_total")
+    return metric(inst.url, "vllm:prompt_tokens_total")
 
 
 def routed(router, kind: str) -> float:

@@ -71,7 +71,7 @@ def routers(fleet, routers_tmp):
 
 
 def served(procs) -> list[float]:
-    return [metric(p.url, "pdserve:request_success_total", finished_reason="length")
+    return [metric(p.url, "vllm:request_success_total", finished_reason="length")
             for p in procs]
 
 
@@ -164,7 +164,7 @@ def test_prefill_that_finishes_the_request_skips_decode(fleet, routers, referenc
 
 def test_client_disconnect_mid_stream_aborts_decode(fleet, routers):
     def aborted() -> float:
-        return metric(fleet.d0.url, "pdserve:request_success_total", finished_reason="abort")
+        return metric(fleet.d0.url, "vllm:request_success_total", finished_reason="abort")
 
     before = aborted()
     body = {"prompt": "Tell me a long story.", "max_tokens": 2000, "stream": True, **GREEDY}
@@ -178,3 +178,20 @@ def test_client_disconnect_mid_stream_aborts_decode(fleet, routers):
 
 def test_router_metrics_count_disaggregated_requests(routers):
     assert metric(routers["1P1D"].url, "pdserve_router:requests_total", kind="disagg") > 0
+
+
+def test_decode_metrics_time_the_kv_pull_and_the_phases(fleet, routers):
+    """D's KV pull lands in pdserve:kv_transfer_seconds, and D's request in vLLM's phase
+    histograms (its prefill is the pull plus the first step; it decodes the rest)."""
+    d = fleet.d0.url
+    names = ("pdserve:kv_transfer_seconds_count", "pdserve:kv_pulls_ok_total",
+             "vllm:request_prefill_time_seconds_count", "vllm:request_decode_time_seconds_sum",
+             "vllm:time_to_first_token_seconds_count")
+    before = {n: metric(d, n) for n in names}
+    completion(routers["1P1D"].url, PROMPTS["multi_block"] + " and then")
+    delta = {n: metric(d, n) - before[n] for n in names}
+    assert delta["pdserve:kv_pulls_ok_total"] == 1
+    assert delta["pdserve:kv_transfer_seconds_count"] == 1
+    assert delta["vllm:request_prefill_time_seconds_count"] == 1
+    assert delta["vllm:time_to_first_token_seconds_count"] == 1
+    assert delta["vllm:request_decode_time_seconds_sum"] > 0

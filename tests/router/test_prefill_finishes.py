@@ -40,7 +40,7 @@ def first_token_text(url: str) -> str:
 
 
 def decode_requests(d) -> float:
-    return metric(d.url, "pdserve:prompt_tokens_total")
+    return metric(d.url, "vllm:prompt_tokens_total")
 
 
 def assert_nothing_held(p) -> None:

@@ -115,7 +115,7 @@ def test_instance_started_with_router_joins_serves_and_is_dropped_when_killed(ro
         body = {"prompt": "Hello", "max_tokens": 3, **GREEDY}
         resp = httpx.post(router.url + "/v1/completions", json=body, timeout=60)
         assert resp.status_code == 200, resp.text
-        assert metric(inst.url, "pdserve:request_success_total", finished_reason="length") == 1
+        assert metric(inst.url, "vllm:request_success_total", finished_reason="length") == 1
         killed = time.monotonic()
         inst.kill()  # SIGKILL: no deregistration; the router notices by heartbeat and health
         assert wait_until(lambda: not instances(router), TTL_S + 5)

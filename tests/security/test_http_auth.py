@@ -102,6 +102,16 @@ def test_v1_needs_the_api_key_on_router_and_instances(pd, router):
         assert resp.json()["usage"]["completion_tokens"] == 4
 
 
+def test_tool_endpoints_need_the_api_key_too(pd, router):
+    for url in (router.url, pd[0].url):
+        assert_401(httpx.post(url + "/tokenize", json={"prompt": "hi"}, timeout=10))
+        assert_401(httpx.post(url + "/detokenize", json={"tokens": [1]}, timeout=10))
+        assert_401(httpx.get(url + "/v1/models/any", timeout=10))
+        resp = httpx.post(url + "/tokenize", json={"prompt": "hi"}, headers=AUTH, timeout=30)
+        assert resp.status_code == 200 and resp.json()["count"] >= 1, resp.text
+        assert httpx.get(url + "/ping", timeout=10).status_code == 200  # open, as /health
+
+
 def test_streamed_requests_through_the_router_need_the_key_too(router):
     with httpx.stream("POST", router.url + "/v1/completions", json={**BODY, "stream": True},
                       timeout=120) as resp:

@@ -104,7 +104,7 @@ def load_schema(url: str):
     """The app's own /openapi.json; its OpenAI routes must declare their bodies (else
     schemathesis would send none and fuzz nothing)."""
     doc = httpx.get(url + "/openapi.json", timeout=30).json()
-    for path in ("/v1/completions", "/v1/chat/completions"):
+    for path in ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"):
         assert "requestBody" in doc["paths"][path]["post"], f"{url}{path} declares no body"
     # Unsanitized: "max_tokens" looks like a secret to schemathesis, and a repro needs it.
     config = SchemathesisConfig.from_dict({"output": {"sanitization": {"enabled": False}}})
@@ -125,11 +125,14 @@ def internal_urls(dep: Deployment) -> list[str]:
     return [p.url.removeprefix("http://") for p in dep.instances()]
 
 
+CLIENT_PATHS = ("/v1/", "/tokenize", "/detokenize")  # the routes whose errors are OpenAI's
+
+
 def check_answer(path: str, routed: bool, status: int, ctype: str, text: str,
                  internal: list[str]) -> None:
     """What every answer to a client must be, beyond schemathesis's own checks. `routed`:
     the request reached the route (its documented method), not FastAPI's 404/405."""
-    if not path.startswith("/v1/"):  # the clients' routes (/metrics, /instances: operators')
+    if not path.startswith(CLIENT_PATHS):  # (/metrics, /instances: operators' routes)
         return
     leaked = [u for u in internal if u in text]
     assert not leaked, f"answer names internal instances {leaked}"

@@ -15,7 +15,7 @@ LONG = {"prompt": "Write a very long essay about the sea.", "max_tokens": 4000,
 def wait_until_idle(client, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if metric(client, "pdserve:num_requests_running") == 0 and blocks_in_use(client) == 0:
+        if metric(client, "vllm:num_requests_running") == 0 and blocks_in_use(client) == 0:
             return
         time.sleep(0.2)
     pytest.fail("blocks were not freed after the client disconnected")
@@ -46,6 +46,6 @@ def test_non_streaming_client_disconnect_frees_blocks(client, server):
 
 def _aborted(client) -> float:
     try:
-        return metric(client, "pdserve:request_success_total", finished_reason="abort")
+        return metric(client, "vllm:request_success_total", finished_reason="abort")
     except KeyError:
         return 0.0

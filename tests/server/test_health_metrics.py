@@ -12,13 +12,13 @@ import pytest
 from server_helpers import assert_openai_error, complete, metric
 
 EXPECTED_METRICS = [
-    "pdserve:request_success_total", "pdserve:num_requests_running",
-    "pdserve:num_requests_waiting", "pdserve:kv_cache_usage_perc",
-    "pdserve:prefix_cache_hit_rate", "pdserve:prefix_cache_queries_total",
-    "pdserve:prefix_cache_hits_total", "pdserve:time_to_first_token_seconds_bucket",
-    "pdserve:inter_token_latency_seconds_bucket", "pdserve:e2e_request_latency_seconds_bucket",
-    "pdserve:request_prompt_tokens_bucket", "pdserve:request_generation_tokens_bucket",
-    "pdserve:prompt_tokens_total", "pdserve:generation_tokens_total",
+    "vllm:request_success_total", "vllm:num_requests_running",
+    "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+    "vllm:prefix_cache_queries_total",
+    "vllm:prefix_cache_hits_total", "vllm:time_to_first_token_seconds_bucket",
+    "vllm:inter_token_latency_seconds_bucket", "vllm:e2e_request_latency_seconds_bucket",
+    "vllm:request_prompt_tokens_bucket", "vllm:request_generation_tokens_bucket",
+    "vllm:prompt_tokens_total", "vllm:generation_tokens_total",
     "pdserve:kv_blocks_free", "pdserve:kv_blocks_total",
 ]
 
@@ -38,7 +38,7 @@ def test_models_lists_the_embedded_model(client):
     assert data[0]["max_model_len"] > 0
 
 
-def test_metrics_expose_the_vllm_like_family(client):
+def test_metrics_expose_vllm_names(client):
     complete(client, "Hello", max_tokens=2, temperature=0.0)
     text = client.get("/metrics").text
     for name in EXPECTED_METRICS:
@@ -51,7 +51,7 @@ def test_dead_engine_fails_requests_with_503_and_health_turns_unhealthy(client, 
     with ThreadPoolExecutor(1) as pool:
         in_flight = pool.submit(httpx.post, server.url + "/v1/completions", json=long,
                                 timeout=120)
-        while metric(client, "pdserve:num_requests_running") < 1:
+        while metric(client, "vllm:num_requests_running") < 1:
             time.sleep(0.1)
         os.kill(client.get("/health").json()["engine_pid"], signal.SIGKILL)
         assert_openai_error(in_flight.result(), 503)
