@@ -11,8 +11,10 @@ import torch
 
 from pdserve.config import EngineArgs, ModelConfig
 from pdserve.engine.blocks import BlockPool
-from pdserve.engine.handoff import HoldForDecode, RemotePrefill
-from pdserve.engine.kv_connector import KVConnector, RankCaches, allocate_rank_caches
+from pdserve.engine.connector import Connector, NullConnector
+from pdserve.engine.handoff import HeldPrefill, RemotePrefill
+from pdserve.engine.kv_caches import KVCaches
+from pdserve.engine.kv_connector import KVConnector
 from pdserve.engine.kv_manager import KVCacheManager
 from pdserve.engine.outputs import EngineRequest, EngineStats, RequestOutput, RequestTimes
 from pdserve.engine.overlap import OverlappedLoop
@@ -144,12 +146,7 @@ class Engine:
         self.layout = KVLayout(str(self.dtype).removeprefix("torch."), block_size,
                                cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
                                args.tensor_parallel_size, 0)
-        ranks: list[RankCaches] | None = None
-        if args.role == "colocated":
-            kv_caches = self.layout.zeros(num_blocks, self.device)
-        else:  # P and D: every rank's caches in a form other processes can map
-            ranks = allocate_rank_caches(self.layout, num_blocks, self.device)
-            kv_caches = ranks[0].kv_caches
+        self.caches = KVCaches.allocate(self.layout, num_blocks, self.device, args.role)
         print(f"pdserve engine: KV cache of {num_blocks} blocks x {block_size} tokens = "
               f"{num_blocks * block_size} tokens ({num_blocks * per_block / 2**30:.2f} GiB)",
               flush=True)
@@ -157,30 +154,25 @@ class Engine:
                  block_size, num_blocks * block_size, num_blocks * per_block / 2**30)
         self.pool = BlockPool(num_blocks, block_size, args.cache.enable_prefix_caching)
         self.kv = KVCacheManager(self.pool)
-        self.scheduler = Scheduler(args.scheduler, self.kv)
         runner_args = dict(
             max_tokens=max(sched.max_num_batched_tokens, sched.max_num_seqs),
             max_seqs=sched.max_num_seqs, max_model_len=self.max_model_len,
             use_cuda_graphs=not (args.enforce_eager or shares_gpus))
-        if self.tp_workers is not None:
-            shared = None if ranks is None else [r.shared_description() for r in ranks[1:]]
-            self.runner = TPModelRunner(self.tp_workers, loaded.model, kv_caches, block_size,
-                                        self.device, shared_caches=shared, **runner_args)
+        if self.tp_workers is not None:  # the workers' caches join self.caches here
+            self.runner = TPModelRunner(self.tp_workers, loaded.model, self.caches, block_size,
+                                        self.device, **runner_args)
         else:
-            self.runner = ModelRunner(loaded.model, kv_caches, block_size, self.device,
+            self.runner = ModelRunner(loaded.model, self.caches.local, block_size, self.device,
                                       **runner_args)
-        self.connector: KVConnector | None = None
-        if ranks is not None:  # P and D: the transfer agent, over every rank's caches
-            for rank, export in enumerate(getattr(self.runner, "worker_exports", []), start=1):
-                if export is not None:  # a GPU worker's caches, mapped onto its GPU
-                    ranks[rank].adopt_export(export, self.tp_workers.spec.device(rank))
-            self.connector = KVConnector(ranks, lease_ttl_s=args.kv_lease_ttl_s,
-                                         transport=args.kv_transport,
-                                         secret=args.deployment_secret)
+        # P and D: the transfer agent, over every rank's caches; colocated: nothing to move
+        self.connector: Connector = (
+            NullConnector() if args.role == "colocated" else
+            KVConnector(self.caches, lease_ttl_s=args.kv_lease_ttl_s,
+                        transport=args.kv_transport, secret=args.deployment_secret))
+        self.scheduler = Scheduler(args.scheduler, self.kv, self.connector)
         self.requests: dict[str, Request] = {}
         self._pending: list[RequestOutput] = []  # outputs produced outside step(), e.g. aborts
         self.request_failures = 0  # counted by the engine process, which contains them
-        self._aborted_pulls: dict[str, Request] = {}  # their blocks are freed when the pull ends
         if self.device.type == "cuda":
             self._compile_mixed_step()
 
@@ -234,7 +226,7 @@ class Engine:
 
     def _validate_remote_prefill(self, req: EngineRequest, handoff: RemotePrefill) -> None:
         """D: P's KV must fit this engine's cache layout and cover the prompt."""
-        if self.connector is None:
+        if self.args.role == "colocated":
             raise ValueError("kv_transfer_params with do_remote_prefill need a decode "
                              "instance; this one runs with --role colocated")
         self.layout.check_compatible(handoff.remote.layout)  # IncompatibleLayout: ValueError
@@ -274,13 +266,9 @@ class Engine:
             arrival_time=req.arrival_time,
         )
         request.output_token_ids = list(req.output_token_ids)  # resumed: recomputed first
+        request.handoff = req.handoff  # the connector's to read
         if isinstance(req.handoff, RemotePrefill):  # D: pull P's KV, go on after its token
-            request.remote = req.handoff.remote
             request.output_token_ids = [req.handoff.first_token_id]
-        # a colocated instance holds nothing: it answers plain and hands no KV over, as vLLM
-        # without a KV connector does (a router then serves the request whole on D)
-        request.remote_decode = (isinstance(req.handoff, HoldForDecode)
-                                 and self.connector is not None)
         if req.params.seed is not None and not req.params.greedy:
             request.generator = torch.Generator(device=self.device)
             request.generator.manual_seed(req.params.seed)
@@ -290,8 +278,7 @@ class Engine:
     def _release_refused(self, req: EngineRequest) -> None:
         """On D: a refused request's prefilled KV will never be pulled; let P free it now
         rather than at its lease's expiry (best effort, off the engine thread)."""
-        if self.connector is not None and isinstance(req.handoff, RemotePrefill):
-            self.connector.release_later(req.handoff.remote)
+        self.connector.request_refused(req.handoff)
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now and free its blocks; unknown or finished ids are ignored, but
@@ -299,35 +286,30 @@ class Engine:
         reading its hand-off, so no decode instance will ever pull it."""
         request = self.requests.pop(request_id, None)
         if request is None:
-            if self.connector is not None:
-                self.connector.leases.revoke(request_id)  # our own lease: no token needed
+            self.connector.revoke_lease(request_id)
             return
-        pulling = request_id in self.scheduler.pulling
-        if pulling:  # the pull is writing its blocks: free them once it ends
-            self._aborted_pulls[request_id] = request
-        elif request.remote is not None and self.connector is not None:
-            self.connector.release_later(request.remote)  # never pulled: P may free it now
-        self.scheduler.remove(request, free_blocks=not pulling)
         request.status = RequestStatus.FINISHED_ABORTED
+        self._release(request)  # D, never pulled: P may free it now
         self._pending.append(self._output(request, [], None))
 
     def release_lease(self, request_id: str, lease_token: object) -> bool:
         """On P: free a held prefill's blocks now (e.g. a stop string ended it: no D will
         pull). False if no lease of that id is held or `lease_token` is not its capability;
         the blocks return at the next step."""
-        return self.connector is not None and self.connector.leases.release_later(
-            request_id, lease_token)
+        return self.connector.release_lease(request_id, lease_token)
 
     # ---- one step ----------------------------------------------------------------------
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests) or bool(self._pending) or bool(self._aborted_pulls)
+        return (bool(self.requests) or bool(self._pending)
+                or bool(self.scheduler.aborted_pulls))
 
     @functools.cached_property
     def _overlap(self) -> OverlappedLoop | None:
-        """The --async-scheduling step loop, where it applies: one device, no KV connector."""
+        """The --async-scheduling step loop, where it applies: one device, colocated (it
+        neither polls a KV connector nor keeps blocks for one)."""
         wanted = self.args.async_scheduling
-        supported = self.connector is None and type(self.runner) is ModelRunner
+        supported = self.args.role == "colocated" and type(self.runner) is ModelRunner
         if wanted is None:  # the default: where it pays, i.e. a GPU that can run ahead
             return OverlappedLoop(self) if supported and self.device.type == "cuda" else None
         if not wanted:
@@ -344,15 +326,10 @@ class Engine:
         if self._overlap is not None:  # plan and queue the next step while this one runs
             return self._overlap.step()
         outputs, self._pending = self._pending, []
-        if self.connector is not None:
-            self._collect_transfers()
-        plan = self.scheduler.schedule()
-        for request in plan.new_pulls:
-            hit_blocks = request.num_computed_tokens // self.kv.block_size
-            self.connector.start_pull(request.request_id, request.remote,
-                                      request.block_ids[hit_blocks:], hit_blocks)
+        self._collect_transfers()
+        plan = self.scheduler.schedule()  # admitting may start pulls (the connector's)
         if not plan.scheduled:
-            if self.scheduler.pulling or self._aborted_pulls:
+            if self.scheduler.pulling or self.scheduler.aborted_pulls:
                 self.connector.wait(0.005)  # nothing to compute until a pull lands
             return outputs
         logits = self.runner.execute(plan)
@@ -372,33 +349,30 @@ class Engine:
 
     def _finish(self, request: Request, out: RequestOutput) -> None:
         """Free a finished request, or on P keep its KV under a lease for the decode side."""
-        hold = (request.remote_decode and self.connector is not None
-                and request.status == RequestStatus.FINISHED_LENGTH)
-        self.scheduler.remove(request, free_blocks=not hold)
-        if hold:
-            out.held = self.connector.hold(
-                request.request_id, request.block_ids, request.output_token_ids[0])
-            request.block_ids = []  # the lease owns the references now
+        out.held = self._release(request)
         del self.requests[request.request_id]
 
+    def _release(self, request: Request) -> HeldPrefill | None:
+        """Take a finished or aborted request out of the scheduler; its blocks are freed
+        unless the connector keeps them (one still pulling: once its pull ends)."""
+        keep, held = self.connector.request_finished(request)
+        self.scheduler.remove(request, free_blocks=not keep)
+        if keep:
+            request.block_ids = []  # the connector owns the references now
+        return held
+
     def _collect_transfers(self) -> None:
-        """Free blocks of ended leases; move requests whose pull finished on."""
+        """Free blocks the connector let go of; move requests whose pull finished on."""
         results, freed = self.connector.poll()
         if freed:
             self.pool.free(freed)
         for result in results:
-            aborted = self._aborted_pulls.pop(result.request_id, None)
-            if aborted is not None:
-                self.kv.free(aborted)
-                continue
-            request = self.requests.get(result.request_id)
-            if request is not None:
-                self.scheduler.finish_pull(request, result.ok)
+            self.scheduler.finish_pull(result.request_id, result.ok)
 
     def close(self) -> None:
         """Stop the transfer agent, drop shared memory and stop tensor-parallel workers."""
-        if self.connector is not None:
-            self.connector.close()
+        self.connector.close()
+        self.caches.close()
         if self.tp_workers is not None:
             self.tp_workers.close()
 
@@ -437,14 +411,13 @@ class Engine:
             prefix_cache_hits=self.pool.cache_hits,
             num_preemptions=self.scheduler.num_preemptions,
             num_pulling=len(self.scheduler.pulling),
-            num_leases=self.connector.num_leases() if self.connector else 0,
-            kv_pulls_ok=self.connector.stats.pulls_ok if self.connector else 0,
-            kv_pulls_failed=self.connector.stats.pulls_failed if self.connector else 0,
-            kv_bytes_pulled=self.connector.stats.bytes_pulled if self.connector else 0,
+            num_leases=self.connector.num_leases(),
+            kv_pulls_ok=self.connector.stats.pulls_ok,
+            kv_pulls_failed=self.connector.stats.pulls_failed,
+            kv_bytes_pulled=self.connector.stats.bytes_pulled,
             request_failures=self.request_failures,
             iteration_tokens=self.scheduler.iteration_tokens.copy(),
-            **({"kv_transfer_seconds": self.connector.stats.pull_seconds.copy()}
-               if self.connector else {}),  # else: EngineStats's empty histogram
+            kv_transfer_seconds=self.connector.stats.pull_seconds.copy(),
         )
 
     def generate(self, requests: list[EngineRequest]) -> dict[str, list[int]]:

@@ -18,20 +18,12 @@ import queue
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
 
-import torch
-
-from pdserve.engine.handoff import HeldPrefill
-from pdserve.engine.histogram import KV_TRANSFER_BUCKETS, StepHistogram
+from pdserve.engine.connector import ConnectorStats, PullResult
+from pdserve.engine.handoff import HeldPrefill, HoldForDecode, KVHandoff, RemotePrefill
+from pdserve.engine.kv_caches import KVCaches
+from pdserve.engine.request import Request, RequestStatus
 from pdserve.security import DeploymentSecret, new_capability
-from pdserve.transfer.cuda_ipc import import_kv_caches
-from pdserve.transfer.host import (
-    allocate_shared_kv_caches,
-    describe_shared_kv_caches,
-    unlink_shared_kv_caches,
-)
-from pdserve.transfer.layout import KVLayout
 from pdserve.transfer.lease import LeaseTable
 from pdserve.transfer.params import RemoteKV
 from pdserve.transfer.protocol import PullStats
@@ -43,74 +35,16 @@ log = logging.getLogger(__name__)
 STAGING_BYTES = 256 * 2**20  # one layer of a 64k-token Llama-8B prompt
 
 
-@dataclass
-class PullResult:
-    request_id: str
-    ok: bool
-    error: str | None = None
-    num_bytes: int = 0
-    seconds: float = 0.0
-    transport: str | None = None
-
-
-@dataclass
-class ConnectorStats:
-    pulls_ok: int = 0
-    pulls_failed: int = 0
-    bytes_pulled: int = 0
-    leases_held: int = 0
-    # durations of the pulls that moved blocks (all-prefix-hit pulls move none)
-    pull_seconds: StepHistogram = field(default_factory=lambda: StepHistogram(KV_TRANSFER_BUCKETS))
-
-
-@dataclass
-class RankCaches:
-    """One tensor-parallel rank's KV caches as rank 0's process sees them."""
-
-    layout: KVLayout  # with this rank's tp_rank
-    kv_caches: list[torch.Tensor] | None  # None until a GPU worker's export is imported
-    shm_name: str | None = None  # CPU: the shared-memory file rank 0 allocated for the rank
-    ipc_layers: list[dict] | None = None  # GPU worker: its own CUDA IPC export of the caches
-
-    def shared_description(self) -> dict | None:
-        """What a CPU worker needs to map its caches (None: a GPU worker allocates its own)."""
-        if self.shm_name is None or self.kv_caches is None:
-            return None
-        return describe_shared_kv_caches(self.kv_caches, self.shm_name)
-
-    def adopt_export(self, layers: list[dict], device: torch.device) -> None:
-        """Map a GPU worker's caches from its CUDA IPC export (onto its GPU, `device`)."""
-        self.ipc_layers = layers
-        self.kv_caches = import_kv_caches(layers, device)
-
-
-def allocate_rank_caches(layout: KVLayout, num_blocks: int, device: torch.device
-                         ) -> list[RankCaches]:
-    """Caches of every rank that other engines can read: on CPU all ranks' in shared memory
-    (allocated here, mapped by the workers); on GPU rank 0's, the workers export theirs."""
-    ranks = []
-    for rank in range(layout.tp_size):
-        rank_layout = layout.for_rank(rank)
-        if device.type == "cpu":
-            name = f"kv-{uuid.uuid4().hex[:8]}"
-            caches = allocate_shared_kv_caches(rank_layout, num_blocks, name)
-            ranks.append(RankCaches(rank_layout, caches, name))
-        elif rank == 0:
-            ranks.append(RankCaches(rank_layout, rank_layout.zeros(num_blocks, device)))
-        else:
-            ranks.append(RankCaches(rank_layout, None))
-    return ranks
-
-
 class KVConnector:
-    """One per engine: serves this engine's leased blocks and pulls remote ones into it."""
+    """One per P or D engine (engine/connector.py's `Connector`): serves this engine's
+    leased blocks and pulls remote ones into it."""
 
-    def __init__(self, ranks: list[RankCaches], lease_ttl_s: float = 30.0,
+    def __init__(self, caches: KVCaches, lease_ttl_s: float = 30.0,
                  transport: str | None = None, advertise_host: str = "127.0.0.1",
                  pull_timeout_s: float = 10.0, secret: DeploymentSecret | None = None):
         self.engine_id = uuid.uuid4().hex[:12]
-        self.ranks = ranks
-        self.layout = ranks[0].layout
+        self.ranks = ranks = caches.ranks
+        self.layout = caches.layout
         self.leases = LeaseTable(lease_ttl_s)  # shared by every rank's source
         self.sources: list[KVSource] = []
         self.pullers: list[KVPuller] = []
@@ -131,6 +65,39 @@ class KVConnector:
         self._done: queue.Queue[PullResult] = queue.Queue()
         self.stats = ConnectorStats()
 
+    # ---- the scheduler's three questions -----------------------------------------------
+
+    def matched_remote_tokens(self, request: Request) -> int:
+        """D: the prompt less its own prefix-cache hit, until the pull started."""
+        if not isinstance(request.handoff, RemotePrefill):
+            return 0
+        return max(request.num_prompt_tokens - request.num_computed_tokens, 0)
+
+    def blocks_allocated(self, request: Request, block_ids: list[int],
+                         num_local_hit_tokens: int) -> None:
+        """D: pull P's blocks into those the prefix cache did not give (none at all: the
+        empty pull still tells P to free)."""
+        handoff = request.handoff
+        if not isinstance(handoff, RemotePrefill):
+            return
+        request.handoff = None  # pulled once: a failed pull or a preemption prefills here
+        bs = self.layout.block_size
+        first = num_local_hit_tokens // bs
+        end = (request.num_prompt_tokens + bs - 1) // bs
+        self.start_pull(request.request_id, handoff.remote, list(block_ids[first:end]), first)
+
+    def request_finished(self, request: Request) -> tuple[bool, HeldPrefill | None]:
+        """P: a prefill that ran to its length for a decode instance keeps its blocks under
+        a lease. D: an aborted request whose pull never started lets P free now."""
+        handoff = request.handoff
+        if isinstance(handoff, RemotePrefill):
+            self.release_later(handoff.remote)
+            return False, None
+        if isinstance(handoff, HoldForDecode) and request.status == RequestStatus.FINISHED_LENGTH:
+            return True, self.hold(request.request_id, request.block_ids,
+                                   request.output_token_ids[0])
+        return False, None
+
     # ---- P side ------------------------------------------------------------------------
 
     def hold(self, request_id: str, block_ids: list[int], first_token_id: int) -> HeldPrefill:
@@ -148,6 +115,14 @@ class KVConnector:
 
     def num_leases(self) -> int:
         return len(self.leases)
+
+    def revoke_lease(self, request_id: str) -> None:
+        """End our own lease of `request_id` (its client left): no token needed."""
+        self.leases.revoke(request_id)
+
+    def release_lease(self, request_id: str, lease_token: object) -> bool:
+        """End a lease on its holder's word; its blocks come back at the next `poll`."""
+        return self.leases.release_later(request_id, lease_token)
 
     # ---- D side ------------------------------------------------------------------------
 
@@ -187,6 +162,11 @@ class KVConnector:
         wait(futures)
         return [f.result() for f in futures]  # the first failure, once every rank stopped
 
+    def request_refused(self, handoff: KVHandoff | None) -> None:
+        """D: a refused request's prefilled KV will never be pulled: P may free it now."""
+        if isinstance(handoff, RemotePrefill):
+            self.release_later(handoff.remote)
+
     def release_later(self, remote: RemoteKV) -> None:
         """Tell P to free a prefill D will not pull (on the pull thread: P may be slow)."""
         self._worker.submit(self.pullers[0].release, remote)
@@ -223,8 +203,6 @@ class KVConnector:
         self._worker.shutdown(wait=False, cancel_futures=True)
         if self._ranks is not None:
             self._ranks.shutdown(wait=False, cancel_futures=True)
-        for source, puller, rank in zip(self.sources, self.pullers, self.ranks):
+        for source, puller in zip(self.sources, self.pullers):
             source.close()
             puller.close()
-            if rank.shm_name:
-                unlink_shared_kv_caches(rank.shm_name)

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pdserve.engine.handoff import KVHandoff
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.transfer.params import RemoteKV
 
 
 class RequestStatus(enum.Enum):
@@ -45,8 +45,9 @@ class Request:
     generator: torch.Generator | None = None
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of its full blocks
     num_registered_blocks: int = 0  # leading blocks already published to the prefix cache
-    remote_decode: bool = False  # P side: keep the KV under a lease for a decode instance
-    remote: RemoteKV | None = None  # D side: where P holds the prompt's KV, to pull first
+    # its P/D part, read by the engine's KV connector only: on P, hold the KV for D; on D,
+    # where P holds the prompt's KV (cleared once the pull started: a retry prefills here)
+    handoff: KVHandoff | None = None
     block_array: object | None = None  # numpy copy of block_ids for the input builder
     # async scheduling: tokens sampled on the device but not yet read back (0 or 1); the
     # scheduler counts them so the next step can feed them in before they are known

@@ -6,6 +6,11 @@ are admitted in arrival order while budget, sequence slots and blocks last. When
 request cannot get a block, the most recently admitted running request is preempted: its
 blocks are freed and it waits to be recomputed (its full blocks usually survive in the
 prefix cache, so the recompute is cheap).
+
+KV computed elsewhere (D's prefill, on P) is the KV connector's business: admitting a
+request, the scheduler asks it how many prompt tokens come from elsewhere; with some, the
+request gets its blocks and waits in `pulling` until the connector hands the pull back
+(`finish_pull`). See engine/connector.py.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from pdserve.config import SchedulerConfig
+from pdserve.engine.connector import Connector, NullConnector
 from pdserve.engine.histogram import ITERATION_TOKEN_BUCKETS, StepHistogram
 from pdserve.engine.kv_manager import KVCacheManager
 from pdserve.engine.request import Request, RequestStatus
@@ -37,7 +43,6 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
-    new_pulls: list[Request] = field(default_factory=list)  # D side: blocks ready, pull now
 
     @property
     def num_tokens(self) -> int:
@@ -45,12 +50,15 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager,
+                 connector: Connector | None = None):
         self.config = config
         self.kv = kv
+        self.connector: Connector = connector or NullConnector()
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self.pulling: dict[str, Request] = {}  # D side: waiting for their KV from P
+        self.pulling: dict[str, Request] = {}  # waiting for their KV from elsewhere
+        self.aborted_pulls: dict[str, Request] = {}  # their blocks are freed when the pull ends
         self.num_preemptions = 0
         self.iteration_tokens = StepHistogram(ITERATION_TOKEN_BUCKETS)  # tokens per step
 
@@ -58,19 +66,27 @@ class Scheduler:
         self.waiting.append(request)
 
     def remove(self, request: Request, free_blocks: bool = True) -> None:
-        """Take a request out of whichever queue holds it (and free its blocks)."""
+        """Take a request out of whichever queue holds it (and free its blocks). One still
+        pulling keeps its blocks until its pull ends: the pull is writing into them."""
         if request in self.running:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
-        self.pulling.pop(request.request_id, None)
+        elif self.pulling.pop(request.request_id, None) is not None:
+            self.aborted_pulls[request.request_id] = request
+            return
         if free_blocks:
             self.kv.free(request)
 
-    def finish_pull(self, request: Request, ok: bool) -> None:
-        """D side: the prompt's KV arrived (decode next) or did not (prefill it locally)."""
-        self.pulling.pop(request.request_id, None)
-        request.remote = None  # pulled once; a later preemption recomputes locally
+    def finish_pull(self, request_id: str, ok: bool) -> None:
+        """The prompt's KV arrived (decode next) or did not (prefill it locally)."""
+        aborted = self.aborted_pulls.pop(request_id, None)
+        if aborted is not None:
+            self.kv.free(aborted)
+            return
+        request = self.pulling.pop(request_id, None)
+        if request is None:  # a pull of no blocks (all hit D's prefix cache): it went on
+            return
         if ok:
             request.num_computed_tokens = request.num_prompt_tokens
             request.status = RequestStatus.RUNNING
@@ -135,8 +151,9 @@ class Scheduler:
             hit = self.kv.take_prefix(request)
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = hit
-            if request.remote is not None:
-                if not self._admit_pull(request, hit, out):
+            remote = self.connector.matched_remote_tokens(request)
+            if remote:
+                if not self._admit_pull(request, hit, remote):
                     break
                 continue
             num_new = self._num_new_tokens(request, budget)
@@ -149,15 +166,17 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             request.scheduled_time = request.scheduled_time or time.monotonic()
             self.running.append(request)
+            self.connector.blocks_allocated(request, request.block_ids, hit)
             out.scheduled.append(ScheduledRequest(request, num_new))
             budget -= num_new
 
     def _num_seqs(self) -> int:
         return len(self.running) + len(self.pulling)
 
-    def _admit_pull(self, request: Request, hit: int, out: SchedulerOutput) -> bool:
-        """D side: give the prompt its blocks (prefix hits + fresh ones) and queue the pull."""
-        if not self.kv.allocate_slots(request, request.num_prompt_tokens - hit):
+    def _admit_pull(self, request: Request, hit: int, remote: int) -> bool:
+        """Give the prompt its blocks (prefix hits + fresh ones for the `remote` tokens) and
+        let the connector fill them; the request waits in `pulling` until it has."""
+        if not self.kv.allocate_slots(request, remote):
             self.kv.free(request)
             request.num_computed_tokens = 0
             return False
@@ -166,5 +185,5 @@ class Scheduler:
         request.status = RequestStatus.WAITING_FOR_REMOTE_KV
         request.scheduled_time = request.scheduled_time or time.monotonic()
         self.pulling[request.request_id] = request
-        out.new_pulls.append(request)
+        self.connector.blocks_allocated(request, request.block_ids, hit)
         return True

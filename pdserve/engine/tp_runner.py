@@ -30,12 +30,11 @@ import torch
 import torch.distributed as dist
 
 from pdserve.engine.cuda_graphs import DecodeGraphs
+from pdserve.engine.kv_caches import KVCaches, allocate_worker_caches
 from pdserve.engine.runner import ModelRunner, forward_step, profile_peak_activation_bytes
 from pdserve.engine.scheduler import SchedulerOutput
 from pdserve.engine.tp import NCCL_SAFE_ENV, TPSpec, join_group, make_store, pack_step, unpack_step
 from pdserve.lifecycle import exit_with_parent
-from pdserve.transfer.cuda_ipc import export_kv_caches
-from pdserve.transfer.host import map_shared_kv_caches
 
 log = logging.getLogger(__name__)
 
@@ -54,20 +53,13 @@ class CacheSpec:
     max_blocks_per_seq: int
     max_model_len: int
     use_cuda_graphs: bool
-    # P/D roles: rank 0 serves and fills every rank's caches. Per worker (rank r at r - 1):
-    # a shared-memory description to map (CPU), or None to allocate and export (GPU)
-    shared: list[dict | None] | None = None
+    shared: list[dict | None] | None = None  # KVCaches.worker_plan: P/D, rank 0 maps them all
 
     def allocate(self, rank: int, dtype: torch.dtype, device: torch.device
                  ) -> tuple[list[torch.Tensor], list[dict] | None]:
         """This worker's caches, and their CUDA IPC export when rank 0 must map them."""
-        mine = None if self.shared is None else self.shared[rank - 1]
-        if mine is not None:
-            return map_shared_kv_caches(mine), None
-        caches = [torch.zeros(self.cache_shape, dtype=dtype, device=device)
-                  for _ in range(self.num_layers)]
-        export = export_kv_caches(caches) if self.shared is not None else None
-        return caches, export
+        return allocate_worker_caches(self.shared, rank, self.cache_shape, self.num_layers,
+                                      dtype, device)
 
 
 # ---- rank 0 ---------------------------------------------------------------------------------
@@ -224,25 +216,28 @@ class TPWorkers:
 class TPModelRunner:
     """`ModelRunner`'s interface over `tp_size` ranks; `execute` returns rank 0's logits."""
 
-    def __init__(self, workers: TPWorkers, model: torch.nn.Module, kv_caches: list[torch.Tensor],
+    def __init__(self, workers: TPWorkers, model: torch.nn.Module, caches: KVCaches,
                  block_size: int, device: torch.device, max_tokens: int, max_seqs: int,
-                 max_model_len: int, use_cuda_graphs: bool = False,
-                 shared_caches: list[dict | None] | None = None):
-        """`shared_caches`: see CacheSpec.shared; the workers' exports land in
-        `worker_exports` (rank r's at r - 1)."""
+                 max_model_len: int, use_cuda_graphs: bool = False):
+        """Gives every worker its part of `caches` (KVCaches.worker_plan) and maps back the
+        caches GPU workers export, so that `caches` holds every rank's."""
         workers.connect()
         self.workers = workers
         use_graphs = use_cuda_graphs and device.type == "cuda"
+        kv_caches = caches.local
         workers.send("caches", CacheSpec(
             cache_shape=tuple(kv_caches[0].shape), num_layers=len(kv_caches), max_seqs=max_seqs,
             max_blocks_per_seq=(max_model_len + block_size - 1) // block_size,
-            max_model_len=max_model_len, use_cuda_graphs=use_graphs, shared=shared_caches))
+            max_model_len=max_model_len, use_cuda_graphs=use_graphs,
+            shared=caches.worker_plan()))
         try:  # rank 0 captures its graphs while the workers capture theirs
             self.local = ModelRunner(model, kv_caches, block_size, device, max_tokens, max_seqs,
                                      max_model_len, use_cuda_graphs=use_graphs)
         except Exception as exc:
             raise self._explain(exc) from exc
-        self.worker_exports: list[list[dict] | None] = workers.gather("allocating caches")
+        exports: list[list[dict] | None] = workers.gather("allocating caches")
+        caches.adopt_exports(exports, [workers.spec.device(rank)
+                                       for rank in range(1, workers.spec.tp_size)])
         self.model, self.kv_caches, self.device = model, kv_caches, device
 
     @torch.inference_mode()

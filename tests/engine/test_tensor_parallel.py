@@ -12,6 +12,7 @@ import torch
 
 from pdserve.config import SchedulerConfig
 from pdserve.engine.blocks import BlockPool
+from pdserve.engine.kv_caches import KVCaches
 from pdserve.engine.kv_manager import KVCacheManager
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.runner import ModelRunner
@@ -21,6 +22,7 @@ from pdserve.engine.tp import TPSpec
 from pdserve.engine.tp_runner import TPModelRunner, TPWorkerError, TPWorkers
 from pdserve.models.layers import build_rope_tables
 from pdserve.models.loader import load_model
+from pdserve.transfer.layout import KVLayout
 from tests.engine.conftest import TINY_LAYERS, TINY_MAX_LEN
 
 BLOCK_SIZE, NUM_BLOCKS, NUM_LAYERS, MAX_MODEL_LEN = 4, 32, TINY_LAYERS, TINY_MAX_LEN
@@ -40,12 +42,12 @@ def make_runner(folder: str, tp_size: int, workers: TPWorkers | None = None,
     model = load_model(folder, torch.float32, device, tp_rank=0, tp_size=tp_size).model
     if device.type == "cuda":
         build_rope_tables(model, MAX_MODEL_LEN, torch.float32)
-    shape = (2, NUM_BLOCKS, BLOCK_SIZE, 2 // tp_size, 16)
-    caches = [torch.zeros(shape, device=device) for _ in range(NUM_LAYERS)]
+    layout = KVLayout("float32", BLOCK_SIZE, NUM_LAYERS, 2, 16, tp_size)
+    caches = KVCaches.allocate(layout, NUM_BLOCKS, device, "colocated")
     kwargs = dict(max_tokens=16, max_seqs=4, max_model_len=MAX_MODEL_LEN,
                   use_cuda_graphs=device.type == "cuda")
     if workers is None:
-        return ModelRunner(model, caches, BLOCK_SIZE, device, **kwargs)
+        return ModelRunner(model, caches.local, BLOCK_SIZE, device, **kwargs)
     return TPModelRunner(workers, model, caches, BLOCK_SIZE, device, **kwargs)
 
 
