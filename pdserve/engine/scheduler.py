@@ -52,6 +52,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.pulling: dict[str, Request] = {}  # D side: waiting for their KV from P
         self.num_preemptions = 0
+        self.num_pulled_tokens = 0  # D side: prompt tokens whose KV came from P, all requests
         self.iteration_tokens = StepHistogram(ITERATION_TOKEN_BUCKETS)  # tokens per step
 
     def add(self, request: Request) -> None:
@@ -71,7 +72,9 @@ class Scheduler:
         """D side: the prompt's KV arrived (decode next) or did not (prefill it locally)."""
         self.pulling.pop(request.request_id, None)
         request.remote = None  # pulled once; a later preemption recomputes locally
-        if ok:
+        if ok:  # P's KV covers the prompt past this engine's own prefix-cache hit
+            request.num_pulled_tokens = request.num_prompt_tokens - request.num_computed_tokens
+            self.num_pulled_tokens += request.num_pulled_tokens
             request.num_computed_tokens = request.num_prompt_tokens
             request.status = RequestStatus.RUNNING
             self.running.append(request)
