@@ -47,7 +47,7 @@ class RequestTimes:
     Linux, so the server process can compare them with its own); 0.0 = never reached.
     `scheduled` is the first time the scheduler gave it blocks (on D: its KV pull began);
     `first_token` the first token sampled here (on D: after P's, which came with the KV).
-    The finishing output's also say what its life cost: preemptions, and KV pulled from P."""
+    Its counts (set as it finishes) say what its life cost: preemptions, KV pulled from P."""
 
     arrival: float
     scheduled: float = 0.0
