@@ -397,7 +397,8 @@ class Engine:
             num_prompt_tokens=request.num_prompt_tokens,
             num_cached_tokens=max(request.num_cached_tokens, 0),
             times=RequestTimes(request.arrival_time, request.scheduled_time,
-                               request.first_token_time, time.monotonic())
+                               request.first_token_time, time.monotonic(),
+                               request.num_preemptions, request.num_pulled_tokens)
             if request.is_finished else None,
         )
 
@@ -411,6 +412,9 @@ class Engine:
             prefix_cache_hits=self.pool.cache_hits,
             num_preemptions=self.scheduler.num_preemptions,
             num_pulling=len(self.scheduler.pulling),
+            num_waiting_to_pull=sum(isinstance(r.handoff, RemotePrefill)
+                                    for r in self.scheduler.waiting),
+            num_pulled_tokens=self.scheduler.num_pulled_tokens,
             num_leases=self.connector.num_leases(),
             kv_pulls_ok=self.connector.stats.pulls_ok,
             kv_pulls_failed=self.connector.stats.pulls_failed,

@@ -46,12 +46,15 @@ class RequestTimes:
     """When a request reached each phase, in `time.monotonic()` seconds (system-wide on
     Linux, so the server process can compare them with its own); 0.0 = never reached.
     `scheduled` is the first time the scheduler gave it blocks (on D: its KV pull began);
-    `first_token` the first token sampled here (on D: after P's, which came with the KV)."""
+    `first_token` the first token sampled here (on D: after P's, which came with the KV).
+    Its counts (set as it finishes) say what its life cost: preemptions, KV pulled from P."""
 
     arrival: float
     scheduled: float = 0.0
     first_token: float = 0.0
     finished: float = 0.0
+    num_preemptions: int = 0
+    num_pulled_tokens: int = 0  # D side: prompt tokens whose KV came from P (not computed)
 
     @property
     def queue_s(self) -> float:
@@ -102,6 +105,8 @@ class EngineStats:
     prefix_cache_hits: int = 0  # of which found
     num_preemptions: int = 0
     num_pulling: int = 0  # D side: requests waiting for their KV
+    num_waiting_to_pull: int = 0  # D side: waiting requests whose pull has not started
+    num_pulled_tokens: int = 0  # D side: prompt tokens whose KV came from P
     num_leases: int = 0  # P side: prefills holding KV for a decode instance
     kv_pulls_ok: int = 0
     kv_pulls_failed: int = 0  # each fell back to a local prefill

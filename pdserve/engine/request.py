@@ -42,6 +42,7 @@ class Request:
     num_computed_tokens: int = 0
     num_cached_tokens: int = -1  # prefix-cache hit at first scheduling; -1 = not yet scheduled
     num_preemptions: int = 0
+    num_pulled_tokens: int = 0  # D side: prompt tokens whose KV came from P (0: none, failed)
     generator: torch.Generator | None = None
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of its full blocks
     num_registered_blocks: int = 0  # leading blocks already published to the prefix cache

@@ -60,6 +60,7 @@ class Scheduler:
         self.pulling: dict[str, Request] = {}  # waiting for their KV from elsewhere
         self.aborted_pulls: dict[str, Request] = {}  # their blocks are freed when the pull ends
         self.num_preemptions = 0
+        self.num_pulled_tokens = 0  # D side: prompt tokens whose KV came from P, all requests
         self.iteration_tokens = StepHistogram(ITERATION_TOKEN_BUCKETS)  # tokens per step
 
     def add(self, request: Request) -> None:
@@ -87,7 +88,9 @@ class Scheduler:
         request = self.pulling.pop(request_id, None)
         if request is None:  # a pull of no blocks (all hit D's prefix cache): it went on
             return
-        if ok:
+        if ok:  # P's KV covers the prompt past this engine's own prefix-cache hit
+            request.num_pulled_tokens = request.num_prompt_tokens - request.num_computed_tokens
+            self.num_pulled_tokens += request.num_pulled_tokens
             request.num_computed_tokens = request.num_prompt_tokens
             request.status = RequestStatus.RUNNING
             self.running.append(request)

@@ -56,7 +56,8 @@ def build_app(
         client.attach(asyncio.get_running_loop())
         name = served_model_name or info.model_name
         metrics = ServerMetrics(name, lambda: client.stats, info.max_model_len,
-                                cache_info(client.args))
+                                cache_info(client.args),
+                                kv_consumer=client.args.role != "colocated")  # P and D pull
         app.state.server = ServerState(client, tokenizer, name, metrics)
         heartbeat = asyncio.create_task(keep_registered()) if keep_registered else None
         try:

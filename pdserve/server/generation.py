@@ -135,7 +135,7 @@ class Generation:
                 self.metrics.observe_finished(FinishedRequest(
                     reason, self.prompt_tokens, self.completion_tokens,
                     time.monotonic() - self._start, self.request.params.max_tokens,
-                    self.max_tokens_param, self.times))
+                    self.max_tokens_param, self.times, self.cached_tokens))
 
     def _prefilled_first_token(self, aborted: bool) -> PrefilledToken | None:
         """On D, the first token P sampled, unless the client has it already (the router

@@ -45,6 +45,14 @@ TOKEN_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5
 REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
                            40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 N_BUCKETS = (1, 2, 5, 10, 20)
+PREEMPTION_BUCKETS = (1, 2, 3, 4, 5, 10, 20)
+# vLLM's PromptTokenStats.ALL_SOURCES; on D, KV pulled from P is the external transfer
+PROMPT_SOURCES = ("local_compute", "local_cache_hit", "external_kv_transfer")
+# vLLM's CacheHitSource values; pdserve's tiers are the device pool and P's KV (p2p)
+CACHE_HIT_SOURCES = ("device", "host", "p2p", "disk", "external_unspecified")
+KV_FETCH_STAGES = ("waiting_to_start", "in_progress", "completed_waiting")
+# vLLM's queue limits (--max-num-queued-reqs/-tokens); pdserve has none, so never rejects
+ADMISSION_REASONS = ("max_num_queued_reqs", "max_num_queued_tokens")
 
 
 def buckets_1_2_5(max_value: int) -> tuple[int, ...]:
@@ -78,16 +86,27 @@ class FinishedRequest:
     max_tokens: int  # the generation budget it ran with
     max_tokens_param: int | None  # the client's max_tokens, if it sent one
     times: RequestTimes | None  # the engine's phase times (None: it never reached it)
+    cached_tokens: int = 0  # prompt tokens found in this instance's prefix cache
+
+    def prompt_sources(self) -> dict[str, int]:
+        """Where its prompt's KV came from, as vLLM's PromptTokenStats: this instance's
+        prefix cache, P's KV pulled on D (a failed pull is prefilled here: local), the rest
+        computed here (or to be, for a request aborted before its prefill ran)."""
+        pulled = self.times.num_pulled_tokens if self.times else 0
+        cached = min(self.cached_tokens, self.prompt_tokens - pulled)
+        return {"local_compute": self.prompt_tokens - cached - pulled,
+                "local_cache_hit": cached, "external_kv_transfer": pulled}
 
 
 class _EngineStatsCollector(Collector):
     """Engine-wide series, read from the engine process's latest stats snapshot."""
 
     def __init__(self, get_stats: Callable[[], EngineStats], model: str,
-                 cache_info: dict[str, str]) -> None:
+                 cache_info: dict[str, str], kv_consumer: bool) -> None:
         self._get_stats = get_stats
         self._model = model
         self._cache_info = cache_info
+        self._kv_consumer = kv_consumer
 
     def collect(self) -> Iterator:
         s, labels = self._get_stats(), [self._model, ENGINE]
@@ -136,7 +155,31 @@ class _EngineStatsCollector(Collector):
         yield _histogram("pdserve:kv_transfer_seconds",
                          "Decode side: seconds one KV pull from a prefill instance took.",
                          labels, s.kv_transfer_seconds)
+        yield from self._by_label(s, labels)
         yield from self._constant_gauges(labels, s.num_total_blocks)
+
+    def _by_label(self, s: EngineStats, labels: list[str]) -> Iterator:
+        """vLLM's series split by a reason, stage or source label."""
+        # vLLM counts a request waiting for its KV transfer as deferred, not short of capacity
+        yield _labelled(GaugeMetricFamily, "vllm:num_requests_waiting_by_reason",
+                        "Number of waiting requests by reason: 'capacity' = waiting for "
+                        "scheduling capacity; 'deferred' = waiting for its KV pull. Sum of all "
+                        "reasons equals vllm:num_requests_waiting.", labels, "reason",
+                        {"capacity": s.num_waiting, "deferred": s.num_pulling})
+        if self._kv_consumer:  # vLLM's KV consumers only: instances that pull a prompt's KV
+            # a pull that lands moves its request straight to running: none completed-waiting
+            yield _labelled(GaugeMetricFamily, "vllm:num_requests_kv_fetch_by_stage",
+                            "Number of waiting requests by KV pull stage: 'waiting_to_start' "
+                            "= blocks not yet given; 'in_progress' = pulling; "
+                            "'completed_waiting' = pulled, not running yet.", labels, "stage",
+                            dict(zip(KV_FETCH_STAGES, (s.num_waiting_to_pull, s.num_pulling,
+                                                       0))))
+        hits = dict.fromkeys(CACHE_HIT_SOURCES, 0)
+        hits.update(device=s.prefix_cache_hits, p2p=s.num_pulled_tokens)
+        yield _labelled(CounterMetricFamily, "vllm:prompt_tokens_cached_by_source",
+                        "Prompt tokens whose KV was not computed, by where it came from: device "
+                        "(this instance's prefix cache), p2p (pulled from a prefill instance).",
+                        labels, "source", hits)
 
     def _constant_gauges(self, labels: list[str], num_blocks: int) -> Iterator:
         """Info-style series: the cache config, and a sleep state (pdserve never sleeps)."""
@@ -160,6 +203,14 @@ def _gauge(name: str, doc: str, labels: list[str], value: float) -> GaugeMetricF
     return g
 
 
+def _labelled(family_type: type, name: str, doc: str, labels: list[str], label: str,
+              values: dict[str, float]):
+    family = family_type(name, doc, labels=[*LABELS, label])
+    for value_label, value in values.items():
+        family.add_metric([*labels, value_label], float(value))
+    return family
+
+
 def _histogram(name: str, doc: str, labels: list[str], h: StepHistogram
                ) -> HistogramMetricFamily:
     family = HistogramMetricFamily(name, doc, labels=LABELS)
@@ -171,7 +222,8 @@ class ServerMetrics:
     """All metrics of one instance, in their own registry (tests can build several)."""
 
     def __init__(self, model: str, get_stats: Callable[[], EngineStats],
-                 max_model_len: int = 2**20, cache_info: dict[str, str] | None = None) -> None:
+                 max_model_len: int = 2**20, cache_info: dict[str, str] | None = None,
+                 kv_consumer: bool = False) -> None:
         self.model = model
         self.registry = CollectorRegistry()
         tokens = buckets_1_2_5(max_model_len)
@@ -184,6 +236,16 @@ class ServerMetrics:
                                            "Number of prefill tokens processed.")
         self.generation_tokens = self._counter("vllm:generation_tokens",
                                                "Number of generation tokens processed.")
+        self.prompt_tokens_cached = self._counter(
+            "vllm:prompt_tokens_cached", "Number of cached prompt tokens (local prefix cache "
+            "+ KV pulled from a prefill instance).")
+        self.prompt_by_source = Counter("vllm:prompt_tokens_by_source",
+                                        "Number of prompt tokens by source.",
+                                        [*LABELS, "source"], registry=self.registry)
+        self.admission_rejections = Counter(
+            "vllm:admission_rejections", "Number of admission attempts rejected by a queue "
+            "limit, by reason (pdserve has no queue limit: always 0).",
+            ["model_name", "reason"], registry=self.registry)
         h = self._histogram
         self.prompt_hist = h("vllm:request_prompt_tokens", "Number of prefill tokens processed.",
                              tokens)
@@ -192,6 +254,13 @@ class ServerMetrics:
         self.max_generation_hist = h("vllm:request_max_num_generation_tokens",
                                      "Histogram of maximum number of requested generation "
                                      "tokens.", tokens)
+        self.preemptions_hist = h("vllm:request_num_preemptions",
+                                  "Histogram of the number of times a request was preempted.",
+                                  PREEMPTION_BUCKETS)
+        self.kv_computed_hist = h("vllm:request_prefill_kv_computed_tokens",
+                                  "Histogram of new KV tokens computed during prefill "
+                                  "(excluding cached tokens and those pulled from a prefill "
+                                  "instance).", tokens)
         self.n_hist = h("vllm:request_params_n", "Histogram of the n request parameter.",
                         N_BUCKETS)
         self.max_tokens_hist = h("vllm:request_params_max_tokens",
@@ -215,9 +284,14 @@ class ServerMetrics:
                              "Histogram of time spent in DECODE phase for request.")}
         self.phase = {k: h(name, doc, REQUEST_LATENCY_BUCKETS)
                       for k, (name, doc) in phases.items()}
-        self.registry.register(_EngineStatsCollector(get_stats, model, cache_info or {}))
+        self.registry.register(_EngineStatsCollector(get_stats, model, cache_info or {},
+                                                     kv_consumer))
         for reason in ("stop", "length", "abort"):  # every series from the start, as vLLM's
             self.requests.labels(model, ENGINE, reason)
+        for source in PROMPT_SOURCES:
+            self.prompt_by_source.labels(model, ENGINE, source)
+        for reason in ADMISSION_REASONS:
+            self.admission_rejections.labels(model, reason)
 
     def _counter(self, name: str, doc: str) -> Counter:
         """A counter exposed at zero from the start: dashboards see it exist before use."""
@@ -243,6 +317,11 @@ class ServerMetrics:
         self.prompt_tokens.labels(*m).inc(r.prompt_tokens)
         self.generation_tokens.labels(*m).inc(r.generation_tokens)
         self.prompt_hist.labels(*m).observe(r.prompt_tokens)
+        sources = r.prompt_sources()
+        for source, tokens in sources.items():
+            self.prompt_by_source.labels(*m, source).inc(tokens)
+        self.prompt_tokens_cached.labels(*m).inc(r.prompt_tokens - sources["local_compute"])
+        self.kv_computed_hist.labels(*m).observe(sources["local_compute"])
         self.generation_hist.labels(*m).observe(r.generation_tokens)
         self.max_generation_hist.labels(*m).observe(r.max_tokens)
         self.n_hist.labels(*m).observe(1)  # n > 1 is refused at the edge
@@ -250,6 +329,7 @@ class ServerMetrics:
             self.max_tokens_hist.labels(*m).observe(r.max_tokens_param)
         self.phase["e2e"].labels(*m).observe(r.e2e_s)
         t = r.times or RequestTimes(arrival=0.0)  # never reached the engine: all phases 0
+        self.preemptions_hist.labels(*m).observe(t.num_preemptions)
         for name, seconds in (("queue", t.queue_s), ("prefill", t.prefill_s),
                               ("decode", t.decode_s), ("inference", t.inference_s)):
             self.phase[name].labels(*m).observe(seconds)

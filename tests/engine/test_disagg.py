@@ -224,3 +224,21 @@ def test_a_pull_with_a_wrong_lease_token_is_refused_and_prefilled_locally(
     assert decode.stats().kv_pulls_failed == failed_before + 1
     assert "ptok" in prefill.connector.leases  # nobody without the token could end it
     assert prefill.release_lease("ptok", ktp["lease_token"])
+
+
+def test_the_finished_request_says_how_much_of_its_prompt_it_pulled(prefill, decode, prompts):
+    """D's pulled tokens (vLLM's external_kv_transfer) are the prompt past its own prefix
+    hit; a failed pull pulled nothing (the prompt was prefilled locally)."""
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    prompt, pulled_before = prompts[2], decode.stats().num_pulled_tokens
+    ktp = wire(prefill_remote(prefill, "ppull", prompt))
+    last = run(decode, EngineRequest("dpull", prompt, params, handoff=remote_prefill(ktp)))[-1]
+    assert last.times.num_pulled_tokens == len(prompt) - last.num_cached_tokens > 0
+    assert decode.stats().num_pulled_tokens == pulled_before + last.times.num_pulled_tokens
+    assert last.times.num_preemptions == 0
+    ktp = wire(prefill_remote(prefill, "pnopull", prompt))
+    broken = ktp | {"kv_endpoints": [ktp["kv_endpoints"][0] | {"port": 1, "transports": ["tcp"]}]}
+    pulled_before = decode.stats().num_pulled_tokens
+    last = run(decode, EngineRequest("dnopull", prompt, params, handoff=remote_prefill(broken)))[-1]
+    assert last.times.num_pulled_tokens == 0
+    assert decode.stats().num_pulled_tokens == pulled_before

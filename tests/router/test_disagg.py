@@ -195,3 +195,43 @@ def test_decode_metrics_time_the_kv_pull_and_the_phases(fleet, routers):
     assert delta["vllm:request_prefill_time_seconds_count"] == 1
     assert delta["vllm:time_to_first_token_seconds_count"] == 1
     assert delta["vllm:request_decode_time_seconds_sum"] > 0
+
+
+def test_decode_counts_the_pulled_prompt_as_external_kv_transfer(fleet, routers):
+    """On D a prompt's KV comes from D's own prefix cache or from P (vLLM's
+    external_kv_transfer, and p2p among cache tiers); none of it is computed on D. P
+    computes what its prefix cache lacks."""
+    d, p = fleet.d0.url, fleet.p0.url
+    sources = ("local_compute", "local_cache_hit", "external_kv_transfer")
+
+    def snapshot(url: str) -> dict[str, float]:
+        out = {s: metric(url, "vllm:prompt_tokens_by_source_total", source=s) for s in sources}
+        out["p2p"] = metric(url, "vllm:prompt_tokens_cached_by_source_total", source="p2p")
+        for name in ("vllm:prompt_tokens_total", "vllm:prompt_tokens_cached_total",
+                     "vllm:request_prefill_kv_computed_tokens_sum",
+                     "vllm:request_prefill_kv_computed_tokens_count", "pdserve:kv_pulls_ok_total"):
+            out[name] = metric(url, name)
+        return out
+
+    before = {d: snapshot(d), p: snapshot(p)}
+    answer = completion(routers["1P1D"].url, PROMPTS["long"] + " The end of the story:")
+    delta = {url: {k: v - before[url][k] for k, v in snapshot(url).items()} for url in (d, p)}
+    dd, pd = delta[d], delta[p]
+    prompt_tokens = answer["usage"]["prompt_tokens"]
+    assert dd["pdserve:kv_pulls_ok_total"] == 1
+    assert dd["vllm:prompt_tokens_total"] == prompt_tokens == pd["vllm:prompt_tokens_total"]
+    assert dd["external_kv_transfer"] > 0 and dd["local_compute"] == 0
+    assert dd["external_kv_transfer"] + dd["local_cache_hit"] == prompt_tokens
+    assert dd["p2p"] == dd["external_kv_transfer"]
+    assert dd["vllm:prompt_tokens_cached_total"] == prompt_tokens
+    assert dd["vllm:request_prefill_kv_computed_tokens_count"] == 1
+    assert dd["vllm:request_prefill_kv_computed_tokens_sum"] == 0
+    assert pd["external_kv_transfer"] == 0 and pd["p2p"] == 0
+    assert pd["local_compute"] + pd["local_cache_hit"] == prompt_tokens
+    assert pd["vllm:request_prefill_kv_computed_tokens_sum"] == pd["local_compute"] > 0
+    # both pull KV (vLLM's kv_consumer, or kv_both): both serve the fetch stages; idle now
+    for url in (d, p):
+        stages = {s: metric(url, "vllm:num_requests_kv_fetch_by_stage", stage=s)
+                  for s in ("waiting_to_start", "in_progress", "completed_waiting")}
+        assert stages == dict.fromkeys(stages, 0.0)
+        assert "vllm:num_requests_kv_fetch_by_stage{" in httpx.get(url + "/metrics").text

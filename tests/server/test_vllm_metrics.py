@@ -26,8 +26,10 @@ NOT_SERVED = {
     "vllm:kv_block_idle_before_evict_seconds",
     "vllm:kv_block_reuse_gap_seconds",
     "vllm:lora_requests_info",  # LoRA adapters
-    "vllm:time_per_output_token_seconds",  # deprecated: hidden unless asked for
+    "vllm:watermark_requests",  # only with vLLM's watermark config
 }
+# served, as in vLLM, only where the instance pulls KV (P and D; tests/router/test_disagg.py)
+KV_CONSUMER_ONLY = {"vllm:num_requests_kv_fetch_by_stage"}
 
 
 def families(client: httpx.Client) -> dict:
@@ -45,19 +47,30 @@ def totals(client: httpx.Client, model: str) -> dict[str, float]:
     return out
 
 
+def by_label(client: httpx.Client, name: str, label: str) -> dict[str, float]:
+    """A labelled series' samples (buckets left out), by the value of `label`."""
+    family = families(client)[name.removesuffix("_total")]
+    return {s.labels[label]: s.value for s in family.samples
+            if s.name == name and label in s.labels}
+
+
 def test_every_vllm_series_is_served_with_its_type_and_labels(client, model_name):
     complete(client, "Hello", max_tokens=2, **GREEDY)
     served = families(client)
     for name, spec in VLLM.items():
         if name in NOT_SERVED:
             continue
+        if name in KV_CONSUMER_ONLY:  # this instance is colocated: it pulls no KV
+            assert name not in served, name
+            continue
         assert name in served, f"{name} is not served"
         family = served[name]
         assert family.type == spec["type"], (name, family.type)
         assert family.samples, f"{name} has no sample"
         for sample in family.samples:
-            assert set(spec["labels"]) | {"model_name", "engine"} <= set(sample.labels), name
-            assert sample.labels["model_name"] == model_name and sample.labels["engine"] == "0"
+            assert set(spec["labels"]) <= set(sample.labels), name
+            assert sample.labels["model_name"] == model_name
+            assert sample.labels.get("engine", "0") == "0"
 
 
 def test_vllm_series_not_served_are_few_and_documented():
@@ -120,3 +133,43 @@ def test_engine_gauges_and_cache_config(client, model_name):
     assert int(info.labels["block_size"]) > 0
     awake = {s.labels["sleep_state"]: s.value for s in f["vllm:engine_sleep_state"].samples}
     assert awake == {"awake": 1, "weights_offloaded": 0, "discard_all": 0}
+
+
+def test_prompt_tokens_by_source_add_up_to_the_prompt_tokens(client, model_name):
+    """A prompt's tokens are computed here or found in the prefix cache (colocated: nothing
+    is pulled); the second run of a long prompt finds its leading blocks cached."""
+    def snapshot() -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+        return (totals(client, model_name),
+                by_label(client, "vllm:prompt_tokens_by_source_total", "source"),
+                by_label(client, "vllm:prompt_tokens_cached_by_source_total", "source"))
+
+    prompt = "The history of the city is long and full of surprises. " * 6
+    complete(client, prompt, max_tokens=2, **GREEDY)  # fills the prefix cache
+    t0, src0, hit0 = snapshot()
+    usage = complete(client, prompt, max_tokens=2, **GREEDY)["usage"]
+    t1, src1, hit1 = snapshot()
+    d = {k: t1[k] - t0.get(k, 0.0) for k in t1}
+    src = {k: src1[k] - src0[k] for k in src1}
+    assert set(src) == {"local_compute", "local_cache_hit", "external_kv_transfer"}
+    assert sum(src.values()) == d["vllm:prompt_tokens_total"] == usage["prompt_tokens"]
+    assert src["local_cache_hit"] == usage["prompt_tokens_details"]["cached_tokens"] > 0
+    assert src["external_kv_transfer"] == 0
+    assert d["vllm:prompt_tokens_cached_total"] == src["local_cache_hit"]
+    assert d["vllm:request_prefill_kv_computed_tokens_count"] == 1
+    assert d["vllm:request_prefill_kv_computed_tokens_sum"] == src["local_compute"] > 0
+    assert d["vllm:request_num_preemptions_count"] == 1
+    assert d["vllm:request_num_preemptions_sum"] == 0
+    # cache hits by tier: this instance's device pool, as vllm:prefix_cache_hits counts them
+    hits = {k: hit1[k] - hit0[k] for k in hit1}
+    assert set(hits) == {"device", "host", "p2p", "disk", "external_unspecified"}
+    assert hits["device"] == d["vllm:prefix_cache_hits_total"] >= src["local_cache_hit"]
+    assert sum(hits.values()) == hits["device"]
+
+
+def test_waiting_by_reason_and_admission_rejections(client, model_name):
+    waiting = by_label(client, "vllm:num_requests_waiting_by_reason", "reason")
+    assert set(waiting) == {"capacity", "deferred"}
+    total = families(client)["vllm:num_requests_waiting"].samples[0].value
+    assert sum(waiting.values()) == total
+    rejections = by_label(client, "vllm:admission_rejections_total", "reason")
+    assert rejections == {"max_num_queued_reqs": 0, "max_num_queued_tokens": 0}
