@@ -126,13 +126,15 @@ def ask_all(base_url: str) -> list[Answer]:
 
 
 def metric_total(url: str, name: str) -> float | None:
-    """Sum of every sample of metric `name` (all labels) at `url`/metrics; None if unreadable."""
+    """Sum of the samples of metric `name` at `url`/metrics; `name{label="v"}` keeps only
+    samples with that label. None if unreadable."""
+    base, _, wanted = name.partition("{")
     try:
         text = httpx.get(url.rstrip("/") + "/metrics", timeout=10.0).text
     except httpx.HTTPError:
         return None
-    pattern = re.compile(rf"^{re.escape(name)}(?:\{{[^}}]*\}})?\s+(\S+)", re.MULTILINE)
-    return sum(float(v) for v in pattern.findall(text))
+    pattern = re.compile(rf"^{re.escape(base)}(?:_total)?(?:\{{([^}}]*)\}})?\s+(\S+)", re.MULTILINE)
+    return sum(float(v) for labels, v in pattern.findall(text) if wanted.rstrip("}") in labels)
 
 
 @dataclass
