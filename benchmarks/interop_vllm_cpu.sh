@@ -167,6 +167,7 @@ stop vllm-colocated
 
 # --- 4. pdserve P+D behind three proxies, and vllm bench serve ---------------------------------
 port; PP=$PORT_OUT; port; PD=$PORT_OUT; port; PR=$PORT_OUT; port; TOYP=$PORT_OUT; port; VR=$PORT_OUT
+port; VR_METRICS=$PORT_OUT  # vllm-router's Prometheus listener (29000 unless told)
 pdserve_serve pdserve-prefill "$PP" prefill --accept-client-kv-requests
 pdserve_serve pdserve-decode "$PD" decode
 if wait_http pdserve-prefill "$(U "$PP")/health" && wait_http pdserve-decode "$(U "$PD")/health"; then
@@ -182,7 +183,8 @@ if wait_http pdserve-prefill "$(U "$PP")/health" && wait_http pdserve-decode "$(
     stop toy-proxy-pdserve
   fi
   start vllm-router-pdserve vllm-router --host 127.0.0.1 --port "$VR" --vllm-pd-disaggregation \
-    --prefill "$(U "$PP")" --decode "$(U "$PD")" --worker-startup-timeout-secs 60
+    --prefill "$(U "$PP")" --decode "$(U "$PD")" --worker-startup-timeout-secs 60 \
+    --prometheus-host 127.0.0.1 --prometheus-port "$VR_METRICS"
   wait_http vllm-router-pdserve "$(U "$VR")/health" \
     && compare "vllm-router -> pdserve P+D" "$(U "$VR")" "$WORK/ref_pdserve.json" "${KV_PD[@]}"
   stop vllm-router-pdserve
