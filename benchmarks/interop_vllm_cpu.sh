@@ -23,6 +23,7 @@
 #   BASE_PORT        first port tried (18700); busy ports are skipped
 #   DTYPE            float32 | bfloat16, both engines (float32)
 #   STARTUP_TIMEOUT  seconds a server may take to answer /health (300)
+#   VLLM_OMP_NUM_THREADS  OpenMP threads of each vLLM instance (1)
 #   TOTAL_TIMEOUT    seconds for the whole run (2700)
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -75,7 +76,9 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'log "interrupted"; exit 130' INT TERM
-( sleep "$TOTAL_TIMEOUT"; echo "[interop] TOTAL_TIMEOUT ${TOTAL_TIMEOUT}s reached" >&2; kill -TERM $$ ) &
+# the trap runs only once the foreground command ends, so the watchdog ends that one too
+( sleep "$TOTAL_TIMEOUT"; echo "[interop] TOTAL_TIMEOUT ${TOTAL_TIMEOUT}s reached" >&2
+  kill -TERM $$; pkill -TERM -P $$ ) &
 WATCHDOG=$!
 
 wait_http() {  # name url: until url answers 2xx, the process dies, or STARTUP_TIMEOUT
@@ -126,8 +129,11 @@ TOY=${VLLM_TOY_PROXY:-${VLLM_SRC:+$VLLM_SRC/tests/v1/kv_connector/nixl_integrati
 
 vllm_serve() {  # name port [extra vllm serve args]; extra env via VLLM_ENV=(...)
   local name=$1 p=$2; shift 2
+  # one passive OpenMP thread each: spinning pools of P and D (and NIXL's thread pinned to the
+  # last core) starve each other on a few shared cores, down to <1 token/s on 2 cores
   start "$name" env VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}" \
-    VLLM_CPU_OMP_THREADS_BIND="${VLLM_CPU_OMP_THREADS_BIND:-nobind}" "${VLLM_ENV[@]}" \
+    VLLM_CPU_OMP_THREADS_BIND="${VLLM_CPU_OMP_THREADS_BIND:-nobind}" \
+    OMP_NUM_THREADS="${VLLM_OMP_NUM_THREADS:-1}" OMP_WAIT_POLICY=PASSIVE "${VLLM_ENV[@]}" \
     "$VPY" "$ROOT/benchmarks/vllm_cli.py" serve "$MODEL_DIR" --served-model-name smollm2 \
     --host 127.0.0.1 --port "$p" --dtype "$DTYPE" --max-model-len 2048 --enforce-eager "$@"
 }
