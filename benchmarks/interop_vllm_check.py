@@ -121,8 +121,11 @@ def ask(client: httpx.Client, base_url: str, prompt: Prompt) -> Answer:
 
 
 def ask_all(base_url: str) -> list[Answer]:
-    with httpx.Client(timeout=TIMEOUT) as client:
-        return [ask(client, base_url.rstrip("/"), p) for p in PROMPTS]
+    answers = []
+    for prompt in PROMPTS:  # a connection each: a server's 500 may close a kept-alive one
+        with httpx.Client(timeout=TIMEOUT) as client:
+            answers.append(ask(client, base_url.rstrip("/"), prompt))
+    return answers
 
 
 def metric_total(url: str, name: str) -> float | None:
