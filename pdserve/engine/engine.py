@@ -412,7 +412,7 @@ class Engine:
             prefix_cache_hits=self.pool.cache_hits,
             num_preemptions=self.scheduler.num_preemptions,
             num_pulling=len(self.scheduler.pulling),
-            num_waiting_to_pull=sum(isinstance(r.handoff, RemotePrefill)
+            num_waiting_to_pull=sum(self.connector.matched_remote_tokens(r) > 0
                                     for r in self.scheduler.waiting),
             num_pulled_tokens=self.scheduler.num_pulled_tokens,
             num_leases=self.connector.num_leases(),
