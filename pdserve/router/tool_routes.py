@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from pdserve import __version__
+from pdserve.http_probes import add_probe_routes
 from pdserve.router.pairing import least_loaded
 from pdserve.router.proxy import Router, json_error
 from pdserve.router.registry import ROLES
@@ -66,11 +66,4 @@ def add_tool_routes(app: FastAPI, router: Callable[[Request], Router],
             return JSONResponse(err.body(), err.status_code)
         return JSONResponse(card)
 
-    @app.get("/version")
-    async def version() -> dict:
-        return {"version": __version__}
-
-    @app.api_route("/ping", methods=["GET", "POST"])
-    async def ping(request: Request) -> Response:
-        """/health under vLLM's (and SageMaker's) name."""
-        return await health(request)
+    add_probe_routes(app, health)

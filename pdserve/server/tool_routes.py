@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from pdserve import __version__
+from pdserve.http_probes import add_probe_routes
 from pdserve.server.errors import model_not_found
 from pdserve.server.prompts import chat_prompt_ids, check_token_ids, encode_text
 from pdserve.server.protocol import DetokenizeRequest, TokenizeRequest
@@ -70,11 +70,4 @@ def add_tool_routes(app: FastAPI, state: Callable[[Request], ServerState],
         check_model(st, model_id)
         return JSONResponse(model_card(st))
 
-    @app.get("/version")
-    async def version() -> dict:
-        return {"version": __version__}
-
-    @app.api_route("/ping", methods=["GET", "POST"])
-    async def ping(request: Request) -> Response:
-        """/health under vLLM's (and SageMaker's) name: 200 while this instance serves."""
-        return await health(request)
+    add_probe_routes(app, health)
