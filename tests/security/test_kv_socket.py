@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 import uuid
 
 import pytest
@@ -111,6 +112,9 @@ def test_d_refuses_a_source_without_the_secret():
         with pytest.raises(TransferError, match="did not prove"):
             puller.pull(remote, [0])
         puller.close()
+        deadline = time.monotonic() + 10  # the impostor's thread reads D's hang-up last
+        while len(answered) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
     assert answered[0]["answer"] != SECRET.key.decode()  # the secret never travels
     assert answered[1] is None  # no read or release frame reached the impostor
 
