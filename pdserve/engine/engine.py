@@ -9,6 +9,7 @@ import time
 
 import torch
 
+from pdserve import switches
 from pdserve.config import EngineArgs, ModelConfig
 from pdserve.engine.blocks import BlockPool
 from pdserve.engine.connector import Connector, NullConnector
@@ -50,7 +51,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def set_cpu_threads(requested: int | None) -> int:
     """Pin torch's intra-op threads for a CPU engine; returns the number used."""
-    threads = requested or int(os.environ.get("PDSERVE_CPU_THREADS", 0)) or max(
+    threads = requested or switches.SWITCHES.cpu_threads or max(
         1, (os.cpu_count() or 2) // 2
     )
     torch.set_num_threads(threads)
