@@ -12,6 +12,7 @@ import torch
 from pdserve import switches
 from pdserve.config import EngineArgs, ModelConfig
 from pdserve.engine.blocks import BlockPool
+from pdserve.engine.compilations import COMPILATIONS
 from pdserve.engine.connector import Connector, NullConnector
 from pdserve.engine.handoff import HeldPrefill, RemotePrefill
 from pdserve.engine.kv_caches import KVCaches
@@ -99,6 +100,8 @@ class Engine:
         self.dtype = resolve_dtype(args.dtype, self.device)
         if self.device.type == "cpu":
             set_cpu_threads(args.cpu_threads)
+        else:  # before the first Triton kernel runs
+            COMPILATIONS.watch_triton()
         tp = args.tensor_parallel_size
         self.tp_workers: TPWorkers | None = None
         shares_gpus = False
@@ -423,6 +426,7 @@ class Engine:
             request_failures=self.request_failures,
             iteration_tokens=self.scheduler.iteration_tokens.copy(),
             kv_transfer_seconds=self.connector.stats.pull_seconds.copy(),
+            compilations_after_ready=COMPILATIONS.after_ready(),
         )
 
     def generate(self, requests: list[EngineRequest]) -> dict[str, list[int]]:

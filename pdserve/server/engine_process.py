@@ -16,6 +16,7 @@ import traceback
 from collections.abc import Callable
 
 from pdserve.config import EngineArgs
+from pdserve.engine.compilations import COMPILATIONS
 from pdserve.engine.outputs import EngineRequest, RequestOutput
 from pdserve.lifecycle import exit_with_parent
 from pdserve.server.engine_messages import (
@@ -71,6 +72,7 @@ def run_engine_process(
         eos_token_ids=list(engine.eos_token_ids),
         pid=os.getpid(),
     )
+    COMPILATIONS.mark_ready()  # warmed up: whatever compiles from now on stalls a request
     outbox.put(EngineReady(info))
     outbox.put(StepOutputs([], engine.stats()))  # /metrics has pool sizes from the start
     try:
