@@ -9,8 +9,10 @@ import time
 
 import torch
 
+from pdserve import switches
 from pdserve.config import EngineArgs, ModelConfig
 from pdserve.engine.blocks import BlockPool
+from pdserve.engine.compilations import COMPILATIONS
 from pdserve.engine.connector import Connector, NullConnector
 from pdserve.engine.handoff import HeldPrefill, RemotePrefill
 from pdserve.engine.kv_caches import KVCaches
@@ -50,7 +52,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def set_cpu_threads(requested: int | None) -> int:
     """Pin torch's intra-op threads for a CPU engine; returns the number used."""
-    threads = requested or int(os.environ.get("PDSERVE_CPU_THREADS", 0)) or max(
+    threads = requested or switches.SWITCHES.cpu_threads or max(
         1, (os.cpu_count() or 2) // 2
     )
     torch.set_num_threads(threads)
@@ -98,6 +100,8 @@ class Engine:
         self.dtype = resolve_dtype(args.dtype, self.device)
         if self.device.type == "cpu":
             set_cpu_threads(args.cpu_threads)
+        else:  # before the first Triton kernel runs
+            COMPILATIONS.watch_triton()
         tp = args.tensor_parallel_size
         self.tp_workers: TPWorkers | None = None
         shares_gpus = False
@@ -422,6 +426,7 @@ class Engine:
             request_failures=self.request_failures,
             iteration_tokens=self.scheduler.iteration_tokens.copy(),
             kv_transfer_seconds=self.connector.stats.pull_seconds.copy(),
+            compilations_after_ready=COMPILATIONS.after_ready(),
         )
 
     def generate(self, requests: list[EngineRequest]) -> dict[str, list[int]]:

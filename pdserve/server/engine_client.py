@@ -14,8 +14,18 @@ import threading
 from collections.abc import Callable
 
 from pdserve.config import EngineArgs
-from pdserve.engine.outputs import EngineRequest, EngineStats, RequestOutput
-from pdserve.server.engine_process import EngineInfo, default_engine_factory, run_engine_process
+from pdserve.engine.outputs import EngineRequest, EngineStats
+from pdserve.server.engine_messages import (
+    AbortRequest,
+    AddRequest,
+    EngineFatal,
+    EngineInfo,
+    EngineReady,
+    ReleaseLease,
+    Shutdown,
+    StepOutputs,
+)
+from pdserve.server.engine_process import default_engine_factory, run_engine_process
 from pdserve.shm import unlink_shared_kv_files_of
 
 READER_POLL_S = 0.5  # how often the reader checks that the engine process is alive
@@ -58,7 +68,7 @@ class EngineClient:
         waited = 0.0
         while True:
             try:
-                kind, *payload = self._outbox.get(timeout=READER_POLL_S)
+                first = self._outbox.get(timeout=READER_POLL_S)
                 break
             except queue.Empty:
                 waited += READER_POLL_S
@@ -67,9 +77,9 @@ class EngineClient:
                     raise RuntimeError(f"engine process exited with code {code}") from None
                 if waited > timeout_s:
                     raise TimeoutError("engine did not become ready in time") from None
-        if kind != "ready":
-            raise RuntimeError(f"engine failed to start:\n{payload[0]}")
-        self.info = payload[0]
+        if not isinstance(first, EngineReady):  # EngineInitError
+            raise RuntimeError(f"engine failed to start:\n{first.traceback}")
+        self.info = first.info
         return self.info
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -85,7 +95,7 @@ class EngineClient:
             raise EngineDeadError(self.dead_reason or "engine not started")
         q: asyncio.Queue = asyncio.Queue()
         self._queues[req.request_id] = q
-        self._inbox.put(("add", req))
+        self._inbox.put(AddRequest(req))
         return q
 
     def abort(self, request_id: str) -> None:
@@ -95,18 +105,18 @@ class EngineClient:
             return
         q.put_nowait(ABORTED)
         if self.healthy:
-            self._inbox.put(("abort", request_id))
+            self._inbox.put(AbortRequest(request_id))
 
     def release_lease(self, request_id: str, lease_token: str | None) -> None:
         """On P: free a finished prefill's held KV now (no decode instance will pull it),
         if `lease_token` is its capability."""
         if self.healthy:
-            self._inbox.put(("release_lease", (request_id, lease_token)))
+            self._inbox.put(ReleaseLease(request_id, lease_token))
 
     def shutdown(self) -> None:
         """Stop the engine process (politely, then by force)."""
         if self._proc.is_alive():
-            self._inbox.put(("shutdown", None))
+            self._inbox.put(Shutdown())
             self._proc.join(timeout=5)
         if self._proc.is_alive():
             self._proc.kill()
@@ -133,10 +143,10 @@ class EngineClient:
             except (EOFError, OSError):
                 self._post(self._fail_all, "engine outbox closed")
                 return
-            if msg[0] == "fatal":
-                self._post(self._fail_all, f"engine crashed:\n{msg[1]}")
+            if isinstance(msg, EngineFatal):
+                self._post(self._fail_all, f"engine crashed:\n{msg.traceback}")
                 return
-            self._post(self._dispatch, msg[1], msg[2])
+            self._post(self._dispatch, msg)
 
     def _post(self, fn, *args) -> None:
         try:
@@ -144,9 +154,9 @@ class EngineClient:
         except RuntimeError:
             pass  # the event loop is closed: the server is shutting down
 
-    def _dispatch(self, outputs: list[RequestOutput], stats: EngineStats) -> None:
-        self.stats = stats
-        for out in outputs:
+    def _dispatch(self, msg: StepOutputs) -> None:
+        self.stats = msg.stats
+        for out in msg.outputs:
             q = self._queues.get(out.request_id)
             if q is None:
                 continue  # aborted by the server already
