@@ -120,8 +120,9 @@ def _wait_healthy(proc: Proc, timeout_s: float = 60.0) -> dict:
     raise RuntimeError(f"{proc.url} did not become healthy")
 
 
-def start_instance(t_ms: float) -> Proc:
-    inst = _spawn("serve", "--engine-standin", str(t_ms), "--max-num-seqs", "256")
+def start_instance(t_ms: float, busy: float) -> Proc:
+    inst = _spawn("serve", "--engine-standin", str(t_ms), "--engine-standin-busy", str(busy),
+                  "--max-num-seqs", "256")
     inst.pids["engine"] = _wait_healthy(inst)["engine_pid"]
     return inst
 
@@ -207,12 +208,12 @@ def _print(r: Result) -> None:
           f"cpu us/tok {cpu}  load {r.loadavg_1m:.1f}", flush=True)
 
 
-def run(t_values: list[float], streams: list[int], seconds: float, paths: list[str]
-        ) -> list[Result]:
+def run(t_values: list[float], streams: list[int], seconds: float, paths: list[str],
+        busy: float) -> list[Result]:
     results = []
     for t_ms in t_values:
         max_tokens = max(int(seconds * 1000 / t_ms), 20)
-        inst = start_instance(t_ms)
+        inst = start_instance(t_ms, busy)
         router = start_router(inst) if "router" in paths else None
         try:
             for n in streams:
@@ -243,16 +244,20 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=2.0, help="length of each stream")
     ap.add_argument("--paths", nargs="+", choices=["instance", "router"],
                     default=["instance", "router"], help="through which to measure")
+    ap.add_argument("--busy", type=float, default=0.0,
+                    help="the fraction of each stand-in step spent in Python (GIL held), as "
+                    "a real engine's host thread: 0 = it sleeps the whole step")
     ap.add_argument("--label", default="", help="a note stored with the results")
     ap.add_argument("--out", default=OUT, help="where the JSON goes")
     args = ap.parse_args()
     if args.quick:
         args.t_ms, args.streams, args.seconds = [5], [1, 64], 1.0
     load_before = os.getloadavg()
-    results = run(args.t_ms, args.streams, args.seconds, args.paths)
+    results = run(args.t_ms, args.streams, args.seconds, args.paths, args.busy)
     report = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "label": args.label,
+        "standin_busy": args.busy,
         "device": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "python": platform.python_version(),
         "loadavg_before": load_before,

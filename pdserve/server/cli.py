@@ -106,6 +106,8 @@ def add_parser(subparsers) -> None:
     # benchmarks/bench_serving_path.py: a token per request each T ms, no model (hidden)
     p.add_argument("--engine-standin", type=float, default=None, metavar="T_MS",
                    help=argparse.SUPPRESS)
+    # the fraction of each stand-in step that holds the GIL, as a real engine's host thread
+    p.add_argument("--engine-standin-busy", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="warning", help="uvicorn's log level")
     p.set_defaults(func=run)
 
@@ -234,7 +236,7 @@ def _engine_factory(args: argparse.Namespace):
         return default_engine_factory
     from pdserve.server.engine_standin import standin_factory
 
-    return functools.partial(standin_factory, args.engine_standin)
+    return functools.partial(standin_factory, args.engine_standin, args.engine_standin_busy)
 
 
 class _AnnouncingServer(DrainingServer):

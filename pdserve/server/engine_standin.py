@@ -20,7 +20,7 @@ STANDIN_BLOCKS = 1 << 20  # a cache no request fills: the stand-in keeps no KV
 class StandinEngine:
     """Steps on a fixed grid of `interval_s`: each step emits one token per running request."""
 
-    def __init__(self, args: EngineArgs, interval_s: float) -> None:
+    def __init__(self, args: EngineArgs, interval_s: float, busy: float = 0.0) -> None:
         cfg = model_config(args.model)  # the real model's sizes and EOS, without its weights
         self.model_name = args.model or "SmolLM2-135M-Instruct"
         self.vocab_size = cfg.vocab_size
@@ -28,6 +28,7 @@ class StandinEngine:
         self.max_model_len = args.scheduler.max_model_len or cfg.max_position_embeddings
         self.request_failures = 0
         self.interval_s = interval_s
+        self.busy = busy  # of each step spent computing, GIL held, as an engine's host thread
         self._running: dict[str, tuple[EngineRequest, list[int], RequestTimes]] = {}
         self._next_step = 0.0
 
@@ -52,7 +53,8 @@ class StandinEngine:
         if self._next_step < now - self.interval_s:  # idle before: a new grid starts now
             self._next_step = now
         self._next_step += self.interval_s
-        time.sleep(max(self._next_step - now, 0.0))
+        _hold_gil_until(now + self.busy * self.interval_s)
+        time.sleep(max(self._next_step - time.monotonic(), 0.0))
         return [self._advance(rid) for rid in list(self._running)]
 
     def _advance(self, request_id: str) -> RequestOutput:
@@ -75,6 +77,13 @@ class StandinEngine:
                            num_free_blocks=STANDIN_BLOCKS)
 
 
-def standin_factory(interval_ms: float, args: EngineArgs) -> StandinEngine:
-    """For EngineClient(factory=functools.partial(standin_factory, T_MS)): picklable."""
-    return StandinEngine(args, interval_ms / 1000.0)
+def _hold_gil_until(deadline: float) -> None:
+    """Python work until `deadline`: the GIL is held, as by an engine that schedules,
+    prepares inputs and launches kernels in its step."""
+    while time.monotonic() < deadline:
+        sum(range(100))
+
+
+def standin_factory(interval_ms: float, busy: float, args: EngineArgs) -> StandinEngine:
+    """For EngineClient(factory=functools.partial(standin_factory, T_MS, BUSY)): picklable."""
+    return StandinEngine(args, interval_ms / 1000.0, busy)
