@@ -15,12 +15,15 @@ and stamps each read off the socket. Reported, through the instance and through 
               events minus T, in ms (first token excluded)
   cpu us/tok  CPU time per token of the server process (HTTP side), the engine process and
               the router (psutil, over the run)
+  wakes/tok   voluntary context switches per token, all threads of each process: the
+              hand-offs between threads and processes (robust to a loaded machine)
 
 Targets (issue #14), at T = 5 ms and up to 64 streams: <= 1.05 tok/event, add p99 <= 1 ms
 through an instance and <= 2 ms through the router. The load average of the machine goes
 into the JSON: on a shared, loaded machine the tails are the machine's as much as pdserve's.
 
     python benchmarks/bench_serving_path.py [--quick] [--t-ms 2 5 20] [--streams 1 8 64]
+    python benchmarks/bench_serving_path.py --quick --repo /tmp/old-checkout  # before/after
 
 Writes benchmarks/results/serving_path_cpu.json (--out to change).
 """
@@ -46,6 +49,7 @@ import psutil
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(REPO, "benchmarks", "results", "serving_path_cpu.json")
 PROMPT = "The quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun."
+CODE = REPO  # the pdserve checkout whose servers run (--repo)
 SECRET = "bench-serving-path-deployment-secret-0123456789"  # router -> instance signing
 
 
@@ -82,6 +86,7 @@ class Result:
     added_ms_p99: float
     added_ms_max: float
     cpu_us_per_token: dict[str, float]
+    wakes_per_token: dict[str, float]
     loadavg_1m: float
 
 
@@ -92,7 +97,7 @@ def _free_port() -> int:
 
 
 def _env() -> dict[str, str]:
-    path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
+    path = os.pathsep.join(p for p in (CODE, os.environ.get("PYTHONPATH")) if p)
     return {**os.environ, "PYTHONPATH": path, "PDSERVE_DEPLOYMENT_SECRET": SECRET,
             "OMP_NUM_THREADS": "1"}
 
@@ -100,7 +105,7 @@ def _env() -> dict[str, str]:
 def _spawn(*args: str) -> Proc:
     port = _free_port()
     cmd = [sys.executable, "-m", "pdserve.cli", *args, "--port", str(port)]
-    popen = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+    popen = subprocess.Popen(cmd, cwd=CODE, env=_env(), stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
     return Proc(f"http://127.0.0.1:{port}", popen, {args[0]: popen.pid})
 
@@ -182,12 +187,25 @@ def _cpu(pids: dict[str, int]) -> dict[str, float]:
     return out
 
 
+def _wakes(pids: dict[str, int]) -> dict[str, int]:
+    """Voluntary context switches of all threads of each process."""
+    out = {}
+    for role, pid in pids.items():
+        out[role] = 0
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/status") as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        out[role] += int(line.split()[1])
+    return out
+
+
 def measure(path: str, url: str, pids: dict[str, int], t_ms: float, streams: int,
             max_tokens: int) -> Result:
     asyncio.run(_run_streams(url, 1, 4))  # warm: connections, imports, first-request paths
-    before = _cpu(pids)
+    before, wakes_before = _cpu(pids), _wakes(pids)
     per_stream = asyncio.run(_run_streams(url, streams, max_tokens))
-    after = _cpu(pids)
+    after, wakes_after = _cpu(pids), _wakes(pids)
     tokens, sizes, added = 0, [], []
     for reads in per_stream:
         evs = _events(reads)
@@ -195,17 +213,19 @@ def measure(path: str, url: str, pids: dict[str, int], t_ms: float, streams: int
         sizes += [n for _, n in evs]
         added += [(b[0] - a[0]) * 1e3 - t_ms for a, b in zip(evs, evs[1:], strict=False)]
     cpu = {role: (after[role] - before[role]) / max(tokens, 1) * 1e6 for role in pids}
+    wakes = {role: (wakes_after[role] - wakes_before[role]) / max(tokens, 1) for role in pids}
     return Result(path, t_ms, streams, tokens, len(sizes), sum(sizes) / max(len(sizes), 1),
                   max(sizes, default=0), _pct(added, 0.5), _pct(added, 0.99),
-                  max(added, default=float("nan")), cpu, os.getloadavg()[0])
+                  max(added, default=float("nan")), cpu, wakes, os.getloadavg()[0])
 
 
 def _print(r: Result) -> None:
     cpu = " ".join(f"{k}={v:.0f}" for k, v in r.cpu_us_per_token.items())
+    wakes = " ".join(f"{k}={v:.2f}" for k, v in r.wakes_per_token.items())
     print(f"{r.path:9s} T={r.t_ms:4.0f}ms streams={r.streams:3d}  tok/event "
           f"{r.tok_per_event_mean:5.3f} (max {r.tok_per_event_max})  add p50 "
           f"{r.added_ms_p50:6.2f} p99 {r.added_ms_p99:6.2f} max {r.added_ms_max:6.1f} ms  "
-          f"cpu us/tok {cpu}  load {r.loadavg_1m:.1f}", flush=True)
+          f"cpu us/tok {cpu}  wakes/tok {wakes}  load {r.loadavg_1m:.1f}", flush=True)
 
 
 def run(t_values: list[float], streams: list[int], seconds: float, paths: list[str],
@@ -249,7 +269,12 @@ def main() -> None:
                     "a real engine's host thread: 0 = it sleeps the whole step")
     ap.add_argument("--label", default="", help="a note stored with the results")
     ap.add_argument("--out", default=OUT, help="where the JSON goes")
+    ap.add_argument("--repo", default=REPO,
+                    help="the pdserve checkout whose servers to measure (an older commit's "
+                    "export, for before/after figures); default: this one")
     args = ap.parse_args()
+    global CODE
+    CODE = os.path.abspath(args.repo)
     if args.quick:
         args.t_ms, args.streams, args.seconds = [5], [1, 64], 1.0
     load_before = os.getloadavg()
@@ -257,6 +282,7 @@ def main() -> None:
     report = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "label": args.label,
+        "repo": CODE,
         "standin_busy": args.busy,
         "device": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "python": platform.python_version(),
