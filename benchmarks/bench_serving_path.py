@@ -87,6 +87,7 @@ class Result:
     added_ms_max: float
     cpu_us_per_token: dict[str, float]
     wakes_per_token: dict[str, float]
+    failed_streams: int  # refused (e.g. a router that saw its instance as down) or broken
     loadavg_1m: float
 
 
@@ -139,21 +140,29 @@ def start_router(inst: Proc) -> Proc:
 
 
 async def _one_stream(client: httpx.AsyncClient, url: str, max_tokens: int,
-                      reads: list[tuple[float, bytes]]) -> None:
+                      reads: list[tuple[float, bytes]]) -> bool:
+    """One stream, its reads stamped into `reads`; False if it was refused or broke."""
     body = {"prompt": PROMPT, "max_tokens": max_tokens, "stream": True,
             "return_token_ids": True, "ignore_eos": True}
-    async with client.stream("POST", url + "/v1/completions", json=body) as resp:
-        resp.raise_for_status()
-        async for chunk in resp.aiter_raw():
-            reads.append((time.monotonic(), chunk))  # parsed later: the loop only stamps
+    try:
+        async with client.stream("POST", url + "/v1/completions", json=body) as resp:
+            if resp.status_code != 200:
+                return False
+            async for chunk in resp.aiter_raw():
+                reads.append((time.monotonic(), chunk))  # parsed later: the loop only stamps
+    except httpx.HTTPError:
+        return False
+    return True
 
 
-async def _run_streams(url: str, streams: int, max_tokens: int) -> list[list]:
+async def _run_streams(url: str, streams: int, max_tokens: int) -> tuple[list[list], int]:
+    """Each stream's stamped reads, and how many streams failed."""
     limits = httpx.Limits(max_connections=streams + 4, max_keepalive_connections=streams + 4)
     async with httpx.AsyncClient(limits=limits, timeout=60) as client:
         per_stream: list[list] = [[] for _ in range(streams)]
-        await asyncio.gather(*(_one_stream(client, url, max_tokens, r) for r in per_stream))
-    return per_stream
+        ok = await asyncio.gather(*(_one_stream(client, url, max_tokens, r)
+                                    for r in per_stream))
+    return per_stream, ok.count(False)
 
 
 def _events(reads: list[tuple[float, bytes]]) -> list[tuple[float, int]]:
@@ -204,7 +213,7 @@ def measure(path: str, url: str, pids: dict[str, int], t_ms: float, streams: int
             max_tokens: int) -> Result:
     asyncio.run(_run_streams(url, 1, 4))  # warm: connections, imports, first-request paths
     before, wakes_before = _cpu(pids), _wakes(pids)
-    per_stream = asyncio.run(_run_streams(url, streams, max_tokens))
+    per_stream, failed = asyncio.run(_run_streams(url, streams, max_tokens))
     after, wakes_after = _cpu(pids), _wakes(pids)
     tokens, sizes, added = 0, [], []
     for reads in per_stream:
@@ -216,7 +225,8 @@ def measure(path: str, url: str, pids: dict[str, int], t_ms: float, streams: int
     wakes = {role: (wakes_after[role] - wakes_before[role]) / max(tokens, 1) for role in pids}
     return Result(path, t_ms, streams, tokens, len(sizes), sum(sizes) / max(len(sizes), 1),
                   max(sizes, default=0), _pct(added, 0.5), _pct(added, 0.99),
-                  max(added, default=float("nan")), cpu, wakes, os.getloadavg()[0])
+                  max(added, default=float("nan")), cpu, wakes, failed,
+                  os.getloadavg()[0])
 
 
 def _print(r: Result) -> None:
@@ -225,7 +235,8 @@ def _print(r: Result) -> None:
     print(f"{r.path:9s} T={r.t_ms:4.0f}ms streams={r.streams:3d}  tok/event "
           f"{r.tok_per_event_mean:5.3f} (max {r.tok_per_event_max})  add p50 "
           f"{r.added_ms_p50:6.2f} p99 {r.added_ms_p99:6.2f} max {r.added_ms_max:6.1f} ms  "
-          f"cpu us/tok {cpu}  wakes/tok {wakes}  load {r.loadavg_1m:.1f}", flush=True)
+          f"cpu us/tok {cpu}  wakes/tok {wakes}  load {r.loadavg_1m:.1f}"
+          + (f"  FAILED {r.failed_streams}" if r.failed_streams else ""), flush=True)
 
 
 def run(t_values: list[float], streams: list[int], seconds: float, paths: list[str],
