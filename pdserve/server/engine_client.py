@@ -119,10 +119,13 @@ class EngineClient:
             unlink_shared_kv_files_of(self._proc.pid)
 
     def _read_outputs(self) -> None:
-        """On the event loop, when the outbox is readable: every message waiting in it."""
+        """On the event loop, when the outbox is readable: one message, so that one step's
+        events are written before the next step is read (reading all that waited handed the
+        streams two steps at once whenever the loop ran late, and their clients got clumps);
+        more waiting keeps the pipe readable for the next iteration."""
         reader = self._outbox.reader
         try:
-            while reader.poll():
+            if reader.poll():
                 msg = reader.recv()
                 if msg[0] == "fatal":
                     self._stop_reading(f"engine crashed:\n{msg[1]}")

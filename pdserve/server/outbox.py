@@ -5,8 +5,8 @@ A multiprocessing Queue put them through two threads that each had to win the GI
 the Queue's feeder thread in the engine process (against the step loop) and a reader thread
 in the server (against the event loop that writes the SSE), plus a third wake-up to hand them
 to that loop. Under load each hop waited out a switch interval, and a stream's tokens reached
-its client in clumps. Here the step loop writes each message, and the event loop reads it as
-soon as the pipe is readable.
+its client in clumps. Here the step loop writes each message, and the event loop reads one
+per iteration as soon as the pipe is readable.
 """
 
 from __future__ import annotations
