@@ -103,6 +103,11 @@ def add_parser(subparsers) -> None:
                    "secret (needed behind vLLM's P/D proxies); decode instances still take "
                    "only hand-offs signed by a prefill instance of the deployment")
     add_drain_flag(p)
+    # benchmarks/bench_serving_path.py: a token per request each T ms, no model (hidden)
+    p.add_argument("--engine-standin", type=float, default=None, metavar="T_MS",
+                   help=argparse.SUPPRESS)
+    # the fraction of each stand-in step that holds the GIL, as a real engine's host thread
+    p.add_argument("--engine-standin-busy", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="warning", help="uvicorn's log level")
     p.set_defaults(func=run)
 
@@ -195,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
 
         heartbeat = functools.partial(keep_registered, args.router, advertise_url(args),
                                       args.role, eargs.deployment_secret)
-    client = EngineClient(eargs)
+    client = EngineClient(eargs, _engine_factory(args))
     drain = Drain(args.drain_timeout)
     app = build_app(client, load_tokenizer, args.served_model_name, heartbeat,
                     api_key=api_key(args), secret=eargs.deployment_secret,
@@ -221,6 +226,17 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         client.shutdown()
     return 0 if server.started else 1
+
+
+def _engine_factory(args: argparse.Namespace):
+    """The real engine, or the serving-path benchmark's stand-in (server/engine_standin.py)."""
+    from pdserve.server.engine_process import default_engine_factory
+
+    if args.engine_standin is None:
+        return default_engine_factory
+    from pdserve.server.engine_standin import standin_factory
+
+    return functools.partial(standin_factory, args.engine_standin, args.engine_standin_busy)
 
 
 class _AnnouncingServer(DrainingServer):
