@@ -25,6 +25,7 @@ from pdserve.router.upstream import Upstream
 from pdserve.router.validation import read_request
 from pdserve.security import DeploymentSecret
 from pdserve.server.app import json_body
+from pdserve.server.errors import install_error_handlers
 from pdserve.server.protocol import ChatCompletionRequest, CompletionRequest
 
 # No read timeout: a long generation may take minutes; broken connections still raise.
@@ -63,6 +64,7 @@ def build_app(registry: Registry, health_interval_s: float = 1.0,
     app.add_middleware(AuthMiddleware, auth=HTTPAuth(api_key, secret, open_metrics,
                                                      ROUTER_INTERNAL_PATHS))
     http_limits.install(app, max_request_bytes)  # outermost: before any read
+    install_error_handlers(app)  # a path no route matches: an OpenAI 404, as instances give
     _add_openai_routes(app)
     _add_registry_routes(app, registry)
     return app

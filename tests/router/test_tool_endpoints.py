@@ -79,3 +79,12 @@ def test_router_answers_version_ping_and_model_by_id(router):
     assert card["id"] == model_id and card["object"] == "model"
     missing = httpx.get(router.url + "/v1/models/org/none", timeout=10)
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+
+
+@pytest.mark.parametrize("path", ["/v1/models/a%0Ab", "/no/such/route"])
+def test_a_path_no_route_matches_gets_an_openai_404(router, path):
+    """Found by schemathesis: a model id with a newline matched no route, and the router
+    answered FastAPI's own {"detail": ...} instead of an OpenAI error body."""
+    resp = httpx.get(router.url + path, timeout=30)
+    assert resp.status_code == 404
+    assert resp.json()["error"]["type"] == "invalid_request_error"
