@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import random
@@ -61,8 +62,10 @@ def one_run(engine: Engine, args: argparse.Namespace, rng: random.Random, tag: s
     engine.step()
     gaps = [b - a for t in arrivals.values() for a, b in zip(t, t[1:])
             if b > arrived and a < first_token]  # gaps that overlap the prompt's prefill
-    return {"max": max(gaps), "p99": percentile(gaps, 0.99),
-            "median": statistics.median(gaps), "ttft": first_token - arrived}
+    steady = [b - a for t in arrivals.values() for a, b in zip(t, t[1:])
+              if b <= arrived or a >= first_token]  # decode-only steps: the floor
+    return {"max": max(gaps), "p99": percentile(gaps, 0.99), "median": statistics.median(gaps),
+            "ttft": first_token - arrived, "steady": statistics.median(steady)}
 
 
 def main() -> None:
@@ -74,6 +77,7 @@ def main() -> None:
     p.add_argument("--max-step-ms", type=float, default=100.0)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--out", default=None, help="write the runs here as JSON")
     args = p.parse_args()
     sched = SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
                             max_step_ms=args.max_step_ms, max_model_len=8192)
@@ -91,15 +95,23 @@ def main() -> None:
             r = results[mode][-1]
             print(f"run {i} target {mode:>3}: decode gap max {r['max'] * 1e3:7.1f} ms, p99 "
                   f"{r['p99'] * 1e3:7.1f} ms, median {r['median'] * 1e3:6.1f} ms; long "
-                  f"prompt TTFT {r['ttft'] * 1e3:7.1f} ms", flush=True)
+                  f"prompt TTFT {r['ttft'] * 1e3:7.1f} ms; decode-only step "
+                  f"{r['steady'] * 1e3:6.1f} ms", flush=True)
     print(f"loadavg after {os.getloadavg()}")
-    print("| target | decode gap max (ms) | p99 (ms) | median (ms) | long TTFT (ms) |")
-    print("|---|---|---|---|---|")
+    print("| target | decode gap max (ms) | p99 (ms) | median (ms) | long TTFT (ms) | "
+          "decode-only step (ms) |")
+    print("|---|---|---|---|---|---|")
     for mode, runs in results.items():
         label = f"{args.max_step_ms:g} ms" if mode == "on" else "off"
         cells = [statistics.median(r[k] for r in runs) * 1e3
-                 for k in ("max", "p99", "median", "ttft")]
+                 for k in ("max", "p99", "median", "ttft", "steady")]
         print(f"| {label} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"args": vars(args), "device": str(engine.device),
+                       "loadavg_after": os.getloadavg(),
+                       "step_time_model": engine.scheduler.step_time.to_dict(),
+                       "runs": results}, f, indent=1)
 
 if __name__ == "__main__":
     main()
