@@ -5,7 +5,7 @@ import pytest
 from pdserve.config import SchedulerConfig
 from pdserve.engine.blocks import BlockPool
 from pdserve.engine.kv_manager import KVCacheManager
-from pdserve.engine.request import Request
+from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import Scheduler, SchedulerOutput
 from pdserve.engine.step_time import StepShape, StepTimeModel
@@ -19,8 +19,8 @@ TARGET_MS = 50.0
 BLOCK = 4
 
 
-def make(max_step_ms=TARGET_MS, budget=512, **cfg) -> Scheduler:
-    kv = KVCacheManager(BlockPool(1024, BLOCK))
+def make(max_step_ms=TARGET_MS, budget=512, num_blocks=1024, **cfg) -> Scheduler:
+    kv = KVCacheManager(BlockPool(num_blocks, BLOCK))
     config = SchedulerConfig(max_num_batched_tokens=budget, max_step_ms=max_step_ms, **cfg)
     return Scheduler(config, kv, step_time=MODEL)
 
@@ -104,6 +104,17 @@ def test_a_running_prefill_is_chunked_by_time_step_after_step():
                 for out in (first, second))
     assert 0 < b <= a < 512  # its growing context leaves no more room than before
     assert predicted(second) <= TARGET_MS / 1e3
+
+
+def test_preemption_is_unchanged_with_the_target_on():
+    sched = make(num_blocks=4, budget=64)
+    a, b = req("a", 7), req("bb", 7)
+    sched.add(a)
+    sched.add(b)
+    for _ in range(3):  # 2 blocks each fill the pool; a's 9th token needs a 3rd
+        out = run_step(sched)
+    assert out.preempted == [b] and b.status == RequestStatus.WAITING
+    assert b.num_preemptions == 1 and b.block_ids == []
 
 
 def test_model_round_trips_through_a_dict():
