@@ -65,6 +65,14 @@ def add_parser(subparsers) -> None:
                    help="fraction of GPU memory for weights, activations and KV cache")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048,
                    help="token budget of one engine step (decode tokens + prefill chunks)")
+    p.add_argument("--max-step-ms", "--itl-target-ms", type=float, default=None,
+                   help="inter-token latency target: while requests decode, a step's prefill "
+                   "chunk is the largest whose predicted time stays under it (at least one "
+                   "block); the engine times a few steps at start to predict. Omitted or 0 = "
+                   "the token budget alone")
+    p.add_argument("--step-time-file", default=None,
+                   help="a step-time model as JSON (StepTimeModel.to_dict) to use with "
+                   "--max-step-ms instead of timing steps at start")
     p.add_argument("--max-num-seqs", type=int, default=128,
                    help="most sequences running at once; more requests wait in the queue")
     p.add_argument("--max-model-len", type=int, default=None,
@@ -156,6 +164,8 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_num_seqs=args.max_num_seqs,
             max_model_len=args.max_model_len,
+            max_step_ms=args.max_step_ms,
+            step_time_file=args.step_time_file,
         ),
         role=args.role,
         tensor_parallel_size=args.tensor_parallel_size,
