@@ -50,6 +50,12 @@ class SchedulerConfig:
     max_num_seqs: int = 128  # sequences running at once
     max_model_len: int | None = None  # None = the model's max_position_embeddings
     enable_chunked_prefill: bool = True
+    # ITL target: with decodes running, a step's prefill chunk is the largest whose predicted
+    # step time stays under this (always at least one block). None or 0 = the token budget
+    # alone. Off by default: the right figure is an SLO choice that depends on model and
+    # device, and the engine times a few steps at start to predict (see engine/step_time.py)
+    max_step_ms: float | None = None
+    step_time_file: str | None = None  # a StepTimeModel as JSON, instead of timing at start
 
 
 @dataclass

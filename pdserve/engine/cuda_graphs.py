@@ -13,6 +13,7 @@ import logging
 import torch
 
 from pdserve.engine.batch_inputs import StepInputs
+from pdserve.engine.compilations import COMPILATIONS
 from pdserve.kernels.attention import AttentionMetadata
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class DecodeGraphs:
                 self.outputs[size] = self.model.compute_logits(self.model(*args))
             self.pool = graph.pool()
             self.graphs[size] = graph
+            COMPILATIONS.count("cuda_graph")
         log.info("captured decode CUDA graphs for batch sizes %s", self.sizes)
 
     def fits(self, inputs: StepInputs) -> bool:

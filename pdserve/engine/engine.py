@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import time
 
 import torch
 
+from pdserve import switches
 from pdserve.config import EngineArgs, ModelConfig
 from pdserve.engine.blocks import BlockPool
+from pdserve.engine.calibrate import calibrate
+from pdserve.engine.compilations import COMPILATIONS
 from pdserve.engine.connector import Connector, NullConnector
 from pdserve.engine.handoff import HeldPrefill, RemotePrefill
 from pdserve.engine.kv_caches import KVCaches
@@ -23,6 +27,7 @@ from pdserve.engine.runner import ModelRunner, profile_peak_activation_bytes
 from pdserve.engine.sampler import sample
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from pdserve.engine.step_time import StepTimeModel
 from pdserve.engine.tp import TPSpec, visible_gpus_for
 from pdserve.engine.tp_runner import TPModelRunner, TPWorkers
 from pdserve.models.layers import build_rope_tables
@@ -50,7 +55,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def set_cpu_threads(requested: int | None) -> int:
     """Pin torch's intra-op threads for a CPU engine; returns the number used."""
-    threads = requested or int(os.environ.get("PDSERVE_CPU_THREADS", 0)) or max(
+    threads = requested or switches.SWITCHES.cpu_threads or max(
         1, (os.cpu_count() or 2) // 2
     )
     torch.set_num_threads(threads)
@@ -98,6 +103,8 @@ class Engine:
         self.dtype = resolve_dtype(args.dtype, self.device)
         if self.device.type == "cpu":
             set_cpu_threads(args.cpu_threads)
+        else:  # before the first Triton kernel runs
+            COMPILATIONS.watch_triton()
         tp = args.tensor_parallel_size
         self.tp_workers: TPWorkers | None = None
         shares_gpus = False
@@ -175,6 +182,7 @@ class Engine:
         self.request_failures = 0  # counted by the engine process, which contains them
         if self.device.type == "cuda":
             self._compile_mixed_step()
+        self.scheduler.step_time = self._step_time_model()
 
     def _compile_mixed_step(self) -> None:
         """Run one dummy decode + prefill step now: Triton compiles the kernels' mixed-step
@@ -189,6 +197,19 @@ class Engine:
         # the blocks are free and uncached: what the step writes into them is never read
         self.runner.execute(SchedulerOutput([ScheduledRequest(decode, 1),
                                              ScheduledRequest(prefill, 32)]))
+
+    def _step_time_model(self) -> StepTimeModel | None:
+        """What --max-step-ms sizes prefill chunks by: read from --step-time-file, or fitted
+        now from timed dummy steps (after the warm-up above, before any request)."""
+        sched = self.args.scheduler
+        if not sched.max_step_ms:
+            return None
+        if sched.step_time_file:
+            with open(sched.step_time_file) as f:
+                return StepTimeModel.from_dict(json.load(f))
+        return calibrate(self.runner, self.num_blocks, self.args.cache.block_size,
+                         sched.max_num_batched_tokens, sched.max_num_seqs, self.max_model_len,
+                         self.device)
 
     # ---- requests in -------------------------------------------------------------------
 
@@ -422,6 +443,7 @@ class Engine:
             request_failures=self.request_failures,
             iteration_tokens=self.scheduler.iteration_tokens.copy(),
             kv_transfer_seconds=self.connector.stats.pull_seconds.copy(),
+            compilations_after_ready=COMPILATIONS.after_ready(),
         )
 
     def generate(self, requests: list[EngineRequest]) -> dict[str, list[int]]:

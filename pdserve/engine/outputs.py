@@ -117,6 +117,9 @@ class EngineStats:
         default_factory=lambda: StepHistogram(ITERATION_TOKEN_BUCKETS))
     kv_transfer_seconds: StepHistogram = field(
         default_factory=lambda: StepHistogram(KV_TRANSFER_BUCKETS))
+    # Triton compiles, CUDA-graph captures, torch.compile graphs since the engine said ready,
+    # by kind (engine/compilations.py): each stalled a step, so this should stay 0
+    compilations_after_ready: dict[str, int] = field(default_factory=dict)
 
     @property
     def kv_usage(self) -> float:

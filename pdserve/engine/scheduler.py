@@ -7,6 +7,12 @@ request cannot get a block, the most recently admitted running request is preemp
 blocks are freed and it waits to be recomputed (its full blocks usually survive in the
 prefix cache, so the recompute is cheap).
 
+With an ITL target (`max_step_ms`) and a step-time model, a step that runs decodes also has
+a time budget: each prefill chunk is the largest that keeps the step's predicted time under
+the target, so a long prompt arriving never stalls the requests already decoding. The
+step's first prefill still gets at least one block, so no prefill starves. A step without
+decodes has no one to stall: the token budget alone sizes it.
+
 KV computed elsewhere (D's prefill, on P) is the KV connector's business: admitting a
 request, the scheduler asks it how many prompt tokens come from elsewhere; with some, the
 request gets its blocks and waits in `pulling` until the connector hands the pull back
@@ -24,6 +30,7 @@ from pdserve.engine.connector import Connector, NullConnector
 from pdserve.engine.histogram import ITERATION_TOKEN_BUCKETS, StepHistogram
 from pdserve.engine.kv_manager import KVCacheManager
 from pdserve.engine.request import Request, RequestStatus
+from pdserve.engine.step_time import StepShape, StepTimeModel
 
 
 @dataclass
@@ -51,10 +58,12 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager,
-                 connector: Connector | None = None):
+                 connector: Connector | None = None, step_time: StepTimeModel | None = None):
         self.config = config
         self.kv = kv
         self.connector: Connector = connector or NullConnector()
+        self.step_time = step_time  # predicts a step's seconds; used with config.max_step_ms
+        self._shape: StepShape | None = None  # this step's shape while a time budget applies
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.pulling: dict[str, Request] = {}  # waiting for their KV from elsewhere
@@ -107,6 +116,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        self._shape = self._decode_shape()
         self._schedule_running(out, budget)
         budget -= out.num_tokens
         if not out.preempted:  # no admissions while the pool is too tight to keep the running
@@ -115,8 +125,39 @@ class Scheduler:
             self.iteration_tokens.observe(out.num_tokens)
         return out
 
+    def _decode_shape(self) -> StepShape | None:
+        """The running decodes' share of this step, when an ITL target applies to it: a target
+        and a model are set, chunking is on and some request is decoding."""
+        target, model = self.config.max_step_ms, self.step_time
+        if not (target and model and self.config.enable_chunked_prefill):
+            return None
+        shape = StepShape()
+        for r in self.running:
+            if r.num_tokens - r.num_computed_tokens == 1:
+                shape.add_decode(r.num_tokens)
+        return shape if shape.decode_rows else None
+
+    def _time_budget(self, request: Request, budget: int) -> int:
+        """Prefill tokens of `request` that keep the step under the ITL target; the step's
+        first prefill gets at least a block so that a prefill always moves."""
+        shape = self._shape
+        if shape is None:
+            return budget
+        fits = self.step_time.max_prefill_tokens(
+            shape, request.num_computed_tokens, self.config.max_step_ms / 1e3, budget)
+        if shape.prefill_tokens == 0:
+            fits = max(fits, min(self.kv.block_size, budget))
+        return fits
+
+    def _add(self, out: SchedulerOutput, request: Request, num_new: int) -> None:
+        if self._shape is not None and request.num_tokens - request.num_computed_tokens > 1:
+            self._shape.add_prefill(num_new, request.num_computed_tokens)  # decodes: up front
+        out.scheduled.append(ScheduledRequest(request, num_new))
+
     def _num_new_tokens(self, request: Request, budget: int) -> int:
         remaining = request.num_tokens - request.num_computed_tokens
+        if remaining > 1:  # a prefill: the time budget may cap it below the token budget
+            budget = self._time_budget(request, budget)
         if remaining <= budget:
             return remaining
         return budget if self.config.enable_chunked_prefill else 0
@@ -136,7 +177,7 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                out.scheduled.append(ScheduledRequest(request, num_new))
+                self._add(out, request, num_new)
                 budget -= num_new
                 i += 1
 
@@ -170,7 +211,7 @@ class Scheduler:
             request.scheduled_time = request.scheduled_time or time.monotonic()
             self.running.append(request)
             self.connector.blocks_allocated(request, request.block_ids, hit)
-            out.scheduled.append(ScheduledRequest(request, num_new))
+            self._add(out, request, num_new)
             budget -= num_new
 
     def _num_seqs(self) -> int:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pdserve import switches
 from pdserve.engine.batch_inputs import InputBuilder, StepInputs
 from pdserve.kernels.attention import AttentionMetadata
 
@@ -27,7 +28,7 @@ NCCL_SAFE_ENV = {
     "NVSHMEM_DISABLE_NVLS": "1",
 }
 HEADER = 4  # tokens, sequences, block-table width, sampling rows
-SHARE_GPUS_ENV = "PDSERVE_TP_SHARE_GPUS"
+SHARE_GPUS_ENV = switches.env_name("tp_share_gpus")
 
 
 @dataclass
@@ -64,7 +65,7 @@ def visible_gpus_for(tp_size: int) -> int:
     """The number of visible GPUs, checked against the TP size: fewer GPUs than ranks is an
     error unless $PDSERVE_TP_SHARE_GPUS=1 asks for the test mode in which ranks share them."""
     count = torch.cuda.device_count()
-    if count < tp_size and os.environ.get(SHARE_GPUS_ENV) != "1":
+    if count < tp_size and not switches.SWITCHES.tp_share_gpus:
         raise ValueError(
             f"--tensor-parallel-size {tp_size} needs {tp_size} GPUs but {count} are visible "
             f"(check CUDA_VISIBLE_DEVICES); {SHARE_GPUS_ENV}=1 runs the ranks on shared GPUs "

@@ -13,11 +13,12 @@ the reference for the Triton kernels) and the dispatcher between the two.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from pdserve import switches
 
 
 @dataclass
@@ -116,10 +117,8 @@ def paged_attention(
 
 def attention_backend(q: torch.Tensor) -> str:
     """The backend to use: the env override if set, else "triton" exactly when q is on CUDA."""
-    forced = os.environ.get("PDSERVE_ATTENTION_BACKEND", "")
+    forced = switches.SWITCHES.attention_backend
     if forced:
-        if forced not in ("torch", "triton"):
-            raise ValueError(f"PDSERVE_ATTENTION_BACKEND must be torch or triton, not {forced!r}")
         return forced
     return "triton" if q.is_cuda else "torch"
 

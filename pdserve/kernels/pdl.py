@@ -8,13 +8,13 @@ writes is the stream's, and only the launch and scheduling overlap. Every kernel
 in also lets the next one launch as soon as all of its own programs are running.
 
 A kernel opts in with a `PDL: tl.constexpr` parameter, calls `wait_for_previous_kernel(PDL)`
-first thing, and is launched with `**pdl_launch(tensor)`. `PDSERVE_PDL=0` turns it off (read
-at import, since captured CUDA graphs keep whatever they were captured with).
+first thing, and is launched with `**pdl_launch(tensor)`. `PDSERVE_PDL=0` turns it off
+(pdserve/switches.py: read once, since captured CUDA graphs keep whatever they were captured
+with).
 """
 
 from __future__ import annotations
 
-import os
 from functools import cache
 
 import torch
@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-ENABLED = os.environ.get("PDSERVE_PDL", "1") == "1"
+from pdserve import switches
 
 
 @triton.jit
@@ -41,7 +41,7 @@ def _hopper_or_later(device_index: int) -> bool:
 
 def pdl_launch(t: torch.Tensor) -> dict:
     """Launch keywords for a kernel working on `t`: PDL where the device supports it."""
-    if not (ENABLED and t.is_cuda):
+    if not (switches.SWITCHES.pdl and t.is_cuda):
         return {"PDL": False}  # the CPU interpreter cannot run griddepcontrol
     index = t.device.index if t.device.index is not None else torch.cuda.current_device()
     if not _hopper_or_later(index):

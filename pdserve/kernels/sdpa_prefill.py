@@ -12,10 +12,10 @@ Chunks over a cached prefix and batches with decode rows always stay on the Trit
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
+
+from pdserve import switches
 
 # shorter prompts: one Triton launch (attention + KV store) beats a store plus a SDPA call
 SDPA_MIN_QUERY_LEN = 512
@@ -23,7 +23,7 @@ SDPA_MIN_QUERY_LEN = 512
 
 def sdpa_prefill_applies(query_lens: list[int], seq_lens: list[int]) -> bool:
     """Whether every sequence of the step is a whole fresh prompt, one of them long."""
-    if os.environ.get("PDSERVE_PREFILL_SDPA", "0") != "1":
+    if not switches.SWITCHES.prefill_sdpa:
         return False
     return max(query_lens, default=0) >= SDPA_MIN_QUERY_LEN and query_lens == seq_lens
 

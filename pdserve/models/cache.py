@@ -6,11 +6,13 @@ import hashlib
 import os
 from pathlib import Path
 
+from pdserve import switches
+
 
 def cache_root() -> Path:
     """`$PDSERVE_CACHE_DIR`, else `~/.cache/pdserve`."""
-    configured = os.environ.get("PDSERVE_CACHE_DIR")
-    return Path(configured) if configured else Path.home() / ".cache" / "pdserve"
+    configured = switches.SWITCHES.cache_dir
+    return configured if configured else Path.home() / ".cache" / "pdserve"
 
 
 def file_key(path: Path) -> str:

@@ -13,12 +13,13 @@ With `tp_size == 1` they are plain linears / embeddings.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from pdserve import switches
 
 
 def default_weight_loader(param: torch.Tensor, loaded: torch.Tensor, shard: object = None) -> None:
@@ -29,18 +30,15 @@ def default_weight_loader(param: torch.Tensor, loaded: torch.Tensor, shard: obje
 
 
 GEMV_MAX_ROWS = 1  # measured on an H100: a clear win at 1 row, within noise at 2-8
-# read once at import: a captured decode graph keeps whichever kernel it was captured with;
-# PDSERVE_GEMV=0 keeps cuBLAS everywhere
-USE_GEMV = os.environ.get("PDSERVE_GEMV", "1") == "1"
-# PDSERVE_FUSED_GEMV=0 keeps the GEMV but runs the RMSNorm and SwiGLU as kernels of their own
-USE_FUSED_GEMV = os.environ.get("PDSERVE_FUSED_GEMV", "1") == "1"
+# switches.SWITCHES.gemv / fused_gemv (PDSERVE_GEMV, PDSERVE_FUSED_GEMV) are read once per
+# process: a captured decode graph keeps whichever kernel it was captured with
 
 
 def gemv_applies(x: torch.Tensor, weight: torch.Tensor, tp_size: int) -> bool:
     """Whether `linear` runs x through the Triton GEMV rather than `F.linear`."""
     # tp_size 1 only: the kernel is measured and checked against transformers there, not yet
     # in tensor-parallel workers
-    return (USE_GEMV and tp_size == 1 and x.is_cuda and x.dim() == 2
+    return (switches.SWITCHES.gemv and tp_size == 1 and x.is_cuda and x.dim() == 2
             and x.shape[0] <= GEMV_MAX_ROWS and x.dtype == weight.dtype)
 
 
@@ -53,7 +51,8 @@ def fused_gemv_applies(
     it has the rows, dtype and device of the linear's own input, so this agrees with
     `gemv_applies`. One row only (the fused kernels' shape); no bias (Qwen2's qkv).
     """
-    return USE_FUSED_GEMV and bias is None and gemv_applies(x, weight, tp_size) and x.shape[0] == 1
+    return (switches.SWITCHES.fused_gemv and bias is None and gemv_applies(x, weight, tp_size)
+            and x.shape[0] == 1)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

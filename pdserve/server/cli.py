@@ -65,6 +65,14 @@ def add_parser(subparsers) -> None:
                    help="fraction of GPU memory for weights, activations and KV cache")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048,
                    help="token budget of one engine step (decode tokens + prefill chunks)")
+    p.add_argument("--max-step-ms", "--itl-target-ms", type=float, default=None,
+                   help="inter-token latency target: while requests decode, a step's prefill "
+                   "chunk is the largest whose predicted time stays under it (at least one "
+                   "block); the engine times a few steps at start to predict. Omitted or 0 = "
+                   "the token budget alone")
+    p.add_argument("--step-time-file", default=None,
+                   help="a step-time model as JSON (StepTimeModel.to_dict) to use with "
+                   "--max-step-ms instead of timing steps at start")
     p.add_argument("--max-num-seqs", type=int, default=128,
                    help="most sequences running at once; more requests wait in the queue")
     p.add_argument("--max-model-len", type=int, default=None,
@@ -103,6 +111,11 @@ def add_parser(subparsers) -> None:
                    "secret (needed behind vLLM's P/D proxies); decode instances still take "
                    "only hand-offs signed by a prefill instance of the deployment")
     add_drain_flag(p)
+    # benchmarks/bench_serving_path.py: a token per request each T ms, no model (hidden)
+    p.add_argument("--engine-standin", type=float, default=None, metavar="T_MS",
+                   help=argparse.SUPPRESS)
+    # the fraction of each stand-in step that holds the GIL, as a real engine's host thread
+    p.add_argument("--engine-standin-busy", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="warning", help="uvicorn's log level")
     p.set_defaults(func=run)
 
@@ -151,6 +164,8 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_num_seqs=args.max_num_seqs,
             max_model_len=args.max_model_len,
+            max_step_ms=args.max_step_ms,
+            step_time_file=args.step_time_file,
         ),
         role=args.role,
         tensor_parallel_size=args.tensor_parallel_size,
@@ -195,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
 
         heartbeat = functools.partial(keep_registered, args.router, advertise_url(args),
                                       args.role, eargs.deployment_secret)
-    client = EngineClient(eargs)
+    client = EngineClient(eargs, _engine_factory(args))
     drain = Drain(args.drain_timeout)
     app = build_app(client, load_tokenizer, args.served_model_name, heartbeat,
                     api_key=api_key(args), secret=eargs.deployment_secret,
@@ -221,6 +236,17 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         client.shutdown()
     return 0 if server.started else 1
+
+
+def _engine_factory(args: argparse.Namespace):
+    """The real engine, or the serving-path benchmark's stand-in (server/engine_standin.py)."""
+    from pdserve.server.engine_process import default_engine_factory
+
+    if args.engine_standin is None:
+        return default_engine_factory
+    from pdserve.server.engine_standin import standin_factory
+
+    return functools.partial(standin_factory, args.engine_standin, args.engine_standin_busy)
 
 
 class _AnnouncingServer(DrainingServer):

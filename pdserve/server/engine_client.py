@@ -1,24 +1,33 @@
 """The server's handle on the engine process: submit, stream outputs, abort, watch its health.
 
-A reader thread takes each step's outputs off the engine's outbox and hands them to the
-event loop, which fans them into one asyncio queue per request. If the engine process
-dies, every open request fails with a 503 and `healthy` turns false for good.
+The event loop reads each step's outputs off the engine's outbox pipe as soon as they are
+written (pdserve/server/outbox.py) and fans them into one asyncio queue per request. If the
+engine process dies, every open request fails with a 503 and `healthy` turns false for good.
 """
 
 from __future__ import annotations
 
 import asyncio
 import multiprocessing as mp
-import queue
-import threading
 from collections.abc import Callable
 
 from pdserve.config import EngineArgs
-from pdserve.engine.outputs import EngineRequest, EngineStats, RequestOutput
-from pdserve.server.engine_process import EngineInfo, default_engine_factory, run_engine_process
+from pdserve.engine.outputs import EngineRequest, EngineStats
+from pdserve.server.engine_messages import (
+    AbortRequest,
+    AddRequest,
+    EngineFatal,
+    EngineInfo,
+    EngineReady,
+    ReleaseLease,
+    Shutdown,
+    StepOutputs,
+)
+from pdserve.server.engine_process import default_engine_factory, run_engine_process
+from pdserve.server.outbox import Outbox
 from pdserve.shm import unlink_shared_kv_files_of
 
-READER_POLL_S = 0.5  # how often the reader checks that the engine process is alive
+READER_POLL_S = 0.5  # how often start() checks that the engine process is alive
 ABORTED = object()  # put on a request's queue when the server aborts it
 
 
@@ -42,7 +51,7 @@ class EngineClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         ctx = mp.get_context("spawn")  # fork would copy the server's threads and CUDA state
         self._inbox = ctx.Queue()
-        self._outbox = ctx.Queue()
+        self._outbox = Outbox(ctx)
         self._proc = ctx.Process(
             target=run_engine_process, args=(args, self._inbox, self._outbox, factory),
             name="pdserve-engine", daemon=True,
@@ -55,28 +64,29 @@ class EngineClient:
     def start(self, timeout_s: float = 600.0) -> EngineInfo:
         """Spawn the engine and block until it has loaded the model (raises if it cannot)."""
         self._proc.start()
+        self._outbox.writer.close()  # the engine's copy is the only one: its exit ends the pipe
         waited = 0.0
-        while True:
-            try:
-                kind, *payload = self._outbox.get(timeout=READER_POLL_S)
-                break
-            except queue.Empty:
-                waited += READER_POLL_S
-                code = self._proc.exitcode
-                if not self._proc.is_alive():
-                    raise RuntimeError(f"engine process exited with code {code}") from None
-                if waited > timeout_s:
-                    raise TimeoutError("engine did not become ready in time") from None
-        if kind != "ready":
-            raise RuntimeError(f"engine failed to start:\n{payload[0]}")
-        self.info = payload[0]
+        while not self._outbox.reader.poll(READER_POLL_S):
+            waited += READER_POLL_S
+            code = self._proc.exitcode
+            if not self._proc.is_alive():
+                raise RuntimeError(f"engine process exited with code {code}")
+            if waited > timeout_s:
+                raise TimeoutError("engine did not become ready in time")
+        try:
+            first = self._outbox.reader.recv()
+        except EOFError:
+            self._proc.join(timeout=5)
+            raise RuntimeError(f"engine process exited with code {self._proc.exitcode}") from None
+        if not isinstance(first, EngineReady):  # EngineInitError
+            raise RuntimeError(f"engine failed to start:\n{first.traceback}")
+        self.info = first.info
         return self.info
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start routing outputs into `loop` (call from inside the running loop)."""
         self._loop = loop
-        threading.Thread(target=self._read_outputs, name="pdserve-engine-reader",
-                         daemon=True).start()
+        loop.add_reader(self._outbox.reader.fileno(), self._read_outputs)
 
     def add(self, req: EngineRequest) -> asyncio.Queue:
         """Submit a request. Its queue receives RequestOutputs until one is finished, or an
@@ -85,7 +95,7 @@ class EngineClient:
             raise EngineDeadError(self.dead_reason or "engine not started")
         q: asyncio.Queue = asyncio.Queue()
         self._queues[req.request_id] = q
-        self._inbox.put(("add", req))
+        self._inbox.put(AddRequest(req))
         return q
 
     def abort(self, request_id: str) -> None:
@@ -95,18 +105,18 @@ class EngineClient:
             return
         q.put_nowait(ABORTED)
         if self.healthy:
-            self._inbox.put(("abort", request_id))
+            self._inbox.put(AbortRequest(request_id))
 
     def release_lease(self, request_id: str, lease_token: str | None) -> None:
         """On P: free a finished prefill's held KV now (no decode instance will pull it),
         if `lease_token` is its capability."""
         if self.healthy:
-            self._inbox.put(("release_lease", (request_id, lease_token)))
+            self._inbox.put(ReleaseLease(request_id, lease_token))
 
     def shutdown(self) -> None:
         """Stop the engine process (politely, then by force)."""
         if self._proc.is_alive():
-            self._inbox.put(("shutdown", None))
+            self._inbox.put(Shutdown())
             self._proc.join(timeout=5)
         if self._proc.is_alive():
             self._proc.kill()
@@ -119,34 +129,30 @@ class EngineClient:
             unlink_shared_kv_files_of(self._proc.pid)
 
     def _read_outputs(self) -> None:
-        """Reader thread: the engine's messages, handed to the event loop one by one."""
-        while True:
-            try:
-                msg = self._outbox.get(timeout=READER_POLL_S)
-            except queue.Empty:
-                if not self._proc.is_alive():
-                    self._forget_shared_memory()
-                    self._post(self._fail_all,
-                               f"engine process exited with code {self._proc.exitcode}")
-                    return
-                continue
-            except (EOFError, OSError):
-                self._post(self._fail_all, "engine outbox closed")
-                return
-            if msg[0] == "fatal":
-                self._post(self._fail_all, f"engine crashed:\n{msg[1]}")
-                return
-            self._post(self._dispatch, msg[1], msg[2])
-
-    def _post(self, fn, *args) -> None:
+        """On the event loop, when the outbox is readable: one message, so that one step's
+        events are written before the next step is read (reading all that waited handed the
+        streams two steps at once whenever the loop ran late, and their clients got clumps);
+        more waiting keeps the pipe readable for the next iteration."""
+        reader = self._outbox.reader
         try:
-            self._loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError:
-            pass  # the event loop is closed: the server is shutting down
+            if reader.poll():
+                msg = reader.recv()
+                if isinstance(msg, EngineFatal):
+                    self._stop_reading(f"engine crashed:\n{msg.traceback}")
+                    return
+                self._dispatch(msg)
+        except (EOFError, OSError):  # the engine process is gone (its end of the pipe closed)
+            self._proc.join(timeout=1)
+            self._forget_shared_memory()
+            self._stop_reading(f"engine process exited with code {self._proc.exitcode}")
 
-    def _dispatch(self, outputs: list[RequestOutput], stats: EngineStats) -> None:
-        self.stats = stats
-        for out in outputs:
+    def _stop_reading(self, reason: str) -> None:
+        self._loop.remove_reader(self._outbox.reader.fileno())
+        self._fail_all(reason)
+
+    def _dispatch(self, msg: StepOutputs) -> None:
+        self.stats = msg.stats
+        for out in msg.outputs:
             q = self._queues.get(out.request_id)
             if q is None:
                 continue  # aborted by the server already

@@ -14,11 +14,23 @@ import queue
 import signal
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from pdserve.config import EngineArgs
+from pdserve.engine.compilations import COMPILATIONS
 from pdserve.engine.outputs import EngineRequest, RequestOutput
 from pdserve.lifecycle import exit_with_parent
+from pdserve.server.engine_messages import (
+    AbortRequest,
+    AddRequest,
+    EngineFatal,
+    EngineInfo,
+    EngineInitError,
+    EngineReady,
+    ReleaseLease,
+    Shutdown,
+    StepOutputs,
+    ToEngine,
+)
 from pdserve.shm import remove_stale_shared_kv_caches, unlink_shared_kv_files_of
 
 IDLE_POLL_S = 1.0  # how often an idle engine checks that its parent is still alive
@@ -27,22 +39,7 @@ MAX_ERROR_CHARS = 300  # of an unexpected error's text in the verdict the client
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class EngineInfo:
-    """What the server needs to know about the model, sent once the engine is ready."""
-
-    model_name: str
-    max_model_len: int
-    vocab_size: int
-    eos_token_ids: list[int]
-    pid: int
-
-
-# Messages in: ("add", EngineRequest) | ("abort", request_id)
-#              | ("release_lease", (request_id, lease_token)) | ("shutdown", None).
-# Messages out: ("ready", EngineInfo) | ("init_error", str) | ("outputs", list, EngineStats)
-#               | ("fatal", str). Every "add" is answered first by a verdict: an empty
-#               RequestOutput (accepted) or a finished one carrying `error` (refused).
+# The messages in and out are the dataclasses of pdserve/server/engine_messages.py.
 
 
 def default_engine_factory(args: EngineArgs):
@@ -66,7 +63,7 @@ def run_engine_process(
     try:
         engine = factory(args)
     except BaseException:
-        outbox.put(("init_error", traceback.format_exc()))
+        outbox.put(EngineInitError(traceback.format_exc()))
         return
     info = EngineInfo(
         model_name=engine.model_name,
@@ -75,12 +72,13 @@ def run_engine_process(
         eos_token_ids=list(engine.eos_token_ids),
         pid=os.getpid(),
     )
-    outbox.put(("ready", info))
-    outbox.put(("outputs", [], engine.stats()))  # /metrics has pool sizes from the start
+    COMPILATIONS.mark_ready()  # warmed up: whatever compiles from now on stalls a request
+    outbox.put(EngineReady(info))
+    outbox.put(StepOutputs([], engine.stats()))  # /metrics has pool sizes from the start
     try:
         _loop(engine, inbox, outbox)
     except BaseException:
-        outbox.put(("fatal", traceback.format_exc()))
+        outbox.put(EngineFatal(traceback.format_exc()))
         raise
     finally:
         if hasattr(engine, "close"):
@@ -102,7 +100,7 @@ def _bind_to_server() -> None:
 def _loop(engine, inbox, outbox) -> None:
     parent = os.getppid()
     while True:
-        messages = []
+        messages: list[ToEngine] = []
         if not engine.has_unfinished_requests():
             try:
                 messages.append(inbox.get(timeout=IDLE_POLL_S))
@@ -110,23 +108,23 @@ def _loop(engine, inbox, outbox) -> None:
                 if os.getppid() != parent:
                     return  # the server is gone: nobody to serve
                 # idle, but KV leases may have ended (released by D, or expired): free them
-                outbox.put(("outputs", engine.step(), engine.stats()))
+                outbox.put(StepOutputs(engine.step(), engine.stats()))
                 continue
         messages.extend(_drain(inbox))
         verdicts: list[RequestOutput] = []
-        for kind, payload in messages:
-            if kind == "shutdown":
+        for msg in messages:
+            if isinstance(msg, Shutdown):
                 return
-            if kind == "add":
-                verdicts.append(_add(engine, payload))
-            elif kind == "abort":
-                _abort(engine, payload)
-            elif kind == "release_lease":  # the step below frees its blocks
-                _release_lease(engine, *payload)
+            if isinstance(msg, AddRequest):
+                verdicts.append(_add(engine, msg.request))
+            elif isinstance(msg, AbortRequest):
+                _abort(engine, msg.request_id)
+            elif isinstance(msg, ReleaseLease):  # the step below frees its blocks
+                _release_lease(engine, msg.request_id, msg.lease_token)
         if verdicts:  # before the step: the server answers 400 or starts streaming at once
-            outbox.put(("outputs", verdicts, engine.stats()))
+            outbox.put(StepOutputs(verdicts, engine.stats()))
         if engine.has_unfinished_requests() or messages:
-            outbox.put(("outputs", engine.step(), engine.stats()))
+            outbox.put(StepOutputs(engine.step(), engine.stats()))
 
 
 def _drain(inbox) -> list:

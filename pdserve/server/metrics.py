@@ -32,6 +32,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from pdserve.config import EngineArgs
+from pdserve.engine.compilations import KINDS
 from pdserve.engine.histogram import StepHistogram
 from pdserve.engine.outputs import EngineStats, RequestTimes
 
@@ -176,6 +177,11 @@ class _EngineStatsCollector(Collector):
                                                        0))))
         hits = dict.fromkeys(CACHE_HIT_SOURCES, 0)
         hits.update(device=s.prefix_cache_hits, p2p=s.num_pulled_tokens)
+        yield _labelled(CounterMetricFamily, "pdserve:compilations_after_ready",
+                        "Triton compiles, CUDA-graph captures and torch.compile graphs in the "
+                        "engine process since it said ready (each stalled a step; should stay "
+                        "0), by kind.", labels, "kind",
+                        {kind: s.compilations_after_ready.get(kind, 0) for kind in KINDS})
         yield _labelled(CounterMetricFamily, "vllm:prompt_tokens_cached_by_source",
                         "Prompt tokens whose KV was not computed, by where it came from: device "
                         "(this instance's prefix cache), p2p (pulled from a prefill instance).",

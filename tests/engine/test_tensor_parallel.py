@@ -6,10 +6,12 @@ import os
 import signal
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 import torch
 
+from pdserve import switches
 from pdserve.config import SchedulerConfig
 from pdserve.engine.blocks import BlockPool
 from pdserve.engine.kv_caches import KVCaches
@@ -170,11 +172,11 @@ def test_tp_needs_a_gpu_per_rank_unless_sharing_is_asked(monkeypatch):
     onto the GPUs over gloo (NCCL refuses two ranks on one GPU)."""
     from pdserve.engine.tp import SHARE_GPUS_ENV, visible_gpus_for
 
-    monkeypatch.delenv(SHARE_GPUS_ENV, raising=False)
+    monkeypatch.setattr(switches, "SWITCHES", replace(switches.SWITCHES, tp_share_gpus=False))
     have = torch.cuda.device_count()
     with pytest.raises(ValueError, match=f"needs {have + 1} GPUs.*{SHARE_GPUS_ENV}=1"):
         visible_gpus_for(have + 1)
-    monkeypatch.setenv(SHARE_GPUS_ENV, "1")
+    monkeypatch.setattr(switches, "SWITCHES", replace(switches.SWITCHES, tp_share_gpus=True))
     assert visible_gpus_for(have + 1) == have
     shared = TPSpec(None, torch.bfloat16, "cuda", tp_size=4, num_gpus=2)
     assert shared.shares_gpus and shared.backend == "gloo"

@@ -6,9 +6,12 @@ Skipped without CUDA; run on the GPU machine with `python3 -m pytest -q tests/gp
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
+from pdserve import switches
 from pdserve.config import ModelConfig
 from pdserve.kernels.attention import build_metadata
 from pdserve.kernels.triton_activation import silu_and_mul
@@ -86,7 +89,7 @@ def test_fusion_applies_exactly_at_one_row_of_a_one_gpu_gemv(monkeypatch) -> Non
     assert not fused_gemv_applies(bf16(2, 64), w, None, 1)
     assert not fused_gemv_applies(x.float(), w, None, 1)
     assert not fused_gemv_applies(x.cpu(), w, None, 1)
-    monkeypatch.setattr(layers, "USE_FUSED_GEMV", False)
+    monkeypatch.setattr(switches, "SWITCHES", replace(switches.SWITCHES, fused_gemv=False))
     assert not fused_gemv_applies(x, w, None, 1) and layers.gemv_applies(x, w, 1)
 
 
@@ -126,7 +129,7 @@ def test_decoder_logits_with_and_without_fusion(variant, monkeypatch) -> None:
     # 3 layers; Qwen2's qkv has a bias, so only its post-attention norm fuses
     expected = {"add_rmsnorm_gemv": 3 if variant == "qwen2" else 6, "silu_mul_gemv": 3}
     assert calls == expected
-    monkeypatch.setattr(layers, "USE_FUSED_GEMV", False)
+    monkeypatch.setattr(switches, "SWITCHES", replace(switches.SWITCHES, fused_gemv=False))
     unfused = decode_logits(model, caches)  # the decode step overwrites its own K/V slot
     assert calls == expected  # no more calls
     assert rel_err(fused, unfused) < BF16_REL

@@ -1,5 +1,7 @@
 """Prefill and mixed-batch attention match a float64 reference, under the Triton interpreter."""
 
+from dataclasses import replace
+
 import pytest
 
 pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot run")
@@ -7,9 +9,11 @@ pytest.importorskip("triton", reason="triton is not installed: the Triton kernel
 import torch  # noqa: E402
 from triton_paged_case import make_case, reference, rel_error  # noqa: E402
 
+from pdserve import switches  # noqa: E402
 from pdserve.kernels.attention import paged_attention, write_kv  # noqa: E402
 from pdserve.kernels.triton_attention import triton_paged_attention  # noqa: E402
 from pdserve.kernels.triton_prefill import PrefillConfig, prefill_attention  # noqa: E402
+from pdserve.switches import read_switches  # noqa: E402
 
 # (head_dim, query heads, kv heads, block size): GQA ratios 1, 3, 4 and 8
 SHAPES = [(64, 4, 4, 16), (128, 8, 2, 32), (64, 8, 1, 16), (128, 16, 2, 16), (64, 9, 3, 32)]
@@ -19,6 +23,11 @@ BATCHES = {
     "prefix_cached": ([7, 20], [40, 61]),  # chunks after cached prefixes
     "mixed": ([1, 12, 1, 30], [70, 12, 5, 50]),  # decode and prefill in one step
 }
+
+
+def set_switches(monkeypatch, **changes) -> None:
+    """This test's run-time switches (what the PDSERVE_* variables would set)."""
+    monkeypatch.setattr(switches, "SWITCHES", replace(switches.SWITCHES, **changes))
 
 
 def run(case) -> torch.Tensor:
@@ -84,21 +93,19 @@ def test_half_precision_inputs() -> None:
 def test_dispatcher_uses_torch_on_cpu_and_triton_when_forced(monkeypatch) -> None:
     case = make_case([1, 10], [20, 10], 8, 2, 64, 16, seed=8)
     expected, _ = reference(case)
-    monkeypatch.delenv("PDSERVE_ATTENTION_BACKEND", raising=False)
+    set_switches(monkeypatch, attention_backend=None)
     torch_out = paged_attention(
         case.q, case.k, case.v, case.kv_cache.clone(), case.meta, case.scale
     )
-    monkeypatch.setenv("PDSERVE_ATTENTION_BACKEND", "triton")
+    set_switches(monkeypatch, attention_backend="triton")
     triton_out = paged_attention(case.q, case.k, case.v, case.kv_cache, case.meta, case.scale)
     assert rel_error(torch_out, expected) < 1e-5
     assert rel_error(triton_out, expected) < 1e-5
 
 
-def test_dispatcher_rejects_unknown_backend(monkeypatch) -> None:
-    case = make_case([1], [4], 2, 2, 64, 16)
-    monkeypatch.setenv("PDSERVE_ATTENTION_BACKEND", "flash")
-    with pytest.raises(ValueError, match="PDSERVE_ATTENTION_BACKEND"):
-        paged_attention(case.q, case.k, case.v, case.kv_cache, case.meta, case.scale)
+def test_unknown_backend_is_refused_when_the_switches_are_read() -> None:
+    with pytest.raises(ValueError, match="PDSERVE_ATTENTION_BACKEND='flash'.*torch or triton"):
+        read_switches({"PDSERVE_ATTENTION_BACKEND": "flash"})
 
 
 @pytest.mark.parametrize("head_dim,heads,kv_heads,block_size", SHAPES)
@@ -109,7 +116,7 @@ def test_fresh_prompts_through_sdpa_match_reference(
     from pdserve.kernels import sdpa_prefill
 
     monkeypatch.setattr(sdpa_prefill, "SDPA_MIN_QUERY_LEN", 16)
-    monkeypatch.setenv("PDSERVE_PREFILL_SDPA", "1")
+    set_switches(monkeypatch, prefill_sdpa=True)
     query_lens = [5, 33, 16]
     assert sdpa_prefill.sdpa_prefill_applies(query_lens, query_lens)
     case = make_case(query_lens, query_lens, heads, kv_heads, head_dim, block_size, seed=3)
@@ -123,7 +130,7 @@ def test_sdpa_prefill_applies_only_to_long_fresh_prompt_steps(monkeypatch) -> No
     from pdserve.kernels.sdpa_prefill import sdpa_prefill_applies
 
     assert not sdpa_prefill_applies([n, 3], [n, 3])  # off unless asked for
-    monkeypatch.setenv("PDSERVE_PREFILL_SDPA", "1")
+    set_switches(monkeypatch, prefill_sdpa=True)
     assert sdpa_prefill_applies([n, 3], [n, 3])
     assert not sdpa_prefill_applies([n - 1, 3], [n - 1, 3])  # all short
     assert not sdpa_prefill_applies([n, 3], [n + 16, 3])  # a chunk over a cached prefix

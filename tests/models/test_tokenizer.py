@@ -7,8 +7,10 @@ import time
 import pytest
 from transformers import PreTrainedTokenizerFast
 
+from pdserve import switches
 from pdserve.models.cache import cache_root
 from pdserve.models.loader import load_tokenizer, model_config
+from pdserve.switches import read_switches
 
 
 @pytest.fixture(scope="session")
@@ -47,5 +49,6 @@ def test_second_load_hits_the_cache(tokenizer):
 
 
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
-    monkeypatch.setenv("PDSERVE_CACHE_DIR", str(tmp_path))
+    read = read_switches({"PDSERVE_CACHE_DIR": str(tmp_path)})
+    monkeypatch.setattr(switches, "SWITCHES", read)
     assert cache_root() == tmp_path

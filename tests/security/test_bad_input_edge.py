@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from pdserve.security import DeploymentSecret, sign_request
+from pdserve.server.engine_messages import StepOutputs
 from tests.router.cluster import (
     Proc,
     internal,
@@ -340,6 +341,7 @@ def test_the_engine_process_contains_any_exception_of_one_request():
     from pdserve.config import CacheConfig, EngineArgs
     from pdserve.engine.outputs import EngineRequest
     from pdserve.engine.sampling_params import SamplingParams
+    from pdserve.server.engine_messages import AddRequest, EngineReady, Shutdown
     from pdserve.server.engine_process import run_engine_process
 
     ctx = mp.get_context("spawn")
@@ -348,13 +350,13 @@ def test_the_engine_process_contains_any_exception_of_one_request():
     proc = ctx.Process(target=run_engine_process, args=(args, inbox, outbox), daemon=True)
     proc.start()
     try:
-        assert outbox.get(timeout=300)[0] == "ready"
+        assert isinstance(outbox.get(timeout=300), EngineReady)
         bad = EngineRequest("bad", [1, 2, 3], SamplingParams(max_tokens="5"))  # type: ignore
-        inbox.put(("add", bad))
+        inbox.put(AddRequest(bad))
         verdict, stats = _next_outputs(outbox, "bad")
         assert verdict.finished and "TypeError" in verdict.error
         assert stats.request_failures == 1
-        inbox.put(("add", EngineRequest("good", [1, 2, 3], SamplingParams(max_tokens=2))))
+        inbox.put(AddRequest(EngineRequest("good", [1, 2, 3], SamplingParams(max_tokens=2))))
         tokens: list[int] = []
         while True:
             out, stats = _next_outputs(outbox, "good")
@@ -364,7 +366,7 @@ def test_the_engine_process_contains_any_exception_of_one_request():
                 break
         assert len(tokens) == 2 and proc.is_alive() and stats.request_failures == 1
     finally:
-        inbox.put(("shutdown", None))
+        inbox.put(Shutdown())
         proc.join(timeout=30)
         if proc.is_alive():
             proc.kill()
@@ -374,10 +376,9 @@ def _next_outputs(outbox, request_id: str):
     """The next output of `request_id` off the engine's outbox, and the stats with it."""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        kind, *payload = outbox.get(timeout=120)
-        assert kind == "outputs", payload
-        outputs, stats = payload
-        for out in outputs:
+        msg = outbox.get(timeout=120)
+        assert isinstance(msg, StepOutputs), msg
+        for out in msg.outputs:
             if out.request_id == request_id:
-                return out, stats
+                return out, msg.stats
     raise TimeoutError(request_id)

@@ -53,6 +53,12 @@ def test_flags_reach_engine_args():
     assert (ea.kv_transport, ea.kv_lease_ttl_s, ea.cpu_threads) == ("tcp", 5.0, 1)
 
 
+def test_itl_target_flag_reaches_the_scheduler_and_is_off_by_default():
+    assert engine_args(parse()).scheduler.max_step_ms is None
+    sched = engine_args(parse("--itl-target-ms", "40", "--step-time-file", "m.json")).scheduler
+    assert (sched.max_step_ms, sched.step_time_file) == (40.0, "m.json")
+
+
 def test_help_explains_every_flag(capsys):
     with pytest.raises(SystemExit):
         parse("--help")

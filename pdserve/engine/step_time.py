@@ -1,0 +1,113 @@
+"""How long one engine step takes, predicted from its shape: a linear model in five numbers.
+
+The scheduler uses it to size prefill chunks under an inter-token-latency target; the planner
+(pdserve/planner/) is meant to read the same model. It is plain data: `to_dict`/`from_dict`
+round-trip through JSON, and `fit` builds one from timed steps (engine/calibrate.py).
+
+Units: seconds for times; a step's shape counts tokens (see `StepShape`), so each
+coefficient is seconds per token, per attention pair or per decode row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass
+class StepShape:
+    """What a step computes, in the units the model charges for."""
+
+    prefill_tokens: int = 0  # prompt tokens run this step (all prefill chunks)
+    prefill_attention: int = 0  # sum over those tokens of the tokens each attends to
+    decode_rows: int = 0  # one-token rows
+    decode_context: int = 0  # sum over decode rows of the tokens each attends to
+
+    def add_prefill(self, num_tokens: int, num_computed: int) -> None:
+        """A chunk of `num_tokens` after `num_computed` tokens already in the cache."""
+        self.prefill_tokens += num_tokens
+        # token i of the chunk (1-based) attends to num_computed + i tokens
+        self.prefill_attention += prefill_pairs(num_tokens, num_computed)
+
+    def add_decode(self, context: int) -> None:
+        self.decode_rows += 1
+        self.decode_context += context
+
+    def features(self) -> list[float]:
+        return [1.0, self.prefill_tokens, self.prefill_attention, self.decode_rows,
+                self.decode_context]
+
+
+def prefill_pairs(num_tokens: int, num_computed: int) -> int:
+    """Attention (query, key) pairs of a causal chunk of `num_tokens` after `num_computed`."""
+    return num_tokens * num_computed + num_tokens * (num_tokens + 1) // 2
+
+
+@dataclass
+class StepTimeModel:
+    """seconds = base_s + per_prefill_token_s * prefill_tokens + per_prefill_pair_s *
+    prefill_attention + per_decode_row_s * decode_rows + per_decode_context_s * decode_context.
+
+    Every coefficient is >= 0 and base_s > 0, so a prediction is positive and never falls
+    when a step grows."""
+
+    base_s: float  # a step's fixed cost: launch, sampling, host work
+    per_prefill_token_s: float  # weights' matmuls per prompt token
+    per_prefill_pair_s: float  # prefill attention per (query, key) pair
+    per_decode_row_s: float  # weights' matmuls per decode row
+    per_decode_context_s: float  # decode attention per cached token read
+
+    def seconds(self, shape: StepShape) -> float:
+        """Predicted wall time of a step of this shape."""
+        return sum(c * x for c, x in zip(self._coefficients(), shape.features()))
+
+    def max_prefill_tokens(self, shape: StepShape, num_computed: int, seconds: float,
+                           limit: int) -> int:
+        """The largest chunk (0..limit) after `num_computed` cached tokens that, added to
+        `shape`, keeps the step within `seconds`."""
+        lo, hi = 0, limit  # binary search: seconds() only grows with the chunk
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self._with_prefill(shape, mid, num_computed) <= seconds:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def _with_prefill(self, shape: StepShape, num_tokens: int, num_computed: int) -> float:
+        return (self.seconds(shape) + self.per_prefill_token_s * num_tokens
+                + self.per_prefill_pair_s * prefill_pairs(num_tokens, num_computed))
+
+    def _coefficients(self) -> list[float]:
+        return [self.base_s, self.per_prefill_token_s, self.per_prefill_pair_s,
+                self.per_decode_row_s, self.per_decode_context_s]
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, float]) -> StepTimeModel:
+        return cls(**{k: float(v) for k, v in data.items()})
+
+    @classmethod
+    def fit(cls, shapes: list[StepShape], seconds: list[float]) -> StepTimeModel:
+        """Least squares over timed steps, with coefficients held >= 0: a term whose free
+        fit comes out negative (noise, or a cost another term already explains) is dropped
+        and the rest refit."""
+        x = torch.tensor([s.features() for s in shapes], dtype=torch.float64)
+        y = torch.tensor(seconds, dtype=torch.float64)
+        scale = x.abs().amax(dim=0).clamp(min=1.0)  # columns span 1 to ~1e7: normalise
+        active = list(range(x.shape[1]))
+        while True:
+            scaled = torch.linalg.lstsq(x[:, active] / scale[active], y.unsqueeze(1)).solution
+            scaled = scaled.squeeze(1).tolist()
+            worst = min(range(1, len(active)), key=lambda i: scaled[i], default=None)
+            if worst is None or scaled[worst] >= 0:
+                break
+            del active[worst]
+        values = [0.0] * x.shape[1]
+        for a, c in zip(active, scaled):
+            values[a] = c / scale[a].item()
+        values[0] = max(values[0], 1e-6)  # a step is never free
+        return cls(*values)

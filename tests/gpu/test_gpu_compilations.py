@@ -1,0 +1,101 @@
+"""On a GPU: Triton compiles and CUDA-graph captures are counted, and a warmed-up engine
+compiles and captures nothing while it serves varied requests (issue #14).
+
+Skipped without CUDA; run on the GPU machine with `python3 -m pytest -q tests/gpu`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pdserve.config import CacheConfig, EngineArgs, SchedulerConfig
+from pdserve.engine.compilations import COMPILATIONS, KINDS, CompileCounter
+from pdserve.engine.outputs import EngineRequest
+from pdserve.engine.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+
+
+@triton.jit
+def _add_one(x_ptr, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    tl.store(x_ptr + offsets, tl.load(x_ptr + offsets) + 1)
+
+
+def test_each_new_triton_specialization_counts_once():
+    counter = CompileCounter()
+    counter.watch_triton()
+    x = torch.zeros(128, device="cuda")
+    _add_one[(1,)](x, BLOCK=64)
+    assert counter.counts["triton"] == 1
+    _add_one[(1,)](x, BLOCK=64)  # in Triton's in-memory cache: no compile
+    assert counter.counts["triton"] == 1
+    _add_one[(1,)](x, BLOCK=128)  # a new constexpr: a new specialization
+    assert counter.counts["triton"] == 2
+    assert x[:64].eq(3).all() and x[64:].eq(1).all()
+
+
+def recording_triton_compiles(names: list[str]):
+    """Chain a hook that records each compiled kernel's repr (to say what compiled late)."""
+    from triton import knobs
+
+    previous = knobs.runtime.jit_post_compile_hook
+
+    def record(**kwargs):
+        names.append(kwargs["repr"])
+        return previous(**kwargs) if previous else None
+
+    knobs.runtime.jit_post_compile_hook = record
+    return previous
+
+
+def varied_requests() -> list[EngineRequest]:
+    """Short and long prompts, one over a cached prefix, greedy and sampled, 20 at once."""
+    g = torch.Generator().manual_seed(7)
+    lens = [1, 2, 5, 17, 33, 100, 257, 600, 1500, 3000, 15, 16, 31, 64, 65, 128, 9, 3, 700, 40]
+    prompts = [torch.randint(10, 32000, (n,), generator=g).tolist() for n in lens]
+    prompts[-1] = prompts[8][:1200] + prompts[-1]  # a chunk over a cached prefix
+    greedy = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    sampled = SamplingParams(max_tokens=40, temperature=0.8, top_p=0.9, top_k=40, seed=3,
+                             ignore_eos=True)
+    return [EngineRequest(f"v{i}", p, greedy if i % 2 else sampled)
+            for i, p in enumerate(prompts)]
+
+
+# Seen on an H200 (2026-12-06, the device's pdserve snapshot, llama-3.1-8b preset, these
+# requests): 6 Triton compiles after warm-up, new specializations of _decode_split_kernel (3),
+# _prefill_kernel (2) and _decode_reduce_kernel (1): an int argument equal to 1 (Triton makes
+# it a constant) and q/k/v pointers whose 16-byte alignment differs from the warm-up's
+# (slices of the fused qkv at odd token counts). Fix: do_not_specialize(_on_alignment) on
+# those arguments, or warm up each variant; then drop this mark.
+@pytest.mark.xfail(strict=False, reason="issue #14: Triton specializes on ints equal to 1 "
+                   "and on pointer alignment, which warm-up does not cover")
+def test_a_warmed_up_engine_compiles_and_captures_nothing_while_serving(gpu_llama):
+    from pdserve.engine.engine import Engine
+
+    graphs_before = COMPILATIONS.counts["cuda_graph"]
+    engine = Engine(EngineArgs(model=gpu_llama, dtype="bfloat16", device="cuda",
+                               cache=CacheConfig(gpu_memory_utilization=0.3),
+                               scheduler=SchedulerConfig(max_num_seqs=16,
+                                                         max_num_batched_tokens=4096)))
+    late: list[str] = []
+    from triton import knobs
+
+    previous = recording_triton_compiles(late)
+    try:
+        assert engine.runner.graphs is not None
+        captured = COMPILATIONS.counts["cuda_graph"] - graphs_before
+        assert captured == len(engine.runner.graphs.sizes)
+        COMPILATIONS.mark_ready()
+        reqs = varied_requests()
+        engine.generate(reqs[:3])  # one, then a few at once
+        engine.generate(reqs)  # all twenty: decode batches of many sizes
+        assert COMPILATIONS.after_ready() == dict.fromkeys(KINDS, 0), late
+    finally:
+        knobs.runtime.jit_post_compile_hook = previous
+        COMPILATIONS.at_ready = None
+        engine.close()
