@@ -62,10 +62,10 @@ from pdserve.router.upstream import Refused, Upstream, UpstreamError
 
 log = logging.getLogger(__name__)
 
-PLAIN_ROLES = {"colocated": ("colocated",), "fallback": ("decode", "colocated", "prefill"),
-               "prefill_only": ("prefill",), "short_prompt": ("decode", "colocated", "prefill"),
-               "no_handoff": ("decode", "colocated", "prefill")}
-RESUME_ROLES = ("decode", "colocated", "prefill")  # who may take over a failed answer
+ANY_ROLE = ("decode", "colocated", "prefill")  # whole on one instance: decode ones first
+PLAIN_ROLES = {"colocated": ("colocated",), "fallback": ANY_ROLE, "prefill_only": ("prefill",),
+               "short_prompt": ANY_ROLE, "no_handoff": ANY_ROLE}
+RESUME_ROLES = ANY_ROLE  # who may take over a failed answer
 MAX_RESUMES = 2  # per request: an answer that keeps killing instances is not chased forever
 INTERNAL_FIELDS = ("resume",)  # request fields only the router may send an instance
 

@@ -33,14 +33,6 @@ class Delta:
 
 
 @dataclass
-class PrefilledToken:
-    """The first token of a request that P prefilled, as its hand-off names it."""
-
-    token_id: int
-    logprobs: list[TokenLogprob]  # empty unless the client asked for logprobs
-
-
-@dataclass
 class Generation:
     """Runs one engine request and keeps its totals for `usage`."""
 
@@ -106,9 +98,10 @@ class Generation:
         reason = "abort"
         finished = self._aborted
         try:
-            first = self._prefilled_first_token(finished)
-            if first is not None:  # D: the answer starts with P's token, as vLLM's D's does
-                yield self._consume(detok, [first.token_id], first.logprobs)
+            prefill = self._unsent_prefill(finished)
+            if prefill is not None:  # D: the answer starts with P's token, as vLLM's D's does
+                logprob = prefill.first_token_logprob
+                yield self._consume(detok, [prefill.first_token_id], [logprob] if logprob else [])
             while not finished:
                 out = await self._queue.get()
                 if out is ABORTED:
@@ -137,15 +130,14 @@ class Generation:
                     time.monotonic() - self._start, self.request.params.max_tokens,
                     self.max_tokens_param, self.times, self.cached_tokens))
 
-    def _prefilled_first_token(self, aborted: bool) -> PrefilledToken | None:
-        """On D, the first token P sampled, unless the client has it already (the router
-        streamed it and sent it back as `resume`): D's answer is then the whole completion,
-        first token included, which is what vLLM's P/D proxies expect of a decode instance."""
+    def _unsent_prefill(self, aborted: bool) -> RemotePrefill | None:
+        """On D, P's hand-off whose first token the client lacks (unless the router streamed
+        it and sent it back as `resume`): D's answer is then the whole completion, first
+        token included, which is what vLLM's P/D proxies expect of a decode instance."""
         handoff = self.request.handoff
         if aborted or self.request.output_token_ids or not isinstance(handoff, RemotePrefill):
             return None
-        logprob = handoff.first_token_logprob
-        return PrefilledToken(handoff.first_token_id, [logprob] if logprob else [])
+        return handoff
 
     def cancel(self) -> None:
         """The client went away: free the engine's blocks and end `deltas`."""
