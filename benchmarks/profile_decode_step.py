@@ -85,7 +85,7 @@ def main() -> None:
         torch.cuda.synchronize()
     summary = {"model": args.model, "batch": args.batch, "context": args.context,
                "date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(0),
-               "async_scheduling": engine._overlap is not None, "step_ms": step_ms,
+               "async_scheduling": engine.loop.depth == 1, "step_ms": step_ms,
                **summarize(device_events(prof), args.steps)}
     print(f"step {step_ms:.3f} ms unprofiled; profiled: busy {summary['busy_us']:.0f} us, "
           f"idle {summary['idle_us']:.0f} us a step")

@@ -16,17 +16,16 @@ from pdserve.engine.blocks import BlockPool
 from pdserve.engine.calibrate import calibrate
 from pdserve.engine.compilations import COMPILATIONS
 from pdserve.engine.connector import Connector, NullConnector
-from pdserve.engine.handoff import HeldPrefill, RemotePrefill
+from pdserve.engine.handoff import RemotePrefill
 from pdserve.engine.kv_caches import KVCaches
 from pdserve.engine.kv_connector import KVConnector
 from pdserve.engine.kv_manager import KVCacheManager
 from pdserve.engine.outputs import EngineRequest, EngineStats, RequestOutput, RequestTimes
-from pdserve.engine.overlap import OverlappedLoop
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.runner import ModelRunner, profile_peak_activation_bytes
-from pdserve.engine.sampler import sample
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from pdserve.engine.step_loop import StepLoop
 from pdserve.engine.step_time import StepTimeModel
 from pdserve.engine.tp import TPSpec, visible_gpus_for
 from pdserve.engine.tp_runner import TPModelRunner, TPWorkers
@@ -310,8 +309,8 @@ class Engine:
             self.connector.revoke_lease(request_id)
             return
         request.status = RequestStatus.FINISHED_ABORTED
-        self._release(request)  # D, never pulled: P may free it now
-        self._pending.append(self._output(request, [], None))
+        self.loop.release(request)  # D, never pulled: P may free it now
+        self._pending.append(self.output(request, [], None))
 
     def release_lease(self, request_id: str, lease_token: object) -> bool:
         """On P: free a held prefill's blocks now (e.g. a stop string ended it: no D will
@@ -326,63 +325,24 @@ class Engine:
                 or bool(self.scheduler.aborted_pulls))
 
     @functools.cached_property
-    def _overlap(self) -> OverlappedLoop | None:
-        """The --async-scheduling step loop, where it applies: one device, colocated (it
-        neither polls a KV connector nor keeps blocks for one)."""
+    def loop(self) -> StepLoop:
+        """The step loop; its depth (steps in flight) is 1 with --async-scheduling, which is
+        the default where it pays: a GPU, which can run ahead of the host."""
         wanted = self.args.async_scheduling
-        supported = self.args.role == "colocated" and type(self.runner) is ModelRunner
-        if wanted is None:  # the default: where it pays, i.e. a GPU that can run ahead
-            return OverlappedLoop(self) if supported and self.device.type == "cuda" else None
-        if not wanted:
-            return None
-        if not supported:
-            log.warning("--async-scheduling is ignored with --role %s and tensor parallel "
-                        "size %d: steps run serially", self.args.role,
-                        self.args.tensor_parallel_size)
-            return None
-        return OverlappedLoop(self)
+        if wanted is None:
+            wanted = self.device.type == "cuda"
+        return StepLoop(self, depth=1 if wanted else 0)
 
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, sample; return the deltas of requests that moved."""
-        if self._overlap is not None:  # plan and queue the next step while this one runs
-            return self._overlap.step()
+        return self.loop.step()
+
+    def take_pending_outputs(self) -> list[RequestOutput]:
+        """Outputs produced outside a step (aborts), for the next step to return."""
         outputs, self._pending = self._pending, []
-        self._collect_transfers()
-        plan = self.scheduler.schedule()  # admitting may start pulls (the connector's)
-        if not plan.scheduled:
-            if self.scheduler.pulling or self.scheduler.aborted_pulls:
-                self.connector.wait(0.005)  # nothing to compute until a pull lands
-            return outputs
-        logits = self.runner.execute(plan)
-        sampling = [s.request for s in plan.scheduled if s.samples]
-        for s in plan.scheduled:
-            s.request.num_computed_tokens += s.num_new_tokens
-            self.kv.publish_full_blocks(s.request)
-        tokens, logprobs = sample(logits, sampling, self.eos_token_ids)
-        for request, token, logprob in zip(sampling, tokens, logprobs):
-            request.output_token_ids.append(token)
-            self._check_stop(request, token)
-            out = self._output(request, [token], logprob)
-            if request.is_finished:
-                self._finish(request, out)
-            outputs.append(out)
         return outputs
 
-    def _finish(self, request: Request, out: RequestOutput) -> None:
-        """Free a finished request, or on P keep its KV under a lease for the decode side."""
-        out.held = self._release(request)
-        del self.requests[request.request_id]
-
-    def _release(self, request: Request) -> HeldPrefill | None:
-        """Take a finished or aborted request out of the scheduler; its blocks are freed
-        unless the connector keeps them (one still pulling: once its pull ends)."""
-        keep, held = self.connector.request_finished(request)
-        self.scheduler.remove(request, free_blocks=not keep)
-        if keep:
-            request.block_ids = []  # the connector owns the references now
-        return held
-
-    def _collect_transfers(self) -> None:
+    def collect_transfers(self) -> None:
         """Free blocks the connector let go of; move requests whose pull finished on."""
         results, freed = self.connector.poll()
         if freed:
@@ -397,7 +357,8 @@ class Engine:
         if self.tp_workers is not None:
             self.tp_workers.close()
 
-    def _check_stop(self, request: Request, token: int) -> None:
+    def check_stop(self, request: Request, token: int) -> None:
+        """Mark a request finished if `token`, just appended, ends it."""
         p = request.params
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
             request.status = RequestStatus.FINISHED_STOPPED
@@ -406,7 +367,8 @@ class Engine:
         elif request.num_tokens >= self.max_model_len:
             request.status = RequestStatus.FINISHED_LENGTH
 
-    def _output(self, request: Request, tokens: list[int], logprob) -> RequestOutput:
+    def output(self, request: Request, tokens: list[int], logprob) -> RequestOutput:
+        """The delta a step returns for `request`; with its times once it finished."""
         if tokens and not request.first_token_time:
             request.first_token_time = time.monotonic()
         return RequestOutput(

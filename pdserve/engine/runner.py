@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from pdserve.engine.batch_inputs import InputBuilder, StepInputs
 from pdserve.engine.cuda_graphs import DecodeGraphs
 from pdserve.engine.scheduler import SchedulerOutput
 from pdserve.kernels.attention import build_metadata
+
+if TYPE_CHECKING:
+    from pdserve.engine.step_loop import PendingIds
 
 
 class ModelRunner:
@@ -31,7 +36,17 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> torch.Tensor:
         """Forward every scheduled token; logits [num_sampling, vocab] in float32, in order."""
-        return forward_step(self.model, self.kv_caches, self.graphs, self.inputs.build(step))
+        return self.launch(step, self.inputs, None)
+
+    @torch.inference_mode()
+    def launch(self, step: SchedulerOutput, builder: InputBuilder,
+               pending: PendingIds | None) -> torch.Tensor:
+        """`execute` with the inputs staged in `builder`, and the input ids the host does
+        not know yet (async scheduling) copied in on the device first."""
+        x = builder.build(step)
+        if pending is not None:
+            pending.apply(x)
+        return forward_step(self.model, self.kv_caches, self.graphs, x)
 
 
 def forward_step(model: torch.nn.Module, kv_caches: list[torch.Tensor],

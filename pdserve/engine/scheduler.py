@@ -166,7 +166,8 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = self._num_new_tokens(request, budget)
+            num_new = 0 if self._ends_when_applied(request) else self._num_new_tokens(
+                request, budget)
             if num_new == 0:
                 i += 1
                 continue
@@ -180,6 +181,14 @@ class Scheduler:
                 self._add(out, request, num_new)
                 budget -= num_new
                 i += 1
+
+    @staticmethod
+    def _ends_when_applied(request: Request) -> bool:
+        """Its token in flight (async scheduling) is its last: nothing more to compute (on P
+        this keeps a prefill that ends with its first token out of the next step)."""
+        pending = request.num_pending_tokens
+        return bool(pending) and len(request.output_token_ids) + pending >= \
+            request.params.max_tokens
 
     def _preempt(self, request: Request) -> None:
         self.kv.free(request)

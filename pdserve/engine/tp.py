@@ -27,7 +27,7 @@ NCCL_SAFE_ENV = {
     "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
     "NVSHMEM_DISABLE_NVLS": "1",
 }
-HEADER = 4  # tokens, sequences, block-table width, sampling rows
+HEADER = 5  # tokens, sequences, block-table width, sampling rows, ids follow (0/1)
 SHARE_GPUS_ENV = switches.env_name("tp_share_gpus")
 
 
@@ -91,24 +91,36 @@ def join_group(spec: TPSpec, rank: int, port: int, store: dist.TCPStore | None =
                             timeout=timeout)
 
 
-def pack_step(builder: InputBuilder, x: StepInputs) -> np.ndarray:
+def pack_step(builder: InputBuilder, x: StepInputs, ids_follow: bool = False) -> np.ndarray:
     """One step's inputs as a flat int32 array, read from the builder's host buffers.
 
     The host buffers, not `x`, so that rank 0 never waits on a device-to-host copy; int32
     halves the bytes (the block table dominates) and holds every id, position and slot.
+    `ids_follow`: some input ids are not known on the host yet (async scheduling); rank 0
+    broadcasts the step's ids once it has them on the device (`broadcast_ids`).
     """
     host = builder.last
     t, n = x.input_ids.shape[0], x.sample_rows.shape[0]
     b, width = x.meta.block_tables.shape
     return np.concatenate([
-        np.array([t, b, width, n], dtype=np.int32),
+        np.array([t, b, width, n, int(ids_follow)], dtype=np.int32),
         host.ids, host.pos, host.slots, host.starts, host.seq_lens, host.tables.ravel(), host.rows,
     ], dtype=np.int32, casting="same_kind")
 
 
+def ids_follow(payload: np.ndarray) -> bool:
+    """Rank 0 broadcasts this step's input ids after the packed step (`pack_step`)."""
+    return bool(payload[4])
+
+
+def broadcast_ids(x: StepInputs) -> None:
+    """Every rank: rank 0's input ids of the step (some known only on its device)."""
+    dist.broadcast(x.input_ids, src=0)
+
+
 def unpack_step(payload: np.ndarray, device: torch.device) -> StepInputs:
     """The `StepInputs` rank 0 built, on this rank's device."""
-    t, b, width, n = (int(v) for v in payload[:HEADER])
+    t, b, width, n = (int(v) for v in payload[:4])
     sizes = [t, t, t, b + 1, b, b * width, n]
     ids, pos, slots, starts, seq_lens, tables, rows = np.split(
         payload[HEADER:], np.cumsum(sizes)[:-1])

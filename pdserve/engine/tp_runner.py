@@ -24,17 +24,31 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from pdserve.engine.batch_inputs import InputBuilder
 from pdserve.engine.cuda_graphs import DecodeGraphs
 from pdserve.engine.kv_caches import KVCaches, allocate_worker_caches
 from pdserve.engine.runner import ModelRunner, forward_step, profile_peak_activation_bytes
 from pdserve.engine.scheduler import SchedulerOutput
-from pdserve.engine.tp import NCCL_SAFE_ENV, TPSpec, join_group, make_store, pack_step, unpack_step
+from pdserve.engine.tp import (
+    NCCL_SAFE_ENV,
+    TPSpec,
+    broadcast_ids,
+    ids_follow,
+    join_group,
+    make_store,
+    pack_step,
+    unpack_step,
+)
 from pdserve.lifecycle import exit_with_parent
+
+if TYPE_CHECKING:
+    from pdserve.engine.step_loop import PendingIds
 
 log = logging.getLogger(__name__)
 
@@ -240,12 +254,26 @@ class TPModelRunner:
                                        for rank in range(1, workers.spec.tp_size)])
         self.model, self.kv_caches, self.device = model, kv_caches, device
 
+    @property
+    def inputs(self) -> InputBuilder:
+        return self.local.inputs
+
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> torch.Tensor:
         """Forward every scheduled token on every rank; logits [num_sampling, vocab] (float32)."""
-        x = self.local.inputs.build(step)
-        self.workers.send("step", pack_step(self.local.inputs, x))
+        return self.launch(step, self.local.inputs, None)
+
+    @torch.inference_mode()
+    def launch(self, step: SchedulerOutput, builder: InputBuilder,
+               pending: PendingIds | None) -> torch.Tensor:
+        """`execute` with the inputs staged in `builder`; input ids the host does not know
+        yet (async scheduling) are copied in on rank 0's device and broadcast to the ranks."""
+        x = builder.build(step)
+        self.workers.send("step", pack_step(builder, x, ids_follow=pending is not None))
         try:
+            if pending is not None:
+                pending.apply(x)
+                broadcast_ids(x)
             return forward_step(self.model, self.kv_caches, self.local.graphs, x)
         except Exception as exc:
             raise self._explain(exc) from exc
@@ -314,7 +342,10 @@ def _serve(spec: TPSpec, rank: int, port: int, conn, model: torch.nn.Module,
         command, arg = conn.recv()  # blocks while the engine is idle; EOF when rank 0 dies
         if command == "step":
             assert isinstance(arg, np.ndarray)
-            forward_step(model, kv_caches, graphs, unpack_step(arg, device))
+            x = unpack_step(arg, device)
+            if ids_follow(arg):
+                broadcast_ids(x)
+            forward_step(model, kv_caches, graphs, x)
         elif command == "connect":
             join_group(spec, rank, port)
         elif command == "profile":

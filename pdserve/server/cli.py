@@ -86,9 +86,9 @@ def add_parser(subparsers) -> None:
                    help="GPUs to shard the model over")
     p.add_argument("--enforce-eager", action="store_true", help="never use CUDA graphs")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
-                   help="plan and queue the next step while the device runs this one; default: "
-                   "on for a colocated instance on one GPU, off elsewhere (P/D roles and tensor "
-                   "parallelism always run steps serially)")
+                   help="plan and queue the next step while the device runs this one (every role "
+                   "and tensor-parallel size); default: on for a GPU, off for a CPU, where the "
+                   "device is the host and nothing overlaps")
     p.add_argument("--kv-transport", choices=["cuda_ipc", "host", "tcp"], default=None,
                    help="P/D only: force how KV moves between instances; omitted = the "
                    "fastest that works")

@@ -29,7 +29,7 @@ def serial() -> Engine:
 @pytest.fixture(scope="module")
 def overlapped() -> Engine:
     engine = make_engine(True)
-    assert engine._overlap is not None
+    assert engine.loop.depth == 1
     return engine
 
 
@@ -57,7 +57,7 @@ def run(engine: Engine, reqs: list[EngineRequest], aborts: dict | None = None):
             if request is not None and when(request, tokens[rid]):
                 engine.abort_request(rid)
     assert engine.pool.num_free_blocks == engine.num_blocks
-    assert engine._overlap is None or engine._overlap.in_flight is None
+    assert engine.loop.in_flight is None
     return tokens, reasons
 
 

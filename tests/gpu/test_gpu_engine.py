@@ -130,7 +130,7 @@ def test_async_scheduling_gives_the_serial_tokens(engine, folder):
             return [EngineRequest(f"{tag}{i}", p, params) for i, (p, params) in
                     enumerate(zip(prompts() * 2, [greedy] * 4 + seeded))]
 
-        assert overlapped._overlap is not None and overlapped.runner.graphs is not None
+        assert overlapped.loop.depth == 1 and overlapped.runner.graphs is not None
         assert overlapped.generate(reqs("o")) == engine.generate(reqs("o"))
         assert overlapped.pool.num_free_blocks == overlapped.num_blocks
     finally:
@@ -145,7 +145,7 @@ def test_a_model_length_below_the_step_budget_profiles_and_serves(engine, folder
                               scheduler=SchedulerConfig(max_num_seqs=16, max_model_len=512,
                                                         max_num_batched_tokens=8192)))
     try:
-        assert short._overlap is not None  # async scheduling: the GPU default
+        assert short.loop.depth == 1  # async scheduling: the GPU default
         params = SamplingParams(max_tokens=NUM_TOKENS, temperature=0.0, ignore_eos=True)
         g = torch.Generator().manual_seed(2)  # prompts new to `engine`'s prefix cache too
         fresh = [torch.randint(10, 32000, (n,), generator=g).tolist() for n in (5, 100, 400)]
