@@ -6,7 +6,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 
+import orjson
 from fastapi.responses import StreamingResponse
+
+
+def sse(data: dict | str) -> str:
+    """One server-sent event; orjson, as every streamed token is encoded (and, through the
+    router, decoded and encoded again): about 5x less CPU than the json module."""
+    return f"data: {data if isinstance(data, str) else orjson.dumps(data).decode()}\n\n"
 
 
 class EventStream(StreamingResponse):

@@ -44,6 +44,22 @@ def block_array(r) -> np.ndarray:
     return cached
 
 
+# Triton specializes a kernel on each pointer's 16-byte alignment and on each integer that
+# is 1 or a multiple of 16: arrays start on 16-byte boundaries and block tables are a multiple
+# of 16 wide, so every step's inputs hit the kernels compiled at start-up, never a new variant
+ALIGN = 16
+TABLE_WIDTH_MULTIPLE = 16
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
+
+
+def table_width(max_blocks: int) -> int:
+    """The block table's width for a step whose longest sequence has `max_blocks` blocks."""
+    return max(-(-max_blocks // TABLE_WIDTH_MULTIPLE), 1) * TABLE_WIDTH_MULTIPLE
+
+
 @dataclass
 class StepArrays:
     """A step's inputs as views of one byte buffer: numpy on the host, torch on the device."""
@@ -57,19 +73,25 @@ class StepArrays:
     tables: np.ndarray | torch.Tensor  # [B, width] int32
 
     @staticmethod
-    def nbytes(t: int, b: int, width: int) -> int:
-        return 8 * (3 * t + b) + 4 * (2 * b + 1 + b * width)
+    def _sizes(t: int, b: int, width: int) -> list[tuple[int, int]]:
+        """(elements, bytes per element) of each array, in the order of the fields."""
+        return [(t, 8), (t, 8), (t, 8), (b, 8), (b + 1, 4), (b, 4), (b * width, 4)]
+
+    @classmethod
+    def nbytes(cls, t: int, b: int, width: int) -> int:
+        return sum(_aligned(n * size) for n, size in cls._sizes(t, b, width))
 
     @classmethod
     def view(cls, buf, t: int, b: int, width: int, int64, int32) -> StepArrays:
-        """The arrays of a step of t tokens, b sequences and tables b x width, laid out back
-        to back in `buf` (numpy or torch bytes, with that library's int64 and int32)."""
-        split = 8 * (3 * t + b)
-        longs = buf[:split].view(int64)
-        ints = buf[split : cls.nbytes(t, b, width)].view(int32)
-        return cls(ids=longs[:t], pos=longs[t : 2 * t], slots=longs[2 * t : 3 * t],
-                   rows=longs[3 * t :], starts=ints[: b + 1], seq_lens=ints[b + 1 : 2 * b + 1],
-                   tables=ints[2 * b + 1 :].reshape(b, width))
+        """The arrays of a step of t tokens, b sequences and tables b x width, each on a
+        16-byte boundary of `buf` (numpy or torch bytes, with that library's int64 and int32)."""
+        arrays, offset = [], 0
+        for n, size in cls._sizes(t, b, width):
+            arrays.append(buf[offset : offset + n * size].view(int64 if size == 8 else int32))
+            offset += _aligned(n * size)
+        ids, pos, slots, rows, starts, seq_lens, tables = arrays
+        return cls(ids=ids, pos=pos, slots=slots, rows=rows, starts=starts, seq_lens=seq_lens,
+                   tables=tables.reshape(b, width))
 
 
 class InputBuilder:
@@ -83,7 +105,7 @@ class InputBuilder:
         self.max_tokens, self.max_seqs = max_tokens, max_seqs
         self.max_blocks_per_seq, self.block_size = max_blocks_per_seq, block_size
         self.device = device
-        size = StepArrays.nbytes(max_tokens, max_seqs, max_blocks_per_seq)
+        size = StepArrays.nbytes(max_tokens, max_seqs, table_width(max_blocks_per_seq))
         self.staging = torch.zeros(size, dtype=torch.uint8, pin_memory=device.type == "cuda")
         self.last: StepArrays | None = None  # the host side of the step built last
 
@@ -95,7 +117,7 @@ class InputBuilder:
     def build(self, step: SchedulerOutput) -> StepInputs:
         b = len(step.scheduled)
         t = sum(s.num_new_tokens for s in step.scheduled)
-        width = max(max(len(s.request.block_ids) for s in step.scheduled), 1)
+        width = table_width(max(len(s.request.block_ids) for s in step.scheduled))
         host = StepArrays.view(self.staging.numpy(), t, b, width, np.int64, np.int32)
         ids, pos, slots, rows = host.ids, host.pos, host.slots, host.rows
         starts, seq_lens, tables = host.starts, host.seq_lens, host.tables

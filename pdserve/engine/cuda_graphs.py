@@ -12,7 +12,7 @@ import logging
 
 import torch
 
-from pdserve.engine.batch_inputs import StepInputs
+from pdserve.engine.batch_inputs import StepInputs, table_width
 from pdserve.engine.compilations import COMPILATIONS
 from pdserve.kernels.attention import AttentionMetadata
 
@@ -36,7 +36,9 @@ class DecodeGraphs:
         self.slots = torch.full((n,), -1, dtype=torch.long, device=device)
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.starts = torch.arange(n + 1, dtype=torch.int32, device=device)
-        self.tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=device)
+        # as wide as any eager step's table (batch_inputs.table_width), so every decode fits
+        self.tables = torch.zeros(n, table_width(max_blocks_per_seq), dtype=torch.int32,
+                                  device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.pool = None

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+import orjson
+
 from pdserve.router.registry import Instance
 from pdserve.router.shaping import error_body, first_text, shift_logprobs, sse
 
@@ -62,7 +64,7 @@ class StreamRelay:
             self.progress.done = True
             return sse(data)
         try:
-            chunk = json.loads(data)
+            chunk = orjson.loads(data)
         except ValueError:
             return line + "\n\n"  # not ours to judge: pass it on as it came
         if not isinstance(chunk, dict):

@@ -5,10 +5,7 @@ from __future__ import annotations
 import json
 import time
 
-
-def sse(data: dict | str) -> str:
-    """One server-sent event."""
-    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+from pdserve.event_stream import sse
 
 
 def error_body(message: str, type: str = "server_error", code: str | None = None,

@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 
 from pdserve.engine.outputs import TokenLogprob
 from pdserve.server.generation import Delta
-
-
-def sse(data: dict | str) -> str:
-    """One server-sent event."""
-    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
 @dataclass

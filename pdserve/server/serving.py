@@ -12,7 +12,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from pdserve.engine.outputs import EngineRequest
-from pdserve.event_stream import EventStream
+from pdserve.event_stream import EventStream, sse
 from pdserve.server.engine_client import EngineClient
 from pdserve.server.errors import APIError, bad_request, engine_dead, model_not_found
 from pdserve.server.generation import Generation
@@ -26,7 +26,7 @@ from pdserve.server.prompts import (
     resolve_max_tokens,
 )
 from pdserve.server.protocol import ChatCompletionRequest, CompletionRequest
-from pdserve.server.responses import ResponseBuilder, sse
+from pdserve.server.responses import ResponseBuilder
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's legacy default; chat defaults to the context
 
