@@ -228,9 +228,9 @@ def chunks_of(url: str) -> list[tuple[list[int], str]]:
     out = []
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=300) as resp:
         for line in resp.iter_lines():
-            if line.startswith("data: {") and '"choices": []' not in line:
-                choice = json.loads(line[len("data: "):])["choices"][0]
-                out.append((choice["token_ids"], choice["text"]))
+            if line.startswith("data: {"):
+                for choice in json.loads(line[len("data: "):])["choices"]:  # [] with usage
+                    out.append((choice["token_ids"], choice["text"]))
     return out
 
 
