@@ -80,7 +80,8 @@ class Simulation:
         self.instances: dict[str, SimInstance] = {}
         self.loads: dict[str, InstanceLoad] = {}
         for name, role, units in layout.instances():
-            blocks = max(tokens * units // profile.block_size, 2)  # KV grows with devices
+            per_unit = units if profile.parallelism == "tensor_parallel" else 1  # TP: more HBM
+            blocks = max(tokens * per_unit // profile.block_size, 2)
             self.instances[name] = SimInstance(
                 name, role, profile.step_model(units), blocks, profile.block_size,
                 self.options.scheduler, profile.max_model_len,
