@@ -50,19 +50,23 @@ def colocated(m: StepTimeModel, rate: float, prompt: int, output: int,
     """One colocated instance at `rate` req/s.
 
     Decode gaps: a step of the decode batch B (Little: B = rate * O * ITL), stretched by the
-    prefills that join it: ITL = Td(B) + rate * ITL * Wp, i.e. ITL = Td(B) / (1 - rate*Wp).
+    prefills that join it: those arriving during its decode life D and those queued behind
+    its own prefill, D = (O-1) Td(B) + rate (D + Tq) Wp with Tq its prefill's time in queue
+    and service; ITL = D / (O-1).
     TTFT: the router's hop, the rest of the step in flight when the instance is busy (half a
     gap), then a step of the decode batch plus the prompt, queued behind other prefills
     (M/D/1)."""
     wp, context = prefill_work(m, prompt), prompt + output / 2
-    if rate * wp >= 1:
-        return Estimate(float("inf"), float("inf"), 1.0)
+    tp = prefill_seconds(m, prompt)
+    if rate * wp >= 1 or output < 2:
+        return Estimate(float("inf") if rate * wp >= 1 else tp + hop_s, float("inf"), 1.0)
+    queued = tp + md1_wait(rate, tp)  # prefills that arrive meanwhile run during its decode
     itl = decode_step_seconds(m, 1, context)
     batch = 0.0
     for _ in range(50):  # the fixed point B <-> ITL
         batch = rate * output * itl
-        itl = decode_step_seconds(m, max(batch, 1.0), context) / (1 - rate * wp)
-    tp = prefill_seconds(m, prompt)
+        step = decode_step_seconds(m, max(batch, 1.0), context)
+        itl = (step + rate * queued * wp / (output - 1)) / (1 - rate * wp)
     busy = 1 - math.exp(-rate * (tp + output * itl))  # P(some request is in the instance)
     ttft = hop_s + busy * (itl / 2 + decode_step_seconds(m, batch, context) - m.base_s) \
         + tp + md1_wait(rate, tp)
