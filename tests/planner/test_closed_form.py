@@ -14,7 +14,7 @@ POINTS = [(400, 32, 0.5), (400, 32, 2.0), (1600, 32, 0.3), (100, 64, 4.0), (800,
 
 @pytest.mark.parametrize(("prompt", "output", "rate"), POINTS)
 def test_closed_form_agrees_with_the_simulator(profile, prompt, output, rate):
-    requests = fixed_requests(400, prompt, output, rate)
+    requests = fixed_requests(150, prompt, output, rate)
     colo = simulate(SimLayout(colocated=1), profile, requests)
     pd = simulate(SimLayout(prefill=1, decode=1), profile, requests)
     est_colo = colocated(STEP, rate, prompt, output, HOP_S)
@@ -30,7 +30,7 @@ def test_closed_form_agrees_with_the_simulator(profile, prompt, output, rate):
 def test_both_see_the_itl_benefit_grow_with_rate_times_prompt_length(profile):
     gains_sim, gains_cf = [], []
     for rate in (0.25, 1.0, 2.0):
-        requests = fixed_requests(300, 400, 32, rate)
+        requests = fixed_requests(100, 400, 32, rate)
         colo = simulate(SimLayout(colocated=1), profile, requests)["mean_itl_ms"]
         pd = simulate(SimLayout(prefill=1, decode=1), profile, requests)["mean_itl_ms"]
         gains_sim.append(colo / pd)
