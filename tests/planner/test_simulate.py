@@ -76,3 +76,11 @@ def test_predictions_are_bench_json_that_compare_reads(profile, tmp_path):
     table = compare_files(paths)
     assert "1xC/1 vs 1P/1+1D/1" in table and "| mean_ttft_ms ↓ |" in table
     assert "| request_goodput ↑ |" in table
+
+
+def test_prompts_under_the_threshold_skip_the_prefill_instance(profile):
+    layout = SimLayout(prefill=1, decode=1, pd_min_prompt_tokens=500)
+    sim = Simulation(layout, profile, fixed_requests(10, 300, 8, rate=2.0))
+    done = sim.run()
+    assert sim.instances["prefill-0"].num_steps == 0  # served whole on D, as the router does
+    assert all(len(r.chunk_s) == 8 for r in done)
