@@ -1,6 +1,7 @@
 """The simulator's router step: pick instance(s) for a request from the instances' loads.
 
-A small interface of the planner's own (`Picker.pick(request, loads) -> Route`) that
+A small interface of the planner's own (`Picker.pick(prompt, max_tokens, loads) -> Route`,
+`Picker.pick_decode(loads)` once P answered) that
 mirrors what pdserve/router does today (router/pairing.py `least_loaded`, router/proxy.py
 `Router.route`): the fewest outstanding tokens wins (ties: fewest requests, then name); a
 prompt shorter than `pd_min_prompt_tokens` is served whole, on a decode instance first. The
@@ -41,7 +42,12 @@ class Route:
 
 class Picker(Protocol):
     def pick(self, prompt_tokens: int, max_tokens: int, loads: list[InstanceLoad]) -> Route:
-        """Where a request of `prompt_tokens` generating up to `max_tokens` runs."""
+        """Where a request of `prompt_tokens` generating up to `max_tokens` runs (for P/D,
+        the decode instance named is a hint: D is picked again when P answers)."""
+        ...
+
+    def pick_decode(self, loads: list[InstanceLoad]) -> str:
+        """The decode instance for a request P has prefilled."""
         ...
 
 
