@@ -27,6 +27,8 @@ from pdserve.planner.profile import Profile, default_transports, describe_device
 
 log = logging.getLogger(__name__)
 
+STALL_FACTOR = 1.5  # a timing this far above the first fit was another process's doing
+
 
 @dataclass
 class ProfileSpec:
@@ -95,7 +97,7 @@ def _served_kv_tokens(engine: Engine, per_block: int) -> int:
 
 def _fit(engine: Engine, spec: ProfileSpec, block: int) -> tuple[StepTimeModel, float]:
     """Time the sampled shapes (stopping at the time limit), fit, and the fit's median
-    relative error over the shapes it was fitted on."""
+    relative error over the timings it kept."""
     specs = sampled_specs(spec.num_shapes, spec.max_prefill_tokens, spec.max_decode_rows,
                           spec.max_context, spec.seed)
     run = engine.runner
@@ -111,7 +113,14 @@ def _fit(engine: Engine, spec: ProfileSpec, block: int) -> tuple[StepTimeModel, 
             log.warning("profile: time limit reached after %d of %d shapes", len(timed),
                         len(specs))
             break
-    shapes, seconds = [s for s, _ in timed], [t for _, t in timed]
-    model = StepTimeModel.fit(shapes, seconds)
-    error = statistics.median(abs(model.seconds(s) - t) / t for s, t in timed)
+    model = StepTimeModel.fit([s for s, _ in timed], [t for _, t in timed])
+    # a shared machine only ever makes a step slower: drop the stalled samples, refit once
+    kept = [(s, t) for s, t in timed if t <= STALL_FACTOR * model.seconds(s)]
+    if len(timed) // 2 <= len(kept) < len(timed):
+        log.info("profile: %d of %d timings were stalls, refitting without them",
+                 len(timed) - len(kept), len(timed))
+        model = StepTimeModel.fit([s for s, _ in kept], [t for _, t in kept])
+    else:
+        kept = timed
+    error = statistics.median(abs(model.seconds(s) - t) / t for s, t in kept)
     return model, error

@@ -27,8 +27,8 @@ from pdserve.planner.layouts import SimLayout, candidate_layouts
 from pdserve.planner.profile import Profile
 from pdserve.planner.recommend import Ranked, budget_of, rank_layouts
 
-METRICS = ("completed", "failed", "mean_ttft_ms", "p99_ttft_ms", "mean_itl_ms", "p99_itl_ms", "mean_tpot_ms",
-           "mean_e2el_ms", "p99_e2el_ms", "request_throughput", "request_goodput")
+METRICS = ("completed", "failed", "mean_ttft_ms", "p99_ttft_ms", "mean_itl_ms", "p99_itl_ms",
+           "mean_tpot_ms", "mean_e2el_ms", "p99_e2el_ms", "request_throughput", "request_goodput")
 READY = "- ready"
 
 
