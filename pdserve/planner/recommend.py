@@ -85,7 +85,8 @@ def pd_gain_map(profile: Profile, budget: int, options: SimOptions, slos_ms: dic
                 rates: list[float], prompt_lens: list[int], output_len: int,
                 num_requests: int = 60, seed: int = 0) -> np.ndarray:
     """gain[i, j] = goodput per device of the best P/D layout / that of the best colocated
-    one - 1, at rates[j] and prompt_lens[i] (fixed lengths, Poisson arrivals)."""
+    one - 1, at rates[j] and prompt_lens[i] (fixed lengths, Poisson arrivals); NaN where
+    no layout meets the SLOs."""
     layouts = candidate_layouts(budget, profile.parallelism)
     gain = np.zeros((len(prompt_lens), len(rates)))
     for i, n in enumerate(prompt_lens):
@@ -97,27 +98,33 @@ def pd_gain_map(profile: Profile, budget: int, options: SimOptions, slos_ms: dic
                        default=0.0)
             pd = max((r.goodput_per_device for r in ranked if r.layout.disaggregated),
                      default=0.0)
-            gain[i, j] = (pd - colo) / colo if colo > 0 else (1.0 if pd > 0 else 0.0)
+            if colo > 0:
+                gain[i, j] = (pd - colo) / colo
+            else:  # nothing colocated meets the SLOs: P/D is all gain, or neither serves
+                gain[i, j] = 1.0 if pd > 0 else np.nan
     return gain
 
 
 def plot_gain(gain: np.ndarray, rates: list[float], prompt_lens: list[int], path: str,
               title: str) -> str:
-    """A heat map of the predicted P/D gain (green: P/D wins, red: colocated wins)."""
+    """A heat map of the predicted P/D gain (green: P/D wins, red: colocated wins, grey:
+    no layout meets the SLOs); colours saturate at +-100%."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 5))
-    bound = max(float(np.abs(gain).max()), 0.05)
-    im = ax.imshow(np.clip(gain, -bound, bound), origin="lower", cmap="RdYlGn", vmin=-bound,
-                   vmax=bound, aspect="auto")
+    cmap = matplotlib.colormaps["RdYlGn"].copy()
+    cmap.set_bad("lightgrey")
+    im = ax.imshow(np.ma.masked_invalid(np.clip(gain, -1, 1)), origin="lower", cmap=cmap,
+                   vmin=-1, vmax=1, aspect="auto")
     ax.set_xticks(range(len(rates)), [f"{r:g}" for r in rates])
     ax.set_yticks(range(len(prompt_lens)), [str(n) for n in prompt_lens])
     for i in range(len(prompt_lens)):
         for j in range(len(rates)):
-            ax.text(j, i, f"{100 * gain[i, j]:+.0f}%", ha="center", va="center", fontsize=8)
+            text = "no layout" if np.isnan(gain[i, j]) else f"{100 * gain[i, j]:+.0f}%"
+            ax.text(j, i, text, ha="center", va="center", fontsize=8)
     ax.set_xlabel("request rate (req/s)")
     ax.set_ylabel("prompt length (tokens)")
     ax.set_title(title, fontsize=9)
