@@ -50,6 +50,8 @@ def load_requests(args: argparse.Namespace, request_rate: float | None = None):
     from pdserve.bench.tokenizer import load_bench_tokenizer
     from pdserve.planner.workload import workload_requests
 
+    if not args.request_rate > 0:
+        raise SystemExit(f"--request-rate must be > 0 (got {args.request_rate})")
     wl = workload_config(args)
     if args.num_prompts is None and args.dataset_name != "trace":
         wl = dataclasses.replace(wl, num_prompts=200)  # the bench's 1000 is slow to simulate

@@ -21,6 +21,11 @@ class SimLayout:
     pd_min_prompt_tokens: int = 0  # the router's: shorter prompts are served whole on a D
 
     def __post_init__(self) -> None:
+        for role in ("colocated", "prefill", "decode"):
+            if getattr(self, role) < 0 or getattr(self, f"{role}_units") < 1:
+                raise ValueError(f"{role}: count must be >= 0 and units >= 1")
+        if self.pd_min_prompt_tokens < 0:
+            raise ValueError("pd_min_prompt_tokens must be >= 0")
         if (self.prefill == 0) != (self.decode == 0):
             raise ValueError("a disaggregated layout needs prefill and decode instances")
         if self.colocated and self.prefill:

@@ -136,10 +136,13 @@ def plot_gain(gain: np.ndarray, rates: list[float], prompt_lens: list[int], path
 
 
 def budget_of(args: argparse.Namespace, profile: Profile) -> int:
-    if args.gpus:
-        return args.gpus
-    if args.cores:
-        return args.cores
+    """--gpus or --cores, else the largest profiled parallelism (CPU) or one GPU."""
+    for flag in ("gpus", "cores"):
+        value = getattr(args, flag)
+        if value is not None and not 1 <= value <= 1024:
+            raise SystemExit(f"--{flag} must be between 1 and 1024 (got {value})")
+        if value:
+            return value
     return max(profile.step_time) if profile.parallelism == "cpu_threads" else 1
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from pdserve.engine.step_time import StepTimeModel
 from pdserve.planner.layouts import SimLayout, candidate_layouts
 from pdserve.planner.simulate import simulate
@@ -40,3 +42,11 @@ def test_a_gpu_profile_simulates_tp_instances_with_their_own_step_model():
     one = simulate(SimLayout(prefill=1, decode=1), profile, requests)
     tp2 = simulate(SimLayout(prefill=1, decode=1, prefill_units=2), profile, requests)
     assert tp2["mean_ttft_ms"] < one["mean_ttft_ms"] / 2  # P's prompt tokens cost 5x less
+
+
+def test_a_layout_refuses_impossible_counts():
+    for bad in (dict(colocated=-1), dict(colocated=1, colocated_units=0),
+                dict(prefill=1), dict(colocated=1, prefill=1, decode=1),
+                dict(prefill=1, decode=1, pd_min_prompt_tokens=-5)):
+        with pytest.raises(ValueError):
+            SimLayout(**bad)
