@@ -12,6 +12,7 @@ SUBCOMMANDS = {
     "router": "pdserve.router.cli",
     "up": "pdserve.launch.cli",
     "bench": "pdserve.bench.cli",
+    "plan": "pdserve.planner.cli",
 }
 
 

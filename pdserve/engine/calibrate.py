@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
+import random
 import statistics
 import time
 from dataclasses import dataclass
@@ -62,6 +64,30 @@ def calibration_specs(max_tokens: int, max_rows: int, max_len: int) -> list[Step
     ]
 
 
+def sampled_specs(count: int, max_tokens: int, max_rows: int, max_len: int,
+                  seed: int = 0) -> list[StepSpec]:
+    """`count` random shapes for a planner's profile: prefill-only, decode-only and mixed
+    steps, sizes log-uniform (small steps are as common as large ones), contexts uniform."""
+    rng = random.Random(seed)
+
+    def log_uniform(hi: int) -> int:
+        return max(1, int(round(math.exp(rng.uniform(0.0, math.log(max(hi, 1)))))))
+
+    specs = []
+    for i in range(count):
+        kind = i % 3  # 0 prefill, 1 decode, 2 mixed: each term varies alone and together
+        prefills, decodes = [], []
+        if kind != 1:
+            n = log_uniform(max_tokens)
+            prefills.append((n, rng.randint(0, max(max_len - n - 1, 0)) if rng.random() < 0.5
+                             else 0))
+        if kind != 0:
+            contexts = max(max_len // 2, 2)
+            decodes = [rng.randint(1, contexts) for _ in range(log_uniform(max_rows))]
+        specs.append(StepSpec(prefills, decodes))
+    return specs
+
+
 def calibrate(runner, num_blocks: int, block_size: int, max_tokens: int, max_seqs: int,
               max_len: int, device: torch.device, time_limit_s: float = 3.0) -> StepTimeModel:
     """Time each spec (median of up to three rounds, as many as `time_limit_s` allows, at
@@ -71,11 +97,11 @@ def calibrate(runner, num_blocks: int, block_size: int, max_tokens: int, max_seq
     specs = calibration_specs(max_tokens, max_seqs, max_len)
     start = time.perf_counter()
     times: list[list[float]] = [[] for _ in specs]
-    _timed_step(runner, specs[-2], num_blocks, block_size, device)  # warm-up, untimed
+    timed_step(runner, specs[-2], num_blocks, block_size, device)  # warm-up, untimed
     for _ in range(3):
         round_start = time.perf_counter()
         for spec, spent in zip(specs, times):
-            spent.append(_timed_step(runner, spec, num_blocks, block_size, device))
+            spent.append(timed_step(runner, spec, num_blocks, block_size, device))
         now = time.perf_counter()
         if now - start + (now - round_start) > time_limit_s:  # no time for another round
             break
@@ -85,8 +111,9 @@ def calibrate(runner, num_blocks: int, block_size: int, max_tokens: int, max_seq
     return model
 
 
-def _timed_step(runner, spec: StepSpec, num_blocks: int, block_size: int,
-                device: torch.device) -> float:
+def timed_step(runner, spec: StepSpec, num_blocks: int, block_size: int,
+               device: torch.device) -> float:
+    """Seconds one dummy step of `spec` takes on `runner` (model forward and sampling)."""
     blocks = itertools.cycle(range(num_blocks))  # distinct blocks while they last
     step = SchedulerOutput()
     params = SamplingParams(max_tokens=1)

@@ -1,0 +1,126 @@
+"""`pdserve plan profile`: time the engine's own runner on sampled step shapes and fit.
+
+One engine is built (its weights, KV cache and runner); for each thread count (or, on a
+GPU, the one tensor-parallel size it was built with) the sampled shapes are timed and a
+StepTimeModel fitted, with engine/calibrate.py's timing and step_time.py's fit.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import torch
+
+from pdserve.config import CacheConfig, EngineArgs, SchedulerConfig
+from pdserve.engine.calibrate import sampled_specs, timed_step
+from pdserve.engine.engine import (
+    DEFAULT_CPU_KV_CACHE_BYTES,
+    Engine,
+    kv_bytes_per_block,
+)
+from pdserve.engine.step_time import StepTimeModel
+from pdserve.planner.profile import Profile, default_transports, describe_device
+
+log = logging.getLogger(__name__)
+
+STALL_FACTOR = 1.5  # a timing this far above the first fit was another process's doing
+
+
+@dataclass
+class ProfileSpec:
+    """What to time: the model, thread counts (CPU), and the size of the sample."""
+
+    model: str | None = None  # None: the embedded SmolLM2
+    device: str = "auto"
+    dtype: str = "auto"
+    threads: tuple[int, ...] = (1, 2)  # CPU: one fit per count; GPU: ignored
+    tensor_parallel_size: int = 1
+    num_shapes: int = 150  # per thread count
+    max_prefill_tokens: int = 512  # largest prefill chunk timed (the fit extrapolates)
+    max_decode_rows: int = 32
+    max_context: int = 2048
+    kv_cache_memory: int = 256 * 2**20  # bytes; the profile's capacity is per this budget
+    time_limit_s: float = 240.0  # per thread count: stop sampling here, fit what was timed
+    repeats: int = 2  # timings per shape; the fastest is kept
+    seed: int = 0
+
+
+def measure_profile(spec: ProfileSpec) -> Profile:
+    """Build the engine once, time `spec.num_shapes` sampled steps per thread count, fit."""
+    args = EngineArgs(model=spec.model, device=spec.device, dtype=spec.dtype,
+                      tensor_parallel_size=spec.tensor_parallel_size,
+                      cache=CacheConfig(kv_cache_memory=spec.kv_cache_memory),
+                      scheduler=SchedulerConfig(max_model_len=spec.max_context + 16))
+    engine = Engine(args)
+    try:
+        return _profile(engine, spec)
+    finally:
+        engine.close()
+
+
+def _profile(engine: Engine, spec: ProfileSpec) -> Profile:
+    cpu = engine.device.type == "cpu"
+    units = spec.threads if cpu else (spec.tensor_parallel_size,)
+    block = engine.args.cache.block_size
+    models, errors = {}, {}
+    for n in units:
+        if cpu:
+            torch.set_num_threads(n)
+        models[n], errors[n] = _fit(engine, spec, block)
+        log.info("%s=%d: %s (median error %.1f%%)", "threads" if cpu else "tp", n, models[n],
+                 100 * errors[n])
+    cfg = engine.model_config
+    per_block = kv_bytes_per_block(cfg, block, engine.dtype, 1)
+    return Profile(
+        device=describe_device(engine.device), model=engine.model_name,
+        dtype=str(engine.dtype).removeprefix("torch."),
+        parallelism="cpu_threads" if cpu else "tensor_parallel",
+        step_time=models, kv_bytes_per_token=per_block // block, block_size=block,
+        kv_cache_tokens=_served_kv_tokens(engine, per_block),
+        max_model_len=cfg.max_position_embeddings,
+        transports=default_transports(engine.device), num_shapes=spec.num_shapes,
+        fit_error=errors, created=datetime.now(UTC).isoformat(timespec="seconds"))
+
+
+def _served_kv_tokens(engine: Engine, per_block: int) -> int:
+    """KV tokens an instance serves with: `pdserve serve`'s default budget on CPU (the
+    profile's own engine used a smaller one), what this engine measured on a GPU."""
+    block = engine.args.cache.block_size
+    if engine.device.type == "cpu":
+        return DEFAULT_CPU_KV_CACHE_BYTES // per_block * block
+    return engine.num_blocks * block
+
+
+def _fit(engine: Engine, spec: ProfileSpec, block: int) -> tuple[StepTimeModel, float]:
+    """Time the sampled shapes (stopping at the time limit), fit, and the fit's median
+    relative error over the timings it kept."""
+    specs = sampled_specs(spec.num_shapes, spec.max_prefill_tokens, spec.max_decode_rows,
+                          spec.max_context, spec.seed)
+    run = engine.runner
+    for warm in specs[:3]:  # kernels and allocator warm, untimed
+        timed_step(run, warm, engine.num_blocks, block, engine.device)
+    start, timed = time.perf_counter(), []
+    for s in specs:
+        # the faster of two: a shared machine's stalls are not the step's cost
+        seconds = min(timed_step(run, s, engine.num_blocks, block, engine.device)
+                      for _ in range(spec.repeats))
+        timed.append((s.shape(), seconds))
+        if time.perf_counter() - start > spec.time_limit_s:
+            log.warning("profile: time limit reached after %d of %d shapes", len(timed),
+                        len(specs))
+            break
+    model = StepTimeModel.fit([s for s, _ in timed], [t for _, t in timed])
+    # a shared machine only ever makes a step slower: drop the stalled samples, refit once
+    kept = [(s, t) for s, t in timed if t <= STALL_FACTOR * model.seconds(s)]
+    if len(timed) // 2 <= len(kept) < len(timed):
+        log.info("profile: %d of %d timings were stalls, refitting without them",
+                 len(timed) - len(kept), len(timed))
+        model = StepTimeModel.fit([s for s, _ in kept], [t for _, t in kept])
+    else:
+        kept = timed
+    error = statistics.median(abs(model.seconds(s) - t) / t for s, t in kept)
+    return model, error

@@ -1,0 +1,21 @@
+"""`pdserve plan profile` on this CPU with a tiny budget gives a file the planner loads."""
+
+from __future__ import annotations
+
+from pdserve.planner.measure import ProfileSpec, measure_profile
+from pdserve.planner.profile import Profile
+
+
+def test_a_tiny_cpu_profile_saves_and_loads(tmp_path):
+    spec = ProfileSpec(threads=(1,), num_shapes=9, max_prefill_tokens=32, max_decode_rows=4,
+                       max_context=128, kv_cache_memory=16 * 2**20, repeats=1)
+    profile = measure_profile(spec)
+    loaded = Profile.load(profile.save(str(tmp_path / "profile.json")))
+    assert loaded == profile
+    assert loaded.device == "cpu" and loaded.parallelism == "cpu_threads"
+    assert loaded.model == "SmolLM2-135M-Instruct" and loaded.dtype == "float32"
+    model = loaded.step_model(1)
+    assert model.base_s > 0 and min(model.to_dict().values()) >= 0
+    assert loaded.kv_bytes_per_token == 30 * 2 * 3 * 64 * 4  # layers, K+V, heads, dim, fp32
+    assert loaded.transfer_seconds(1000) > loaded.transfer_seconds(10) > 0
+    assert loaded.step_model(2).base_s == model.base_s  # unprofiled: scaled, base kept
