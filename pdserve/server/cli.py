@@ -151,6 +151,7 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
     """Flags → the engine's configuration."""
     return EngineArgs(
         model=args.model,
+        tokenizer=args.tokenizer,
         dtype=args.dtype,
         device=args.device,
         seed=args.seed,
