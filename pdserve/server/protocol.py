@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.server.structured_protocol import StructuredOutputFields
 
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20
@@ -59,8 +60,9 @@ class Resume(BaseModel):
     text_chars: int = Field(ge=0, le=MAX_INT)
 
 
-class _SamplingRequest(BaseModel):
-    """Fields shared by /v1/completions and /v1/chat/completions."""
+class _SamplingRequest(StructuredOutputFields):
+    """Fields shared by /v1/completions and /v1/chat/completions (with those of structured
+    output: server/structured_protocol.py)."""
 
     model_config = ConfigDict(strict=True, extra="ignore")
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from pdserve.engine.grammar import GrammarSpec
 from pdserve.engine.outputs import EngineRequest
 from pdserve.event_stream import EventStream
 from pdserve.server.engine_client import EngineClient
@@ -27,6 +28,7 @@ from pdserve.server.prompts import (
 )
 from pdserve.server.protocol import ChatCompletionRequest, CompletionRequest
 from pdserve.server.responses import ResponseBuilder, sse
+from pdserve.server.structured_protocol import GrammarFieldError
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's legacy default; chat defaults to the context
 
@@ -100,8 +102,9 @@ def _engine_request(
         raise bad_request("resume.token_ids must leave a token to generate", "resume")
     check_token_ids(resumed, info.vocab_size, "resume")
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    return EngineRequest(request_id, prompt_ids, req.sampling_params(max_tokens),
-                         output_token_ids=list(resumed))
+    params = req.sampling_params(max_tokens)
+    params.grammar = checked_grammar(req)
+    return EngineRequest(request_id, prompt_ids, params, output_token_ids=list(resumed))
 
 
 def _checked_engine_request(
@@ -116,6 +119,19 @@ def _checked_engine_request(
                            info.max_model_len)
         check_fits_cache(len(prompt_ids) + req.decode_max_tokens, st.cache_tokens())
     return engine_req
+
+
+def checked_grammar(req: CompletionRequest | ChatCompletionRequest) -> GrammarSpec | None:
+    """The structured output asked for, parsed (a 400 naming the field if it is invalid)."""
+    try:
+        spec = req.grammar_spec()
+    except GrammarFieldError as exc:
+        raise bad_request(str(exc), exc.field) from exc
+    if spec is None:
+        return None
+    if req.min_tokens:  # its EOS ban could leave a complete grammar no token at all
+        raise bad_request("min_tokens cannot be combined with structured output", "min_tokens")
+    return spec
 
 
 @asynccontextmanager
