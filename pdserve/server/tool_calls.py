@@ -44,7 +44,7 @@ class ToolCallExtractor:
         at = call_start(self.parser, self._text)
         if at is not None:
             self._call_at = at
-            upto = at
+            upto = at if self._text[self._sent:at].strip() else self._sent  # no bare blanks
         else:
             upto = len(self._text) - held_back(self.parser, self._text)
         out = self._text[self._sent:upto]
@@ -69,7 +69,8 @@ class ToolCallExtractor:
         return ""
 
     def finish_reason(self, reason: str | None) -> str | None:
-        return "tool_calls" if self.calls else reason
+        """"tool_calls" for a reply that called; "length" stays: its last call was cut off."""
+        return "tool_calls" if self.calls and reason != "length" else reason
 
 
 def _named_call(name: str, text: str) -> list[ParsedCall] | None:

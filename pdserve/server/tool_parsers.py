@@ -77,8 +77,11 @@ def parse_calls(parser: ParserName, text: str, names: set[str]) -> list[ParsedCa
 
 
 def parse_call_array(text: str, names: set[str]) -> list[ParsedCall] | None:
-    """The output of `tool_choice: "required"`: a JSON array of {"name", "arguments"}."""
+    """The output of `tool_choice: "required"`: a JSON array of {"name", "arguments"}; cut
+    short by max_tokens, the calls complete before the cut."""
     items = _loads(text)
+    if items is None:
+        items = _complete_items(text)
     if not isinstance(items, list) or not items:
         return None
     calls = [_call(o, names) for o in items]
@@ -109,6 +112,26 @@ def _loads(text: str) -> object | None:
         return json.loads(text)
     except json.JSONDecodeError:
         return None
+
+
+def _complete_items(text: str) -> list[object]:
+    """The complete values at the start of an unfinished JSON array."""
+    decoder, out = json.JSONDecoder(), []
+    at = len(text) - len(text.lstrip())
+    if not text.startswith("[", at):
+        return out
+    at += 1
+    while True:
+        at = len(text) - len(text[at:].lstrip())
+        try:
+            obj, at = decoder.raw_decode(text, at)
+        except json.JSONDecodeError:
+            return out
+        out.append(obj)
+        rest = text[at:].lstrip()
+        if not rest.startswith(","):
+            return out
+        at = len(text) - len(rest) + 1
 
 
 def _json_sequence(text: str) -> list[object] | None:
