@@ -29,7 +29,7 @@ from pdserve.server.prompts import (
 )
 from pdserve.server.protocol import ChatCompletionRequest, CompletionRequest
 from pdserve.server.responses import ResponseBuilder, sse
-from pdserve.server.structured_protocol import GrammarFieldError
+from pdserve.server.structured_protocol import FieldError
 from pdserve.server.tool_calls import ToolCallExtractor
 from pdserve.server.tool_parsers import ParserName
 
@@ -89,6 +89,7 @@ def _engine_request(
 ) -> EngineRequest:
     """Tokenize and check the prompt, settle max_tokens, and build the engine's request."""
     if chat:
+        _check_tools(req)
         tools = req.tool_dicts() if req.tool_mode() != "none" else None
         prompt_ids = chat_prompt_ids(st.tokenizer, req.messages, req.add_generation_prompt,
                                      tools=tools, parser=st.tool_parser)
@@ -133,7 +134,7 @@ def checked_grammar(req: CompletionRequest | ChatCompletionRequest) -> GrammarSp
     """The structured output asked for, parsed (a 400 naming the field if it is invalid)."""
     try:
         spec = req.grammar_spec()
-    except GrammarFieldError as exc:
+    except FieldError as exc:
         raise bad_request(str(exc), exc.field) from exc
     if spec is None and isinstance(req, ChatCompletionRequest):
         spec = _tool_grammar(req)
@@ -142,6 +143,13 @@ def checked_grammar(req: CompletionRequest | ChatCompletionRequest) -> GrammarSp
     if req.min_tokens:  # its EOS ban could leave a complete grammar no token at all
         raise bad_request("min_tokens cannot be combined with structured output", "min_tokens")
     return spec
+
+
+def _check_tools(req: ChatCompletionRequest) -> None:
+    try:
+        req.check_tools()
+    except FieldError as exc:
+        raise bad_request(str(exc), exc.field) from exc
 
 
 def _tool_grammar(req: ChatCompletionRequest) -> GrammarSpec | None:

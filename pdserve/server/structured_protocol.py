@@ -29,8 +29,9 @@ Choices = Annotated[list[Choice], Field(min_length=1, max_length=MAX_CHOICES)]
 Schema = dict | GrammarText  # vLLM's guided_json takes an object or its JSON text
 
 
-class GrammarFieldError(ValueError):
-    """A grammar that does not parse, with the request field that gave it."""
+class FieldError(ValueError):
+    """A value that pydantic alone cannot judge (a grammar that does not parse, a tool
+    choice that names no tool), with the request field that gave it: a 400 naming it."""
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
@@ -115,18 +116,18 @@ class StructuredOutputFields(BaseModel):
                 if value is not None]
 
     def grammar_spec(self) -> GrammarSpec | None:
-        """The grammar the output must match, checked: GrammarFieldError (for a 400 naming
+        """The grammar the output must match, checked: FieldError (for a 400 naming
         the field) if it does not parse."""
         fields = self._grammar_fields()
         if not fields:
             return None
         name, spec = fields[0]
         if len(spec.text) > MAX_GRAMMAR_CHARS:
-            raise GrammarFieldError(name, f"at most {MAX_GRAMMAR_CHARS} characters are allowed")
+            raise FieldError(name, f"at most {MAX_GRAMMAR_CHARS} characters are allowed")
         try:
             check_grammar(spec)
         except ValueError as exc:
-            raise GrammarFieldError(name, str(exc)) from exc
+            raise FieldError(name, str(exc)) from exc
         return spec
 
 

@@ -14,10 +14,10 @@ from __future__ import annotations
 import json
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from pdserve.engine.grammar import GrammarSpec
-from pdserve.server.structured_protocol import MAX_GRAMMAR_CHARS
+from pdserve.server.structured_protocol import MAX_GRAMMAR_CHARS, FieldError
 
 MAX_TOOLS = 128
 MAX_DESCRIPTION_CHARS = 4096
@@ -92,18 +92,17 @@ class ToolFields(BaseModel):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
 
-    @model_validator(mode="after")
-    def _choice_fits_tools(self) -> ToolFields:
+    def check_tools(self) -> None:
+        """FieldError (a 400 naming the field) if tool_choice does not fit the tools."""
         names = [t.function.name for t in self.tools or []]
         if len(set(names)) != len(names):
-            raise ValueError("tools: function names must be unique")
+            raise FieldError("tools", "function names must be unique")
         if self.tool_choice not in (None, "none") and not names:
-            raise ValueError("tool_choice needs tools")
+            raise FieldError("tool_choice", "tool_choice needs tools")
         if isinstance(self.tool_choice, NamedToolChoice) and \
                 self.tool_choice.function.name not in names:
-            raise ValueError(f"tool_choice: no tool is named "
-                             f"{self.tool_choice.function.name!r}")
-        return self
+            raise FieldError("tool_choice",
+                             f"no tool is named {self.tool_choice.function.name!r}")
 
     def tool_mode(self) -> ToolMode:
         """What the tools are for: OpenAI's default is auto with tools, none without."""
