@@ -69,3 +69,32 @@ def test_1p1d_guided_choice(oai):
         messages=[{"role": "user", "content": "Is the sky blue?"}],
         extra_body={"guided_choice": ["yes, it is", "no, it is not"]})
     assert resp.choices[0].message.content in ("yes, it is", "no, it is not")
+
+
+WEATHER = {"type": "object",
+           "properties": {"city": {"enum": ["Paris", "London", "Tokyo"]},
+                          "unit": {"enum": ["celsius", "fahrenheit"]}},
+           "required": ["city", "unit"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}}]
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function",
+                                                      "function": {"name": "get_weather"}}])
+def test_1p1d_tool_call_streams_like_the_whole_answer(oai, tool_choice):
+    from openai.lib.streaming.chat import ChatCompletionStreamState
+
+    body = dict(model=oai.models.list().data[0].id, tools=TOOLS, tool_choice=tool_choice,
+                parallel_tool_calls=False, max_tokens=40, temperature=0.0,
+                messages=[{"role": "user", "content": "Weather in Tokyo?"}])
+    whole = oai.chat.completions.create(**body).choices[0]
+    state = ChatCompletionStreamState()
+    for chunk in oai.chat.completions.create(**body, stream=True):
+        state.handle_chunk(chunk)
+    streamed = state.get_final_completion().choices[0]
+    for choice in (whole, streamed):
+        assert choice.finish_reason == "tool_calls"
+        [call] = choice.message.tool_calls
+        assert call.function.name == "get_weather"
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER)
+    assert streamed.message.tool_calls[0].function.arguments == \
+        whole.message.tool_calls[0].function.arguments
