@@ -40,7 +40,7 @@ def new_call_id() -> str:
 
 def parser_for_template(chat_template: str | None) -> ParserName:
     """The format a model family's template speaks: Llama 3's headers, else Hermes."""
-    return "llama3_json" if "<|start_header_id|>" in (chat_template or "") else "hermes"
+    return "llama3_json" if "<|start_header_id|>" in str(chat_template or "") else "hermes"
 
 
 def call_start(parser: ParserName, text: str) -> int | None:

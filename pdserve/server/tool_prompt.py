@@ -27,7 +27,7 @@ LLAMA3_INSTRUCTION = (
 
 
 def template_takes_tools(chat_template: str | None) -> bool:
-    return "tools" in (chat_template or "")
+    return "tools" in str(chat_template or "")  # a dict of named templates too
 
 
 def tool_instruction(tools: list[dict], parser: ParserName) -> str:

@@ -75,3 +75,29 @@ def test_named_reply_is_the_arguments():
 def test_parser_follows_the_template_family():
     assert parser_for_template("<|start_header_id|>user<|end_header_id|>") == "llama3_json"
     assert parser_for_template("<|im_start|>user") == "hermes"
+
+
+NATIVE_TEMPLATE = (
+    "{% for t in tools %}TOOL {{ t.function.name }}|{% endfor %}"
+    "{% for m in messages %}{{ m.role }}: {{ m.content }}"
+    "{% for c in m.tool_calls or [] %}CALL {{ c.function.name }} "
+    "{{ c.function.arguments | tojson }}{% endfor %}|{% endfor %}")
+
+
+def test_a_template_that_takes_tools_gets_them_natively(tokenizer):
+    import copy
+
+    from pdserve.server.prompts import chat_prompt_ids
+    from pdserve.server.protocol import ChatCompletionRequest
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = NATIVE_TEMPLATE
+    req = ChatCompletionRequest.model_validate({"messages": [
+        {"role": "user", "content": "Time?"},
+        {"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_time", "arguments": '{"zone": "UTC"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "noon"},
+    ], "tools": [{"type": "function", "function": {"name": "get_time"}}]})
+    text = tok.decode(chat_prompt_ids(tok, req.messages, False, tools=req.tool_dicts()))
+    assert text == ('TOOL get_time|user: Time?|assistant: CALL get_time {"zone": "UTC"}|'
+                    'tool: noon|')  # arguments as an object, no instruction of ours
