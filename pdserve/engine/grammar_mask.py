@@ -15,11 +15,11 @@ def apply_grammar_masks(logits: torch.Tensor, requests: Sequence[Request]) -> No
     """Set to -inf, in place, the logits of tokens each row's grammar forbids: xgrammar fills
     one int32 bitmask [N, ceil(vocab/32)] on the host (C++, per row) and applies it to the
     grammar rows of `logits` [N, vocab] in one kernel on their device."""
-    import xgrammar as xgr
-
     rows = [i for i, r in enumerate(requests) if r.grammar is not None]
     if not rows:
         return
+    import xgrammar as xgr
+
     vocab = logits.shape[1]
     bitmask = xgr.allocate_token_bitmask(len(requests), vocab)
     _batch_matcher().batch_fill_next_token_bitmask(

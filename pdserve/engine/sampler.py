@@ -1,9 +1,9 @@
 """Turns a batch of logits into next tokens, one row per sampling request.
 
 Order, as in vLLM: penalties, then min-tokens masking, then the grammar's mask (structured
-output), then temperature, top-k, top-p and
-min-p, then a draw. Logprobs are those of the raw model distribution. A request with a seed
-draws from its own generator, so its tokens do not depend on its batch neighbours.
+output), then temperature, top-k, top-p and min-p, then a draw. Logprobs are those of the
+raw model distribution. A request with a seed draws from its own generator, so its tokens
+do not depend on its batch neighbours.
 """
 
 from __future__ import annotations
