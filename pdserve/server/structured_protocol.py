@@ -3,7 +3,8 @@ the one grammar they come down to.
 
     response_format {"type": "json_object"} | {"type": "json_schema", "json_schema": {...}}
     guided_json | guided_regex | guided_choice | guided_grammar      (vLLM's extra_body)
-    structured_outputs {"json" | "regex" | "choice" | "grammar"}      (vLLM's newer name)
+    structured_outputs {"json" | "regex" | "choice" | "grammar" | "json_object": true}
+                                                                     (vLLM's newer name)
 
 At most one may be given. Sizes are bounded so that parsing and compiling stay cheap; the
 server parses the grammar (a 400 naming the field if it is invalid), the engine compiles it.
@@ -69,12 +70,15 @@ class StructuredOutputs(BaseModel):
     regex: GrammarText | None = None
     choice: Choices | None = None
     grammar: GrammarText | None = None
+    json_object: Literal[True] | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> StructuredOutputs:
-        given = [v for v in (self.json_, self.regex, self.choice, self.grammar) if v is not None]
+        given = [v for v in (self.json_, self.regex, self.choice, self.grammar,
+                             self.json_object) if v is not None]
         if len(given) != 1:
-            raise ValueError("give exactly one of json, regex, choice and grammar")
+            raise ValueError("give exactly one of json, regex, choice, grammar and "
+                             "json_object")
         return self
 
 
@@ -111,7 +115,9 @@ class StructuredOutputFields(BaseModel):
             asked += [("structured_outputs.json", "json_schema", so.json_),
                       ("structured_outputs.regex", "regex", so.regex),
                       ("structured_outputs.choice", "choice", so.choice),
-                      ("structured_outputs.grammar", "ebnf", so.grammar)]
+                      ("structured_outputs.grammar", "ebnf", so.grammar),
+                      ("structured_outputs.json_object", "json_object",
+                       "" if so.json_object else None)]
         return [(name, _spec(name, kind, value)) for name, kind, value in asked
                 if value is not None]
 
