@@ -63,6 +63,7 @@ class EngineArgs:
     """Everything needed to build one engine instance (what `pdserve serve` flags fill in)."""
 
     model: str | None = None  # None = the embedded SmolLM2; a preset name; or a HF folder
+    tokenizer: str | None = None  # --tokenizer; None = the model's (grammars need its vocab)
     dtype: str = "auto"  # "auto" = float32 on CPU, bfloat16 on GPU
     device: str = "auto"  # "auto" = cuda if available else cpu
     seed: int = 0

@@ -16,6 +16,7 @@ from pdserve.engine.blocks import BlockPool
 from pdserve.engine.calibrate import calibrate
 from pdserve.engine.compilations import COMPILATIONS
 from pdserve.engine.connector import Connector, NullConnector
+from pdserve.engine.grammar import GrammarCompiler, RequestGrammar
 from pdserve.engine.handoff import RemotePrefill
 from pdserve.engine.kv_caches import KVCaches
 from pdserve.engine.kv_connector import KVConnector
@@ -276,6 +277,7 @@ class Engine:
         """Queue a request; raises ValueError (a message for the user) if it is invalid."""
         try:
             self.validate(req)
+            grammar = self._request_grammar(req)
         except ValueError:
             self._release_refused(req)
             raise
@@ -289,11 +291,30 @@ class Engine:
         request.handoff = req.handoff  # the connector's to read
         if isinstance(req.handoff, RemotePrefill):  # D: pull P's KV, go on after its token
             request.output_token_ids = [req.handoff.first_token_id]
+        request.grammar = grammar
         if req.params.seed is not None and not req.params.greedy:
             request.generator = torch.Generator(device=self.device)
             request.generator.manual_seed(req.params.seed)
         self.requests[req.request_id] = request
         self.scheduler.add(request)
+
+    def _request_grammar(self, req: EngineRequest) -> RequestGrammar | None:
+        """Structured output: its matcher, advanced past the output already known (on D,
+        P's first token; resumed, what another instance generated)."""
+        if req.params.grammar is None:
+            return None
+        known = list(req.output_token_ids)
+        if isinstance(req.handoff, RemotePrefill):
+            known = [req.handoff.first_token_id]
+        return self._grammars.matcher(req.params.grammar, known)
+
+    @functools.cached_property
+    def _grammars(self) -> GrammarCompiler:
+        """Built at the first request with a grammar: it needs the tokenizer's vocabulary."""
+        from pdserve.models.loader import load_tokenizer
+
+        tokenizer = load_tokenizer(self.args.tokenizer or self.args.model)
+        return GrammarCompiler(tokenizer, self.vocab_size, self.eos_token_ids)
 
     def _release_refused(self, req: EngineRequest) -> None:
         """On D: a refused request's prefilled KV will never be pulled; let P free it now
@@ -360,7 +381,9 @@ class Engine:
     def check_stop(self, request: Request, token: int) -> None:
         """Mark a request finished if `token`, just appended, ends it."""
         p = request.params
-        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+        if request.grammar is not None and request.grammar.advance(token):
+            request.status = RequestStatus.FINISHED_STOPPED  # the grammar is complete
+        elif token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
             request.status = RequestStatus.FINISHED_STOPPED
         elif len(request.output_token_ids) >= p.max_tokens:
             request.status = RequestStatus.FINISHED_LENGTH

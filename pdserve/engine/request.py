@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pdserve.engine.grammar import RequestGrammar
 from pdserve.engine.handoff import KVHandoff
 from pdserve.engine.sampling_params import SamplingParams
 
@@ -55,6 +56,7 @@ class Request:
     num_pending_tokens: int = 0
     scheduled_time: float = 0.0  # monotonic, first time it was scheduled (0: not yet)
     first_token_time: float = 0.0  # monotonic, its first token sampled here (0: not yet)
+    grammar: RequestGrammar | None = None  # structured output: its matcher, one token behind
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -1,8 +1,9 @@
 """Turns a batch of logits into next tokens, one row per sampling request.
 
-Order, as in vLLM: penalties, then min-tokens masking, then temperature, top-k, top-p and
-min-p, then a draw. Logprobs are those of the raw model distribution. A request with a seed
-draws from its own generator, so its tokens do not depend on its batch neighbours.
+Order, as in vLLM: penalties, then min-tokens masking, then the grammar's mask (structured
+output), then temperature, top-k, top-p and min-p, then a draw. Logprobs are those of the
+raw model distribution. A request with a seed draws from its own generator, so its tokens
+do not depend on its batch neighbours.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from pdserve.engine.grammar_mask import apply_grammar_masks
 from pdserve.engine.host_to_device import to_device
 from pdserve.engine.outputs import TokenLogprob
 from pdserve.engine.request import Request
@@ -95,7 +97,7 @@ def _plain_greedy(r: Request) -> bool:
     p = r.params
     return (p.temperature == 0.0 and p.logprobs is None and p.repetition_penalty == 1.0
             and not p.frequency_penalty and not p.presence_penalty
-            and len(r.output_token_ids) >= p.min_tokens)
+            and len(r.output_token_ids) >= p.min_tokens and r.grammar is None)
 
 
 def sample_tokens(
@@ -109,6 +111,7 @@ def sample_tokens(
     logits = logits.clone()
     _penalize(logits, requests)
     _mask_stops_before_min_tokens(logits, requests, eos_token_ids)
+    apply_grammar_masks(logits, requests)  # structured output: only what the grammar allows
     tokens = logits.argmax(dim=1)
     greedy = [r.params.greedy for r in requests]
     if not all(greedy):

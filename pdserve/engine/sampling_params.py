@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pdserve.engine.grammar import GrammarSpec
+
 
 @dataclass
 class SamplingParams:
@@ -23,6 +25,7 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: int | None = None  # number of top alternatives to return with each sampled token
+    grammar: GrammarSpec | None = None  # structured output: what the text must match
 
     @property
     def greedy(self) -> bool:

@@ -47,7 +47,8 @@ def samples_without_history(request: Request) -> bool:
     """Its next token can be drawn before its previous one is known on the host."""
     p = request.params
     return (p.logprobs is None and p.repetition_penalty == 1.0 and not p.frequency_penalty
-            and not p.presence_penalty and len(request.output_token_ids) >= p.min_tokens)
+            and not p.presence_penalty and len(request.output_token_ids) >= p.min_tokens
+            and request.grammar is None)  # its mask needs the previous token accepted
 
 
 @dataclass

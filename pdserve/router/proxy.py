@@ -45,6 +45,7 @@ from pdserve.router.relay import (
 )
 from pdserve.router.shaping import (
     answer_as_stream,
+    calls_tools,
     decode_body,
     error_body,
     first_chunks,
@@ -316,7 +317,8 @@ class Router:
             # pdserve's P names its first token, which a pdserve D continues from: the
             # client gets it now (TTFT) and D, told so by `resume`, sends the rest; a D
             # that recomputes the first token itself (vLLM's) streams the whole answer
-            sent = answer if type(ktp.get("first_token_id")) is int else None
+            sent = answer if type(ktp.get("first_token_id")) is int \
+                and not calls_tools(body) else None  # a call is sent whole, by D
             d_body = tracked_body(decode_body(body, ktp))
             if sent is not None:
                 d_body["resume"] = {"token_ids": [ktp["first_token_id"]],

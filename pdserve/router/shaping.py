@@ -18,6 +18,12 @@ def is_chat(path: str) -> bool:
     return path.endswith("/chat/completions")
 
 
+def calls_tools(body: dict) -> bool:
+    """A chat request whose reply may be tool calls: its text is parsed whole, so P's
+    first token is not streamed on its own as content."""
+    return bool(body.get("tools")) and body.get("tool_choice") != "none"
+
+
 def include_usage(body: dict) -> bool:
     opts = body.get("stream_options")
     return bool(body.get("stream") and isinstance(opts, dict) and opts.get("include_usage"))

@@ -15,6 +15,7 @@ import uvicorn
 from pdserve.config import CacheConfig, EngineArgs, SchedulerConfig
 from pdserve.drain import Drain, DrainingServer, add_drain_flag
 from pdserve.security import API_KEY_ENV, SECRET_ENV, SecretError, load_secret
+from pdserve.server.tool_parsers import PARSERS
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
           "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
@@ -51,6 +52,11 @@ def add_parser(subparsers) -> None:
                         "instead of the model's; presets default to the embedded SmolLM2's")
     p.add_argument("--served-model-name", default=None,
                    help="the name clients pass as `model`; omitted = the model's own name")
+    p.add_argument("--tool-call-parser", default=None, choices=PARSERS,
+                   help="the format of tool calls in the model's text (vLLM's names): hermes "
+                   "(<tool_call>...</tool_call>: Qwen, Hermes, SmolLM2) or llama3_json; "
+                   "omitted = llama3_json for a Llama 3 chat template, else hermes. "
+                   "tool_choice auto is always on")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--dtype", default="auto",
@@ -151,6 +157,7 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
     """Flags → the engine's configuration."""
     return EngineArgs(
         model=args.model,
+        tokenizer=args.tokenizer,
         dtype=args.dtype,
         device=args.device,
         seed=args.seed,
@@ -215,7 +222,8 @@ def run(args: argparse.Namespace) -> int:
     app = build_app(client, load_tokenizer, args.served_model_name, heartbeat,
                     api_key=api_key(args), secret=eargs.deployment_secret,
                     open_metrics=args.open_metrics, drain=drain,
-                    max_request_bytes=args.max_request_bytes)
+                    max_request_bytes=args.max_request_bytes,
+                    tool_call_parser=args.tool_call_parser)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=5)
     try:  # before the engine loads: a port in use fails at once, not a minute later

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pdserve.server.errors import bad_request
 from pdserve.server.protocol import ChatMessage
+from pdserve.server.tool_parsers import ParserName
+from pdserve.server.tool_prompt import conversation, template_takes_tools
 
 
 def completion_prompt_ids(tokenizer, prompt: str | list[int]) -> list[int]:
@@ -31,16 +33,20 @@ def encode_text(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
 def chat_prompt_ids(
     tokenizer, messages: list[ChatMessage], add_generation_prompt: bool,
     continue_final_message: bool = False, add_special_tokens: bool = False,
+    tools: list[dict] | None = None, parser: ParserName = "hermes",
 ) -> list[int]:
     """Render the chat template to text, then tokenize it (the template holds the specials).
-    `continue_final_message`: the last message stays open, for the model to go on with it."""
-    conversation = [{"role": m.role, "content": m.text()} for m in messages]
-    for turn in conversation:
+    `continue_final_message`: the last message stays open, for the model to go on with it.
+    `tools` go to a template that takes them, else into a system instruction (tool_prompt)."""
+    native = template_takes_tools(tokenizer.chat_template)
+    turns = conversation(messages, tools, parser, native)
+    for turn in turns:
         _check_unicode(turn["content"])
     try:
         text = tokenizer.apply_chat_template(
-            conversation, add_generation_prompt=add_generation_prompt, tokenize=False,
+            turns, add_generation_prompt=add_generation_prompt, tokenize=False,
             continue_final_message=continue_final_message,
+            tools=tools if native and tools else None,
         )
     except Exception as exc:  # a template may reject e.g. a conversation ending badly
         raise bad_request(f"messages could not be rendered by the chat template: {exc}",

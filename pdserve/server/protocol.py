@@ -11,6 +11,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.server.structured_protocol import StructuredOutputFields
+from pdserve.server.tool_protocol import MAX_CALL_ID_CHARS, MAX_TOOLS, ToolCall, ToolFields
 
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20
@@ -59,8 +61,9 @@ class Resume(BaseModel):
     text_chars: int = Field(ge=0, le=MAX_INT)
 
 
-class _SamplingRequest(BaseModel):
-    """Fields shared by /v1/completions and /v1/chat/completions."""
+class _SamplingRequest(StructuredOutputFields):
+    """Fields shared by /v1/completions and /v1/chat/completions (with those of structured
+    output: server/structured_protocol.py)."""
 
     model_config = ConfigDict(strict=True, extra="ignore")
 
@@ -188,6 +191,9 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: Text | Parts | None = None
+    name: Name | None = None
+    tool_calls: list[ToolCall] | None = Field(None, max_length=MAX_TOOLS)  # assistant's
+    tool_call_id: str | None = Field(None, max_length=MAX_CALL_ID_CHARS)  # a tool's answer
 
     def text(self) -> str:
         if self.content is None:
@@ -197,8 +203,9 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
-class ChatCompletionRequest(_SamplingRequest):
-    """POST /v1/chat/completions. Messages go through the model's chat template."""
+class ChatCompletionRequest(_SamplingRequest, ToolFields):
+    """POST /v1/chat/completions. Messages (and tools) go through the model's chat template;
+    tool fields: server/tool_protocol.py."""
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: Count | None = None
@@ -212,6 +219,9 @@ class ChatCompletionRequest(_SamplingRequest):
             raise ValueError("top_logprobs requires logprobs to be true")
         if self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens  # the newer name wins
+        if self.tool_mode() in ("required", "named") and self._grammar_fields():
+            raise ValueError("tool_choice required or a named function cannot be combined "
+                             "with response_format or guided decoding")
         return self
 
     def num_logprobs(self) -> int | None:

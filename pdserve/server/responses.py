@@ -97,15 +97,36 @@ class ResponseBuilder:
             body["kv_transfer_params"] = kv_transfer_params
         return body
 
+    def tool_call_chunks(self, index: int, call: dict, include_usage: bool) -> list[dict]:
+        """One tool call as OpenAI streams it: its id, type and name with empty arguments,
+        then the arguments (clients concatenate `arguments` by `index`)."""
+        fn = call["function"]
+        head = {"index": index, "id": call["id"], "type": "function",
+                "function": {"name": fn["name"], "arguments": ""}}
+        tail = {"index": index, "function": {"arguments": fn["arguments"]}}
+        chunks = []
+        for part in (head, tail):
+            body = self._envelope([{"index": 0, "delta": {"tool_calls": [part]},
+                                    "logprobs": None, "finish_reason": None}], True)
+            if include_usage:
+                body["usage"] = None
+            chunks.append(body)
+        return chunks
+
     def usage_chunk(self, usage: dict) -> dict:
         return {**self._envelope([], True), "usage": usage}
 
     def full(self, text: str, logprobs: list[TokenLogprob], finish: str | None,
              stop_reason: str | int | None, usage: dict,
-             kv_transfer_params: dict | None, token_ids: list[int] | None = None) -> dict:
-        """The non-streaming body."""
+             kv_transfer_params: dict | None, token_ids: list[int] | None = None,
+             tool_calls: list[dict] | None = None) -> dict:
+        """The non-streaming body; a chat reply that called tools carries `tool_calls` (and
+        content null if it said nothing else)."""
         choice = self._choice(text, self.logprobs(logprobs), finish, stop_reason,
                               streaming=False)
+        if tool_calls:
+            choice["message"]["tool_calls"] = tool_calls
+            choice["message"]["content"] = text.strip() or None
         if self.token_ids:
             choice["token_ids"] = token_ids or []
         body = {**self._envelope([choice], False), "usage": usage}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,11 +12,12 @@ from dataclasses import dataclass
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from pdserve.engine.grammar import GrammarSpec, check_grammar
 from pdserve.engine.outputs import EngineRequest
 from pdserve.event_stream import EventStream, sse
 from pdserve.server.engine_client import EngineClient
 from pdserve.server.errors import APIError, bad_request, engine_dead, model_not_found
-from pdserve.server.generation import Generation
+from pdserve.server.generation import Delta, Generation
 from pdserve.server.handoff import accept_handoff
 from pdserve.server.metrics import ServerMetrics
 from pdserve.server.prompts import (
@@ -27,6 +29,9 @@ from pdserve.server.prompts import (
 )
 from pdserve.server.protocol import ChatCompletionRequest, CompletionRequest
 from pdserve.server.responses import ResponseBuilder
+from pdserve.server.structured_protocol import FieldError
+from pdserve.server.tool_calls import ToolCallExtractor
+from pdserve.server.tool_parsers import ParserName
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's legacy default; chat defaults to the context
 
@@ -39,6 +44,7 @@ class ServerState:
     tokenizer: object
     served_model_name: str
     metrics: ServerMetrics
+    tool_parser: ParserName = "hermes"  # the format of tool calls in the model's text
 
     def cache_tokens(self) -> int:
         """Tokens the whole KV cache holds (0 = not known yet)."""
@@ -69,11 +75,13 @@ async def serve(
     builder = ResponseBuilder(chat, engine_req.request_id, st.served_model_name, st.tokenizer,
                               req.num_logprobs(), req.return_tokens_as_token_ids,
                               token_ids=req.return_token_ids)
+    tools = _tool_extractor(req, st.tool_parser)
     if req.stream:
         await gen.start()  # before the headers: a request the engine refuses gets a 400
         # the generation is aborted however the response ends (a no-op once it finished)
-        return EventStream(_stream(request, gen, builder, req.include_usage()), gen.cancel)
-    return await _complete(request, gen, builder)
+        return EventStream(_stream(request, gen, builder, req.include_usage(), tools),
+                           gen.cancel)
+    return await _complete(request, gen, builder, tools)
 
 
 def _engine_request(
@@ -81,7 +89,10 @@ def _engine_request(
 ) -> EngineRequest:
     """Tokenize and check the prompt, settle max_tokens, and build the engine's request."""
     if chat:
-        prompt_ids = chat_prompt_ids(st.tokenizer, req.messages, req.add_generation_prompt)
+        _check_tools(req)
+        tools = req.tool_dicts() if req.tool_mode() != "none" else None
+        prompt_ids = chat_prompt_ids(st.tokenizer, req.messages, req.add_generation_prompt,
+                                     tools=tools, parser=st.tool_parser)
     else:
         prompt_ids = completion_prompt_ids(st.tokenizer, req.single_prompt())
     info = st.client.info
@@ -100,8 +111,9 @@ def _engine_request(
         raise bad_request("resume.token_ids must leave a token to generate", "resume")
     check_token_ids(resumed, info.vocab_size, "resume")
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    return EngineRequest(request_id, prompt_ids, req.sampling_params(max_tokens),
-                         output_token_ids=list(resumed))
+    params = req.sampling_params(max_tokens)
+    params.grammar = checked_grammar(req)
+    return EngineRequest(request_id, prompt_ids, params, output_token_ids=list(resumed))
 
 
 def _checked_engine_request(
@@ -116,6 +128,47 @@ def _checked_engine_request(
                            info.max_model_len)
         check_fits_cache(len(prompt_ids) + req.decode_max_tokens, st.cache_tokens())
     return engine_req
+
+
+def checked_grammar(req: CompletionRequest | ChatCompletionRequest) -> GrammarSpec | None:
+    """The structured output asked for, parsed (a 400 naming the field if it is invalid)."""
+    try:
+        spec = req.grammar_spec()
+    except FieldError as exc:
+        raise bad_request(str(exc), exc.field) from exc
+    if spec is None and isinstance(req, ChatCompletionRequest):
+        spec = _tool_grammar(req)
+    if spec is None:
+        return None
+    if req.min_tokens:  # its EOS ban could leave a complete grammar no token at all
+        raise bad_request("min_tokens cannot be combined with structured output", "min_tokens")
+    return spec
+
+
+def _check_tools(req: ChatCompletionRequest) -> None:
+    try:
+        req.check_tools()
+    except FieldError as exc:
+        raise bad_request(str(exc), exc.field) from exc
+
+
+def _tool_grammar(req: ChatCompletionRequest) -> GrammarSpec | None:
+    """tool_choice required or named: the grammar of the call(s), checked."""
+    try:
+        spec = req.tool_grammar()
+        if spec is not None:
+            check_grammar(spec)
+    except ValueError as exc:
+        raise bad_request(f"tools: {exc}", "tools") from exc
+    return spec
+
+
+def _tool_extractor(req, parser: ParserName) -> ToolCallExtractor | None:
+    """Chat with tools in use: what takes the calls out of the reply."""
+    if not isinstance(req, ChatCompletionRequest) or req.tool_mode() == "none":
+        return None
+    return ToolCallExtractor(req.tool_mode(), parser, {t.function.name for t in req.tools},
+                             req.named_function())
 
 
 @asynccontextmanager
@@ -134,7 +187,8 @@ async def _abort_on_disconnect(request: Request, gen: Generation):
         watcher.cancel()
 
 
-async def _complete(request: Request, gen: Generation, builder: ResponseBuilder) -> Response:
+async def _complete(request: Request, gen: Generation, builder: ResponseBuilder,
+                    tools: ToolCallExtractor | None) -> Response:
     """Run to the end, then answer with one body."""
     text, logprobs, finish, stop_reason, token_ids = "", [], None, None, []
     async with _abort_on_disconnect(request, gen):
@@ -146,13 +200,17 @@ async def _complete(request: Request, gen: Generation, builder: ResponseBuilder)
             finish, stop_reason = delta.finish_reason, delta.stop_reason
     if finish is None:  # the client left: nobody reads this
         return Response(status_code=499)
+    calls = None
+    if tools is not None:  # the reply's tool calls out of its text
+        text = tools.feed(text) + tools.finish()
+        finish, calls = tools.finish_reason(finish), [c.to_openai() for c in tools.calls]
     body = builder.full(text, logprobs, finish, stop_reason, gen.usage(),
-                        gen.kv_transfer_params, token_ids)
+                        gen.kv_transfer_params, token_ids, calls)
     return JSONResponse(body)
 
 
 async def _stream(request: Request, gen: Generation, builder: ResponseBuilder,
-                  include_usage: bool) -> AsyncIterator[str]:
+                  include_usage: bool, tools: ToolCallExtractor | None) -> AsyncIterator[str]:
     """SSE events: chunks as tokens arrive, then usage if asked, then [DONE]."""
     if builder.chat:
         first = builder.role_chunk()
@@ -163,6 +221,10 @@ async def _stream(request: Request, gen: Generation, builder: ResponseBuilder,
     async with _abort_on_disconnect(request, gen):
         try:
             async for delta in gen.deltas():
+                if tools is not None:
+                    for chunk in _tool_chunks(builder, tools, delta, include_usage):
+                        yield sse(chunk)
+                    continue
                 yield sse(builder.chunk(delta, offset, gen.kv_transfer_params, include_usage))
                 offset += len(delta.text)
         except APIError as exc:  # the headers are sent: the error travels in the stream
@@ -172,3 +234,25 @@ async def _stream(request: Request, gen: Generation, builder: ResponseBuilder,
     if include_usage:
         yield sse(builder.usage_chunk(gen.usage()))
     yield sse("[DONE]")
+
+
+def _tool_chunks(builder: ResponseBuilder, tools: ToolCallExtractor, delta: Delta,
+                 include_usage: bool) -> list[dict]:
+    """A delta of a reply with tools: its content as far as it can be no call, and at the
+    end the calls (each: its id and name first, then its arguments), then the finish."""
+    text = tools.feed(delta.text)
+    finish = delta.finish_reason
+    if finish is not None:
+        text += tools.finish()
+    chunks = []
+    if text or delta.logprobs or (builder.token_ids and delta.token_ids):
+        chunks.append(builder.chunk(dataclasses.replace(delta, text=text, finish_reason=None,
+                                                        stop_reason=None),
+                                    0, None, include_usage))
+    if finish is not None:
+        for index, call in enumerate(tools.calls):
+            chunks += builder.tool_call_chunks(index, call.to_openai(), include_usage)
+        chunks.append(builder.chunk(Delta("", [], finish_reason=tools.finish_reason(finish),
+                                          stop_reason=delta.stop_reason),
+                                    0, None, include_usage))
+    return chunks
