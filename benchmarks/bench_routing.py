@@ -12,7 +12,7 @@ prefix is: one infinite cache holding every earlier prompt), mean and P99 TTFT.
 The router's cost: tokenize (the instances' own code), hash the blocks and look them up in an
 index of 2 instances, in-process, for 1k- and 8k-token prompts (median of 20).
 
-    python benchmarks/bench_routing.py [--quick] [--rate 3]
+    python benchmarks/bench_routing.py [--rate 0.6] [--workloads ...] [--policies ...]
 
 Writes benchmarks/results/routing_cpu.json. On a shared, loaded machine: smoke figures.
 """
@@ -40,12 +40,12 @@ SECRET = "bench-routing-deployment-secret-0123456789"
 POLICIES = ("cache_aware", "least_loaded", "round_robin")
 WORKLOADS = {
     "shared-prefix": ["--dataset-name", "shared-prefix", "--gsp-num-groups", "4",
-                      "--gsp-prompts-per-group", "6", "--gsp-system-prompt-len", "512",
+                      "--gsp-prompts-per-group", "5", "--gsp-system-prompt-len", "512",
                       "--gsp-question-len", "32", "--gsp-output-len", "8"],
-    "multi-turn": ["--dataset-name", "multi-turn", "--mt-num-conversations", "6",
+    "multi-turn": ["--dataset-name", "multi-turn", "--mt-num-conversations", "5",
                    "--mt-turns", "4", "--mt-system-prompt-len", "256", "--mt-turn-len", "64",
                    "--mt-output-len", "8"],
-    "random": ["--dataset-name", "random", "--num-prompts", "24", "--random-input-len", "384",
+    "random": ["--dataset-name", "random", "--num-prompts", "20", "--random-input-len", "384",
                "--random-output-len", "8"],
 }
 
@@ -188,11 +188,12 @@ def router_cost() -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rate", type=float, default=3.0, help="requests/s (Poisson)")
+    ap.add_argument("--rate", type=float, default=0.6, help="requests/s (Poisson)")
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS))
     ap.add_argument("--policies", nargs="+", default=list(POLICIES))
     ap.add_argument("--out", default=OUT)
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop our servers on the way out
     result = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
               "machine": {"cpus": os.cpu_count(), "loadavg_before": os.getloadavg()},
               "rate": args.rate, "router_cost": router_cost(), "runs": {}}

@@ -54,6 +54,9 @@ class PromptTokenizer:
             prompt = CompletionRequest.model_validate(body).single_prompt()
             return completion_prompt_ids(self.tokenizer, prompt)
         except (APIError, ValidationError, ValueError, TypeError):
+            return None  # the instance refuses it with the right 4xx; route it by load
+        except Exception:  # whatever else a tokenizer raises: never fail routing over it
+            log.exception("router: tokenizing a prompt failed; routed without the cache")
             return None
 
 
