@@ -14,7 +14,12 @@ index of 2 instances, in-process, for 1k- and 8k-token prompts (median of 20).
 
     python benchmarks/bench_routing.py [--rate 0.6] [--workloads ...] [--policies ...]
 
-Writes benchmarks/results/routing_cpu.json. On a shared, loaded machine: smoke figures.
+`--pd-mix`: instead, a prefill and a decode instance, prompts of 40..760 tokens, and the
+P/D decision always (disaggregate every prompt), never (every prompt whole on D) and
+conditional: mean TTFT and P99 ITL.
+
+Writes benchmarks/results/routing_cpu.json (routing_pd_mix_cpu.json). On a shared, loaded
+machine: smoke figures.
 """
 
 from __future__ import annotations
@@ -47,6 +52,14 @@ WORKLOADS = {
                    "--mt-output-len", "8"],
     "random": ["--dataset-name", "random", "--num-prompts", "20", "--random-input-len", "384",
                "--random-output-len", "8"],
+    # short and long prompts mixed, for the P/D decision (1P1D)
+    "mix": ["--dataset-name", "random", "--num-prompts", "20", "--random-input-len", "400",
+            "--random-range-ratio", "0.9", "--random-output-len", "32"],
+}
+PD_VARIANTS = {  # name -> (policy, router flags)
+    "always_disagg": ("least_loaded", ()),
+    "never_disagg": ("least_loaded", ("--pd-min-prompt-tokens", "1000000")),
+    "conditional": ("conditional", ()),
 }
 
 
@@ -87,24 +100,27 @@ def wait_healthy(url: str, timeout_s: float = 180) -> None:
     raise RuntimeError(f"{url} did not become healthy")
 
 
-def run_one(policy: str, workload: str, rate: float, tmp: str) -> dict:
-    """Fresh instances and router; one bench run; its summary."""
+def run_one(policy: str, workload: str, rate: float, tmp: str,
+            roles: tuple[str, str] = ("colocated", "colocated"), flags: tuple = ()) -> dict:
+    """Fresh instances (of `roles`) and a router; one bench run; its summary."""
     ports = [free_port() for _ in range(3)]
     cores = os.cpu_count() or 1
-    insts = [spawn(["serve", "--role", "colocated", "--port", str(p), "--cpu-threads", "1",
+    insts = [spawn(["serve", "--role", role, "--port", str(p), "--cpu-threads", "1",
                     "--kv-cache-memory", "256MiB"], f"{tmp}/inst{i}.log", i % cores)
-             for i, p in enumerate(ports[:2])]
+             for i, (role, p) in enumerate(zip(roles, ports))]
     urls = [f"http://127.0.0.1:{p}" for p in ports[:2]]
     router = None
     try:
         for url in urls:
             wait_healthy(url)
         router = spawn(["router", "--port", str(ports[2]), "--routing-policy", policy,
-                        "--tokenizer", "embedded", "--colocated", *urls], f"{tmp}/router.log")
+                        "--tokenizer", "embedded", *flags,
+                        *[a for role, url in zip(roles, urls) for a in (f"--{role}", url)]],
+                       f"{tmp}/router.log")
         base = f"http://127.0.0.1:{ports[2]}"
         wait_healthy(base)
         time.sleep(3)  # health checks, the tokenizer and the KV event streams
-        name = f"{workload}-{policy}.json"
+        name = f"{workload}-{policy}-{len(flags)}.json"
         subprocess.run([sys.executable, "-m", "pdserve.cli", "bench", "run", "--base-url", base,
                         *WORKLOADS[workload], "--request-rate", str(rate), "--seed", "1",
                         "--ignore-eos", "--save-result", "--result-dir", tmp,
@@ -119,7 +135,8 @@ def run_one(policy: str, workload: str, rate: float, tmp: str) -> dict:
         for p in ([router] if router else []) + insts:
             stop(p)
     keys = ("completed", "failed", "total_input_tokens", "prefix_cache_hit_tokens",
-            "prefix_cache_hit_rate", "mean_ttft_ms", "p99_ttft_ms", "mean_e2el_ms")
+            "prefix_cache_hit_rate", "mean_ttft_ms", "p99_ttft_ms", "mean_itl_ms",
+            "p99_itl_ms", "mean_e2el_ms")
     return {**{k: summary.get(k) for k in keys}, "decisions": decisions}
 
 
@@ -191,15 +208,26 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=0.6, help="requests/s (Poisson)")
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS))
     ap.add_argument("--policies", nargs="+", default=list(POLICIES))
-    ap.add_argument("--out", default=OUT)
+    ap.add_argument("--pd-mix", action="store_true",
+                    help="instead: 1P1D on the short/long mix, always vs never vs conditional")
+    ap.add_argument("--out", default=None,
+                    help="default: results/routing_cpu.json (--pd-mix: routing_pd_mix_cpu.json)")
     args = ap.parse_args()
+    args.out = args.out or (OUT.replace("routing_cpu", "routing_pd_mix_cpu") if args.pd_mix
+                            else OUT)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop our servers on the way out
     result = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
               "machine": {"cpus": os.cpu_count(), "loadavg_before": os.getloadavg()},
               "rate": args.rate, "router_cost": router_cost(), "runs": {}}
     print(json.dumps(result["router_cost"], indent=1), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        for workload in args.workloads:
+        if args.pd_mix:
+            runs = result["runs"]["mix-1P1D"] = {}
+            for name, (policy, flags) in PD_VARIANTS.items():
+                runs[name] = run_one(policy, "mix", args.rate, tmp, ("prefill", "decode"),
+                                     flags)
+                print("mix", name, json.dumps(runs[name]), flush=True)
+        for workload in [] if args.pd_mix else args.workloads:
             runs = result["runs"][workload] = {"oracle_hit_tokens": oracle_hits(workload)}
             for policy in args.policies:
                 runs[policy] = run_one(policy, workload, args.rate, tmp)
