@@ -12,7 +12,7 @@ prefix is: one infinite cache holding every earlier prompt), mean and P99 TTFT.
 The router's cost: tokenize (the instances' own code), hash the blocks and look them up in an
 index of 2 instances, in-process, for 1k- and 8k-token prompts (median of 20).
 
-    python benchmarks/bench_routing.py [--rate 0.6] [--workloads ...] [--policies ...]
+    python benchmarks/bench_routing.py [--rate 0.25] [--workloads ...] [--policies ...]
 
 `--pd-mix`: instead, a prefill and a decode instance, prompts of 40..760 tokens, and the
 P/D decision always (disaggregate every prompt), never (every prompt whole on D) and
@@ -43,15 +43,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(REPO, "benchmarks", "results", "routing_cpu.json")
 SECRET = "bench-routing-deployment-secret-0123456789"
 POLICIES = ("cache_aware", "least_loaded", "round_robin")
-WORKLOADS = {
-    "shared-prefix": ["--dataset-name", "shared-prefix", "--gsp-num-groups", "4",
-                      "--gsp-prompts-per-group", "5", "--gsp-system-prompt-len", "512",
-                      "--gsp-question-len", "32", "--gsp-output-len", "8"],
-    "multi-turn": ["--dataset-name", "multi-turn", "--mt-num-conversations", "5",
-                   "--mt-turns", "4", "--mt-system-prompt-len", "256", "--mt-turn-len", "64",
-                   "--mt-output-len", "8"],
-    "random": ["--dataset-name", "random", "--num-prompts", "20", "--random-input-len", "384",
-               "--random-output-len", "8"],
+WORKLOADS = {  # small: the CPUs are shared; each instance runs on one thread
+    "shared-prefix": ["--dataset-name", "shared-prefix", "--gsp-num-groups", "3",
+                      "--gsp-prompts-per-group", "4", "--gsp-system-prompt-len", "256",
+                      "--gsp-question-len", "16", "--gsp-output-len", "4"],
+    "multi-turn": ["--dataset-name", "multi-turn", "--mt-num-conversations", "3",
+                   "--mt-turns", "4", "--mt-system-prompt-len", "128", "--mt-turn-len", "32",
+                   "--mt-output-len", "4"],
+    "random": ["--dataset-name", "random", "--num-prompts", "12", "--random-input-len", "256",
+               "--random-output-len", "4"],
     # short and long prompts mixed, for the P/D decision (1P1D)
     "mix": ["--dataset-name", "random", "--num-prompts", "20", "--random-input-len", "400",
             "--random-range-ratio", "0.9", "--random-output-len", "32"],
@@ -205,7 +205,7 @@ def router_cost() -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rate", type=float, default=0.6, help="requests/s (Poisson)")
+    ap.add_argument("--rate", type=float, default=0.25, help="requests/s (Poisson)")
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS))
     ap.add_argument("--policies", nargs="+", default=list(POLICIES))
     ap.add_argument("--pd-mix", action="store_true",
