@@ -86,6 +86,15 @@ class Load:
     max_tokens: int
     view: RequestView
 
+    @classmethod
+    def of(cls, body: dict, chat: bool, ids: list[int] | None = None,
+           cached: dict[str, int] | None = None) -> Load:
+        """From the body: the prompt's token ids where known (else an estimate), and the
+        leading tokens of it each instance holds."""
+        prompt = len(ids) if ids is not None else estimate_prompt_tokens(body)
+        view = RequestView(prompt, _needs_decode(body, chat), cached or {})
+        return cls(prompt, requested_max_tokens(body, chat), view)
+
     def uncached_on(self, inst: Instance) -> int:
         return self.view.uncached_on(inst.url)
 
@@ -171,10 +180,7 @@ class Router:
         """The request's load and view: exact token counts (and cached prefixes) where the
         policy uses the cache and the prompt can be tokenized here, else an estimate."""
         ids = await self.tokens.ids(chat, body) if self.policy.uses_cache else None
-        prompt = len(ids) if ids is not None else estimate_prompt_tokens(body)
-        cached = self.index.cached_tokens(ids) if ids else {}
-        view = RequestView(prompt, _needs_decode(body, chat), cached)
-        return Load(prompt, requested_max_tokens(body, chat), view)
+        return Load.of(body, chat, ids, self.index.cached_tokens(ids) if ids else None)
 
     def decide(self, load: Load) -> Decision:
         """The policy's decision over the healthy instances, counted with its reason."""
