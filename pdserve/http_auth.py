@@ -8,7 +8,7 @@ middleware checks the MAC of every request that carries one and tells the app th
 
 - `/health` and `/ping` are open;
 - `internal_paths` (the router's `/register`, `/deregister`, `/instances`; an instance's
-  `/v1/kv/release`) take internal calls only;
+  `/v1/kv/release`, `/v1/kv/events`) take internal calls only;
 - every other route (`/v1/*`, `/metrics`, the docs) needs the API key or an internal MAC,
   where a key is set; `/metrics` stays open with `open_metrics`.
 
@@ -38,7 +38,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 OPEN_PATHS = frozenset({"/health", "/ping"})
 ROUTER_INTERNAL_PATHS = frozenset({"/register", "/deregister", "/instances"})
-INSTANCE_INTERNAL_PATHS = frozenset({"/v1/kv/release"})
+INSTANCE_INTERNAL_PATHS = frozenset({"/v1/kv/release", "/v1/kv/events"})
 MAX_SIGNED_BODY_BYTES = 64 * 2**20  # a signed body is held in memory to check its MAC
 _AUTH_HEADER = INTERNAL_AUTH_HEADER.lower().encode()
 

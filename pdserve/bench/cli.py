@@ -59,6 +59,12 @@ def _add_workload(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gsp-system-prompt-len", type=int, default=512)
     g.add_argument("--gsp-question-len", type=int, default=64)
     g.add_argument("--gsp-output-len", type=int, default=64)
+    g.add_argument("--mt-num-conversations", type=int, default=8, help="multi-turn: "
+                   "conversations (--num-prompts is ignored: conversations x turns)")
+    g.add_argument("--mt-turns", type=int, default=4, help="multi-turn: turns each")
+    g.add_argument("--mt-system-prompt-len", type=int, default=256)
+    g.add_argument("--mt-turn-len", type=int, default=64, help="multi-turn: tokens a turn adds")
+    g.add_argument("--mt-output-len", type=int, default=32)
     g.add_argument("--code-length-scale", type=float, default=1.0, help="code: shrink lengths")
     g.add_argument("--sharegpt-output-len", type=int, default=None)
     g.add_argument("--trace-block-size", type=int, default=512, help="tokens per hash id")

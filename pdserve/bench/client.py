@@ -68,6 +68,9 @@ def _take_usage(rec: RequestRecord, data: dict[str, Any]) -> None:
     if usage:
         rec.usage_prompt_tokens = usage.get("prompt_tokens")
         rec.usage_completion_tokens = usage.get("completion_tokens")
+        details = usage.get("prompt_tokens_details")
+        if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
+            rec.usage_cached_tokens = details["cached_tokens"]
 
 
 class _SSEReader:

@@ -171,6 +171,9 @@ def summarize(
         "num_streamed": sum(1 for r in ok if r.streamed),
         "num_non_streamed": sum(1 for r in ok if not r.streamed),
         "usage_missing": sum(1 for r in ok if r.usage_completion_tokens is None),
+        "prefix_cache_hit_tokens": sum(r.usage_cached_tokens or 0 for r in ok),
+        "prefix_cache_hit_rate": (sum(r.usage_cached_tokens or 0 for r in ok) / total_in
+                                  if total_in else None),
         "output_token_disagreements": sum(
             1
             for r, m in pairs

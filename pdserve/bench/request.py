@@ -35,6 +35,7 @@ class RequestRecord:
     output_text: str = ""
     usage_prompt_tokens: int | None = None
     usage_completion_tokens: int | None = None
+    usage_cached_tokens: int | None = None  # prompt tokens the server found in its cache
     error: str | None = None
     cancelled: bool = False  # stopped by the runner (early stop), neither success nor failure
     slo_ms: dict[str, float] = field(default_factory=dict)

@@ -12,6 +12,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from pdserve.engine.kv_events import KVEventLog
+
 
 class NoFreeBlocks(Exception):
     """Raised when an allocation asks for more blocks than are free."""
@@ -22,11 +24,6 @@ class Block:
     block_id: int
     ref_count: int = 0
     block_hash: int | None = None  # set once the block is full and its contents are final
-
-
-def hash_block(parent_hash: int | None, token_ids: Sequence[int]) -> int:
-    """Chained hash of a full block: equal only if every earlier token is equal too."""
-    return hash((parent_hash, tuple(token_ids)))
 
 
 class BlockPool:
@@ -41,6 +38,7 @@ class BlockPool:
         self.cached: dict[int, int] = {}  # block hash -> block id
         self.cache_queries = 0  # tokens looked up
         self.cache_hits = 0  # tokens found
+        self.events: KVEventLog | None = None  # set by an instance that publishes KV events
 
     @property
     def num_free_blocks(self) -> int:
@@ -57,6 +55,8 @@ class BlockPool:
             if block.block_hash is not None:
                 if self.cached.get(block.block_hash) == block_id:
                     del self.cached[block.block_hash]
+                    if self.events is not None:
+                        self.events.removed(block.block_hash)
                 block.block_hash = None
             block.ref_count = 1
             ids.append(block_id)
@@ -105,7 +105,8 @@ class BlockPool:
             return
         block = self.blocks[block_id]
         block.block_hash = block_hash
-        self.cached.setdefault(block_hash, block_id)
+        if self.cached.setdefault(block_hash, block_id) == block_id and self.events is not None:
+            self.events.stored(block_hash)
 
     def record_lookup(self, queried_tokens: int, hit_tokens: int) -> None:
         self.cache_queries += queried_tokens

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from pdserve.engine.blocks import BlockPool, hash_block
+from pdserve.block_hashing import hash_block, usable_blocks
+from pdserve.engine.blocks import BlockPool
 from pdserve.engine.request import Request
 
 
@@ -32,7 +33,7 @@ class KVCacheManager:
         assert not request.block_ids and request.num_computed_tokens == 0
         self.update_hashes(request)
         # Never hit the whole sequence: the last token must run to give logits.
-        usable = (request.num_tokens - 1) // self.block_size
+        usable = usable_blocks(request.num_tokens, self.block_size)
         request.block_ids = self.pool.take_cached(request.block_hashes[:usable])
         hit = len(request.block_ids) * self.block_size
         request.num_computed_tokens = hit

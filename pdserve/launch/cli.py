@@ -22,6 +22,8 @@ from pdserve.launch.procs import (
     ports_in_use,
     raise_on_signals,
 )
+from pdserve.router.policy import POLICIES
+from pdserve.router.prompt_tokens import EMBEDDED
 from pdserve.server.cli import add_security_flags
 from pdserve.shm import remove_stale_shared_kv_caches
 
@@ -57,6 +59,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--pd-min-prompt-tokens", type=int, default=None, metavar="N",
                    help="as `pdserve router --pd-min-prompt-tokens`: shorter prompts skip the "
                    "prefill instance (default 0: always disaggregate)")
+    p.add_argument("--routing-policy", choices=POLICIES, default=None,
+                   help="as `pdserve router --routing-policy` (default least_loaded); a "
+                   "cache-aware one gets the instances' model as its --tokenizer")
     p.add_argument("--cpu", action="store_true", default=None,
                    help="run on the CPU even where GPUs exist")
     p.add_argument("--config", default=None, help="a YAML layout; flags override it")
@@ -77,7 +82,8 @@ def layout_from_args(args: argparse.Namespace) -> Layout:
              "prefill_tp": args.prefill_tp, "decode_tp": args.decode_tp,
              "colocated_tp": args.colocated_tp, "model": args.model, "host": args.host,
              "port": args.port, "kv_cache_memory": args.kv_cache_memory, "cpu": args.cpu,
-             "pd_min_prompt_tokens": args.pd_min_prompt_tokens, "instance_args": extra}
+             "pd_min_prompt_tokens": args.pd_min_prompt_tokens,
+             "routing_policy": args.routing_policy, "instance_args": extra}
     if args.config:
         return Layout.from_yaml(args.config, **given)
     return Layout(**{k: v for k, v in given.items() if v is not None})
@@ -123,6 +129,9 @@ def router_proc(instances: list[InstancePlan], layout: Layout, log_dir: Path,
         cmd += ["--drain-timeout", str(drain_timeout_s)]
     if layout.pd_min_prompt_tokens:
         cmd += ["--pd-min-prompt-tokens", str(layout.pd_min_prompt_tokens)]
+    if layout.routing_policy != "least_loaded":
+        cmd += ["--routing-policy", layout.routing_policy,
+                "--tokenizer", layout.model or EMBEDDED]
     for inst in instances:
         cmd += [f"--{inst.role}", inst.url]
     if creds:

@@ -8,6 +8,7 @@ YAML accepts the flags' names, with counts given plainly or as {count, tp}:
     decode: {count: 1, tp: 2}
     kv_cache_memory: 1GiB       # per instance (CPU, or to cap it on GPU)
     pd_min_prompt_tokens: 4096  # the router's: shorter prompts are served whole on a D
+    routing_policy: cache_aware # the router's --routing-policy (default least_loaded)
     instance_args: [--max-num-seqs, "64"]
 """
 
@@ -17,6 +18,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
+
+from pdserve.router.policy import POLICIES
 
 ROLES = ("prefill", "decode", "colocated")
 
@@ -37,6 +40,7 @@ class Layout:
     kv_cache_memory: str | None = None
     cpu: bool = False  # force CPU even where GPUs exist
     pd_min_prompt_tokens: int = 0  # the router's conditional disaggregation (0: always)
+    routing_policy: str = "least_loaded"  # the router's --routing-policy
     instance_args: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -47,6 +51,8 @@ class Layout:
                 raise ValueError(f"{role}: count must be >= 0 and tp >= 1")
         if self.pd_min_prompt_tokens < 0:
             raise ValueError("pd_min_prompt_tokens must be >= 0")
+        if self.routing_policy not in POLICIES:
+            raise ValueError(f"routing_policy must be one of {POLICIES}")
         if (self.prefill == 0) != (self.decode == 0):
             raise ValueError("a disaggregated layout needs both prefill and decode instances "
                              f"(got {self.prefill}P{self.decode}D)")

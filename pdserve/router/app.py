@@ -17,7 +17,10 @@ from pdserve.drain import Drain, DrainMiddleware, draining_health
 from pdserve.http_auth import ROUTER_INTERNAL_PATHS, AuthMiddleware, HTTPAuth
 from pdserve.race import run_until
 from pdserve.router.health import check, poll_forever
+from pdserve.router.kv_subscriber import Subscriptions
 from pdserve.router.metrics import RouterMetrics
+from pdserve.router.policy import make_policy
+from pdserve.router.prompt_tokens import PromptTokenizer
 from pdserve.router.proxy import Router, json_error
 from pdserve.router.registry import ROLES, Registry
 from pdserve.router.tool_routes import add_tool_routes
@@ -37,25 +40,37 @@ def build_app(registry: Registry, health_interval_s: float = 1.0,
               pd_min_prompt_tokens: int = 0, api_key: str | None = None,
               secret: DeploymentSecret | None = None, open_metrics: bool = False,
               drain: Drain | None = None,
-              max_request_bytes: int = http_limits.DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
+              max_request_bytes: int = http_limits.DEFAULT_MAX_REQUEST_BYTES,
+              routing_policy: str = "least_loaded", tokenizer: str | None = None) -> FastAPI:
     """The app; its lifespan opens the HTTP client to instances and starts health checks.
     Clients need `api_key` (if set); `secret` signs the calls to instances and admits the
     instances' own calls (/register); without it nobody can register. `drain` (a
     DrainingServer's) refuses new requests and finishes those in flight. A body over
-    `max_request_bytes` is refused with 413."""
+    `max_request_bytes` is refused with 413. `routing_policy` names the policy of
+    policy.py; a cache-aware one follows the instances' KV events and tokenizes prompts
+    with `tokenizer` (the instances' model or tokenizer path; None: token-id prompts only)."""
+    policy = make_policy(routing_policy, pd_min_prompt_tokens)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         client = httpx.AsyncClient(timeout=UPSTREAM_TIMEOUT, limits=UPSTREAM_LIMITS)
         metrics = RouterMetrics(registry)
         app.state.upstream = Upstream(client, metrics, secret)
-        app.state.router = Router(registry, app.state.upstream, metrics, pd_min_prompt_tokens)
+        router = Router(registry, app.state.upstream, metrics, policy,
+                        tokens=PromptTokenizer(tokenizer))
+        app.state.router = router
         app.state.client = client
-        poller = asyncio.create_task(poll_forever(client, registry, health_interval_s))
+        tasks = [asyncio.create_task(poll_forever(client, registry, health_interval_s))]
+        if policy.uses_cache:
+            tasks.append(asyncio.create_task(router.tokens.load()))
+            follow = Subscriptions(client, registry, router.index, secret)
+            tasks.append(asyncio.create_task(follow.run(health_interval_s)))
         try:
             yield
         finally:
-            poller.cancel()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             await client.aclose()
 
     app = FastAPI(title="pdserve router", lifespan=lifespan)

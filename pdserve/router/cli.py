@@ -8,6 +8,7 @@ import sys
 import uvicorn
 
 from pdserve.drain import Drain, DrainingServer, add_drain_flag
+from pdserve.router.policy import POLICIES
 from pdserve.security import SecretError, load_secret
 from pdserve.server.cli import add_max_request_bytes_flag, add_security_flags, api_key
 
@@ -44,6 +45,18 @@ def add_parser(subparsers) -> None:
                    "so the router needs no tokenizer. 0 = always disaggregate: where the "
                    "crossover lies depends on model, GPU and load (on H200, 1P1D lost at "
                    "2k-token prompts and won at 8k), so measure before setting it")
+    p.add_argument("--routing-policy", choices=POLICIES, default="least_loaded",
+                   help="how instances are chosen: least_loaded (fewest outstanding tokens), "
+                   "round_robin, cache_aware (lowest predicted time to first token from the "
+                   "instances' KV events: the prompt's uncached part and the queue at each "
+                   "instance's measured prefill rate; needs --tokenizer for text prompts), "
+                   "conditional (cache_aware, and each request is disaggregated or served "
+                   "whole on D from the uncached tokens, the measured rates and P's queue)")
+    p.add_argument("--tokenizer", default=None, metavar="MODEL",
+                   help="the instances' model (path or preset; 'embedded' for the embedded "
+                   "SmolLM2) or tokenizer folder: a cache-aware policy tokenizes prompts with "
+                   "it, exactly as the instances do (without it, only token-id prompts are "
+                   "matched against the caches)")
     add_security_flags(p)
     add_drain_flag(p)
     add_max_request_bytes_flag(p)
@@ -79,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
     drain = Drain(args.drain_timeout)
     app = build_app(registry, args.health_interval, args.pd_min_prompt_tokens,
                     api_key=api_key(args), secret=secret, open_metrics=args.open_metrics,
-                    drain=drain, max_request_bytes=args.max_request_bytes)
+                    drain=drain, max_request_bytes=args.max_request_bytes,
+                    routing_policy=args.routing_policy, tokenizer=args.tokenizer)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=5)
     server = DrainingServer(config, drain)

@@ -28,11 +28,17 @@ class _RegistryCollector(Collector):
         load = GaugeMetricFamily("pdserve_router:instance_outstanding_tokens",
                                  "Prompt + max tokens the router has in flight there.",
                                  labels=["url", "role"])
+        rate = GaugeMetricFamily("pdserve_router:instance_prefill_rate",
+                                 "Prompt tokens/s measured on prefills that ran alone there "
+                                 "(absent until measured).", labels=["url", "role"])
         for inst in self._get_registry().all():
             healthy.add_metric([inst.url, inst.role], float(inst.healthy))
             load.add_metric([inst.url, inst.role], float(inst.outstanding_tokens))
+            if inst.prefill_rate is not None:
+                rate.add_metric([inst.url, inst.role], inst.prefill_rate)
         yield healthy
         yield load
+        yield rate
 
 
 class RouterMetrics:
@@ -46,6 +52,13 @@ class RouterMetrics:
                                 "on D: under --pd-min-prompt-tokens), colocated, fallback, "
                                 "no_handoff (P kept no KV: whole on D).",
                                 ["kind"], registry=r)
+        self.decisions = Counter("pdserve_router:routing_decisions",
+                                 "Routing decisions by policy, route (disagg, colocated, "
+                                 "short_prompt, whole_on_decode, prefill_only, fallback) and "
+                                 "reason (long_prompt, short_prompt, long_uncached, "
+                                 "small_uncached, prefill_queue, one_token, colocated, "
+                                 "no_pair_<role>).",
+                                 ["policy", "decision", "reason"], registry=r)
         self.prefill_retries = Counter("pdserve_router:prefill_retries",
                                        "Prefill attempts that failed and moved on.", registry=r)
         self.fallbacks = Counter("pdserve_router:fallbacks",

@@ -1,11 +1,13 @@
-"""Choosing instances by load: the fewest outstanding tokens wins, counted by the router."""
+"""The router's own load accounting: what each request charges the instances it uses, and
+the rough prompt length where the prompt is not tokenized."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Container, Iterable, Iterator
 from contextlib import contextmanager
 
-from pdserve.router.registry import Instance, Registry
+from pdserve.router.registry import Instance
 
 CHARS_PER_TOKEN = 4  # the router does not tokenize: a rough count is enough to balance load
 
@@ -19,37 +21,42 @@ def least_loaded(candidates: Iterable[Instance], exclude: Container[str] = froze
     return min(pool, key=lambda i: (i.outstanding_tokens, i.in_flight, i.url))
 
 
-def pick_plain(registry: Registry, exclude: Container[str] = frozenset()) -> Instance | None:
-    """An instance for a whole request: colocated first, else decode, else prefill."""
-    for role in ("colocated", "decode", "prefill"):
-        inst = least_loaded(registry.healthy(role), exclude)
-        if inst is not None:
-            return inst
-    return None
-
-
 class Charge:
-    """`tokens` counted against an instance while a request to it is in flight."""
+    """`tokens` counted against an instance while a request to it is in flight, and
+    `prefill` (uncached prompt tokens) until its first token is back."""
 
-    def __init__(self, inst: Instance, tokens: int) -> None:
-        self.inst, self.tokens, self.released = inst, tokens, False
+    def __init__(self, inst: Instance, tokens: int, prefill: int = 0) -> None:
+        self.inst, self.tokens, self.prefill, self.released = inst, tokens, prefill, False
+        self.alone = inst.queued_prefill_tokens == 0  # its prefill time measures the rate
+        self.started = time.monotonic()
         inst.outstanding_tokens += tokens
+        inst.queued_prefill_tokens += prefill
         inst.in_flight += 1
+
+    def first_token(self) -> None:
+        """The prefill is done: its tokens leave the queue, and time it if it ran alone."""
+        if self.prefill:
+            self.inst.queued_prefill_tokens -= self.prefill
+            if self.alone:
+                self.inst.observe_prefill(self.prefill, time.monotonic() - self.started)
+            self.prefill = 0
 
     def release(self) -> None:
         """Idempotent: a stream's end and its error path may both call it."""
         if not self.released:
             self.released = True
+            self.inst.queued_prefill_tokens -= self.prefill
+            self.prefill = 0
             self.inst.outstanding_tokens -= self.tokens
             self.inst.in_flight -= 1
 
 
 @contextmanager
-def charged(inst: Instance, tokens: int) -> Iterator[Instance]:
+def charged(inst: Instance, tokens: int, prefill: int = 0) -> Iterator[Charge]:
     """Charge the instance for the duration of the block."""
-    charge = Charge(inst, tokens)
+    charge = Charge(inst, tokens, prefill)
     try:
-        yield inst
+        yield charge
     finally:
         charge.release()
 

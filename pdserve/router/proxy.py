@@ -7,8 +7,9 @@ and another instance resumes the answer after them, so the client sees a delay, 
 error (greedy text stays exactly the uninterrupted one). A non-streamed request whose
 instance failed runs again whole elsewhere. Only when no instance is left, or after
 MAX_RESUMES, does a stream end with an OpenAI error event.
-A prompt shorter than `pd_min_prompt_tokens` skips P: it is served whole on a decode
-instance (conditional disaggregation), since a short prefill gains less than the hop costs.
+Where a request runs is the routing policy's decision (policy.py), made from a view of the
+request (its prompt's length and, for a cache-aware policy, how much of it each instance
+holds, from the KV index) and of the healthy instances; this file carries it out.
 P holds the prompt's KV under a lease until D pulls it; if D never gets the request (no D,
 D failed, the client left first), the router asks P to free it rather than wait for the TTL.
 """
@@ -25,15 +26,17 @@ import httpx
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from pdserve.event_stream import EventStream
+from pdserve.router.kv_index import KVIndex
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.pairing import (
     Charge,
     charged,
     estimate_prompt_tokens,
-    least_loaded,
     max_tokens_field,
     requested_max_tokens,
 )
+from pdserve.router.policy import ANY_ROLE, Decision, Policy, RequestView, Stage, make_policy
+from pdserve.router.prompt_tokens import PromptTokenizer
 from pdserve.router.registry import Instance, Registry
 from pdserve.router.relay import (
     InstanceFailed,
@@ -63,9 +66,9 @@ from pdserve.router.upstream import Refused, Upstream, UpstreamError
 
 log = logging.getLogger(__name__)
 
-ANY_ROLE = ("decode", "colocated", "prefill")  # whole on one instance: decode ones first
+# who may serve a whole request of each route if its chosen instance fails
 PLAIN_ROLES = {"colocated": ("colocated",), "fallback": ANY_ROLE, "prefill_only": ("prefill",),
-               "short_prompt": ANY_ROLE, "no_handoff": ANY_ROLE}
+               "short_prompt": ANY_ROLE, "whole_on_decode": ANY_ROLE, "no_handoff": ANY_ROLE}
 RESUME_ROLES = ANY_ROLE  # who may take over a failed answer
 MAX_RESUMES = 2  # per request: an answer that keeps killing instances is not chased forever
 INTERNAL_FIELDS = ("resume",)  # request fields only the router may send an instance
@@ -77,14 +80,24 @@ class NoInstance(Exception):
 
 @dataclass
 class Load:
-    """The outstanding tokens one request puts on the instances it uses."""
+    """The outstanding tokens one request puts on the instances it uses, and what the
+    policy knows of it."""
 
     prompt: int
     max_tokens: int
+    view: RequestView
 
     @classmethod
-    def of(cls, body: dict, chat: bool) -> Load:
-        return cls(estimate_prompt_tokens(body), requested_max_tokens(body, chat))
+    def of(cls, body: dict, chat: bool, ids: list[int] | None = None,
+           cached: dict[str, int] | None = None) -> Load:
+        """From the body: the prompt's token ids where known (else an estimate), and the
+        leading tokens of it each instance holds."""
+        prompt = len(ids) if ids is not None else estimate_prompt_tokens(body)
+        view = RequestView(prompt, _needs_decode(body, chat), cached or {})
+        return cls(prompt, requested_max_tokens(body, chat), view)
+
+    def uncached_on(self, inst: Instance) -> int:
+        return self.view.uncached_on(inst.url)
 
 
 @dataclass
@@ -134,7 +147,9 @@ class Router:
     registry: Registry
     upstream: Upstream
     metrics: RouterMetrics
-    pd_min_prompt_tokens: int = 0  # shorter prompts skip P (0: always disaggregate)
+    policy: Policy = field(default_factory=lambda: make_policy("least_loaded"))
+    index: KVIndex = field(default_factory=KVIndex)  # the instances' prefix caches
+    tokens: PromptTokenizer = field(default_factory=PromptTokenizer)
     # lease releases in flight: the loop keeps only weak references to tasks
     _releases: set[asyncio.Task] = field(default_factory=set, repr=False)
 
@@ -145,18 +160,14 @@ class Router:
         if internal:
             return json_error(400, f"{internal[0]} is an internal field: clients may not "
                               "send it", None, "invalid_request_error")
-        load = Load.of(body, chat)
+        load = await self._load(body, chat)
         try:
-            if self.registry.healthy("prefill") and self.registry.healthy("decode"):
-                if not _needs_decode(body, chat):  # one token (or bad): P alone
-                    return await self.plain(path, body, load, "prefill_only", start)
-                if load.prompt < self.pd_min_prompt_tokens:
-                    return await self.plain(path, body, load, "short_prompt", start)
-                return await self.disagg(path, body, load, start)
-            if self.registry.healthy("colocated"):
-                return await self.plain(path, body, load, "colocated", start)
-            self.metrics.fallbacks.inc()
-            return await self.plain(path, body, load, "fallback", start)
+            decision = self.decide(load)
+            if decision.disaggregated:
+                return await self.disagg(path, body, load, start, decision)
+            if decision.kind == "fallback":
+                self.metrics.fallbacks.inc()
+            return await self.plain(path, body, load, decision.kind, start, decision.whole)
         except Refused as exc:
             return Response(exc.content, exc.status_code, media_type="application/json")
         except NoInstance as exc:
@@ -164,35 +175,60 @@ class Router:
         except UpstreamError as exc:
             return json_error(502, str(exc), "upstream_failed")
 
-    # ---- one instance serves the whole request -----------------------------------------
+    # ---- the policy's view and decision ------------------------------------------------
 
-    def _pick(self, roles: tuple[str, ...], tried: set[str]) -> Instance:
-        for role in roles:
-            inst = least_loaded(self.registry.healthy(role), tried)
-            if inst is not None:
+    async def _load(self, body: dict, chat: bool) -> Load:
+        """The request's load and view: exact token counts (and cached prefixes) where the
+        policy uses the cache and the prompt can be tokenized here, else an estimate."""
+        ids = await self.tokens.ids(chat, body) if self.policy.uses_cache else None
+        return Load.of(body, chat, ids, self.index.cached_tokens(ids) if ids else None)
+
+    def decide(self, load: Load) -> Decision:
+        """The policy's decision over the healthy instances, counted with its reason."""
+        views = [i.view() for i in self.registry.all() if i.healthy]
+        decision = self.policy.decide(load.view, views)
+        if decision is None:
+            raise NoInstance("no healthy instance can serve the request")
+        self.metrics.decisions.labels(self.policy.name, decision.kind, decision.reason).inc()
+        return decision
+
+    def _pick(self, roles: tuple[str, ...], tried: set[str], load: Load, stage: Stage,
+              prefer: str | None = None) -> Instance:
+        """The decision's instance `prefer` on the first try; the policy's next best after."""
+        if prefer is not None and prefer not in tried:
+            inst = self.registry.instances.get(prefer)
+            if inst is not None and inst.healthy:
                 return inst
+        for role in roles:
+            candidates = [i.view() for i in self.registry.healthy(role) if i.url not in tried]
+            best = self.policy.pick(load.view, candidates, stage)
+            if best is not None:
+                return self.registry.instances[best.url]
         raise NoInstance(f"no healthy {' or '.join(roles)} instance can serve the request")
 
-    async def plain(self, path: str, body: dict, load: Load, kind: str, start: float
-                    ) -> Response:
-        """Send the request unchanged; an instance that fails before answering is skipped."""
+    # ---- one instance serves the whole request -----------------------------------------
+
+    async def plain(self, path: str, body: dict, load: Load, kind: str, start: float,
+                    prefer: str | None = None) -> Response:
+        """Send the request unchanged to `prefer` (else the policy's pick); an instance that
+        fails before answering is skipped."""
         label = "disagg" if kind == "prefill_only" else kind
         self.metrics.requests.labels(label).inc()
         if body.get("stream"):
-            return await self._plain_stream(path, body, load, kind, label, start)
-        resp = await self._whole(PLAIN_ROLES[kind], path, body, load, set())
+            return await self._plain_stream(path, body, load, kind, label, start, prefer)
+        resp = await self._whole(PLAIN_ROLES[kind], path, body, load, set(), prefer)
         self.metrics.e2e.labels(label).observe(time.monotonic() - start)
         return Response(strip_kv_params(resp.content), resp.status_code,
                         media_type="application/json")
 
     async def _whole(self, roles: tuple[str, ...], path: str, body: dict, load: Load,
-                     tried: set[str]) -> httpx.Response:
+                     tried: set[str], prefer: str | None = None) -> httpx.Response:
         """A non-streamed answer from the first instance of `roles` that gives one; one
         that fails while answering is replaced, and the request runs again whole there."""
         while True:
-            inst = self._pick(roles, tried)
+            inst = self._pick(roles, tried, load, "whole", prefer)
             try:
-                with charged(inst, load.prompt + load.max_tokens):
+                with charged(inst, load.prompt + load.max_tokens, load.uncached_on(inst)):
                     return await self.upstream.post(inst, path, body)
             except UpstreamError as exc:
                 tried.add(inst.url)
@@ -200,12 +236,12 @@ class Router:
                     self.metrics.resumes.labels("rerun").inc()
 
     async def _plain_stream(self, path: str, body: dict, load: Load, kind: str, label: str,
-                            start: float) -> Response:
+                            start: float, prefer: str | None) -> Response:
         """The first instance that opens the stream; the relay resumes it if it fails."""
         tried: set[str] = set()
         while True:
-            inst = self._pick(PLAIN_ROLES[kind], tried)
-            charge = Charge(inst, load.prompt + load.max_tokens)
+            inst = self._pick(PLAIN_ROLES[kind], tried, load, "whole", prefer)
+            charge = Charge(inst, load.prompt + load.max_tokens, load.uncached_on(inst))
             try:
                 resp = await self.upstream.open_stream(inst, path, tracked_body(body))
             except BaseException as exc:
@@ -242,6 +278,7 @@ class Router:
                                 self.metrics.ttft.labels(label).observe(
                                     time.monotonic() - start)
                                 timed = True
+                            attempt.charge.first_token()
                             yield event
                         if progress.done:
                             return
@@ -282,8 +319,8 @@ class Router:
         the first that can be reached (decode first, then colocated, then prefill)."""
         r_body = resume_body(body, progress.token_ids, progress.text_chars)
         while True:
-            inst = self._pick(RESUME_ROLES, tried)
-            charge = Charge(inst, load.prompt + load.max_tokens)
+            inst = self._pick(RESUME_ROLES, tried, load, "whole")
+            charge = Charge(inst, load.prompt + load.max_tokens, load.uncached_on(inst))
             try:
                 resp = await self.upstream.open_stream(inst, path, r_body)
                 return Attempt(inst, resp, charge)
@@ -295,10 +332,13 @@ class Router:
 
     # ---- P then D ----------------------------------------------------------------------
 
-    async def disagg(self, path: str, body: dict, load: Load, start: float) -> Response:
-        """Prefill on P (retrying other Ps), then decode on D; P alone if it finished."""
+    async def disagg(self, path: str, body: dict, load: Load, start: float,
+                     decision: Decision) -> Response:
+        """Prefill on P (retrying other Ps), then decode on D; P alone if it finished. D is
+        asked of the policy again once P has answered: the loads moved during the prefill
+        (the decision's D was the best at arrival)."""
         chat = is_chat(path)
-        prefilled = await self._prefill(path, body, load)
+        prefilled = await self._prefill(path, body, load, decision.prefill)
         if prefilled is None:  # every prefill instance failed
             self.metrics.fallbacks.inc()
             return await self.plain(path, body, load, "fallback", start)
@@ -360,18 +400,20 @@ class Router:
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)
 
-    async def _prefill(self, path: str, body: dict, load: Load
+    async def _prefill(self, path: str, body: dict, load: Load, prefer: str | None
                        ) -> tuple[Instance, dict] | None:
         """The prefill instance that answered, and its answer (None: every one failed)."""
         p_body, tried = prefill_body(body, is_chat(path)), set()
         while True:
-            inst = least_loaded(self.registry.healthy("prefill"), tried)
-            if inst is None:
+            try:
+                inst = self._pick(("prefill",), tried, load, "prefill", prefer)
+            except NoInstance:
                 return None
             t0 = time.monotonic()
             try:
-                with charged(inst, load.prompt + 1):
+                with charged(inst, load.prompt + 1, load.uncached_on(inst)) as charge:
                     resp = await self.upstream.post(inst, path, p_body)
+                    charge.first_token()
             except UpstreamError:
                 tried.add(inst.url)
                 self.metrics.prefill_retries.inc()
@@ -391,7 +433,7 @@ class Router:
         """D's whole answer; a D that cannot be reached is replaced (P still holds the KV)."""
         tried: set[str] = set()
         while True:
-            inst = self._pick(("decode",), tried)
+            inst = self._pick(("decode",), tried, load, "decode")
             try:
                 with charged(inst, load.prompt + load.max_tokens):
                     return (await self.upstream.post(inst, path, d_body)).json()
@@ -400,12 +442,12 @@ class Router:
                     raise
                 tried.add(inst.url)
 
-    async def _open_decode(self, path: str, d_body: dict, tokens: int) -> Attempt:
+    async def _open_decode(self, path: str, d_body: dict, load: Load) -> Attempt:
         """D's open stream, charged; a D that cannot be reached is replaced."""
         tried: set[str] = set()
         while True:
-            inst = self._pick(("decode",), tried)
-            charge = Charge(inst, tokens)
+            inst = self._pick(("decode",), tried, load, "decode")
+            charge = Charge(inst, load.prompt + load.max_tokens)
             try:
                 return Attempt(inst, await self.upstream.open_stream(inst, path, d_body),
                                charge)
@@ -432,7 +474,7 @@ class Router:
         attempt: Attempt | None = None
         failed: list[str] = []
         try:
-            attempt = await self._open_decode(path, d_body, load.prompt + load.max_tokens)
+            attempt = await self._open_decode(path, d_body, load)
         except Refused as exc:
             self._release(held, release_reason(exc))
             yield sse(error_from(exc.content))

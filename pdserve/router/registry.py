@@ -5,7 +5,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from pdserve.router.policy import InstanceView
+
 ROLES = ("colocated", "prefill", "decode")
+MIN_RATE_SAMPLE_TOKENS = 64
+RATE_EWMA = 0.3  # weight of the newest prefill-rate sample
 
 
 @dataclass
@@ -18,6 +22,11 @@ class Instance:
     healthy: bool = False  # unknown until the first health check or successful request
     outstanding_tokens: int = 0  # the router's own count: prompt + max tokens in flight
     in_flight: int = 0
+    queued_prefill_tokens: int = 0  # uncached prompt tokens sent, first token not yet back
+    waiting: int = 0  # the engine's queue and KV usage, from its KV event stream's load lines
+    running: int = 0
+    kv_usage: float = 0.0
+    prefill_rate: float | None = None  # prompt tokens/s, measured on prefills that ran alone
     last_heartbeat: float = field(default_factory=time.monotonic)
     unhealthy_since: float | None = field(default_factory=time.monotonic)
 
@@ -28,6 +37,20 @@ class Instance:
             self.unhealthy_since = time.monotonic()
         self.healthy = healthy
 
+    def observe_prefill(self, tokens: int, seconds: float) -> None:
+        """A prefill of `tokens` that took `seconds` with nothing queued before it."""
+        if tokens < MIN_RATE_SAMPLE_TOKENS or seconds <= 0:
+            return  # a short one measures the round trip, not the prefill
+        rate = tokens / seconds
+        old = self.prefill_rate
+        self.prefill_rate = rate if old is None else old + RATE_EWMA * (rate - old)
+
+    def view(self) -> InstanceView:
+        """What a routing policy sees of it."""
+        return InstanceView(self.url, self.roles, self.outstanding_tokens,
+                            self.queued_prefill_tokens, self.in_flight, self.waiting,
+                            self.running, self.kv_usage, self.prefill_rate)
+
     @property
     def role(self) -> str:
         """Its roles as one label, e.g. "decode" or "prefill+decode"."""
@@ -36,7 +59,7 @@ class Instance:
     def to_json(self) -> dict:
         return {"url": self.url, "role": self.role, "static": self.static,
                 "healthy": self.healthy, "outstanding_tokens": self.outstanding_tokens,
-                "in_flight": self.in_flight}
+                "in_flight": self.in_flight, "prefill_rate": self.prefill_rate}
 
 
 def normalize_url(url: str) -> str:

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -138,6 +138,27 @@ def _add_routes(app: FastAPI) -> None:
             raise engine_dead()
         st.client.release_lease(body.remote_request_id, body.lease_token)
         return JSONResponse({"queued": True})
+
+
+    @app.get("/v1/kv/events")
+    async def kv_events(request: Request) -> Response:
+        """The prefix cache's block hashes for a router (internal calls only): NDJSON lines,
+        a snapshot, then the changes and the load (see pdserve/server/kv_event_hub.py).
+        404 where the engine has no prefix cache to publish."""
+        st = _state(request)
+        hub = st.client.kv_events
+        if not hub.block_size:
+            raise APIError("this instance publishes no KV events (no prefix cache)", 404,
+                           code="kv_events_unavailable")
+        return StreamingResponse(hub.stream(lambda: _load(st.client)),
+                                 media_type="application/x-ndjson")
+
+
+def _load(client) -> dict:
+    """What a router weighs besides the cache: the engine's queue and KV usage."""
+    stats = client.stats
+    return {"waiting": stats.num_waiting, "running": stats.num_running,
+            "kv_usage": round(stats.kv_usage, 4)}
 
 
 class KVReleaseRequest(BaseModel):

@@ -24,6 +24,7 @@ from pdserve.server.engine_messages import (
     StepOutputs,
 )
 from pdserve.server.engine_process import default_engine_factory, run_engine_process
+from pdserve.server.kv_event_hub import KVEventHub
 from pdserve.server.outbox import Outbox
 from pdserve.shm import unlink_shared_kv_files_of
 
@@ -46,6 +47,7 @@ class EngineClient:
         self.args = args
         self.info: EngineInfo | None = None
         self.stats = EngineStats()
+        self.kv_events = KVEventHub()  # the prefix cache's hashes, streamed to routers
         self.dead_reason: str | None = None
         self._queues: dict[str, asyncio.Queue] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -81,6 +83,7 @@ class EngineClient:
         if not isinstance(first, EngineReady):  # EngineInitError
             raise RuntimeError(f"engine failed to start:\n{first.traceback}")
         self.info = first.info
+        self.kv_events.block_size = first.info.block_size
         return self.info
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -152,6 +155,8 @@ class EngineClient:
 
     def _dispatch(self, msg: StepOutputs) -> None:
         self.stats = msg.stats
+        if msg.kv_events is not None:
+            self.kv_events.publish(msg.kv_events)
         for out in msg.outputs:
             q = self._queues.get(out.request_id)
             if q is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pdserve.engine.kv_events import KVEvents
 from pdserve.engine.outputs import EngineRequest, EngineStats, RequestOutput
 
 
@@ -23,6 +24,7 @@ class EngineInfo:
     vocab_size: int
     eos_token_ids: list[int]
     pid: int
+    block_size: int = 0  # of the prefix cache's blocks (0: it publishes no KV events)
 
 
 # --- server -> engine ---
@@ -81,6 +83,7 @@ class StepOutputs:
 
     outputs: list[RequestOutput] = field(default_factory=list)
     stats: EngineStats = field(default_factory=EngineStats)
+    kv_events: KVEvents | None = None  # the prefix cache's changes since the last message
 
 
 @dataclass

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from pdserve.config import EngineArgs
 from pdserve.engine.compilations import COMPILATIONS
+from pdserve.engine.kv_events import KVEventLog
 from pdserve.engine.outputs import EngineRequest, RequestOutput
 from pdserve.lifecycle import exit_with_parent
 from pdserve.server.engine_messages import (
@@ -71,10 +72,11 @@ def run_engine_process(
         vocab_size=int(engine.vocab_size),
         eos_token_ids=list(engine.eos_token_ids),
         pid=os.getpid(),
+        block_size=_publish_kv_events(engine),
     )
     COMPILATIONS.mark_ready()  # warmed up: whatever compiles from now on stalls a request
     outbox.put(EngineReady(info))
-    outbox.put(StepOutputs([], engine.stats()))  # /metrics has pool sizes from the start
+    outbox.put(_step_outputs(engine, []))  # /metrics has pool sizes from the start
     try:
         _loop(engine, inbox, outbox)
     except BaseException:
@@ -108,7 +110,7 @@ def _loop(engine, inbox, outbox) -> None:
                 if os.getppid() != parent:
                     return  # the server is gone: nobody to serve
                 # idle, but KV leases may have ended (released by D, or expired): free them
-                outbox.put(StepOutputs(engine.step(), engine.stats()))
+                outbox.put(_step_outputs(engine, engine.step()))
                 continue
         messages.extend(_drain(inbox))
         verdicts: list[RequestOutput] = []
@@ -122,9 +124,27 @@ def _loop(engine, inbox, outbox) -> None:
             elif isinstance(msg, ReleaseLease):  # the step below frees its blocks
                 _release_lease(engine, msg.request_id, msg.lease_token)
         if verdicts:  # before the step: the server answers 400 or starts streaming at once
-            outbox.put(StepOutputs(verdicts, engine.stats()))
+            outbox.put(_step_outputs(engine, verdicts))
         if engine.has_unfinished_requests() or messages:
-            outbox.put(StepOutputs(engine.step(), engine.stats()))
+            outbox.put(_step_outputs(engine, engine.step()))
+
+
+def _publish_kv_events(engine) -> int:
+    """Make the engine's prefix cache log its KV events; its block size (0: it has no
+    prefix cache to publish, e.g. a stand-in engine)."""
+    pool = getattr(engine, "pool", None)
+    if pool is None or not pool.enable_prefix_caching:
+        return 0
+    pool.events = KVEventLog()
+    return int(pool.block_size)
+
+
+def _step_outputs(engine, outputs: list[RequestOutput]) -> StepOutputs:
+    """A step's outputs with the engine's stats and the prefix cache's changes since the
+    last message (one batch a step keeps the events cheap)."""
+    pool = getattr(engine, "pool", None)
+    events = pool.events.take() if pool is not None and pool.events is not None else None
+    return StepOutputs(outputs, engine.stats(), events or None)
 
 
 def _drain(inbox) -> list:

@@ -9,6 +9,7 @@ import pytest
 
 from pdserve.bench.workloads import WorkloadConfig, build_workload
 from pdserve.bench.workloads.code import CODE_TASKS, code_workload
+from pdserve.bench.workloads.multi_turn import multi_turn_workload
 from pdserve.bench.workloads.random_tokens import random_workload
 from pdserve.bench.workloads.shared_prefix import shared_prefix_workload
 from pdserve.bench.workloads.sharegpt import sharegpt_workload
@@ -154,3 +155,15 @@ def test_build_workload_dispatches_by_dataset_name(tokenizer):
     assert len(build_workload(cfg, tokenizer)) == 3
     with pytest.raises(ValueError):
         build_workload(WorkloadConfig(dataset_name="trace"), tokenizer)
+
+
+def test_multi_turn_prompts_extend_their_conversation_turn_by_turn(tokenizer):
+    specs = multi_turn_workload(tokenizer, 3, 4, 32, 8, 5, seed=2)
+    assert len(specs) == 12 and all(s.output_len == 5 for s in specs)
+    last: dict[int, str] = {}
+    for i, s in enumerate(specs):
+        assert i // 3 == len([1 for x in specs[:i] if x.group == s.group])  # turn-major
+        assert s.prompt.startswith(last.get(s.group, "")) and s.prompt != last.get(s.group)
+        assert s.prompt_len == n_tokens(tokenizer, s.prompt)
+        last[s.group] = s.prompt
+    assert len(last) == 3

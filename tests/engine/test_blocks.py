@@ -2,7 +2,8 @@
 
 import pytest
 
-from pdserve.engine.blocks import BlockPool, NoFreeBlocks, hash_block
+from pdserve.block_hashing import hash_block
+from pdserve.engine.blocks import BlockPool, NoFreeBlocks
 
 
 def test_allocate_takes_distinct_blocks_and_free_returns_them():

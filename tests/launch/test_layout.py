@@ -98,6 +98,15 @@ def test_conditional_disaggregation_threshold_reaches_the_router(tmp_path):
     assert router.cmd[i + 1] == "4096"
 
 
+def test_routing_policy_reaches_the_router_with_the_instances_tokenizer(tmp_path):
+    layout = layout_from_args(parse("--routing-policy", "cache_aware", "--colocated", "2"))
+    router = router_proc(plan(layout, num_gpus=0), layout, tmp_path)
+    i = router.cmd.index("--routing-policy")
+    assert router.cmd[i:i + 4] == ["--routing-policy", "cache_aware", "--tokenizer", "embedded"]
+    with pytest.raises(ValueError, match="routing_policy"):
+        Layout(routing_policy="fastest")
+
+
 def test_gpu_instances_see_only_their_devices(tmp_path):
     layout = Layout(colocated=2, colocated_tp=2)
     proc = instance_proc(plan(layout, num_gpus=4)[1], layout, tmp_path)

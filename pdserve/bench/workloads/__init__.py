@@ -7,7 +7,7 @@ from typing import Any
 
 from pdserve.bench.request import RequestSpec
 
-WORKLOADS = ("random", "shared-prefix", "code", "sharegpt", "trace")
+WORKLOADS = ("random", "shared-prefix", "multi-turn", "code", "sharegpt", "trace")
 
 
 @dataclass
@@ -25,6 +25,11 @@ class WorkloadConfig:
     gsp_system_prompt_len: int = 512
     gsp_question_len: int = 64
     gsp_output_len: int = 64
+    mt_num_conversations: int = 8
+    mt_turns: int = 4
+    mt_system_prompt_len: int = 256
+    mt_turn_len: int = 64
+    mt_output_len: int = 32
     code_length_scale: float = 1.0
     dataset_path: str | None = None
     sharegpt_output_len: int | None = None
@@ -56,6 +61,18 @@ def build_workload(cfg: WorkloadConfig, tokenizer: Any) -> list[RequestSpec]:
             cfg.gsp_system_prompt_len,
             cfg.gsp_question_len,
             cfg.gsp_output_len,
+            cfg.seed,
+        )
+    if name == "multi-turn":
+        from pdserve.bench.workloads.multi_turn import multi_turn_workload
+
+        return multi_turn_workload(
+            tokenizer,
+            cfg.mt_num_conversations,
+            cfg.mt_turns,
+            cfg.mt_system_prompt_len,
+            cfg.mt_turn_len,
+            cfg.mt_output_len,
             cfg.seed,
         )
     if name == "code":

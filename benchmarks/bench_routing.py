@@ -1,0 +1,250 @@
+"""Routing policies side by side (issue #15): prefix-cache hits and TTFT over 2 colocated
+instances, and the router's own cost per request.
+
+For each workload (shared-prefix groups interleaved, multi-turn chat, random prompts with no
+sharing) and each policy (cache_aware, least_loaded, round_robin), two fresh colocated
+instances of the embedded SmolLM2 (CPU, one torch thread each, pinned to a core each where
+`taskset` exists) and a router with that policy; `pdserve bench run` sends the same seeded
+requests at a fixed Poisson rate. Reported: prefix-cache hit tokens (the instances'
+usage.cached_tokens), their share of an oracle's (every prompt where its longest cached
+prefix is: one infinite cache holding every earlier prompt), mean and P99 TTFT.
+
+The router's cost: tokenize (the instances' own code), hash the blocks and look them up in an
+index of 2 instances, in-process, for 1k- and 8k-token prompts (median of 20).
+
+    python benchmarks/bench_routing.py [--rate 0.25] [--workloads ...] [--policies ...]
+
+`--pd-mix`: instead, a prefill and a decode instance, prompts of 40..760 tokens, and the
+P/D decision always (disaggregate every prompt), never (every prompt whole on D) and
+conditional: mean TTFT and P99 ITL.
+
+Writes benchmarks/results/routing_cpu.json (routing_pd_mix_cpu.json). On a shared, loaded
+machine: smoke figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from statistics import median
+
+import httpx
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(REPO, "benchmarks", "results", "routing_cpu.json")
+SECRET = "bench-routing-deployment-secret-0123456789"
+POLICIES = ("cache_aware", "least_loaded", "round_robin")
+WORKLOADS = {  # small: the CPUs are shared; each instance runs on one thread
+    "shared-prefix": ["--dataset-name", "shared-prefix", "--gsp-num-groups", "3",
+                      "--gsp-prompts-per-group", "4", "--gsp-system-prompt-len", "256",
+                      "--gsp-question-len", "16", "--gsp-output-len", "4"],
+    "multi-turn": ["--dataset-name", "multi-turn", "--mt-num-conversations", "3",
+                   "--mt-turns", "4", "--mt-system-prompt-len", "128", "--mt-turn-len", "32",
+                   "--mt-output-len", "4"],
+    "random": ["--dataset-name", "random", "--num-prompts", "12", "--random-input-len", "256",
+               "--random-output-len", "4"],
+    # short and long prompts mixed, for the P/D decision (1P1D)
+    "mix": ["--dataset-name", "random", "--num-prompts", "20", "--random-input-len", "400",
+            "--random-range-ratio", "0.9", "--random-output-len", "32"],
+}
+PD_VARIANTS = {  # name -> (policy, router flags)
+    "always_disagg": ("least_loaded", ()),
+    "never_disagg": ("least_loaded", ("--pd-min-prompt-tokens", "1000000")),
+    "conditional": ("conditional", ()),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(args: list[str], log: str, core: int | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "pdserve.cli", *args]
+    if core is not None and shutil.which("taskset"):
+        cmd = ["taskset", "-c", str(core), *cmd]
+    env = {**os.environ, "PYTHONPATH": REPO, "PDSERVE_DEPLOYMENT_SECRET": SECRET}
+    return subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def wait_healthy(url: str, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} did not become healthy")
+
+
+def run_one(policy: str, workload: str, rate: float, tmp: str,
+            roles: tuple[str, str] = ("colocated", "colocated"), flags: tuple = ()) -> dict:
+    """Fresh instances (of `roles`) and a router; one bench run; its summary."""
+    ports = [free_port() for _ in range(3)]
+    cores = os.cpu_count() or 1
+    insts = [spawn(["serve", "--role", role, "--port", str(p), "--cpu-threads", "1",
+                    "--kv-cache-memory", "256MiB"], f"{tmp}/inst{i}.log", i % cores)
+             for i, (role, p) in enumerate(zip(roles, ports))]
+    urls = [f"http://127.0.0.1:{p}" for p in ports[:2]]
+    router = None
+    try:
+        for url in urls:
+            wait_healthy(url)
+        router = spawn(["router", "--port", str(ports[2]), "--routing-policy", policy,
+                        "--tokenizer", "embedded", *flags,
+                        *[a for role, url in zip(roles, urls) for a in (f"--{role}", url)]],
+                       f"{tmp}/router.log")
+        base = f"http://127.0.0.1:{ports[2]}"
+        wait_healthy(base)
+        time.sleep(3)  # health checks, the tokenizer and the KV event streams
+        name = f"{workload}-{policy}-{len(flags)}.json"
+        subprocess.run([sys.executable, "-m", "pdserve.cli", "bench", "run", "--base-url", base,
+                        *WORKLOADS[workload], "--request-rate", str(rate), "--seed", "1",
+                        "--ignore-eos", "--save-result", "--result-dir", tmp,
+                        "--result-filename", name, "--disable-tqdm"],
+                       env={**os.environ, "PYTHONPATH": REPO}, check=True,
+                       stdout=subprocess.DEVNULL)
+        with open(os.path.join(tmp, name)) as f:
+            summary = json.load(f)
+        decisions = [line for line in httpx.get(base + "/metrics").text.splitlines()
+                     if line.startswith("pdserve_router:routing_decisions_total{")]
+    finally:
+        for p in ([router] if router else []) + insts:
+            stop(p)
+    keys = ("completed", "failed", "total_input_tokens", "prefix_cache_hit_tokens",
+            "prefix_cache_hit_rate", "mean_ttft_ms", "p99_ttft_ms", "mean_itl_ms",
+            "p99_itl_ms", "mean_e2el_ms")
+    return {**{k: summary.get(k) for k in keys}, "decisions": decisions}
+
+
+def oracle_hits(workload: str) -> int:
+    """Hit tokens if every prompt met every earlier one's blocks (one unbounded cache)."""
+    from pdserve.bench.cli import add_parser
+    from pdserve.bench.commands import workload_config
+    from pdserve.bench.workloads import build_workload
+    from pdserve.block_hashing import block_hashes, usable_blocks
+    from pdserve.models.loader import load_tokenizer
+    from pdserve.server.prompts import completion_prompt_ids
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(["bench", "run", *WORKLOADS[workload], "--seed", "1"])
+    tok = load_tokenizer(None)
+    seen: set[int] = set()
+    hits = 0
+    for spec in build_workload(workload_config(args), tok):
+        ids = completion_prompt_ids(tok, spec.prompt)
+        hashes = block_hashes(ids, 16)
+        n = 0
+        for h in hashes[:usable_blocks(len(ids), 16)]:
+            if h not in seen:
+                break
+            n += 1
+        hits += n * 16
+        seen.update(hashes)
+    return hits
+
+
+def router_cost() -> dict:
+    """Median (and min: the least disturbed by the machine's load) ms to tokenize, and to
+    hash + look up, a prompt of 1k and 8k tokens."""
+    import numpy as np
+
+    from pdserve.bench.workloads.tokens import random_prompt, usable_ids
+    from pdserve.block_hashing import block_hashes
+    from pdserve.models.loader import load_tokenizer
+    from pdserve.router.kv_index import KVIndex
+    from pdserve.router.prompt_tokens import PromptTokenizer
+
+    tok = load_tokenizer(None)
+    tokens = PromptTokenizer(tokenizer=tok)
+    rng = np.random.default_rng(0)
+    out = {}
+    for n in (1024, 8192):
+        text, _ = random_prompt(tok, rng, n, usable_ids(tok))
+        body = {"prompt": text}
+        ids = tokens.ids_now(False, body)
+        index = KVIndex()
+        index.reset("http://a", 16, block_hashes(ids, 16))
+        index.reset("http://b", 16, block_hashes(ids[: n // 2], 16))
+        tok_s, look_s = [], []
+        for _ in range(20):
+            t0 = time.perf_counter()
+            ids = tokens.ids_now(False, body)
+            t1 = time.perf_counter()
+            index.cached_tokens(ids)
+            look_s.append(time.perf_counter() - t1)
+            tok_s.append(t1 - t0)
+        out[f"{n}_tokens"] = {"tokenize_ms": round(median(tok_s) * 1e3, 3),
+                              "hash_and_lookup_ms": round(median(look_s) * 1e3, 3),
+                              "tokenize_min_ms": round(min(tok_s) * 1e3, 3),
+                              "hash_and_lookup_min_ms": round(min(look_s) * 1e3, 3),
+                              "prompt_tokens": len(ids)}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rate", type=float, default=0.25, help="requests/s (Poisson)")
+    ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS))
+    ap.add_argument("--policies", nargs="+", default=list(POLICIES))
+    ap.add_argument("--cost-only", action="store_true",
+                    help="only the router's cost per request (routing_cost_cpu.json)")
+    ap.add_argument("--pd-mix", action="store_true",
+                    help="instead: 1P1D on the short/long mix, always vs never vs conditional")
+    ap.add_argument("--out", default=None,
+                    help="default: results/routing_cpu.json (--pd-mix: routing_pd_mix_cpu.json)")
+    args = ap.parse_args()
+    name = "routing_pd_mix_cpu" if args.pd_mix else "routing_cost_cpu" if args.cost_only \
+        else "routing_cpu"
+    args.out = args.out or OUT.replace("routing_cpu", name)
+    if args.cost_only:
+        args.workloads = []
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop our servers on the way out
+    result = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
+              "machine": {"cpus": os.cpu_count(), "loadavg_before": os.getloadavg()},
+              "rate": args.rate, "router_cost": router_cost(), "runs": {}}
+    print(json.dumps(result["router_cost"], indent=1), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.pd_mix:
+            runs = result["runs"]["mix-1P1D"] = {}
+            for name, (policy, flags) in PD_VARIANTS.items():
+                runs[name] = run_one(policy, "mix", args.rate, tmp, ("prefill", "decode"),
+                                     flags)
+                print("mix", name, json.dumps(runs[name]), flush=True)
+        for workload in [] if args.pd_mix else args.workloads:
+            runs = result["runs"][workload] = {"oracle_hit_tokens": oracle_hits(workload)}
+            for policy in args.policies:
+                runs[policy] = run_one(policy, workload, args.rate, tmp)
+                print(workload, policy, json.dumps(runs[policy]), flush=True)
+    result["machine"]["loadavg_after"] = os.getloadavg()
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""The routing policies as pure objects: views in, a decision out (no instance runs here)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from pdserve.block_hashing import block_hashes, hash_block, usable_blocks
+from pdserve.engine.blocks import BlockPool
+from pdserve.engine.kv_events import KVEventLog
+from pdserve.router.kv_index import KVIndex
+from pdserve.router.policy import (
+    ConditionalSplit,
+    InstanceView,
+    RequestView,
+    make_policy,
+)
+from pdserve.router.prompt_tokens import PromptTokenizer
+from pdserve.server.prompts import chat_prompt_ids
+from pdserve.server.protocol import ChatCompletionRequest
+
+A, B = "http://a", "http://b"
+RATE = 1000.0  # tokens/s of every instance below
+
+
+def inst(url: str, role: str = "colocated", **load) -> InstanceView:
+    return InstanceView(url, (role,), prefill_rate=RATE, **load)
+
+
+def test_block_hashes_are_the_same_in_another_process():
+    # the router recomputes the engine's hashes: Python's hash(None) differs per process
+    code = "from pdserve.block_hashing import hash_block; print(hash_block(None, [1, 2, 3]))"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True).stdout.strip()
+    assert int(other) == hash_block(None, [1, 2, 3])
+    assert hash_block(hash_block(None, [1, 2]), [3, 4]) != hash_block(hash_block(None, [9, 2]),
+                                                                      [3, 4])
+
+
+def test_least_loaded_takes_the_fewest_outstanding_tokens():
+    policy = make_policy("least_loaded")
+    d = policy.decide(RequestView(100), [inst(A, outstanding_tokens=50), inst(B)])
+    assert (d.kind, d.whole) == ("colocated", B)
+
+
+def test_round_robin_takes_turns_in_url_order():
+    policy = make_policy("round_robin")
+    picks = [policy.decide(RequestView(10), [inst(B), inst(A)]).whole for _ in range(4)]
+    assert picks == [A, B, A, B]
+
+
+def test_cache_aware_sends_a_prompt_where_its_prefix_is():
+    policy = make_policy("cache_aware")
+    req = RequestView(1000, cached={B: 960})
+    d = policy.decide(req, [inst(A), inst(B, outstanding_tokens=500)])
+    assert d.whole == B
+
+
+def test_cache_aware_leaves_a_holder_whose_queue_costs_more_than_the_prefix_saves():
+    policy = make_policy("cache_aware")
+    req = RequestView(1000, cached={B: 500})
+    d = policy.decide(req, [inst(A), inst(B, queued_prefill_tokens=4000)])
+    assert d.whole == A  # A: 1 s of prefill; B: 4 s of queue + 0.5 s
+
+
+def test_cache_aware_breaks_ties_by_decode_load_then_kv_usage():
+    policy = make_policy("cache_aware")
+    assert policy.decide(RequestView(10), [inst(A, outstanding_tokens=9), inst(B)]).whole == B
+    assert policy.decide(RequestView(10), [inst(A, kv_usage=0.5), inst(B)]).whole == B
+
+
+def test_cache_aware_prefers_the_decode_instance_holding_the_prefix():
+    policy = make_policy("cache_aware")
+    req = RequestView(1000, cached={B: 992})
+    d = policy.decide(req, [inst("http://p", "prefill"), inst(A, "decode"), inst(B, "decode")])
+    assert d.disaggregated and (d.prefill, d.decode) == ("http://p", B)
+
+
+def test_min_prompt_split_keeps_short_prompts_off_prefill():
+    policy = make_policy("least_loaded", pd_min_prompt_tokens=100)
+    pd = [inst("http://p", "prefill"), inst(A, "decode")]
+    short, long = policy.decide(RequestView(99), pd), policy.decide(RequestView(100), pd)
+    assert (short.kind, short.reason, short.whole) == ("short_prompt", "short_prompt", A)
+    assert (long.kind, long.prefill, long.decode) == ("disagg", "http://p", A)
+
+
+def test_one_token_is_served_by_prefill_alone():
+    d = make_policy("conditional").decide(
+        RequestView(5000, needs_decode=False), [inst("http://p", "prefill"), inst(A, "decode")])
+    assert (d.kind, d.reason, d.whole) == ("prefill_only", "one_token", "http://p")
+
+
+@pytest.mark.parametrize("prompt,cached,p_queue,want", [
+    (40, 0, 0, ("whole_on_decode", "small_uncached")),  # 40 tokens < 1000/s x 50 ms
+    (4000, 3980, 0, ("whole_on_decode", "small_uncached")),  # D holds all but 20
+    (4000, 0, 8000, ("whole_on_decode", "prefill_queue")),  # 8 s on P > 4 s on D
+    (4000, 0, 1000, ("disagg", "long_uncached")),
+])
+def test_conditional_split_weighs_uncached_tokens_and_prefill_queue(prompt, cached, p_queue,
+                                                                     want):
+    policy = make_policy("conditional")
+    views = [inst("http://p", "prefill", queued_prefill_tokens=p_queue), inst(A, "decode")]
+    d = policy.decide(RequestView(prompt, cached={A: cached}), views)
+    assert (d.kind, d.reason) == want
+    assert d.decode == A if d.disaggregated else d.whole == A
+
+
+def test_conditional_threshold_follows_the_measured_rate():
+    split = ConditionalSplit(hop_s=0.05)
+    p = inst("http://p", "prefill")
+    fast = InstanceView(A, ("decode",), prefill_rate=10_000.0)  # 500 tokens cost < hop
+    assert split.split(RequestView(400), p, fast) == (False, "small_uncached")
+    assert split.split(RequestView(400), p, inst(A, "decode"))[0]
+
+
+def test_fallback_serves_whole_on_any_role_decode_first():
+    d = make_policy("cache_aware").decide(RequestView(10), [inst(A, "decode")])
+    assert (d.kind, d.whole, d.reason) == ("fallback", A, "no_pair_decode")
+    assert make_policy("round_robin").decide(RequestView(10), []) is None
+
+
+def test_event_log_gives_the_net_change_of_a_step():
+    pool = BlockPool(num_blocks=2, block_size=2)
+    pool.events = KVEventLog()
+    first, second = pool.allocate(2)
+    pool.register(first, 11)
+    pool.register(second, 12)
+    pool.free([first, second])
+    assert (pool.events.take().stored, pool.events.take().stored) == ([11, 12], [])
+    pool.allocate(1)  # evicts the least recently freed: 12 (tails are freed first)
+    again = pool.allocate(1)[0]  # and 11, then stores 13 in its place
+    pool.register(again, 13)
+    events = pool.events.take()
+    assert (sorted(events.removed), events.stored) == ([11, 12], [13])
+
+
+def test_index_counts_what_the_engine_prefix_cache_would_serve():
+    bs, tokens = 4, list(range(100, 118))  # 4 full blocks + 2 tokens
+    pool = BlockPool(num_blocks=8, block_size=bs)
+    hashes = block_hashes(tokens, bs)
+    ids = pool.allocate(3)
+    for block_id, h in zip(ids, hashes[:3]):
+        pool.register(block_id, h)
+    index = KVIndex()
+    index.reset(A, bs, list(pool.cached))
+    index.reset(B, bs, [hashes[0], hashes[2]])  # block 1 missing: only block 0 counts
+    got = index.cached_tokens(tokens)
+    assert got[A] == pool.peek_cached(hashes[:usable_blocks(len(tokens), bs)]) * bs == 12
+    assert got[B] == 4
+    index.removed(A, [hashes[1]])
+    assert index.cached_tokens(tokens)[A] == 4
+    index.drop(A)
+    assert A not in index.cached_tokens(tokens)
+
+
+def test_index_never_counts_the_last_token():
+    index = KVIndex()
+    tokens = list(range(8))
+    index.reset(A, 4, block_hashes(tokens, 4))
+    assert index.cached_tokens(tokens)[A] == 4  # the 8th token must run for logits
+
+
+def test_index_refuses_malformed_events():
+    index = KVIndex()
+    with pytest.raises(ValueError):
+        index.stored(A, [1])  # before any snapshot
+    with pytest.raises(ValueError):
+        index.reset(A, 0, [])
+    index.reset(A, 4, [])
+    for bad in (["1"], [-1], [1 << 64], "1", [1.0]):
+        with pytest.raises(ValueError):
+            index.stored(A, bad)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from pdserve.models.loader import load_tokenizer
+
+    return load_tokenizer(None)
+
+
+def test_router_tokenizes_chat_as_the_instance_does(tokenizer):
+    body = {"model": "m", "messages": [{"role": "system", "content": "Be brief."},
+                                       {"role": "user", "content": "Hi there"}]}
+    req = ChatCompletionRequest.model_validate(body)
+    want = chat_prompt_ids(tokenizer, req.messages, req.add_generation_prompt)
+    assert PromptTokenizer(tokenizer=tokenizer).ids_now(True, body) == want
+    assert PromptTokenizer(tokenizer=tokenizer).ids_now(False, {"prompt": "Hi"}) == \
+        tokenizer("Hi").input_ids
+    assert PromptTokenizer(tokenizer=tokenizer).ids_now(True, {"messages": "x"}) is None
