@@ -290,9 +290,6 @@ class Engine:
         request.handoff = req.handoff  # the connector's to read
         if isinstance(req.handoff, RemotePrefill):  # D: pull P's KV, go on after its token
             request.output_token_ids = [req.handoff.first_token_id]
-        if req.params.seed is not None and not req.params.greedy:
-            request.generator = torch.Generator(device=self.device)
-            request.generator.manual_seed(req.params.seed)
         self.requests[req.request_id] = request
         self.scheduler.add(request)
 

@@ -6,8 +6,6 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from pdserve.engine.handoff import KVHandoff
 from pdserve.engine.sampling_params import SamplingParams
 
@@ -43,7 +41,7 @@ class Request:
     num_cached_tokens: int = -1  # prefix-cache hit at first scheduling; -1 = not yet scheduled
     num_preemptions: int = 0
     num_pulled_tokens: int = 0  # D side: prompt tokens whose KV came from P (0: none, failed)
-    generator: torch.Generator | None = None
+    prompt_digest: bytes | None = None  # seeded sampling's key of the prompt, made once
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of its full blocks
     num_registered_blocks: int = 0  # leading blocks already published to the prefix cache
     # its P/D part, read by the engine's KV connector only: on P, hold the KV for D; on D,

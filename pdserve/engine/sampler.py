@@ -2,7 +2,8 @@
 
 Order, as in vLLM: penalties, then min-tokens masking, then temperature, top-k, top-p and
 min-p, then a draw. Logprobs are those of the raw model distribution. A request with a seed
-draws from its own generator, so its tokens do not depend on its batch neighbours.
+draws counter-based noise (engine/seeded_noise.py): a function of (seed, prompt, position),
+so its tokens depend neither on its batch neighbours nor on which instance draws them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from pdserve.engine.host_to_device import to_device
 from pdserve.engine.outputs import TokenLogprob
 from pdserve.engine.request import Request
+from pdserve.engine.seeded_noise import exponential_noise, prompt_digest, row_key
 
 
 def _penalize(logits: torch.Tensor, requests: Sequence[Request]) -> None:
@@ -71,14 +73,28 @@ def _filter(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
 
 
 def _draw(probs: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
-    """One token per row: argmax of probs / Exp(1) noise, the noise from the row's generator."""
-    noise = torch.empty_like(probs).exponential_()
-    for row, req in enumerate(requests):
-        if req.generator is not None:
-            noise[row] = torch.empty(
-                probs.shape[1], device=req.generator.device, dtype=probs.dtype
-            ).exponential_(generator=req.generator).to(probs.device)
+    """One token per row: argmax of probs / Exp(1) noise (the Gumbel-max trick). A seeded
+    row's noise is keyed by (seed, prompt, position); the others' come from the global RNG."""
+    seeded = [row for row, r in enumerate(requests) if r.params.seed is not None]
+    if len(seeded) == len(requests):
+        noise = _seeded_noise(probs, requests)
+    else:
+        noise = torch.empty_like(probs).exponential_()
+        if seeded:
+            rows = to_device(seeded, torch.long, probs.device)
+            noise.index_copy_(0, rows, _seeded_noise(probs, [requests[i] for i in seeded]))
     return (probs / noise).argmax(dim=1)
+
+
+def _seeded_noise(probs: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+    """The rows' noise at their positions: the tokens each request has before this one
+    (pending ones included, so the async loop needs no read-back)."""
+    keys = []
+    for r in requests:
+        if r.prompt_digest is None:
+            r.prompt_digest = prompt_digest(r.prompt_token_ids)
+        keys.append(row_key(r.params.seed, r.prompt_digest, r.num_tokens))
+    return exponential_noise(keys, probs.shape[1], probs.dtype, probs.device)
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
