@@ -290,6 +290,8 @@ class Engine:
         request.handoff = req.handoff  # the connector's to read
         if isinstance(req.handoff, RemotePrefill):  # D: pull P's KV, go on after its token
             request.output_token_ids = [req.handoff.first_token_id]
+        if req.prefill_after is not None:  # n > 1: prefill the shared prompt once
+            request.prefill_leader = self.requests.get(req.prefill_after)
         self.requests[req.request_id] = request
         self.scheduler.add(request)
 

@@ -51,6 +51,9 @@ class Request:
     # async scheduling: tokens sampled on the device but not yet read back (0 or 1); the
     # scheduler counts them so the next step can feed them in before they are known
     num_pending_tokens: int = 0
+    # a sibling choice of the same prompt: admitted only once this one's prompt is computed
+    # and published, so that it hits the prefix cache instead of computing the prompt again
+    prefill_leader: Request | None = None
     scheduled_time: float = 0.0  # monotonic, first time it was scheduled (0: not yet)
     first_token_time: float = 0.0  # monotonic, its first token sampled here (0: not yet)
 
