@@ -1,9 +1,9 @@
 """Turns a batch of logits into next tokens, one row per sampling request.
 
-Order, as in vLLM: penalties, then min-tokens masking, then temperature, top-k, top-p and
-min-p, then a draw. Logprobs are those of the raw model distribution. A request with a seed
-draws counter-based noise (engine/seeded_noise.py): a function of (seed, prompt, position),
-so its tokens depend neither on its batch neighbours nor on which instance draws them.
+Order, as in vLLM: penalties, then logit_bias, then min-tokens masking, then temperature,
+top-k, top-p and min-p, then a draw. Logprobs are those of the raw model distribution. A
+request with a seed draws counter-based noise (engine/seeded_noise.py), a function of (seed,
+prompt, position): its tokens depend neither on its batch neighbours nor on the instance.
 """
 
 from __future__ import annotations
@@ -31,6 +31,23 @@ def _penalize(logits: torch.Tensor, requests: Sequence[Request]) -> None:
             out = torch.tensor(req.output_token_ids, device=logits.device)
             counts = torch.bincount(out, minlength=logits.shape[1]).to(logits.dtype)
             logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+
+
+def _add_logit_bias(logits: torch.Tensor, requests: Sequence[Request]) -> None:
+    """Every biased row's entries in one scatter-add; nothing here reads the device."""
+    rows: list[int] = []
+    cols: list[int] = []
+    vals: list[float] = []
+    for row, req in enumerate(requests):
+        bias = req.params.logit_bias
+        if bias:
+            rows += [row] * len(bias)
+            cols += bias.keys()
+            vals += bias.values()
+    if rows:
+        index = to_device(rows + cols, torch.long, logits.device).view(2, -1)
+        logits.index_put_((index[0], index[1]),
+                          to_device(vals, logits.dtype, logits.device), accumulate=True)
 
 
 def _mask_stops_before_min_tokens(
@@ -110,7 +127,7 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
 def _plain_greedy(r: Request) -> bool:
     p = r.params
     return (p.temperature == 0.0 and p.logprobs is None and p.repetition_penalty == 1.0
-            and not p.frequency_penalty and not p.presence_penalty
+            and not p.frequency_penalty and not p.presence_penalty and not p.logit_bias
             and len(r.output_token_ids) >= p.min_tokens)
 
 
@@ -119,11 +136,13 @@ def sample_tokens(
 ) -> torch.Tensor:
     """The next token of each row of `logits` [N, vocab], left on the device. Without
     penalties or min_tokens masking (which index by the output history), nothing here waits
-    for the GPU, so async scheduling can queue the next step behind it."""
+    for the GPU, so async scheduling can queue the next step behind it; logit_bias needs no
+    history."""
     if all(_plain_greedy(r) for r in requests):  # the common serving case: one argmax
         return argmax(logits)
     logits = logits.clone()
     _penalize(logits, requests)
+    _add_logit_bias(logits, requests)
     _mask_stops_before_min_tokens(logits, requests, eos_token_ids)
     tokens = logits.argmax(dim=1)
     greedy = [r.params.greedy for r in requests]

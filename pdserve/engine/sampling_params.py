@@ -23,6 +23,7 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: int | None = None  # number of top alternatives to return with each sampled token
+    logit_bias: dict[int, float] | None = None  # added to the logits before temperature
 
     @property
     def greedy(self) -> bool:

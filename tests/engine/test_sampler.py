@@ -116,3 +116,17 @@ def test_seeded_noise_is_the_same_on_cuda():
     cpu = exponential_noise(keys, 50000, torch.float32, torch.device("cpu"))
     gpu = exponential_noise(keys, 50000, torch.float32, torch.device("cuda")).cpu()
     torch.testing.assert_close(gpu, cpu, rtol=1e-6, atol=0)
+
+
+def test_logit_bias_moves_greedy_and_bans():
+    logits = torch.tensor([[3.0, 1.0, 0.0], [3.0, 1.0, 0.0]])
+    boosted, banned = req(temperature=0.0, logit_bias={2: 100.0}), req(
+        temperature=0.0, logit_bias={0: -100.0})
+    assert sample(logits, [boosted, banned], [])[0] == [2, 1]
+
+
+def test_logit_bias_applies_before_sampling_and_leaves_other_rows():
+    logits = torch.zeros(2, 50)
+    assert draws(logits[0], n=50, logit_bias={7: 100.0}) == {7}
+    plain = req(temperature=0.0)
+    assert sample(logits[:1].clone(), [plain], [])[0] == [0]
