@@ -64,7 +64,7 @@ log = logging.getLogger(__name__)
 
 ANY_ROLE = ("decode", "colocated", "prefill")  # whole on one instance: decode ones first
 PLAIN_ROLES = {"colocated": ("colocated",), "fallback": ANY_ROLE, "prefill_only": ("prefill",),
-               "short_prompt": ANY_ROLE, "no_handoff": ANY_ROLE}
+               "short_prompt": ANY_ROLE, "no_handoff": ANY_ROLE, "whole_only": ANY_ROLE}
 RESUME_ROLES = ANY_ROLE  # who may take over a failed answer
 MAX_RESUMES = 2  # per request: an answer that keeps killing instances is not chased forever
 INTERNAL_FIELDS = ("resume",)  # request fields only the router may send an instance
@@ -83,7 +83,8 @@ class Load:
 
     @classmethod
     def of(cls, body: dict, chat: bool) -> Load:
-        return cls(estimate_prompt_tokens(body), requested_max_tokens(body, chat))
+        return cls(estimate_prompt_tokens(body),
+                   requested_max_tokens(body, chat) * num_choices(body))
 
 
 @dataclass
@@ -109,6 +110,20 @@ def _needs_decode(body: dict, chat: bool) -> bool:
     """False for max_tokens 1, and for a max_tokens P would not see to refuse (0, "9")."""
     value = max_tokens_field(body, chat)
     return value is None or (type(value) is int and value > 1)
+
+
+def num_choices(body: dict) -> int:
+    """Choices of the answer: n for each prompt of a batch (the body is validated)."""
+    n = body.get("n")
+    prompt = body.get("prompt")
+    batch = isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list))
+    return (n if type(n) is int and n > 0 else 1) * (len(prompt) if batch else 1)
+
+
+def _whole_only(body: dict) -> bool:
+    """Served whole on one instance: several choices (the instance prefills their prompt
+    once and decodes each), or echo (P's first chunk would carry the prompt)."""
+    return num_choices(body) > 1 or body.get("echo") is True
 
 
 def release_reason(exc: BaseException) -> str:
@@ -151,6 +166,8 @@ class Router:
                     return await self.plain(path, body, load, "prefill_only", start)
                 if load.prompt < self.pd_min_prompt_tokens:
                     return await self.plain(path, body, load, "short_prompt", start)
+                if _whole_only(body):
+                    return await self.plain(path, body, load, "whole_only", start)
                 return await self.disagg(path, body, load, start)
             if self.registry.healthy("colocated"):
                 return await self.plain(path, body, load, "colocated", start)
@@ -213,7 +230,9 @@ class Router:
                     raise
                 tried.add(inst.url)
                 continue
-            events = self._relay(path, body, Attempt(inst, resp, charge), Progress(), load,
+            choices = num_choices(body)  # several are not resumed: tracked only for one
+            progress = Progress(tracked=choices == 1, num_choices=choices)
+            events = self._relay(path, body, Attempt(inst, resp, charge), progress, load,
                                  label, start)
             return StreamingResponse(events, media_type="text/event-stream")
 
