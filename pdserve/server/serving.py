@@ -34,6 +34,7 @@ from pdserve.server.prompts import (
     resolve_max_tokens,
 )
 from pdserve.server.protocol import ChatCompletionRequest, CompletionRequest
+from pdserve.server.request_log import RequestLog
 from pdserve.server.responses import ResponseBuilder, sse
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's legacy default; chat defaults to the context
@@ -47,6 +48,7 @@ class ServerState:
     tokenizer: object
     served_model_name: str
     metrics: ServerMetrics
+    request_log: RequestLog | None = None  # --log-requests
 
     def cache_tokens(self) -> int:
         """Tokens the whole KV cache holds (0 = not known yet)."""
@@ -92,6 +94,7 @@ def _choices(st: ServerState, req: CompletionRequest | ChatCompletionRequest, ch
     if chat:
         prompts = [chat_prompt_ids(st.tokenizer, req.messages, req.add_generation_prompt)]
         texts = [""]
+        given = [[{"role": m.role, "content": m.text()} for m in req.messages]]
     else:
         given = req.prompts()
         prompts = [completion_prompt_ids(st.tokenizer, p) for p in given]
@@ -111,6 +114,9 @@ def _choices(st: ServerState, req: CompletionRequest | ChatCompletionRequest, ch
                     engine_req.params = replace(engine_req.params, seed=req.seed + i)
             else:
                 leader = engine_req.request_id
+                if st.request_log is not None:
+                    st.request_log.request(leader, given[p], prompt_ids, engine_req.params,
+                                           req.n)
             gen = Generation(st.client, st.metrics, st.tokenizer, engine_req,
                              req.stop_strings(), req.include_stop_str_in_output,
                              req.skip_special_tokens,
