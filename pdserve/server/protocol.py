@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pdserve.engine.sampling_params import SamplingParams
 
@@ -97,9 +97,17 @@ class _SamplingRequest(BaseModel):
     return_token_ids: bool = False  # each choice carries its tokens' ids (vLLM's field)
     resume: Resume | None = None  # internal: see Resume
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_id_keys(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        """Keys are token ids as strings (OpenAI's shape), not words."""
+        for key in bias or {}:
+            if not key.isascii() or not key.isdigit() or int(key) > MAX_INT:
+                raise ValueError(f"logit_bias keys must be token ids (digits); got {key!r}")
+        return bias
+
     @model_validator(mode="after")
     def _refuse_unsupported(self) -> _SamplingRequest:
-        self.logit_bias_ids()  # token ids, not words: refused here if a key is not one
         if len(self.stop_strings()) > MAX_STOP_STRINGS:
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed")
         if any(s == "" for s in self.stop_strings()):
@@ -117,12 +125,7 @@ class _SamplingRequest(BaseModel):
     def logit_bias_ids(self) -> dict[int, float]:
         """logit_bias with its keys as token ids (range-checked against the vocabulary by
         the server, which knows it)."""
-        ids: dict[int, float] = {}
-        for key, bias in (self.logit_bias or {}).items():
-            if not key.isascii() or not key.isdigit() or int(key) > MAX_INT:
-                raise ValueError(f"logit_bias keys must be token ids (digits); got {key!r}")
-            ids[int(key)] = bias
-        return ids
+        return {int(key): bias for key, bias in (self.logit_bias or {}).items()}
 
     def stop_strings(self) -> list[str]:
         if self.stop is None:

@@ -153,13 +153,16 @@ def test_echo_prepends_the_prompt(layout, routers):
 @pytest.mark.parametrize("layout", ["colocated", "1P2D"])
 def test_batched_prompts_are_indexed_prompt_major(layout, routers, smollm2_tokenizer):
     c = client(routers[layout].url)
-    prompts = ["The capital of France is", smollm2_tokenizer.encode("Two plus two is")]
+    prompts = ["The capital of France is", "Two plus two is"]
     answer = c.completions.create(model=MODEL, prompt=prompts, n=2, max_tokens=4,
                                   temperature=0.0)
     assert [ch.index for ch in answer.choices] == [0, 1, 2, 3]
     alone = [c.completions.create(model=MODEL, prompt=p, max_tokens=4, temperature=0.0)
              .choices[0].text for p in prompts]
     assert [ch.text for ch in answer.choices] == [alone[0], alone[0], alone[1], alone[1]]
+    as_ids = [smollm2_tokenizer.encode(p) for p in prompts]
+    by_ids = c.completions.create(model=MODEL, prompt=as_ids, max_tokens=4, temperature=0.0)
+    assert [ch.text for ch in by_ids.choices] == alone
 
 
 @pytest.mark.parametrize("fields, param", [
