@@ -178,4 +178,5 @@ def test_out_of_bounds_fields_are_refused_by_name(fields, param, routers):
         body = {"model": MODEL, "prompt": "Hi", "max_tokens": 2, **fields}
         with pytest.raises(openai.BadRequestError) as err:
             client(url).completions.create(**body)
-        assert param in str(err.value)
+        error = err.value.body  # the OpenAI error object: param, or the message, names it
+        assert error["param"] == param or param in error["message"], error
