@@ -230,8 +230,9 @@ class Router:
                     raise
                 tried.add(inst.url)
                 continue
-            choices = num_choices(body)  # several are not resumed: tracked only for one
-            progress = Progress(tracked=choices == 1, num_choices=choices)
+            choices = num_choices(body)  # several, or an echo, are not resumed
+            progress = Progress(tracked=choices == 1 and body.get("echo") is not True,
+                                num_choices=choices)
             events = self._relay(path, body, Attempt(inst, resp, charge), progress, load,
                                  label, start)
             return StreamingResponse(events, media_type="text/event-stream")
