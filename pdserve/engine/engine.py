@@ -12,6 +12,7 @@ import torch
 
 from pdserve import switches
 from pdserve.config import EngineArgs, ModelConfig
+from pdserve.engine import seeded_noise
 from pdserve.engine.blocks import BlockPool
 from pdserve.engine.calibrate import calibrate
 from pdserve.engine.compilations import COMPILATIONS
@@ -182,6 +183,7 @@ class Engine:
         self.request_failures = 0  # counted by the engine process, which contains them
         if self.device.type == "cuda":
             self._compile_mixed_step()
+            seeded_noise.warm_up(self.vocab_size, self.device)
         self.scheduler.step_time = self._step_time_model()
 
     def _compile_mixed_step(self) -> None:
