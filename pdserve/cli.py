@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from pdserve import __version__
+
 # Each module exposes add_parser(subparsers); its parser sets `func(args) -> int`.
 SUBCOMMANDS = {
     "serve": "pdserve.server.cli",
@@ -23,6 +25,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         prog="pdserve",
         description="Serve LLMs with prefill/decode disaggregation, and measure it.",
     )
+    parser.add_argument("--version", action="version", version=f"pdserve {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module in SUBCOMMANDS.items():
         if only is None or name == only:
@@ -33,8 +36,16 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = argv[0] if argv and argv[0] in SUBCOMMANDS else None
-    args = build_parser(command).parse_args(argv)
+    parser = build_parser(command)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # the sub-command's usage, not the top level's: that is where the flag went
+        _subparser(parser, args.command).error(f"unrecognized arguments: {' '.join(unknown)}")
     return int(args.func(args) or 0)
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices[command]
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import torch
 
 from pdserve import switches
 from pdserve.config import EngineArgs, ModelConfig
+from pdserve.engine import seeded_noise
 from pdserve.engine.blocks import BlockPool
 from pdserve.engine.calibrate import calibrate
 from pdserve.engine.compilations import COMPILATIONS
@@ -182,6 +183,7 @@ class Engine:
         self.request_failures = 0  # counted by the engine process, which contains them
         if self.device.type == "cuda":
             self._compile_mixed_step()
+            seeded_noise.warm_up(self.vocab_size, self.device)
         self.scheduler.step_time = self._step_time_model()
 
     def _compile_mixed_step(self) -> None:
@@ -292,9 +294,8 @@ class Engine:
         if isinstance(req.handoff, RemotePrefill):  # D: pull P's KV, go on after its token
             request.output_token_ids = [req.handoff.first_token_id]
         request.grammar = grammar
-        if req.params.seed is not None and not req.params.greedy:
-            request.generator = torch.Generator(device=self.device)
-            request.generator.manual_seed(req.params.seed)
+        if req.prefill_after is not None:  # n > 1: prefill the shared prompt once
+            request.prefill_leader = self.requests.get(req.prefill_after)
         self.requests[req.request_id] = request
         self.scheduler.add(request)
 

@@ -30,6 +30,9 @@ class EngineRequest:
     # a resumed request: tokens another instance generated for it (and the client has);
     # the engine recomputes their KV and continues after them, counting them as output
     output_token_ids: list[int] = field(default_factory=list)
+    # one of n choices of one prompt: wait for this earlier sibling's prefill, then take
+    # its prompt blocks from the prefix cache (the prompt is computed once, not n times)
+    prefill_after: str | None = None
 
 
 @dataclass

@@ -6,8 +6,6 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from pdserve.engine.grammar import RequestGrammar
 from pdserve.engine.handoff import KVHandoff
 from pdserve.engine.sampling_params import SamplingParams
@@ -44,7 +42,7 @@ class Request:
     num_cached_tokens: int = -1  # prefix-cache hit at first scheduling; -1 = not yet scheduled
     num_preemptions: int = 0
     num_pulled_tokens: int = 0  # D side: prompt tokens whose KV came from P (0: none, failed)
-    generator: torch.Generator | None = None
+    prompt_digest: bytes | None = None  # seeded sampling's key of the prompt, made once
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of its full blocks
     num_registered_blocks: int = 0  # leading blocks already published to the prefix cache
     # its P/D part, read by the engine's KV connector only: on P, hold the KV for D; on D,
@@ -54,6 +52,9 @@ class Request:
     # async scheduling: tokens sampled on the device but not yet read back (0 or 1); the
     # scheduler counts them so the next step can feed them in before they are known
     num_pending_tokens: int = 0
+    # a sibling choice of the same prompt: admitted only once this one's prompt is computed
+    # and published, so that it hits the prefix cache instead of computing the prompt again
+    prefill_leader: Request | None = None
     scheduled_time: float = 0.0  # monotonic, first time it was scheduled (0: not yet)
     first_token_time: float = 0.0  # monotonic, its first token sampled here (0: not yet)
     grammar: RequestGrammar | None = None  # structured output: its matcher, one token behind

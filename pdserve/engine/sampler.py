@@ -1,9 +1,10 @@
 """Turns a batch of logits into next tokens, one row per sampling request.
 
-Order, as in vLLM: penalties, then min-tokens masking, then the grammar's mask (structured
-output), then temperature, top-k, top-p and min-p, then a draw. Logprobs are those of the
-raw model distribution. A request with a seed draws from its own generator, so its tokens
-do not depend on its batch neighbours.
+Order, as in vLLM: penalties, then logit_bias, then min-tokens masking, then the
+grammar's mask (structured output), then temperature, top-k, top-p and min-p, then a
+draw. Logprobs are those of the raw model distribution. A request with a seed draws
+counter-based noise (engine/seeded_noise.py), a function of (seed, prompt, position):
+its tokens depend neither on its batch neighbours nor on the instance.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pdserve.engine.grammar_mask import apply_grammar_masks
 from pdserve.engine.host_to_device import to_device
 from pdserve.engine.outputs import TokenLogprob
 from pdserve.engine.request import Request
+from pdserve.engine.seeded_noise import exponential_noise, prompt_digest, row_key
 
 
 def _penalize(logits: torch.Tensor, requests: Sequence[Request]) -> None:
@@ -31,6 +33,23 @@ def _penalize(logits: torch.Tensor, requests: Sequence[Request]) -> None:
             out = torch.tensor(req.output_token_ids, device=logits.device)
             counts = torch.bincount(out, minlength=logits.shape[1]).to(logits.dtype)
             logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+
+
+def _add_logit_bias(logits: torch.Tensor, requests: Sequence[Request]) -> None:
+    """Every biased row's entries in one scatter-add; nothing here reads the device."""
+    rows: list[int] = []
+    cols: list[int] = []
+    vals: list[float] = []
+    for row, req in enumerate(requests):
+        bias = req.params.logit_bias
+        if bias:
+            rows += [row] * len(bias)
+            cols += bias.keys()
+            vals += bias.values()
+    if rows:
+        index = to_device(rows + cols, torch.long, logits.device).view(2, -1)
+        logits.index_put_((index[0], index[1]),
+                          to_device(vals, logits.dtype, logits.device), accumulate=True)
 
 
 def _mask_stops_before_min_tokens(
@@ -73,14 +92,28 @@ def _filter(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
 
 
 def _draw(probs: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
-    """One token per row: argmax of probs / Exp(1) noise, the noise from the row's generator."""
-    noise = torch.empty_like(probs).exponential_()
-    for row, req in enumerate(requests):
-        if req.generator is not None:
-            noise[row] = torch.empty(
-                probs.shape[1], device=req.generator.device, dtype=probs.dtype
-            ).exponential_(generator=req.generator).to(probs.device)
+    """One token per row: argmax of probs / Exp(1) noise (the Gumbel-max trick). A seeded
+    row's noise is keyed by (seed, prompt, position); the others' come from the global RNG."""
+    seeded = [row for row, r in enumerate(requests) if r.params.seed is not None]
+    if len(seeded) == len(requests):
+        noise = _seeded_noise(probs, requests)
+    else:
+        noise = torch.empty_like(probs).exponential_()
+        if seeded:
+            rows = to_device(seeded, torch.long, probs.device)
+            noise.index_copy_(0, rows, _seeded_noise(probs, [requests[i] for i in seeded]))
     return (probs / noise).argmax(dim=1)
+
+
+def _seeded_noise(probs: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+    """The rows' noise at their positions: the tokens each request has before this one
+    (pending ones included, so the async loop needs no read-back)."""
+    keys = []
+    for r in requests:
+        if r.prompt_digest is None:
+            r.prompt_digest = prompt_digest(r.prompt_token_ids)
+        keys.append(row_key(r.params.seed, r.prompt_digest, r.num_tokens))
+    return exponential_noise(keys, probs.shape[1], probs.dtype, probs.device)
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
@@ -96,7 +129,7 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
 def _plain_greedy(r: Request) -> bool:
     p = r.params
     return (p.temperature == 0.0 and p.logprobs is None and p.repetition_penalty == 1.0
-            and not p.frequency_penalty and not p.presence_penalty
+            and not p.frequency_penalty and not p.presence_penalty and not p.logit_bias
             and len(r.output_token_ids) >= p.min_tokens and r.grammar is None)
 
 
@@ -105,11 +138,13 @@ def sample_tokens(
 ) -> torch.Tensor:
     """The next token of each row of `logits` [N, vocab], left on the device. Without
     penalties or min_tokens masking (which index by the output history), nothing here waits
-    for the GPU, so async scheduling can queue the next step behind it."""
+    for the GPU, so async scheduling can queue the next step behind it; logit_bias needs no
+    history."""
     if all(_plain_greedy(r) for r in requests):  # the common serving case: one argmax
         return argmax(logits)
     logits = logits.clone()
     _penalize(logits, requests)
+    _add_logit_bias(logits, requests)
     _mask_stops_before_min_tokens(logits, requests, eos_token_ids)
     apply_grammar_masks(logits, requests)  # structured output: only what the grammar allows
     tokens = logits.argmax(dim=1)

@@ -17,7 +17,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0 = disabled
     min_p: float = 0.0
-    seed: int | None = None  # per-request generator: the same seed gives the same tokens
+    seed: int | None = None  # same seed and prompt: the same tokens, in any layout
     repetition_penalty: float = 1.0
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
@@ -26,6 +26,7 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None  # number of top alternatives to return with each sampled token
     grammar: GrammarSpec | None = None  # structured output: what the text must match
+    logit_bias: dict[int, float] | None = None  # added to the logits before temperature
 
     @property
     def greedy(self) -> bool:

@@ -198,9 +198,27 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
+    def _waits_for_leader(self, request: Request) -> bool:
+        """A sibling choice waits while its leader computes their shared prompt, then hits
+        the blocks the leader published (only the last partial block is computed again)."""
+        leader = request.prefill_leader
+        if leader is None:
+            return False
+        if (self.kv.pool.enable_prefix_caching and not leader.is_finished
+                and leader.num_computed_tokens < leader.num_prompt_tokens):
+            return True
+        request.prefill_leader = None  # published (or gone): admit it like any other
+        return False
+
+    def _next_waiting(self) -> Request | None:
+        """The first waiting request that may be admitted now, in arrival order."""
+        return next((r for r in self.waiting if not self._waits_for_leader(r)), None)
+
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and self._num_seqs() < self.config.max_num_seqs:
-            request = self.waiting[0]
+            request = self._next_waiting()
+            if request is None:
+                break
             hit = self.kv.take_prefix(request)
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = hit
@@ -215,7 +233,7 @@ class Scheduler:
                 request.num_computed_tokens = 0
                 break
             self.kv.pool.record_lookup(request.num_tokens, hit)
-            self.waiting.popleft()
+            self.waiting.remove(request)
             request.status = RequestStatus.RUNNING
             request.scheduled_time = request.scheduled_time or time.monotonic()
             self.running.append(request)
@@ -234,7 +252,7 @@ class Scheduler:
             request.num_computed_tokens = 0
             return False
         self.kv.pool.record_lookup(request.num_prompt_tokens, hit)
-        self.waiting.popleft()
+        self.waiting.remove(request)
         request.status = RequestStatus.WAITING_FOR_REMOTE_KV
         request.scheduled_time = request.scheduled_time or time.monotonic()
         self.pulling[request.request_id] = request

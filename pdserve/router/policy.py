@@ -45,6 +45,7 @@ class RequestView:
 
     prompt_tokens: int
     needs_decode: bool = True  # False: one token (or a bad max_tokens P refuses) -> P alone
+    whole_only: bool = False  # several choices or echo: one instance serves it all
     cached: Mapping[str, int] = field(default_factory=dict)
 
     def uncached_on(self, url: str) -> int:
@@ -55,7 +56,7 @@ class RequestView:
 class Decision:
     """Where the request goes, and why. `kind` is the route's label in /metrics: disagg,
     or a whole-request route (colocated, fallback, prefill_only, short_prompt,
-    whole_on_decode)."""
+    whole_on_decode, whole_only)."""
 
     kind: str
     reason: str
@@ -213,6 +214,9 @@ class Policy:
         p = self.pick(request, prefill, "prefill")
         if not request.needs_decode:  # P's one token is the whole answer
             return Decision("prefill_only", "one_token", whole=p.url)
+        if request.whole_only:  # it prefills the prompt once for every choice
+            whole = self.pick(request, decode, "whole")
+            return Decision("whole_only", "choices_or_echo", whole=whole.url)
         d = self.pick(request, decode, "decode")
         split, reason = self.splitter.split(request, p, d)
         if split:

@@ -68,7 +68,8 @@ log = logging.getLogger(__name__)
 
 # who may serve a whole request of each route if its chosen instance fails
 PLAIN_ROLES = {"colocated": ("colocated",), "fallback": ANY_ROLE, "prefill_only": ("prefill",),
-               "short_prompt": ANY_ROLE, "whole_on_decode": ANY_ROLE, "no_handoff": ANY_ROLE}
+               "short_prompt": ANY_ROLE, "whole_on_decode": ANY_ROLE, "no_handoff": ANY_ROLE,
+               "whole_only": ANY_ROLE}
 RESUME_ROLES = ANY_ROLE  # who may take over a failed answer
 MAX_RESUMES = 2  # per request: an answer that keeps killing instances is not chased forever
 INTERNAL_FIELDS = ("resume",)  # request fields only the router may send an instance
@@ -93,8 +94,8 @@ class Load:
         """From the body: the prompt's token ids where known (else an estimate), and the
         leading tokens of it each instance holds."""
         prompt = len(ids) if ids is not None else estimate_prompt_tokens(body)
-        view = RequestView(prompt, _needs_decode(body, chat), cached or {})
-        return cls(prompt, requested_max_tokens(body, chat), view)
+        view = RequestView(prompt, _needs_decode(body, chat), _whole_only(body), cached or {})
+        return cls(prompt, requested_max_tokens(body, chat) * num_choices(body), view)
 
     def uncached_on(self, inst: Instance) -> int:
         return self.view.uncached_on(inst.url)
@@ -123,6 +124,20 @@ def _needs_decode(body: dict, chat: bool) -> bool:
     """False for max_tokens 1, and for a max_tokens P would not see to refuse (0, "9")."""
     value = max_tokens_field(body, chat)
     return value is None or (type(value) is int and value > 1)
+
+
+def num_choices(body: dict) -> int:
+    """Choices of the answer: n for each prompt of a batch (the body is validated)."""
+    n = body.get("n")
+    prompt = body.get("prompt")
+    batch = isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list))
+    return (n if type(n) is int and n > 0 else 1) * (len(prompt) if batch else 1)
+
+
+def _whole_only(body: dict) -> bool:
+    """Served whole on one instance: several choices (the instance prefills their prompt
+    once and decodes each), or echo (P's first chunk would carry the prompt)."""
+    return num_choices(body) > 1 or body.get("echo") is True
 
 
 def release_reason(exc: BaseException) -> str:
@@ -250,7 +265,10 @@ class Router:
                     raise
                 tried.add(inst.url)
                 continue
-            events = self._relay(path, body, Attempt(inst, resp, charge), Progress(), load,
+            choices = num_choices(body)  # several, or an echo, are not resumed
+            progress = Progress(tracked=choices == 1 and body.get("echo") is not True,
+                                num_choices=choices)
+            events = self._relay(path, body, Attempt(inst, resp, charge), progress, load,
                                  label, start)
             return StreamingResponse(events, media_type="text/event-stream")
 

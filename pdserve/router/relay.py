@@ -29,6 +29,8 @@ class Progress:
     finished: bool = False  # a finish_reason went out: only usage and [DONE] can be missing
     done: bool = False  # [DONE] went out
     tracked: bool = True  # every chunk carried its token ids (else it cannot be resumed)
+    num_choices: int = 1  # n x prompts: more than one is never resumed (untracked)
+    num_finished: int = 0  # choices whose finish_reason went out
 
     @classmethod
     def after_prefill(cls, answer: dict, chat: bool, first_token_id: object) -> Progress:
@@ -74,7 +76,7 @@ class StreamRelay:
             if isinstance(error, dict) and error.get("type") == "server_error":
                 raise InstanceFailed(str(error.get("message")))
             return sse(chunk)
-        if self.chat and is_role_chunk(chunk):
+        if self.chat and is_role_chunk(chunk) and chunk["choices"][0].get("index", 0) == 0:
             if self.progress.role_sent:
                 return None  # the client knows the speaker already
             self.progress.role_sent = True
@@ -99,7 +101,8 @@ class StreamRelay:
                 self.progress.tracked = False  # an instance that does not send them
             self.progress.text_chars += len(text)
             if choice.get("finish_reason") is not None:
-                self.progress.finished = True
+                self.progress.num_finished += 1
+                self.progress.finished = self.progress.num_finished >= self.progress.num_choices
             if not self.chat:
                 choice["logprobs"] = shift_logprobs(choice.get("logprobs"), self.text_offset)
 

@@ -27,6 +27,7 @@ from pdserve.server.errors import (
 )
 from pdserve.server.metrics import ServerMetrics, cache_info
 from pdserve.server.protocol import ChatCompletionRequest, CompletionRequest
+from pdserve.server.request_log import RequestLog
 from pdserve.server.serving import ServerState, serve
 from pdserve.server.tool_parsers import ParserName, parser_for_template
 from pdserve.server.tool_routes import add_tool_routes, model_card
@@ -43,13 +44,14 @@ def build_app(
     drain: Drain | None = None,
     max_request_bytes: int = http_limits.DEFAULT_MAX_REQUEST_BYTES,
     tool_call_parser: ParserName | None = None,
+    request_log: RequestLog | None = None,
 ) -> FastAPI:
     """The app; its lifespan starts the engine process and loads the tokenizer side by side,
     then runs `keep_registered` (heartbeats to a router) until the server stops. Clients
     need `api_key` (if set); the deployment's own calls are signed with `secret`. `drain`
     (a DrainingServer's) refuses new requests and finishes those in flight on SIGTERM. A
     body over `max_request_bytes` is refused with 413. `tool_call_parser` None: the one the
-    chat template's family speaks."""
+    chat template's family speaks. `request_log` logs each request."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -62,7 +64,7 @@ def build_app(
                                 cache_info(client.args),
                                 kv_consumer=client.args.role != "colocated")  # P and D pull
         parser = tool_call_parser or parser_for_template(tokenizer.chat_template)
-        app.state.server = ServerState(client, tokenizer, name, metrics, parser)
+        app.state.server = ServerState(client, tokenizer, name, metrics, parser, request_log)
         heartbeat = asyncio.create_task(keep_registered()) if keep_registered else None
         try:
             yield

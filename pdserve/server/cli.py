@@ -15,6 +15,8 @@ import uvicorn
 from pdserve.config import CacheConfig, EngineArgs, SchedulerConfig
 from pdserve.drain import Drain, DrainingServer, add_drain_flag
 from pdserve.security import API_KEY_ENV, SECRET_ENV, SecretError, load_secret
+from pdserve.server.chat_template import install_chat_template, read_chat_template
+from pdserve.server.request_log import RequestLog
 from pdserve.server.tool_parsers import PARSERS
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
@@ -50,6 +52,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--tokenizer", default=None,
                    help="a folder with a Hugging Face tokenizer (tokenizer.json ...) to use "
                         "instead of the model's; presets default to the embedded SmolLM2's")
+    p.add_argument("--chat-template", default=None, metavar="FILE_OR_JINJA",
+                   help="a Jinja chat template (a file, or the template inline) instead of "
+                   "the model's; it must render a conversation or the server does not start")
     p.add_argument("--served-model-name", default=None,
                    help="the name clients pass as `model`; omitted = the model's own name")
     p.add_argument("--tool-call-parser", default=None, choices=PARSERS,
@@ -123,6 +128,11 @@ def add_parser(subparsers) -> None:
     # the fraction of each stand-in step that holds the GIL, as a real engine's host thread
     p.add_argument("--engine-standin-busy", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="warning", help="uvicorn's log level")
+    p.add_argument("--log-requests", action="store_true",
+                   help="log each request's id, prompt and sampling params at INFO")
+    p.add_argument("--max-log-len", type=int, default=None, metavar="N",
+                   help="with --log-requests: log at most N characters of a prompt and N of "
+                   "its token ids; omitted = all")
     p.set_defaults(func=run)
 
 
@@ -201,16 +211,23 @@ def run(args: argparse.Namespace) -> int:
     from pdserve.server.app import build_app
     from pdserve.server.engine_client import EngineClient
 
+    try:
+        eargs = engine_args(args)
+        template = read_chat_template(args.chat_template) if args.chat_template else None
+        if args.max_log_len is not None and args.max_log_len < 0:
+            raise ValueError("--max-log-len must be at least 0")
+    except (SecretError, ValueError) as exc:
+        print(f"pdserve serve: {exc}", file=sys.stderr)
+        return 2
+
     def load_tokenizer():
         from pdserve.models.loader import load_tokenizer
 
-        return load_tokenizer(args.tokenizer or args.model)
+        tokenizer = load_tokenizer(args.tokenizer or args.model)
+        if template is not None:
+            install_chat_template(tokenizer, template)
+        return tokenizer
 
-    try:
-        eargs = engine_args(args)
-    except SecretError as exc:
-        print(f"pdserve serve: {exc}", file=sys.stderr)
-        return 2
     heartbeat = None
     if args.router:
         from pdserve.router.heartbeat import keep_registered
@@ -223,7 +240,8 @@ def run(args: argparse.Namespace) -> int:
                     api_key=api_key(args), secret=eargs.deployment_secret,
                     open_metrics=args.open_metrics, drain=drain,
                     max_request_bytes=args.max_request_bytes,
-                    tool_call_parser=args.tool_call_parser)
+                    tool_call_parser=args.tool_call_parser,
+                    request_log=RequestLog(args.max_log_len) if args.log_requests else None)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=5)
     try:  # before the engine loads: a port in use fails at once, not a minute later

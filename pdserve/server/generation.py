@@ -45,6 +45,7 @@ class Generation:
     skip_special_tokens: bool = True
     resume_text_chars: int = 0  # a resumed request: characters of its text the client has
     max_tokens_param: int | None = None  # the client's max_tokens, for /metrics
+    n_param: int = 1  # the client's n, for /metrics (0: a sibling choice, not counted again)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
@@ -128,7 +129,7 @@ class Generation:
                 self.metrics.observe_finished(FinishedRequest(
                     reason, self.prompt_tokens, self.completion_tokens,
                     time.monotonic() - self._start, self.request.params.max_tokens,
-                    self.max_tokens_param, self.times, self.cached_tokens))
+                    self.max_tokens_param, self.times, self.cached_tokens, self.n_param))
 
     def _unsent_prefill(self, aborted: bool) -> RemotePrefill | None:
         """On D, P's hand-off whose first token the client lacks (unless the router streamed

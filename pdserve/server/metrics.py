@@ -88,6 +88,7 @@ class FinishedRequest:
     max_tokens_param: int | None  # the client's max_tokens, if it sent one
     times: RequestTimes | None  # the engine's phase times (None: it never reached it)
     cached_tokens: int = 0  # prompt tokens found in this instance's prefix cache
+    n: int = 1  # the choices its client asked for (0: a sibling choice, counted by the first)
 
     def prompt_sources(self) -> dict[str, int]:
         """Where its prompt's KV came from, as vLLM's PromptTokenStats: this instance's
@@ -330,7 +331,8 @@ class ServerMetrics:
         self.kv_computed_hist.labels(*m).observe(sources["local_compute"])
         self.generation_hist.labels(*m).observe(r.generation_tokens)
         self.max_generation_hist.labels(*m).observe(r.max_tokens)
-        self.n_hist.labels(*m).observe(1)  # n > 1 is refused at the edge
+        if r.n:  # a request's n is observed once, by its first choice
+            self.n_hist.labels(*m).observe(r.n)
         if r.max_tokens_param is not None:
             self.max_tokens_hist.labels(*m).observe(r.max_tokens_param)
         self.phase["e2e"].labels(*m).observe(r.e2e_s)

@@ -1,14 +1,15 @@
 """Pydantic models of the OpenAI completion and chat requests, with their validation.
 
 Types are strict (a string is not a number) and ranges are OpenAI's; anything this server
-cannot honour (n > 1, echo, best_of, ...) is refused with a message rather than ignored.
+cannot honour (best_of other than n, suffix, echo with logprobs, ...) is refused with a
+message rather than ignored.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.server.structured_protocol import StructuredOutputFields
@@ -21,12 +22,14 @@ MAX_LOGPROBS = 20
 MAX_INT = 2**31 - 1  # counts and token ids
 MAX_PROMPT_CHARS = 4 * 2**20  # a whole text prompt, or one message's text
 MAX_PROMPT_TOKEN_IDS = 2**20
-MAX_PROMPTS = MAX_PROMPT_TOKEN_IDS  # a batch (more than one is refused with a message)
+MAX_PROMPTS = 64  # a batch of prompts in /v1/completions
+MAX_N = 16  # choices per prompt
+MAX_CHOICES = 256  # prompts x n: engine requests one HTTP request may start
 MAX_MESSAGES = 4096
 MAX_CONTENT_PARTS = 1024
 MAX_STOP_CHARS = 1024  # one stop string
 MAX_STOP_TOKEN_IDS = 1024
-MAX_LOGIT_BIAS = 1024
+MAX_LOGIT_BIAS = 300
 MAX_NAME_CHARS = 256  # model and user names
 MAX_KV_PARAMS_KEYS = 64
 
@@ -71,7 +74,7 @@ class _SamplingRequest(StructuredOutputFields):
     max_tokens: Count | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
-    n: int = Field(1, ge=1, le=MAX_INT)
+    n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: StopString | list[StopString] | None = Field(None, max_length=MAX_STOP_STRINGS)
@@ -97,12 +100,17 @@ class _SamplingRequest(StructuredOutputFields):
     return_token_ids: bool = False  # each choice carries its tokens' ids (vLLM's field)
     resume: Resume | None = None  # internal: see Resume
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_id_keys(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        """Keys are token ids as strings (OpenAI's shape), not words."""
+        for key in bias or {}:
+            if not key.isascii() or not key.isdigit() or int(key) > MAX_INT:
+                raise ValueError(f"logit_bias keys must be token ids (digits); got {key!r}")
+        return bias
+
     @model_validator(mode="after")
     def _refuse_unsupported(self) -> _SamplingRequest:
-        if self.n != 1:
-            raise ValueError("n > 1 is not supported; send one request per completion")
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported")
         if len(self.stop_strings()) > MAX_STOP_STRINGS:
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed")
         if any(s == "" for s in self.stop_strings()):
@@ -113,7 +121,14 @@ class _SamplingRequest(StructuredOutputFields):
             raise ValueError("min_tokens must not exceed max_tokens")
         if self.resume is not None and not self.stream:
             raise ValueError("resume needs stream true")
+        if self.n > 1 and (self.resume is not None or self.kv_transfer_params):
+            raise ValueError("n > 1 cannot be combined with kv_transfer_params or resume")
         return self
+
+    def logit_bias_ids(self) -> dict[int, float]:
+        """logit_bias with its keys as token ids (range-checked against the vocabulary by
+        the server, which knows it)."""
+        return {int(key): bias for key, bias in (self.logit_bias or {}).items()}
 
     def stop_strings(self) -> list[str]:
         if self.stop is None:
@@ -143,37 +158,48 @@ class _SamplingRequest(StructuredOutputFields):
             ignore_eos=self.ignore_eos,
             min_tokens=self.min_tokens,
             logprobs=self.num_logprobs(),
+            logit_bias=self.logit_bias_ids() or None,
         )
 
 
 class CompletionRequest(_SamplingRequest):
-    """POST /v1/completions. `prompt` is text or token ids; one prompt per request."""
+    """POST /v1/completions. `prompt` is text or token ids, or a batch of up to MAX_PROMPTS
+    of either; each prompt gets `n` choices, indexed prompt-major."""
 
-    prompt: Text | Prompts | TokenIds | Annotated[list[TokenIds], Field(max_length=MAX_PROMPTS)]
+    prompt: Text | TokenIds | Annotated[list[Text], Field(max_length=MAX_PROMPTS)] \
+        | Annotated[list[TokenIds], Field(max_length=MAX_PROMPTS)]
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
-    best_of: int | None = Field(None, ge=1, le=MAX_INT)
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
     suffix: Text | None = None
 
     @model_validator(mode="after")
-    def _one_prompt(self) -> CompletionRequest:
-        p = self.prompt
-        if isinstance(p, list) and p and isinstance(p[0], (str, list)) and len(p) != 1:
-            raise ValueError("only one prompt per request is supported")
-        if self.echo:
-            raise ValueError("echo is not supported")
-        if self.best_of not in (None, 1):
-            raise ValueError("best_of > 1 is not supported")
+    def _check_completion_fields(self) -> CompletionRequest:
+        prompts = self.prompts()
+        if not prompts:
+            raise ValueError("prompt must not be an empty list")
+        if len(prompts) * self.n > MAX_CHOICES:
+            raise ValueError(f"at most {MAX_CHOICES} choices (prompts x n) per request")
+        if len(prompts) > 1 and (self.resume is not None or self.kv_transfer_params):
+            raise ValueError("a batch of prompts cannot be combined with kv_transfer_params "
+                             "or resume")
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo with logprobs is not supported (prompt logprobs are not "
+                             "computed); drop one of them")
+        if self.echo and (self.resume is not None or self.kv_transfer_params):
+            raise ValueError("echo cannot be combined with kv_transfer_params or resume")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of is supported only equal to n (every choice returned)")
         if self.suffix:
             raise ValueError("suffix is not supported")
         return self
 
-    def single_prompt(self) -> str | list[int]:
-        """The prompt, unwrapped from a one-element batch."""
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, one per entry of a batch (a lone prompt is a batch of one)."""
         p = self.prompt
         if isinstance(p, list) and p and isinstance(p[0], (str, list)):
-            return p[0]
-        return p
+            return list(p)
+        return [p]
 
     def num_logprobs(self) -> int | None:
         return self.logprobs

@@ -59,9 +59,9 @@ class ResponseBuilder:
         top = [entry(t, v) for t, v in lp.top[: self.num_logprobs]]
         return {**entry(lp.token_id, lp.logprob), "top_logprobs": top}
 
-    def _choice(self, text: str, logprobs: dict | None, finish: str | None,
+    def _choice(self, index: int, text: str, logprobs: dict | None, finish: str | None,
                 stop_reason: str | int | None, streaming: bool) -> dict:
-        choice: dict = {"index": 0}
+        choice: dict = {"index": index}
         if self.chat:
             key = "delta" if streaming else "message"
             choice[key] = {"content": text} if streaming else {"role": "assistant",
@@ -78,15 +78,15 @@ class ResponseBuilder:
         return {"id": self.request_id, "object": obj, "created": self.created,
                 "model": self.model, "choices": choices}
 
-    def role_chunk(self) -> dict:
-        """The first chat chunk: it names the speaker before any content."""
-        body = self._envelope([{"index": 0, "delta": {"role": "assistant", "content": ""},
+    def role_chunk(self, index: int = 0) -> dict:
+        """A choice's first chat chunk: it names the speaker before any content."""
+        body = self._envelope([{"index": index, "delta": {"role": "assistant", "content": ""},
                                 "logprobs": None, "finish_reason": None}], True)
         return body
 
     def chunk(self, delta: Delta, text_offset: int, kv_transfer_params: dict | None,
-              include_usage: bool) -> dict:
-        choice = self._choice(delta.text, self.logprobs(delta.logprobs, text_offset),
+              include_usage: bool, index: int = 0) -> dict:
+        choice = self._choice(index, delta.text, self.logprobs(delta.logprobs, text_offset),
                               delta.finish_reason, delta.stop_reason, streaming=True)
         if self.token_ids:
             choice["token_ids"] = delta.token_ids
@@ -116,20 +116,24 @@ class ResponseBuilder:
     def usage_chunk(self, usage: dict) -> dict:
         return {**self._envelope([], True), "usage": usage}
 
-    def full(self, text: str, logprobs: list[TokenLogprob], finish: str | None,
-             stop_reason: str | int | None, usage: dict,
-             kv_transfer_params: dict | None, token_ids: list[int] | None = None,
-             tool_calls: list[dict] | None = None) -> dict:
-        """The non-streaming body; a chat reply that called tools carries `tool_calls` (and
-        content null if it said nothing else)."""
-        choice = self._choice(text, self.logprobs(logprobs), finish, stop_reason,
+    def full_choice(self, index: int, text: str, logprobs: list[TokenLogprob],
+                    finish: str | None, stop_reason: str | int | None,
+                    token_ids: list[int] | None = None,
+                    tool_calls: list[dict] | None = None) -> dict:
+        """One choice of the non-streaming body; a chat reply that called tools carries
+        `tool_calls` (and content null if it said nothing else)."""
+        choice = self._choice(index, text, self.logprobs(logprobs), finish, stop_reason,
                               streaming=False)
         if tool_calls:
             choice["message"]["tool_calls"] = tool_calls
             choice["message"]["content"] = text.strip() or None
         if self.token_ids:
             choice["token_ids"] = token_ids or []
-        body = {**self._envelope([choice], False), "usage": usage}
+        return choice
+
+    def full(self, choices: list[dict], usage: dict, kv_transfer_params: dict | None) -> dict:
+        """The non-streaming body of `full_choice`s."""
+        body = {**self._envelope(choices, False), "usage": usage}
         if kv_transfer_params is not None:
             body["kv_transfer_params"] = kv_transfer_params
         return body

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -15,6 +15,14 @@ from fastapi.responses import JSONResponse, Response
 from pdserve.engine.grammar import GrammarSpec, check_grammar
 from pdserve.engine.outputs import EngineRequest
 from pdserve.event_stream import EventStream, sse
+from pdserve.server.choices import (
+    Choice,
+    cancel_all,
+    collect_all,
+    interleaved,
+    start_all,
+    usage,
+)
 from pdserve.server.engine_client import EngineClient
 from pdserve.server.errors import APIError, bad_request, engine_dead, model_not_found
 from pdserve.server.generation import Delta, Generation
@@ -28,6 +36,7 @@ from pdserve.server.prompts import (
     resolve_max_tokens,
 )
 from pdserve.server.protocol import ChatCompletionRequest, CompletionRequest
+from pdserve.server.request_log import RequestLog
 from pdserve.server.responses import ResponseBuilder
 from pdserve.server.structured_protocol import FieldError
 from pdserve.server.tool_calls import ToolCallExtractor
@@ -45,6 +54,7 @@ class ServerState:
     served_model_name: str
     metrics: ServerMetrics
     tool_parser: ParserName = "hermes"  # the format of tool calls in the model's text
+    request_log: RequestLog | None = None  # --log-requests
 
     def cache_tokens(self) -> int:
         """Tokens the whole KV cache holds (0 = not known yet)."""
@@ -63,38 +73,82 @@ async def serve(
     internal = getattr(request.state, "internal", False)  # AuthMiddleware verified its MAC
     if req.resume is not None and not internal:
         raise bad_request("resume is an internal field: only the router may send it", "resume")
+    response_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     # chat templating and tokenization are CPU work (seconds for a huge prompt): off the loop
-    engine_req = await asyncio.to_thread(_checked_engine_request, st, req, chat)
-    # a hand-off only from the deployment (a 400 otherwise): trust-http marks internal calls
-    engine_req.handoff = accept_handoff(req.kv_transfer_params, engine_req.prompt_token_ids,
-                                        st.client.args, internal, st.client.info.vocab_size)
-    gen = Generation(st.client, st.metrics, st.tokenizer, engine_req, req.stop_strings(),
-                     req.include_stop_str_in_output, req.skip_special_tokens,
-                     resume_text_chars=req.resume.text_chars if req.resume else 0,
-                     max_tokens_param=req.max_tokens)
-    builder = ResponseBuilder(chat, engine_req.request_id, st.served_model_name, st.tokenizer,
+    choices = await asyncio.to_thread(_choices, st, req, chat, response_id)
+    if len(choices) == 1:  # n > 1 and batches refuse kv_transfer_params (protocol.py)
+        # a hand-off only from the deployment (a 400 otherwise): trust-http marks internal calls
+        engine_req = choices[0].gen.request
+        engine_req.handoff = accept_handoff(req.kv_transfer_params, engine_req.prompt_token_ids,
+                                            st.client.args, internal,
+                                            st.client.info.vocab_size)
+    builder = ResponseBuilder(chat, response_id, st.served_model_name, st.tokenizer,
                               req.num_logprobs(), req.return_tokens_as_token_ids,
                               token_ids=req.return_token_ids)
     tools = _tool_extractor(req, st.tool_parser)
     if req.stream:
-        await gen.start()  # before the headers: a request the engine refuses gets a 400
-        # the generation is aborted however the response ends (a no-op once it finished)
-        return EventStream(_stream(request, gen, builder, req.include_usage(), tools),
-                           gen.cancel)
-    return await _complete(request, gen, builder, tools)
+        await start_all(choices)  # before the headers: a request the engine refuses gets a 400
+        # the generations are aborted however the response ends (a no-op once they finished)
+        return EventStream(_stream(request, choices, builder, req.include_usage(), tools),
+                           cancel_all(choices))
+    return await _complete(request, choices, builder, tools)
 
 
-def _engine_request(
-    st: ServerState, req: CompletionRequest | ChatCompletionRequest, chat: bool
-) -> EngineRequest:
-    """Tokenize and check the prompt, settle max_tokens, and build the engine's request."""
+def _choices(st: ServerState, req: CompletionRequest | ChatCompletionRequest, chat: bool,
+             response_id: str) -> list[Choice]:
+    """One Choice per (prompt, i < n), prompt-major; siblings share their prompt's prefill
+    and draw with seed + i, so that seeded choices differ."""
     if chat:
         _check_tools(req)
         tools = req.tool_dicts() if req.tool_mode() != "none" else None
-        prompt_ids = chat_prompt_ids(st.tokenizer, req.messages, req.add_generation_prompt,
-                                     tools=tools, parser=st.tool_parser)
+        if tools and req.n > 1:  # tool calls are parsed out of one reply
+            raise bad_request("n > 1 cannot be combined with tools", "n")
+        prompts = [chat_prompt_ids(st.tokenizer, req.messages, req.add_generation_prompt,
+                                   tools=tools, parser=st.tool_parser)]
+        texts = [""]
+        given = [[{"role": m.role, "content": m.text()} for m in req.messages]]
     else:
-        prompt_ids = completion_prompt_ids(st.tokenizer, req.single_prompt())
+        given = req.prompts()
+        prompts = [completion_prompt_ids(st.tokenizer, p) for p in given]
+        texts = [_echo_text(st.tokenizer, p) if req.echo else "" for p in given]
+    check_token_ids(list(req.logit_bias_ids()), st.client.info.vocab_size, "logit_bias")
+    single = len(prompts) * req.n == 1
+    choices = []
+    for p, (prompt_ids, echo) in enumerate(zip(prompts, texts)):
+        leader = None
+        for i in range(req.n):
+            index = p * req.n + i
+            engine_req = _checked_engine_request(
+                st, req, prompt_ids, response_id if single else f"{response_id}-{index}")
+            if i:
+                engine_req.prefill_after = leader
+                if req.seed is not None:
+                    engine_req.params = replace(engine_req.params, seed=req.seed + i)
+            else:
+                leader = engine_req.request_id
+                if st.request_log is not None:
+                    st.request_log.request(leader, given[p], prompt_ids, engine_req.params,
+                                           req.n)
+            gen = Generation(st.client, st.metrics, st.tokenizer, engine_req,
+                             req.stop_strings(), req.include_stop_str_in_output,
+                             req.skip_special_tokens,
+                             resume_text_chars=req.resume.text_chars if req.resume else 0,
+                             max_tokens_param=req.max_tokens, n_param=0 if i else req.n)
+            choices.append(Choice(index, gen, echo, first_of_prompt=i == 0))
+    return choices
+
+
+def _echo_text(tokenizer, prompt: str | list[int]) -> str:
+    """The prompt as echo returns it: the client's text, or its token ids' text."""
+    return prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
+
+
+def _engine_request(
+    st: ServerState, req: CompletionRequest | ChatCompletionRequest, prompt_ids: list[int],
+    request_id: str,
+) -> EngineRequest:
+    """Check the prompt, settle max_tokens, and build the engine's request."""
+    chat = isinstance(req, ChatCompletionRequest)
     info = st.client.info
     default = None if chat else COMPLETIONS_DEFAULT_MAX_TOKENS
     max_tokens = resolve_max_tokens(prompt_ids, req.max_tokens, default, info.vocab_size,
@@ -110,20 +164,20 @@ def _engine_request(
     if len(resumed) >= max_tokens:
         raise bad_request("resume.token_ids must leave a token to generate", "resume")
     check_token_ids(resumed, info.vocab_size, "resume")
-    request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     params = req.sampling_params(max_tokens)
     params.grammar = checked_grammar(req)
     return EngineRequest(request_id, prompt_ids, params, output_token_ids=list(resumed))
 
 
 def _checked_engine_request(
-    st: ServerState, req: CompletionRequest | ChatCompletionRequest, chat: bool
+    st: ServerState, req: CompletionRequest | ChatCompletionRequest, prompt_ids: list[int],
+    request_id: str,
 ) -> EngineRequest:
     """`_engine_request`, and on a router's prefill request the check D will make of the
     client's max_tokens (P itself runs one token), so that the router hears it first."""
-    engine_req = _engine_request(st, req, chat)
+    engine_req = _engine_request(st, req, prompt_ids, request_id)
     if req.decode_max_tokens is not None:
-        prompt_ids, info = engine_req.prompt_token_ids, st.client.info
+        info = st.client.info
         resolve_max_tokens(prompt_ids, req.decode_max_tokens, None, info.vocab_size,
                            info.max_model_len)
         check_fits_cache(len(prompt_ids) + req.decode_max_tokens, st.cache_tokens())
@@ -172,13 +226,13 @@ def _tool_extractor(req, parser: ParserName) -> ToolCallExtractor | None:
 
 
 @asynccontextmanager
-async def _abort_on_disconnect(request: Request, gen: Generation):
-    """While inside, a client that disconnects aborts the generation (and frees its blocks)."""
+async def _abort_on_disconnect(request: Request, cancel: Callable[[], object]):
+    """While inside, a client that disconnects aborts the generations (and frees blocks)."""
 
     async def watch() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
-        gen.cancel()
+        cancel()
 
     watcher = asyncio.create_task(watch())
     try:
@@ -187,52 +241,56 @@ async def _abort_on_disconnect(request: Request, gen: Generation):
         watcher.cancel()
 
 
-async def _complete(request: Request, gen: Generation, builder: ResponseBuilder,
+async def _complete(request: Request, choices: list[Choice], builder: ResponseBuilder,
                     tools: ToolCallExtractor | None) -> Response:
-    """Run to the end, then answer with one body."""
-    text, logprobs, finish, stop_reason, token_ids = "", [], None, None, []
-    async with _abort_on_disconnect(request, gen):
-        await gen.start()
-        async for delta in gen.deltas():
-            text += delta.text
-            token_ids += delta.token_ids
-            logprobs.extend(delta.logprobs)
-            finish, stop_reason = delta.finish_reason, delta.stop_reason
-    if finish is None:  # the client left: nobody reads this
+    """Run every choice to its end, then answer with one body; with tools (one choice), the
+    reply's tool calls are taken out of its text."""
+    async with _abort_on_disconnect(request, cancel_all(choices)):
+        await start_all(choices)
+        results = await collect_all(choices)
+    if any(r.finish is None for r in results):  # the client left: nobody reads this
         return Response(status_code=499)
-    calls = None
-    if tools is not None:  # the reply's tool calls out of its text
-        text = tools.feed(text) + tools.finish()
-        finish, calls = tools.finish_reason(finish), [c.to_openai() for c in tools.calls]
-    body = builder.full(text, logprobs, finish, stop_reason, gen.usage(),
-                        gen.kv_transfer_params, token_ids, calls)
+    bodies = []
+    for c, r in zip(choices, results):
+        text, finish, calls = r.text, r.finish, None
+        if tools is not None:
+            text = tools.feed(text) + tools.finish()
+            finish, calls = tools.finish_reason(finish), [t.to_openai() for t in tools.calls]
+        bodies.append(builder.full_choice(c.index, text, r.logprobs, finish, r.stop_reason,
+                                          r.token_ids, calls))
+    body = builder.full(bodies, usage(choices),
+                        choices[0].gen.kv_transfer_params if len(choices) == 1 else None)
     return JSONResponse(body)
 
 
-async def _stream(request: Request, gen: Generation, builder: ResponseBuilder,
+async def _stream(request: Request, choices: list[Choice], builder: ResponseBuilder,
                   include_usage: bool, tools: ToolCallExtractor | None) -> AsyncIterator[str]:
-    """SSE events: chunks as tokens arrive, then usage if asked, then [DONE]."""
+    """SSE events: chunks as tokens arrive (any choice's), then usage if asked, then [DONE]."""
     if builder.chat:
-        first = builder.role_chunk()
-        if include_usage:
-            first["usage"] = None
-        yield sse(first)
-    offset = 0
-    async with _abort_on_disconnect(request, gen):
+        for c in choices:
+            first = builder.role_chunk(c.index)
+            if include_usage:
+                first["usage"] = None
+            yield sse(first)
+    offsets = {c.index: 0 for c in choices}
+    kv_params = (lambda: choices[0].gen.kv_transfer_params) if len(choices) == 1 else (
+        lambda: None)
+    async with _abort_on_disconnect(request, cancel_all(choices)):
         try:
-            async for delta in gen.deltas():
-                if tools is not None:
+            async for c, delta in interleaved(choices):
+                if tools is not None:  # one choice
                     for chunk in _tool_chunks(builder, tools, delta, include_usage):
                         yield sse(chunk)
                     continue
-                yield sse(builder.chunk(delta, offset, gen.kv_transfer_params, include_usage))
-                offset += len(delta.text)
+                yield sse(builder.chunk(delta, offsets[c.index], kv_params(), include_usage,
+                                        c.index))
+                offsets[c.index] += len(delta.text)
         except APIError as exc:  # the headers are sent: the error travels in the stream
             yield sse(exc.body())
             yield sse("[DONE]")
             return
     if include_usage:
-        yield sse(builder.usage_chunk(gen.usage()))
+        yield sse(builder.usage_chunk(usage(choices)))
     yield sse("[DONE]")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -97,6 +98,27 @@ def test_disaggregated_greedy_equals_transformers(prefill, decode, prompts, hf_s
     assert prefill.stats().num_leases == 0
     assert prefill.stats().num_free_blocks == prefill.num_blocks
     assert decode.stats().num_free_blocks == decode.num_blocks
+
+
+def test_seeded_sampling_continues_on_decode_as_colocated(prefill, decode, prompts):
+    """P draws the first token, D the rest: the same text as one engine drawing them all,
+    because a seeded draw is a function of (seed, prompt, position) alone."""
+    params = SamplingParams(max_tokens=NUM_TOKENS, temperature=1.0, top_k=40, seed=42,
+                            ignore_eos=True)
+    colocated = engine("colocated")
+    try:
+        for i, prompt in enumerate(prompts):
+            whole = [t for o in run(colocated, EngineRequest(f"c{i}", prompt, params))
+                     for t in o.new_token_ids]
+            first = replace(params, max_tokens=1)
+            [p_out] = run(prefill, EngineRequest(f"ps{i}", prompt, first,
+                                                 handoff=HoldForDecode()))
+            ktp = wire(p_out)
+            outs = run(decode, EngineRequest(f"ds{i}", prompt, params,
+                                             handoff=remote_prefill(ktp)))
+            assert [ktp["first_token_id"]] + [t for o in outs for t in o.new_token_ids] == whole
+    finally:
+        colocated.close()
 
 
 def test_tcp_transport_gives_the_same_tokens(prefill, prompts, hf_smollm2):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -170,3 +172,18 @@ def test_the_profiled_step_splits_prompts_at_the_model_length():
     assert profile_seq_lens(8192, 10240) == [8192]
     assert profile_seq_lens(8192, 1536) == [1536] * 5 + [512]
     assert profile_seq_lens(4096, 2048) == [2048, 2048]
+
+
+def test_sibling_choices_compute_their_prompt_once(prompt_ids):
+    """n > 1: the siblings wait for the first choice's prefill and hit its blocks, so the
+    shared prompt is computed once (only the last partial block again per sibling)."""
+    e = make_engine()
+    prompt = prompt_ids[1] * 3
+    params = SamplingParams(max_tokens=4, temperature=1.0, ignore_eos=True)
+    reqs = [EngineRequest("x-0", prompt, params)] + [
+        EngineRequest(f"x-{i}", prompt, replace(params, seed=i), prefill_after="x-0")
+        for i in (1, 2)]
+    out = e.generate(reqs)
+    assert all(len(out[r.request_id]) == 4 for r in reqs)
+    reusable = (len(prompt) - 1) // 16 * 16
+    assert e.pool.cache_hits == 2 * reusable
