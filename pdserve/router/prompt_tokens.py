@@ -50,9 +50,13 @@ class PromptTokenizer:
         try:
             if chat:
                 req = ChatCompletionRequest.model_validate(body)
+                if req.tool_mode() != "none":
+                    return None  # the instance adds the tools in its parser's words
                 return chat_prompt_ids(self.tokenizer, req.messages, req.add_generation_prompt)
-            prompt = CompletionRequest.model_validate(body).single_prompt()
-            return completion_prompt_ids(self.tokenizer, prompt)
+            prompts = CompletionRequest.model_validate(body).prompts()
+            if len(prompts) != 1:
+                return None  # a batch: served whole, each prompt where it lands
+            return completion_prompt_ids(self.tokenizer, prompts[0])
         except (APIError, ValidationError, ValueError, TypeError):
             return None  # the instance refuses it with the right 4xx; route it by load
         except Exception:  # whatever else a tokenizer raises: never fail routing over it
