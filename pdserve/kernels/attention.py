@@ -70,13 +70,22 @@ def torch_paged_attention(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    """Reference paged attention in PyTorch: write K/V, then attend sequence by sequence."""
+    """Reference paged attention in PyTorch: write K/V, then attend: the one-token (decode)
+    sequences in one batched call, each prefill chunk on its own."""
     write_kv(k, v, kv_cache, meta.slot_mapping)
     out = torch.empty_like(q)
-    start = 0
+    starts = [0]
+    for q_len in meta.query_lens_cpu:
+        starts.append(starts[-1] + q_len)
+    decodes = [i for i, q_len in enumerate(meta.query_lens_cpu) if q_len == 1]
+    if len(decodes) > 1:
+        _batched_decode(q, kv_cache, meta, scale, decodes, starts, out)
+    else:
+        decodes = []
     for i, (q_len, seq_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
-        if q_len == 0:
+        if q_len == 0 or (decodes and q_len == 1):
             continue
+        start = starts[i]
         keys, values = gather_kv(kv_cache, meta.block_tables[i], seq_len)
         qi = q[start : start + q_len].transpose(0, 1)  # [Hq, q_len, D]
         ki = keys.to(q.dtype).transpose(0, 1)  # [Hkv, seq_len, D]
@@ -90,8 +99,32 @@ def torch_paged_attention(
             qi, ki, vi, attn_mask=mask, scale=scale, enable_gqa=qi.shape[0] != ki.shape[0]
         )
         out[start : start + q_len] = o.transpose(0, 1)
-        start += q_len
     return out
+
+
+def _batched_decode(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                    scale: float, seqs: list[int], starts: list[int], out: torch.Tensor) -> None:
+    """One query each for sequences `seqs`, in one attention call over their keys padded to
+    the longest (a CPU step of 8 decodes made 8 x layers small calls: a third of its time)."""
+    block_size = kv_cache.shape[2]
+    lens = [meta.seq_lens_cpu[i] for i in seqs]
+    longest = max(lens)
+    index = torch.tensor(seqs, device=q.device)
+    tables = meta.block_tables.index_select(0, index)[:, : -(-longest // block_size)]
+    flat = tables.flatten().long()  # index_select: several times faster than cache[tables]
+
+    def gather(cache: torch.Tensor) -> torch.Tensor:  # [B, Hkv, longest, D]
+        blocks = cache.index_select(0, flat).view(len(seqs), -1, *cache.shape[2:])  # [B, n, H, D]
+        return blocks[:, :longest].to(q.dtype).transpose(1, 2)
+
+    keys, values = gather(kv_cache[0]), gather(kv_cache[1])
+    rows = torch.tensor([starts[i] for i in seqs], device=q.device)
+    queries = q.index_select(0, rows).unsqueeze(2)  # [B, Hq, 1, D]
+    visible = torch.arange(longest, device=q.device)[None, :] < torch.tensor(
+        lens, device=q.device)[:, None]  # [B, L]: each sequence's own keys
+    o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=visible[:, None, None],
+                                       scale=scale, enable_gqa=queries.shape[1] != keys.shape[1])
+    out.index_copy_(0, rows, o.squeeze(2))
 
 
 def paged_attention(
