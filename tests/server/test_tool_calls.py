@@ -160,6 +160,7 @@ def test_past_calls_and_tool_results_are_in_the_prompt(tokenizer):
       "tool_choice": "required"}, "tools"),
     ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}},
      None),
+    ({"tools": TOOLS, "n": 2}, "n"),  # calls are parsed out of one reply
 ])
 def test_bad_tools_are_a_400(client, fields, param):
     resp = client.post("/v1/chat/completions", json={
