@@ -13,6 +13,7 @@ the reference for the Triton kernels) and the dispatcher between the two.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -74,16 +75,13 @@ def torch_paged_attention(
     sequences in one batched call, each prefill chunk on its own."""
     write_kv(k, v, kv_cache, meta.slot_mapping)
     out = torch.empty_like(q)
-    starts = [0]
-    for q_len in meta.query_lens_cpu:
-        starts.append(starts[-1] + q_len)
+    starts = [0, *itertools.accumulate(meta.query_lens_cpu)]
     decodes = [i for i, q_len in enumerate(meta.query_lens_cpu) if q_len == 1]
-    if len(decodes) > 1:
+    batched = len(decodes) > 1  # one decode gains nothing from the padded batch
+    if batched:
         _batched_decode(q, kv_cache, meta, scale, decodes, starts, out)
-    else:
-        decodes = []
     for i, (q_len, seq_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
-        if q_len == 0 or (decodes and q_len == 1):
+        if q_len == 0 or (batched and q_len == 1):
             continue
         start = starts[i]
         keys, values = gather_kv(kv_cache, meta.block_tables[i], seq_len)
