@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.router.cluster import Proc, start_instance, wait_healthy
+from tests.router.cluster import Proc, start_instance, start_router, wait_healthy
 
 INSTANCE_FLAGS = ("--max-num-seqs", "128", "--kv-cache-memory", "256MiB")
 
@@ -31,6 +31,17 @@ class Fleet:
 
     def alive(self) -> list[Proc]:
         return [p for p in self.all() if p.proc.poll() is None]
+
+    def layout(self, name: str) -> dict[str, list[Proc]]:
+        """`start_router`'s instances for a layout of this fleet: colocated, 1P1D, 2P1D, 1P2D."""
+        return {"colocated": {"colocated": [self.c0]},
+                "1P1D": {"prefill": [self.p0], "decode": [self.d0]},
+                "2P1D": {"prefill": [self.p0, self.p1], "decode": [self.d0]},
+                "1P2D": {"prefill": [self.p0], "decode": [self.d0, self.d1]}}[name]
+
+    def routers(self, tmp, names: tuple[str, ...]) -> dict[str, Proc]:
+        """A router in front of each named layout of this fleet (stop them when done)."""
+        return {name: start_router(tmp, **self.layout(name)) for name in names}
 
 
 @pytest.fixture(scope="package")

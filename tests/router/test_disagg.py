@@ -11,7 +11,6 @@ from tests.router.cluster import (
     GREEDY,
     metric,
     sse_events,
-    start_router,
     stream_text,
     wait_all_free,
 )
@@ -60,11 +59,7 @@ def reference(fleet) -> dict:
 
 @pytest.fixture(scope="module")
 def routers(fleet, routers_tmp):
-    made = {
-        "1P1D": start_router(routers_tmp, prefill=[fleet.p0], decode=[fleet.d0]),
-        "2P1D": start_router(routers_tmp, prefill=[fleet.p0, fleet.p1], decode=[fleet.d0]),
-        "1P2D": start_router(routers_tmp, prefill=[fleet.p0], decode=[fleet.d0, fleet.d1]),
-    }
+    made = fleet.routers(routers_tmp, ("1P1D", "2P1D", "1P2D"))
     yield made
     for r in made.values():
         r.stop()

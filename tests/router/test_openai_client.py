@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from pdserve.models.gguf_file import EMBEDDED_NAME as MODEL
-from tests.router.cluster import metric, start_router
+from tests.router.cluster import metric
 
 MAX_TOKENS = 8
 BLOCK_SIZE = 16  # the instances' default --block-size
@@ -29,12 +29,7 @@ LAYOUTS = ["1P1D", "2P1D", "1P2D"]
 
 @pytest.fixture(scope="module")
 def routers(fleet, routers_tmp):
-    made = {
-        "colocated": start_router(routers_tmp, colocated=[fleet.c0]),
-        "1P1D": start_router(routers_tmp, prefill=[fleet.p0], decode=[fleet.d0]),
-        "2P1D": start_router(routers_tmp, prefill=[fleet.p0, fleet.p1], decode=[fleet.d0]),
-        "1P2D": start_router(routers_tmp, prefill=[fleet.p0], decode=[fleet.d0, fleet.d1]),
-    }
+    made = fleet.routers(routers_tmp, ("colocated", *LAYOUTS))
     yield made
     for r in made.values():
         r.stop()
