@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pdserve.engine.grammar import RequestGrammar
 from pdserve.engine.handoff import KVHandoff
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.multimodal import ImageInput
 
 
 class RequestStatus(enum.Enum):
@@ -58,6 +59,7 @@ class Request:
     scheduled_time: float = 0.0  # monotonic, first time it was scheduled (0: not yet)
     first_token_time: float = 0.0  # monotonic, its first token sampled here (0: not yet)
     grammar: RequestGrammar | None = None  # structured output: its matcher, one token behind
+    images: list[ImageInput] = field(default_factory=list)  # in prompt order (multimodal.py)
 
     @property
     def num_prompt_tokens(self) -> int:
