@@ -31,14 +31,21 @@ class _RegistryCollector(Collector):
         rate = GaugeMetricFamily("pdserve_router:instance_prefill_rate",
                                  "Prompt tokens/s measured on prefills that ran alone there "
                                  "(absent until measured).", labels=["url", "role"])
+        hop = GaugeMetricFamily("pdserve_router:instance_hop_seconds",
+                                "Decode instances: seconds from handing them a prefilled "
+                                "request to its next token, measured on streams (EWMA).",
+                                labels=["url", "role"])
         for inst in self._get_registry().all():
             healthy.add_metric([inst.url, inst.role], float(inst.healthy))
+            if inst.hop_s is not None:
+                hop.add_metric([inst.url, inst.role], inst.hop_s)
             load.add_metric([inst.url, inst.role], float(inst.outstanding_tokens))
             if inst.prefill_rate is not None:
                 rate.add_metric([inst.url, inst.role], inst.prefill_rate)
         yield healthy
         yield load
         yield rate
+        yield hop
 
 
 class RouterMetrics:

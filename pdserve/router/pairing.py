@@ -23,10 +23,13 @@ def least_loaded(candidates: Iterable[Instance], exclude: Container[str] = froze
 
 class Charge:
     """`tokens` counted against an instance while a request to it is in flight, and
-    `prefill` (uncached prompt tokens) until its first token is back."""
+    `prefill` (uncached prompt tokens) until its first token is back. A `handoff` is D's
+    part of a disaggregated request: the time to its first token is the hop."""
 
-    def __init__(self, inst: Instance, tokens: int, prefill: int = 0) -> None:
+    def __init__(self, inst: Instance, tokens: int, prefill: int = 0,
+                 handoff: bool = False) -> None:
         self.inst, self.tokens, self.prefill, self.released = inst, tokens, prefill, False
+        self.handoff = handoff
         self.alone = inst.queued_prefill_tokens == 0  # its prefill time measures the rate
         self.started = time.monotonic()
         inst.outstanding_tokens += tokens
@@ -34,7 +37,11 @@ class Charge:
         inst.in_flight += 1
 
     def first_token(self) -> None:
-        """The prefill is done: its tokens leave the queue, and time it if it ran alone."""
+        """The prefill is done: its tokens leave the queue, and time it if it ran alone (or
+        time D's hop)."""
+        if self.handoff:
+            self.handoff = False
+            self.inst.observe_hop(time.monotonic() - self.started)
         if self.prefill:
             self.inst.queued_prefill_tokens -= self.prefill
             if self.alone:

@@ -17,7 +17,7 @@ from typing import Literal, Protocol
 Stage = Literal["whole", "prefill", "decode"]
 ANY_ROLE = ("decode", "colocated", "prefill")  # whole on one instance: decode ones first
 DEFAULT_PREFILL_RATE = 2000.0  # prompt tokens/s assumed until an instance has been measured
-DEFAULT_HOP_S = 0.05  # what a P -> D hand-off costs beyond the prefill (an extra round trip)
+DEFAULT_HOP_S = 0.05  # what a P -> D hand-off costs beyond the prefill, until one D measured it
 
 
 @dataclass(frozen=True)
@@ -33,9 +33,13 @@ class InstanceView:
     running: int = 0
     kv_usage: float = 0.0
     prefill_rate: float | None = None  # measured prompt tokens/s (None: not yet)
+    hop_s: float | None = None  # measured: D's open of a handed-off stream to its first token
 
     def rate(self) -> float:
         return self.prefill_rate or DEFAULT_PREFILL_RATE
+
+    def hop(self, default: float = DEFAULT_HOP_S) -> float:
+        return default if self.hop_s is None else self.hop_s
 
 
 @dataclass(frozen=True)
@@ -159,21 +163,32 @@ class MinPromptSplit:
 
 @dataclass
 class ConditionalSplit:
-    """Whole on D when the part of the prompt D lacks is small (its prefill on D costs less
-    than the hop: fewer than D's rate x `hop_s` tokens), or when P's queue would delay the
-    first token longer than that prefill would stall D's decodes; else P then D."""
+    """Whole on D, or P then D, from what each costs (all in seconds, from measured rates):
+
+    - the stall: D's running decodes wait while D prefills the part of the prompt it lacks;
+    - the hop: what handing a request from P to D costs it (D's measured time from the
+      hand-off to its first token; `hop_s` until this D has been measured);
+    - the two predicted times to first token: P's queue plus P's prefill, against D's.
+
+    Whole on D when the stall is shorter than the hop (`small_uncached`), when D runs no
+    decodes to stall and would answer no later than P (`idle_decode`), or when waiting for P
+    costs this request more than prefilling on D costs D's decodes (`prefill_queue`);
+    otherwise P then D (`long_uncached`)."""
 
     hop_s: float = DEFAULT_HOP_S
     min_prompt_tokens: int = 0  # a floor kept from --pd-min-prompt-tokens
 
     def split(self, request: RequestView, p: InstanceView, d: InstanceView
               ) -> tuple[bool, str]:
-        uncached_d = request.uncached_on(d.url)
         if request.prompt_tokens < self.min_prompt_tokens:
             return False, "short_prompt"
-        if uncached_d < d.rate() * self.hop_s:
+        stall = request.uncached_on(d.url) / d.rate()
+        if stall < d.hop(self.hop_s):
             return False, "small_uncached"
-        if p.queued_prefill_tokens / p.rate() > uncached_d / d.rate():
+        ttft_p, ttft_d = predicted_ttft(request, p), predicted_ttft(request, d)
+        if d.running == 0 and ttft_d <= ttft_p:
+            return False, "idle_decode"
+        if ttft_p - ttft_d > stall:
             return False, "prefill_queue"
         return True, "long_uncached"
 

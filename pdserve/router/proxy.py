@@ -465,7 +465,7 @@ class Router:
         tried: set[str] = set()
         while True:
             inst = self._pick(("decode",), tried, load, "decode")
-            charge = Charge(inst, load.prompt + load.max_tokens)
+            charge = Charge(inst, load.prompt + load.max_tokens, handoff=True)
             try:
                 return Attempt(inst, await self.upstream.open_stream(inst, path, d_body),
                                charge)

@@ -27,6 +27,7 @@ class Instance:
     running: int = 0
     kv_usage: float = 0.0
     prefill_rate: float | None = None  # prompt tokens/s, measured on prefills that ran alone
+    hop_s: float | None = None  # D: seconds from opening a handed-off stream to its first token
     last_heartbeat: float = field(default_factory=time.monotonic)
     unhealthy_since: float | None = field(default_factory=time.monotonic)
 
@@ -45,11 +46,17 @@ class Instance:
         old = self.prefill_rate
         self.prefill_rate = rate if old is None else old + RATE_EWMA * (rate - old)
 
+    def observe_hop(self, seconds: float) -> None:
+        """D took `seconds` from being handed a prefilled request to its first token."""
+        if seconds > 0:
+            old = self.hop_s
+            self.hop_s = seconds if old is None else old + RATE_EWMA * (seconds - old)
+
     def view(self) -> InstanceView:
         """What a routing policy sees of it."""
         return InstanceView(self.url, self.roles, self.outstanding_tokens,
                             self.queued_prefill_tokens, self.in_flight, self.waiting,
-                            self.running, self.kv_usage, self.prefill_rate)
+                            self.running, self.kv_usage, self.prefill_rate, self.hop_s)
 
     @property
     def role(self) -> str:
@@ -59,7 +66,8 @@ class Instance:
     def to_json(self) -> dict:
         return {"url": self.url, "role": self.role, "static": self.static,
                 "healthy": self.healthy, "outstanding_tokens": self.outstanding_tokens,
-                "in_flight": self.in_flight, "prefill_rate": self.prefill_rate}
+                "in_flight": self.in_flight, "prefill_rate": self.prefill_rate,
+                "hop_s": self.hop_s}
 
 
 def normalize_url(url: str) -> str:

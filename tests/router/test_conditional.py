@@ -7,7 +7,14 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.router.cluster import GREEDY, metric, sse_events, start_router, stream_text
+from tests.router.cluster import (
+    GREEDY,
+    internal,
+    metric,
+    sse_events,
+    start_router,
+    stream_text,
+)
 
 MIN_PROMPT_TOKENS = 32  # the router estimates about 4 characters a token
 SHORT = "Hi there"
@@ -77,3 +84,16 @@ def test_short_chat_stream_skips_prefill(fleet, router):
     assert stream_text(events, chat=True) == want
     assert events[-1] == "[DONE]"
     assert prompt_tokens(fleet.p0) == p_before
+
+
+def test_a_streamed_handoff_measures_the_decode_instance_hop(fleet, router):
+    body = {"prompt": LONG, "max_tokens": 4, "stream": True, **GREEDY}
+    with httpx.stream("POST", router.url + "/v1/completions", json=body, timeout=300) as resp:
+        assert resp.status_code == 200
+        sse_events(resp)
+    hop = metric(router.url, "pdserve_router:instance_hop_seconds", role="decode")
+    assert 0 < hop < 60  # D's pull and first step, measured by the router
+    listed = internal("GET", router.url, "/instances").json()["instances"]
+    by_url = {i["url"]: i for i in listed}
+    assert by_url[fleet.d0.url]["hop_s"] == pytest.approx(hop)
+    assert by_url[fleet.p0.url]["hop_s"] is None  # only a D is handed requests

@@ -93,26 +93,40 @@ def test_one_token_is_served_by_prefill_alone():
 
 
 @pytest.mark.parametrize("prompt,cached,p_queue,want", [
-    (40, 0, 0, ("whole_on_decode", "small_uncached")),  # 40 tokens < 1000/s x 50 ms
+    (40, 0, 0, ("whole_on_decode", "small_uncached")),  # 40 ms on D < the 50 ms hop
     (4000, 3980, 0, ("whole_on_decode", "small_uncached")),  # D holds all but 20
-    (4000, 0, 8000, ("whole_on_decode", "prefill_queue")),  # 8 s on P > 4 s on D
+    (4000, 0, 9000, ("whole_on_decode", "prefill_queue")),  # 13 s on P - 4 s on D > 4 s stall
     (4000, 0, 1000, ("disagg", "long_uncached")),
 ])
 def test_conditional_split_weighs_uncached_tokens_and_prefill_queue(prompt, cached, p_queue,
                                                                      want):
     policy = make_policy("conditional")
-    views = [inst("http://p", "prefill", queued_prefill_tokens=p_queue), inst(A, "decode")]
+    views = [inst("http://p", "prefill", queued_prefill_tokens=p_queue),
+             inst(A, "decode", running=4)]
     d = policy.decide(RequestView(prompt, cached={A: cached}), views)
     assert (d.kind, d.reason) == want
     assert d.decode == A if d.disaggregated else d.whole == A
 
 
-def test_conditional_threshold_follows_the_measured_rate():
+def test_conditional_threshold_follows_the_measured_rate_and_hop():
     split = ConditionalSplit(hop_s=0.05)
     p = inst("http://p", "prefill")
-    fast = InstanceView(A, ("decode",), prefill_rate=10_000.0)  # 500 tokens cost < hop
+    fast = InstanceView(A, ("decode",), running=1, prefill_rate=10_000.0)  # 400: 40 ms < hop
     assert split.split(RequestView(400), p, fast) == (False, "small_uncached")
-    assert split.split(RequestView(400), p, inst(A, "decode"))[0]
+    assert split.split(RequestView(400), p, inst(A, "decode", running=1))[0]  # 400 ms
+    slow_hop = inst(A, "decode", running=1, hop_s=0.5)  # measured: 400 ms < 500 ms
+    assert split.split(RequestView(400), p, slow_hop) == (False, "small_uncached")
+
+
+def test_conditional_serves_whole_on_an_idle_decode_that_answers_no_later():
+    split = ConditionalSplit(hop_s=0.05)
+    idle, busy = inst(A, "decode"), inst(A, "decode", running=2)
+    assert split.split(RequestView(4000), inst("http://p", "prefill"), idle) == (
+        False, "idle_decode")
+    assert split.split(RequestView(4000), inst("http://p", "prefill"), busy)[0]
+    # D idle but P holds most of the prompt: P answers sooner, so the hand-off wins
+    request = RequestView(4000, cached={"http://p": 3900})
+    assert split.split(request, inst("http://p", "prefill"), idle) == (True, "long_uncached")
 
 
 def test_fallback_serves_whole_on_any_role_decode_first():
