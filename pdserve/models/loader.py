@@ -103,8 +103,19 @@ def load_tokenizer(name: str | None) -> PreTrainedTokenizerBase:
     if source.kind == "hf":
         return folder_tokenizer(source.target)
     if source.kind == "preset":
-        return gguf_tokenizer(embedded_gguf_path())
+        config = preset_config(source.target)
+        return cover_vocabulary(gguf_tokenizer(embedded_gguf_path()), config.vocab_size)
     return gguf_tokenizer(Path(source.target))
+
+
+def cover_vocabulary(tokenizer: PreTrainedTokenizerBase, vocab_size: int
+                     ) -> PreTrainedTokenizerBase:
+    """`tokenizer` with a placeholder token `<|id_N|>` for every id N it lacks below
+    `vocab_size`. A preset's random weights sample such ids, and without a text they would
+    reach a stream as nothing: no event, and an inter-token gap of two or more steps."""
+    if vocab_size > len(tokenizer):
+        tokenizer.add_tokens([f"<|id_{i}|>" for i in range(len(tokenizer), vocab_size)])
+    return tokenizer
 
 
 @contextlib.contextmanager

@@ -75,3 +75,14 @@ def test_smollm2_random_weights_run_in_bfloat16(paged_cache):
     (logits,) = paged_cache(loaded.model).step([("a", [1, 2, 3, 4, 5, 6])])
     assert logits.shape == (6, 49152) and logits.dtype == torch.float32
     assert bool(torch.isfinite(logits).all()) and float(logits.std()) > 0
+
+
+def test_every_id_of_a_preset_decodes_to_text():
+    # random weights sample ids past the embedded tokenizer's 49,152: each must reach a
+    # stream as text, or a client sees gaps of several steps between tokens
+    tok = load_tokenizer("llama-3.1-8b")
+    assert len(tok) == model_config("llama-3.1-8b").vocab_size == 128256
+    assert tok.decode([128255]) == "<|id_128255|>"
+    assert tok.decode([49151, 49152]).endswith("<|id_49152|>")
+    assert tok.encode("Hello world", add_special_tokens=False) == \
+        load_tokenizer(None).encode("Hello world", add_special_tokens=False)
