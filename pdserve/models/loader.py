@@ -103,9 +103,17 @@ def load_tokenizer(name: str | None) -> PreTrainedTokenizerBase:
     if source.kind == "hf":
         return folder_tokenizer(source.target)
     if source.kind == "preset":
-        config = preset_config(source.target)
-        return cover_vocabulary(gguf_tokenizer(embedded_gguf_path()), config.vocab_size)
+        return gguf_tokenizer(embedded_gguf_path())
     return gguf_tokenizer(Path(source.target))
+
+
+def serving_tokenizer(model: str | None, tokenizer: str | None = None
+                      ) -> PreTrainedTokenizerBase:
+    """What a server of `model` detokenizes with: `tokenizer` (a folder or model) if given,
+    else the model's; for a preset, covering the preset's whole vocabulary."""
+    loaded = load_tokenizer(tokenizer or model)
+    config = preset_config(model) if model else None
+    return loaded if config is None else cover_vocabulary(loaded, config.vocab_size)
 
 
 def cover_vocabulary(tokenizer: PreTrainedTokenizerBase, vocab_size: int

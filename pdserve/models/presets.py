@@ -1,8 +1,9 @@
 """Real architectures to run with random weights: the exact configs of the published models.
 
 Presets use the embedded SmolLM2 tokenizer, whose 49,152 ids cover only part of these
-vocabularies: `load_tokenizer` gives every id beyond it a placeholder text (`<|id_N|>`), so
-that each sampled token reaches a streaming client as text. EOS ids are the real models' ids.
+vocabularies: a server (`serving_tokenizer`) gives every id beyond it a placeholder text
+(`<|id_N|>`), so that each sampled token reaches a streaming client as text. EOS ids are the
+real models' ids.
 """
 
 from __future__ import annotations

@@ -221,9 +221,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     def load_tokenizer():
-        from pdserve.models.loader import load_tokenizer
+        from pdserve.models.loader import serving_tokenizer
 
-        tokenizer = load_tokenizer(args.tokenizer or args.model)
+        tokenizer = serving_tokenizer(args.model, args.tokenizer)
         if template is not None:
             install_chat_template(tokenizer, template)
         return tokenizer

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from pdserve.models.loader import load_model, load_tokenizer, model_config
+from pdserve.models.loader import load_model, load_tokenizer, model_config, serving_tokenizer
 from pdserve.models.presets import PRESETS
 
 REQUIRED = ["llama-3.1-8b", "qwen2.5-7b", "qwen3-8b", "llama-3.1-70b", "smollm2-135m"]
@@ -80,7 +80,7 @@ def test_smollm2_random_weights_run_in_bfloat16(paged_cache):
 def test_every_id_of_a_preset_decodes_to_text():
     # random weights sample ids past the embedded tokenizer's 49,152: each must reach a
     # stream as text, or a client sees gaps of several steps between tokens
-    tok = load_tokenizer("llama-3.1-8b")
+    tok = serving_tokenizer("llama-3.1-8b")
     assert len(tok) == model_config("llama-3.1-8b").vocab_size == 128256
     assert tok.decode([128255]) == "<|id_128255|>"
     assert tok.decode([49151, 49152]).endswith("<|id_49152|>")
