@@ -23,6 +23,7 @@ from pdserve.engine.kv_caches import KVCaches
 from pdserve.engine.kv_connector import KVConnector
 from pdserve.engine.kv_manager import KVCacheManager
 from pdserve.engine.outputs import EngineRequest, EngineStats, RequestOutput, RequestTimes
+from pdserve.engine.prompt_images import PromptImages
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.runner import ModelRunner, profile_peak_activation_bytes
 from pdserve.engine.sampling_params import SamplingParams
@@ -280,6 +281,9 @@ class Engine:
         try:
             self.validate(req)
             grammar = self._request_grammar(req)
+            prompt_images = PromptImages.build(
+                req.prompt_token_ids, req.images, self.model_config.vision,
+                self.model_config.hidden_size, self.args.cache.block_size)
         except ValueError:
             self._release_refused(req)
             raise
@@ -294,6 +298,7 @@ class Engine:
         if isinstance(req.handoff, RemotePrefill):  # D: pull P's KV, go on after its token
             request.output_token_ids = [req.handoff.first_token_id]
         request.grammar = grammar
+        request.images, request.prompt_images = list(req.images), prompt_images
         if req.prefill_after is not None:  # n > 1: prefill the shared prompt once
             request.prefill_leader = self.requests.get(req.prefill_after)
         self.requests[req.request_id] = request
