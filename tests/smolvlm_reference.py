@@ -14,12 +14,16 @@ TILE = 32  # pixels a side: 8 x 8 patches of 4, pixel shuffle by 2 -> 16 rows a 
 ROWS_PER_TILE = 16
 
 
-def build_reference(folder: Path) -> torch.nn.Module:
-    """transformers' SmolVLMForConditionalGeneration with random weights, saved to `folder`."""
-    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+def build_reference(folder: Path, idefics3: bool = False) -> torch.nn.Module:
+    """transformers' SmolVLMForConditionalGeneration with random weights, saved to `folder`;
+    `idefics3`: its Idefics3 twin, the class SmolVLM v1 checkpoints (256M, 500M) name."""
+    import transformers
 
+    family = "Idefics3" if idefics3 else "SmolVLM"
+    config_class = getattr(transformers, f"{family}Config")
+    model_class = getattr(transformers, f"{family}ForConditionalGeneration")
     torch.manual_seed(0)
-    config = SmolVLMConfig(
+    config = config_class(
         text_config=dict(model_type="llama", vocab_size=VOCAB, hidden_size=64,
                          intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
@@ -27,7 +31,7 @@ def build_reference(folder: Path) -> torch.nn.Module:
         vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                            num_attention_heads=4, image_size=TILE, patch_size=4),
         scale_factor=2, image_token_id=IMAGE_TOKEN_ID)
-    model = SmolVLMForConditionalGeneration(config).float().eval()
+    model = model_class(config).float().eval()
     with torch.no_grad():  # norms away from 1 and biases away from 0: a swap would show
         for name, param in model.named_parameters():
             if "norm" in name and name.endswith("weight"):

@@ -8,7 +8,14 @@ import torch
 
 from pdserve.models.hf_folder import hf_folder_config
 from pdserve.models.loader import load_model, model_config
-from tests.smolvlm_reference import IMAGE_TOKEN_ID, TILE, image, prompt, reference_pixels
+from tests.smolvlm_reference import (
+    IMAGE_TOKEN_ID,
+    TILE,
+    build_reference,
+    image,
+    prompt,
+    reference_pixels,
+)
 
 TOLERANCE = 1e-4
 
@@ -73,6 +80,21 @@ def test_logits_match_transformers(pair, paged_cache, tiles):
     (logits,) = paged_cache(ours).step([("a", ids)], input_embeds=embeds)
     assert _rel_err(logits, expected) < TOLERANCE
     assert torch.equal(logits.argmax(-1), expected.argmax(-1))  # greedy tokens too
+
+
+def test_an_idefics3_checkpoint_loads_as_the_same_architecture(tmp_path, paged_cache):
+    reference = build_reference(tmp_path, idefics3=True)
+    ours = load_model(str(tmp_path), torch.float32, torch.device("cpu")).model
+    assert reference.config.model_type == "idefics3" and ours.config.architecture == "smolvlm"
+    images = [image(seed=5, tiles=2)]
+    ids = prompt(images)
+    with torch.no_grad():
+        expected = reference(torch.tensor([ids]),
+                             pixel_values=reference_pixels(images)).logits[0]
+        embeds = ours.embed_tokens(torch.tensor(ids))
+        embeds[torch.tensor(ids) == IMAGE_TOKEN_ID] = ours.embed_images(images[0].pixel_values)
+    (logits,) = paged_cache(ours).step([("a", ids)], input_embeds=embeds)
+    assert _rel_err(logits, expected) < TOLERANCE
 
 
 def test_images_change_the_logits(pair, paged_cache):
