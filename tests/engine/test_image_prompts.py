@@ -157,3 +157,14 @@ def _run(engine: Engine) -> dict[str, tuple[list[int], int]]:
             if out.finished:
                 result[out.request_id] = (tokens[out.request_id], out.num_cached_tokens)
     return result
+
+
+def test_preempted_image_prompts_recompute_their_rows(tiny_smolvlm):
+    reference, folder = tiny_smolvlm
+    cases = [_case("1-image", seed=s, text=8) for s in range(3)]  # 48 + 6 tokens: 4 blocks
+    engine = Engine(EngineArgs(model=folder, device="cpu", cache=CacheConfig(
+        block_size=BLOCK, num_blocks=9, enable_prefix_caching=False)))
+    out = engine.generate([_request(f"r{i}", *case) for i, case in enumerate(cases)])
+    assert engine.stats().num_preemptions > 0
+    assert out == {f"r{i}": reference_greedy(reference, *case, NUM_TOKENS)
+                   for i, case in enumerate(cases)}
