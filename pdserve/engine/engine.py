@@ -97,7 +97,7 @@ class Engine:
     """One engine instance: model, KV cache, scheduler and sampler on one device."""
 
     def __init__(self, args: EngineArgs) -> None:
-        from pdserve.models.loader import load_model  # heavy: import when an engine is built
+        from pdserve.models.loader import load_model, model_config  # heavy: import here
 
         self.args = args
         args.require_deployment_secret()  # before minutes of model loading
@@ -111,6 +111,8 @@ class Engine:
         self.tp_workers: TPWorkers | None = None
         shares_gpus = False
         if tp > 1:
+            if model_config(args.model).vision is not None:  # before starting any worker
+                raise ValueError("vision-language models run with tensor_parallel_size 1 for now")
             spec = TPSpec(args.model, self.dtype, self.device.type, tp, seed=args.seed,
                           cpu_threads=torch.get_num_threads(),
                           max_model_len=args.scheduler.max_model_len,

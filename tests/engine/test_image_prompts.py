@@ -168,3 +168,21 @@ def test_preempted_image_prompts_recompute_their_rows(tiny_smolvlm):
     assert engine.stats().num_preemptions > 0
     assert out == {f"r{i}": reference_greedy(reference, *case, NUM_TOKENS)
                    for i, case in enumerate(cases)}
+
+
+def test_overlapped_steps_give_the_same_text(tiny_smolvlm, expected):
+    cache = CacheConfig(block_size=BLOCK, num_blocks=96)
+    engine = Engine(EngineArgs(model=tiny_smolvlm[1], device="cpu", cache=cache,
+                               scheduler=SchedulerConfig(max_num_batched_tokens=BLOCK),
+                               async_scheduling=True))  # depth 1, as on a GPU
+    assert engine.loop.depth == 1
+    assert engine.generate([_request(name, *_case(name)) for name in CASES]) == expected
+
+
+def test_vision_language_models_refuse_tensor_parallelism(tiny_smolvlm):
+    from pdserve.models.loader import load_model
+
+    with pytest.raises(ValueError, match="tensor_parallel_size 1"):
+        load_model(tiny_smolvlm[1], torch.float32, torch.device("cpu"), tp_rank=0, tp_size=2)
+    with pytest.raises(ValueError, match="tensor_parallel_size 1"):
+        Engine(EngineArgs(model=tiny_smolvlm[1], device="cpu", tensor_parallel_size=2))
