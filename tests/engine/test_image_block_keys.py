@@ -64,3 +64,30 @@ def test_rows_must_fill_the_image_tokens_exactly(rows):
     ids = [1, IMG, IMG, IMG, IMG, IMG, 2]
     with pytest.raises(ValueError):
         image_block_keys(image_token_positions(ids, IMG), BS, [(b"x", n) for n in rows])
+
+
+def test_the_router_index_counts_an_image_prompt_as_the_engine_hashes_it():
+    from pdserve.config import VisionConfig
+    from pdserve.engine.blocks import BlockPool
+    from pdserve.engine.kv_manager import KVCacheManager
+    from pdserve.engine.prompt_images import PromptImages
+    from pdserve.engine.request import Request
+    from pdserve.engine.sampling_params import SamplingParams
+    from pdserve.router.kv_index import KVIndex
+    from tests.smolvlm_reference import IMAGE_TOKEN_ID, image, prompt
+
+    vision = VisionConfig(hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                          image_size=32, patch_size=4, scale_factor=2,
+                          image_token_id=IMAGE_TOKEN_ID)
+    images = [image(seed=1), image(seed=2, tiles=2)]
+    ids = prompt(images, text=6)  # 6 + 16 + 6 + 32 + 6 = 66 tokens
+    request = Request("r", ids, SamplingParams())
+    request.prompt_images = PromptImages.build(ids, images, vision, 64, BS)
+    KVCacheManager(BlockPool(num_blocks=32, block_size=BS)).update_hashes(request)
+    index = KVIndex()
+    index.reset("http://p", BS, request.block_hashes)  # the engine published every block
+    keys = [(img.content_hash, img.num_tokens) for img in images]
+    assert index.cached_tokens(ids, IMAGE_TOKEN_ID, keys)["http://p"] == 64  # all usable
+    assert index.cached_tokens(ids)["http://p"] == 4  # token ids alone: the text before it
+    other = [keys[0], (b"other", 32)]
+    assert index.cached_tokens(ids, IMAGE_TOKEN_ID, other)["http://p"] == 28  # to image 1
