@@ -23,6 +23,7 @@ from pdserve.engine.kv_caches import KVCaches
 from pdserve.engine.kv_connector import KVConnector
 from pdserve.engine.kv_manager import KVCacheManager
 from pdserve.engine.outputs import EngineRequest, EngineStats, RequestOutput, RequestTimes
+from pdserve.engine.prompt_images import PromptImages
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.runner import ModelRunner, profile_peak_activation_bytes
 from pdserve.engine.sampling_params import SamplingParams
@@ -96,7 +97,7 @@ class Engine:
     """One engine instance: model, KV cache, scheduler and sampler on one device."""
 
     def __init__(self, args: EngineArgs) -> None:
-        from pdserve.models.loader import load_model  # heavy: import when an engine is built
+        from pdserve.models.loader import load_model, model_config  # heavy: import here
 
         self.args = args
         args.require_deployment_secret()  # before minutes of model loading
@@ -110,6 +111,8 @@ class Engine:
         self.tp_workers: TPWorkers | None = None
         shares_gpus = False
         if tp > 1:
+            if model_config(args.model).vision is not None:  # before starting any worker
+                raise ValueError("vision-language models run with tensor_parallel_size 1 for now")
             spec = TPSpec(args.model, self.dtype, self.device.type, tp, seed=args.seed,
                           cpu_threads=torch.get_num_threads(),
                           max_model_len=args.scheduler.max_model_len,
@@ -280,6 +283,9 @@ class Engine:
         try:
             self.validate(req)
             grammar = self._request_grammar(req)
+            prompt_images = PromptImages.build(
+                req.prompt_token_ids, req.images, self.model_config.vision,
+                self.model_config.hidden_size, self.args.cache.block_size)
         except ValueError:
             self._release_refused(req)
             raise
@@ -294,6 +300,7 @@ class Engine:
         if isinstance(req.handoff, RemotePrefill):  # D: pull P's KV, go on after its token
             request.output_token_ids = [req.handoff.first_token_id]
         request.grammar = grammar
+        request.images, request.prompt_images = list(req.images), prompt_images
         if req.prefill_after is not None:  # n > 1: prefill the shared prompt once
             request.prefill_leader = self.requests.get(req.prefill_after)
         self.requests[req.request_id] = request

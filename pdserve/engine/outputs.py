@@ -15,6 +15,7 @@ from pdserve.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from pdserve.engine.handoff import HeldPrefill, KVHandoff
+    from pdserve.multimodal import ImageInput  # torch: not for the server's light imports
 
 
 @dataclass
@@ -33,6 +34,8 @@ class EngineRequest:
     # one of n choices of one prompt: wait for this earlier sibling's prefill, then take
     # its prompt blocks from the prefix cache (the prompt is computed once, not n times)
     prefill_after: str | None = None
+    # a vision-language prompt's images, in the order of its image tokens (multimodal.py)
+    images: list[ImageInput] = field(default_factory=list)
 
 
 @dataclass
