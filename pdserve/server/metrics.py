@@ -178,6 +178,12 @@ class _EngineStatsCollector(Collector):
                                                        0))))
         hits = dict.fromkeys(CACHE_HIT_SOURCES, 0)
         hits.update(device=s.prefix_cache_hits, p2p=s.num_pulled_tokens)
+        if self._kv_consumer:
+            yield _labelled(CounterMetricFamily, "pdserve:kv_pulls_by_transport",
+                            "Decode side: KV pulls that moved blocks, by the transport chosen "
+                            "(cuda_ipc, host: same host; tcp: another host).", labels,
+                            "transport", {t: s.kv_pulls_by_transport.get(t, 0)
+                                          for t in KV_TRANSPORTS})
         yield _labelled(CounterMetricFamily, "pdserve:compilations_after_ready",
                         "Triton compiles, CUDA-graph captures and torch.compile graphs in the "
                         "engine process since it said ready (each stalled a step; should stay "
@@ -208,6 +214,9 @@ def _gauge(name: str, doc: str, labels: list[str], value: float) -> GaugeMetricF
     g = GaugeMetricFamily(name, doc, labels=LABELS)
     g.add_metric(labels, float(value))
     return g
+
+
+KV_TRANSPORTS = ("cuda_ipc", "host", "tcp")
 
 
 def _labelled(family_type: type, name: str, doc: str, labels: list[str], label: str,
