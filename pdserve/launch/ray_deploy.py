@@ -19,6 +19,7 @@ what is needed: placement, addresses, liveness.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -39,6 +40,7 @@ from pdserve.launch.ray_server import Placement, ServerActor, Started
 from pdserve.launch.ray_spec import RaySpec
 from pdserve.switches import env_name
 
+NAMESPACE = "pdserve"  # the actors' Ray namespace: `ray list actors` shows them by name
 STOP_GRACE_S = 15.0
 CALL_TIMEOUT_S = 30.0  # one call to an actor (it answers at once unless its node is gone)
 
@@ -71,6 +73,7 @@ class RayDeployment:
     creds: Credentials
     log_dir: str
     drain_timeout_s: float | None = None
+    deployment_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     servers: list[RayServer] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -115,7 +118,7 @@ class RayDeployment:
         """A placement group per server, then its actor in it; learn where each landed."""
         for s in self.servers:
             s.pg = placement_group([s.bundle], strategy="STRICT_PACK",
-                                   name=f"pdserve-{s.name}")
+                                   name=self.actor_name(s))
         for s in self.servers:
             try:
                 ray.get(s.pg.ready(), timeout=max(deadline - time.monotonic(), 1.0))
@@ -127,11 +130,15 @@ class RayDeployment:
         for s in self.servers:
             s.actor = actor_class.options(
                 num_cpus=s.bundle.get("CPU", 0), num_gpus=s.bundle.get("GPU", 0),
-                max_restarts=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
+                name=self.actor_name(s), namespace=NAMESPACE, max_restarts=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
                     s.pg, placement_group_bundle_index=0),
             ).remote(s.name, self.log_dir)
         for s in self.servers:
             s.placement = ray.get(s.actor.placement.remote(), timeout=CALL_TIMEOUT_S)
+
+    def actor_name(self, s: RayServer) -> str:
+        return f"pdserve-{self.deployment_id}-{s.name}"
 
     def _start(self, s: RayServer, host: str, port: int | None) -> None:
         # the secret travels as a call argument, into the child's environment only

@@ -87,7 +87,8 @@ class ServerActor:
             self.popen = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=log,
                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                           start_new_session=True, preexec_fn=_die_with_parent)
-        shown = f"[{host}]" if ":" in host else host
+        shown = ray.util.get_node_ip_address() if host in ("", "0.0.0.0", "::") else host
+        shown = f"[{shown}]" if ":" in shown else shown
         self.url = f"http://{shown}:{port}"
         return Started(self.url, self.popen.pid, str(self.log_path))
 

@@ -75,7 +75,8 @@ def run_on_ray(args: argparse.Namespace, layout: Layout, creds: Credentials,
         dep = RayDeployment(layout, spec, creds, log_dir, args.drain_timeout)
         dep.start(args.startup_timeout, args.host)
         console.print(table(dep))
-        console.print(f"pdserve up: serving at {dep.router.url}/v1 on Ray - ready "
+        console.print(f"pdserve up: serving at {dep.router.url}/v1 on Ray (actors "
+                      f"pdserve-{dep.deployment_id}-* in namespace pdserve) - ready "
                       "(Ctrl-C to stop)", highlight=False)
         dep.watch(lambda s: console.print(f"[red]pdserve up: {escape(dep.death_message(s))}"
                                           "[/red]", highlight=False))
