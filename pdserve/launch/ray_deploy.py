@@ -90,6 +90,15 @@ class RayDeployment:
         router = ["router", *router_flags(self.layout, self.creds, self.drain_timeout_s)]
         self.servers.append(RayServer("router", "router", self.spec.bundle("router", 0), router))
 
+    def shortfall(self, cluster: dict[str, float]) -> str:
+        """What the servers reserve beyond the cluster's total ('' if it has enough)."""
+        need: dict[str, float] = {}
+        for s in self.servers:
+            for name, amount in s.bundle.items():
+                need[name] = need.get(name, 0.0) + amount
+        return ", ".join(f"{name} {amount - cluster.get(name, 0.0):g}"
+                         for name, amount in need.items() if amount > cluster.get(name, 0.0))
+
     @property
     def router(self) -> RayServer:
         return self.servers[-1]

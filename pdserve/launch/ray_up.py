@@ -73,6 +73,11 @@ def run_on_ray(args: argparse.Namespace, layout: Layout, creds: Credentials,
     raise_on_signals()
     try:
         dep = RayDeployment(layout, spec, creds, log_dir, args.drain_timeout)
+        short = dep.shortfall(ray.cluster_resources())
+        if short:  # an autoscaler may add nodes: wait, but say what is missing
+            console.print(f"[yellow]pdserve up: the cluster lacks {escape(short)} for this "
+                          f"layout; waiting up to {args.startup_timeout:.0f} s for nodes to "
+                          "join[/yellow]", highlight=False)
         dep.start(args.startup_timeout, args.host)
         console.print(table(dep))
         console.print(f"pdserve up: serving at {dep.router.url}/v1 on Ray (actors "
