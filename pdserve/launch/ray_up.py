@@ -21,7 +21,7 @@ def add_ray_flags(p: argparse.ArgumentParser) -> None:
     """`pdserve up`'s Ray flags."""
     p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="place the layout on a Ray cluster: ADDRESS as `ray.init(address=...)` "
-                   "takes it (ray://HOST:10001, HOST:6379, auto); with no ADDRESS, "
+                   "takes it (HEAD_IP:6379, auto); with no ADDRESS, "
                    "$RAY_ADDRESS or a cluster started here. Needs `pip install pdserve[ray]`")
     p.add_argument("--ray-num-cpus", type=float, default=1.0, metavar="N",
                    help="with --ray: CPUs each CPU instance (its torch threads) and the router "
