@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from pdserve.security import SECRET_ENV
 from pdserve.shm import SHM_DIR, SHM_PREFIX, owner_pid
 from tests.launch.test_up import alive, descendants
 from tests.router.cluster import (
@@ -82,6 +83,8 @@ def ray_up(tmp_path_factory) -> Iterator[RayUp]:
     shm_before = set(os.listdir(SHM_DIR))
     saved = dict(os.environ)
     os.environ.update(env())  # the raylets (and so the actors and servers) import this pdserve
+    # the nodes must not inherit the secret: the servers get it from `pdserve up` through Ray
+    secret = os.environ.pop(SECRET_ENV)
     cluster = Cluster(initialize_head=True,
                       head_node_args={"num_cpus": 2, "resources": {"node_p": 1}})
     proc = None
@@ -89,6 +92,7 @@ def ray_up(tmp_path_factory) -> Iterator[RayUp]:
     try:
         cluster.add_node(num_cpus=2, resources={"node_d": 1})
         cluster.wait_for_nodes()
+        os.environ[SECRET_ENV] = secret
         out_path = tmp / "up.out"
         cmd = [sys.executable, "-m", "pdserve.cli", "up", "--ray", cluster.address,
                "--port", str(free_port()), "--log-dir", str(tmp / "logs"),
@@ -125,6 +129,8 @@ def test_prefill_and_decode_run_on_the_nodes_their_resources_pin(ray_up):
         pid = int(ray_up.row(name)[5])
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         assert f"PDSERVE_HOST_ID={nodes[resource]}".encode() in environ, name
+        # the nodes were started without it: it came with the actor's start call
+        assert f"{SECRET_ENV}={os.environ[SECRET_ENV]}".encode() in environ, name
 
 
 def test_greedy_text_through_the_router_equals_colocated_and_kv_crossed_over_tcp(ray_up):
