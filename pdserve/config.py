@@ -104,6 +104,9 @@ class EngineArgs:
     role: str = "colocated"  # "colocated", "prefill" or "decode"
     tensor_parallel_size: int = 1
     kv_transport: str | None = None  # force "cuda_ipc", "host" or "tcp"; None = fastest that works
+    # where P's KV source listens, and the address D dials (another host needs a reachable one)
+    kv_host: str = "127.0.0.1"
+    kv_advertise_host: str | None = None  # None = kv_host
     kv_lease_ttl_s: float = 30.0  # P keeps a prefill's KV this long unless D releases it sooner
     enforce_eager: bool = False  # no CUDA graphs
     # queue step k+1 before reading step k's tokens back (colocated, one device). None: on

@@ -45,6 +45,12 @@ def _path(text: str) -> Path:
     return Path(text).expanduser()
 
 
+def _host_id(text: str) -> str:
+    if len(text) > 128 or not text.isprintable():
+        raise ValueError("1 to 128 printable characters")
+    return text
+
+
 def _switch(env: str, default: object, parse: Callable[[str], object], doc: str):
     """A field of `Switches`: its variable, how its text is read, and why it exists."""
     return field(default=default, metadata={"env": env, "parse": parse, "doc": doc})
@@ -81,6 +87,11 @@ class Switches:
         "PDSERVE_TP_SHARE_GPUS", False, _flag,
         "Test mode: more tensor-parallel ranks than visible GPUs, sharing them over gloo "
         "(no CUDA graphs); otherwise too few GPUs is an error.")
+    host_id: str | None = _switch(
+        "PDSERVE_HOST_ID", None, _host_id,
+        "This instance's host identity for KV transport choice: peers with the same id pull "
+        "over shared memory or CUDA IPC, others over TCP. Unset = this machine's name and "
+        "boot; the Ray launcher sets its node's id (two nodes on one machine still use TCP).")
     cache_dir: Path | None = _switch(
         "PDSERVE_CACHE_DIR", None, _path,
         "Where converted tokenizers and parsed GGUF configs are cached; unset = "

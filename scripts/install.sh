@@ -2,6 +2,7 @@
 # Install pdserve into the current Python environment.
 #   scripts/install.sh          the server and its tools
 #   scripts/install.sh --test   also what the tests need (pytest, ruff, accelerate, triton)
+#                               and Ray (`pdserve up --ray` and its tests)
 # On a machine without an NVIDIA GPU it installs PyTorch's CPU build first, so that pip does
 # not pull several GB of CUDA packages; on a GPU machine it keeps (or installs) a CUDA build.
 set -euo pipefail
@@ -10,7 +11,7 @@ PY=${PYTHON:-python3}
 TORCH_CPU_VERSION=${PDSERVE_TORCH_CPU_VERSION:-2.13.0}
 
 extras=""
-if [[ "${1:-}" == "--test" ]]; then extras="[test]"; fi
+if [[ "${1:-}" == "--test" ]]; then extras="[test,ray]"; fi
 
 if ! "$PY" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then

@@ -27,6 +27,7 @@ def test_values_are_typed():
     assert read.attention_backend == "triton" and read.cpu_threads == 3
     assert read.cache_dir == Path("/tmp/c")
     assert read_switches({"PDSERVE_CPU_THREADS": "0"}).cpu_threads is None  # 0 = the default
+    assert read_switches({"PDSERVE_HOST_ID": "ray-node-1"}).host_id == "ray-node-1"
 
 
 @pytest.mark.parametrize(("name", "value", "accepts"), [
@@ -34,6 +35,7 @@ def test_values_are_typed():
     ("PDSERVE_GEMV", "2", "0 or 1"),
     ("PDSERVE_ATTENTION_BACKEND", "flash", "torch or triton"),
     ("PDSERVE_CPU_THREADS", "-1", "whole number"),
+    ("PDSERVE_HOST_ID", "x" * 129, "128 printable"),
 ])
 def test_a_bad_value_names_the_variable_and_what_it_accepts(name, value, accepts):
     with pytest.raises(SwitchError, match=f"{name}='{value}'.*{accepts}"):

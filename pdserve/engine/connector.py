@@ -18,6 +18,7 @@ encoder outputs) is another class with these methods, in a file of its own.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -44,6 +45,7 @@ class ConnectorStats:
     pulls_failed: int = 0
     bytes_pulled: int = 0
     leases_held: int = 0
+    pulls_by_transport: Counter[str] = field(default_factory=Counter)  # ok pulls that moved bytes
     # durations of the pulls that moved blocks (all-prefix-hit pulls move none)
     pull_seconds: StepHistogram = field(default_factory=lambda: StepHistogram(KV_TRANSFER_BUCKETS))
 

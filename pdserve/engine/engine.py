@@ -179,7 +179,8 @@ class Engine:
         self.connector: Connector = (
             NullConnector() if args.role == "colocated" else
             KVConnector(self.caches, lease_ttl_s=args.kv_lease_ttl_s,
-                        transport=args.kv_transport, secret=args.deployment_secret))
+                        transport=args.kv_transport, secret=args.deployment_secret,
+                        bind_host=args.kv_host, advertise_host=args.kv_advertise_host))
         self.scheduler = Scheduler(args.scheduler, self.kv, self.connector)
         self.requests: dict[str, Request] = {}
         self._pending: list[RequestOutput] = []  # outputs produced outside step(), e.g. aborts
@@ -433,6 +434,7 @@ class Engine:
             kv_pulls_ok=self.connector.stats.pulls_ok,
             kv_pulls_failed=self.connector.stats.pulls_failed,
             kv_bytes_pulled=self.connector.stats.bytes_pulled,
+            kv_pulls_by_transport=dict(self.connector.stats.pulls_by_transport),
             request_failures=self.request_failures,
             iteration_tokens=self.scheduler.iteration_tokens.copy(),
             kv_transfer_seconds=self.connector.stats.pull_seconds.copy(),

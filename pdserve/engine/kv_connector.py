@@ -40,8 +40,9 @@ class KVConnector:
     leased blocks and pulls remote ones into it."""
 
     def __init__(self, caches: KVCaches, lease_ttl_s: float = 30.0,
-                 transport: str | None = None, advertise_host: str = "127.0.0.1",
-                 pull_timeout_s: float = 10.0, secret: DeploymentSecret | None = None):
+                 transport: str | None = None, advertise_host: str | None = None,
+                 pull_timeout_s: float = 10.0, secret: DeploymentSecret | None = None,
+                 bind_host: str = "127.0.0.1"):
         self.engine_id = uuid.uuid4().hex[:12]
         self.ranks = ranks = caches.ranks
         self.layout = caches.layout
@@ -53,7 +54,8 @@ class KVConnector:
             on_gpu = rank.kv_caches[0].device.type == "cuda"
             self.sources.append(KVSource(
                 rank.kv_caches, rank.layout, self.leases, shm_name=rank.shm_name,
-                advertise_host=advertise_host, ipc_layers=rank.ipc_layers, secret=secret,
+                bind_host=bind_host, advertise_host=advertise_host,
+                ipc_layers=rank.ipc_layers, secret=secret,
                 # GPU caches: also serve "host" through a pinned staging buffer
                 staging_bytes=STAGING_BYTES if on_gpu else 0).start())
             self.pullers.append(KVPuller(rank.layout, rank.kv_caches, transport=transport,
@@ -194,6 +196,7 @@ class KVConnector:
                 self.stats.bytes_pulled += r.num_bytes
                 if r.num_bytes:
                     self.stats.pull_seconds.observe(r.seconds)
+                    self.stats.pulls_by_transport[r.transport or "unknown"] += 1
             else:
                 self.stats.pulls_failed += 1
         freed = self.leases.expire()

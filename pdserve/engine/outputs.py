@@ -117,6 +117,7 @@ class EngineStats:
     kv_pulls_ok: int = 0
     kv_pulls_failed: int = 0  # each fell back to a local prefill
     kv_bytes_pulled: int = 0
+    kv_pulls_by_transport: dict[str, int] = field(default_factory=dict)  # "tcp", "host", ...
     request_failures: int = 0  # requests failed by an unexpected error (the engine lived on)
     # tokens computed per step, and D's KV pull durations: cumulative bucket counts
     iteration_tokens: StepHistogram = field(

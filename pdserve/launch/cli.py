@@ -22,6 +22,7 @@ from pdserve.launch.procs import (
     ports_in_use,
     raise_on_signals,
 )
+from pdserve.launch.ray_up import add_ray_flags, run_on_ray
 from pdserve.router.policy import POLICIES
 from pdserve.router.prompt_tokens import EMBEDDED
 from pdserve.server.cli import add_security_flags
@@ -37,9 +38,11 @@ def add_parser(subparsers) -> None:
         "With no counts: 1 prefill + 1 decode instance. Arguments after `--` go to every "
         "instance's `pdserve serve`. A new deployment secret is made for the router and "
         "the instances (in their environment) unless $PDSERVE_DEPLOYMENT_SECRET or "
-        "--secret-file gives one; --api-key protects the router and the instances alike.",
+        "--secret-file gives one; --api-key protects the router and the instances alike. "
+        "With --ray the same layout runs on a Ray cluster, each server a Ray actor.",
         usage="pdserve up [--prefill N --decode M | --colocated K] [--prefill-tp T] "
-        "[--decode-tp T] [--model M] [--port P] [--config layout.yaml] [-- serve args]",
+        "[--decode-tp T] [--model M] [--port P] [--config layout.yaml] [--ray [ADDRESS]] "
+        "[-- serve args]",
     )
     p.add_argument("--prefill", type=int, default=None, help="prefill instances")
     p.add_argument("--decode", type=int, default=None, help="decode instances")
@@ -71,6 +74,7 @@ def add_parser(subparsers) -> None:
                    help="seconds to wait for every process to be healthy")
     add_security_flags(p)
     add_drain_flag(p)
+    add_ray_flags(p)
     p.add_argument("instance_args", nargs=argparse.REMAINDER,
                    help="after `--`: extra flags for every `pdserve serve`")
     p.set_defaults(func=run)
@@ -94,11 +98,11 @@ def child_env(creds: Credentials | None) -> dict[str, str]:
     return {**os.environ, **(creds.env() if creds else {})}
 
 
-def instance_proc(inst: InstancePlan, layout: Layout, log_dir: Path,
-                  creds: Credentials | None = None, drain_timeout_s: float | None = None
-                  ) -> Proc:
-    cmd = [sys.executable, "-m", "pdserve.cli", "serve", "--role", inst.role,
-           "--host", inst.host, "--port", str(inst.port)]
+def serve_flags(inst: InstancePlan, layout: Layout, creds: Credentials | None = None,
+                drain_timeout_s: float | None = None) -> list[str]:
+    """`pdserve serve`'s flags for `inst`, but its role, where it listens and the layout's
+    extra instance arguments (shared with `pdserve up --ray`)."""
+    cmd = []
     if drain_timeout_s is not None:
         cmd += ["--drain-timeout", str(drain_timeout_s)]
     if layout.model:
@@ -111,8 +115,15 @@ def instance_proc(inst: InstancePlan, layout: Layout, log_dir: Path,
         cmd += ["--gpu-memory-utilization", str(inst.gpu_memory_utilization)]
     if layout.kv_cache_memory:
         cmd += ["--kv-cache-memory", layout.kv_cache_memory]
-    if creds:
-        cmd += creds.flags()
+    return cmd + (creds.flags() if creds else [])
+
+
+def instance_proc(inst: InstancePlan, layout: Layout, log_dir: Path,
+                  creds: Credentials | None = None, drain_timeout_s: float | None = None
+                  ) -> Proc:
+    cmd = [sys.executable, "-m", "pdserve.cli", "serve", "--role", inst.role,
+           "--host", inst.host, "--port", str(inst.port)]
+    cmd += serve_flags(inst, layout, creds, drain_timeout_s)
     env = child_env(creds)
     if inst.devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, inst.devices))
@@ -120,11 +131,11 @@ def instance_proc(inst: InstancePlan, layout: Layout, log_dir: Path,
                 cmd + layout.instance_args, env, log_dir / f"{inst.name}.log", wave=inst.wave)
 
 
-def router_proc(instances: list[InstancePlan], layout: Layout, log_dir: Path,
-                creds: Credentials | None = None, drain_timeout_s: float | None = None
-                ) -> Proc:
-    cmd = [sys.executable, "-m", "pdserve.cli", "router", "--host", layout.host,
-           "--port", str(layout.port)]
+def router_flags(layout: Layout, creds: Credentials | None = None,
+                 drain_timeout_s: float | None = None) -> list[str]:
+    """`pdserve router`'s flags, but where it listens and its instances (shared with
+    `pdserve up --ray`)."""
+    cmd = []
     if drain_timeout_s is not None:
         cmd += ["--drain-timeout", str(drain_timeout_s)]
     if layout.pd_min_prompt_tokens:
@@ -132,10 +143,17 @@ def router_proc(instances: list[InstancePlan], layout: Layout, log_dir: Path,
     if layout.routing_policy != "least_loaded":
         cmd += ["--routing-policy", layout.routing_policy,
                 "--tokenizer", layout.model or EMBEDDED]
+    return cmd + (creds.flags() if creds else [])
+
+
+def router_proc(instances: list[InstancePlan], layout: Layout, log_dir: Path,
+                creds: Credentials | None = None, drain_timeout_s: float | None = None
+                ) -> Proc:
+    cmd = [sys.executable, "-m", "pdserve.cli", "router", "--host", layout.host,
+           "--port", str(layout.port)]
+    cmd += router_flags(layout, creds, drain_timeout_s)
     for inst in instances:
         cmd += [f"--{inst.role}", inst.url]
-    if creds:
-        cmd += creds.flags()
     url = f"http://{layout.host}:{layout.port}"
     return Proc("router", "router", url, "-", cmd, child_env(creds), log_dir / "router.log")
 
@@ -154,8 +172,10 @@ def run(args: argparse.Namespace) -> int:
     console = Console(width=max(Console().width, 140))
     try:
         layout = layout_from_args(args)
-        instances = plan(layout, 0 if layout.cpu else count_gpus())
         creds = Credentials.from_args(args)
+        if args.ray is not None:  # the same layout, placed by Ray instead of on this machine
+            return run_on_ray(args, layout, creds, console)
+        instances = plan(layout, 0 if layout.cpu else count_gpus())
     except (ValueError, OSError) as exc:  # SecretError is a ValueError
         console.print(f"[red]pdserve up: {escape(str(exc))}[/red]")
         return 2

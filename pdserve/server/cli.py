@@ -103,6 +103,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--kv-transport", choices=["cuda_ipc", "host", "tcp"], default=None,
                    help="P/D only: force how KV moves between instances; omitted = the "
                    "fastest that works")
+    p.add_argument("--kv-host", default=None, metavar="HOST",
+                   help="P/D only: the address the KV source listens on, which decode "
+                   "instances dial; omitted = --host (with 0.0.0.0 or ::, every interface, "
+                   "advertised as this machine's name)")
     p.add_argument("--kv-lease-ttl-s", type=float, default=30.0,
                    help="prefill role: how long a finished prefill's KV is kept for the "
                    "decode instance unless it releases it sooner")
@@ -187,6 +191,8 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
         role=args.role,
         tensor_parallel_size=args.tensor_parallel_size,
         kv_transport=args.kv_transport,
+        kv_host=args.kv_host or args.host,
+        kv_advertise_host=_advertised_host(args.kv_host or args.host),
         kv_lease_ttl_s=args.kv_lease_ttl_s,
         enforce_eager=args.enforce_eager,
         async_scheduling=args.async_scheduling,
@@ -196,11 +202,16 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
     )
 
 
+def _advertised_host(host: str) -> str:
+    """How peers reach a server listening on `host` (a wildcard: this machine's name)."""
+    return socket.gethostname() if host in ("", "0.0.0.0", "::") else host
+
+
 def advertise_url(args: argparse.Namespace) -> str:
     """The URL this instance registers under: how a router reaches it."""
     if args.advertise_url:
         return args.advertise_url
-    host = socket.gethostname() if args.host in ("", "0.0.0.0", "::") else args.host
+    host = _advertised_host(args.host)
     if ":" in host:
         host = f"[{host}]"  # an IPv6 literal
     return f"http://{host}:{args.port}"

@@ -176,6 +176,11 @@ class _EngineStatsCollector(Collector):
                             "'completed_waiting' = pulled, not running yet.", labels, "stage",
                             dict(zip(KV_FETCH_STAGES, (s.num_waiting_to_pull, s.num_pulling,
                                                        0))))
+            yield _labelled(CounterMetricFamily, "pdserve:kv_pulls_by_transport",
+                            "Decode side: KV pulls that moved blocks, by the transport chosen "
+                            "(cuda_ipc, host: same host; tcp: another host).", labels,
+                            "transport", {t: s.kv_pulls_by_transport.get(t, 0)
+                                          for t in KV_TRANSPORTS})
         hits = dict.fromkeys(CACHE_HIT_SOURCES, 0)
         hits.update(device=s.prefix_cache_hits, p2p=s.num_pulled_tokens)
         yield _labelled(CounterMetricFamily, "pdserve:compilations_after_ready",
@@ -208,6 +213,9 @@ def _gauge(name: str, doc: str, labels: list[str], value: float) -> GaugeMetricF
     g = GaugeMetricFamily(name, doc, labels=LABELS)
     g.add_metric(labels, float(value))
     return g
+
+
+KV_TRANSPORTS = ("cuda_ipc", "host", "tcp")
 
 
 def _labelled(family_type: type, name: str, doc: str, labels: list[str], label: str,

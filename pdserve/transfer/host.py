@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pdserve import switches
 from pdserve.shm import (  # noqa: F401  (the files' names and cleanup, re-exported)
     SHM_DIR,
     SHM_PREFIX,
@@ -49,9 +50,15 @@ log = logging.getLogger(__name__)
 CUDA_HOST_REGISTER_READ_ONLY = 8  # cudaHostRegisterReadOnly: D maps P's buffer read-only
 
 
-@functools.cache
 def local_host_id() -> str:
-    """Identifies this machine (and boot), so two engines can tell they share /dev/shm."""
+    """Identifies this host, so two engines can tell they share /dev/shm (and GPUs):
+    $PDSERVE_HOST_ID where set (a Ray node, a network namespace), else machine and boot."""
+    return switches.SWITCHES.host_id or machine_id()
+
+
+@functools.cache
+def machine_id() -> str:
+    """This machine's name and boot."""
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             boot = f.read().strip()

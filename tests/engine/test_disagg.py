@@ -128,6 +128,7 @@ def test_tcp_transport_gives_the_same_tokens(prefill, prompts, hf_smollm2):
         assert decode_remote(d, "dtcp", prompts[2], ktp) == hf_greedy(hf_smollm2, prompts[2],
                                                                       NUM_TOKENS)
         assert d.stats().kv_bytes_pulled > 0
+        assert d.stats().kv_pulls_by_transport == {"tcp": 1}
     finally:
         d.close()
 

@@ -182,10 +182,13 @@ def test_decode_metrics_time_the_kv_pull_and_the_phases(fleet, routers):
     names = ("pdserve:kv_transfer_seconds_count", "pdserve:kv_pulls_ok_total",
              "vllm:request_prefill_time_seconds_count", "vllm:request_decode_time_seconds_sum",
              "vllm:time_to_first_token_seconds_count")
-    before = {n: metric(d, n) for n in names}
+    by_host = "pdserve:kv_pulls_by_transport_total"
+    before = {n: metric(d, n) for n in names} | {by_host: metric(d, by_host, transport="host")}
     completion(routers["1P1D"].url, PROMPTS["multi_block"] + " and then")
     delta = {n: metric(d, n) - before[n] for n in names}
+    delta[by_host] = metric(d, by_host, transport="host") - before[by_host]
     assert delta["pdserve:kv_pulls_ok_total"] == 1
+    assert delta[by_host] == 1  # P on this machine: its shared memory, not TCP
     assert delta["pdserve:kv_transfer_seconds_count"] == 1
     assert delta["vllm:request_prefill_time_seconds_count"] == 1
     assert delta["vllm:time_to_first_token_seconds_count"] == 1

@@ -53,6 +53,17 @@ def test_flags_reach_engine_args():
     assert (ea.kv_transport, ea.kv_lease_ttl_s, ea.cpu_threads) == ("tcp", 5.0, 1)
 
 
+def test_the_kv_source_listens_where_the_server_does_unless_told():
+    assert (engine_args(parse()).kv_host, engine_args(parse()).kv_advertise_host) == (
+        "127.0.0.1", "127.0.0.1")
+    ea = engine_args(parse("--host", "10.250.0.1"))
+    assert (ea.kv_host, ea.kv_advertise_host) == ("10.250.0.1", "10.250.0.1")
+    ea = engine_args(parse("--host", "0.0.0.0", "--kv-host", "10.250.0.2"))
+    assert (ea.kv_host, ea.kv_advertise_host) == ("10.250.0.2", "10.250.0.2")
+    ea = engine_args(parse("--host", "0.0.0.0"))
+    assert ea.kv_host == "0.0.0.0" and ea.kv_advertise_host == socket.gethostname()
+
+
 def test_itl_target_flag_reaches_the_scheduler_and_is_off_by_default():
     assert engine_args(parse()).scheduler.max_step_ms is None
     sched = engine_args(parse("--itl-target-ms", "40", "--step-time-file", "m.json")).scheduler

@@ -38,6 +38,18 @@ def test_choose_transport(host_id, offered, device, expected):
     assert choose_transport(endpoint, device) == expected
 
 
+def test_a_host_id_set_per_instance_makes_peers_on_one_machine_use_tcp(monkeypatch):
+    from dataclasses import replace
+
+    from pdserve import switches
+
+    endpoint = {"host_id": HERE, "transports": ["host", "tcp"]}
+    monkeypatch.setattr(switches, "SWITCHES", replace(switches.SWITCHES, host_id="node-d"))
+    assert local_host_id() == "node-d"
+    assert choose_transport(endpoint, CPU) == "tcp"
+    assert choose_transport({**endpoint, "host_id": "node-d"}, CPU) == "host"
+
+
 def test_cuda_ipc_needs_peer_access_to_a_visible_gpu(monkeypatch):
     from pdserve.transfer import cuda_ipc
 
