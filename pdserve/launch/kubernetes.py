@@ -11,6 +11,9 @@ What a layout becomes (NAME is `KubeOptions.name`):
   instance with `nvidia.com/gpu: tp` (TP within one pod), and a headless Service (for
   scraping and DNS; clients go through the router). Each pod registers itself with the
   router under its pod IP (downward API), so `kubectl scale` adds or removes instances.
+  A prefill pod's KV source listens on its pod IP (`serve --kv-host`), on a port it picks
+  per TP rank and names in each hand-off: P and D pods must reach each other on any TCP
+  port (Kubernetes' default; a NetworkPolicy must allow it between them).
 - A ServiceMonitor (Prometheus operator) scraping /metrics of the router and instances.
 - The deployment secret is a Secret mounted as a file (`--secret-file`); it is rendered
   only on request, with a fresh value, so that the manifests one commits never hold it.
@@ -203,6 +206,8 @@ def instance_args(role: str, layout: Layout, opts: KubeOptions) -> list[str]:
             "--advertise-url", f"http://$(POD_IP):{layout.port}",
             "--secret-file", f"{SECRET_DIR}/{SECRET_KEY}",
             "--drain-timeout", _seconds(opts.drain_timeout_s)]
+    if role != "colocated":  # D pods dial P's KV source at the address P hands them
+        args += ["--kv-host", "$(POD_IP)"]
     if layout.model:
         args += ["--model", layout.model]
     if tp > 1:
