@@ -4,6 +4,9 @@ probes on /health, one port everywhere, and commands that pdserve's own parsers 
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+
 import jsonschema
 import kubernetes_validate
 import pytest
@@ -311,3 +314,14 @@ def test_deploy_k8s_refuses_what_it_cannot_render_naming_the_flag(argv, message,
     assert main(["deploy", "k8s", *argv]) == 2
     captured = capsys.readouterr()
     assert message in captured.err and captured.out == ""
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_kubectl_kustomize_builds_the_folder(tmp_path):
+    out = tmp_path / "k8s"
+    assert main(["deploy", "k8s", "--prefill", "2", "--decode", "1", "--decode-tp", "2",
+                 "--out", str(out)]) == 0
+    built = subprocess.run(["kubectl", "kustomize", str(out)], capture_output=True, text=True,
+                           timeout=60, check=True).stdout
+    kinds = sorted(o["kind"] for o in yaml.safe_load_all(built) if o)
+    assert kinds == ["Deployment"] * 3 + ["Service"] * 4 + ["ServiceMonitor"]
