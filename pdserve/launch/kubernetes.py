@@ -95,10 +95,26 @@ class KubeOptions:
             raise ValueError(f"--startup-timeout must be between {PROBE_PERIOD_S} s and a day")
         if not re.fullmatch(r"[1-9][0-9]*(ms|s|m)", self.scrape_interval):
             raise ValueError("--scrape-interval must look like 15s, 500ms or 1m")
+        if not self.image or any(c.isspace() for c in self.image):
+            raise ValueError(f"--image {self.image!r}: an image reference has no spaces")
+        for key, value in self.node_selector.items():
+            if not _is_label_key(key) or not _is_label_value(value):
+                raise ValueError(f"--node-selector {key}={value}: not a valid label key and "
+                                 "value")
 
     @property
     def secret(self) -> str:
         return self.secret_name or f"{self.name}-deployment-secret"
+
+
+def _is_label_value(text: str) -> bool:
+    return len(text) <= 63 and re.fullmatch(r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?",
+                                            text) is not None
+
+
+def _is_label_key(text: str) -> bool:
+    prefix, _, name = text.rpartition("/")
+    return bool(name) and _is_label_value(name) and (not prefix or _is_dns_subdomain(prefix))
 
 
 def _is_dns_subdomain(text: str) -> bool:
@@ -126,7 +142,10 @@ def roles_of(layout: Layout) -> list[str]:
 
 
 def check_fits(layout: Layout, opts: KubeOptions) -> None:
-    """TP lives inside one pod, so inside one node: a larger TP cannot be scheduled."""
+    """A port a container can have; TP inside one pod, so inside one node: a larger TP
+    cannot be scheduled."""
+    if not 1 <= layout.port <= 65535:
+        raise ValueError(f"--port {layout.port}: must be between 1 and 65535")
     for role in roles_of(layout):
         tp = getattr(layout, f"{role}_tp")
         if not layout.cpu and tp > opts.gpus_per_node:
@@ -348,7 +367,7 @@ def _api_key_env(opts: KubeOptions) -> list[dict]:
 
 def _secret_volumes(opts: KubeOptions) -> list[dict]:
     return [{"name": "deployment-secret", "secret": {
-        "secretName": opts.secret, "defaultMode": 0o400,
+        "secretName": opts.secret, "defaultMode": 0o440,  # owner and fsGroup
         "items": [{"key": SECRET_KEY, "path": SECRET_KEY}]}}]
 
 

@@ -308,6 +308,10 @@ def test_deploy_k8s_writes_a_folder_kustomize_can_apply(tmp_path):
     (["--node-selector", "novalue"], "KEY=VALUE"),
     (["--cpus-per-rank", "0"], "--cpus-per-rank"),
     (["--scrape-interval", "soon"], "--scrape-interval"),
+    (["--node-selector", "gpu=H200 SXM"], "--node-selector"),
+    (["--node-selector", "bad_/key=x"], "--node-selector"),
+    (["--image", "my image"], "--image"),
+    (["--port", "70000"], "--port"),
     (["--prefill", "1", "--decode", "0"], "both prefill and decode"),
 ])
 def test_deploy_k8s_refuses_what_it_cannot_render_naming_the_flag(argv, message, capsys):
