@@ -74,6 +74,8 @@ def add_parser(subparsers) -> None:
     k.add_argument("--startup-timeout", type=float, default=900.0,
                    help="seconds an instance may take to load before it counts as failed")
     k.add_argument("--scrape-interval", default="15s", help="the ServiceMonitor's interval")
+    k.add_argument("--service-monitor", action=argparse.BooleanOptionalAction, default=True,
+                   help="render a ServiceMonitor (needs the Prometheus operator's CRDs)")
     k.add_argument("--out", default=None, metavar="DIR",
                    help="write one file per component and a kustomization.yaml here "
                    "(default: all to stdout)")
@@ -98,7 +100,7 @@ def options_from_args(args: argparse.Namespace) -> KubeOptions:
         memory_per_rank_gib=args.memory_per_rank_gib, router_cpus=args.router_cpus,
         router_memory_gib=args.router_memory_gib, node_selector=selector,
         drain_timeout_s=args.drain_timeout, startup_timeout_s=args.startup_timeout,
-        scrape_interval=args.scrape_interval)
+        scrape_interval=args.scrape_interval, service_monitor=args.service_monitor)
 
 
 def header(layout: Layout, opts: KubeOptions) -> str:
@@ -115,7 +117,9 @@ def header(layout: Layout, opts: KubeOptions) -> str:
                   f"{SECRET_KEY}. Create it once:",
                   f"  kubectl create secret generic {opts.secret} "
                   f"--from-literal={SECRET_KEY}=\"$(openssl rand -hex 32)\""]
-    lines.append("The ServiceMonitor needs the Prometheus operator's CRDs.")
+    if opts.service_monitor:
+        lines.append("The ServiceMonitor needs the Prometheus operator's CRDs "
+                     "(--no-service-monitor leaves it out).")
     return "".join(f"# {line}\n" for line in lines)
 
 

@@ -68,6 +68,7 @@ class KubeOptions:
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
     startup_timeout_s: float = 900.0  # model load and warm-up, before liveness starts
     scrape_interval: str = "15s"
+    service_monitor: bool = True  # needs the Prometheus operator's CRDs in the cluster
 
     def __post_init__(self) -> None:
         if not _DNS_LABEL.match(self.name) or len(self.name) > 63 - _LONGEST_SUFFIX:
@@ -133,7 +134,8 @@ def render(layout: Layout, opts: KubeOptions) -> list[dict]:
                 router_deployment(layout, opts)]
     for role in roles_of(layout):
         objects += [instance_service(role, layout, opts), instance_deployment(role, layout, opts)]
-    objects.append(service_monitor(layout, opts))
+    if opts.service_monitor:
+        objects.append(service_monitor(layout, opts))
     return objects
 
 

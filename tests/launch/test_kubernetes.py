@@ -302,6 +302,13 @@ def test_deploy_k8s_writes_a_folder_kustomize_can_apply(tmp_path):
     assert kinds == ["Service", "Service", "Deployment"]
 
 
+def test_a_cluster_without_the_prometheus_operator_gets_no_service_monitor(capsys):
+    assert main(["deploy", "k8s", "--no-service-monitor"]) == 0
+    out = capsys.readouterr().out
+    assert "ServiceMonitor" not in out
+    assert [o["kind"] for o in yaml.safe_load_all(out) if o].count("Deployment") == 3
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--decode-tp", "16"], "exceeds --gpus-per-node 8"),
     (["--name", "Bad_Name"], "--name"),
