@@ -192,7 +192,8 @@ def router_deployment(layout: Layout, opts: KubeOptions) -> dict:
         "ports": [{"name": PORT_NAME, "containerPort": layout.port, "protocol": "TCP"}],
         "env": _api_key_env(opts),
         "resources": _resources(opts.router_cpus, opts.router_memory_gib, gpus=0),
-        # 503 while no instance can serve: not ready, but restarting would not help
+        # 503 while no instance can serve: not ready, but restarting would not help (/ping
+        # is /health, and /version wants the API key where one is set): alive = listening
         "readinessProbe": _http_probe(period_s=5, failures=2),
         "livenessProbe": {"tcpSocket": {"port": PORT_NAME}, "periodSeconds": PROBE_PERIOD_S,
                           "timeoutSeconds": 5, "failureThreshold": 3},
