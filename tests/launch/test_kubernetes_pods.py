@@ -27,16 +27,19 @@ def pod_args(args: list[str], port: int, dns: dict[str, str], secret_dir: Path) 
     for arg in args:
         for name, address in dns.items():
             arg = arg.replace(name, address)
-        arg = arg.replace("$(POD_IP):8000", f"127.0.0.1:{port}").replace(SECRET_DIR,
-                                                                         str(secret_dir))
+        arg = arg.replace("$(POD_IP):8000", f"127.0.0.1:{port}").replace("$(POD_IP)",
+                                                                         "127.0.0.1")
+        arg = arg.replace(SECRET_DIR, str(secret_dir))
         out.append(arg)
     out[out.index("--host") + 1] = "127.0.0.1"  # loopback only on a test machine
     out[out.index("--port") + 1] = str(port)
     return out
 
 
-def start(tmp: Path, name: str, args: list[str], port: int) -> Proc:
+def start(tmp: Path, name: str, args: list[str], port: int,
+          extra_env: dict[str, str] | None = None) -> Proc:
     child_env = {k: v for k, v in env().items() if k != SECRET_ENV}  # only the file
+    child_env.update(extra_env or {})
     log_path = tmp / f"{name}.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "pdserve.cli", *args], cwd=REPO,
