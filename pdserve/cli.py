@@ -13,6 +13,7 @@ SUBCOMMANDS = {
     "serve": "pdserve.server.cli",
     "router": "pdserve.router.cli",
     "up": "pdserve.launch.cli",
+    "deploy": "pdserve.launch.deploy",
     "bench": "pdserve.bench.cli",
     "plan": "pdserve.planner.cli",
 }

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Install pdserve into the current Python environment.
 #   scripts/install.sh          the server and its tools
-#   scripts/install.sh --test   also what the tests need (pytest, ruff, accelerate, triton)
-#                               and Ray (`pdserve up --ray` and its tests)
+#   scripts/install.sh --test   also what the tests need (pytest, ruff, accelerate, triton,
+#                               kubernetes-validate: the pyproject's test extra) and Ray
+#                               (`pdserve up --ray` and its tests)
 # On a machine without an NVIDIA GPU it installs PyTorch's CPU build first, so that pip does
 # not pull several GB of CUDA packages; on a GPU machine it keeps (or installs) a CUDA build.
 set -euo pipefail

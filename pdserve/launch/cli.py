@@ -15,6 +15,7 @@ from rich.table import Table
 from pdserve.drain import add_drain_flag
 from pdserve.launch.credentials import Credentials
 from pdserve.launch.layout import InstancePlan, Layout, count_gpus, plan
+from pdserve.launch.layout_flags import add_instance_args, add_layout_flags, layout_from_args
 from pdserve.launch.procs import (
     Deployment,
     Proc,
@@ -23,7 +24,6 @@ from pdserve.launch.procs import (
     raise_on_signals,
 )
 from pdserve.launch.ray_up import add_ray_flags, run_on_ray
-from pdserve.router.policy import POLICIES
 from pdserve.router.prompt_tokens import EMBEDDED
 from pdserve.server.cli import add_security_flags
 from pdserve.shm import remove_stale_shared_kv_caches
@@ -44,30 +44,9 @@ def add_parser(subparsers) -> None:
         "[--decode-tp T] [--model M] [--port P] [--config layout.yaml] [--ray [ADDRESS]] "
         "[-- serve args]",
     )
-    p.add_argument("--prefill", type=int, default=None, help="prefill instances")
-    p.add_argument("--decode", type=int, default=None, help="decode instances")
-    p.add_argument("--colocated", type=int, default=None, help="colocated instances")
-    p.add_argument("--prefill-tp", type=int, default=None, help="GPUs per prefill instance")
-    p.add_argument("--decode-tp", type=int, default=None, help="GPUs per decode instance")
-    p.add_argument("--colocated-tp", type=int, default=None,
-                   help="GPUs per colocated instance")
-    p.add_argument("--model", default=None, help="as `pdserve serve --model`; omitted = the "
-                   "embedded SmolLM2-135M-Instruct")
+    add_layout_flags(p)
     p.add_argument("--host", default=None, help="address of the router and the instances "
                    "(default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=None,
-                   help="the router's port (default 8000); instances take the next ones")
-    p.add_argument("--kv-cache-memory", default=None,
-                   help="KV cache bytes per instance, e.g. 1GiB")
-    p.add_argument("--pd-min-prompt-tokens", type=int, default=None, metavar="N",
-                   help="as `pdserve router --pd-min-prompt-tokens`: shorter prompts skip the "
-                   "prefill instance (default 0: always disaggregate)")
-    p.add_argument("--routing-policy", choices=POLICIES, default=None,
-                   help="as `pdserve router --routing-policy` (default least_loaded); a "
-                   "cache-aware one gets the instances' model as its --tokenizer")
-    p.add_argument("--cpu", action="store_true", default=None,
-                   help="run on the CPU even where GPUs exist")
-    p.add_argument("--config", default=None, help="a YAML layout; flags override it")
     p.add_argument("--log-dir", default=None,
                    help="where each process's log goes (default: a new temp folder)")
     p.add_argument("--startup-timeout", type=float, default=900.0,
@@ -75,22 +54,8 @@ def add_parser(subparsers) -> None:
     add_security_flags(p)
     add_drain_flag(p)
     add_ray_flags(p)
-    p.add_argument("instance_args", nargs=argparse.REMAINDER,
-                   help="after `--`: extra flags for every `pdserve serve`")
+    add_instance_args(p)
     p.set_defaults(func=run)
-
-
-def layout_from_args(args: argparse.Namespace) -> Layout:
-    extra = [a for a in args.instance_args if a != "--"] or None
-    given = {"prefill": args.prefill, "decode": args.decode, "colocated": args.colocated,
-             "prefill_tp": args.prefill_tp, "decode_tp": args.decode_tp,
-             "colocated_tp": args.colocated_tp, "model": args.model, "host": args.host,
-             "port": args.port, "kv_cache_memory": args.kv_cache_memory, "cpu": args.cpu,
-             "pd_min_prompt_tokens": args.pd_min_prompt_tokens,
-             "routing_policy": args.routing_policy, "instance_args": extra}
-    if args.config:
-        return Layout.from_yaml(args.config, **given)
-    return Layout(**{k: v for k, v in given.items() if v is not None})
 
 
 def child_env(creds: Credentials | None) -> dict[str, str]:
