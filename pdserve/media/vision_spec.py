@@ -8,6 +8,7 @@ the files transformers writes; the defaults are SmolVLM-256M's.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,3 +78,29 @@ def _read_json(path: Path) -> dict:
 
 def _edge(size: dict | None, default: int) -> int:
     return size.get("longest_edge", default) if isinstance(size, dict) else default
+
+
+def vision_spec_of(model_name: str | None, model: object) -> VisionSpec | None:
+    """The spec of a loaded model, None unless it encodes images. The model's side of the
+    contract: `embed_images` and `image_token_id`, and a `vision_spec` where it comes with
+    no folder of processor settings (a random-weight preset); else SmolVLM-256M's."""
+    if not hasattr(model, "embed_images"):
+        return None
+    token_id = int(model.image_token_id)
+    own = getattr(model, "vision_spec", None)
+    if own is not None:
+        return own
+    if model_name and is_vision_folder(model_name):
+        return dataclasses.replace(VisionSpec.from_folder(model_name, token_id),
+                                   image_token_id=token_id)
+    return VisionSpec(image_token_id=token_id)
+
+
+def tokenizer_folder_token_id(folder: str | Path, token: str = IMAGE_TOKEN) -> int | None:
+    """The id of an added token in a folder's tokenizer.json (None: not there), without
+    loading the tokenizer."""
+    path = Path(folder) / "tokenizer.json"
+    if not path.is_file():
+        return None
+    added = json.loads(path.read_text()).get("added_tokens", [])
+    return next((int(t["id"]) for t in added if t.get("content") == token), None)
