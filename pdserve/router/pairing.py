@@ -70,9 +70,9 @@ def estimate_prompt_tokens(body: dict) -> int:
         images = sum(_num_images(m.get("content")) for m in messages)
         return chars // CHARS_PER_TOKEN + 1 + images * IMAGE_TOKENS_ESTIMATE
     prompt = body.get("prompt", "")
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-            return len(prompt)
-        chars = len(prompt) if isinstance(prompt, str) else len(str(prompt))
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+        return len(prompt)
+    chars = len(prompt) if isinstance(prompt, str) else len(str(prompt))
     return chars // CHARS_PER_TOKEN + 1
 
 
