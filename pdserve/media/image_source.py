@@ -8,6 +8,8 @@ import base64
 import binascii
 import os
 import re
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 from pdserve.media.errors import MediaError
@@ -24,7 +26,7 @@ def image_bytes(url: str, limits: MediaLimits, param: str) -> bytes:
     if url.startswith("data:"):
         return _data_url_bytes(url, limits, param)
     if url.startswith("file://"):
-        return _local_file_bytes(url.removeprefix("file://"), limits, param)
+        return _local_file_bytes(_file_url_path(url, param), limits, param)
     if re.match(r"https?://", url, re.IGNORECASE):
         raise MediaError("image URLs over the network are not fetched (network fetches are "
                          "off); send the image as a base64 data: URL", param)
@@ -49,6 +51,13 @@ def _data_url_bytes(url: str, limits: MediaLimits, param: str) -> bytes:
     if len(data) > limits.max_image_bytes:
         raise MediaError(_too_big(limits), param)
     return data
+
+
+def _file_url_path(url: str, param: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if parts.netloc not in ("", "localhost") or parts.query or parts.fragment:
+        raise MediaError("a file:// URL must name a path on this host (file:///...)", param)
+    return urllib.request.url2pathname(parts.path)
 
 
 def _local_file_bytes(path: str, limits: MediaLimits, param: str) -> bytes:
