@@ -45,6 +45,8 @@ def chat_prompt_ids(
     turns = conversation(messages, tools, parser, native)
     for turn in turns:
         _check_unicode(turn["content"])
+    if images is not None and template_takes_parts(tokenizer.chat_template):
+        turns = [{**turn, "content": content_parts(turn["content"])} for turn in turns]
     try:
         text = tokenizer.apply_chat_template(
             turns, add_generation_prompt=add_generation_prompt, tokenize=False,
@@ -57,6 +59,24 @@ def chat_prompt_ids(
     if images is None:
         return encode_text(tokenizer, text, add_special_tokens=add_special_tokens)
     return _expand_images(tokenizer, text, images, add_special_tokens)
+
+
+def template_takes_parts(chat_template: str | dict | None) -> bool:
+    """A vision model's template that renders content parts (SmolVLM's writes '<image>' for
+    {"type": "image"}) rather than a string."""
+    return "'image'" in str(chat_template or "") or '"image"' in str(chat_template or "")
+
+
+def content_parts(text: str) -> list[dict]:
+    """A turn's text as content parts, each image placeholder an image part (a placeholder
+    the client typed becomes one too, and is refused by the count in _expand_images)."""
+    parts: list[dict] = []
+    for i, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
+        if i:
+            parts.append({"type": "image"})
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    return parts
 
 
 def _expand_images(tokenizer, text: str, images: list[PreparedImage],
