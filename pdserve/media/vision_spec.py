@@ -96,11 +96,11 @@ def vision_spec_of(model_name: str | None, model: object) -> VisionSpec | None:
     return VisionSpec(image_token_id=token_id)
 
 
-def tokenizer_folder_token_id(folder: str | Path, token: str = IMAGE_TOKEN) -> int | None:
-    """The id of an added token in a folder's tokenizer.json (None: not there), without
-    loading the tokenizer."""
+def tokenizer_folder_added_tokens(folder: str | Path) -> dict[str, int]:
+    """The added (special) tokens of a folder's tokenizer.json, by content, without loading
+    the tokenizer."""
     path = Path(folder) / "tokenizer.json"
     if not path.is_file():
-        return None
+        return {}
     added = json.loads(path.read_text()).get("added_tokens", [])
-    return next((int(t["id"]) for t in added if t.get("content") == token), None)
+    return {t["content"]: int(t["id"]) for t in added}

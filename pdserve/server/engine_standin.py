@@ -13,7 +13,12 @@ import time
 from pdserve.config import EngineArgs
 from pdserve.engine.outputs import EngineRequest, EngineStats, RequestOutput, RequestTimes
 from pdserve.media.image_check import check_image_tokens
-from pdserve.media.vision_spec import VisionSpec, is_vision_folder, tokenizer_folder_token_id
+from pdserve.media.vision_spec import (
+    IMAGE_TOKEN,
+    VisionSpec,
+    is_vision_folder,
+    tokenizer_folder_added_tokens,
+)
 from pdserve.models.loader import model_config
 
 STANDIN_BLOCKS = 1 << 20  # a cache no request fills: the stand-in keeps no KV
@@ -30,6 +35,9 @@ class StandinEngine:
         self.max_model_len = args.scheduler.max_model_len or cfg.max_position_embeddings
         self.request_failures = 0
         self.vision = standin_vision(args.tokenizer)
+        if self.vision is not None:  # a vision model's vocabulary holds its image tokens
+            added = tokenizer_folder_added_tokens(args.tokenizer).values()
+            self.vocab_size = max(self.vocab_size, max(added) + 1)
         self.interval_s = interval_s
         self.busy = busy  # of each step spent computing, GIL held, as an engine's host thread
         self._running: dict[str, tuple[EngineRequest, list[int], RequestTimes]] = {}
@@ -88,7 +96,7 @@ def standin_vision(tokenizer: str | None) -> VisionSpec | None:
     settings and an <image> token."""
     if not tokenizer or not is_vision_folder(tokenizer):
         return None
-    token_id = tokenizer_folder_token_id(tokenizer)
+    token_id = tokenizer_folder_added_tokens(tokenizer).get(IMAGE_TOKEN)
     return None if token_id is None else VisionSpec.from_folder(tokenizer, token_id)
 
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from PIL import Image
-from vision_helpers import encoded, random_image
 
 from pdserve.media.errors import MediaError
 from pdserve.media.image_decode import decode_image
 from pdserve.media.limits import MediaLimits
+from tests.media.vision_helpers import encoded, random_image
 
 FIELD = "messages[0].content[0].image_url.url"
 LIMITS = MediaLimits()

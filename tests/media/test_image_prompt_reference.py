@@ -5,7 +5,14 @@ row/col markers, the global-image marker and image_seq_len image tokens per tile
 from __future__ import annotations
 
 import pytest
-from vision_helpers import (
+
+from pdserve.media.image_inputs import ImagePreparer, ImageRef
+from pdserve.media.limits import MediaLimits
+from pdserve.media.vision_spec import VisionSpec
+from pdserve.server.errors import APIError
+from pdserve.server.prompts import chat_prompt_ids
+from pdserve.server.protocol import ChatCompletionRequest
+from tests.media.vision_helpers import (
     IMAGE_SEQ_LEN,
     LONGEST_EDGE,
     TILE,
@@ -15,13 +22,6 @@ from vision_helpers import (
     reference_processor,
     smolvlm_tokenizer,
 )
-
-from pdserve.media.image_inputs import ImagePreparer, ImageRef
-from pdserve.media.limits import MediaLimits
-from pdserve.media.vision_spec import VisionSpec
-from pdserve.server.errors import APIError
-from pdserve.server.prompts import chat_prompt_ids
-from pdserve.server.protocol import ChatCompletionRequest
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,11 @@ import base64
 import os
 
 import pytest
-from vision_helpers import data_url
 
 from pdserve.media.errors import MediaError
 from pdserve.media.image_source import image_bytes
 from pdserve.media.limits import MediaLimits
+from tests.media.vision_helpers import data_url
 
 FIELD = "messages[0].content[1].image_url.url"
 LIMITS = MediaLimits(max_image_bytes=1000)

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 from transformers import Idefics3ImageProcessorPil
-from vision_helpers import data_url, encoded, image_processor, random_image
 
 from pdserve.media.idefics3_preprocess import preprocess
 from pdserve.media.image_inputs import ImagePreparer, ImageRef
 from pdserve.media.limits import MediaLimits
 from pdserve.media.vision_spec import VisionSpec
+from tests.media.vision_helpers import data_url, encoded, image_processor, random_image
 
 SIZES = [(300, 700), (1000, 20), (512, 512), (50, 60), (1537, 2049)]
 
