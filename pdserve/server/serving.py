@@ -77,7 +77,7 @@ async def serve(
     if req.resume is not None and not internal:
         raise bad_request("resume is an internal field: only the router may send it", "resume")
     response_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    images = await prepare_images(st.images, req) if chat else None  # in a bounded pool
+    images = await prepare_images(st.images, req.messages) if chat else None  # bounded pool
     # chat templating and tokenization are CPU work (seconds for a huge prompt): off the loop
     choices = await asyncio.to_thread(_choices, st, req, chat, response_id, images)
     if len(choices) == 1:  # n > 1 and batches refuse kv_transfer_params (protocol.py)

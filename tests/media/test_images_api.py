@@ -233,3 +233,14 @@ def test_the_routers_body_limit_lets_a_large_image_reach_the_instance(fleet):
     resp = post(fleet.router.url, hostile_bodies(fleet)["too big"])
     assert_400(resp, URL, "--max-image-bytes")
     assert_healthy(fleet.router)
+
+
+def test_tokenize_counts_an_images_tokens_and_a_text_model_refuses_them(fleet):
+    image = random_image(100, 300)
+    body = {"messages": image_chat(data_url(encoded(image)))["messages"]}
+    resp = httpx.post(fleet.vision.url + "/tokenize", json=body, timeout=60)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["count"] == expected_prompt_tokens(fleet.tokenizer, [image],
+                                                          "What is this?")
+    resp = httpx.post(fleet.text.url + "/tokenize", json=body, timeout=60)
+    assert_400(resp, "messages[0].content[0]", "does not accept images")
