@@ -3,7 +3,8 @@ end-to-end latency of chat requests with one image each, N at once, and how long
 takes meanwhile (the event loop must stay free while images are decoded and preprocessed
 in the pool). SmolVLM-256M's processor settings; a processor folder is built locally.
 
-    PYTHONPATH=. python benchmarks/bench_image_serving.py --out benchmarks/results/image_serving_cpu.json
+    PYTHONPATH=. python benchmarks/bench_image_serving.py \
+        --out benchmarks/results/image_serving_cpu.json
 """
 
 from __future__ import annotations
