@@ -244,3 +244,17 @@ def test_tokenize_counts_an_images_tokens_and_a_text_model_refuses_them(fleet):
                                                           "What is this?")
     resp = httpx.post(fleet.text.url + "/tokenize", json=body, timeout=60)
     assert_400(resp, "messages[0].content[0]", "does not accept images")
+
+
+def test_a_tokenizer_naming_another_image_token_stops_the_server(fleet, tmp_path):
+    """The model fills the positions of its image token id: a tokenizer whose <image> is
+    another id would put every embedding in the wrong place. The server refuses to start."""
+    folder = save_processor_folder(tmp_path / "mismatch", fleet.tokenizer)
+    (folder / "config.json").write_text('{"image_token_id": 5}')
+    proc = start_instance(tmp_path, "colocated", "--engine-standin", "2",
+                          "--tokenizer", str(folder))
+    try:
+        assert proc.proc.wait(timeout=120) != 0
+        assert "is not the model's image token 5" in proc.log()
+    finally:
+        proc.stop()
