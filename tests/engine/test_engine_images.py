@@ -67,3 +67,16 @@ def test_a_text_only_engine_refuses_images():
     with pytest.raises(ValueError, match="does not accept images"):
         engine.add_request(req)
     assert not engine.has_unfinished_requests()
+
+
+def test_a_folder_whose_processor_skips_a_step_is_refused(tmp_path):
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"do_normalize": False}))
+    with pytest.raises(ValueError, match="do_normalize false is not supported"):
+        VisionSpec.from_folder(tmp_path, image_token_id=1)
+
+
+def test_one_number_for_mean_and_std_means_every_channel(tmp_path):
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(
+        {"image_mean": 0.5, "image_std": [0.25, 0.5, 1]}))
+    spec = VisionSpec.from_folder(tmp_path, image_token_id=1)
+    assert (spec.image_mean, spec.image_std) == ((0.5,) * 3, (0.25, 0.5, 1.0))
