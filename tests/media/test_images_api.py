@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,6 +175,18 @@ def test_each_hostile_image_gets_a_400_naming_it_and_the_server_stays_healthy(fl
     assert_healthy(fleet.vision)
     resp = post(fleet.vision.url, image_chat(data_url(encoded(random_image(30, 30)))))
     assert resp.status_code == 200, resp.text
+
+
+def test_hostile_images_at_once_all_get_400s_and_good_ones_still_pass(fleet):
+    bodies = list(hostile_bodies(fleet).items()) * 2
+    good = image_chat(data_url(encoded(random_image(64, 64))))
+    with ThreadPoolExecutor(8) as pool:
+        bad = list(pool.map(lambda item: (item[0], post(fleet.vision.url, item[1])), bodies))
+        fine = list(pool.map(lambda _: post(fleet.vision.url, good), range(4)))
+    for name, resp in bad:
+        assert resp.status_code == 400, (name, resp.text)
+    assert all(resp.status_code == 200 for resp in fine)
+    assert_healthy(fleet.vision)
 
 
 @pytest.mark.parametrize("part,words", [
