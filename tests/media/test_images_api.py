@@ -271,3 +271,31 @@ def test_a_tokenizer_naming_another_image_token_stops_the_server(fleet, tmp_path
         assert "is not the model's image token 5" in proc.log()
     finally:
         proc.stop()
+
+
+def shared_pixel_files(pid: int) -> int:
+    """Open shared-memory files of torch tensors in process `pid`."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            count += "torch_" in os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            pass  # closed meanwhile
+    return count
+
+
+def test_a_running_requests_pixels_live_in_the_engine_not_the_server(fleet):
+    """The server lets go of an image's pixels once the engine has them: a long decode
+    must not keep 40-50 MB an image in the server too."""
+    server_pid = fleet.vision.proc.pid
+    engine_pid = int(httpx.get(fleet.vision.url + "/health", timeout=10).json()["engine_pid"])
+    body = {**image_chat(data_url(encoded(random_image(100, 300)))), "max_tokens": 1500,
+            "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", fleet.vision.url + "/v1/chat/completions", json=body,
+                      timeout=120) as resp:
+        assert resp.status_code == 200
+        lines = resp.iter_lines()
+        for _ in range(5):
+            next(lines)  # decoding has begun
+        assert shared_pixel_files(engine_pid) >= 1
+        assert shared_pixel_files(server_pid) == 0
