@@ -32,6 +32,8 @@ from pdserve.engine.step_loop import StepLoop
 from pdserve.engine.step_time import StepTimeModel
 from pdserve.engine.tp import TPSpec, visible_gpus_for
 from pdserve.engine.tp_runner import TPModelRunner, TPWorkers
+from pdserve.media.image_check import check_image_tokens
+from pdserve.media.vision_spec import vision_spec_of
 from pdserve.models.layers import build_rope_tables
 from pdserve.transfer.layout import KVLayout
 
@@ -126,6 +128,7 @@ class Engine:
                             seed=args.seed)
         self.model_config: ModelConfig = loaded.config
         self.model_name = loaded.name
+        self.vision = vision_spec_of(args.model, loaded.model)  # None: text only
         cfg = self.model_config
         self.vocab_size = cfg.vocab_size
         self.eos_token_ids = list(cfg.eos_token_ids)
@@ -232,6 +235,7 @@ class Engine:
             raise ValueError(
                 f"token id {bad[0]} is out of the vocabulary (0..{self.vocab_size - 1})"
             )
+        check_image_tokens(req.prompt_token_ids, req.images, self.vision)
         if p.max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
         if n + p.max_tokens > self.max_model_len:
@@ -295,13 +299,14 @@ class Engine:
             prompt_token_ids=list(req.prompt_token_ids),
             params=req.params,
             arrival_time=req.arrival_time,
+            images=list(req.images),
         )
         request.output_token_ids = list(req.output_token_ids)  # resumed: recomputed first
         request.handoff = req.handoff  # the connector's to read
         if isinstance(req.handoff, RemotePrefill):  # D: pull P's KV, go on after its token
             request.output_token_ids = [req.handoff.first_token_id]
         request.grammar = grammar
-        request.images, request.prompt_images = list(req.images), prompt_images
+        request.prompt_images = prompt_images
         if req.prefill_after is not None:  # n > 1: prefill the shared prompt once
             request.prefill_leader = self.requests.get(req.prefill_after)
         self.requests[req.request_id] = request

@@ -12,6 +12,7 @@ from pdserve.engine.histogram import (
     StepHistogram,
 )
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.multimodal import ImageInput
 
 if TYPE_CHECKING:
     from pdserve.engine.handoff import HeldPrefill, KVHandoff
@@ -34,7 +35,8 @@ class EngineRequest:
     # one of n choices of one prompt: wait for this earlier sibling's prefill, then take
     # its prompt blocks from the prefix cache (the prompt is computed once, not n times)
     prefill_after: str | None = None
-    # a vision-language prompt's images, in the order of its image tokens (multimodal.py)
+    # a vision-language prompt's images, in the order of its image tokens (multimodal.py);
+    # their pixels are in shared memory: crossing to the engine process sends a handle
     images: list[ImageInput] = field(default_factory=list)
 
 

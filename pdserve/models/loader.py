@@ -114,7 +114,13 @@ def serving_tokenizer(model: str | None, tokenizer: str | None = None
     else the model's; for a preset, covering the preset's whole vocabulary."""
     loaded = load_tokenizer(tokenizer or model)
     config = preset_config(model) if model else None
-    return loaded if config is None else cover_vocabulary(loaded, config.vocab_size)
+    if config is None:
+        return loaded
+    if config.vision is not None and tokenizer is None:  # the embedded one: add SmolVLM's
+        from pdserve.models.smolvlm_tokens import add_smolvlm_tokens
+
+        add_smolvlm_tokens(loaded)
+    return cover_vocabulary(loaded, config.vocab_size)
 
 
 def cover_vocabulary(tokenizer: PreTrainedTokenizerBase, vocab_size: int

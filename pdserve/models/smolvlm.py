@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from pdserve.config import ModelConfig
+from pdserve.media.vision_spec import VisionSpec
 from pdserve.models.llama import LlamaForCausalLM
 from pdserve.models.vision import VisionTower
 
@@ -30,6 +31,19 @@ class SmolVLMForConditionalGeneration(LlamaForCausalLM):
             raise ValueError("vision-language models run with tensor_parallel_size 1 for now")
         super().__init__(config, tp_rank, tp_size)
         self.vision = VisionTower(config.vision, config.hidden_size)
+
+    @property
+    def image_token_id(self) -> int:
+        """The prompt id whose positions take image rows."""
+        return self.config.vision.image_token_id
+
+    @property
+    def vision_spec(self) -> VisionSpec:
+        """How images are prepared for this model where no processor folder says (a preset):
+        SmolVLM's processing at this tower's tile size (images up to 4 x 4 tiles)."""
+        v = self.config.vision
+        return VisionSpec(image_token_id=v.image_token_id, image_seq_len=v.tokens_per_tile,
+                          tile_size=v.image_size, longest_edge=4 * v.image_size)
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings [T, hidden], for the rows that are not image rows."""
