@@ -43,14 +43,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(REPO, "benchmarks", "results", "routing_cpu.json")
 SECRET = "bench-routing-deployment-secret-0123456789"
 POLICIES = ("cache_aware", "least_loaded", "round_robin")
-WORKLOADS = {  # small: the CPUs are shared; each instance runs on one thread
-    "shared-prefix": ["--dataset-name", "shared-prefix", "--gsp-num-groups", "3",
-                      "--gsp-prompts-per-group", "4", "--gsp-system-prompt-len", "256",
-                      "--gsp-question-len", "16", "--gsp-output-len", "4"],
-    "multi-turn": ["--dataset-name", "multi-turn", "--mt-num-conversations", "3",
-                   "--mt-turns", "4", "--mt-system-prompt-len", "128", "--mt-turn-len", "32",
+WORKLOADS = {  # small: each instance runs on one thread; prefixes as long as system prompts are
+    "shared-prefix": ["--dataset-name", "shared-prefix", "--gsp-num-groups", "4",
+                      "--gsp-prompts-per-group", "4", "--gsp-system-prompt-len", "512",
+                      "--gsp-question-len", "32", "--gsp-output-len", "4"],
+    "multi-turn": ["--dataset-name", "multi-turn", "--mt-num-conversations", "4",
+                   "--mt-turns", "4", "--mt-system-prompt-len", "384", "--mt-turn-len", "48",
                    "--mt-output-len", "4"],
-    "random": ["--dataset-name", "random", "--num-prompts", "12", "--random-input-len", "256",
+    "random": ["--dataset-name", "random", "--num-prompts", "16", "--random-input-len", "256",
                "--random-output-len", "4"],
     # short and long prompts mixed, for the P/D decision (1P1D)
     "mix": ["--dataset-name", "random", "--num-prompts", "20", "--random-input-len", "400",

@@ -3,6 +3,7 @@ colocated instance, equals the colocated instance's own answer (whole or disaggr
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -55,17 +56,38 @@ def test_greedy_text_through_every_policy_equals_colocated(fleet, routers, polic
                       decision="disagg", reason="long_prompt") > 0
 
 
-def test_conditional_disaggregates_a_long_uncached_prompt(fleet, routers):
+def decisions(url: str, decision: str, reason: str) -> float:
+    return metric(url, "pdserve_router:routing_decisions_total", policy="conditional",
+                  decision=decision, reason=reason)
+
+
+def test_conditional_serves_a_long_prompt_whole_on_an_idle_decode(fleet, routers):
     url = routers["conditional"].url
     prompt = " ".join(f"item{i}-{uuid.uuid4().hex[:6]}" for i in range(150))  # ~900 tokens
     body = {"prompt": prompt, "max_tokens": 8, **GREEDY}
     want = httpx.post(fleet.c0.url + "/v1/completions", json=body, timeout=300).json()
-    before = metric(url, "pdserve_router:routing_decisions_total", policy="conditional",
-                    decision="disagg", reason="long_uncached")
+    before = decisions(url, "whole_on_decode", "idle_decode")
     got = httpx.post(url + "/v1/completions", json=body, timeout=300).json()
     assert got["choices"][0]["text"] == want["choices"][0]["text"]
-    assert metric(url, "pdserve_router:routing_decisions_total", policy="conditional",
-                  decision="disagg", reason="long_uncached") == before + 1
+    assert decisions(url, "whole_on_decode", "idle_decode") == before + 1
+
+
+def test_conditional_disaggregates_a_long_uncached_prompt_while_d_decodes(fleet, routers):
+    url = routers["conditional"].url
+    prompt = " ".join(f"item{i}-{uuid.uuid4().hex[:6]}" for i in range(150))
+    body = {"prompt": prompt, "max_tokens": 8, **GREEDY}
+    want = httpx.post(fleet.c0.url + "/v1/completions", json=body, timeout=300).json()
+    before = decisions(url, "disagg", "long_uncached")
+    busy = {"prompt": SHORT, "max_tokens": 400, "ignore_eos": True, "stream": True, **GREEDY}
+    with httpx.stream("POST", fleet.d0.url + "/v1/completions", json=busy, timeout=300) as bg:
+        lines = bg.iter_lines()
+        while "[DONE]" not in next(lines) and metric(
+                fleet.d0.url, "vllm:num_requests_running") < 1:
+            pass
+        time.sleep(1.5)  # D's load line (every 0.5 s) reaches the router
+        got = httpx.post(url + "/v1/completions", json=body, timeout=300).json()
+    assert got["choices"][0]["text"] == want["choices"][0]["text"]
+    assert decisions(url, "disagg", "long_uncached") == before + 1
 
 
 def test_conditional_serves_a_short_prompt_whole_on_decode(routers):
