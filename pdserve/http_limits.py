@@ -13,6 +13,7 @@ import asyncio
 import json
 import math
 import re
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -38,6 +39,13 @@ class BodyError(Exception):
                           "param": None, "code": self.code}}
 
 
+@dataclass
+class MaxBody:
+    """The body limit, in bytes; a server raises it once it knows its model takes images."""
+
+    bytes: int = DEFAULT_MAX_REQUEST_BYTES
+
+
 def too_large(max_bytes: int) -> BodyError:
     return BodyError(f"Request body is larger than the limit of {max_bytes} bytes", 413)
 
@@ -48,9 +56,13 @@ class BodyLimit:
     answers 413 too unless that reader (a route's parser) answers first. Install it
     outermost, so that it bounds every layer that reads a body (the auth middleware too)."""
 
-    def __init__(self, app, max_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
+    def __init__(self, app, max_bytes: int | MaxBody = DEFAULT_MAX_REQUEST_BYTES) -> None:
         self.app = app
-        self.max_bytes = max_bytes
+        self.limit = max_bytes if isinstance(max_bytes, MaxBody) else MaxBody(max_bytes)
+
+    @property
+    def max_bytes(self) -> int:
+        return self.limit.bytes
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -86,7 +98,7 @@ class BodyLimit:
             await JSONResponse(err.body(), err.status_code)(scope, receive, send)
 
 
-def install(app: FastAPI, max_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
+def install(app: FastAPI, max_bytes: int | MaxBody = DEFAULT_MAX_REQUEST_BYTES) -> None:
     """Bound every request body of `app` (call after adding its other middleware)."""
     app.add_middleware(BodyLimit, max_bytes=max_bytes)
 

@@ -24,7 +24,7 @@ from pdserve.launch.procs import (
     raise_on_signals,
 )
 from pdserve.launch.ray_up import add_ray_flags, run_on_ray
-from pdserve.media.flags import body_flags
+from pdserve.media.flags import body_flags, takes_images
 from pdserve.router.prompt_tokens import EMBEDDED
 from pdserve.server.cli import add_security_flags
 from pdserve.shm import remove_stale_shared_kv_caches
@@ -109,7 +109,7 @@ def router_flags(layout: Layout, creds: Credentials | None = None,
     if layout.routing_policy != "least_loaded":
         cmd += ["--routing-policy", layout.routing_policy,
                 "--tokenizer", layout.model or EMBEDDED]
-    cmd += body_flags(layout.instance_args)  # bodies the instances take pass the router
+    cmd += body_flags(layout.instance_args, takes_images(layout.model))  # bodies they take
     return cmd + (creds.flags() if creds else [])
 
 

@@ -11,11 +11,16 @@ from pdserve.media.limits import MediaLimits
 
 
 def add_media_flags(p: argparse.ArgumentParser, parse_bytes, instance: bool = True) -> None:
-    """Register the flags; `instance` False: only those that size a request's body."""
-    p.add_argument("--max-image-bytes", type=parse_bytes, default=L.DEFAULT_MAX_IMAGE_BYTES,
-                   help="largest image a request may send, encoded (before base64)")
+    """Register the flags; `instance` False (the router): only those that size a request's
+    body, and unset unless given, so that a router in front of text models keeps its
+    --max-request-bytes (`router_body_bytes`)."""
+    p.add_argument("--max-image-bytes", type=parse_bytes,
+                   default=L.DEFAULT_MAX_IMAGE_BYTES if instance else None,
+                   help="largest image a request may send, encoded (before base64)"
+                   + ("" if instance else "; with --limit-mm-per-prompt, it raises the body "
+                      "limit to fit that many such images (default: not raised)"))
     p.add_argument("--limit-mm-per-prompt", type=images_per_prompt,
-                   default=L.DEFAULT_MAX_IMAGES, metavar="N_OR_JSON",
+                   default=L.DEFAULT_MAX_IMAGES if instance else None, metavar="N_OR_JSON",
                    help='most images per request: N, or vLLM\'s {"image": N}')
     if not instance:
         return
@@ -26,6 +31,18 @@ def add_media_flags(p: argparse.ArgumentParser, parse_bytes, instance: bool = Tr
     p.add_argument("--media-decode-threads", type=_positive_int,
                    default=L.DEFAULT_DECODE_THREADS,
                    help="images decoded and preprocessed at once")
+
+
+def router_body_bytes(args: argparse.Namespace) -> int:
+    """The router's body limit: --max-request-bytes, raised to fit images where the image
+    flags are given (`pdserve up` passes the instances' own)."""
+    if args.max_image_bytes is None and args.limit_mm_per_prompt is None:
+        return args.max_request_bytes
+    images = MediaLimits(
+        max_image_bytes=args.max_image_bytes or L.DEFAULT_MAX_IMAGE_BYTES,
+        max_images=L.DEFAULT_MAX_IMAGES if args.limit_mm_per_prompt is None
+        else args.limit_mm_per_prompt)
+    return max(args.max_request_bytes, images.body_bytes())
 
 
 def media_limits(args: argparse.Namespace) -> MediaLimits:
@@ -67,9 +84,19 @@ def _positive_int(text: str) -> int:
 BODY_FLAGS = ("--max-image-bytes", "--limit-mm-per-prompt", "--max-request-bytes")
 
 
-def body_flags(instance_args: list[str] | None) -> list[str]:
+def takes_images(model: str | None) -> bool:
+    """Whether `model` (a preset, folder or file; None: the embedded text model) has a vision
+    tower, so that a router in front of it must let images through."""
+    from pdserve.models.loader import model_config
+
+    return model is not None and model_config(model).vision is not None
+
+
+def body_flags(instance_args: list[str] | None, images: bool = False) -> list[str]:
     """Of an instance's flags, those that size a request's body, for the router in front of
-    it (`pdserve up -- --max-image-bytes 20MiB`: the router must let such bodies through)."""
+    it (`pdserve up -- --max-image-bytes 20MiB`: the router must let such bodies through);
+    `images`: the instances take images, so the router gets an image flag even where none
+    is given (their defaults)."""
     out: list[str] = []
     args = list(instance_args or [])
     for i, arg in enumerate(args):
@@ -80,4 +107,7 @@ def body_flags(instance_args: list[str] | None) -> list[str]:
             out.append(arg)
         elif i + 1 < len(args):
             out += [arg, args[i + 1]]
+    if images and not any(flag.startswith(("--max-image-bytes", "--limit-mm-per-prompt"))
+                          for flag in out):
+        out += ["--limit-mm-per-prompt", str(L.DEFAULT_MAX_IMAGES)]
     return out

@@ -8,7 +8,7 @@ import sys
 import uvicorn
 
 from pdserve.drain import Drain, DrainingServer, add_drain_flag
-from pdserve.media.flags import add_media_flags, media_limits
+from pdserve.media.flags import add_media_flags, router_body_bytes
 from pdserve.router.policy import POLICIES
 from pdserve.security import SecretError, load_secret
 from pdserve.server.cli import (
@@ -100,8 +100,7 @@ def run(args: argparse.Namespace) -> int:
     app = build_app(registry, args.health_interval, args.pd_min_prompt_tokens,
                     api_key=api_key(args), secret=secret, open_metrics=args.open_metrics,
                     drain=drain,
-                    max_request_bytes=max(args.max_request_bytes,
-                                          media_limits(args).body_bytes()),
+                    max_request_bytes=router_body_bytes(args),
                     routing_policy=args.routing_policy, tokenizer=args.tokenizer)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=5)

@@ -58,6 +58,7 @@ def build_app(
     chat template's family speaks. `request_log` logs each request. `media_limits` bound
     the images of a request to a model that takes them (the body limit grows to fit them)."""
     media_limits = media_limits or MediaLimits()
+    body_limit = http_limits.MaxBody(max_request_bytes)  # grows to fit images, if it takes them
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -75,6 +76,8 @@ def build_app(
         except RuntimeError:
             client.shutdown()  # the server will not start: its engine goes too
             raise
+        if images is not None:
+            body_limit.bytes = max(max_request_bytes, media_limits.body_bytes())
         app.state.server = ServerState(client, tokenizer, name, metrics, parser, request_log,
                                        images)
         heartbeat = asyncio.create_task(keep_registered()) if keep_registered else None
@@ -95,7 +98,7 @@ def build_app(
     install_error_handlers(app)
     app.add_middleware(AuthMiddleware, auth=HTTPAuth(api_key, secret, open_metrics,
                                                      INSTANCE_INTERNAL_PATHS))
-    http_limits.install(app, max(max_request_bytes, media_limits.body_bytes()))  # outermost
+    http_limits.install(app, body_limit)  # outermost
     _add_routes(app)
     return app
 

@@ -32,3 +32,31 @@ def test_cache_aware_tokenization_routes_image_prompts_by_load():
     assert tokens.ids_now(True, BODY) is None
     text_only = {"messages": [{"role": "user", "content": "hello"}]}
     assert tokens.ids_now(True, text_only)
+
+
+def test_the_router_raises_its_body_limit_only_when_told_of_images():
+    import argparse
+
+    from pdserve.media.flags import router_body_bytes
+    from pdserve.router.cli import add_parser
+
+    top = argparse.ArgumentParser()
+    add_parser(top.add_subparsers())
+
+    def parse(flags: list[str]) -> argparse.Namespace:
+        return top.parse_args(["router", *flags])
+    assert router_body_bytes(parse([])) == 8 * 2**20  # text models: the plain limit
+    raised = router_body_bytes(parse(["--limit-mm-per-prompt", "4"]))
+    assert raised > 4 * 8 * 2**20  # four 8 MiB images as base64
+    assert router_body_bytes(parse(["--max-image-bytes", "1MiB", "--limit-mm-per-prompt",
+                                    "2"])) == 8 * 2**20  # two 1 MiB images fit in 8 MiB
+
+
+def test_pdserve_up_tells_the_router_when_its_instances_take_images():
+    from pdserve.media.flags import body_flags, takes_images
+
+    assert takes_images("smolvlm-tiny") and not takes_images(None)
+    assert body_flags([], images=True) == ["--limit-mm-per-prompt", "4"]
+    assert body_flags(["--max-image-bytes", "1MiB"], images=True) == ["--max-image-bytes",
+                                                                       "1MiB"]
+    assert body_flags(["--max-num-seqs", "8"], images=False) == []
