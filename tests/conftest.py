@@ -70,18 +70,3 @@ def tiny_smolvlm(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("tiny-smolvlm")
     return build_reference(folder), str(folder)
-
-
-# Folders whose tests start server processes (instances, routers, fleets). Under
-# pytest-xdist (`-n 2 --dist loadgroup`, the README's command) they all run on one worker,
-# so that two workers never hold two fleets at once in the machine's 24 GiB; the in-process
-# tests (engine, kernels, models, ...) share the other worker.
-SERVER_FOLDERS = {"bench", "launch", "media", "planner", "router", "security", "server",
-                  "transfer"}
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        parts = item.path.relative_to(config.rootpath).parts
-        if len(parts) > 2 and parts[0] == "tests" and parts[1] in SERVER_FOLDERS:
-            item.add_marker(pytest.mark.xdist_group("servers"))
