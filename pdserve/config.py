@@ -8,8 +8,34 @@ from pdserve.security import SECRET_ENV, DeploymentSecret, SecretError
 
 
 @dataclass
+class VisionConfig:
+    """A SmolVLM / Idefics3 vision tower (SigLIP encoder) and its pixel-shuffle connector."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    image_size: int  # a tile's side in pixels (the learned position grid covers this)
+    patch_size: int
+    scale_factor: int  # pixel shuffle: scale_factor**2 patches fold into one text token
+    image_token_id: int  # the prompt's placeholder id that image embeddings replace
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-6
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """Text positions one full-size tile fills."""
+        return (self.patches_per_side // self.scale_factor) ** 2
+
+
+@dataclass
 class ModelConfig:
-    """A Llama-family architecture (Llama 3.x, SmolLM2, Qwen2/2.5, Qwen3)."""
+    """A Llama-family architecture (Llama 3.x, SmolLM2, Qwen2/2.5, Qwen3), or SmolVLM: a
+    Llama text model with a vision tower (`vision`)."""
 
     vocab_size: int
     hidden_size: int
@@ -28,7 +54,13 @@ class ModelConfig:
     qk_norm: bool = False  # Qwen3: RMSNorm on each head of q and k before RoPE
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
-    architecture: str = "llama"  # "llama", "qwen2" or "qwen3": which HF class is the reference
+    # "llama", "qwen2", "qwen3" or "smolvlm": which HF class is the reference
+    architecture: str = "llama"
+    vision: VisionConfig | None = None  # set for vision-language models only
+
+    def __post_init__(self) -> None:
+        if isinstance(self.vision, dict):  # read back from JSON (the GGUF config cache)
+            self.vision = VisionConfig(**self.vision)
 
 
 @dataclass

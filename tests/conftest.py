@@ -61,3 +61,12 @@ def hf_greedy(model, prompt: list[int], num_tokens: int) -> list[int]:
             result = model(torch.tensor([[token]]), past_key_values=result.past_key_values,
                            use_cache=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_smolvlm(tmp_path_factory):
+    """(transformers' tiny SmolVLM, the HF folder it saved): one reference for every test."""
+    from tests.smolvlm_reference import build_reference
+
+    folder = tmp_path_factory.mktemp("tiny-smolvlm")
+    return build_reference(folder), str(folder)

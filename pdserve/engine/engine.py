@@ -23,6 +23,7 @@ from pdserve.engine.kv_caches import KVCaches
 from pdserve.engine.kv_connector import KVConnector
 from pdserve.engine.kv_manager import KVCacheManager
 from pdserve.engine.outputs import EngineRequest, EngineStats, RequestOutput, RequestTimes
+from pdserve.engine.prompt_images import PromptImages
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.runner import ModelRunner, profile_peak_activation_bytes
 from pdserve.engine.sampling_params import SamplingParams
@@ -31,6 +32,8 @@ from pdserve.engine.step_loop import StepLoop
 from pdserve.engine.step_time import StepTimeModel
 from pdserve.engine.tp import TPSpec, visible_gpus_for
 from pdserve.engine.tp_runner import TPModelRunner, TPWorkers
+from pdserve.media.image_check import check_image_tokens
+from pdserve.media.vision_spec import vision_spec_of
 from pdserve.models.layers import build_rope_tables
 from pdserve.transfer.layout import KVLayout
 
@@ -96,7 +99,7 @@ class Engine:
     """One engine instance: model, KV cache, scheduler and sampler on one device."""
 
     def __init__(self, args: EngineArgs) -> None:
-        from pdserve.models.loader import load_model  # heavy: import when an engine is built
+        from pdserve.models.loader import load_model, model_config  # heavy: import here
 
         self.args = args
         args.require_deployment_secret()  # before minutes of model loading
@@ -110,6 +113,8 @@ class Engine:
         self.tp_workers: TPWorkers | None = None
         shares_gpus = False
         if tp > 1:
+            if model_config(args.model).vision is not None:  # before starting any worker
+                raise ValueError("vision-language models run with tensor_parallel_size 1 for now")
             spec = TPSpec(args.model, self.dtype, self.device.type, tp, seed=args.seed,
                           cpu_threads=torch.get_num_threads(),
                           max_model_len=args.scheduler.max_model_len,
@@ -123,6 +128,7 @@ class Engine:
                             seed=args.seed)
         self.model_config: ModelConfig = loaded.config
         self.model_name = loaded.name
+        self.vision = vision_spec_of(args.model, loaded.model)  # None: text only
         cfg = self.model_config
         self.vocab_size = cfg.vocab_size
         self.eos_token_ids = list(cfg.eos_token_ids)
@@ -228,6 +234,8 @@ class Engine:
             raise ValueError(
                 f"token id {bad[0]} is out of the vocabulary (0..{self.vocab_size - 1})"
             )
+        check_image_tokens(req.prompt_token_ids, req.images,
+                           self.vision.image_token_id if self.vision else None)
         if p.max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
         if n + p.max_tokens > self.max_model_len:
@@ -280,6 +288,9 @@ class Engine:
         try:
             self.validate(req)
             grammar = self._request_grammar(req)
+            prompt_images = PromptImages.build(
+                req.prompt_token_ids, req.images, self.model_config.vision,
+                self.model_config.hidden_size, self.args.cache.block_size)
         except ValueError:
             self._release_refused(req)
             raise
@@ -288,12 +299,14 @@ class Engine:
             prompt_token_ids=list(req.prompt_token_ids),
             params=req.params,
             arrival_time=req.arrival_time,
+            images=list(req.images),
         )
         request.output_token_ids = list(req.output_token_ids)  # resumed: recomputed first
         request.handoff = req.handoff  # the connector's to read
         if isinstance(req.handoff, RemotePrefill):  # D: pull P's KV, go on after its token
             request.output_token_ids = [req.handoff.first_token_id]
         request.grammar = grammar
+        request.images, request.prompt_images = list(req.images), prompt_images
         if req.prefill_after is not None:  # n > 1: prefill the shared prompt once
             request.prefill_leader = self.requests.get(req.prefill_after)
         self.requests[req.request_id] = request

@@ -23,10 +23,13 @@ class KVCacheManager:
         if (len(request.block_hashes) + 1) * bs > request.num_tokens:
             return  # the common decode step: no new full block, skip building the token list
         tokens = request.all_token_ids
+        images = request.prompt_images
+        keys = images.block_keys if images is not None else {}  # blocks holding image rows
         while (len(request.block_hashes) + 1) * bs <= len(tokens):
             i = len(request.block_hashes)
             parent = request.block_hashes[-1] if i else None
-            request.block_hashes.append(hash_block(parent, tokens[i * bs : (i + 1) * bs]))
+            request.block_hashes.append(
+                hash_block(parent, tokens[i * bs : (i + 1) * bs], keys.get(i, b"")))
 
     def take_prefix(self, request: Request) -> int:
         """Attach the cached leading blocks of a request that holds none; returns tokens hit."""

@@ -12,9 +12,11 @@ from pdserve.engine.histogram import (
     StepHistogram,
 )
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.multimodal import ImageInput
 
 if TYPE_CHECKING:
     from pdserve.engine.handoff import HeldPrefill, KVHandoff
+    from pdserve.multimodal import ImageInput  # torch: not for the server's light imports
 
 
 @dataclass
@@ -33,6 +35,9 @@ class EngineRequest:
     # one of n choices of one prompt: wait for this earlier sibling's prefill, then take
     # its prompt blocks from the prefix cache (the prompt is computed once, not n times)
     prefill_after: str | None = None
+    # the prompt's images, in order (pdserve/multimodal.py); their pixels are in shared
+    # memory, so crossing to the engine process sends a handle, not the bytes
+    images: list[ImageInput] = field(default_factory=list)
 
 
 @dataclass

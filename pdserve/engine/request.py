@@ -5,11 +5,15 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pdserve.engine.grammar import RequestGrammar
 from pdserve.engine.handoff import KVHandoff
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.multimodal import ImageInput
+
+if TYPE_CHECKING:
+    from pdserve.engine.prompt_images import PromptImages
 
 
 class RequestStatus(enum.Enum):
@@ -60,6 +64,7 @@ class Request:
     first_token_time: float = 0.0  # monotonic, its first token sampled here (0: not yet)
     grammar: RequestGrammar | None = None  # structured output: its matcher, one token behind
     images: list[ImageInput] = field(default_factory=list)  # in prompt order (multimodal.py)
+    prompt_images: PromptImages | None = None  # where `images` go: rows, block keys, cache
 
     @property
     def num_prompt_tokens(self) -> int:

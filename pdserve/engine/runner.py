@@ -8,6 +8,7 @@ import torch
 
 from pdserve.engine.batch_inputs import InputBuilder, StepInputs
 from pdserve.engine.cuda_graphs import DecodeGraphs
+from pdserve.engine.image_rows import ImageRows, step_image_rows
 from pdserve.engine.scheduler import SchedulerOutput
 from pdserve.kernels.attention import build_metadata
 
@@ -22,6 +23,7 @@ class ModelRunner:
                  device: torch.device, max_tokens: int, max_seqs: int, max_model_len: int,
                  use_cuda_graphs: bool = False):
         self.model = model
+        self.has_vision = getattr(model.config, "vision", None) is not None
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = device
@@ -46,18 +48,24 @@ class ModelRunner:
         x = builder.build(step)
         if pending is not None:
             pending.apply(x)
-        return forward_step(self.model, self.kv_caches, self.graphs, x)
+        images = step_image_rows(step, self.model, self.device) if self.has_vision else None
+        return forward_step(self.model, self.kv_caches, self.graphs, x, images)
 
 
 def forward_step(model: torch.nn.Module, kv_caches: list[torch.Tensor],
-                 graphs: DecodeGraphs | None, x: StepInputs) -> torch.Tensor:
-    """The forward every TP rank runs; the same choice of graph or eager on every rank."""
-    if graphs is not None and graphs.fits(x):
+                 graphs: DecodeGraphs | None, x: StepInputs,
+                 images: ImageRows | None = None) -> torch.Tensor:
+    """The forward every TP rank runs; the same choice of graph or eager on every rank.
+    `images`: rows of a VLM's prompt chunks that take image embeddings, not token ones."""
+    if images is None and graphs is not None and graphs.fits(x):
         logits = graphs.run(x)  # the graph includes the LM head
         if x.sample_rows.shape[0] == x.num_seqs:  # every decode row samples: rows 0..B-1
             return logits
         return logits.index_select(0, x.sample_rows)
-    hidden = model(x.input_ids, x.positions, kv_caches, x.meta)
+    embeds = None
+    if images is not None:
+        embeds = model.embed_tokens(x.input_ids).index_copy_(0, images.dst, images.src)
+    hidden = model(x.input_ids, x.positions, kv_caches, x.meta, input_embeds=embeds)
     # the vocab-parallel head all-gathers: every rank must call it, even with 0 rows
     return model.compute_logits(hidden.index_select(0, x.sample_rows))
 

@@ -143,13 +143,16 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,
         kv_caches: list[torch.Tensor],
         meta: AttentionMetadata,
+        input_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run this step's tokens [T] at `positions` [T]; returns final hidden states [T, hidden].
 
         `kv_caches[i]` is layer i's cache [2, num_blocks, block_size, kv_heads_per_rank, head_dim];
-        this step's K/V are written into it at `meta.slot_mapping`.
+        this step's K/V are written into it at `meta.slot_mapping`. `input_embeds` [T, hidden],
+        when given, replaces the embedding of `input_ids` (a VLM's prompt with image rows).
         """
-        hidden, residual = self.model.embed_tokens(input_ids), None
+        hidden = self.model.embed_tokens(input_ids) if input_embeds is None else input_embeds
+        residual = None
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
             hidden, residual = layer(positions, hidden, residual, kv_cache, meta)
         return self.model.norm.add_norm(hidden, residual)[0]
@@ -163,7 +166,9 @@ class LlamaForCausalLM(nn.Module):
 
         Raises if a parameter of the model was not in `named_tensors`.
         """
-        params = dict(self.named_parameters(remove_duplicate=False))
+        # the text model's own parameters (a VLM's vision tower loads its part itself)
+        params = {name: p for name, p in self.named_parameters(remove_duplicate=False)
+                  if name.startswith(("model.", "lm_head."))}
         modules = dict(self.named_modules(remove_duplicate=False))
         loaded: set[tuple[str, int | None]] = set()
         for hf_name, tensor in named_tensors:

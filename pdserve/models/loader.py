@@ -33,6 +33,7 @@ from pdserve.models.hf_folder import hf_folder_config, is_hf_folder, iter_safete
 from pdserve.models.llama import LlamaForCausalLM
 from pdserve.models.presets import preset_config
 from pdserve.models.random_weights import init_random_weights
+from pdserve.models.smolvlm import SmolVLMForConditionalGeneration
 from pdserve.models.tokenizer import folder_tokenizer, gguf_tokenizer
 
 
@@ -136,8 +137,9 @@ def load_model(
     device = torch.device(device)
     reader = gguf.GGUFReader(source.target) if source.kind == "gguf" else None
     config = gguf_config(reader) if reader is not None else model_config(name)
+    model_class = LlamaForCausalLM if config.vision is None else SmolVLMForConditionalGeneration
     with _building_on(device, dtype):
-        model = LlamaForCausalLM(config, tp_rank=tp_rank, tp_size=tp_size)
+        model = model_class(config, tp_rank=tp_rank, tp_size=tp_size)
     if source.kind == "preset":
         init_random_weights(model, seed)
         origin = f"preset:{source.target}"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 
-from pdserve.config import ModelConfig
+from pdserve.config import ModelConfig, VisionConfig
 
 _LLAMA3_ROPE = {
     "rope_type": "llama3",
@@ -67,6 +67,27 @@ PRESETS: dict[str, ModelConfig] = {
         num_heads=9, num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0,
         max_position_embeddings=8192, tie_word_embeddings=True,
         bos_token_id=1, eos_token_ids=[2], architecture="llama",
+    ),
+    # SmolVLM-256M-Instruct: SmolLM2-135M's shape with 128 added tokens, SigLIP-B/16 at 512 px,
+    # pixel shuffle by 4 (64 rows a 512 x 512 tile); model_type idefics3 in its config.json
+    "smolvlm-256m": ModelConfig(
+        vocab_size=49280, hidden_size=576, intermediate_size=1536, num_layers=30,
+        num_heads=9, num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0,
+        max_position_embeddings=8192, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_ids=[49279], architecture="smolvlm",
+        vision=VisionConfig(hidden_size=768, intermediate_size=3072, num_layers=12,
+                            num_heads=12, image_size=512, patch_size=16, scale_factor=4,
+                            image_token_id=49190),
+    ),
+    # a few-MB SmolVLM for tests and laptops: 16 rows a 32 x 32 tile
+    "smolvlm-tiny": ModelConfig(
+        vocab_size=49280, hidden_size=64, intermediate_size=128, num_layers=2,
+        num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=100000.0,
+        max_position_embeddings=2048, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_ids=[49279], architecture="smolvlm",
+        vision=VisionConfig(hidden_size=32, intermediate_size=64, num_layers=2,
+                            num_heads=4, image_size=32, patch_size=4, scale_factor=2,
+                            image_token_id=49190),
     ),
 }  # fmt: skip
 

@@ -13,7 +13,7 @@ def init_random_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> N
     """Normal(0, std) matrices, unit norms, zero biases: activations stay finite in bf16."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
-    norms = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm)}
+    norms = {id(m.weight) for m in model.modules() if isinstance(m, (RMSNorm, nn.LayerNorm))}
     for name, param in model.named_parameters():
         if id(param) in norms:
             param.fill_(1.0)

@@ -8,9 +8,15 @@ import sys
 import uvicorn
 
 from pdserve.drain import Drain, DrainingServer, add_drain_flag
+from pdserve.media.flags import add_media_flags, media_limits
 from pdserve.router.policy import POLICIES
 from pdserve.security import SecretError, load_secret
-from pdserve.server.cli import add_max_request_bytes_flag, add_security_flags, api_key
+from pdserve.server.cli import (
+    add_max_request_bytes_flag,
+    add_security_flags,
+    api_key,
+    parse_bytes,
+)
 
 
 def add_parser(subparsers) -> None:
@@ -60,6 +66,7 @@ def add_parser(subparsers) -> None:
     add_security_flags(p)
     add_drain_flag(p)
     add_max_request_bytes_flag(p)
+    add_media_flags(p, parse_bytes, instance=False)  # the body limit lets images through
     p.add_argument("--log-level", default="warning", help="uvicorn's log level")
     p.set_defaults(func=run)
 
@@ -92,7 +99,9 @@ def run(args: argparse.Namespace) -> int:
     drain = Drain(args.drain_timeout)
     app = build_app(registry, args.health_interval, args.pd_min_prompt_tokens,
                     api_key=api_key(args), secret=secret, open_metrics=args.open_metrics,
-                    drain=drain, max_request_bytes=args.max_request_bytes,
+                    drain=drain,
+                    max_request_bytes=max(args.max_request_bytes,
+                                          media_limits(args).body_bytes()),
                     routing_policy=args.routing_policy, tokenizer=args.tokenizer)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=5)

@@ -10,7 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pdserve.block_hashing import block_hashes, usable_blocks
+from pdserve.block_hashing import (
+    block_hashes,
+    image_block_keys,
+    image_token_positions,
+    usable_blocks,
+)
 
 MAX_HASH = (1 << 64) - 1
 MAX_BLOCK_SIZE = 1 << 16
@@ -59,14 +64,19 @@ class KVIndex:
             if not holders:
                 del self._holders[h]
 
-    def cached_tokens(self, token_ids: Sequence[int]) -> dict[str, int]:
+    def cached_tokens(self, token_ids: Sequence[int], image_token_id: int | None = None,
+                      images: Sequence[tuple[bytes, int]] = ()) -> dict[str, int]:
         """For each indexed instance, the leading tokens of the prompt its prefix cache would
-        serve (whole blocks, never the last token: the engine's rule)."""
+        serve (whole blocks, never the last token: the engine's rule). A prompt with images
+        counts past its first image only given the images' (content hash, rows), as the
+        engine keys those blocks by them."""
+        positions = image_token_positions(token_ids, image_token_id) if images else []
         out: dict[str, int] = {}
         for size in set(self.block_size.values()):
             urls = {u for u, bs in self.block_size.items() if bs == size}
             limit = usable_blocks(len(token_ids), size)
-            for i, h in enumerate(block_hashes(token_ids, size, limit)):
+            keys = image_block_keys(positions, size, images) if images else None
+            for i, h in enumerate(block_hashes(token_ids, size, limit, keys)):
                 holders = self._holders.get(h, ())
                 for url in [u for u in urls if u not in holders]:
                     out[url] = i * size

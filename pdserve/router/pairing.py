@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pdserve.router.registry import Instance
 
 CHARS_PER_TOKEN = 4  # the router does not tokenize: a rough count is enough to balance load
+IMAGE_TOKENS_ESTIMATE = 17 * 64  # SmolVLM-256M: 4 x 4 tiles and the global image, 64 tokens each
 
 
 def least_loaded(candidates: Iterable[Instance], exclude: Container[str] = frozenset()
@@ -71,14 +72,28 @@ def charged(inst: Instance, tokens: int, prefill: int = 0) -> Iterator[Charge]:
 def estimate_prompt_tokens(body: dict) -> int:
     """Prompt tokens, roughly, from the prompt text or the chat messages."""
     if "messages" in body:
-        chars = sum(len(str(m.get("content") or "")) + 8 for m in body["messages"]
-                    if isinstance(m, dict))
-    else:
-        prompt = body.get("prompt", "")
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-            return len(prompt)
-        chars = len(prompt) if isinstance(prompt, str) else len(str(prompt))
+        messages = [m for m in body["messages"] if isinstance(m, dict)]
+        chars = sum(_content_chars(m.get("content")) + 8 for m in messages)
+        images = sum(_num_images(m.get("content")) for m in messages)
+        return chars // CHARS_PER_TOKEN + 1 + images * IMAGE_TOKENS_ESTIMATE
+    prompt = body.get("prompt", "")
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+        return len(prompt)
+    chars = len(prompt) if isinstance(prompt, str) else len(str(prompt))
     return chars // CHARS_PER_TOKEN + 1
+
+
+def _content_chars(content: object) -> int:
+    """A message's text length; image parts count apart (their URLs are not text)."""
+    if isinstance(content, list):
+        return sum(len(str(p.get("text") or "")) for p in content if isinstance(p, dict))
+    return len(str(content or ""))
+
+
+def _num_images(content: object) -> int:
+    if not isinstance(content, list):
+        return 0
+    return sum(1 for p in content if isinstance(p, dict) and p.get("type") == "image_url")
 
 
 def max_tokens_field(body: dict, chat: bool) -> object:

@@ -52,6 +52,8 @@ class PromptTokenizer:
                 req = ChatCompletionRequest.model_validate(body)
                 if req.tool_mode() != "none":
                     return None  # the instance adds the tools in its parser's words
+                if any(m.images() for m in req.messages):
+                    return None  # image tokens depend on the decoded image: route by load
                 return chat_prompt_ids(self.tokenizer, req.messages, req.add_generation_prompt)
             prompts = CompletionRequest.model_validate(body).prompts()
             if len(prompts) != 1:

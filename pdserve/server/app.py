@@ -16,6 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pdserve import http_limits
 from pdserve.drain import Drain, DrainMiddleware, draining_health
 from pdserve.http_auth import INSTANCE_INTERNAL_PATHS, AuthMiddleware, HTTPAuth
+from pdserve.media.image_inputs import ImagePreparer
+from pdserve.media.limits import MediaLimits
+from pdserve.media.vision_spec import VisionSpec
 from pdserve.security import DeploymentSecret
 from pdserve.server.engine_client import EngineClient
 from pdserve.server.errors import (
@@ -26,7 +29,7 @@ from pdserve.server.errors import (
     validation_error,
 )
 from pdserve.server.metrics import ServerMetrics, cache_info
-from pdserve.server.protocol import ChatCompletionRequest, CompletionRequest
+from pdserve.server.protocol import IMAGE_PLACEHOLDER, ChatCompletionRequest, CompletionRequest
 from pdserve.server.request_log import RequestLog
 from pdserve.server.serving import ServerState, serve
 from pdserve.server.tool_parsers import ParserName, parser_for_template
@@ -45,13 +48,16 @@ def build_app(
     max_request_bytes: int = http_limits.DEFAULT_MAX_REQUEST_BYTES,
     tool_call_parser: ParserName | None = None,
     request_log: RequestLog | None = None,
+    media_limits: MediaLimits | None = None,
 ) -> FastAPI:
     """The app; its lifespan starts the engine process and loads the tokenizer side by side,
     then runs `keep_registered` (heartbeats to a router) until the server stops. Clients
     need `api_key` (if set); the deployment's own calls are signed with `secret`. `drain`
     (a DrainingServer's) refuses new requests and finishes those in flight on SIGTERM. A
     body over `max_request_bytes` is refused with 413. `tool_call_parser` None: the one the
-    chat template's family speaks. `request_log` logs each request."""
+    chat template's family speaks. `request_log` logs each request. `media_limits` bound
+    the images of a request to a model that takes them (the body limit grows to fit them)."""
+    media_limits = media_limits or MediaLimits()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -64,7 +70,9 @@ def build_app(
                                 cache_info(client.args),
                                 kv_consumer=client.args.role != "colocated")  # P and D pull
         parser = tool_call_parser or parser_for_template(tokenizer.chat_template)
-        app.state.server = ServerState(client, tokenizer, name, metrics, parser, request_log)
+        images = _image_preparer(info.vision, tokenizer, media_limits)
+        app.state.server = ServerState(client, tokenizer, name, metrics, parser, request_log,
+                                       images)
         heartbeat = asyncio.create_task(keep_registered()) if keep_registered else None
         try:
             yield
@@ -74,6 +82,8 @@ def build_app(
                 with contextlib.suppress(asyncio.CancelledError):
                     await heartbeat
             client.shutdown()
+            if images is not None:
+                images.close()
 
     app = FastAPI(title="pdserve", lifespan=lifespan)
     app.state.drain = drain or Drain()
@@ -81,9 +91,22 @@ def build_app(
     install_error_handlers(app)
     app.add_middleware(AuthMiddleware, auth=HTTPAuth(api_key, secret, open_metrics,
                                                      INSTANCE_INTERNAL_PATHS))
-    http_limits.install(app, max_request_bytes)  # outermost: before any read
+    http_limits.install(app, max(max_request_bytes, media_limits.body_bytes()))  # outermost
     _add_routes(app)
     return app
+
+
+def _image_preparer(spec: VisionSpec | None, tokenizer,
+                    limits: MediaLimits) -> ImagePreparer | None:
+    """The model's image preparation, once its tokenizer is checked to name the image token
+    the model fills (a mismatch would put embeddings at the wrong positions)."""
+    if spec is None:
+        return None
+    if spec.image_token != IMAGE_PLACEHOLDER or \
+            tokenizer.convert_tokens_to_ids(spec.image_token) != spec.image_token_id:
+        raise RuntimeError(f"the tokenizer's {spec.image_token!r} is not the model's image "
+                           f"token {spec.image_token_id}: serve the model's own tokenizer")
+    return ImagePreparer(spec, limits)
 
 
 def _state(request: Request) -> ServerState:

@@ -14,6 +14,7 @@ import uvicorn
 
 from pdserve.config import CacheConfig, EngineArgs, SchedulerConfig
 from pdserve.drain import Drain, DrainingServer, add_drain_flag
+from pdserve.media.flags import add_media_flags, media_limits
 from pdserve.security import API_KEY_ENV, SECRET_ENV, SecretError, load_secret
 from pdserve.server.chat_template import install_chat_template, read_chat_template
 from pdserve.server.request_log import RequestLog
@@ -127,6 +128,7 @@ def add_parser(subparsers) -> None:
                    help=argparse.SUPPRESS)
     # the fraction of each stand-in step that holds the GIL, as a real engine's host thread
     p.add_argument("--engine-standin-busy", type=float, default=0.0, help=argparse.SUPPRESS)
+    add_media_flags(p, parse_bytes)
     p.add_argument("--log-level", default="warning", help="uvicorn's log level")
     p.add_argument("--log-requests", action="store_true",
                    help="log each request's id, prompt and sampling params at INFO")
@@ -216,6 +218,10 @@ def run(args: argparse.Namespace) -> int:
         template = read_chat_template(args.chat_template) if args.chat_template else None
         if args.max_log_len is not None and args.max_log_len < 0:
             raise ValueError("--max-log-len must be at least 0")
+        limits = media_limits(args)
+        if limits.allowed_local_media_path is not None and \
+                not os.path.isdir(limits.allowed_local_media_path):
+            raise ValueError("--allowed-local-media-path must be a folder")
     except (SecretError, ValueError) as exc:
         print(f"pdserve serve: {exc}", file=sys.stderr)
         return 2
@@ -241,7 +247,8 @@ def run(args: argparse.Namespace) -> int:
                     open_metrics=args.open_metrics, drain=drain,
                     max_request_bytes=args.max_request_bytes,
                     tool_call_parser=args.tool_call_parser,
-                    request_log=RequestLog(args.max_log_len) if args.log_requests else None)
+                    request_log=RequestLog(args.max_log_len) if args.log_requests else None,
+                    media_limits=limits)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=5)
     try:  # before the engine loads: a port in use fails at once, not a minute later

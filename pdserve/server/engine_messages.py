@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from pdserve.engine.kv_events import KVEvents
 from pdserve.engine.outputs import EngineRequest, EngineStats, RequestOutput
+from pdserve.media.vision_spec import VisionSpec
 
 
 @dataclass
@@ -25,6 +26,7 @@ class EngineInfo:
     eos_token_ids: list[int]
     pid: int
     block_size: int = 0  # of the prefix cache's blocks (0: it publishes no KV events)
+    vision: VisionSpec | None = None  # how its images are prepared; None: it takes none
 
 
 # --- server -> engine ---

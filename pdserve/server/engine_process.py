@@ -73,6 +73,7 @@ def run_engine_process(
         eos_token_ids=list(engine.eos_token_ids),
         pid=os.getpid(),
         block_size=_publish_kv_events(engine),
+        vision=getattr(engine, "vision", None),
     )
     COMPILATIONS.mark_ready()  # warmed up: whatever compiles from now on stalls a request
     outbox.put(EngineReady(info))

@@ -12,6 +12,13 @@ import time
 
 from pdserve.config import EngineArgs
 from pdserve.engine.outputs import EngineRequest, EngineStats, RequestOutput, RequestTimes
+from pdserve.media.image_check import check_image_tokens
+from pdserve.media.vision_spec import (
+    IMAGE_TOKEN,
+    VisionSpec,
+    is_vision_folder,
+    tokenizer_folder_added_tokens,
+)
 from pdserve.models.loader import model_config
 
 STANDIN_BLOCKS = 1 << 20  # a cache no request fills: the stand-in keeps no KV
@@ -27,6 +34,10 @@ class StandinEngine:
         self.eos_token_ids = list(cfg.eos_token_ids)
         self.max_model_len = args.scheduler.max_model_len or cfg.max_position_embeddings
         self.request_failures = 0
+        self.vision = standin_vision(args.tokenizer)
+        if self.vision is not None:  # a vision model's vocabulary holds its image tokens
+            added = tokenizer_folder_added_tokens(args.tokenizer).values()
+            self.vocab_size = max(self.vocab_size, max(added) + 1)
         self.interval_s = interval_s
         self.busy = busy  # of each step spent computing, GIL held, as an engine's host thread
         self._running: dict[str, tuple[EngineRequest, list[int], RequestTimes]] = {}
@@ -35,6 +46,8 @@ class StandinEngine:
     def add_request(self, req: EngineRequest) -> None:
         if not req.prompt_token_ids:
             raise ValueError("the prompt is empty")
+        check_image_tokens(req.prompt_token_ids, req.images,
+                           self.vision.image_token_id if self.vision else None)
         times = RequestTimes(arrival=req.arrival_time, scheduled=time.monotonic())
         self._running[req.request_id] = (req, [], times)
 
@@ -75,6 +88,16 @@ class StandinEngine:
     def stats(self) -> EngineStats:
         return EngineStats(num_running=len(self._running), num_total_blocks=STANDIN_BLOCKS,
                            num_free_blocks=STANDIN_BLOCKS)
+
+
+def standin_vision(tokenizer: str | None) -> VisionSpec | None:
+    """A stand-in takes images (as a vision model with these settings would, for measuring
+    and testing the image path) when --tokenizer is a folder with an image processor's
+    settings and an <image> token."""
+    if not tokenizer or not is_vision_folder(tokenizer):
+        return None
+    token_id = tokenizer_folder_added_tokens(tokenizer).get(IMAGE_TOKEN)
+    return None if token_id is None else VisionSpec.from_folder(tokenizer, token_id)
 
 
 def _hold_gil_until(deadline: float) -> None:

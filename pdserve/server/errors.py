@@ -59,8 +59,10 @@ def validation_error(errors: list[dict]) -> APIError:
     """A 400 naming the first field pydantic rejected, and why."""
     if not errors:
         return bad_request("Invalid request")
-    # a value that fits none of a union's types: say what bound it broke, not "not a string"
-    err = next((e for e in errors if not str(e.get("type")).endswith("_type")), errors[0])
+    # a value that fits none of a union's types: say what bound it broke, not "not a string";
+    # else the branch that got deepest into the value (a content part, not "not a string")
+    deepest = max(errors, key=lambda e: len(e.get("loc", ())))
+    err = next((e for e in errors if not str(e.get("type")).endswith("_type")), deepest)
     if err.get("type") == "json_invalid":
         return bad_request(f"Request body is not valid JSON: {err.get('ctx', {}).get('error')}")
     loc = [str(p) for p in err.get("loc", ()) if p != "body" and not _is_union_tag(p)]

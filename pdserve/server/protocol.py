@@ -32,6 +32,10 @@ MAX_STOP_TOKEN_IDS = 1024
 MAX_LOGIT_BIAS = 300
 MAX_NAME_CHARS = 256  # model and user names
 MAX_KV_PARAMS_KEYS = 64
+# an image_url's URL: a ceiling only (--max-image-bytes bounds the image itself, with a 400
+# naming the part); the HTTP body limit is the first bound
+MAX_IMAGE_URL_CHARS = 2**28
+IMAGE_PLACEHOLDER = "<image>"  # an image part in the text a chat template renders
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
@@ -205,11 +209,33 @@ class CompletionRequest(_SamplingRequest):
         return self.logprobs
 
 
-class ContentPart(BaseModel):
+class TextPart(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
     type: Literal["text"]
     text: Text
+
+
+class ImageURL(BaseModel):
+    """OpenAI's image_url object. `detail` "low" sends the model the global image alone
+    (no tiles: fewer tokens); "auto" and "high" tile it as the model's processor does."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    url: str = Field(min_length=1, max_length=MAX_IMAGE_URL_CHARS)
+    detail: Literal["auto", "low", "high"] = "auto"
+
+
+class ImagePart(BaseModel):
+    """An image in a user message (media/ turns it into the model's pixels and tokens)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
 class ChatMessage(BaseModel):
@@ -221,12 +247,26 @@ class ChatMessage(BaseModel):
     tool_calls: list[ToolCall] | None = Field(None, max_length=MAX_TOOLS)  # assistant's
     tool_call_id: str | None = Field(None, max_length=MAX_CALL_ID_CHARS)  # a tool's answer
 
+    @model_validator(mode="after")
+    def _images_from_users(self) -> ChatMessage:
+        if self.images() and self.role != "user":
+            raise ValueError("image_url parts are allowed in user messages only")
+        return self
+
     def text(self) -> str:
+        """The content as text; each image stands as IMAGE_PLACEHOLDER where it was."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part.text if isinstance(part, TextPart) else IMAGE_PLACEHOLDER
+                       for part in self.content)
+
+    def images(self) -> list[tuple[int, ImageURL]]:
+        """(index in content, image_url) of each image part, in order."""
+        if not isinstance(self.content, list):
+            return []
+        return [(i, p.image_url) for i, p in enumerate(self.content) if isinstance(p, ImagePart)]
 
 
 class ChatCompletionRequest(_SamplingRequest, ToolFields):

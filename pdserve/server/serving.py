@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from pdserve.engine.grammar import GrammarSpec, check_grammar
 from pdserve.engine.outputs import EngineRequest
 from pdserve.event_stream import EventStream, sse
+from pdserve.media.image_inputs import ImagePreparer, PreparedImage
 from pdserve.server.choices import (
     Choice,
     cancel_all,
@@ -27,6 +28,7 @@ from pdserve.server.engine_client import EngineClient
 from pdserve.server.errors import APIError, bad_request, engine_dead, model_not_found
 from pdserve.server.generation import Delta, Generation
 from pdserve.server.handoff import accept_handoff
+from pdserve.server.images import prepare_images
 from pdserve.server.metrics import ServerMetrics
 from pdserve.server.prompts import (
     chat_prompt_ids,
@@ -55,6 +57,7 @@ class ServerState:
     metrics: ServerMetrics
     tool_parser: ParserName = "hermes"  # the format of tool calls in the model's text
     request_log: RequestLog | None = None  # --log-requests
+    images: ImagePreparer | None = None  # None: the model takes no images
 
     def cache_tokens(self) -> int:
         """Tokens the whole KV cache holds (0 = not known yet)."""
@@ -74,8 +77,9 @@ async def serve(
     if req.resume is not None and not internal:
         raise bad_request("resume is an internal field: only the router may send it", "resume")
     response_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    images = await prepare_images(st.images, req.messages) if chat else None  # bounded pool
     # chat templating and tokenization are CPU work (seconds for a huge prompt): off the loop
-    choices = await asyncio.to_thread(_choices, st, req, chat, response_id)
+    choices = await asyncio.to_thread(_choices, st, req, chat, response_id, images)
     if len(choices) == 1:  # n > 1 and batches refuse kv_transfer_params (protocol.py)
         # a hand-off only from the deployment (a 400 otherwise): trust-http marks internal calls
         engine_req = choices[0].gen.request
@@ -95,16 +99,17 @@ async def serve(
 
 
 def _choices(st: ServerState, req: CompletionRequest | ChatCompletionRequest, chat: bool,
-             response_id: str) -> list[Choice]:
+             response_id: str, images: list[PreparedImage] | None = None) -> list[Choice]:
     """One Choice per (prompt, i < n), prompt-major; siblings share their prompt's prefill
-    and draw with seed + i, so that seeded choices differ."""
+    and draw with seed + i, so that seeded choices differ. `images`: the chat's, prepared
+    (None: the model takes none)."""
     if chat:
         _check_tools(req)
         tools = req.tool_dicts() if req.tool_mode() != "none" else None
         if tools and req.n > 1:  # tool calls are parsed out of one reply
             raise bad_request("n > 1 cannot be combined with tools", "n")
         prompts = [chat_prompt_ids(st.tokenizer, req.messages, req.add_generation_prompt,
-                                   tools=tools, parser=st.tool_parser)]
+                                   tools=tools, parser=st.tool_parser, images=images)]
         texts = [""]
         given = [[{"role": m.role, "content": m.text()} for m in req.messages]]
     else:
@@ -120,6 +125,7 @@ def _choices(st: ServerState, req: CompletionRequest | ChatCompletionRequest, ch
             index = p * req.n + i
             engine_req = _checked_engine_request(
                 st, req, prompt_ids, response_id if single else f"{response_id}-{index}")
+            engine_req.images = [img.input for img in images or []]
             if i:
                 engine_req.prefill_after = leader
                 if req.seed is not None:

@@ -11,7 +11,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from pdserve.http_probes import add_probe_routes
+from pdserve.media.image_inputs import PreparedImage
 from pdserve.server.errors import model_not_found
+from pdserve.server.images import prepare_images
 from pdserve.server.prompts import chat_prompt_ids, check_token_ids, encode_text
 from pdserve.server.protocol import DetokenizeRequest, TokenizeRequest
 from pdserve.server.serving import ServerState
@@ -23,12 +25,14 @@ def model_card(st: ServerState) -> dict:
             "owned_by": "pdserve", "max_model_len": st.client.info.max_model_len}
 
 
-def tokenize(st: ServerState, req: TokenizeRequest) -> dict:
-    """vLLM's /tokenize answer: the ids a completion or chat request would send the engine."""
+def tokenize(st: ServerState, req: TokenizeRequest,
+             images: list[PreparedImage] | None = None) -> dict:
+    """vLLM's /tokenize answer: the ids a completion or chat request would send the engine
+    (a chat's `images`, prepared, expanded into its image tokens)."""
     special = req.with_special_tokens()
     if req.messages is not None:
         ids = chat_prompt_ids(st.tokenizer, req.messages, req.add_generation_prompt,
-                              req.continue_final_message, special)
+                              req.continue_final_message, special, images=images)
     else:
         ids = encode_text(st.tokenizer, req.prompt, special)
     strs = st.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
@@ -55,8 +59,9 @@ def add_tool_routes(app: FastAPI, state: Callable[[Request], ServerState],
     async def tokenize_route(request: Request) -> Response:
         st, req = state(request), await parse(request, TokenizeRequest)
         check_model(st, req.model)
+        images = await prepare_images(st.images, req.messages) if req.messages else None
         # a chat template over long messages is CPU work: off the event loop
-        return JSONResponse(await asyncio.to_thread(tokenize, st, req))
+        return JSONResponse(await asyncio.to_thread(tokenize, st, req, images))
 
     @app.post("/detokenize", openapi_extra=json_body(DetokenizeRequest))
     async def detokenize_route(request: Request) -> Response:

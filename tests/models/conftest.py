@@ -35,8 +35,10 @@ class PagedCache:
         self.free = torch.randperm(self.num_blocks - 1, generator=torch.Generator().manual_seed(0))
         self.free = (self.free + 1).tolist()  # block 0 stays unused: it is the padding id
 
-    def step(self, batch: list[tuple[str, list[int]]]) -> list[torch.Tensor]:
-        """Append new tokens to each named sequence; returns each one's logits [new, vocab]."""
+    def step(self, batch: list[tuple[str, list[int]]],
+             input_embeds: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Append new tokens to each named sequence; returns each one's logits [new, vocab].
+        `input_embeds` [all new tokens, hidden] replaces their embeddings (a VLM's images)."""
         ids, positions, query_lens, seq_lens, tables = [], [], [], [], []
         for seq, tokens in batch:
             start = self.lengths.get(seq, 0)
@@ -51,7 +53,8 @@ class PagedCache:
             self.lengths[seq] = start + len(tokens)
         meta = build_metadata(query_lens, seq_lens, tables, self.block_size)
         with torch.inference_mode():
-            hidden = self.model(torch.tensor(ids), torch.tensor(positions), self.kv_caches, meta)
+            hidden = self.model(torch.tensor(ids), torch.tensor(positions), self.kv_caches, meta,
+                                input_embeds=input_embeds)
             logits = self.model.compute_logits(hidden)
         return list(logits.split(query_lens))
 
