@@ -34,6 +34,7 @@ from pdserve.server.request_log import RequestLog
 from pdserve.server.serving import ServerState, serve
 from pdserve.server.tool_parsers import ParserName, parser_for_template
 from pdserve.server.tool_routes import add_tool_routes, model_card
+from pdserve.transfer.embedding_puller import EmbeddingPuller
 
 
 def build_app(
@@ -71,8 +72,10 @@ def build_app(
                                 kv_consumer=client.args.role != "colocated")  # P and D pull
         parser = tool_call_parser or parser_for_template(tokenizer.chat_template)
         images = _image_preparer(info.vision, tokenizer, media_limits)
+        # rows from encoder instances: only a deployment (a secret) has them
+        embeddings = EmbeddingPuller(secret) if images is not None and secret else None
         app.state.server = ServerState(client, tokenizer, name, metrics, parser, request_log,
-                                       images)
+                                       images, embeddings)
         heartbeat = asyncio.create_task(keep_registered()) if keep_registered else None
         try:
             yield
@@ -84,6 +87,8 @@ def build_app(
             client.shutdown()
             if images is not None:
                 images.close()
+            if embeddings is not None:
+                embeddings.close()
 
     app = FastAPI(title="pdserve", lifespan=lifespan)
     app.state.drain = drain or Drain()
