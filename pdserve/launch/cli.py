@@ -38,12 +38,16 @@ def add_parser(subparsers) -> None:
         "instance's `pdserve serve`. A new deployment secret is made for the router and "
         "the instances (in their environment) unless $PDSERVE_DEPLOYMENT_SECRET or "
         "--secret-file gives one; --api-key protects the router and the instances alike.",
-        usage="pdserve up [--prefill N --decode M | --colocated K] [--prefill-tp T] "
+        usage="pdserve up [--prefill N --decode M | --colocated K] [--encoder E] "
+        "[--prefill-tp T] "
         "[--decode-tp T] [--model M] [--port P] [--config layout.yaml] [-- serve args]",
     )
     p.add_argument("--prefill", type=int, default=None, help="prefill instances")
     p.add_argument("--decode", type=int, default=None, help="decode instances")
     p.add_argument("--colocated", type=int, default=None, help="colocated instances")
+    p.add_argument("--encoder", type=int, default=None,
+                   help="image encoder instances of a vision-language --model: the router "
+                   "spreads each request's images over them (E->P->D, E->colocated)")
     p.add_argument("--prefill-tp", type=int, default=None, help="GPUs per prefill instance")
     p.add_argument("--decode-tp", type=int, default=None, help="GPUs per decode instance")
     p.add_argument("--colocated-tp", type=int, default=None,
@@ -79,6 +83,7 @@ def add_parser(subparsers) -> None:
 def layout_from_args(args: argparse.Namespace) -> Layout:
     extra = [a for a in args.instance_args if a != "--"] or None
     given = {"prefill": args.prefill, "decode": args.decode, "colocated": args.colocated,
+             "encoder": args.encoder,
              "prefill_tp": args.prefill_tp, "decode_tp": args.decode_tp,
              "colocated_tp": args.colocated_tp, "model": args.model, "host": args.host,
              "port": args.port, "kv_cache_memory": args.kv_cache_memory, "cpu": args.cpu,
