@@ -181,6 +181,7 @@ class _Collector:
 
     def collect(self):
         st = self.st
+        st.store.expire()  # rows read since the last request are gone: not counted as held
         for name, doc, value in (
             ("encode_requests", "POST /v1/encode calls", st.requests),
             ("images_encoded", "images run through the vision tower", st.batcher.stats.images),

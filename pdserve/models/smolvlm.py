@@ -31,6 +31,11 @@ class SmolVLMForConditionalGeneration(LlamaForCausalLM):
         super().__init__(config, tp_rank, tp_size)
         self.vision = VisionTower(config.vision, config.hidden_size)
 
+    @property
+    def image_token_id(self) -> int:
+        """The placeholder id whose positions take image rows (media/vision_spec.py asks)."""
+        return self.config.vision.image_token_id
+
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings [T, hidden], for the rows that are not image rows."""
         return self.model.embed_tokens(input_ids)
