@@ -1,8 +1,10 @@
 """E + colocated against colocated alone, on CPU, on the multi-image workload (a smoke
 test of encoder disaggregation's plumbing and its overlap, not a speed claim).
 
-Both deployments get the same two CPU threads: colocated alone runs its engine with 2;
-E + colocated runs the encoder with 1 and the colocated engine with 1. Each is started
+The fair pair gets the same two CPU threads: colocated alone runs its engine with 2;
+E + colocated runs the encoder with 1 and the colocated engine with 1. Colocated with one
+thread is measured too: on a loaded 2-core machine a 2-thread engine can lose more to
+OpenMP contention than it gains. Each is started
 with `pdserve up` (router in front) and measured with `pdserve bench run --dataset-name
 image`. The model is a random-weight SmolVLM folder made here, with a vision tower big
 enough that encoding is a real part of a request (transformers' classes, no download).
@@ -113,7 +115,8 @@ def _wait_ready(url: str, up: subprocess.Popen, timeout_s: float = 300) -> None:
 
 KEYS = ("completed", "failed", "duration", "total_input_tokens", "total_input_vision_tokens",
         "request_throughput", "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms",
-        "mean_tpot_ms", "mean_e2el_ms", "p99_e2el_ms", "image_rows_by_source")
+        "mean_tpot_ms", "mean_e2el_ms", "p99_e2el_ms", "image_rows_by_source",
+        "load_average_1m")
 
 
 def main() -> int:
@@ -133,13 +136,18 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-encoder-") as tmp:
         folder = build_folder(Path(tmp) / "smolvlm-cpu")
         out_dir = Path(tmp)
-        runs = {
-            "colocated (2 threads)": run_layout("colocated", ["--colocated", "1"], 2, folder,
-                                                args.port, bench, out_dir),
-            "E + colocated (1 + 1 threads)": run_layout(
-                "e_colocated", ["--colocated", "1", "--encoder", "1"], 1, folder,
-                args.port + 10, bench, out_dir),
-        }
+        layouts = [  # (name, label, `pdserve up` counts, threads per instance)
+            ("colocated_2t", "colocated (2 threads)", ["--colocated", "1"], 2),
+            ("colocated_1t", "colocated (1 thread)", ["--colocated", "1"], 1),
+            ("e_colocated", "E + colocated (1 + 1 threads)",
+             ["--colocated", "1", "--encoder", "1"], 1),
+        ]
+        runs = {}
+        for i, (name, label, counts, threads) in enumerate(layouts):
+            load = os.getloadavg()[0]
+            runs[label] = run_layout(name, counts, threads, folder, args.port + 10 * i,
+                                     bench, out_dir)
+            runs[label]["load_average_1m"] = [load, os.getloadavg()[0]]  # before, after
     summary = {
         "command": "python benchmarks/bench_encoder_cpu.py " + " ".join(sys.argv[1:]),
         "device": "CPU, 2 threads a deployment, on a machine shared with other jobs",

@@ -66,6 +66,12 @@ async def pull_embeddings(puller: EmbeddingPuller, images: list[PreparedImage],
     return out
 
 
+def count_local(metrics: ServerMetrics, num_images: int) -> None:
+    """Images of a request that came with no handles: the engine encodes them here."""
+    if num_images:
+        metrics.image_embeddings.labels(metrics.model, ENGINE, "local").inc(num_images)
+
+
 async def _nothing() -> None:
     return None
 

@@ -24,7 +24,7 @@ from pdserve.server.choices import (
     start_all,
     usage,
 )
-from pdserve.server.encoder_handles import parse_handles, pull_embeddings
+from pdserve.server.encoder_handles import count_local, parse_handles, pull_embeddings
 from pdserve.server.engine_client import EngineClient
 from pdserve.server.errors import APIError, bad_request, engine_dead, model_not_found
 from pdserve.server.generation import Delta, Generation
@@ -86,6 +86,8 @@ async def serve(
         if images and st.embeddings is not None:
             images = await pull_embeddings(st.embeddings, images, handles,
                                            st.client.info.hidden_size, st.metrics)
+    elif images and not (req.kv_transfer_params or {}).get("do_remote_prefill"):
+        count_local(st.metrics, len(images))  # D pulls KV: it encodes none of them
     # chat templating and tokenization are CPU work (seconds for a huge prompt): off the loop
     choices = await asyncio.to_thread(_choices, st, req, chat, response_id, images)
     if len(choices) == 1:  # n > 1 and batches refuse kv_transfer_params (protocol.py)
