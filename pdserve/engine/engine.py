@@ -234,8 +234,7 @@ class Engine:
             raise ValueError(
                 f"token id {bad[0]} is out of the vocabulary (0..{self.vocab_size - 1})"
             )
-        check_image_tokens(req.prompt_token_ids, req.images,
-                           self.vision.image_token_id if self.vision else None)
+        check_image_tokens(req.prompt_token_ids, req.images, self.vision)
         if p.max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
         if n + p.max_tokens > self.max_model_len:

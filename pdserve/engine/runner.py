@@ -8,7 +8,7 @@ import torch
 
 from pdserve.engine.batch_inputs import InputBuilder, StepInputs
 from pdserve.engine.cuda_graphs import DecodeGraphs
-from pdserve.engine.image_rows import ImageRows, step_image_rows
+from pdserve.engine.image_rows import MAX_TILES_PER_CALL, ImageRows, step_image_rows
 from pdserve.engine.scheduler import SchedulerOutput
 from pdserve.kernels.attention import build_metadata
 
@@ -100,6 +100,11 @@ def profile_peak_activation_bytes(model: torch.nn.Module, num_tokens: int, num_s
     meta = build_metadata(lens, lens, tables, block_size, device)
     ids = torch.zeros(num_tokens, dtype=torch.long, device=device)
     pos = torch.cat([torch.arange(n, device=device) for n in lens])
+    vision = getattr(model.config, "vision", None)
+    if vision is not None:  # a VLM step may first run the tower's largest call
+        side = vision.image_size
+        model.embed_images(torch.zeros(MAX_TILES_PER_CALL, vision.num_channels, side, side,
+                                       dtype=dtype, device=device))
     hidden = model(ids, pos, caches, meta)
     model.compute_logits(hidden[:num_seqs] if num_seqs <= num_tokens else hidden)
     torch.cuda.synchronize(device)

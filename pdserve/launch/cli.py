@@ -22,6 +22,7 @@ from pdserve.launch.procs import (
     ports_in_use,
     raise_on_signals,
 )
+from pdserve.media.flags import body_flags
 from pdserve.router.policy import POLICIES
 from pdserve.router.prompt_tokens import EMBEDDED
 from pdserve.server.cli import add_security_flags
@@ -137,6 +138,7 @@ def router_proc(instances: list[InstancePlan], layout: Layout, log_dir: Path,
     if layout.routing_policy != "least_loaded":
         cmd += ["--routing-policy", layout.routing_policy,
                 "--tokenizer", layout.model or EMBEDDED]
+    cmd += body_flags(layout.instance_args)  # bodies the instances take pass the router
     for inst in instances:
         cmd += [f"--{inst.role}", inst.url]
     if creds:

@@ -62,3 +62,22 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
     return value
+
+
+BODY_FLAGS = ("--max-image-bytes", "--limit-mm-per-prompt", "--max-request-bytes")
+
+
+def body_flags(instance_args: list[str] | None) -> list[str]:
+    """Of an instance's flags, those that size a request's body, for the router in front of
+    it (`pdserve up -- --max-image-bytes 20MiB`: the router must let such bodies through)."""
+    out: list[str] = []
+    args = list(instance_args or [])
+    for i, arg in enumerate(args):
+        name = arg.split("=", 1)[0]
+        if name not in BODY_FLAGS:
+            continue
+        if "=" in arg:
+            out.append(arg)
+        elif i + 1 < len(args):
+            out += [arg, args[i + 1]]
+    return out

@@ -46,7 +46,7 @@ def preprocess(image: Image.Image, spec: VisionSpec, split: bool) -> Tiles:
 def _resize(image: Image.Image, size: tuple[int, int], spec: VisionSpec) -> Image.Image:
     height, width = size
     if (image.height, image.width) == (height, width):
-        return image  # PIL would resample anyway; transformers resamples too, and equal
+        return image  # PIL's resize to the same size is a copy: nothing to do
     return image.resize((width, height), resample=spec.resample)
 
 

@@ -47,6 +47,11 @@ class VisionSpec:
         token_id = config.get("image_token_id", image_token_id)
         if token_id is None:
             raise ValueError(f"{folder}: no image_token_id in config.json")
+        off = [k for k in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb")
+               if pre.get(k, True) is False]
+        if off:  # our preprocessing always does them: refuse rather than differ silently
+            raise ValueError(f"{folder}/preprocessor_config.json: {', '.join(off)} false is "
+                             "not supported")
         defaults = cls(image_token_id=int(token_id))
         return cls(
             image_token_id=int(token_id),
@@ -56,8 +61,8 @@ class VisionSpec:
             do_image_splitting=bool(pre.get("do_image_splitting", True)),
             resample=int(pre.get("resample", LANCZOS)),
             rescale_factor=float(pre.get("rescale_factor", defaults.rescale_factor)),
-            image_mean=tuple(pre.get("image_mean", defaults.image_mean)),
-            image_std=tuple(pre.get("image_std", defaults.image_std)),
+            image_mean=_per_channel(pre.get("image_mean", defaults.image_mean)),
+            image_std=_per_channel(pre.get("image_std", defaults.image_std)),
         )
 
     def settings_key(self, split: bool) -> bytes:
@@ -74,6 +79,14 @@ def is_vision_folder(folder: str | Path) -> bool:
 
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _per_channel(value: float | list[float]) -> tuple[float, float, float]:
+    """A mean or std as three channels (transformers allows one number for all)."""
+    if isinstance(value, (int, float)):
+        return (float(value),) * 3
+    r, g, b = (float(v) for v in value)
+    return r, g, b
 
 
 def _edge(size: dict | None, default: int) -> int:

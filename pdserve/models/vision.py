@@ -32,10 +32,9 @@ class VisionEmbeddings(nn.Module):
         self.position_embedding = nn.Embedding(self.per_side**2, config.hidden_size)
 
     def position_ids(self, rows: int, cols: int, device: torch.device) -> torch.Tensor:
-        """Grid positions of a rows x cols patch tile; a smaller tile than the grid spreads
-        over it by fractional coordinates, bucketed as transformers does (NaViT)."""
-        if rows == cols == self.per_side:
-            return torch.arange(rows * cols, device=device)
+        """Grid positions of a rows x cols patch tile: fractional coordinates bucketed over
+        the grid as transformers does (NaViT). Computed even for a full tile: where 1/n is
+        not exact in float32 (27 patches a side) the buckets are not simply 0..n-1."""
         n = self.per_side
         boundaries = torch.arange(1 / n, 1.0, 1 / n, device=device)
         # float32 steps 1/rows, 1/cols: the same rounding as the reference

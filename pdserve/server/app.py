@@ -71,7 +71,11 @@ def build_app(
                                 cache_info(client.args),
                                 kv_consumer=client.args.role != "colocated")  # P and D pull
         parser = tool_call_parser or parser_for_template(tokenizer.chat_template)
-        images = _image_preparer(info.vision, tokenizer, media_limits)
+        try:
+            images = _image_preparer(info.vision, tokenizer, media_limits)
+        except RuntimeError:
+            client.shutdown()  # the server will not start: its engine goes too
+            raise
         # rows from encoder instances: only a deployment (a secret) has them
         embeddings = EmbeddingPuller(secret) if images is not None and secret else None
         app.state.server = ServerState(client, tokenizer, name, metrics, parser, request_log,

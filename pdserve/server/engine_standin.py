@@ -46,8 +46,7 @@ class StandinEngine:
     def add_request(self, req: EngineRequest) -> None:
         if not req.prompt_token_ids:
             raise ValueError("the prompt is empty")
-        check_image_tokens(req.prompt_token_ids, req.images,
-                           self.vision.image_token_id if self.vision else None)
+        check_image_tokens(req.prompt_token_ids, req.images, self.vision)
         times = RequestTimes(arrival=req.arrival_time, scheduled=time.monotonic())
         self._running[req.request_id] = (req, [], times)
 

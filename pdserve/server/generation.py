@@ -87,6 +87,9 @@ class Generation:
         if verdict is not ABORTED and verdict.error is not None:
             raise bad_request(verdict.error)
         self._aborted = verdict is ABORTED
+        if not self._aborted:  # its verdict came: the engine has unpickled the request, so
+            # the pixels are the engine's; ours would keep 40-50 MB an image to the end
+            self.request.images = []
 
     async def deltas(self) -> AsyncIterator[Delta]:
         """Yield deltas until the request finishes; leaving early aborts the engine request."""

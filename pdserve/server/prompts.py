@@ -76,7 +76,7 @@ def content_parts(text: str) -> list[dict]:
             parts.append({"type": "image"})
         if piece:
             parts.append({"type": "text", "text": piece})
-    return parts
+    return parts or [{"type": "text", "text": ""}]  # templates read content[0]
 
 
 def _expand_images(tokenizer, text: str, images: list[PreparedImage],

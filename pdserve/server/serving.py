@@ -90,6 +90,7 @@ async def serve(
         count_local(st.metrics, len(images))  # D pulls KV: it encodes none of them
     # chat templating and tokenization are CPU work (seconds for a huge prompt): off the loop
     choices = await asyncio.to_thread(_choices, st, req, chat, response_id, images)
+    del images  # each engine request holds its images until the engine has them
     if len(choices) == 1:  # n > 1 and batches refuse kv_transfer_params (protocol.py)
         # a hand-off only from the deployment (a 400 otherwise): trust-http marks internal calls
         engine_req = choices[0].gen.request

@@ -20,8 +20,12 @@ from pdserve.multimodal import ImageInput
 IMAGE_TOKEN = 9
 
 
-def image(num_tiles: int = 1, tokens_per_tile: int = 4) -> ImageInput:
-    return ImageInput(b"h" * 32, torch.zeros(num_tiles, 3, 8, 8), num_tiles * tokens_per_tile)
+SPEC = VisionSpec(image_token_id=IMAGE_TOKEN, image_seq_len=4, tile_size=8)
+
+
+def image(num_tiles: int = 1, tokens_per_tile: int = 4, tile: int = 8) -> ImageInput:
+    return ImageInput(b"h" * 32, torch.zeros(num_tiles, 3, tile, tile),
+                      num_tiles * tokens_per_tile)
 
 
 class VisionModelSide:
@@ -53,11 +57,19 @@ def test_a_vision_models_folder_gives_the_settings(tmp_path):
 
 def test_image_tokens_must_match_the_images():
     prompt = [1, 2] + [IMAGE_TOKEN] * 8 + [3]
-    check_image_tokens(prompt, [image(), image()], IMAGE_TOKEN)
+    check_image_tokens(prompt, [image(), image()], SPEC)
     with pytest.raises(ValueError, match="8 image tokens but its images fill 4"):
-        check_image_tokens(prompt, [image()], IMAGE_TOKEN)
+        check_image_tokens(prompt, [image()], SPEC)
     with pytest.raises(ValueError, match="image tokens come only from image parts"):
-        check_image_tokens(prompt, [], IMAGE_TOKEN)
+        check_image_tokens(prompt, [], SPEC)
+
+
+def test_pixels_must_be_the_encoders_tiles_and_fill_their_tokens():
+    prompt = [IMAGE_TOKEN] * 8
+    with pytest.raises(ValueError, match=r"not \[tiles, 3, 8, 8\]"):
+        check_image_tokens(prompt, [image(2, tile=16)], SPEC)
+    with pytest.raises(ValueError, match="fills 1 x 4 tokens, not 8"):
+        check_image_tokens(prompt, [image(1, tokens_per_tile=8)], SPEC)
 
 
 def test_a_text_only_engine_refuses_images():
@@ -67,3 +79,16 @@ def test_a_text_only_engine_refuses_images():
     with pytest.raises(ValueError, match="does not accept images"):
         engine.add_request(req)
     assert not engine.has_unfinished_requests()
+
+
+def test_a_folder_whose_processor_skips_a_step_is_refused(tmp_path):
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"do_normalize": False}))
+    with pytest.raises(ValueError, match="do_normalize false is not supported"):
+        VisionSpec.from_folder(tmp_path, image_token_id=1)
+
+
+def test_one_number_for_mean_and_std_means_every_channel(tmp_path):
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(
+        {"image_mean": 0.5, "image_std": [0.25, 0.5, 1]}))
+    spec = VisionSpec.from_folder(tmp_path, image_token_id=1)
+    assert (spec.image_mean, spec.image_std) == ((0.5,) * 3, (0.25, 0.5, 1.0))

@@ -186,3 +186,37 @@ def test_vision_language_models_refuse_tensor_parallelism(tiny_smolvlm):
         load_model(tiny_smolvlm[1], torch.float32, torch.device("cpu"), tp_rank=0, tp_size=2)
     with pytest.raises(ValueError, match="tensor_parallel_size 1"):
         Engine(EngineArgs(model=tiny_smolvlm[1], device="cpu", tensor_parallel_size=2))
+
+
+def test_prefill_and_decode_engines_give_the_colocated_text(tiny_smolvlm, expected):
+    from pdserve.engine.handoff import HoldForDecode, parse_kv_transfer_params
+    from pdserve.security import DeploymentSecret
+
+    secret, folder = DeploymentSecret.from_env(), tiny_smolvlm[1]
+    cache = CacheConfig(block_size=BLOCK, num_blocks=96)
+    p, d = (Engine(EngineArgs(model=folder, device="cpu", role=role, cache=cache,
+                              deployment_secret=secret)) for role in ("prefill", "decode"))
+    try:
+        ids, images = _case("4-images")
+        first = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+        p.add_request(EngineRequest("r", ids, first, handoff=HoldForDecode(), images=images))
+        [held] = [o for o in _steps(p) if o.finished]
+        ktp = held.held.to_kv_transfer_params(None)
+        handoff = parse_kv_transfer_params(ktp, 320)
+        d.add_request(EngineRequest("r", ids, GREEDY, handoff=handoff, images=images))
+        rest = [t for o in _steps(d) for t in o.new_token_ids]
+        assert [ktp["first_token_id"]] + rest == expected["4-images"]
+        assert d.stats().num_pulled_tokens == len(ids)  # D computed no image rows
+    finally:
+        p.close()
+        d.close()
+
+
+def _steps(engine: Engine, timeout_s: float = 60) -> list:
+    import time
+
+    outputs, deadline = [], time.monotonic() + timeout_s
+    while engine.has_unfinished_requests():
+        assert time.monotonic() < deadline, "request did not finish"
+        outputs += engine.step()
+    return outputs

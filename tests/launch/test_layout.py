@@ -112,3 +112,13 @@ def test_gpu_instances_see_only_their_devices(tmp_path):
     proc = instance_proc(plan(layout, num_gpus=4)[1], layout, tmp_path)
     assert proc.env["CUDA_VISIBLE_DEVICES"] == "2,3"
     assert "--tensor-parallel-size" in proc.cmd and "--device" not in proc.cmd
+
+
+def test_the_instances_body_size_flags_reach_the_router(tmp_path):
+    layout = layout_from_args(parse("--", "--max-image-bytes", "20MiB", "--max-num-seqs", "8",
+                                    "--limit-mm-per-prompt={\"image\": 8}"))
+    router = router_proc(plan(layout, num_gpus=0), layout, tmp_path)
+    assert "--max-num-seqs" not in router.cmd
+    i = router.cmd.index("--max-image-bytes")
+    assert router.cmd[i:i + 3] == ["--max-image-bytes", "20MiB",
+                                   "--limit-mm-per-prompt={\"image\": 8}"]

@@ -107,3 +107,12 @@ def test_image_tokens_typed_by_the_client_are_refused(tokenizer, preparer, text)
     with pytest.raises(APIError) as info:
         ours(tokenizer, preparer, req)
     assert info.value.status_code == 400 and info.value.param == "messages"
+
+
+def test_an_empty_message_renders_as_the_processor_renders_it(tokenizer, preparer):
+    req = ChatCompletionRequest.model_validate({"messages": [
+        {"role": "system", "content": ""}, {"role": "user", "content": "Hi"}]})
+    expected = reference(tokenizer, [{"role": "system", "content": [{"type": "text",
+                                                                     "text": ""}]},
+                                     hf_turn("Hi")], [])
+    assert ours(tokenizer, preparer, req) == expected

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,6 +177,18 @@ def test_each_hostile_image_gets_a_400_naming_it_and_the_server_stays_healthy(fl
     assert resp.status_code == 200, resp.text
 
 
+def test_hostile_images_at_once_all_get_400s_and_good_ones_still_pass(fleet):
+    bodies = list(hostile_bodies(fleet).items()) * 2
+    good = image_chat(data_url(encoded(random_image(64, 64))))
+    with ThreadPoolExecutor(8) as pool:
+        bad = list(pool.map(lambda item: (item[0], post(fleet.vision.url, item[1])), bodies))
+        fine = list(pool.map(lambda _: post(fleet.vision.url, good), range(4)))
+    for name, resp in bad:
+        assert resp.status_code == 400, (name, resp.text)
+    assert all(resp.status_code == 200 for resp in fine)
+    assert_healthy(fleet.vision)
+
+
 @pytest.mark.parametrize("part,words", [
     ({"type": "image_url", "image_url": {"url": "data:image/png;base64,AA==",
                                          "detail": "ultra"}}, "detail"),
@@ -244,3 +257,45 @@ def test_tokenize_counts_an_images_tokens_and_a_text_model_refuses_them(fleet):
                                                           "What is this?")
     resp = httpx.post(fleet.text.url + "/tokenize", json=body, timeout=60)
     assert_400(resp, "messages[0].content[0]", "does not accept images")
+
+
+def test_a_tokenizer_naming_another_image_token_stops_the_server(fleet, tmp_path):
+    """The model fills the positions of its image token id: a tokenizer whose <image> is
+    another id would put every embedding in the wrong place. The server refuses to start."""
+    folder = save_processor_folder(tmp_path / "mismatch", fleet.tokenizer)
+    (folder / "config.json").write_text('{"image_token_id": 5}')
+    proc = start_instance(tmp_path, "colocated", "--engine-standin", "2",
+                          "--tokenizer", str(folder))
+    try:
+        assert proc.proc.wait(timeout=120) != 0
+        assert "is not the model's image token 5" in proc.log()
+    finally:
+        proc.stop()
+
+
+def shared_pixel_files(pid: int) -> int:
+    """Open shared-memory files of torch tensors in process `pid`."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            count += "torch_" in os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            pass  # closed meanwhile
+    return count
+
+
+def test_a_running_requests_pixels_live_in_the_engine_not_the_server(fleet):
+    """The server lets go of an image's pixels once the engine has them: a long decode
+    must not keep 40-50 MB an image in the server too."""
+    server_pid = fleet.vision.proc.pid
+    engine_pid = int(httpx.get(fleet.vision.url + "/health", timeout=10).json()["engine_pid"])
+    body = {**image_chat(data_url(encoded(random_image(100, 300)))), "max_tokens": 1500,
+            "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", fleet.vision.url + "/v1/chat/completions", json=body,
+                      timeout=120) as resp:
+        assert resp.status_code == 200
+        lines = resp.iter_lines()
+        for _ in range(5):
+            next(lines)  # decoding has begun
+        assert shared_pixel_files(engine_pid) >= 1
+        assert shared_pixel_files(server_pid) == 0
