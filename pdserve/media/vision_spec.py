@@ -96,7 +96,8 @@ def _edge(size: dict | None, default: int) -> int:
 def vision_spec_of(model_name: str | None, model: object) -> VisionSpec | None:
     """The spec of a loaded model, None unless it encodes images. The model's side of the
     contract: `embed_images` and `image_token_id`, and a `vision_spec` where it comes with
-    no folder of processor settings (a random-weight preset); else SmolVLM-256M's."""
+    no folder of processor settings (a random-weight preset); else SmolVLM-256M's, with the
+    tile size and rows a tile of the model's own tower (`config.vision`) where it has one."""
     if not hasattr(model, "embed_images"):
         return None
     token_id = int(model.image_token_id)
@@ -106,7 +107,12 @@ def vision_spec_of(model_name: str | None, model: object) -> VisionSpec | None:
     if model_name and is_vision_folder(model_name):
         return dataclasses.replace(VisionSpec.from_folder(model_name, token_id),
                                    image_token_id=token_id)
-    return VisionSpec(image_token_id=token_id)
+    spec = VisionSpec(image_token_id=token_id)
+    tower = getattr(getattr(model, "config", None), "vision", None)
+    if tower is not None:  # no processor settings: the tower's own tiles, not 256M's
+        spec = dataclasses.replace(spec, tile_size=tower.image_size,
+                                   image_seq_len=tower.tokens_per_tile)
+    return spec
 
 
 def tokenizer_folder_added_tokens(folder: str | Path) -> dict[str, int]:
