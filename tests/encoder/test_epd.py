@@ -6,6 +6,7 @@ handle makes P encode the image itself (counted), with the same text."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -19,8 +20,10 @@ from tests.router.cluster import (
     Proc,
     internal,
     metric,
+    sse_events,
     start_instance,
     start_router,
+    stream_text,
     wait_healthy,
 )
 
@@ -37,6 +40,7 @@ class Fleet:
     spare: Proc  # an encoder no router knows: killed by a test
     epd: Proc  # router: encoders -> prefill -> decode
     to_colocated: Proc  # router: encoders -> colocated
+    folder: str  # the model's
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +64,7 @@ def fleet(tmp_path_factory) -> Iterator[Fleet]:
         to_colocated = start_router(tmp, colocated=[colocated], flags=flags)
         procs.append(to_colocated)
         wait_healthy(epd, to_colocated)
-        yield Fleet(colocated, prefill, decode, encoders, spare, epd, to_colocated)
+        yield Fleet(colocated, prefill, decode, encoders, spare, epd, to_colocated, folder)
     finally:
         for p in procs:
             p.stop()
@@ -85,6 +89,12 @@ def post(url: str, body: dict) -> httpx.Response:
     return httpx.post(url + CHAT, json=body, timeout=120)
 
 
+def streamed(url: str, body: dict) -> str:
+    with httpx.stream("POST", url + CHAT, json=body | {"stream": True}, timeout=120) as resp:
+        assert resp.status_code == 200
+        return stream_text(sse_events(resp), chat=True)
+
+
 def from_encoder(inst: Proc, source: str = "encoder") -> float:
     return metric(inst.url, EMBEDDINGS, source=source)
 
@@ -106,12 +116,37 @@ def test_greedy_text_is_the_same_on_every_path(fleet, num_images):
     reference = text(post(fleet.colocated.url, body))
     assert text(post(fleet.to_colocated.url, body)) == reference
     assert text(post(fleet.epd.url, body)) == reference
-    assert text(post(fleet.epd.url, body | {"stream": False})) == reference
+    assert streamed(fleet.epd.url, body) == reference  # P's first token, then D's stream
     # the rows came from the encoders, not from a local fallback
     assert from_encoder(fleet.colocated) - c0 == num_images
     assert from_encoder(fleet.prefill) - p0 == 2 * num_images
     assert from_encoder(fleet.prefill, "fallback") == 0
     assert from_encoder(fleet.decode) == 0  # D pulls KV, never rows
+
+
+def test_the_images_change_the_text(fleet):
+    # else the paths above could agree while ignoring the rows
+    texts = {text(post(fleet.colocated.url, chat(1, seed=seed))) for seed in (21, 22, 23)}
+    assert len(texts) > 1
+
+
+def test_an_encoder_registers_with_the_router_and_serves_no_request(fleet, tmp_path):
+    enc = start_instance(tmp_path, "encoder", "--model", fleet.folder, "--router",
+                         fleet.to_colocated.url)
+    try:
+        wait_healthy(enc)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            listed = internal("GET", fleet.to_colocated.url, "/instances").json()["instances"]
+            mine = [i for i in listed if i["url"] == enc.url]
+            if mine and mine[0]["healthy"]:
+                break
+            time.sleep(0.5)
+        assert mine and mine[0]["role"] == "encoder" and mine[0]["healthy"]
+        body = chat(0, seed=9)  # text only: no encoder is asked, none answers it
+        assert text(post(fleet.to_colocated.url, body)) == text(post(fleet.colocated.url, body))
+    finally:
+        enc.stop()
 
 
 def test_images_spread_over_the_encoders(fleet):
