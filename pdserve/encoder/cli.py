@@ -41,6 +41,9 @@ def run_encoder(args: argparse.Namespace) -> int:
         if secret is None:
             raise SecretError("an encoder instance needs the deployment secret: set "
                               "$PDSERVE_DEPLOYMENT_SECRET or pass --secret-file")
+        if args.tensor_parallel_size != 1:
+            raise ValueError("an encoder instance runs on one device: "
+                             "--tensor-parallel-size 1")
         if args.encoder_batch_window_ms < 0:
             raise ValueError("--encoder-batch-window-ms must be at least 0")
         limits = media_limits(args)

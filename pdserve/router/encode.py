@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 ENCODE_PATH = "/v1/encode"
 HANDLES = "encoder_handles"
 MAX_TRIES = 2  # per image: a second encoder if the first could not be reached
+# an encoder slower than this for one image: P encodes it rather than wait on (the router's
+# client has no read timeout, for long generations)
+ENCODE_TIMEOUT_S = 60.0
 
 
 def image_parts(body: dict) -> list[dict]:
@@ -62,9 +65,7 @@ class Encoders:
             tried.add(inst.url)
             inst.in_flight += 1
             try:
-                resp = await self.upstream.post(inst, ENCODE_PATH, {"images": [
-                    {"url": part.get("url"), "detail": part.get("detail", "auto")}]})
-                handle = resp.json()["handles"][0]
+                handle = await self._call(inst, part)
                 self.metrics.images_encoded.labels("encoder").inc()
                 return handle
             except UpstreamError as exc:
@@ -73,6 +74,10 @@ class Encoders:
             except Refused:  # a bad image: P decodes it too and answers the 400
                 self.metrics.images_encoded.labels("refused").inc()
                 return None
+            except TimeoutError:
+                log.warning("encoder %s took over %.0f s for an image", inst.url,
+                            ENCODE_TIMEOUT_S)
+                break
             except (ValueError, KeyError, IndexError, TypeError) as exc:
                 log.warning("encoder %s answered garbage: %s", inst.url, exc)
                 break
@@ -80,6 +85,13 @@ class Encoders:
                 inst.in_flight -= 1
         self.metrics.images_encoded.labels("failed").inc()
         return None
+
+    async def _call(self, inst: Instance, part: dict) -> dict:
+        """One image to `inst`; its handle (as E wrote it: P checks every field)."""
+        body = {"images": [{"url": part.get("url"), "detail": part.get("detail", "auto")}]}
+        resp = await asyncio.wait_for(self.upstream.post(inst, ENCODE_PATH, body),
+                                      ENCODE_TIMEOUT_S)
+        return resp.json()["handles"][0]
 
     def _pick(self, tried: set[str]) -> Instance | None:
         candidates = [i for i in self.registry.healthy(ENCODER) if i.url not in tried]
