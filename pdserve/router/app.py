@@ -118,7 +118,7 @@ async def _model_cards(request: Request) -> list[dict]:
     """The union of the healthy instances' models, each asked for its /v1/models."""
     router, upstream = _router(request), request.app.state.upstream
     cards: dict[str, dict] = {}
-    for inst in router.registry.all():
+    for inst in router.registry.engines():  # encoders list no model
         if not inst.healthy:
             continue
         try:
