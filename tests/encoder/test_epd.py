@@ -182,6 +182,23 @@ def test_clients_may_not_send_handles(fleet):
                       timeout=10).status_code in (401, 403)  # internal only
 
 
+def test_a_bad_image_is_a_400_and_every_instance_stays_healthy(fleet):
+    refused = metric(fleet.epd.url, "pdserve_router:images_encoded_total", outcome="refused")
+    body = chat(1, seed=4)
+    body["messages"][0]["content"][0]["image_url"]["url"] = "data:image/png;base64,AAAA"
+    for router in (fleet.epd, fleet.to_colocated):
+        resp = post(router.url, body)
+        assert resp.status_code == 400, resp.text
+        assert "messages[0].content[0].image_url" in resp.json()["error"]["param"]
+    # E refused it too (its own 400, not a failure): no encoder was marked down
+    assert metric(fleet.epd.url, "pdserve_router:images_encoded_total",
+                  outcome="refused") - refused == 1
+    for inst in (fleet.colocated, fleet.prefill, fleet.decode, *fleet.encoders):
+        assert httpx.get(inst.url + "/health", timeout=5).status_code == 200
+    assert text(post(fleet.epd.url, chat(1, seed=4))) == text(
+        post(fleet.colocated.url, chat(1, seed=4)))
+
+
 @pytest.mark.parametrize("change", [{"lease_token": "forged-" * 6}, {"num_tokens": 7},
                                     {"hidden_size": 32}, {"content_hash": "00" * 32}])
 def test_a_bad_handle_is_encoded_locally_with_the_same_text(fleet, change):
