@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from fastapi import FastAPI, Request
@@ -81,6 +81,8 @@ class EncoderState:
     source: EmbeddingSource
     requests: int = 0
     refused: int = 0  # 503s: the store was full
+    # images being encoded, by content hash: the same image twice at once is encoded once
+    encoding: dict[bytes, asyncio.Future] = field(default_factory=dict)
 
     def close(self) -> None:
         self.source.close()
@@ -159,8 +161,15 @@ async def _handle(st: EncoderState, image: PreparedImage) -> RemoteEmbedding:
     """The image's rows (cached, else encoded), held under a new lease for P."""
     key = image.input.content_hash
     rows = st.cache.get(key)
-    if rows is None:
-        rows = await st.batcher.encode(image.input.pixel_values, image.input.num_tokens)
+    if rows is None and key in st.encoding:
+        rows = await asyncio.shield(st.encoding[key])
+    elif rows is None:
+        st.encoding[key] = asyncio.ensure_future(
+            st.batcher.encode(image.input.pixel_values, image.input.num_tokens))
+        try:
+            rows = await asyncio.shield(st.encoding[key])
+        finally:
+            st.encoding.pop(key, None)
         st.cache.put(key, rows)
     held = st.store.hold(rows)
     if held is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import httpx
@@ -165,6 +166,16 @@ def test_the_same_image_again_is_a_cache_hit_on_the_encoder(fleet):
     text(post(fleet.to_colocated.url, body))
     assert sum(metric(e.url, "pdserve_encoder_cache_hits_total")
                for e in fleet.encoders) - hits >= 1
+
+
+def test_the_same_image_at_once_is_encoded_once(fleet):
+    encoder = fleet.encoders[0]
+    before = metric(encoder.url, "pdserve_encoder_images_encoded_total")
+    body = chat(1, seed=31)
+    with ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(lambda _: handles(encoder, body), range(3)))
+    assert metric(encoder.url, "pdserve_encoder_images_encoded_total") - before == 1
+    assert len({a[0]["lease_id"] for a in answers}) == 3  # a lease each, one computation
 
 
 def test_clients_may_not_send_handles(fleet):
