@@ -34,6 +34,7 @@ def run_encoder(args: argparse.Namespace) -> int:
 
     from pdserve.encoder.tower import load_encoder_model
     from pdserve.engine.engine import resolve_device, resolve_dtype, set_cpu_threads
+    from pdserve.models.loader import model_config
     from pdserve.server.cli import advertise_url, api_key
 
     try:
@@ -47,6 +48,9 @@ def run_encoder(args: argparse.Namespace) -> int:
         if args.encoder_batch_window_ms < 0:
             raise ValueError("--encoder-batch-window-ms must be at least 0")
         limits = media_limits(args)
+        if model_config(args.model).vision is None:  # before the server: a clear line
+            raise ValueError(f"--role encoder needs a vision-language model; "
+                             f"{args.model or 'the embedded SmolLM2'} takes no images")
     except (SecretError, ValueError) as exc:
         print(f"pdserve serve: {exc}", file=sys.stderr)
         return 2
