@@ -21,9 +21,9 @@ from tests.router.cluster import (
     Proc,
     internal,
     metric,
+    spawn,
     sse_events,
     start_instance,
-    start_router,
     stream_text,
     wait_healthy,
 )
@@ -59,10 +59,12 @@ def fleet(tmp_path_factory) -> Iterator[Fleet]:
         spare = start_instance(tmp, "encoder", "--model", folder)
         procs += [colocated, prefill, decode, *encoders, spare]
         wait_healthy(*procs)
-        flags = ("--encoder", *(e.url for e in encoders))
-        epd = start_router(tmp, prefill=[prefill], decode=[decode], flags=flags)
+        named = [a for e in encoders for a in ("--encoder", e.url)]
+        # spawned here, not by start_router: one that fails to start is still stopped
+        epd = spawn(tmp, "router", "router", *named, "--prefill", prefill.url,
+                    "--decode", decode.url)
         procs.append(epd)
-        to_colocated = start_router(tmp, colocated=[colocated], flags=flags)
+        to_colocated = spawn(tmp, "router", "router", *named, "--colocated", colocated.url)
         procs.append(to_colocated)
         wait_healthy(epd, to_colocated)
         yield Fleet(colocated, prefill, decode, encoders, spare, epd, to_colocated, folder)
