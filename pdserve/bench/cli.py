@@ -69,6 +69,11 @@ def _add_workload(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sharegpt-output-len", type=int, default=None)
     g.add_argument("--trace-block-size", type=int, default=512, help="tokens per hash id")
     g.add_argument("--trace-time-scale", type=float, default=1.0, help="<1 replays faster")
+    g.add_argument("--image-count", type=int, default=1, help="image: images per request")
+    g.add_argument("--image-resolution", default="1080p",
+                   help="image: 4k, 1080p, 720p, 360p or WxH")
+    g.add_argument("--image-format", choices=("jpeg", "png"), default="jpeg",
+                   help="image: how the random images are encoded")
 
 
 def _add_load(p: argparse.ArgumentParser, sweep: bool) -> None:

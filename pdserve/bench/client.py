@@ -44,7 +44,14 @@ def build_payload(cfg: EndpointConfig, spec: RequestSpec) -> dict[str, Any]:
         "temperature": cfg.temperature,
         "stream": cfg.stream,
     }
-    if cfg.chat:
+    if cfg.chat and spec.images:  # image parts first, then the text (SGLang's order)
+        parts = [{"type": "image_url", "image_url": {"url": url}} for url in spec.images]
+        body["messages"] = [{"role": "user", "content": [
+            *parts, {"type": "text", "text": spec.prompt}]}]
+    elif spec.images:
+        raise ValueError("image workloads need the chat endpoint: --endpoint "
+                         "/v1/chat/completions")
+    elif cfg.chat:
         body["messages"] = [{"role": "user", "content": spec.prompt}]
     else:
         body["prompt"] = spec.prompt

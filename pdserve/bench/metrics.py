@@ -158,6 +158,9 @@ def summarize(
         "cancelled": len(records) - len(sent),
         "total_input_tokens": total_in,
         "total_output_tokens": total_out,
+        # SGLang's split of the input: the images' tokens (as the processor expands them)
+        "total_input_vision_tokens": sum(r.vision_len for r in ok),
+        "total_input_text_tokens": total_in - sum(r.vision_len for r in ok),
         "request_throughput": len(ok) / dur,
         "request_goodput": len(good) / dur if has_slos else None,
         "goodput_fraction": len(good) / len(sent) if has_slos and sent else None,

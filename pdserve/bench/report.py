@@ -75,6 +75,9 @@ def format_summary(result: dict[str, Any], percentiles: tuple[str, ...] = ("99",
     row("Request rate achieved (RPS):", "achieved_request_rate")
     row("Benchmark duration (s):", "duration")
     row("Total input tokens:", "total_input_tokens")
+    if result.get("total_input_vision_tokens"):
+        row("Total input text tokens:", "total_input_text_tokens")
+        row("Total input vision tokens:", "total_input_vision_tokens")
     row("Total generated tokens:", "total_output_tokens")
     row("Request throughput (req/s):", "request_throughput")
     if result.get("request_goodput") is not None:

@@ -16,6 +16,8 @@ class RequestSpec:
     category: str = ""  # workload sub-kind (e.g. "inline-completion")
     slo_ms: dict[str, float] = field(default_factory=dict)  # per-request SLO overrides
     group: int = -1  # shared-prefix group, -1 when none
+    images: list[str] = field(default_factory=list)  # image URLs sent before the text (chat)
+    vision_len: int = 0  # of prompt_len: the images' tokens, as the model's processor counts
 
 
 @dataclass
@@ -39,6 +41,7 @@ class RequestRecord:
     error: str | None = None
     cancelled: bool = False  # stopped by the runner (early stop), neither success nor failure
     slo_ms: dict[str, float] = field(default_factory=dict)
+    vision_len: int = 0  # of prompt_len: image tokens (the spec's)
 
     @property
     def ok(self) -> bool:

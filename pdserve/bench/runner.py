@@ -165,6 +165,7 @@ async def run_items(
                 scheduled_s=sched,
                 ready_s=ready,
                 slo_ms=dict(spec.slo_ms),
+                vision_len=spec.vision_len,
             )
             records.append(rec)
             task = asyncio.create_task(one(session, spec, rec))

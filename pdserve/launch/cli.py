@@ -41,7 +41,8 @@ def add_parser(subparsers) -> None:
         "the instances (in their environment) unless $PDSERVE_DEPLOYMENT_SECRET or "
         "--secret-file gives one; --api-key protects the router and the instances alike. "
         "With --ray the same layout runs on a Ray cluster, each server a Ray actor.",
-        usage="pdserve up [--prefill N --decode M | --colocated K] [--prefill-tp T] "
+        usage="pdserve up [--prefill N --decode M | --colocated K] [--encoder E] "
+        "[--prefill-tp T] "
         "[--decode-tp T] [--model M] [--port P] [--config layout.yaml] [--ray [ADDRESS]] "
         "[-- serve args]",
     )
@@ -141,6 +142,9 @@ def run(args: argparse.Namespace) -> int:
         layout = layout_from_args(args)
         creds = Credentials.from_args(args)
         if args.ray is not None:  # the same layout, placed by Ray instead of on this machine
+            if layout.encoder:
+                raise ValueError("--encoder: encoder instances are not placed on Ray yet; "
+                                 "run them with `pdserve up --encoder N` on one machine")
             return run_on_ray(args, layout, creds, console)
         instances = plan(layout, 0 if layout.cpu else count_gpus())
     except (ValueError, OSError) as exc:  # SecretError is a ValueError

@@ -155,6 +155,9 @@ def run(args: argparse.Namespace) -> int:
     """Render the layout; print it or write the folder."""
     try:
         layout = layout_from_args(args)
+        if layout.encoder:
+            raise ValueError("--encoder: encoder instances are not rendered for Kubernetes "
+                             "yet; run them with `pdserve up --encoder N`")
         opts = options_from_args(args)
         objects = render(layout, opts)
     except (ValueError, OSError) as exc:

@@ -6,6 +6,7 @@ YAML accepts the flags' names, with counts given plainly or as {count, tp}:
     port: 8000                  # the router; instances take the next ports
     prefill: {count: 2, tp: 1}
     decode: {count: 1, tp: 2}
+    encoder: 4                  # a vision-language model's image encoders (tp 1 each)
     kv_cache_memory: 1GiB       # per instance (CPU, or to cap it on GPU)
     pd_min_prompt_tokens: 4096  # the router's: shorter prompts are served whole on a D
     routing_policy: cache_aware # the router's --routing-policy (default least_loaded)
@@ -21,7 +22,7 @@ import yaml
 
 from pdserve.router.policy import POLICIES
 
-ROLES = ("prefill", "decode", "colocated")
+ROLES = ("prefill", "decode", "colocated", "encoder")
 
 
 @dataclass
@@ -31,9 +32,11 @@ class Layout:
     prefill: int = 0
     decode: int = 0
     colocated: int = 0
+    encoder: int = 0  # image encoders in front of P (or colocated): E->P->D
     prefill_tp: int = 1
     decode_tp: int = 1
     colocated_tp: int = 1
+    encoder_tp: int = 1  # an encoder runs on one device
     model: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
@@ -49,6 +52,8 @@ class Layout:
         for role in ROLES:
             if getattr(self, role) < 0 or getattr(self, f"{role}_tp") < 1:
                 raise ValueError(f"{role}: count must be >= 0 and tp >= 1")
+        if self.encoder_tp != 1:
+            raise ValueError("encoder: an encoder instance runs on one device (tp 1)")
         if self.pd_min_prompt_tokens < 0:
             raise ValueError("pd_min_prompt_tokens must be >= 0")
         if self.routing_policy not in POLICIES:

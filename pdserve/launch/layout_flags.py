@@ -16,6 +16,10 @@ def add_layout_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill", type=int, default=None, help="prefill instances")
     p.add_argument("--decode", type=int, default=None, help="decode instances")
     p.add_argument("--colocated", type=int, default=None, help="colocated instances")
+    p.add_argument("--encoder", type=int, default=None,
+                   help="image encoder instances of a vision-language --model: the router "
+                   "spreads each request's images over them (E->P->D, E->colocated); "
+                   "`pdserve up` on this machine only, for now")
     p.add_argument("--prefill-tp", type=int, default=None, help="GPUs per prefill instance")
     p.add_argument("--decode-tp", type=int, default=None, help="GPUs per decode instance")
     p.add_argument("--colocated-tp", type=int, default=None,
@@ -48,6 +52,7 @@ def layout_from_args(args: argparse.Namespace) -> Layout:
     """The layout of --config (if given) with the flags the user gave on top."""
     extra = [a for a in args.instance_args if a != "--"] or None
     given = {"prefill": args.prefill, "decode": args.decode, "colocated": args.colocated,
+             "encoder": args.encoder,
              "prefill_tp": args.prefill_tp, "decode_tp": args.decode_tp,
              "colocated_tp": args.colocated_tp, "model": args.model,
              "host": getattr(args, "host", None),  # `up` only: pods listen on their own IP

@@ -97,7 +97,8 @@ def vision_spec_of(model_name: str | None, model: object) -> VisionSpec | None:
     """The spec of a loaded model, None unless it encodes images. The model's side of the
     contract: `embed_images` and `image_token_id`; the settings come from its folder's
     processor files, else from the model's own `vision_spec` (a random-weight preset), else
-    SmolVLM-256M's."""
+    SmolVLM-256M's, with the tile size and rows a tile of the model's own tower
+    (`config.vision`) where it has one."""
     if not hasattr(model, "embed_images"):
         return None
     token_id = int(model.image_token_id)
@@ -105,7 +106,14 @@ def vision_spec_of(model_name: str | None, model: object) -> VisionSpec | None:
         return dataclasses.replace(VisionSpec.from_folder(model_name, token_id),
                                    image_token_id=token_id)
     own = getattr(model, "vision_spec", None)
-    return own if own is not None else VisionSpec(image_token_id=token_id)
+    if own is not None:
+        return own
+    spec = VisionSpec(image_token_id=token_id)
+    tower = getattr(getattr(model, "config", None), "vision", None)
+    if tower is not None:  # no processor settings: the tower's own tiles, not 256M's
+        spec = dataclasses.replace(spec, tile_size=tower.image_size,
+                                   image_seq_len=tower.tokens_per_tile)
+    return spec
 
 
 def tokenizer_folder_added_tokens(folder: str | Path) -> dict[str, int]:

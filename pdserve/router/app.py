@@ -22,7 +22,7 @@ from pdserve.router.metrics import RouterMetrics
 from pdserve.router.policy import make_policy
 from pdserve.router.prompt_tokens import PromptTokenizer
 from pdserve.router.proxy import Router, json_error
-from pdserve.router.registry import ROLES, Registry
+from pdserve.router.registry import REGISTRABLE, Registry
 from pdserve.router.tool_routes import add_tool_routes
 from pdserve.router.upstream import Upstream
 from pdserve.router.validation import read_request
@@ -118,7 +118,7 @@ async def _model_cards(request: Request) -> list[dict]:
     """The union of the healthy instances' models, each asked for its /v1/models."""
     router, upstream = _router(request), request.app.state.upstream
     cards: dict[str, dict] = {}
-    for inst in router.registry.all():
+    for inst in router.registry.engines():  # encoders list no model
         if not inst.healthy:
             continue
         try:
@@ -171,14 +171,14 @@ def _object_body(properties: dict) -> dict:
 
 def _add_registry_routes(app: FastAPI, registry: Registry) -> None:
     @app.post("/register", openapi_extra=_object_body(
-        {"url": {"type": "string"}, "role": {"type": "string", "enum": list(ROLES)}}))
+        {"url": {"type": "string"}, "role": {"type": "string", "enum": list(REGISTRABLE)}}))
     async def register(request: Request) -> Response:
         """Join, or heartbeat: `{"url": ..., "role": ...}`, re-posted every few seconds."""
         try:
             data = await http_limits.read_json_body(request)
             inst = registry.register(str(data["url"]), str(data.get("role", "colocated")))
         except (ValueError, KeyError, TypeError) as exc:  # BodyError: its own 4xx
-            return json_error(400, f"register needs {{url, role in {ROLES}}}: {exc}", None,
+            return json_error(400, f"register needs {{url, role in {REGISTRABLE}}}: {exc}", None,
                               "invalid_request_error")
         if not inst.healthy:  # a newcomer serves as soon as it answers, not a poll later
             await check(request.app.state.client, inst, timeout_s=2.0)

@@ -38,6 +38,9 @@ def add_parser(subparsers) -> None:
                    help="decode instances (repeatable)")
     p.add_argument("--colocated", nargs="+", action="extend", default=[], metavar="URL",
                    help="colocated instances (repeatable)")
+    p.add_argument("--encoder", nargs="+", action="extend", default=[], metavar="URL",
+                   help="encoder instances (repeatable): a chat request's images are spread "
+                   "over them, and P pulls their embeddings")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--health-interval", type=float, default=1.0,
@@ -93,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
               "--secret-file): /register is refused; serving only the instances given on "
               "the command line", file=sys.stderr)
     registry = Registry(heartbeat_ttl_s=args.heartbeat_ttl)
-    for role in ("prefill", "decode", "colocated"):
+    for role in ("prefill", "decode", "colocated", "encoder"):
         for url in getattr(args, role):
             registry.add_static(url, role)
     drain = Drain(args.drain_timeout)

@@ -87,7 +87,7 @@ class Subscriptions:
     def sync(self) -> None:
         """Follow every instance in the registry, and no other (one that registered again
         is a new Instance: its stream starts over)."""
-        known = {inst.url: inst for inst in self.registry.all()}
+        known = {inst.url: inst for inst in self.registry.engines()}  # encoders keep no KV
         for url, (inst, task) in list(self._tasks.items()):
             if known.get(url) is not inst:
                 del self._tasks[url]

@@ -75,6 +75,11 @@ class RouterMetrics:
                                         "kv_transfer_params (a P without a KV connector): "
                                         "each was served whole on a decode instance.",
                                         registry=r)
+        self.images_encoded = Counter("pdserve_router:images_encoded",
+                                      "Image parts sent to encoder instances, by outcome: "
+                                      "encoder (a handle went to P), refused (a bad image: "
+                                      "P answers the 400), failed (P encodes it itself).",
+                                      ["outcome"], registry=r)
         self.upstream_errors = Counter("pdserve_router:upstream_errors",
                                        "Connection errors and 5xx from instances, by role.",
                                        ["role"], registry=r)

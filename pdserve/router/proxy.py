@@ -26,6 +26,7 @@ import httpx
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from pdserve.event_stream import EventStream
+from pdserve.router.encode import Encoders
 from pdserve.router.kv_index import KVIndex
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.pairing import (
@@ -72,7 +73,8 @@ PLAIN_ROLES = {"colocated": ("colocated",), "fallback": ANY_ROLE, "prefill_only"
                "whole_only": ANY_ROLE}
 RESUME_ROLES = ANY_ROLE  # who may take over a failed answer
 MAX_RESUMES = 2  # per request: an answer that keeps killing instances is not chased forever
-INTERNAL_FIELDS = ("resume",)  # request fields only the router may send an instance
+# request fields only the router may send an instance
+INTERNAL_FIELDS = ("resume", "encoder_handles")
 
 
 class NoInstance(Exception):
@@ -165,8 +167,12 @@ class Router:
     policy: Policy = field(default_factory=lambda: make_policy("least_loaded"))
     index: KVIndex = field(default_factory=KVIndex)  # the instances' prefix caches
     tokens: PromptTokenizer = field(default_factory=PromptTokenizer)
+    encoders: Encoders = field(init=False)
     # lease releases in flight: the loop keeps only weak references to tasks
     _releases: set[asyncio.Task] = field(default_factory=set, repr=False)
+
+    def __post_init__(self) -> None:
+        self.encoders = Encoders(self.registry, self.upstream, self.metrics)
 
     async def route(self, path: str, body: dict) -> Response:
         """Answer one completion or chat request; 4xx from an instance pass through."""
@@ -176,6 +182,8 @@ class Router:
             return json_error(400, f"{internal[0]} is an internal field: clients may not "
                               "send it", None, "invalid_request_error")
         load = await self._load(body, chat)
+        if chat:  # E: the images' rows made on encoder instances, P pulls them
+            body = await self.encoders.attach(body)
         try:
             decision = self.decide(load)
             if decision.disaggregated:
@@ -200,7 +208,7 @@ class Router:
 
     def decide(self, load: Load) -> Decision:
         """The policy's decision over the healthy instances, counted with its reason."""
-        views = [i.view() for i in self.registry.all() if i.healthy]
+        views = [i.view() for i in self.registry.engines() if i.healthy]
         decision = self.policy.decide(load.view, views)
         if decision is None:
             raise NoInstance("no healthy instance can serve the request")

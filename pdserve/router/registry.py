@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pdserve.router.policy import InstanceView
 
 ROLES = ("colocated", "prefill", "decode")
+ENCODER = "encoder"  # serves image embeddings to the others, never a request itself
+REGISTRABLE = (*ROLES, ENCODER)
 MIN_RATE_SAMPLE_TOKENS = 64
 RATE_EWMA = 0.3  # weight of the newest prefill-rate sample
 
@@ -88,8 +90,8 @@ class Registry:
     def add_static(self, url: str, role: str) -> Instance:
         """A configured instance; the same URL in a second role is one instance serving
         both (e.g. a vLLM instance with kv_role kv_both as prefill and decode)."""
-        if role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}, not {role!r}")
+        if role not in REGISTRABLE:
+            raise ValueError(f"role must be one of {REGISTRABLE}, not {role!r}")
         url = normalize_url(url)
         inst = self.instances.get(url)
         if inst is None:
@@ -100,8 +102,8 @@ class Registry:
 
     def register(self, url: str, role: str) -> Instance:
         """Join or heartbeat: a known URL keeps its load and health, and may change role."""
-        if role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}, not {role!r}")
+        if role not in REGISTRABLE:
+            raise ValueError(f"role must be one of {REGISTRABLE}, not {role!r}")
         url = normalize_url(url)
         inst = self.instances.get(url)
         if inst is None:
@@ -129,6 +131,11 @@ class Registry:
     def all(self) -> list[Instance]:
         return list(self.instances.values())
 
+    def engines(self) -> list[Instance]:
+        """The instances that serve requests: every one but the encoders."""
+        return [i for i in self.instances.values() if ENCODER not in i.roles]
+
     def can_serve(self) -> bool:
-        """At least one instance can answer a whole request (any role serves plain ones)."""
-        return any(i.healthy for i in self.instances.values())
+        """At least one instance can answer a whole request (any role but encoder serves
+        plain ones)."""
+        return any(i.healthy for i in self.engines())

@@ -48,7 +48,9 @@ def prefill_body(body: dict, chat: bool = False) -> dict:
 def decode_body(body: dict, kv_transfer_params: dict) -> dict:
     """What D gets: the client's request as sent, plus where P holds the prompt's KV; D
     answers with the whole completion (P's first token first), as vLLM's D does."""
-    return {**body, "kv_transfer_params": kv_transfer_params}
+    # P pulled the images' rows (ending their leases); a D that prefills encodes them
+    out = {k: v for k, v in body.items() if k != "encoder_handles"}
+    return {**out, "kv_transfer_params": kv_transfer_params}
 
 
 def tracked_body(body: dict) -> dict:
@@ -59,7 +61,8 @@ def tracked_body(body: dict) -> dict:
 def resume_body(body: dict, token_ids: list[int], text_chars: int) -> dict:
     """The client's request for another instance that continues its answer after the
     `token_ids` the client has (whose text is `text_chars` characters long)."""
-    out = {k: v for k, v in body.items() if k != "kv_transfer_params"}
+    # the images' leases were P's to read: the instance taking over encodes them
+    out = {k: v for k, v in body.items() if k not in ("kv_transfer_params", "encoder_handles")}
     out.update(stream=True, return_token_ids=True)
     if token_ids:  # none yet: the answer simply starts again there
         out["resume"] = {"token_ids": token_ids, "text_chars": text_chars}

@@ -34,6 +34,7 @@ from pdserve.server.request_log import RequestLog
 from pdserve.server.serving import ServerState, serve
 from pdserve.server.tool_parsers import ParserName, parser_for_template
 from pdserve.server.tool_routes import add_tool_routes, model_card
+from pdserve.transfer.embedding_puller import EmbeddingPuller
 
 
 def build_app(
@@ -78,8 +79,10 @@ def build_app(
             raise
         if images is not None:
             body_limit.bytes = max(max_request_bytes, media_limits.body_bytes())
+        # rows from encoder instances: only a deployment (a secret) has them
+        embeddings = EmbeddingPuller(secret) if images is not None and secret else None
         app.state.server = ServerState(client, tokenizer, name, metrics, parser, request_log,
-                                       images)
+                                       images, embeddings)
         heartbeat = asyncio.create_task(keep_registered()) if keep_registered else None
         try:
             yield
@@ -91,6 +94,8 @@ def build_app(
             client.shutdown()
             if images is not None:
                 images.close()
+            if embeddings is not None:
+                embeddings.close()
 
     app = FastAPI(title="pdserve", lifespan=lifespan)
     app.state.drain = drain or Drain()

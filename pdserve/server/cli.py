@@ -14,6 +14,7 @@ import uvicorn
 
 from pdserve.config import CacheConfig, EngineArgs, SchedulerConfig
 from pdserve.drain import Drain, DrainingServer, add_drain_flag
+from pdserve.encoder.cli import add_encoder_flags
 from pdserve.media.flags import add_media_flags, media_limits
 from pdserve.security import API_KEY_ENV, SECRET_ENV, SecretError, load_secret
 from pdserve.server.chat_template import install_chat_template, read_chat_template
@@ -92,8 +93,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no-enable-prefix-caching", action="store_true",
                    help="turn the prefix cache off")
     p.add_argument("--seed", type=int, default=0, help="seed of the engine's sampler")
-    p.add_argument("--role", choices=["colocated", "prefill", "decode"], default="colocated",
-                   help="colocated serves whole requests; prefill/decode are halves of a P/D pair")
+    p.add_argument("--role", choices=["colocated", "prefill", "decode", "encoder"],
+                   default="colocated",
+                   help="colocated serves whole requests; prefill/decode are halves of a P/D "
+                   "pair; encoder serves a vision-language model's image embeddings to them")
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="GPUs to shard the model over")
     p.add_argument("--enforce-eager", action="store_true", help="never use CUDA graphs")
@@ -133,6 +136,7 @@ def add_parser(subparsers) -> None:
     # the fraction of each stand-in step that holds the GIL, as a real engine's host thread
     p.add_argument("--engine-standin-busy", type=float, default=0.0, help=argparse.SUPPRESS)
     add_media_flags(p, parse_bytes)
+    add_encoder_flags(p, parse_bytes)
     p.add_argument("--log-level", default="warning", help="uvicorn's log level")
     p.add_argument("--log-requests", action="store_true",
                    help="log each request's id, prompt and sampling params at INFO")
@@ -224,6 +228,10 @@ def run(args: argparse.Namespace) -> int:
     from pdserve.server.app import build_app
     from pdserve.server.engine_client import EngineClient
 
+    if args.role == "encoder":  # no engine: the vision tower alone (pdserve/encoder/)
+        from pdserve.encoder.cli import run_encoder
+
+        return run_encoder(args)
     try:
         eargs = engine_args(args)
         template = read_chat_template(args.chat_template) if args.chat_template else None

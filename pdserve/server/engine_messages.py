@@ -27,6 +27,7 @@ class EngineInfo:
     pid: int
     block_size: int = 0  # of the prefix cache's blocks (0: it publishes no KV events)
     vision: VisionSpec | None = None  # how its images are prepared; None: it takes none
+    hidden_size: int = 0  # rows an encoder sends must be this wide (0: unknown)
 
 
 # --- server -> engine ---

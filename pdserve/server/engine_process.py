@@ -74,6 +74,7 @@ def run_engine_process(
         pid=os.getpid(),
         block_size=_publish_kv_events(engine),
         vision=getattr(engine, "vision", None),
+        hidden_size=int(getattr(getattr(engine, "model_config", None), "hidden_size", 0)),
     )
     COMPILATIONS.mark_ready()  # warmed up: whatever compiles from now on stalls a request
     outbox.put(EngineReady(info))

@@ -257,6 +257,11 @@ class ServerMetrics:
         self.prompt_by_source = Counter("vllm:prompt_tokens_by_source",
                                         "Number of prompt tokens by source.",
                                         [*LABELS, "source"], registry=self.registry)
+        self.image_embeddings = Counter(
+            "pdserve:image_embeddings", "Images of prompts by where their embedding rows came "
+            "from: encoder (pulled from an encoder instance), fallback (its pull failed: "
+            "encoded here), local (no encoder: encoded here).",
+            [*LABELS, "source"], registry=self.registry)
         self.admission_rejections = Counter(
             "vllm:admission_rejections", "Number of admission attempts rejected by a queue "
             "limit, by reason (pdserve has no queue limit: always 0).",

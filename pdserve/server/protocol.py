@@ -36,6 +36,7 @@ MAX_KV_PARAMS_KEYS = 64
 # naming the part); the HTTP body limit is the first bound
 MAX_IMAGE_URL_CHARS = 2**28
 IMAGE_PLACEHOLDER = "<image>"  # an image part in the text a chat template renders
+MAX_ENCODER_HANDLES = 256  # a ceiling: their count must equal the request's images
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
@@ -278,6 +279,8 @@ class ChatCompletionRequest(_SamplingRequest, ToolFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
+    # internal (router -> P): an encoder's handle, or null, per image part in prompt order
+    encoder_handles: list[dict | None] | None = Field(None, max_length=MAX_ENCODER_HANDLES)
 
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self) -> ChatCompletionRequest:

@@ -24,6 +24,7 @@ from pdserve.server.choices import (
     start_all,
     usage,
 )
+from pdserve.server.encoder_handles import count_local, parse_handles, pull_embeddings
 from pdserve.server.engine_client import EngineClient
 from pdserve.server.errors import APIError, bad_request, engine_dead, model_not_found
 from pdserve.server.generation import Delta, Generation
@@ -43,6 +44,7 @@ from pdserve.server.responses import ResponseBuilder
 from pdserve.server.structured_protocol import FieldError
 from pdserve.server.tool_calls import ToolCallExtractor
 from pdserve.server.tool_parsers import ParserName
+from pdserve.transfer.embedding_puller import EmbeddingPuller
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's legacy default; chat defaults to the context
 
@@ -58,6 +60,7 @@ class ServerState:
     tool_parser: ParserName = "hermes"  # the format of tool calls in the model's text
     request_log: RequestLog | None = None  # --log-requests
     images: ImagePreparer | None = None  # None: the model takes no images
+    embeddings: EmbeddingPuller | None = None  # pulls rows an encoder instance made
 
     def cache_tokens(self) -> int:
         """Tokens the whole KV cache holds (0 = not known yet)."""
@@ -78,6 +81,13 @@ async def serve(
         raise bad_request("resume is an internal field: only the router may send it", "resume")
     response_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     images = await prepare_images(st.images, req.messages) if chat else None  # bounded pool
+    if chat and req.encoder_handles is not None:  # the router's: rows from encoder instances
+        handles = parse_handles(req.encoder_handles, images, internal)
+        if images and st.embeddings is not None:
+            images = await pull_embeddings(st.embeddings, images, handles,
+                                           st.client.info.hidden_size, st.metrics)
+    elif images and not (req.kv_transfer_params or {}).get("do_remote_prefill"):
+        count_local(st.metrics, len(images))  # D pulls KV: it encodes none of them
     # chat templating and tokenization are CPU work (seconds for a huge prompt): off the loop
     choices = await asyncio.to_thread(_choices, st, req, chat, response_id, images)
     del images  # each engine request holds its images until the engine has them

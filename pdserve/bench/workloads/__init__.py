@@ -7,7 +7,7 @@ from typing import Any
 
 from pdserve.bench.request import RequestSpec
 
-WORKLOADS = ("random", "shared-prefix", "multi-turn", "code", "sharegpt", "trace")
+WORKLOADS = ("random", "shared-prefix", "multi-turn", "code", "sharegpt", "trace", "image")
 
 
 @dataclass
@@ -35,6 +35,10 @@ class WorkloadConfig:
     sharegpt_output_len: int | None = None
     trace_block_size: int = 512
     trace_time_scale: float = 1.0
+    image_count: int = 1
+    image_resolution: str = "1080p"
+    image_format: str = "jpeg"
+    tokenizer: str | None = None  # its folder's processor settings count image tokens
 
 
 def build_workload(cfg: WorkloadConfig, tokenizer: Any) -> list[RequestSpec]:
@@ -50,6 +54,21 @@ def build_workload(cfg: WorkloadConfig, tokenizer: Any) -> list[RequestSpec]:
             cfg.random_output_len,
             cfg.random_range_ratio,
             cfg.seed,
+        )
+    if name == "image":
+        from pdserve.bench.workloads.images import image_workload
+
+        return image_workload(
+            tokenizer,
+            cfg.num_prompts or 100,
+            cfg.image_count,
+            cfg.image_resolution,
+            cfg.image_format,
+            cfg.random_input_len,
+            cfg.random_output_len,
+            cfg.random_range_ratio,
+            cfg.seed,
+            cfg.tokenizer,
         )
     if name == "shared-prefix":
         from pdserve.bench.workloads.shared_prefix import shared_prefix_workload
