@@ -8,19 +8,23 @@ from collections.abc import Iterator
 
 import openai
 import pytest
-from conftest import start_server, stop_server
 
 from pdserve.models.loader import serving_tokenizer
 from tests.media.vision_helpers import data_url, encoded, random_image, reference_processor
+from tests.router.cluster import start_instance, wait_healthy
 
 MODEL = "smolvlm-tiny"  # 32-px tiles, 16 image tokens a tile, images up to 128 px a side
 
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory) -> Iterator[openai.OpenAI]:
-    server = start_server(tmp_path_factory.mktemp("vlm"), "--model", MODEL, "--cpu-threads", "1")
-    yield openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-    stop_server(server)
+    server = start_instance(tmp_path_factory.mktemp("vlm"), "colocated", "--model", MODEL,
+                            "--cpu-threads", "1")
+    try:
+        wait_healthy(server)
+        yield openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    finally:
+        server.stop()
 
 
 def ask(client: openai.OpenAI, images, text: str = "Describe it."):
