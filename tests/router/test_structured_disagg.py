@@ -22,6 +22,10 @@ SCHEMA = {
     "required": ["city", "size", "sights"],
     "additionalProperties": False,
 }
+# The schema bounds the answer: 12 + 2 x 10 characters, each at most 4 byte-tokens, plus ~30
+# tokens of keys and punctuation. Sampled at temperature 1 the strings can be katakana spelled
+# byte by byte, so the budget must cover that bound for the grammar (not max_tokens) to end it.
+MAX_TOKENS = 4 * (12 + 2 * 10) + 40
 PROMPTS = ["Describe Paris as JSON.", "Describe a small town as JSON.", "Tokyo, as JSON:"]
 
 
@@ -40,7 +44,7 @@ def oai(router) -> openai.OpenAI:
 def _ask(oai: openai.OpenAI, prompt: str, **fields):
     return oai.chat.completions.create(
         model=oai.models.list().data[0].id, messages=[{"role": "user", "content": prompt}],
-        max_tokens=60, response_format={"type": "json_schema", "json_schema": {
+        max_tokens=MAX_TOKENS, response_format={"type": "json_schema", "json_schema": {
             "name": "city", "schema": SCHEMA, "strict": True}}, **fields)
 
 
