@@ -13,6 +13,11 @@ The router's cost: tokenize (the instances' own code), hash the blocks and look 
 index of 2 instances, in-process, for 1k- and 8k-token prompts (median of 20).
 
     python benchmarks/bench_routing.py [--rate 0.25] [--workloads ...] [--policies ...]
+        [--groups 8 --kv-cache-memory 128MiB]
+
+With --groups 8 and 128 MiB of KV cache per instance (2,900 tokens), the prefixes (8 x 512,
+or 8 conversations of ~600 tokens) overflow one instance's cache but fit two: the regime
+where routing decides the hit rate, as a fleet of many instances is.
 
 `--pd-mix`: instead, a prefill and a decode instance, prompts of 40..760 tokens, and the
 P/D decision always (disaggregate every prompt), never (every prompt whole on D) and
@@ -43,19 +48,29 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(REPO, "benchmarks", "results", "routing_cpu.json")
 SECRET = "bench-routing-deployment-secret-0123456789"
 POLICIES = ("cache_aware", "least_loaded", "round_robin")
-WORKLOADS = {  # small: each instance runs on one thread; prefixes as long as system prompts are
-    "shared-prefix": ["--dataset-name", "shared-prefix", "--gsp-num-groups", "4",
-                      "--gsp-prompts-per-group", "4", "--gsp-system-prompt-len", "512",
-                      "--gsp-question-len", "32", "--gsp-output-len", "4"],
-    "multi-turn": ["--dataset-name", "multi-turn", "--mt-num-conversations", "4",
-                   "--mt-turns", "4", "--mt-system-prompt-len", "384", "--mt-turn-len", "48",
-                   "--mt-output-len", "4"],
-    "random": ["--dataset-name", "random", "--num-prompts", "16", "--random-input-len", "256",
-               "--random-output-len", "4"],
-    # short and long prompts mixed, for the P/D decision (1P1D)
-    "mix": ["--dataset-name", "random", "--num-prompts", "20", "--random-input-len", "400",
-            "--random-range-ratio", "0.9", "--random-output-len", "32"],
-}
+WORKLOADS = ("shared-prefix", "multi-turn", "random", "mix")
+
+
+def workload_flags(name: str, groups: int = 4, per_group: int = 4) -> list[str]:
+    """`pdserve bench run` flags of a workload; `groups`: prefix groups or conversations,
+    `per_group`: prompts of a group or turns of a conversation (each instance runs on one
+    thread; prefixes are as long as system prompts are)."""
+    return {
+        "shared-prefix": ["--dataset-name", "shared-prefix", "--gsp-num-groups", str(groups),
+                          "--gsp-prompts-per-group", str(per_group),
+                          "--gsp-system-prompt-len", "512", "--gsp-question-len", "32",
+                          "--gsp-output-len", "4"],
+        "multi-turn": ["--dataset-name", "multi-turn", "--mt-num-conversations", str(groups),
+                       "--mt-turns", str(per_group), "--mt-system-prompt-len", "384",
+                       "--mt-turn-len", "48", "--mt-output-len", "4"],
+        "random": ["--dataset-name", "random", "--num-prompts", str(per_group * groups),
+                   "--random-input-len", "256", "--random-output-len", "4"],
+        # short and long prompts mixed, for the P/D decision (1P1D)
+        "mix": ["--dataset-name", "random", "--num-prompts", "20", "--random-input-len", "400",
+                "--random-range-ratio", "0.9", "--random-output-len", "32"],
+    }[name]
+
+
 PD_VARIANTS = {  # name -> (policy, router flags)
     "always_disagg": ("least_loaded", ()),
     "never_disagg": ("least_loaded", ("--pd-min-prompt-tokens", "1000000")),
@@ -100,13 +115,13 @@ def wait_healthy(url: str, timeout_s: float = 180) -> None:
     raise RuntimeError(f"{url} did not become healthy")
 
 
-def run_one(policy: str, workload: str, rate: float, tmp: str,
+def run_one(policy: str, workload: list[str], rate: float, tmp: str, kv_cache: str,
             roles: tuple[str, str] = ("colocated", "colocated"), flags: tuple = ()) -> dict:
     """Fresh instances (of `roles`) and a router; one bench run; its summary."""
     ports = [free_port() for _ in range(3)]
     cores = os.cpu_count() or 1
     insts = [spawn(["serve", "--role", role, "--port", str(p), "--cpu-threads", "1",
-                    "--kv-cache-memory", "256MiB"], f"{tmp}/inst{i}.log", i % cores)
+                    "--kv-cache-memory", kv_cache], f"{tmp}/inst{i}.log", i % cores)
              for i, (role, p) in enumerate(zip(roles, ports))]
     urls = [f"http://127.0.0.1:{p}" for p in ports[:2]]
     router = None
@@ -120,9 +135,9 @@ def run_one(policy: str, workload: str, rate: float, tmp: str,
         base = f"http://127.0.0.1:{ports[2]}"
         wait_healthy(base)
         time.sleep(3)  # health checks, the tokenizer and the KV event streams
-        name = f"{workload}-{policy}-{len(flags)}.json"
+        name = f"{workload[1]}-{policy}-{len(flags)}.json"
         subprocess.run([sys.executable, "-m", "pdserve.cli", "bench", "run", "--base-url", base,
-                        *WORKLOADS[workload], "--request-rate", str(rate), "--seed", "1",
+                        *workload, "--request-rate", str(rate), "--seed", "1",
                         "--ignore-eos", "--save-result", "--result-dir", tmp,
                         "--result-filename", name, "--disable-tqdm"],
                        env={**os.environ, "PYTHONPATH": REPO}, check=True,
@@ -140,7 +155,7 @@ def run_one(policy: str, workload: str, rate: float, tmp: str,
     return {**{k: summary.get(k) for k in keys}, "decisions": decisions}
 
 
-def oracle_hits(workload: str) -> int:
+def oracle_hits(workload: list[str]) -> int:
     """Hit tokens if every prompt met every earlier one's blocks (one unbounded cache)."""
     from pdserve.bench.cli import add_parser
     from pdserve.bench.commands import workload_config
@@ -151,7 +166,7 @@ def oracle_hits(workload: str) -> int:
 
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers())
-    args = parser.parse_args(["bench", "run", *WORKLOADS[workload], "--seed", "1"])
+    args = parser.parse_args(["bench", "run", *workload, "--seed", "1"])
     tok = load_tokenizer(None)
     seen: set[int] = set()
     hits = 0
@@ -209,7 +224,14 @@ def router_cost() -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rate", type=float, default=0.25, help="requests/s (Poisson)")
-    ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS))
+    ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS[:3]), choices=WORKLOADS)
+    ap.add_argument("--groups", type=int, default=4,
+                    help="prefix groups, or conversations (random: groups x per-group prompts)")
+    ap.add_argument("--per-group", type=int, default=4,
+                    help="prompts of a prefix group, or turns of a conversation")
+    ap.add_argument("--kv-cache-memory", default="256MiB",
+                    help="each instance's KV cache; below the prefixes' total, only a router "
+                    "that keeps each prefix on one instance holds them all")
     ap.add_argument("--policies", nargs="+", default=list(POLICIES))
     ap.add_argument("--cost-only", action="store_true",
                     help="only the router's cost per request (routing_cost_cpu.json)")
@@ -226,19 +248,21 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop our servers on the way out
     result = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
               "machine": {"cpus": os.cpu_count(), "loadavg_before": os.getloadavg()},
-              "rate": args.rate, "router_cost": router_cost(), "runs": {}}
+              "rate": args.rate, "groups": args.groups, "per_group": args.per_group,
+              "kv_cache_memory": args.kv_cache_memory, "router_cost": router_cost(), "runs": {}}
     print(json.dumps(result["router_cost"], indent=1), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         if args.pd_mix:
             runs = result["runs"]["mix-1P1D"] = {}
             for name, (policy, flags) in PD_VARIANTS.items():
-                runs[name] = run_one(policy, "mix", args.rate, tmp, ("prefill", "decode"),
-                                     flags)
+                runs[name] = run_one(policy, workload_flags("mix"), args.rate, tmp,
+                                     args.kv_cache_memory, ("prefill", "decode"), flags)
                 print("mix", name, json.dumps(runs[name]), flush=True)
         for workload in [] if args.pd_mix else args.workloads:
-            runs = result["runs"][workload] = {"oracle_hit_tokens": oracle_hits(workload)}
+            flags = workload_flags(workload, args.groups, args.per_group)
+            runs = result["runs"][workload] = {"oracle_hit_tokens": oracle_hits(flags)}
             for policy in args.policies:
-                runs[policy] = run_one(policy, workload, args.rate, tmp)
+                runs[policy] = run_one(policy, flags, args.rate, tmp, args.kv_cache_memory)
                 print(workload, policy, json.dumps(runs[policy]), flush=True)
     result["machine"]["loadavg_after"] = os.getloadavg()
     with open(args.out, "w") as f:

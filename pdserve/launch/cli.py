@@ -82,6 +82,8 @@ def serve_flags(inst: InstancePlan, layout: Layout, creds: Credentials | None = 
         cmd += ["--gpu-memory-utilization", str(inst.gpu_memory_utilization)]
     if layout.kv_cache_memory:
         cmd += ["--kv-cache-memory", layout.kv_cache_memory]
+    if inst.cpus:
+        cmd += ["--cpu-affinity", inst.cpus]
     return cmd + (creds.flags() if creds else [])
 
 
@@ -142,6 +144,9 @@ def run(args: argparse.Namespace) -> int:
         layout = layout_from_args(args)
         creds = Credentials.from_args(args)
         if args.ray is not None:  # the same layout, placed by Ray instead of on this machine
+            if layout.cpu_affinity:
+                raise ValueError("--cpu-affinity: on Ray, placement groups place the "
+                                 "instances; leave it out")
             if layout.encoder:
                 raise ValueError("--encoder: encoder instances are not placed on Ray yet; "
                                  "run them with `pdserve up --encoder N` on one machine")

@@ -158,6 +158,9 @@ def run(args: argparse.Namespace) -> int:
         if layout.encoder:
             raise ValueError("--encoder: encoder instances are not rendered for Kubernetes "
                              "yet; run them with `pdserve up --encoder N`")
+        if layout.cpu_affinity:
+            raise ValueError("cpu_affinity: a pod's CPUs come from its resources "
+                             "(--cpus-per-rank), not from a CPU list")
         opts = options_from_args(args)
         objects = render(layout, opts)
     except (ValueError, OSError) as exc:

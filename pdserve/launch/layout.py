@@ -10,6 +10,7 @@ YAML accepts the flags' names, with counts given plainly or as {count, tp}:
     kv_cache_memory: 1GiB       # per instance (CPU, or to cap it on GPU)
     pd_min_prompt_tokens: 4096  # the router's: shorter prompts are served whole on a D
     routing_policy: cache_aware # the router's --routing-policy (default least_loaded)
+    cpu_affinity: ["0-3", "4-7"] # one CPU list per instance (role order): each is pinned
     instance_args: [--max-num-seqs, "64"]
 """
 
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from pdserve.cpu_affinity import parse_cpu_list
 from pdserve.router.policy import POLICIES
 
 ROLES = ("prefill", "decode", "colocated", "encoder")
@@ -45,6 +47,7 @@ class Layout:
     pd_min_prompt_tokens: int = 0  # the router's conditional disaggregation (0: always)
     routing_policy: str = "least_loaded"  # the router's --routing-policy
     instance_args: list[str] = field(default_factory=list)
+    cpu_affinity: list[str] = field(default_factory=list)  # a CPU list per instance, role order
 
     def __post_init__(self) -> None:
         if self.prefill == self.decode == self.colocated == 0:
@@ -61,6 +64,14 @@ class Layout:
         if (self.prefill == 0) != (self.decode == 0):
             raise ValueError("a disaggregated layout needs both prefill and decode instances "
                              f"(got {self.prefill}P{self.decode}D)")
+        count = sum(getattr(self, role) for role in ROLES)
+        if self.cpu_affinity and len(self.cpu_affinity) != count:
+            raise ValueError(f"cpu_affinity: {len(self.cpu_affinity)} CPU lists for {count} "
+                             "instances; give one per instance, in the order prefill, decode, "
+                             "colocated, encoder (e.g. '0|1')")
+        self.cpu_affinity = [str(cpus) for cpus in self.cpu_affinity]  # YAML may give ints
+        for cpus in self.cpu_affinity:
+            parse_cpu_list(cpus)
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> Layout:
@@ -101,6 +112,7 @@ class InstancePlan:
     tp: int
     gpu_memory_utilization: float | None = None  # set when instances share a GPU
     wave: int = 0  # instances sharing a GPU start one wave after another
+    cpus: str | None = None  # the CPU list it is pinned to (`serve --cpu-affinity`)
 
     @property
     def url(self) -> str:
@@ -108,7 +120,7 @@ class InstancePlan:
 
     def devices_label(self) -> str:
         if self.devices is None:
-            return "cpu"
+            return f"cpu {self.cpus}" if self.cpus else "cpu"
         shared = f" (shared, up to {self.gpu_memory_utilization:.0%})" \
             if self.gpu_memory_utilization else ""
         return "cuda:" + ",".join(map(str, self.devices)) + shared
@@ -140,8 +152,9 @@ def plan(layout: Layout, num_gpus: int) -> list[InstancePlan]:
                 next_gpu += tp
             if share:
                 fraction = round(0.9 * (wave + 1) / per_gpu, 3)
+            cpus = layout.cpu_affinity[len(plans)] if layout.cpu_affinity else None
             plans.append(InstancePlan(f"{role}-{i}", role, layout.host, port, devices, tp,
-                                      fraction, wave))
+                                      fraction, wave, cpus))
             port += 1
     return plans
 

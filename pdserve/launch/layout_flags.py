@@ -39,6 +39,11 @@ def add_layout_flags(p: argparse.ArgumentParser) -> None:
                    "cache-aware one gets the instances' model as its --tokenizer")
     p.add_argument("--cpu", action="store_true", default=None,
                    help="run on the CPU even where GPUs exist")
+    p.add_argument("--cpu-affinity", default=None, metavar="CPUS|CPUS|...",
+                   help="pin each instance to its own CPUs, one list per instance in the "
+                   "order prefill, decode, colocated, encoder, e.g. '0|1' or '0-3|4-7' (as "
+                   "`pdserve serve --cpu-affinity`); the router is not pinned; `pdserve up` "
+                   "on one machine only")
     p.add_argument("--config", default=None, help="a YAML layout; flags override it")
 
 
@@ -58,7 +63,8 @@ def layout_from_args(args: argparse.Namespace) -> Layout:
              "host": getattr(args, "host", None),  # `up` only: pods listen on their own IP
              "port": args.port, "kv_cache_memory": args.kv_cache_memory, "cpu": args.cpu,
              "pd_min_prompt_tokens": args.pd_min_prompt_tokens,
-             "routing_policy": args.routing_policy, "instance_args": extra}
+             "routing_policy": args.routing_policy, "instance_args": extra,
+             "cpu_affinity": args.cpu_affinity.split("|") if args.cpu_affinity else None}
     if args.config:
         return Layout.from_yaml(args.config, **given)
     return Layout(**{k: v for k, v in given.items() if v is not None})

@@ -77,6 +77,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     prof.add_argument("--max-decode-rows", type=int, default=32)
     prof.add_argument("--max-context", type=int, default=2048)
     prof.add_argument("--time-limit", type=float, default=240.0, help="seconds per count")
+    prof.add_argument("--served", action=argparse.BooleanOptionalAction, default=True,
+                      help="also start a real `pdserve serve` per count and measure what "
+                      "serving adds to each step and request (about 30 s per count)")
     prof.set_defaults(func=commands.cmd_profile)
 
     sim = sub.add_parser("simulate", help="predict one layout (bench JSON)", epilog=EPILOG,
@@ -106,6 +109,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                      help="pin the deployment to these cores (taskset -c), e.g. 0,1")
     val.add_argument("--bench-cpu-list", default=None,
                      help="pin the load generator to these cores, e.g. 2")
+    val.add_argument("--pin-instances", action="store_true",
+                     help="CPU: give each instance its own cores, as many as its threads, in "
+                     "role order from the first usable core (`pdserve up --cpu-affinity`)")
+    val.add_argument("--layouts", choices=("pair", "all"), default="pair",
+                     help="pair: the recommended layout and the best of the other kind; all: "
+                     "every candidate of the budget, in predicted order")
     val.set_defaults(func=commands.cmd_validate)
 
 

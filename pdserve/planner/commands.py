@@ -23,7 +23,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
                        threads=args.threads, tensor_parallel_size=args.tensor_parallel_size,
                        num_shapes=args.num_shapes, max_prefill_tokens=args.max_prefill_tokens,
                        max_decode_rows=args.max_decode_rows, max_context=args.max_context,
-                       time_limit_s=args.time_limit)
+                       time_limit_s=args.time_limit, served=args.served)
     start = time.perf_counter()
     profile = measure_profile(spec)
     print(f"profile of {profile.model} on {profile.device} ({profile.dtype}) in "
@@ -31,6 +31,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
     for units, model in profile.step_time.items():
         print(f"  {profile.parallelism}={units}: {model} "
               f"(median fit error {100 * profile.fit_error[units]:.1f}%)")
+        if units in profile.serving:
+            o = profile.serving[units]
+            print(f"    serving adds {1e3 * o.step_s:.1f} ms a step + {1e3 * o.row_s:.2f} ms "
+                  f"a streamed token, {1e3 * o.request_s:.1f} ms a request")
     print("saved", profile.save(args.output))
     return 0
 

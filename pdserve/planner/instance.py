@@ -20,6 +20,7 @@ from pdserve.engine.kv_manager import KVCacheManager
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.scheduler import Scheduler, SchedulerOutput
 from pdserve.engine.step_time import StepShape, StepTimeModel
+from pdserve.planner.served import ServingOverhead
 
 OUTPUT_TOKEN = 0  # the token the simulator "samples": only its count matters
 
@@ -73,8 +74,10 @@ class SimInstance:
 
     def __init__(self, name: str, role: str, step_time: StepTimeModel, num_blocks: int,
                  block_size: int, config: SchedulerConfig, max_model_len: int,
-                 start_pull: Callable[[Request, int], None]):
+                 start_pull: Callable[[Request, int], None],
+                 serving: ServingOverhead | None = None):
         self.name, self.role, self.step_time = name, role, step_time
+        self.serving = serving or ServingOverhead()
         self.pool = BlockPool(num_blocks, block_size, True)
         self.connector = SimConnector(start_pull)
         self.scheduler = Scheduler(config, KVCacheManager(self.pool), self.connector, step_time)
@@ -106,7 +109,8 @@ class SimInstance:
         plan = self.scheduler.schedule()
         if not plan.scheduled:
             return None
-        seconds = self.step_time.seconds(step_shape(plan))
+        rows = sum(1 for s in plan.scheduled if s.samples)  # tokens this step streams
+        seconds = self.step_time.seconds(step_shape(plan)) + self.serving.step_seconds(rows)
         self._plan, self.busy_until = plan, now + seconds
         self.num_steps += 1
         self.busy_s += seconds

@@ -24,6 +24,7 @@ from pdserve.engine.engine import (
 )
 from pdserve.engine.step_time import StepTimeModel
 from pdserve.planner.profile import Profile, default_transports, describe_device
+from pdserve.planner.served import measure_serving
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class ProfileSpec:
     time_limit_s: float = 240.0  # per thread count: stop sampling here, fit what was timed
     repeats: int = 2  # timings per shape; the fastest is kept
     seed: int = 0
+    served: bool = True  # also measure what a real server adds (planner/served.py)
 
 
 def measure_profile(spec: ProfileSpec) -> Profile:
@@ -57,9 +59,15 @@ def measure_profile(spec: ProfileSpec) -> Profile:
                       scheduler=SchedulerConfig(max_model_len=spec.max_context + 16))
     engine = Engine(args)
     try:
-        return _profile(engine, spec)
+        profile = _profile(engine, spec)
     finally:
-        engine.close()
+        engine.close()  # first: the served probe's instance needs the device
+    if spec.served:
+        for units, model in profile.step_time.items():
+            threads = units if profile.parallelism == "cpu_threads" else None
+            profile.serving[units] = measure_serving(model, threads, spec.model)
+            log.info("serving on %d: %s", units, profile.serving[units])
+    return profile
 
 
 def _profile(engine: Engine, spec: ProfileSpec) -> Profile:

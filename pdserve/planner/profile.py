@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from pdserve.engine.step_time import StepTimeModel
+from pdserve.planner.served import ServingOverhead
 
 # Defaults where nothing was measured: flagged `measured: False` in the file.
 ROUTER_OVERHEAD_S = 0.002  # two HTTP hops through the router's proxy, loopback
@@ -58,6 +59,8 @@ class Profile:
     router_overhead_measured: bool = False
     num_shapes: int = 0  # timed step shapes behind each step-time model
     fit_error: dict[int, float] = field(default_factory=dict)  # median |rel. error| of the fit
+    # what a real server adds around the runner's steps, per parallelism (planner/served.py)
+    serving: dict[int, ServingOverhead] = field(default_factory=dict)
     created: str = ""
 
     def step_model(self, units: int) -> StepTimeModel:
@@ -70,6 +73,12 @@ class Profile:
         m, k = self.step_time[near], near / units
         return StepTimeModel(m.base_s, m.per_prefill_token_s * k, m.per_prefill_pair_s * k,
                              m.per_decode_row_s * k, m.per_decode_context_s * k)
+
+    def serving_overhead(self, units: int) -> ServingOverhead:
+        """What serving adds for an instance on `units` (the nearest measured; none: 0)."""
+        if not self.serving:
+            return ServingOverhead()
+        return self.serving[min(self.serving, key=lambda u: (abs(math.log(u / units)), -u))]
 
     def scaled_from(self, units: int) -> int:
         """The profiled parallelism closest to `units` (itself if profiled)."""
@@ -88,6 +97,7 @@ class Profile:
         d = asdict(self)
         d["step_time"] = {str(k): v.to_dict() for k, v in self.step_time.items()}
         d["fit_error"] = {str(k): v for k, v in self.fit_error.items()}
+        d["serving"] = {str(k): asdict(v) for k, v in self.serving.items()}
         return d
 
     @classmethod
@@ -98,6 +108,8 @@ class Profile:
         if not data["step_time"]:
             raise ValueError("a profile needs at least one step-time model")
         data["fit_error"] = {int(k): float(v) for k, v in data.get("fit_error", {}).items()}
+        data["serving"] = {int(k): ServingOverhead(**v)
+                           for k, v in data.get("serving", {}).items()}
         data["transports"] = {k: TransportCost(**v)
                               for k, v in data.get("transports", {}).items()}
         return cls(**data)

@@ -85,7 +85,8 @@ class Simulation:
             self.instances[name] = SimInstance(
                 name, role, profile.step_model(units), blocks, profile.block_size,
                 self.options.scheduler, profile.max_model_len,
-                lambda req, n, name=name: self._pull(name, req, n))
+                lambda req, n, name=name: self._pull(name, req, n),
+                profile.serving_overhead(units))
             self.loads[name] = InstanceLoad(name, role)
         self._owner: dict[str, SimRequest] = {}  # engine request id -> workload request
         self._p_request: dict[str, str] = {}  # D's engine request id -> P's (P holds its KV)
@@ -110,7 +111,8 @@ class Simulation:
 
     def _arrive(self, r: SimRequest) -> None:
         route = self.picker.pick(len(r.prompt_ids), r.output_len, list(self.loads.values()))
-        hop = self.profile.router_overhead_s
+        target = route.prefill if route.disaggregated else route.whole
+        hop = self._hop(target)
         if route.disaggregated:
             self._charge(route.prefill, len(r.prompt_ids) + 1)
             req = self._engine_request(r, f"{r.index}-p", 1, SimHandoff(hold_for_decode=True))
@@ -133,7 +135,12 @@ class Simulation:
                                      SimHandoff(pull_from=p_name))
         d_req.output_token_ids = [OUTPUT_TOKEN]  # P's first token (engine.add_request)
         self._p_request[d_req.request_id] = p_req.request_id
-        self.at(self.now + self.profile.router_overhead_s, lambda: self._send(d_name, d_req))
+        self.at(self.now + self._hop(d_name), lambda: self._send(d_name, d_req))
+
+    def _hop(self, name: str) -> float:
+        """From the router's decision to the request in `name`'s scheduler: the proxy, then
+        the instance's HTTP handling, tokenizing and admission."""
+        return self.profile.router_overhead_s + self.instances[name].serving.request_s
 
     def _charge(self, name: str, tokens: int) -> None:
         self.loads[name].outstanding_tokens += tokens

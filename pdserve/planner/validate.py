@@ -23,6 +23,7 @@ from typing import Any
 
 from pdserve.bench.report import save_result
 from pdserve.bench.workloads import WorkloadConfig
+from pdserve.cpu_affinity import format_cpu_list, usable_cpus
 from pdserve.planner.layouts import SimLayout, candidate_layouts
 from pdserve.planner.profile import Profile
 from pdserve.planner.recommend import Ranked, budget_of, rank_layouts
@@ -84,6 +85,8 @@ def measure(layout: SimLayout, profile: Profile, args: argparse.Namespace, num_p
     up_cmd = layout.up_command(profile.parallelism, port=args.port).split()
     up = [*_pinned(args.cpu_list), sys.executable, "-m", "pdserve.cli", *up_cmd[1:]]
     up.insert(up.index("up") + 1, f"--log-dir={out_dir / ('logs-' + name)}")
+    if args.pin_instances and profile.parallelism == "cpu_threads":
+        up.insert(up.index("up") + 1, f"--cpu-affinity={'|'.join(instance_cpus(layout))}")
     log_path = out_dir / f"up-{name}.log"
     print("$", " ".join(up), flush=True)
     with open(log_path, "wb") as log:
@@ -102,6 +105,20 @@ def measure(layout: SimLayout, profile: Profile, args: argparse.Namespace, num_p
             return json.load(f)
     finally:
         _stop(proc)
+
+
+def instance_cpus(layout: SimLayout, usable: set[int] | None = None) -> list[str]:
+    """One CPU list per instance of `layout` (role order, as `pdserve up` starts them): as
+    many consecutive usable cores as the instance has threads."""
+    cores = sorted(usable if usable is not None else usable_cpus())
+    if layout.units() > len(cores):
+        raise ValueError(f"{layout.label()} needs {layout.units()} cores to pin its "
+                         f"instances; {len(cores)} are usable")
+    out, at = [], 0
+    for _, _, units in layout.instances():
+        out.append(format_cpu_list(set(cores[at:at + units])))
+        at += units
+    return out
 
 
 def _wait_ready(proc: subprocess.Popen, log_path: Path, timeout_s: float) -> None:
@@ -147,7 +164,7 @@ def validate_from_args(args: argparse.Namespace) -> int:
     out_dir = Path(args.result_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    for r in pick_pair(ranked):
+    for r in (ranked if args.layouts == "all" else pick_pair(ranked)):
         name = r.layout.label()
         save_result(r.result, str(out_dir / f"predicted-{_file(name)}.json"))
         measured = measure(r.layout, profile, args, len(requests), out_dir)
@@ -156,9 +173,17 @@ def validate_from_args(args: argparse.Namespace) -> int:
     order = " > ".join(label for label, _, _ in rows)
     best = max(rows, key=lambda row: _goodput(row[2]))[0]
     summary = (f"predicted order: {order}; measured best (goodput): {best}\n\n{table}\n")
+    (out_dir / "validation.json").write_text(json.dumps(
+        {"predicted_order": [label for label, _, _ in rows], "measured_best": best,
+         "runs": [{"layout": label, "predicted": _pick(pred), "measured": _pick(meas)}
+                  for label, pred, meas in rows]}, indent=1))
     (out_dir / "validation.md").write_text(summary)
     print(summary)
     return 0
+
+
+def _pick(result: dict) -> dict:
+    return {key: result.get(key) for key in METRICS}
 
 
 def _goodput(result: dict) -> float:

@@ -13,6 +13,7 @@ import sys
 import uvicorn
 
 from pdserve.config import CacheConfig, EngineArgs, SchedulerConfig
+from pdserve.cpu_affinity import pin_to
 from pdserve.drain import Drain, DrainingServer, add_drain_flag
 from pdserve.encoder.cli import add_encoder_flags
 from pdserve.media.flags import add_media_flags, media_limits
@@ -117,6 +118,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--cpu-threads", type=int, default=None,
                    help="CPU engines: torch threads; omitted = $PDSERVE_CPU_THREADS, else "
                    "half the cores")
+    p.add_argument("--cpu-affinity", default=None, metavar="CPUS",
+                   help="pin the server and its engine to these CPUs, e.g. 0-3 or 0,2 (as "
+                   "taskset -c); pair it with --cpu-threads; `pdserve up --cpu-affinity "
+                   "'0|1'` gives each instance its own")
     p.add_argument("--router", default=None, metavar="URL",
                    help="join this router (POST /register with --role, every few seconds) "
                    "for the server's lifetime; leave it on a clean stop")
@@ -228,6 +233,12 @@ def run(args: argparse.Namespace) -> int:
     from pdserve.server.app import build_app
     from pdserve.server.engine_client import EngineClient
 
+    if args.cpu_affinity:  # first: the engine process and every thread inherit it
+        try:
+            pin_to(args.cpu_affinity)
+        except ValueError as exc:
+            print(f"pdserve serve: {exc}", file=sys.stderr)
+            return 2
     if args.role == "encoder":  # no engine: the vision tower alone (pdserve/encoder/)
         from pdserve.encoder.cli import run_encoder
 

@@ -1,4 +1,5 @@
-"""`pdserve plan profile` on this CPU with a tiny budget gives a file the planner loads."""
+"""`pdserve plan profile` on this CPU with a tiny budget gives a file the planner loads, with
+what a real server adds measured."""
 
 from __future__ import annotations
 
@@ -19,3 +20,6 @@ def test_a_tiny_cpu_profile_saves_and_loads(tmp_path):
     assert loaded.kv_bytes_per_token == 30 * 2 * 3 * 64 * 4  # layers, K+V, heads, dim, fp32
     assert loaded.transfer_seconds(1000) > loaded.transfer_seconds(10) > 0
     assert loaded.step_model(2).base_s == model.base_s  # unprofiled: scaled, base kept
+    served = loaded.serving[1]  # a real `pdserve serve` on one thread, probed
+    assert served.measured and min(served.step_s, served.row_s, served.request_s) >= 0
+    assert served.step_s + served.row_s + served.request_s > 0  # HTTP and SSE cost something
