@@ -22,4 +22,3 @@ def test_a_tiny_cpu_profile_saves_and_loads(tmp_path):
     assert loaded.step_model(2).base_s == model.base_s  # unprofiled: scaled, base kept
     served = loaded.serving[1]  # a real `pdserve serve` on one thread, probed
     assert served.measured and min(served.step_s, served.row_s, served.request_s) >= 0
-    assert served.step_s + served.row_s + served.request_s > 0  # HTTP and SSE cost something
