@@ -56,15 +56,17 @@ def pdserve(*args: str, log: Path | None = None) -> None:
             out.close()
 
 
-def validate(name: str, profile: Path, num_prompts: int, port: int) -> dict:
+def validate(name: str, profile: Path, num_prompts: int, port: int, out: Path,
+             reuse: bool) -> dict:
     prompt, rate = WORKLOADS[name]
-    folder = OUT / name
+    folder = out / name
     pdserve("plan", "validate", "--profile", str(profile), "--cores", "2",
             "--layouts", "all", "--pin-instances", "--port", str(port),
             "--dataset-name", "random", "--random-input-len", str(prompt),
             "--random-output-len", str(OUTPUT_LEN), "--random-range-ratio", "0.25",
             "--num-prompts", str(num_prompts), "--request-rate", str(rate), "--seed", "0",
-            "--goodput", *SLOS, "--result-dir", str(folder), log=OUT / f"{name}.log")
+            "--goodput", *SLOS, "--result-dir", str(folder),
+            *(["--reuse-measured"] if reuse else []), log=out / f"{name}.log")
     return json.loads((folder / "validation.json").read_text())
 
 
@@ -120,26 +122,30 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=32)
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     ap.add_argument("--port", type=int, default=8400)
+    ap.add_argument("--result-dir", default=str(OUT))
+    ap.add_argument("--reuse-measured", action="store_true",
+                    help="predict again with --profile, compare with the runs already there")
     args = ap.parse_args()
-    OUT.mkdir(parents=True, exist_ok=True)
-    profile = Path(args.profile) if args.profile else OUT / "profile.json"
+    out = Path(args.result_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    profile = Path(args.profile) if args.profile else out / "profile.json"
     if not args.profile:
         pdserve("plan", "profile", "--threads", "1,2", "--num-shapes", "120",
                 "--max-prefill-tokens", "640", "--max-context", "1024", "--time-limit", "90",
-                "-o", str(profile), log=OUT / "profile.log")
+                "-o", str(profile), log=out / "profile.log")
     start = time.monotonic()
-    results = {name: validate(name, profile, args.num_prompts, args.port)
-               for name in args.workloads}
+    results = {name: validate(name, profile, args.num_prompts, args.port, out,
+                              args.reuse_measured) for name in args.workloads}
     meta = {"date": datetime.now(UTC).isoformat(timespec="minutes"),
             "profile": os.path.relpath(profile, REPO),
             "how": f"{args.num_prompts} random prompts a run (+-25% length), {OUTPUT_LEN} "
                    f"output tokens, SLOs {' '.join(SLOS)}; instances pinned to their own "
                    "cores, router and load generator floating; "
                    f"{(time.monotonic() - start) / 60:.0f} min of runs."}
-    (OUT / "validation.json").write_text(json.dumps({"meta": meta, "workloads": results},
+    (out / "validation.json").write_text(json.dumps({"meta": meta, "workloads": results},
                                                     indent=1))
     text = report(results, meta)
-    (OUT / "validation.md").write_text(text)
+    (out / "validation.md").write_text(text)
     print(text)
 
 

@@ -112,6 +112,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     val.add_argument("--pin-instances", action="store_true",
                      help="CPU: give each instance its own cores, as many as its threads, in "
                      "role order from the first usable core (`pdserve up --cpu-affinity`)")
+    val.add_argument("--reuse-measured", action="store_true",
+                     help="where --result-dir already holds a layout's measured JSON, compare "
+                     "with it instead of running it again (e.g. after a new profile)")
     val.add_argument("--layouts", choices=("pair", "all"), default="pair",
                      help="pair: the recommended layout and the best of the other kind; all: "
                      "every candidate of the budget, in predicted order")

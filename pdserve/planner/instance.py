@@ -110,7 +110,7 @@ class SimInstance:
         if not plan.scheduled:
             return None
         rows = sum(1 for s in plan.scheduled if s.samples)  # tokens this step streams
-        seconds = self.step_time.seconds(step_shape(plan)) + self.serving.step_seconds(rows)
+        seconds = self.serving.served_seconds(self.step_time.seconds(step_shape(plan)), rows)
         self._plan, self.busy_until = plan, now + seconds
         self.num_steps += 1
         self.busy_s += seconds

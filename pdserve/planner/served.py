@@ -10,6 +10,9 @@ a few requests of known shapes through it, and fits
     first token  = request_s + served step of the whole prompt
 
 from the gaps a client sees. The simulator adds the same terms (planner/instance.py).
+step_s may come out negative: the runner's linear fit over all shapes can over-predict the
+small decode steps a server mostly runs, and the served probe is the better witness of those;
+a served step is never predicted below MIN_FRACTION of the runner's.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
 import httpx
 
@@ -35,19 +38,22 @@ OUTPUT_LEN = 32
 BATCHES = (1, 4, 8)  # concurrent streams: the per-row term needs several batch sizes
 FIRST_TOKEN_PROMPTS = (32, 256)  # lone prompts for the per-request term
 TOKEN_ID_BASE = 1000  # prompt ids from the middle of the vocabulary: ordinary words
+MIN_FRACTION = 0.5  # a served step is at least this share of the runner's prediction
 
 
 @dataclass
 class ServingOverhead:
     """Seconds serving adds: per step, per streamed token of a step, per request."""
 
-    step_s: float = 0.0
+    step_s: float = 0.0  # may be < 0: a correction of the runner's fit (module doc)
     row_s: float = 0.0
     request_s: float = 0.0
     measured: bool = False  # False: nothing measured, every term 0
+    probes: list[dict] = field(default_factory=list)  # what the client saw, for the record
 
-    def step_seconds(self, rows: int) -> float:
-        return self.step_s + self.row_s * rows
+    def served_seconds(self, runner_s: float, rows: int) -> float:
+        """A step the runner takes `runner_s` for, streaming `rows` tokens, as served."""
+        return max(runner_s + self.step_s + self.row_s * rows, MIN_FRACTION * runner_s)
 
 
 @dataclass
@@ -74,7 +80,7 @@ def measure_serving(model: StepTimeModel, threads: int | None, model_name: str |
 def fit_overhead(model: StepTimeModel, decode: list[Probe], first: list[Probe]
                  ) -> ServingOverhead:
     """Least squares of (seen - runner) = step_s + row_s * rows over the decode probes
-    (both terms >= 0); request_s from the lone prompts' first tokens."""
+    (row_s >= 0); request_s (>= 0) from the lone prompts' first tokens."""
     xs, ys = [], []
     for p in decode:
         shape = StepShape()
@@ -83,13 +89,15 @@ def fit_overhead(model: StepTimeModel, decode: list[Probe], first: list[Probe]
         xs.append(p.streams)
         ys.append(p.decode_step_s - model.seconds(shape))
     row_s = _slope(xs, ys)
-    step_s = max(statistics.fmean(y - row_s * x for x, y in zip(xs, ys)), 0.0)
+    step_s = statistics.fmean(y - row_s * x for x, y in zip(xs, ys))
+    fitted = ServingOverhead(step_s, row_s, 0.0, True, [asdict(p) for p in decode + first])
     request = []
     for p in first:
         shape = StepShape()
         shape.add_prefill(p.prompt_len, 0)
-        request.append(p.first_token_s - model.seconds(shape) - step_s - row_s)
-    return ServingOverhead(step_s, row_s, max(statistics.fmean(request), 0.0), True)
+        request.append(p.first_token_s - fitted.served_seconds(model.seconds(shape), 1))
+    fitted.request_s = max(statistics.fmean(request), 0.0)
+    return fitted
 
 
 def _slope(xs: list[int], ys: list[float]) -> float:

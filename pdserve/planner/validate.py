@@ -167,7 +167,11 @@ def validate_from_args(args: argparse.Namespace) -> int:
     for r in (ranked if args.layouts == "all" else pick_pair(ranked)):
         name = r.layout.label()
         save_result(r.result, str(out_dir / f"predicted-{_file(name)}.json"))
-        measured = measure(r.layout, profile, args, len(requests), out_dir)
+        kept = out_dir / f"measured-{_file(name)}.json"
+        if args.reuse_measured and kept.exists():  # a new profile's predictions, same runs
+            measured = json.loads(kept.read_text())
+        else:
+            measured = measure(r.layout, profile, args, len(requests), out_dir)
         rows.append((name, r.result, measured))
     table = comparison_table(rows)
     order = " > ".join(label for label, _, _ in rows)

@@ -10,7 +10,14 @@ import pytest
 from pdserve.engine.step_time import StepShape
 from pdserve.planner.layouts import SimLayout
 from pdserve.planner.profile import Profile
-from pdserve.planner.served import OUTPUT_LEN, PROMPT_LEN, Probe, ServingOverhead, fit_overhead
+from pdserve.planner.served import (
+    MIN_FRACTION,
+    OUTPUT_LEN,
+    PROMPT_LEN,
+    Probe,
+    ServingOverhead,
+    fit_overhead,
+)
 from pdserve.planner.simulate import simulate
 from tests.planner.conftest import HOP_S, STEP, fixed_requests
 
@@ -21,13 +28,14 @@ def _seen_decode(streams: int) -> Probe:
     shape = StepShape()
     for _ in range(streams):
         shape.add_decode(PROMPT_LEN + OUTPUT_LEN // 2)
-    return Probe(PROMPT_LEN, streams, 0.0, STEP.seconds(shape) + OVERHEAD.step_seconds(streams))
+    seen = STEP.seconds(shape) + OVERHEAD.step_s + OVERHEAD.row_s * streams
+    return Probe(PROMPT_LEN, streams, 0.0, seen)
 
 
 def _seen_first(prompt: int) -> Probe:
     shape = StepShape()
     shape.add_prefill(prompt, 0)
-    seen = OVERHEAD.request_s + STEP.seconds(shape) + OVERHEAD.step_seconds(1)
+    seen = OVERHEAD.request_s + STEP.seconds(shape) + OVERHEAD.step_s + OVERHEAD.row_s
     return Probe(prompt, 1, seen, 0.0)
 
 
@@ -35,15 +43,18 @@ def test_the_fit_recovers_the_terms_a_client_would_see():
     fitted = fit_overhead(STEP, [_seen_decode(b) for b in (1, 4, 8)],
                           [_seen_first(n) for n in (32, 256)])
     assert fitted.measured
-    assert fitted.step_s == pytest.approx(OVERHEAD.step_s)
+    assert fitted.step_s == pytest.approx(OVERHEAD.step_s)  # the fit recovers it exactly
     assert fitted.row_s == pytest.approx(OVERHEAD.row_s)
     assert fitted.request_s == pytest.approx(OVERHEAD.request_s)
 
 
-def test_a_server_faster_than_the_runner_model_fits_no_negative_term():
+def test_a_server_faster_than_the_runner_model_corrects_it_down_to_a_floor():
     fast = [dataclasses.replace(_seen_decode(b), decode_step_s=0.001) for b in (1, 4)]
     fitted = fit_overhead(STEP, fast, [dataclasses.replace(_seen_first(32), first_token_s=0)])
-    assert (fitted.step_s, fitted.row_s, fitted.request_s) == (0.0, 0.0, 0.0)
+    assert fitted.step_s < 0 and fitted.row_s == 0.0 and fitted.request_s == 0.0
+    runner_s = STEP.base_s + STEP.per_decode_row_s
+    assert fitted.served_seconds(runner_s, 1) == MIN_FRACTION * runner_s
+    assert len(fitted.probes) == 3  # kept in the profile: what the client saw
 
 
 def test_the_simulator_charges_serving_per_step_token_and_request(profile: Profile):
@@ -51,9 +62,9 @@ def test_the_simulator_charges_serving_per_step_token_and_request(profile: Profi
     requests = fixed_requests(10, prompt=400, output=8, rate=0.2, arrival="constant")
     result = simulate(SimLayout(colocated=1), served, requests)
     prefill_s = STEP.base_s + 400 * STEP.per_prefill_token_s
-    ttft_s = HOP_S + OVERHEAD.request_s + prefill_s + OVERHEAD.step_seconds(1)
+    ttft_s = HOP_S + OVERHEAD.request_s + prefill_s + OVERHEAD.step_s + OVERHEAD.row_s
     assert result["mean_ttft_ms"] == pytest.approx(1000 * ttft_s, rel=1e-6)
-    itl_s = STEP.base_s + STEP.per_decode_row_s + OVERHEAD.step_seconds(1)
+    itl_s = STEP.base_s + STEP.per_decode_row_s + OVERHEAD.step_s + OVERHEAD.row_s
     assert result["mean_itl_ms"] == pytest.approx(1000 * itl_s, rel=1e-6)
 
 
