@@ -24,7 +24,7 @@ from pdserve.engine.engine import (
 )
 from pdserve.engine.step_time import StepTimeModel
 from pdserve.planner.profile import Profile, default_transports, describe_device
-from pdserve.planner.served import measure_serving
+from pdserve.planner.served import measure_router_overhead, measure_serving
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,12 @@ def measure_profile(spec: ProfileSpec) -> Profile:
             threads = units if profile.parallelism == "cpu_threads" else None
             profile.serving[units] = measure_serving(model, threads, spec.model)
             log.info("serving on %d: %s", units, profile.serving[units])
+        first = min(profile.step_time)
+        profile.router_overhead_s, probes = measure_router_overhead(
+            first if profile.parallelism == "cpu_threads" else None, spec.model)
+        profile.router_overhead_measured = True
+        log.info("the router adds %.1f ms to a first token: %s",
+                 1e3 * profile.router_overhead_s, probes)
     return profile
 
 

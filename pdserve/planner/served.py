@@ -3,7 +3,8 @@
 The step-time model (engine/step_time.py) times the runner alone. A client also waits for
 what lies around it: the engine loop's scheduling and sampling, the engine->server pipe,
 detokenizing, one SSE event per token, and per request the HTTP call, tokenizing and
-admission. `measure_serving` starts one real instance on the profiled thread count, streams
+admission. `measure_router_overhead` measures what a real router in front adds to a first
+token. `measure_serving` starts one real instance on the profiled thread count, streams
 a few requests of known shapes through it, and fits
 
     served step  = runner step + step_s + row_s * (tokens the step streams)
@@ -17,8 +18,10 @@ a served step is never predicted below MIN_FRACTION of the runner's.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import secrets
 import socket
 import statistics
 import subprocess
@@ -32,12 +35,14 @@ import httpx
 
 from pdserve.cpu_affinity import format_cpu_list, usable_cpus
 from pdserve.engine.step_time import StepShape, StepTimeModel
+from pdserve.security import SECRET_ENV
 
 PROMPT_LEN = 64  # decode probes: a short prompt, so that the steps are decode steps
 OUTPUT_LEN = 32
 BATCHES = (1, 4, 8)  # concurrent streams: the per-row term needs several batch sizes
 FIRST_TOKEN_PROMPTS = (32, 256)  # lone prompts for the per-request term
 TOKEN_ID_BASE = 1000  # prompt ids from the middle of the vocabulary: ordinary words
+_PROMPT_SEEDS = itertools.count(1)  # every probe's prompt differs from its first token on
 MIN_FRACTION = 0.5  # a served step is at least this share of the runner's prediction
 
 
@@ -112,7 +117,7 @@ def _batch(url: str, prompt_len: int, output_len: int, streams: int) -> Probe:
 
     def one(i: int) -> None:
         try:
-            results[i] = _stream(url, prompt_len, output_len, seed=i)
+            results[i] = _stream(url, prompt_len, output_len)
         except BaseException as exc:  # surfaced below, on the caller's thread
             results[i] = exc
 
@@ -128,8 +133,10 @@ def _batch(url: str, prompt_len: int, output_len: int, streams: int) -> Probe:
                  statistics.fmean(r[1] for r in results))
 
 
-def _stream(url: str, prompt_len: int, output_len: int, seed: int = 0) -> tuple[float, float]:
-    """(seconds to the first event, mean seconds per later token) of one stream."""
+def _stream(url: str, prompt_len: int, output_len: int) -> tuple[float, float]:
+    """(seconds to the first event, mean seconds per later token) of one stream, of a prompt
+    no earlier probe shares a token of (a prefix-cache hit would shorten its first token)."""
+    seed = next(_PROMPT_SEEDS)
     prompt = [TOKEN_ID_BASE + (seed * 7919 + i * 31) % 8000 for i in range(prompt_len)]
     body = {"prompt": prompt, "max_tokens": output_len, "ignore_eos": True,
             "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
@@ -151,17 +158,40 @@ def _stream(url: str, prompt_len: int, output_len: int, seed: int = 0) -> tuple[
     return events[0] - start, per_token
 
 
-class _Instance:
-    """A `pdserve serve` subprocess on a free port, stopped on exit."""
+def measure_router_overhead(threads: int | None, model_name: str | None, repeats: int = 4,
+                            timeout_s: float = 300.0) -> tuple[float, list[dict]]:
+    """Seconds a `pdserve router` in front of an instance adds to a first token (the lone
+    prompts, alternately through the router and straight to the instance), and the probes."""
+    env = {SECRET_ENV: secrets.token_hex(32)}  # the router's calls to the instance are signed
+    with _Instance(threads, model_name, timeout_s, env=env) as url:
+        with _Instance(None, None, timeout_s, env=env, command=["router", "--colocated", url],
+                       ok=(200,)) as router:
+            _stream(router, 16, 4)  # warm both
+            probes = []
+            for _ in range(repeats):
+                for n in FIRST_TOKEN_PROMPTS:
+                    direct = _stream(url, n, 2)[0]
+                    routed = _stream(router, n, 2)[0]
+                    probes.append({"prompt_len": n, "direct_s": direct, "routed_s": routed})
+    extra = statistics.median(p["routed_s"] - p["direct_s"] for p in probes)
+    return max(extra, 0.0), probes
 
-    def __init__(self, threads: int | None, model_name: str | None, timeout_s: float):
+
+class _Instance:
+    """A `pdserve serve` (or, with `command`, another pdserve server) subprocess on a free
+    port, stopped on exit."""
+
+    def __init__(self, threads: int | None, model_name: str | None, timeout_s: float,
+                 env: dict[str, str] | None = None, command: list[str] | None = None,
+                 ok: tuple[int, ...] = (200,)):
         self.threads, self.model_name, self.timeout_s = threads, model_name, timeout_s
+        self.env, self.command, self.ok = env or {}, command or ["serve"], ok
 
     def __enter__(self) -> str:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "pdserve.cli", "serve", "--port", str(port)]
+        cmd = [sys.executable, "-m", "pdserve.cli", *self.command, "--port", str(port)]
         if self.model_name:
             cmd += ["--model", self.model_name]
         if self.threads is not None:
@@ -171,14 +201,14 @@ class _Instance:
         self.log = tempfile.NamedTemporaryFile("w+b", prefix="pdserve-plan-serve-",
                                                suffix=".log", delete=False)
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + self.timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"pdserve serve exited; see {self.log.name}")
             try:
-                if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
+                if httpx.get(f"{url}/health", timeout=2.0).status_code in self.ok:
                     return url  # requests name no model: the instance serves one
             except httpx.HTTPError:
                 pass
