@@ -50,3 +50,16 @@ def test_a_layout_refuses_impossible_counts():
                 dict(prefill=1, decode=1, pd_min_prompt_tokens=-5)):
         with pytest.raises(ValueError):
             SimLayout(**bad)
+
+
+def test_validation_pins_each_instance_to_its_own_cores_in_up_order():
+    from pdserve.launch.layout import Layout, plan
+    from pdserve.planner.validate import instance_cpus
+
+    pd = SimLayout(prefill=1, decode=2, prefill_units=2, decode_units=2)
+    assert instance_cpus(pd, usable={0, 1, 2, 3, 4, 5, 8}) == ["0-1", "2-3", "4-5"]
+    up = plan(Layout(prefill=1, decode=2, cpu_affinity=instance_cpus(pd, set(range(6)))), 0)
+    assert [(p.role, p.cpus) for p in up] == [("prefill", "0-1"), ("decode", "2-3"),
+                                              ("decode", "4-5")]
+    with pytest.raises(ValueError, match="needs 6 cores"):
+        instance_cpus(pd, usable={0, 1})
