@@ -33,8 +33,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
               f"(median fit error {100 * profile.fit_error[units]:.1f}%)")
         if units in profile.serving:
             o = profile.serving[units]
-            print(f"    serving adds {1e3 * o.step_s:.1f} ms a step + {1e3 * o.row_s:.2f} ms "
-                  f"a streamed token, {1e3 * o.request_s:.1f} ms a request")
+            print(f"    served: {1e3 * o.step_s:+.1f} ms a step (a correction of the fit), "
+                  f"{1e3 * o.row_s:+.2f} ms a streamed token, {1e3 * o.request_s:+.1f} ms a "
+                  "request")
+    if profile.router_overhead_measured:
+        print(f"  a router adds {1e3 * profile.router_overhead_s:.1f} ms to a first token")
     print("saved", profile.save(args.output))
     return 0
 
