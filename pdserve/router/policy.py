@@ -171,7 +171,8 @@ class ConditionalSplit:
     - the two predicted times to first token: P's queue plus P's prefill, against D's.
 
     Whole on D when the stall is shorter than the hop (`small_uncached`), when D runs no
-    decodes to stall and would answer no later than P (`idle_decode`), or when waiting for P
+    decodes to stall, P holds no prefill that will hand off to D during this one, and D would
+    answer no later than P (`idle_decode`), or when waiting for P
     costs this request more than prefilling on D costs D's decodes (`prefill_queue`);
     otherwise P then D (`long_uncached`)."""
 
@@ -186,8 +187,8 @@ class ConditionalSplit:
         if stall < d.hop(self.hop_s):
             return False, "small_uncached"
         ttft_p, ttft_d = predicted_ttft(request, p), predicted_ttft(request, d)
-        if d.running == 0 and ttft_d <= ttft_p:
-            return False, "idle_decode"
+        if d.running == 0 and p.in_flight == 0 and ttft_d <= ttft_p:
+            return False, "idle_decode"  # nothing on D to stall, and nothing on its way
         if ttft_p - ttft_d > stall:
             return False, "prefill_queue"
         return True, "long_uncached"

@@ -127,6 +127,9 @@ def test_conditional_serves_whole_on_an_idle_decode_that_answers_no_later():
     # D idle but P holds most of the prompt: P answers sooner, so the hand-off wins
     request = RequestView(4000, cached={"http://p": 3900})
     assert split.split(request, inst("http://p", "prefill"), idle) == (True, "long_uncached")
+    # D idle, but P is prefilling a prompt that will reach D while D would prefill this one
+    handing_off = inst("http://p", "prefill", in_flight=1)
+    assert split.split(RequestView(4000), handing_off, idle) == (True, "long_uncached")
 
 
 def test_fallback_serves_whole_on_any_role_decode_first():
