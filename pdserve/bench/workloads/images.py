@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from pdserve.bench.request import RequestSpec
-from pdserve.bench.workloads.tokens import random_prompt, sample_lengths, usable_ids
+from pdserve.bench.workloads.random_tokens import random_prompts
 
 RESOLUTIONS = {"4k": (3840, 2160), "1080p": (1920, 1080), "720p": (1280, 720),
                "360p": (640, 360)}
@@ -52,15 +52,12 @@ def image_workload(tokenizer: Any, num: int, image_count: int, resolution: str,
     width, height = parse_resolution(resolution)
     per_image = image_tokens(tokenizer, tokenizer_path, width, height)
     rng = np.random.default_rng(seed)
-    pool = usable_ids(tokenizer)
-    ins = sample_lengths(rng, input_len, range_ratio, num)
-    outs = sample_lengths(rng, output_len, range_ratio, num)
+    vision = per_image * image_count
     specs = []
-    for n_in, n_out in zip(ins, outs, strict=True):
-        text, ids = random_prompt(tokenizer, rng, int(n_in), pool)
+    for text, ids, n_out in random_prompts(tokenizer, rng, num, input_len, output_len,
+                                           range_ratio):
         urls = [random_image_url(rng, width, height, image_format) for _ in range(image_count)]
-        vision = per_image * image_count
-        specs.append(RequestSpec(text, len(ids) + vision, int(n_out), images=urls,
+        specs.append(RequestSpec(text, len(ids) + vision, n_out, images=urls,
                                  vision_len=vision))
     return specs
 

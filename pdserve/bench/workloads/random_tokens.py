@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -20,11 +21,17 @@ def random_workload(
 ) -> list[RequestSpec]:
     """`num` requests; each prompt tokenizes back to its sampled input length."""
     rng = np.random.default_rng(seed)
+    return [RequestSpec(text, len(ids), n_out) for text, ids, n_out in
+            random_prompts(tokenizer, rng, num, input_len, output_len, range_ratio)]
+
+
+def random_prompts(tokenizer: Any, rng: np.random.Generator, num: int, input_len: int,
+                   output_len: int, range_ratio: float) -> Iterator[tuple[str, list[int], int]]:
+    """(text, its token ids, output length) of `num` prompts, drawn from `rng` one prompt
+    at a time: a caller may draw more from `rng` between two (the image workload does)."""
     pool = usable_ids(tokenizer)
     ins = sample_lengths(rng, input_len, range_ratio, num)
     outs = sample_lengths(rng, output_len, range_ratio, num)
-    specs = []
     for n_in, n_out in zip(ins, outs, strict=True):
         text, ids = random_prompt(tokenizer, rng, int(n_in), pool)
-        specs.append(RequestSpec(text, len(ids), int(n_out)))
-    return specs
+        yield text, ids, int(n_out)
