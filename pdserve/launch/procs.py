@@ -175,6 +175,13 @@ class Deployment:
         remove_stale_shared_kv_caches()
 
 
+def free_port(host: str) -> int:
+    """A port nothing listens on now on `host` (the kernel's pick)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
 def ports_in_use(ports: list[tuple[str, str, int]]) -> list[tuple[str, str, int]]:
     """Those of (name, host, port) that cannot be listened on now (another server has them)."""
     taken = []

@@ -16,7 +16,6 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from pathlib import Path
 import httpx
 import ray
 
+from pdserve.launch.procs import free_port
 from pdserve.shm import remove_stale_shared_kv_caches
 
 PR_SET_PDEATHSIG = 1  # prctl: the signal this process gets when its parent thread dies
@@ -51,13 +51,6 @@ def _die_with_parent() -> None:
     """In the child, before exec: SIGTERM when the actor's process dies (it then drains)."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def free_port(host: str) -> int:
-    """A port nothing listens on now on `host` (the kernel's pick)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 class ServerActor:

@@ -22,19 +22,23 @@ import itertools
 import json
 import os
 import secrets
-import socket
+import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import httpx
+from rich.console import Console
 
 from pdserve.cpu_affinity import format_cpu_list, usable_cpus
 from pdserve.engine.step_time import StepShape, StepTimeModel
+from pdserve.launch.procs import Deployment, Proc, free_port
 from pdserve.security import SECRET_ENV
 
 PROMPT_LEN = 64  # decode probes: a short prompt, so that the steps are decode steps
@@ -75,7 +79,7 @@ def measure_serving(model: StepTimeModel, threads: int | None, model_name: str |
                     timeout_s: float = 300.0) -> ServingOverhead:
     """Start `pdserve serve` on `threads` threads (pinned to the first usable cores on a
     CPU; `threads=None`: a GPU instance), probe it, fit the overhead against `model`."""
-    with _Instance(threads, model_name, timeout_s) as url:
+    with _servers(threads, model_name, timeout_s) as (url, _):
         _stream(url, 16, 4)  # warm: the first request pays for lazy set-up
         decode = [_batch(url, PROMPT_LEN, OUTPUT_LEN, b) for b in BATCHES]
         first = [_batch(url, n, 2, 1) for n in FIRST_TOKEN_PROMPTS]
@@ -162,67 +166,48 @@ def measure_router_overhead(threads: int | None, model_name: str | None, repeats
                             timeout_s: float = 300.0) -> tuple[float, list[dict]]:
     """Seconds a `pdserve router` in front of an instance adds to a first token (the lone
     prompts, alternately through the router and straight to the instance), and the probes."""
-    env = {SECRET_ENV: secrets.token_hex(32)}  # the router's calls to the instance are signed
-    with _Instance(threads, model_name, timeout_s, env=env) as url:
-        with _Instance(None, None, timeout_s, env=env, command=["router", "--colocated", url],
-                       ok=(200,)) as router:
-            _stream(router, 16, 4)  # warm both
-            probes = []
-            for _ in range(repeats):
-                for n in FIRST_TOKEN_PROMPTS:
-                    direct = _stream(url, n, 2)[0]
-                    routed = _stream(router, n, 2)[0]
-                    probes.append({"prompt_len": n, "direct_s": direct, "routed_s": routed})
+    with _servers(threads, model_name, timeout_s, with_router=True) as (url, router):
+        _stream(router, 16, 4)  # warm both
+        probes = []
+        for _ in range(repeats):
+            for n in FIRST_TOKEN_PROMPTS:
+                direct = _stream(url, n, 2)[0]
+                routed = _stream(router, n, 2)[0]
+                probes.append({"prompt_len": n, "direct_s": direct, "routed_s": routed})
     extra = statistics.median(p["routed_s"] - p["direct_s"] for p in probes)
     return max(extra, 0.0), probes
 
 
-class _Instance:
-    """A `pdserve serve` (or, with `command`, another pdserve server) subprocess on a free
-    port, stopped on exit."""
-
-    def __init__(self, threads: int | None, model_name: str | None, timeout_s: float,
-                 env: dict[str, str] | None = None, command: list[str] | None = None,
-                 ok: tuple[int, ...] = (200,)):
-        self.threads, self.model_name, self.timeout_s = threads, model_name, timeout_s
-        self.env, self.command, self.ok = env or {}, command or ["serve"], ok
-
-    def __enter__(self) -> str:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "pdserve.cli", *self.command, "--port", str(port)]
-        if self.model_name:
-            cmd += ["--model", self.model_name]
-        if self.threads is not None:
-            cores = sorted(usable_cpus())[:self.threads]
-            cmd += ["--device", "cpu", "--cpu-threads", str(self.threads),
-                    "--cpu-affinity", format_cpu_list(set(cores))]
-        self.log = tempfile.NamedTemporaryFile("w+b", prefix="pdserve-plan-serve-",
-                                               suffix=".log", delete=False)
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + self.timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"pdserve serve exited; see {self.log.name}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2.0).status_code in self.ok:
-                    return url  # requests name no model: the instance serves one
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"pdserve serve was not healthy in {self.timeout_s:.0f} s; see "
-                           f"{self.log.name}")
-
-    def __exit__(self, *exc) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
-        if exc[0] is None:
-            os.unlink(self.log.name)
+@contextmanager
+def _servers(threads: int | None, model_name: str | None, timeout_s: float,
+             with_router: bool = False) -> Iterator[tuple[str, str]]:
+    """(instance URL, router URL or "") of a `pdserve serve` on free ports (pinned to the
+    first `threads` cores on a CPU; None: a GPU instance), with a router in front of it if
+    asked; started and stopped as `pdserve up` starts and stops its processes."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           SECRET_ENV: secrets.token_hex(32)}  # the router's calls to the instance are signed
+    logs = Path(tempfile.mkdtemp(prefix="pdserve-plan-serve-"))
+    port = free_port("127.0.0.1")
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "pdserve.cli", "serve", "--port", str(port)]
+    if model_name:
+        cmd += ["--model", model_name]
+    if threads is not None:
+        cores = format_cpu_list(set(sorted(usable_cpus())[:threads]))
+        cmd += ["--device", "cpu", "--cpu-threads", str(threads), "--cpu-affinity", cores]
+    procs = [Proc("instance", "colocated", url, "", cmd, env, logs / "instance.log")]
+    router = ""
+    if with_router:
+        port = free_port("127.0.0.1")
+        router = f"http://127.0.0.1:{port}"
+        cmd = [sys.executable, "-m", "pdserve.cli", "router", "--colocated", url,
+               "--port", str(port)]
+        procs.append(Proc("router", "router", router, "", cmd, env, logs / "router.log",
+                          wave=1))
+    dep = Deployment(procs, Console(stderr=True))
+    try:
+        dep.start(timeout_s)  # raises, with the log's tail, if one dies or stays unhealthy
+        yield url, router  # requests name no model: the instance serves one
+    finally:
+        dep.stop()  # the router first; what outlives the grace is killed with its group
+    shutil.rmtree(logs)  # kept when the probe failed: the logs say why
