@@ -31,14 +31,20 @@ def build_reference(folder: Path, idefics3: bool = False) -> torch.nn.Module:
         vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                            num_attention_heads=4, image_size=TILE, patch_size=4),
         scale_factor=2, image_token_id=IMAGE_TOKEN_ID)
-    model = model_class(config).float().eval()
-    with torch.no_grad():  # norms away from 1 and biases away from 0: a swap would show
+    model = randomize_weights(model_class(config).float().eval())
+    model.save_pretrained(folder)
+    return model
+
+
+def randomize_weights(model: torch.nn.Module) -> torch.nn.Module:
+    """Norms away from 1 and every other weight drawn large enough that a swap shows, and
+    that each image changes the text (from torch's global generator: seed it first)."""
+    with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name and name.endswith("weight"):
                 param.copy_(1 + 0.1 * torch.randn_like(param))
             else:
                 param.normal_(0.0, 0.08)
-    model.save_pretrained(folder)
     return model
 
 

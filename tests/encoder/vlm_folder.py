@@ -14,6 +14,7 @@ from tests.media.vision_helpers import (
     save_processor_folder,
     smolvlm_tokenizer,
 )
+from tests.smolvlm_reference import randomize_weights
 
 PATCH = 16  # 64-pixel tiles: 4 x 4 patches, pixel shuffle by 2 -> IMAGE_SEQ_LEN rows a tile
 
@@ -36,13 +37,8 @@ def build_vlm_folder(folder: Path) -> Path:
         vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                            num_attention_heads=4, image_size=TILE, patch_size=PATCH),
         scale_factor=2, image_token_id=image_token_id)
-    model = transformers.SmolVLMForConditionalGeneration(config).float().eval()
-    with torch.no_grad():  # weights large enough that every image changes the text
-        for name, param in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                param.copy_(1 + 0.1 * torch.randn_like(param))
-            else:
-                param.normal_(0.0, 0.08)
+    model = randomize_weights(transformers.SmolVLMForConditionalGeneration(config).float()
+                              .eval())
     model.save_pretrained(folder)
     save_processor_folder(folder, tokenizer)
     return folder
