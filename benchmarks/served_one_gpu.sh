@@ -31,3 +31,6 @@ for clients in 1 64; do
     --num-warmups 2 --seed 0 --disable-tqdm --label "c$clients" --save-result \
     --result-dir "$OUT" --result-filename "served_c$clients.json" 2>&1 | tail -25
 done
+# issue #20: nothing compiled or captured while serving (Triton, CUDA graphs, torch.compile)
+curl -s "http://127.0.0.1:$PORT/metrics" | grep "^pdserve:compilations_after_ready" \
+  | tee "$OUT/served_compilations.txt"

@@ -80,6 +80,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     prof.add_argument("--served", action=argparse.BooleanOptionalAction, default=True,
                       help="also start a real `pdserve serve` per count and measure what "
                       "serving adds to each step and request (about 30 s per count)")
+    prof.add_argument("--tokenizer", default=None,
+                      help="the served probes' tokenizer folder, as `pdserve serve "
+                      "--tokenizer` (a preset on a machine without the embedded model)")
     prof.set_defaults(func=commands.cmd_profile)
 
     sim = sub.add_parser("simulate", help="predict one layout (bench JSON)", epilog=EPILOG,

@@ -23,7 +23,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
                        threads=args.threads, tensor_parallel_size=args.tensor_parallel_size,
                        num_shapes=args.num_shapes, max_prefill_tokens=args.max_prefill_tokens,
                        max_decode_rows=args.max_decode_rows, max_context=args.max_context,
-                       time_limit_s=args.time_limit, served=args.served)
+                       time_limit_s=args.time_limit, served=args.served,
+                       tokenizer=args.tokenizer)
     start = time.perf_counter()
     profile = measure_profile(spec)
     print(f"profile of {profile.model} on {profile.device} ({profile.dtype}) in "

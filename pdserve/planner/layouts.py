@@ -58,8 +58,10 @@ class SimLayout:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def up_command(self, parallelism: str, model: str | None = None, port: int = 8000) -> str:
-        """The `pdserve up` command that starts this layout."""
+    def up_command(self, parallelism: str, model: str | None = None, port: int = 8000,
+                   tokenizer: str | None = None) -> str:
+        """The `pdserve up` command that starts this layout (`tokenizer`: every instance's
+        --tokenizer, e.g. a preset's on a machine without the embedded model)."""
         cmd = ["pdserve up"]
         if self.disaggregated:
             cmd += [f"--prefill {self.prefill}", f"--decode {self.decode}"]
@@ -71,14 +73,18 @@ class SimLayout:
             cmd += [f"--port {port}"]
         if self.pd_min_prompt_tokens:
             cmd += [f"--pd-min-prompt-tokens {self.pd_min_prompt_tokens}"]
+        serve_args = [f"--tokenizer {tokenizer}"] if tokenizer else []
         if parallelism == "cpu_threads":
             threads = {u for _, _, u in self.instances()}
-            cmd += ["--cpu", "--", f"--cpu-threads {threads.pop()}"]
+            cmd += ["--cpu"]
+            serve_args.insert(0, f"--cpu-threads {threads.pop()}")
         else:
             for role in ("prefill", "decode", "colocated"):
                 tp = getattr(self, f"{role}_units")
                 if getattr(self, role) and tp > 1:
                     cmd += [f"--{role}-tp {tp}"]
+        if serve_args:
+            cmd += ["--", *serve_args]
         return " ".join(cmd)
 
 

@@ -21,6 +21,7 @@ from pdserve.engine.engine import (
     DEFAULT_CPU_KV_CACHE_BYTES,
     Engine,
     kv_bytes_per_block,
+    resolve_device,
 )
 from pdserve.engine.step_time import StepTimeModel
 from pdserve.planner.profile import Profile, default_transports, describe_device
@@ -44,18 +45,21 @@ class ProfileSpec:
     max_prefill_tokens: int = 512  # largest prefill chunk timed (the fit extrapolates)
     max_decode_rows: int = 32
     max_context: int = 2048
-    kv_cache_memory: int = 256 * 2**20  # bytes; the profile's capacity is per this budget
+    kv_cache_memory: int = 256 * 2**20  # bytes, CPU only (a GPU measures its free memory)
     time_limit_s: float = 240.0  # per thread count: stop sampling here, fit what was timed
     repeats: int = 2  # timings per shape; the fastest is kept
     seed: int = 0
     served: bool = True  # also measure what a real server adds (planner/served.py)
+    tokenizer: str | None = None  # the served probes' --tokenizer (a preset without the
+    # embedded model's package)
 
 
 def measure_profile(spec: ProfileSpec) -> Profile:
     """Build the engine once, time `spec.num_shapes` sampled steps per thread count, fit."""
+    cpu = resolve_device(spec.device).type == "cpu"
     args = EngineArgs(model=spec.model, device=spec.device, dtype=spec.dtype,
                       tensor_parallel_size=spec.tensor_parallel_size,
-                      cache=CacheConfig(kv_cache_memory=spec.kv_cache_memory),
+                      cache=CacheConfig(kv_cache_memory=spec.kv_cache_memory if cpu else None),
                       scheduler=SchedulerConfig(max_model_len=spec.max_context + 16))
     engine = Engine(args)
     try:
@@ -65,11 +69,13 @@ def measure_profile(spec: ProfileSpec) -> Profile:
     if spec.served:
         for units, model in profile.step_time.items():
             threads = units if profile.parallelism == "cpu_threads" else None
-            profile.serving[units] = measure_serving(model, threads, spec.model)
+            profile.serving[units] = measure_serving(model, threads, spec.model,
+                                                     tokenizer=spec.tokenizer)
             log.info("serving on %d: %s", units, profile.serving[units])
         first = min(profile.step_time)
         profile.router_overhead_s, probes = measure_router_overhead(
-            first if profile.parallelism == "cpu_threads" else None, spec.model)
+            first if profile.parallelism == "cpu_threads" else None, spec.model,
+            tokenizer=spec.tokenizer)
         profile.router_overhead_measured = True
         log.info("the router adds %.1f ms to a first token: %s",
                  1e3 * profile.router_overhead_s, probes)

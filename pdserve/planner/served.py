@@ -76,10 +76,11 @@ class Probe:
 
 
 def measure_serving(model: StepTimeModel, threads: int | None, model_name: str | None,
-                    timeout_s: float = 300.0) -> ServingOverhead:
+                    timeout_s: float = 300.0, tokenizer: str | None = None
+                    ) -> ServingOverhead:
     """Start `pdserve serve` on `threads` threads (pinned to the first usable cores on a
     CPU; `threads=None`: a GPU instance), probe it, fit the overhead against `model`."""
-    with _servers(threads, model_name, timeout_s) as (url, _):
+    with _servers(threads, model_name, timeout_s, tokenizer=tokenizer) as (url, _):
         _stream(url, 16, 4)  # warm: the first request pays for lazy set-up
         decode = [_batch(url, PROMPT_LEN, OUTPUT_LEN, b) for b in BATCHES]
         first = [_batch(url, n, 2, 1) for n in FIRST_TOKEN_PROMPTS]
@@ -163,10 +164,12 @@ def _stream(url: str, prompt_len: int, output_len: int) -> tuple[float, float]:
 
 
 def measure_router_overhead(threads: int | None, model_name: str | None, repeats: int = 4,
-                            timeout_s: float = 300.0) -> tuple[float, list[dict]]:
+                            timeout_s: float = 300.0, tokenizer: str | None = None
+                            ) -> tuple[float, list[dict]]:
     """Seconds a `pdserve router` in front of an instance adds to a first token (the lone
     prompts, alternately through the router and straight to the instance), and the probes."""
-    with _servers(threads, model_name, timeout_s, with_router=True) as (url, router):
+    with _servers(threads, model_name, timeout_s, with_router=True,
+                  tokenizer=tokenizer) as (url, router):
         _stream(router, 16, 4)  # warm both
         probes = []
         for _ in range(repeats):
@@ -180,7 +183,8 @@ def measure_router_overhead(threads: int | None, model_name: str | None, repeats
 
 @contextmanager
 def _servers(threads: int | None, model_name: str | None, timeout_s: float,
-             with_router: bool = False) -> Iterator[tuple[str, str]]:
+             with_router: bool = False, tokenizer: str | None = None
+             ) -> Iterator[tuple[str, str]]:
     """(instance URL, router URL or "") of a `pdserve serve` on free ports (pinned to the
     first `threads` cores on a CPU; None: a GPU instance), with a router in front of it if
     asked; started and stopped as `pdserve up` starts and stops its processes."""
@@ -192,6 +196,8 @@ def _servers(threads: int | None, model_name: str | None, timeout_s: float,
     cmd = [sys.executable, "-m", "pdserve.cli", "serve", "--port", str(port)]
     if model_name:
         cmd += ["--model", model_name]
+    if tokenizer:
+        cmd += ["--tokenizer", tokenizer]
     if threads is not None:
         cores = format_cpu_list(set(sorted(usable_cpus())[:threads]))
         cmd += ["--device", "cpu", "--cpu-threads", str(threads), "--cpu-affinity", cores]

@@ -82,7 +82,8 @@ def measure(layout: SimLayout, profile: Profile, args: argparse.Namespace, num_p
             out_dir: Path) -> dict[str, Any]:
     """Start `layout` with `pdserve up`, bench it, stop it; the bench's result JSON."""
     name = _file(layout.label())
-    up_cmd = layout.up_command(profile.parallelism, port=args.port).split()
+    up_cmd = layout.up_command(profile.parallelism, model=served_model(profile),
+                               port=args.port, tokenizer=args.tokenizer).split()
     up = [*_pinned(args.cpu_list), sys.executable, "-m", "pdserve.cli", *up_cmd[1:]]
     up.insert(up.index("up") + 1, f"--log-dir={out_dir / ('logs-' + name)}")
     if args.pin_instances and profile.parallelism == "cpu_threads":
@@ -105,6 +106,14 @@ def measure(layout: SimLayout, profile: Profile, args: argparse.Namespace, num_p
             return json.load(f)
     finally:
         _stop(proc)
+
+
+def served_model(profile: Profile) -> str | None:
+    """The --model that serves what was profiled; None for the embedded SmolLM2 (up's
+    default, so that its command stays the one users type)."""
+    from pdserve.models.gguf_file import EMBEDDED_NAME
+
+    return None if profile.model == EMBEDDED_NAME else profile.model
 
 
 def instance_cpus(layout: SimLayout, usable: set[int] | None = None) -> list[str]:

@@ -31,6 +31,12 @@ def test_up_commands_start_the_layout():
     gpu = SimLayout(prefill=1, decode=2, prefill_units=4, decode_units=2)
     assert gpu.up_command("tensor_parallel", model="llama-3.1-8b") == (
         "pdserve up --prefill 1 --decode 2 --model llama-3.1-8b --prefill-tp 4 --decode-tp 2")
+    # a preset on a machine without the embedded model: every instance gets the tokenizer
+    assert gpu.up_command("tensor_parallel", model="llama-3.1-8b", tokenizer="tok") == (
+        "pdserve up --prefill 1 --decode 2 --model llama-3.1-8b --prefill-tp 4 --decode-tp 2"
+        " -- --tokenizer tok")
+    assert cpu.up_command("cpu_threads", tokenizer="tok").endswith(
+        "--cpu -- --cpu-threads 1 --tokenizer tok")
 
 
 def test_a_gpu_profile_simulates_tp_instances_with_their_own_step_model():
