@@ -138,7 +138,7 @@ def run_one(policy: str, workload: list[str], rate: float, tmp: str, kv_cache: s
         name = f"{workload[1]}-{policy}-{len(flags)}.json"
         subprocess.run([sys.executable, "-m", "pdserve.cli", "bench", "run", "--base-url", base,
                         *workload, "--request-rate", str(rate), "--seed", "1",
-                        "--ignore-eos", "--save-result", "--result-dir", tmp,
+                        "--ignore-eos", "--save-result", "--save-detailed", "--result-dir", tmp,
                         "--result-filename", name, "--disable-tqdm"],
                        env={**os.environ, "PYTHONPATH": REPO}, check=True,
                        stdout=subprocess.DEVNULL)
@@ -152,7 +152,16 @@ def run_one(policy: str, workload: list[str], rate: float, tmp: str, kv_cache: s
     keys = ("completed", "failed", "total_input_tokens", "prefix_cache_hit_tokens",
             "prefix_cache_hit_rate", "mean_ttft_ms", "p99_ttft_ms", "mean_itl_ms",
             "p99_itl_ms", "mean_e2el_ms")
-    return {**{k: summary.get(k) for k in keys}, "decisions": decisions}
+    return {**{k: summary.get(k) for k in keys}, "decisions": decisions,
+            "slowest_first_tokens": slowest(summary)}
+
+
+def slowest(detail: dict, count: int = 4) -> list[dict]:
+    """The requests behind the P99: TTFT, prompt and cached tokens, and send order."""
+    rows = [{"ttft_ms": round(1e3 * t, 1), "input_tokens": n, "cached_tokens": c, "sent": i}
+            for i, (t, n, c) in enumerate(zip(detail["ttfts"], detail["input_lens"],
+                                              detail["cached_tokens"])) if t is not None]
+    return sorted(rows, key=lambda r: -r["ttft_ms"])[:count]
 
 
 def oracle_hits(workload: list[str]) -> int:

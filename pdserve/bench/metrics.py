@@ -237,6 +237,7 @@ def _detail(sent: list[RequestRecord], by_id: dict[int, RequestMetrics]) -> dict
             "send_times",
             "end_times",
             "categories",
+            "cached_tokens",
         )
     }
     for r in sent:
@@ -252,4 +253,5 @@ def _detail(sent: list[RequestRecord], by_id: dict[int, RequestMetrics]) -> dict
         d["send_times"].append(r.send_s)
         d["end_times"].append(r.end_s)
         d["categories"].append(r.category)
+        d["cached_tokens"].append(r.usage_cached_tokens)  # None: the server did not say
     return d

@@ -7,6 +7,7 @@ StepTimeModel fitted, with engine/calibrate.py's timing and step_time.py's fit.
 
 from __future__ import annotations
 
+import gc
 import logging
 import statistics
 import time
@@ -61,11 +62,8 @@ def measure_profile(spec: ProfileSpec) -> Profile:
                       tensor_parallel_size=spec.tensor_parallel_size,
                       cache=CacheConfig(kv_cache_memory=spec.kv_cache_memory if cpu else None),
                       scheduler=SchedulerConfig(max_model_len=spec.max_context + 16))
-    engine = Engine(args)
-    try:
-        profile = _profile(engine, spec)
-    finally:
-        engine.close()  # first: the served probe's instance needs the device
+    profile = _profile_and_close(Engine(args), spec)
+    _release_device()  # the served probes start an instance of their own on this device
     if spec.served:
         for units, model in profile.step_time.items():
             threads = units if profile.parallelism == "cpu_threads" else None
@@ -80,6 +78,23 @@ def measure_profile(spec: ProfileSpec) -> Profile:
         log.info("the router adds %.1f ms to a first token: %s",
                  1e3 * profile.router_overhead_s, probes)
     return profile
+
+
+def _profile_and_close(engine: Engine, spec: ProfileSpec) -> Profile:
+    try:
+        return _profile(engine, spec)
+    finally:
+        engine.close()
+
+
+def _release_device() -> None:
+    """Free what the profile's engine held (weights, KV cache, CUDA graphs): on a GPU an
+    instance measures the free memory at start, and would find none."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        log.info("after the profile: %.1f GiB of GPU memory still reserved here",
+                 torch.cuda.memory_reserved() / 2**30)
 
 
 def _profile(engine: Engine, spec: ProfileSpec) -> Profile:
