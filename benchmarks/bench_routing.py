@@ -116,8 +116,12 @@ def wait_healthy(url: str, timeout_s: float = 180) -> None:
 
 
 def run_one(policy: str, workload: list[str], rate: float, tmp: str, kv_cache: str,
-            roles: tuple[str, str] = ("colocated", "colocated"), flags: tuple = ()) -> dict:
-    """Fresh instances (of `roles`) and a router; one bench run; its summary."""
+            roles: tuple[str, str] = ("colocated", "colocated"), flags: tuple = (),
+            warm_prompts: tuple[str, ...] = ()) -> dict:
+    """Fresh instances (of `roles`) and a router; one bench run; its summary. Each instance
+    first serves one unrelated request (a fresh process's first request pays its lazy
+    set-up, no policy's doing); `warm_prompts` then go through the router, one at a time,
+    unmeasured (the shared prefixes of a deployment in steady state)."""
     ports = [free_port() for _ in range(3)]
     cores = os.cpu_count() or 1
     insts = [spawn(["serve", "--role", role, "--port", str(p), "--cpu-threads", "1",
@@ -128,6 +132,8 @@ def run_one(policy: str, workload: list[str], rate: float, tmp: str, kv_cache: s
     try:
         for url in urls:
             wait_healthy(url)
+            if roles[0] == "colocated":
+                complete(url, "Warm-up: the quick brown fox jumps over the lazy dog.")
         router = spawn(["router", "--port", str(ports[2]), "--routing-policy", policy,
                         "--tokenizer", "embedded", *flags,
                         *[a for role, url in zip(roles, urls) for a in (f"--{role}", url)]],
@@ -135,6 +141,9 @@ def run_one(policy: str, workload: list[str], rate: float, tmp: str, kv_cache: s
         base = f"http://127.0.0.1:{ports[2]}"
         wait_healthy(base)
         time.sleep(3)  # health checks, the tokenizer and the KV event streams
+        for prompt in warm_prompts:
+            complete(base, prompt)
+        time.sleep(1 if warm_prompts else 0)  # their KV events reach the router's index
         name = f"{workload[1]}-{policy}-{len(flags)}.json"
         subprocess.run([sys.executable, "-m", "pdserve.cli", "bench", "run", "--base-url", base,
                         *workload, "--request-rate", str(rate), "--seed", "1",
@@ -164,22 +173,43 @@ def slowest(detail: dict, count: int = 4) -> list[dict]:
     return sorted(rows, key=lambda r: -r["ttft_ms"])[:count]
 
 
-def oracle_hits(workload: list[str]) -> int:
-    """Hit tokens if every prompt met every earlier one's blocks (one unbounded cache)."""
+def complete(base: str, prompt: str) -> None:
+    """One unmeasured completion of one token (signed: instances want the secret)."""
+    httpx.post(f"{base}/v1/completions", json={"prompt": prompt, "max_tokens": 1},
+               headers={"Authorization": f"Bearer {SECRET}"}, timeout=120).raise_for_status()
+
+
+def group_prefixes(workload: list[str]) -> tuple[str, ...]:
+    """Shared-prefix: each group's system prompt (its prompts' text before the newline)."""
+    first: dict[int, str] = {}
+    for spec in _specs(workload):
+        first.setdefault(spec.group, spec.prompt.split("\n", 1)[0])
+    return tuple(first[g] for g in sorted(first))
+
+
+def _specs(workload: list[str]) -> list:
     from pdserve.bench.cli import add_parser
     from pdserve.bench.commands import workload_config
     from pdserve.bench.workloads import build_workload
-    from pdserve.block_hashing import block_hashes, usable_blocks
     from pdserve.models.loader import load_tokenizer
-    from pdserve.server.prompts import completion_prompt_ids
 
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers())
     args = parser.parse_args(["bench", "run", *workload, "--seed", "1"])
+    return build_workload(workload_config(args), load_tokenizer(None))
+
+
+def oracle_hits(workload: list[str], warm_prompts: tuple[str, ...] = ()) -> int:
+    """Hit tokens if every prompt met every earlier one's blocks (one unbounded cache), the
+    warm-up prompts' too."""
+    from pdserve.block_hashing import block_hashes, usable_blocks
+    from pdserve.models.loader import load_tokenizer
+    from pdserve.server.prompts import completion_prompt_ids
+
     tok = load_tokenizer(None)
-    seen: set[int] = set()
+    seen = {h for p in warm_prompts for h in block_hashes(completion_prompt_ids(tok, p), 16)}
     hits = 0
-    for spec in build_workload(workload_config(args), tok):
+    for spec in _specs(workload):
         ids = completion_prompt_ids(tok, spec.prompt)
         hashes = block_hashes(ids, 16)
         n = 0
@@ -246,6 +276,10 @@ def main() -> None:
                     help="only the router's cost per request (routing_cost_cpu.json)")
     ap.add_argument("--pd-mix", action="store_true",
                     help="instead: 1P1D on the short/long mix, always vs never vs conditional")
+    ap.add_argument("--warm-prefixes", action="store_true",
+                    help="shared-prefix: send each group's system prompt through the router "
+                    "before the measured run (steady state: no policy can avoid a prefix's "
+                    "first prefill, and those cold misses otherwise set every P99)")
     ap.add_argument("--out", default=None,
                     help="default: results/routing_cpu.json (--pd-mix: routing_pd_mix_cpu.json)")
     args = ap.parse_args()
@@ -269,9 +303,13 @@ def main() -> None:
                 print("mix", name, json.dumps(runs[name]), flush=True)
         for workload in [] if args.pd_mix else args.workloads:
             flags = workload_flags(workload, args.groups, args.per_group)
-            runs = result["runs"][workload] = {"oracle_hit_tokens": oracle_hits(flags)}
+            warm = group_prefixes(flags) if args.warm_prefixes and workload == "shared-prefix" \
+                else ()
+            runs = result["runs"][workload] = {"oracle_hit_tokens": oracle_hits(flags, warm),
+                                               "warm_prefixes": len(warm)}
             for policy in args.policies:
-                runs[policy] = run_one(policy, flags, args.rate, tmp, args.kv_cache_memory)
+                runs[policy] = run_one(policy, flags, args.rate, tmp, args.kv_cache_memory,
+                                       warm_prompts=warm)
                 print(workload, policy, json.dumps(runs[policy]), flush=True)
     result["machine"]["loadavg_after"] = os.getloadavg()
     with open(args.out, "w") as f:

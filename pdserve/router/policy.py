@@ -34,6 +34,7 @@ class InstanceView:
     kv_usage: float = 0.0
     prefill_rate: float | None = None  # measured prompt tokens/s (None: not yet)
     hop_s: float | None = None  # measured: D's open of a handed-off stream to its first token
+    cached_blocks: int = 0  # blocks its prefix cache holds, by the router's KV index
 
     def rate(self) -> float:
         return self.prefill_rate or DEFAULT_PREFILL_RATE
@@ -125,7 +126,9 @@ def predicted_ttft(request: RequestView, inst: InstanceView) -> float:
 
 
 class CacheAware:
-    """Prefill (or whole): the lowest predicted TTFT, ties broken by decode load, then KV
+    """Prefill (or whole): the lowest predicted TTFT, ties broken by decode load, then by the
+    fewest cached blocks (a new prefix goes where it evicts least: an idle fleet's prefixes
+    spread over every instance's cache instead of thrashing the first one's), then KV
     usage. Decode: the D that holds most of the prompt (it pulls only the rest), net of its
     decode load in tokens."""
 
@@ -136,7 +139,8 @@ class CacheAware:
                 i.outstanding_tokens - request.cached.get(i.url, 0), i.kv_usage, i.url),
                 default=None)
         return min(candidates, key=lambda i: (
-            predicted_ttft(request, i), i.outstanding_tokens, i.kv_usage, i.url), default=None)
+            predicted_ttft(request, i), i.outstanding_tokens, i.cached_blocks, i.kv_usage,
+            i.url), default=None)
 
 
 # ---- split rules: whether to disaggregate --------------------------------------------------

@@ -208,7 +208,8 @@ class Router:
 
     def decide(self, load: Load) -> Decision:
         """The policy's decision over the healthy instances, counted with its reason."""
-        views = [i.view() for i in self.registry.engines() if i.healthy]
+        views = [i.view(self.index.num_blocks(i.url)) for i in self.registry.engines()
+                 if i.healthy]
         decision = self.policy.decide(load.view, views)
         if decision is None:
             raise NoInstance("no healthy instance can serve the request")
@@ -223,7 +224,8 @@ class Router:
             if inst is not None and inst.healthy:
                 return inst
         for role in roles:
-            candidates = [i.view() for i in self.registry.healthy(role) if i.url not in tried]
+            candidates = [i.view(self.index.num_blocks(i.url))
+                          for i in self.registry.healthy(role) if i.url not in tried]
             best = self.policy.pick(load.view, candidates, stage)
             if best is not None:
                 return self.registry.instances[best.url]

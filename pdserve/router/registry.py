@@ -54,11 +54,12 @@ class Instance:
             old = self.hop_s
             self.hop_s = seconds if old is None else old + RATE_EWMA * (seconds - old)
 
-    def view(self) -> InstanceView:
-        """What a routing policy sees of it."""
+    def view(self, cached_blocks: int = 0) -> InstanceView:
+        """What a routing policy sees of it (`cached_blocks`: from the router's KV index)."""
         return InstanceView(self.url, self.roles, self.outstanding_tokens,
                             self.queued_prefill_tokens, self.in_flight, self.waiting,
-                            self.running, self.kv_usage, self.prefill_rate, self.hop_s)
+                            self.running, self.kv_usage, self.prefill_rate, self.hop_s,
+                            cached_blocks)
 
     @property
     def role(self) -> str:

@@ -71,6 +71,17 @@ def test_cache_aware_breaks_ties_by_decode_load_then_kv_usage():
     assert policy.decide(RequestView(10), [inst(A, kv_usage=0.5), inst(B)]).whole == B
 
 
+def test_cache_aware_sends_a_new_prefix_to_the_instance_caching_least():
+    # idle and equally loaded: a prefix nobody holds goes where it evicts least, so that
+    # an idle fleet's prefixes spread over its caches (load still comes first)
+    policy = make_policy("cache_aware")
+    assert policy.decide(RequestView(600), [inst(A, cached_blocks=200),
+                                            inst(B, cached_blocks=40)]).whole == B
+    assert policy.decide(RequestView(600), [inst(A, cached_blocks=200),
+                                            inst(B, cached_blocks=40,
+                                                 outstanding_tokens=5)]).whole == A
+
+
 def test_cache_aware_prefers_the_decode_instance_holding_the_prefix():
     policy = make_policy("cache_aware")
     req = RequestView(1000, cached={B: 992})
