@@ -101,11 +101,11 @@ def _profile(engine: Engine, spec: ProfileSpec) -> Profile:
     cpu = engine.device.type == "cpu"
     units = spec.threads if cpu else (spec.tensor_parallel_size,)
     block = engine.args.cache.block_size
-    models, errors = {}, {}
+    models, errors, samples = {}, {}, {}
     for n in units:
         if cpu:
             torch.set_num_threads(n)
-        models[n], errors[n] = _fit(engine, spec, block)
+        models[n], errors[n], samples[n] = _fit(engine, spec, block)
         log.info("%s=%d: %s (median error %.1f%%)", "threads" if cpu else "tp", n, models[n],
                  100 * errors[n])
     cfg = engine.model_config
@@ -118,7 +118,7 @@ def _profile(engine: Engine, spec: ProfileSpec) -> Profile:
         kv_cache_tokens=_served_kv_tokens(engine, per_block),
         max_model_len=cfg.max_position_embeddings,
         transports=default_transports(engine.device), num_shapes=spec.num_shapes,
-        fit_error=errors, created=datetime.now(UTC).isoformat(timespec="seconds"))
+        fit_error=errors, samples=samples, created=datetime.now(UTC).isoformat(timespec="seconds"))
 
 
 def _served_kv_tokens(engine: Engine, per_block: int) -> int:
@@ -130,9 +130,10 @@ def _served_kv_tokens(engine: Engine, per_block: int) -> int:
     return engine.num_blocks * block
 
 
-def _fit(engine: Engine, spec: ProfileSpec, block: int) -> tuple[StepTimeModel, float]:
-    """Time the sampled shapes (stopping at the time limit), fit, and the fit's median
-    relative error over the timings it kept."""
+def _fit(engine: Engine, spec: ProfileSpec, block: int
+         ) -> tuple[StepTimeModel, float, list[list[float]]]:
+    """Time the sampled shapes (stopping at the time limit), fit; the fit's median
+    relative error over the timings it kept, and those timings (Profile.samples)."""
     specs = sampled_specs(spec.num_shapes, spec.max_prefill_tokens, spec.max_decode_rows,
                           spec.max_context, spec.seed)
     run = engine.runner
@@ -158,4 +159,5 @@ def _fit(engine: Engine, spec: ProfileSpec, block: int) -> tuple[StepTimeModel, 
     else:
         kept = timed
     error = statistics.median(abs(model.seconds(s) - t) / t for s, t in kept)
-    return model, error
+    rows = [[*s.features()[1:], t] for s, t in kept]  # features()[0] is the constant 1
+    return model, error, rows

@@ -61,6 +61,9 @@ class Profile:
     fit_error: dict[int, float] = field(default_factory=dict)  # median |rel. error| of the fit
     # what a real server adds around the runner's steps, per parallelism (planner/served.py)
     serving: dict[int, ServingOverhead] = field(default_factory=dict)
+    # the timings behind each fit: [prefill_tokens, prefill_attention, decode_rows,
+    # decode_context, seconds] per kept step, so a fit can be redone without the device
+    samples: dict[int, list[list[float]]] = field(default_factory=dict)
     created: str = ""
 
     def step_model(self, units: int) -> StepTimeModel:
@@ -98,6 +101,7 @@ class Profile:
         d["step_time"] = {str(k): v.to_dict() for k, v in self.step_time.items()}
         d["fit_error"] = {str(k): v for k, v in self.fit_error.items()}
         d["serving"] = {str(k): asdict(v) for k, v in self.serving.items()}
+        d["samples"] = {str(k): v for k, v in self.samples.items()}
         return d
 
     @classmethod
@@ -110,6 +114,8 @@ class Profile:
         data["fit_error"] = {int(k): float(v) for k, v in data.get("fit_error", {}).items()}
         data["serving"] = {int(k): ServingOverhead(**v)
                            for k, v in data.get("serving", {}).items()}
+        data["samples"] = {int(k): [[float(x) for x in row] for row in v]
+                           for k, v in data.get("samples", {}).items()}
         data["transports"] = {k: TransportCost(**v)
                               for k, v in data.get("transports", {}).items()}
         return cls(**data)
