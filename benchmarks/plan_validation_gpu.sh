@@ -7,7 +7,9 @@
 # Workloads: 8k_r1, 8k_r2 (8192 in / 512 out at 1 and 2 req/s), 2k_r4, 2k_r8 (2048 / 512),
 # prefix (shared system prompts), code (the code-assistant mix). Env: MODEL (llama-3.1-8b),
 # GPUS (all), N (100 requests a run), WORK (scratch folder; everything ends up tarred in
-# $OUT/plan_gpu.tgz, since the device tool brings back few files).
+# $OUT/plan_gpu.tgz, since the device tool brings back few files), REUSE=1 (compare a new
+# $WORK/profile.json's predictions with the runs already measured in $WORK: no GPU needed,
+# e.g. GPUS=1 REUSE=1 WORK=copy-of-results bash ... validate 8k_r1 ...).
 set -u
 OUT=${OUT:-results} MODEL=${MODEL:-llama-3.1-8b} N=${N:-100}
 GPUS=${GPUS:-$(nvidia-smi -L | wc -l)} WORK=${WORK:-/tmp/plan_gpu}
@@ -42,7 +44,7 @@ case "${1:-}" in
       # shellcheck disable=SC2046  # the workload's flags split into words
       timeout "${RUN_TIMEOUT:-400}" python3 -m pdserve.cli plan validate \
         --profile "$WORK/profile.json" --gpus "$GPUS" --layouts all --port 8400 \
-        --result-dir "$WORK/$w" --num-prompts "$N" --seed 0 "${tok_args[@]}" \
+        --result-dir "$WORK/$w" --num-prompts "$N" --seed 0 "${tok_args[@]}" ${REUSE:+--reuse-measured} \
         $(workload "$w") 2>&1 | grep -v -i warn | grep -E "^\| .*(ttft|itl|e2el|tpot|thr)" \
         || echo "$w: no table (see $WORK/$w)"
     done

@@ -89,6 +89,7 @@ class Load:
     prompt: int
     max_tokens: int
     view: RequestView
+    ids: list[int] | None = None  # the prompt's token ids, where the router tokenized it
 
     @classmethod
     def of(cls, body: dict, chat: bool, ids: list[int] | None = None,
@@ -97,7 +98,7 @@ class Load:
         leading tokens of it each instance holds."""
         prompt = len(ids) if ids is not None else estimate_prompt_tokens(body)
         view = RequestView(prompt, _needs_decode(body, chat), _whole_only(body), cached or {})
-        return cls(prompt, requested_max_tokens(body, chat) * num_choices(body), view)
+        return cls(prompt, requested_max_tokens(body, chat) * num_choices(body), view, ids)
 
     def uncached_on(self, inst: Instance) -> int:
         return self.view.uncached_on(inst.url)
@@ -213,6 +214,9 @@ class Router:
         decision = self.policy.decide(load.view, views)
         if decision is None:
             raise NoInstance("no healthy instance can serve the request")
+        if load.ids:  # the prompt's blocks will be there: the next prompts that share them see it
+            for url in {decision.whole, decision.prefill, decision.decode} - {None}:
+                self.index.routed(url, load.ids)
         self.metrics.decisions.labels(self.policy.name, decision.kind, decision.reason).inc()
         return decision
 

@@ -183,6 +183,23 @@ def test_index_counts_what_the_engine_prefix_cache_would_serve():
     assert A not in index.cached_tokens(tokens)
 
 
+def test_a_routed_prompt_counts_as_held_until_events_confirm_it_or_it_expires():
+    now = [0.0]
+    index = KVIndex(clock=lambda: now[0])
+    tokens = list(range(100, 117))  # 4 whole blocks of 4 + 1 token
+    hashes = block_hashes(tokens, 4)
+    index.reset(A, 4, [])
+    index.reset(B, 4, [])
+    index.routed(A, tokens)  # sent, not prefilled yet: its events have not come
+    assert index.cached_tokens(tokens) == {A: 16, B: 0} and index.num_blocks(A) == 4
+    index.stored(A, hashes[:2])  # prefilled: two blocks confirmed, two still pending
+    now[0] = 31.0  # past PENDING_TTL_S: what no event confirmed is forgotten
+    assert index.cached_tokens(tokens) == {A: 8, B: 0} and index.num_blocks(A) == 2
+    index.routed(B, tokens)
+    index.drop(B)  # a broken stream forgets the pending blocks too
+    assert B not in index.cached_tokens(tokens) and index.num_blocks(B) == 0
+
+
 def test_index_never_counts_the_last_token():
     index = KVIndex()
     tokens = list(range(8))
