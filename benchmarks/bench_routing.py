@@ -180,11 +180,12 @@ def complete(base: str, prompt: str) -> None:
 
 
 def group_prefixes(workload: list[str]) -> tuple[str, ...]:
-    """Shared-prefix: each group's system prompt (its prompts' text before the newline)."""
-    first: dict[int, str] = {}
+    """Shared-prefix: each group's system prompt, the text all its prompts begin with (a
+    random system prompt may itself hold newlines: no splitting at the first one)."""
+    texts: dict[int, list[str]] = {}
     for spec in _specs(workload):
-        first.setdefault(spec.group, spec.prompt.split("\n", 1)[0])
-    return tuple(first[g] for g in sorted(first))
+        texts.setdefault(spec.group, []).append(spec.prompt)
+    return tuple(os.path.commonprefix(texts[g]) for g in sorted(texts))
 
 
 def _specs(workload: list[str]) -> list:
