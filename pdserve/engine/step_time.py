@@ -92,16 +92,12 @@ class StepTimeModel:
 
     @classmethod
     def fit(cls, shapes: list[StepShape], seconds: list[float]) -> StepTimeModel:
-        """Least squares of the relative error over timed steps, with coefficients held
-        >= 0: a term whose free fit comes out negative (noise, or a cost another term
-        already explains) is dropped and the rest refit. Relative, because steps span two
-        orders of magnitude (a 5 ms decode step, a 300 ms prefill on a GPU): an absolute
-        fit serves the large steps and leaves the small ones, which ITL is made of, to
-        its residual."""
+        """Least squares over timed steps, with coefficients held >= 0: a term whose free
+        fit comes out negative (noise, or a cost another term already explains) is dropped
+        and the rest refit. (A fit of the relative error was tried on an H100 and predicted
+        served latencies worse: docs/PERF.md, "Planner on one GPU".)"""
+        x = torch.tensor([s.features() for s in shapes], dtype=torch.float64)
         y = torch.tensor(seconds, dtype=torch.float64)
-        weight = 1.0 / y.clamp(min=1e-9)  # row i scaled by 1/t_i: residuals become relative
-        x = torch.tensor([s.features() for s in shapes], dtype=torch.float64) * weight[:, None]
-        y = torch.ones_like(y)
         scale = x.abs().amax(dim=0).clamp(min=1.0)  # columns span 1 to ~1e7: normalise
         active = list(range(x.shape[1]))
         while True:

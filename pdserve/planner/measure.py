@@ -151,7 +151,7 @@ def _fit(engine: Engine, spec: ProfileSpec, block: int
             break
     model = StepTimeModel.fit([s for s, _ in timed], [t for _, t in timed])
     # a shared machine only ever makes a step slower: drop the stalled samples, refit once
-    kept = [(s, t) for s, t in timed if t <= STALL_FACTOR * model.seconds(s)]
+    kept = [pair for pair in timed if pair[1] <= STALL_FACTOR * model.seconds(pair[0])]
     if len(timed) // 2 <= len(kept) < len(timed):
         log.info("profile: %d of %d timings were stalls, refitting without them",
                  len(timed) - len(kept), len(timed))
@@ -159,5 +159,9 @@ def _fit(engine: Engine, spec: ProfileSpec, block: int
     else:
         kept = timed
     error = statistics.median(abs(model.seconds(s) - t) / t for s, t in kept)
-    rows = [[*s.features()[1:], t] for s, t in kept]  # features()[0] is the constant 1
+    kept_ids = {id(pair) for pair in kept}
+    rows = []  # every timing, the dropped stalls too (kept 0); features()[0] is the constant
+    for pair in timed:
+        shape, seconds = pair
+        rows.append([*shape.features()[1:], seconds, float(id(pair) in kept_ids)])
     return model, error, rows

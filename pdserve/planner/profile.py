@@ -61,8 +61,8 @@ class Profile:
     fit_error: dict[int, float] = field(default_factory=dict)  # median |rel. error| of the fit
     # what a real server adds around the runner's steps, per parallelism (planner/served.py)
     serving: dict[int, ServingOverhead] = field(default_factory=dict)
-    # the timings behind each fit: [prefill_tokens, prefill_attention, decode_rows,
-    # decode_context, seconds] per kept step, so a fit can be redone without the device
+    # every timed step: [prefill_tokens, prefill_attention, decode_rows, decode_context,
+    # seconds, kept] (kept 0: dropped as a stall), so a fit can be redone without the device
     samples: dict[int, list[list[float]]] = field(default_factory=dict)
     created: str = ""
 

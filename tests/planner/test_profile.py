@@ -20,11 +20,12 @@ def test_a_tiny_cpu_profile_saves_and_loads(tmp_path):
     assert loaded.model == "SmolLM2-135M-Instruct" and loaded.dtype == "float32"
     model = loaded.step_model(1)
     assert model.base_s > 0 and min(model.to_dict().values()) >= 0
-    # the timings behind the fit are kept: refitting them gives the same model
+    # every timing is kept: refitting the ones the fit kept gives the same model
     rows = loaded.samples[1]
-    assert len(rows) >= 5 and all(len(r) == 5 and r[-1] > 0 for r in rows)
-    shapes = [StepShape(*(int(x) for x in r[:4])) for r in rows]
-    refit = StepTimeModel.fit(shapes, [r[-1] for r in rows]).to_dict()
+    assert len(rows) == 9 and all(len(r) == 6 and r[4] > 0 for r in rows)
+    kept = [r for r in rows if r[5] == 1.0]
+    shapes = [StepShape(*(int(x) for x in r[:4])) for r in kept]
+    refit = StepTimeModel.fit(shapes, [r[4] for r in kept]).to_dict()
     assert refit == pytest.approx(model.to_dict(), rel=1e-9, abs=1e-15)
     assert loaded.kv_bytes_per_token == 30 * 2 * 3 * 64 * 4  # layers, K+V, heads, dim, fp32
     assert loaded.transfer_seconds(1000) > loaded.transfer_seconds(10) > 0
