@@ -133,7 +133,8 @@ def _served_kv_tokens(engine: Engine, per_block: int) -> int:
 def _fit(engine: Engine, spec: ProfileSpec, block: int
          ) -> tuple[StepTimeModel, float, list[list[float]]]:
     """Time the sampled shapes (stopping at the time limit), fit; the fit's median
-    relative error over the timings it kept, and those timings (Profile.samples)."""
+    relative error over the timings it kept, and every timing with whether it was kept
+    (Profile.samples)."""
     specs = sampled_specs(spec.num_shapes, spec.max_prefill_tokens, spec.max_decode_rows,
                           spec.max_context, spec.seed)
     run = engine.runner
