@@ -132,7 +132,7 @@ def run_one(policy: str, workload: list[str], rate: float, tmp: str, kv_cache: s
     try:
         for url in urls:
             wait_healthy(url)
-            if roles[0] == "colocated":
+            if roles[0] == "colocated":  # a P/D pair serves a client only through a router
                 complete(url, "Warm-up: the quick brown fox jumps over the lazy dog.")
         router = spawn(["router", "--port", str(ports[2]), "--routing-policy", policy,
                         "--tokenizer", "embedded", *flags,
@@ -174,43 +174,41 @@ def slowest(detail: dict, count: int = 4) -> list[dict]:
 
 
 def complete(base: str, prompt: str) -> None:
-    """One unmeasured completion of one token (signed: instances want the secret)."""
+    """One unmeasured completion of one token (a client's call: no key is set)."""
     httpx.post(f"{base}/v1/completions", json={"prompt": prompt, "max_tokens": 1},
-               headers={"Authorization": f"Bearer {SECRET}"}, timeout=120).raise_for_status()
+               timeout=120).raise_for_status()
 
 
-def group_prefixes(workload: list[str]) -> tuple[str, ...]:
+def group_prefixes(workload: list[str], tok) -> tuple[str, ...]:
     """Shared-prefix: each group's system prompt, the text all its prompts begin with (a
     random system prompt may itself hold newlines: no splitting at the first one)."""
     texts: dict[int, list[str]] = {}
-    for spec in _specs(workload):
+    for spec in _specs(workload, tok):
         texts.setdefault(spec.group, []).append(spec.prompt)
     return tuple(os.path.commonprefix(texts[g]) for g in sorted(texts))
 
 
-def _specs(workload: list[str]) -> list:
+def _specs(workload: list[str], tok) -> list:
+    """The requests `pdserve bench run` sends for these flags (seed 1, as run_one's)."""
     from pdserve.bench.cli import add_parser
     from pdserve.bench.commands import workload_config
     from pdserve.bench.workloads import build_workload
-    from pdserve.models.loader import load_tokenizer
 
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers())
     args = parser.parse_args(["bench", "run", *workload, "--seed", "1"])
-    return build_workload(workload_config(args), load_tokenizer(None))
+    return build_workload(workload_config(args), tok)
 
 
-def oracle_hits(workload: list[str], warm_prompts: tuple[str, ...] = ()) -> int:
+def oracle_hits(workload: list[str], tok, warm_prompts: tuple[str, ...] = ()) -> int:
     """Hit tokens if every prompt met every earlier one's blocks (one unbounded cache), the
     warm-up prompts' too."""
     from pdserve.block_hashing import block_hashes, usable_blocks
-    from pdserve.models.loader import load_tokenizer
     from pdserve.server.prompts import completion_prompt_ids
 
-    tok = load_tokenizer(None)
     seen = {h for p in warm_prompts for h in block_hashes(completion_prompt_ids(tok, p), 16)}
     hits = 0
-    for spec in _specs(workload):
+    for spec in _specs(workload, tok):
         ids = completion_prompt_ids(tok, spec.prompt)
         hashes = block_hashes(ids, 16)
         n = 0
@@ -262,6 +260,8 @@ def router_cost() -> dict:
 
 
 def main() -> None:
+    from pdserve.models.loader import load_tokenizer
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rate", type=float, default=0.25, help="requests/s (Poisson)")
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS[:3]), choices=WORKLOADS)
@@ -302,11 +302,12 @@ def main() -> None:
                 runs[name] = run_one(policy, workload_flags("mix"), args.rate, tmp,
                                      args.kv_cache_memory, ("prefill", "decode"), flags)
                 print("mix", name, json.dumps(runs[name]), flush=True)
+        tok = load_tokenizer(None)
         for workload in [] if args.pd_mix else args.workloads:
             flags = workload_flags(workload, args.groups, args.per_group)
-            warm = group_prefixes(flags) if args.warm_prefixes and workload == "shared-prefix" \
-                else ()
-            runs = result["runs"][workload] = {"oracle_hit_tokens": oracle_hits(flags, warm),
+            warm = group_prefixes(flags, tok) \
+                if args.warm_prefixes and workload == "shared-prefix" else ()
+            runs = result["runs"][workload] = {"oracle_hit_tokens": oracle_hits(flags, tok, warm),
                                                "warm_prefixes": len(warm)}
             for policy in args.policies:
                 runs[policy] = run_one(policy, flags, args.rate, tmp, args.kv_cache_memory,

@@ -152,17 +152,15 @@ def _fit(engine: Engine, spec: ProfileSpec, block: int
             break
     model = StepTimeModel.fit([s for s, _ in timed], [t for _, t in timed])
     # a shared machine only ever makes a step slower: drop the stalled samples, refit once
-    kept = [pair for pair in timed if pair[1] <= STALL_FACTOR * model.seconds(pair[0])]
-    if len(timed) // 2 <= len(kept) < len(timed):
+    keep = [t <= STALL_FACTOR * model.seconds(s) for s, t in timed]
+    if len(timed) // 2 <= sum(keep) < len(timed):
         log.info("profile: %d of %d timings were stalls, refitting without them",
-                 len(timed) - len(kept), len(timed))
+                 len(timed) - sum(keep), len(timed))
+        kept = [pair for pair, k in zip(timed, keep) if k]
         model = StepTimeModel.fit([s for s, _ in kept], [t for _, t in kept])
     else:
-        kept = timed
+        keep, kept = [True] * len(timed), timed
     error = statistics.median(abs(model.seconds(s) - t) / t for s, t in kept)
-    kept_ids = {id(pair) for pair in kept}
-    rows = []  # every timing, the dropped stalls too (kept 0); features()[0] is the constant
-    for pair in timed:
-        shape, seconds = pair
-        rows.append([*shape.features()[1:], seconds, float(id(pair) in kept_ids)])
+    # every timing, the dropped stalls too (kept 0); features()[0] is the constant 1
+    rows = [[*s.features()[1:], t, float(k)] for (s, t), k in zip(timed, keep)]
     return model, error, rows

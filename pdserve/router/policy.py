@@ -176,9 +176,9 @@ class ConditionalSplit:
 
     Whole on D when the stall is shorter than the hop (`small_uncached`), when D runs no
     decodes to stall, P holds no prefill that will hand off to D during this one, and D would
-    answer no later than P (`idle_decode`), or when waiting for P
-    costs this request more than prefilling on D costs D's decodes (`prefill_queue`);
-    otherwise P then D (`long_uncached`)."""
+    answer no later than P (`idle_decode`), or when waiting for P costs this request more
+    than prefilling on D costs D's decodes (`prefill_queue`); otherwise P then D
+    (`long_uncached`)."""
 
     hop_s: float = DEFAULT_HOP_S
     min_prompt_tokens: int = 0  # a floor kept from --pd-min-prompt-tokens

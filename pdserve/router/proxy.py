@@ -36,7 +36,15 @@ from pdserve.router.pairing import (
     max_tokens_field,
     requested_max_tokens,
 )
-from pdserve.router.policy import ANY_ROLE, Decision, Policy, RequestView, Stage, make_policy
+from pdserve.router.policy import (
+    ANY_ROLE,
+    Decision,
+    InstanceView,
+    Policy,
+    RequestView,
+    Stage,
+    make_policy,
+)
 from pdserve.router.prompt_tokens import PromptTokenizer
 from pdserve.router.registry import Instance, Registry
 from pdserve.router.relay import (
@@ -209,8 +217,7 @@ class Router:
 
     def decide(self, load: Load) -> Decision:
         """The policy's decision over the healthy instances, counted with its reason."""
-        views = [i.view(self.index.num_blocks(i.url)) for i in self.registry.engines()
-                 if i.healthy]
+        views = [self._view(i) for i in self.registry.engines() if i.healthy]
         decision = self.policy.decide(load.view, views)
         if decision is None:
             raise NoInstance("no healthy instance can serve the request")
@@ -220,6 +227,9 @@ class Router:
         self.metrics.decisions.labels(self.policy.name, decision.kind, decision.reason).inc()
         return decision
 
+    def _view(self, inst: Instance) -> InstanceView:
+        return inst.view(self.index.num_blocks(inst.url))  # the index knows its cache's size
+
     def _pick(self, roles: tuple[str, ...], tried: set[str], load: Load, stage: Stage,
               prefer: str | None = None) -> Instance:
         """The decision's instance `prefer` on the first try; the policy's next best after."""
@@ -228,8 +238,8 @@ class Router:
             if inst is not None and inst.healthy:
                 return inst
         for role in roles:
-            candidates = [i.view(self.index.num_blocks(i.url))
-                          for i in self.registry.healthy(role) if i.url not in tried]
+            candidates = [self._view(i) for i in self.registry.healthy(role)
+                          if i.url not in tried]
             best = self.policy.pick(load.view, candidates, stage)
             if best is not None:
                 return self.registry.instances[best.url]
