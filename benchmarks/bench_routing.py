@@ -153,16 +153,20 @@ def run_one(policy: str, workload: list[str], rate: float, tmp: str, kv_cache: s
                        stdout=subprocess.DEVNULL)
         with open(os.path.join(tmp, name)) as f:
             summary = json.load(f)
-        decisions = [line for line in httpx.get(base + "/metrics").text.splitlines()
+        lines = httpx.get(base + "/metrics").text.splitlines()
+        decisions = [line for line in lines
                      if line.startswith("pdserve_router:routing_decisions_total{")]
+        measured = [line for line in lines  # the rates and hops the conditional rule used
+                    if line.startswith(("pdserve_router:instance_prefill_rate{",
+                                        "pdserve_router:instance_hop_seconds{"))]
     finally:
         for p in ([router] if router else []) + insts:
             stop(p)
     keys = ("completed", "failed", "total_input_tokens", "prefix_cache_hit_tokens",
             "prefix_cache_hit_rate", "mean_ttft_ms", "p99_ttft_ms", "mean_itl_ms",
             "p99_itl_ms", "mean_e2el_ms")
-    return {**{k: summary.get(k) for k in keys}, "decisions": decisions,
-            "slowest_first_tokens": slowest(summary)}
+    return {**{k: summary.get(k) for k in keys}, "decisions": decisions, "measured": measured,
+            "slowest_first_tokens": slowest(summary), "largest_gaps": largest_gaps(summary)}
 
 
 def slowest(detail: dict, count: int = 4) -> list[dict]:
@@ -171,6 +175,15 @@ def slowest(detail: dict, count: int = 4) -> list[dict]:
             for i, (t, n, c) in enumerate(zip(detail["ttfts"], detail["input_lens"],
                                               detail["cached_tokens"])) if t is not None]
     return sorted(rows, key=lambda r: -r["ttft_ms"])[:count]
+
+
+def largest_gaps(detail: dict, count: int = 10) -> list[dict]:
+    """The inter-token gaps behind the P99 ITL: which request (send order), after which of
+    its chunks (0: the first token's, i.e. a hand-off's hop), and how long."""
+    rows = [{"gap_ms": round(1e3 * g, 1), "sent": i, "after_chunk": k, "input_tokens": n}
+            for i, (gaps, n) in enumerate(zip(detail["itls"], detail["input_lens"]))
+            for k, g in enumerate(gaps or [])]
+    return sorted(rows, key=lambda r: -r["gap_ms"])[:count]
 
 
 def complete(base: str, prompt: str) -> None:

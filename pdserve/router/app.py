@@ -41,15 +41,17 @@ def build_app(registry: Registry, health_interval_s: float = 1.0,
               secret: DeploymentSecret | None = None, open_metrics: bool = False,
               drain: Drain | None = None,
               max_request_bytes: int = http_limits.DEFAULT_MAX_REQUEST_BYTES,
-              routing_policy: str = "least_loaded", tokenizer: str | None = None) -> FastAPI:
+              routing_policy: str = "least_loaded", tokenizer: str | None = None,
+              pd_max_stall_s: float | None = None) -> FastAPI:
     """The app; its lifespan opens the HTTP client to instances and starts health checks.
     Clients need `api_key` (if set); `secret` signs the calls to instances and admits the
     instances' own calls (/register); without it nobody can register. `drain` (a
     DrainingServer's) refuses new requests and finishes those in flight. A body over
     `max_request_bytes` is refused with 413. `routing_policy` names the policy of
     policy.py; a cache-aware one follows the instances' KV events and tokenizes prompts
-    with `tokenizer` (the instances' model or tokenizer path; None: token-id prompts only)."""
-    policy = make_policy(routing_policy, pd_min_prompt_tokens)
+    with `tokenizer` (the instances' model or tokenizer path; None: token-id prompts only);
+    `pd_max_stall_s` bounds the conditional policy's whole-on-D stalls (None: D's hop)."""
+    policy = make_policy(routing_policy, pd_min_prompt_tokens, pd_max_stall_s=pd_max_stall_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -54,6 +54,11 @@ def add_parser(subparsers) -> None:
                    "so the router needs no tokenizer. 0 = always disaggregate: where the "
                    "crossover lies depends on model, GPU and load (on H200, 1P1D lost at "
                    "2k-token prompts and won at 8k), so measure before setting it")
+    p.add_argument("--pd-max-stall-ms", type=_positive_float, default=None, metavar="MS",
+                   help="conditional policy: the longest a prompt prefilled whole on D may "
+                   "stall the decodes it meets (running there or handed off meanwhile) before "
+                   "it goes to P instead; default: D's measured hop (P's first token to D's), "
+                   "the gap a hand-off itself puts into a stream")
     p.add_argument("--routing-policy", choices=POLICIES, default="least_loaded",
                    help="how instances are chosen: least_loaded (fewest outstanding tokens), "
                    "round_robin, cache_aware (lowest predicted time to first token from the "
@@ -72,6 +77,13 @@ def add_parser(subparsers) -> None:
     add_media_flags(p, parse_bytes, instance=False)  # the body limit lets images through
     p.add_argument("--log-level", default="warning", help="uvicorn's log level")
     p.set_defaults(func=run)
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be > 0, not {text}")
+    return value
 
 
 def _non_negative_int(text: str) -> int:
@@ -104,7 +116,9 @@ def run(args: argparse.Namespace) -> int:
                     api_key=api_key(args), secret=secret, open_metrics=args.open_metrics,
                     drain=drain,
                     max_request_bytes=router_body_bytes(args),
-                    routing_policy=args.routing_policy, tokenizer=args.tokenizer)
+                    routing_policy=args.routing_policy, tokenizer=args.tokenizer,
+                    pd_max_stall_s=None if args.pd_max_stall_ms is None
+                    else args.pd_max_stall_ms / 1e3)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=5)
     server = DrainingServer(config, drain)

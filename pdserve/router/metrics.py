@@ -63,8 +63,8 @@ class RouterMetrics:
                                  "Routing decisions by policy, route (disagg, colocated, "
                                  "short_prompt, whole_on_decode, prefill_only, fallback) and "
                                  "reason (long_prompt, short_prompt, long_uncached, "
-                                 "small_uncached, prefill_queue, one_token, colocated, "
-                                 "no_pair_<role>).",
+                                 "small_uncached, idle_decode, prefill_queue, decode_stall, "
+                                 "one_token, choices_or_echo, colocated, no_pair_<role>).",
                                  ["policy", "decision", "reason"], registry=r)
         self.prefill_retries = Counter("pdserve_router:prefill_retries",
                                        "Prefill attempts that failed and moved on.", registry=r)

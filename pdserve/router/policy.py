@@ -169,32 +169,41 @@ class MinPromptSplit:
 class ConditionalSplit:
     """Whole on D, or P then D, from what each costs (all in seconds, from measured rates):
 
-    - the stall: D's running decodes wait while D prefills the part of the prompt it lacks;
+    - the stall: D prefilling the part of the prompt it lacks, in one step, during which
+      every decode on D waits: those running, hand-offs landing, later arrivals' hand-offs;
     - the hop: what handing a request from P to D costs it (D's measured time from the
-      hand-off to its first token; `hop_s` until this D has been measured);
+      hand-off to its first token; `hop_s` until this D has been measured), which is also
+      the inter-token gap that disaggregating puts into its own stream;
     - the two predicted times to first token: P's queue plus P's prefill, against D's.
 
-    Whole on D when the stall is shorter than the hop (`small_uncached`), when D runs no
-    decodes to stall, P holds no prefill that will hand off to D during this one, and D would
-    answer no later than P (`idle_decode`), or when waiting for P costs this request more
-    than prefilling on D costs D's decodes (`prefill_queue`); otherwise P then D
-    (`long_uncached`)."""
+    Whole on D when the stall is shorter than the hop (`small_uncached`: no decode waits
+    longer than a hand-off would make it); when nothing decodes on D or is on its way there
+    (D has no request in flight nor running, P none that will hand off) and D would answer
+    no later than P (`idle_decode`); or when waiting for P costs this request more than the
+    stall, and the stall is within `max_stall_s`, the gap a whole-on-D prefill may put into
+    the decodes it meets (`prefill_queue`). A prefill_queue case over that bound goes to P
+    then D (`decode_stall`); anything else too (`long_uncached`). `max_stall_s` None: D's
+    hop, so that no decode's gap exceeds what a hand-off costs."""
 
     hop_s: float = DEFAULT_HOP_S
     min_prompt_tokens: int = 0  # a floor kept from --pd-min-prompt-tokens
+    max_stall_s: float | None = None  # --pd-max-stall-ms (None: D's hop)
 
     def split(self, request: RequestView, p: InstanceView, d: InstanceView
               ) -> tuple[bool, str]:
         if request.prompt_tokens < self.min_prompt_tokens:
             return False, "short_prompt"
-        stall = request.uncached_on(d.url) / d.rate()
-        if stall < d.hop(self.hop_s):
+        stall, hop = request.uncached_on(d.url) / d.rate(), d.hop(self.hop_s)
+        if stall < hop:
             return False, "small_uncached"
         ttft_p, ttft_d = predicted_ttft(request, p), predicted_ttft(request, d)
-        if d.running == 0 and p.in_flight == 0 and ttft_d <= ttft_p:
+        # the router's own counts, not D's 0.5 s load lines: a request just sent counts now
+        exposed = d.in_flight > 0 or d.running > 0 or p.in_flight > 0
+        if not exposed and ttft_d <= ttft_p:
             return False, "idle_decode"  # nothing on D to stall, and nothing on its way
         if ttft_p - ttft_d > stall:
-            return False, "prefill_queue"
+            bound = hop if self.max_stall_s is None else self.max_stall_s
+            return (False, "prefill_queue") if stall <= bound else (True, "decode_stall")
         return True, "long_uncached"
 
 
@@ -249,10 +258,11 @@ class Policy:
 POLICIES = ("least_loaded", "round_robin", "cache_aware", "conditional")
 
 
-def make_policy(name: str, pd_min_prompt_tokens: int = 0, hop_s: float = DEFAULT_HOP_S
-                ) -> Policy:
+def make_policy(name: str, pd_min_prompt_tokens: int = 0, hop_s: float = DEFAULT_HOP_S,
+                pd_max_stall_s: float | None = None) -> Policy:
     """The policy of `--routing-policy`: the first three disaggregate prompts of at least
-    `pd_min_prompt_tokens`; `conditional` is cache_aware deciding per request."""
+    `pd_min_prompt_tokens`; `conditional` is cache_aware deciding per request, a whole-on-D
+    prefill stalling busy decodes at most `pd_max_stall_s` (None: D's measured hop)."""
     fixed = MinPromptSplit(pd_min_prompt_tokens)
     if name == "least_loaded":
         return Policy(name, LeastLoaded(), fixed)
@@ -261,6 +271,7 @@ def make_policy(name: str, pd_min_prompt_tokens: int = 0, hop_s: float = DEFAULT
     if name == "cache_aware":
         return Policy(name, CacheAware(), fixed, uses_cache=True)
     if name == "conditional":
-        return Policy(name, CacheAware(), ConditionalSplit(hop_s, pd_min_prompt_tokens),
+        return Policy(name, CacheAware(), ConditionalSplit(hop_s, pd_min_prompt_tokens,
+                                                                   pd_max_stall_s),
                       uses_cache=True)
     raise ValueError(f"routing policy must be one of {POLICIES}, not {name!r}")

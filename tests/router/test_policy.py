@@ -111,7 +111,7 @@ def test_one_token_is_served_by_prefill_alone():
 ])
 def test_conditional_split_weighs_uncached_tokens_and_prefill_queue(prompt, cached, p_queue,
                                                                      want):
-    policy = make_policy("conditional")
+    policy = make_policy("conditional", pd_max_stall_s=5.0)  # D's decodes may wait 5 s
     views = [inst("http://p", "prefill", queued_prefill_tokens=p_queue),
              inst(A, "decode", running=4)]
     d = policy.decide(RequestView(prompt, cached={A: cached}), views)
@@ -141,6 +141,39 @@ def test_conditional_serves_whole_on_an_idle_decode_that_answers_no_later():
     # D idle, but P is prefilling a prompt that will reach D while D would prefill this one
     handing_off = inst("http://p", "prefill", in_flight=1)
     assert split.split(RequestView(4000), handing_off, idle) == (True, "long_uncached")
+
+
+def test_conditional_bounds_the_stall_a_whole_on_decode_prefill_puts_into_decodes():
+    p_busy = inst("http://p", "prefill", queued_prefill_tokens=9000, in_flight=3)
+    request = RequestView(4000)  # 4 s on D; 13 s through P's queue
+    for d in (inst(A, "decode", running=4), inst(A, "decode", in_flight=1),  # D decodes
+              inst(A, "decode")):  # or P's queue will hand off to D during the stall
+        # default bound: D's hop (50 ms), the gap a hand-off itself costs a stream
+        assert ConditionalSplit().split(request, p_busy, d) == (True, "decode_stall")
+        assert ConditionalSplit(max_stall_s=3.9).split(request, p_busy, d) == (
+            True, "decode_stall")
+        assert ConditionalSplit(max_stall_s=4.0).split(request, p_busy, d) == (
+            False, "prefill_queue")
+    measured = inst(A, "decode", running=1, hop_s=5.0)  # a slow hop: 4 s is within it
+    assert ConditionalSplit().split(request, p_busy, measured) == (False, "small_uncached")
+    # the router's own count: a request just sent to D stalls as much as a running one
+    just_sent = inst(A, "decode", in_flight=1)
+    assert ConditionalSplit().split(request, inst("http://p", "prefill"), just_sent) == (
+        True, "long_uncached")
+    assert ConditionalSplit().split(request, inst("http://p", "prefill"), inst(A, "decode")
+                                    ) == (False, "idle_decode")
+
+
+def test_router_flag_sets_the_stall_bound():
+    from argparse import ArgumentTypeError
+
+    from pdserve.router.cli import _positive_float
+
+    assert _positive_float("250") == 250.0
+    for bad in ("0", "-1", "nan"):
+        with pytest.raises(ArgumentTypeError):
+            _positive_float(bad)
+    assert make_policy("conditional", pd_max_stall_s=0.25).splitter.max_stall_s == 0.25
 
 
 def test_fallback_serves_whole_on_any_role_decode_first():
