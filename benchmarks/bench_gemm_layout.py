@@ -64,14 +64,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--tokens", type=int, nargs="*", default=TOKENS, help="rows of x (M)")
+    ap.add_argument("--blas", choices=["default", "cublas", "cublaslt"], default="default",
+                    help="torch's preferred BLAS library for these GEMMs")
     args = ap.parse_args()
+    if args.blas != "default":
+        torch.backends.cuda.preferred_blas_library(args.blas)
     ceil = ceilings()
     hbm = ceil["hbm_copy_GBps"] * 1e9
     rows = []
     for n, k, uses in SHAPES:
         weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
         transposed = [w.t().contiguous() for w in weights]
-        for m in TOKENS:
+        for m in args.tokens:
             if n > 100_000 and m > 256:
                 continue  # the LM head only sees the sampled rows
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -83,13 +88,13 @@ def main() -> None:
             print(f"{n:6d}x{k:5d} M={m:5d}: linear {a * 1e6:8.1f} us ({floor / a:.2f} of the "
                   f"floor)  x@Wt {b * 1e6:8.1f} us ({b / a:.3f}x)", flush=True)
         del weights, transposed
-    for m in TOKENS:
+    for m in args.tokens:
         sel = [r for r in rows if r["m"] == m]
         a = sum(r["linear_us"] * r["uses_per_step"] for r in sel)
         b = sum(r["transposed_us"] * r["uses_per_step"] for r in sel)
         print(f"M={m}: a step's linears {a / 1e3:.3f} ms, pre-transposed {b / 1e3:.3f} ms")
     if args.out:
-        Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"),
+        Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "blas": args.blas,
                                               "ceilings": ceil, "rows": rows}, indent=2))
 
 

@@ -23,6 +23,7 @@ from transformers import PreTrainedTokenizerBase
 
 from pdserve.config import ModelConfig
 from pdserve.models.cache import cache_root, file_key, write_atomically
+from pdserve.models.cpu_layout import store_linears_k_major
 from pdserve.models.gguf_file import (
     EMBEDDED_NAME,
     embedded_gguf_path,
@@ -175,4 +176,6 @@ def load_model(
         assert reader is not None
         model.load_weights(iter_gguf_tensors(reader, config))
         origin = f"{'embedded' if name is None else 'gguf'}:{source.target}"
+    if device.type == "cpu":
+        store_linears_k_major(model)
     return LoadedModel(config=config, model=model.eval(), name=source.served_name, source=origin)
