@@ -242,7 +242,7 @@ def main() -> None:
         for name, ms in w.get("top_kernels_ms", {}).items():
             print(f"   {ms:8.2f} ms  {name}")
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
+        Path(args.out).write_text(json.dumps(result, separators=(",", ":")))
     engine.close()
 
 
