@@ -2,13 +2,13 @@
 
 MKL's single-thread fp32 GEMM of `F.linear(x, W)` is faster when W[N, K] is the transposed
 view of a contiguous [K, N] tensor (`x @ Wt`, no transpose in the kernel): the 30 layers of
-SmolLM2-135M's linears, weights streamed from memory, take 31.5 / 72.1 / 128 ms a step at 1 /
-8 / 64 rows in the usual layout and 28.9 / 62.9 / 89.4 ms K-major, and its 49152-row LM head
-8.3 / 54.1 ms against 7.1 / 38.3 ms at 1 / 8 rows (this 2-core Xeon, AVX-512, MKL 2024.2,
-2026-12-06; docs/PERF.md). Same values up to float rounding; the GPU keeps the usual layout
-(cuBLAS and our GEMV read it as it is). A tied embedding table shares the LM head's storage:
-gathering rows from it gets slower (1024 tokens: 8.6 ms against 0.4 ms), which a prefill of
-that many tokens (about 1.7 s here) does not notice.
+SmolLM2-135M's linears, weights streamed from memory, take 32.7 / 71.5 / 120 ms at 1 / 8 / 64
+rows in the usual layout and 28.9 / 62.0 / 93.0 ms K-major, its 49152-row LM head 8.4 / 26.6 /
+42.0 ms against 7.0 / 17.8 / 36.8 ms (benchmarks/bench_cpu_linear_layout.py, this 2-core Xeon,
+AVX-512, MKL 2024.2, 2026-12-06; docs/PERF.md). Same values up to float rounding; the GPU
+keeps the usual layout (cuBLAS and our GEMV read it as it is). A tied embedding table shares
+the LM head's storage: gathering rows from it gets slower (1024 tokens: 8.6 ms against
+0.4 ms), which a prefill of that many tokens (about 1.7 s here) does not notice.
 """
 
 from __future__ import annotations
