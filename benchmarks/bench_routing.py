@@ -21,7 +21,9 @@ where routing decides the hit rate, as a fleet of many instances is.
 
 `--pd-mix`: instead, a prefill and a decode instance, prompts of 40..760 tokens, and the
 P/D decision always (disaggregate every prompt), never (every prompt whole on D) and
-conditional: mean TTFT and P99 ITL.
+conditional: mean TTFT and P99 ITL; `--pd-max-stall-ms 1000` adds conditional with that
+stall bound. Each run also records the router's measured rates and hops and the largest
+inter-token gaps (chunk 0: the hop from P's token to D's first).
 
 Writes benchmarks/results/routing_cpu.json (routing_pd_mix_cpu.json). On a shared, loaded
 machine: smoke figures.
@@ -290,6 +292,9 @@ def main() -> None:
                     help="only the router's cost per request (routing_cost_cpu.json)")
     ap.add_argument("--pd-mix", action="store_true",
                     help="instead: 1P1D on the short/long mix, always vs never vs conditional")
+    ap.add_argument("--pd-max-stall-ms", type=float, nargs="+", default=[], metavar="MS",
+                    help="--pd-mix: also conditional with each of these stall bounds (the "
+                    "router's --pd-max-stall-ms; default bound: D's measured hop)")
     ap.add_argument("--warm-prefixes", action="store_true",
                     help="shared-prefix: send each group's system prompt through the router "
                     "before the measured run (steady state: no policy can avoid a prefix's "
@@ -311,7 +316,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.pd_mix:
             runs = result["runs"]["mix-1P1D"] = {}
-            for name, (policy, flags) in PD_VARIANTS.items():
+            variants = {**PD_VARIANTS, **{  # the same rule, a looser bound: its trade-off
+                f"conditional_stall_{ms:g}ms": ("conditional", ("--pd-max-stall-ms", str(ms)))
+                for ms in args.pd_max_stall_ms}}
+            for name, (policy, flags) in variants.items():
                 runs[name] = run_one(policy, workload_flags("mix"), args.rate, tmp,
                                      args.kv_cache_memory, ("prefill", "decode"), flags)
                 print("mix", name, json.dumps(runs[name]), flush=True)
