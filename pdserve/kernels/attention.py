@@ -85,18 +85,23 @@ def torch_paged_attention(
             continue
         start = starts[i]
         keys, values = gather_kv(kv_cache, meta.block_tables[i], seq_len)
-        qi = q[start : start + q_len].transpose(0, 1)  # [Hq, q_len, D]
-        ki = keys.to(q.dtype).transpose(0, 1)  # [Hkv, seq_len, D]
-        vi = values.to(q.dtype).transpose(0, 1)
+        # 4-D [1, H, L, D]: with 3-D inputs torch's CPU SDPA takes its "math" path (a 1024-token
+        # prompt of SmolLM2: 88 ms a layer, against 25 ms in the flash kernel; 16 ms causal)
+        qi = q[start : start + q_len].transpose(0, 1)[None]  # [1, Hq, q_len, D]
+        ki = keys.to(q.dtype).transpose(0, 1)[None]  # [1, Hkv, seq_len, D]
+        vi = values.to(q.dtype).transpose(0, 1)[None]
         context = seq_len - q_len
-        # query j sits at position context + j and sees keys 0 .. context + j
-        key_pos = torch.arange(seq_len, device=q.device)
-        query_pos = torch.arange(context, seq_len, device=q.device)
-        mask = key_pos[None, :] <= query_pos[:, None]
-        o = F.scaled_dot_product_attention(
-            qi, ki, vi, attn_mask=mask, scale=scale, enable_gqa=qi.shape[0] != ki.shape[0]
-        )
-        out[start : start + q_len] = o.transpose(0, 1)
+        gqa = qi.shape[1] != ki.shape[1]
+        if context == 0:  # a fresh prompt: plain causal, no mask to build or read
+            o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale,
+                                               enable_gqa=gqa)
+        else:  # query j sits at position context + j and sees keys 0 .. context + j
+            key_pos = torch.arange(seq_len, device=q.device)
+            query_pos = torch.arange(context, seq_len, device=q.device)
+            mask = key_pos[None, :] <= query_pos[:, None]
+            o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale,
+                                               enable_gqa=gqa)
+        out[start : start + q_len] = o[0].transpose(0, 1)
     return out
 
 
