@@ -45,6 +45,7 @@ def engine_step_ms(batch: int, windows: int = 8, steps: int = 8) -> dict:
     """Median decode step of the engine, each layout in turn (windows of `steps` steps)."""
     import random
 
+    from benchmarks.bench_engine import step_until_decoding
     from pdserve.config import CacheConfig, EngineArgs, SchedulerConfig
     from pdserve.engine.engine import Engine
     from pdserve.engine.outputs import EngineRequest
@@ -62,9 +63,7 @@ def engine_step_ms(batch: int, windows: int = 8, steps: int = 8) -> dict:
         engine.add_request(EngineRequest(
             f"r{i}", [rng.randrange(100, 40000) for _ in range(256)],
             SamplingParams(max_tokens=2000, temperature=0.0, ignore_eos=True)))
-    while len(engine.scheduler.running) < batch or any(
-            r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running):
-        engine.step()
+    step_until_decoding(engine, batch)
     times: dict[str, list[float]] = {"usual": [], "k_major": []}
     for w in range(windows):
         for name in ("usual", "k_major")[:: 1 if w % 2 == 0 else -1]:

@@ -96,15 +96,20 @@ def random_prompt(rng: random.Random, n: int, vocab: int) -> list[int]:
     return [rng.randrange(1000, vocab - 1000) for _ in range(n)]
 
 
+def step_until_decoding(engine: Engine, batch: int) -> None:
+    """Step until `batch` requests run and none is still prefilling: steady decode from here."""
+    while len(engine.scheduler.running) < batch or any(
+            r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running):
+        engine.step()
+
+
 def decode_case(engine: Engine, batch: int, context: int, ceil: dict, rng) -> dict:
     params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
     ids = [f"d{batch}-{i}" for i in range(batch)]
     for rid in ids:
         engine.add_request(EngineRequest(rid, random_prompt(rng, context, engine.vocab_size),
                                          params))
-    while len(engine.scheduler.running) < batch or any(
-            r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running):
-        engine.step()
+    step_until_decoding(engine, batch)
     step_s = steady_step_time(engine.step)
     weights, _, _ = model_bytes(engine)
     kv = kv_bytes_per_token(engine) * batch * (context + 60)

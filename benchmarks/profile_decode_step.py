@@ -24,7 +24,11 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_engine import random_prompt, steady_step_time  # noqa: E402
+from benchmarks.bench_engine import (  # noqa: E402
+    random_prompt,
+    steady_step_time,
+    step_until_decoding,
+)
 from pdserve.config import CacheConfig, EngineArgs, SchedulerConfig  # noqa: E402
 from pdserve.engine.engine import Engine  # noqa: E402
 from pdserve.engine.outputs import EngineRequest  # noqa: E402
@@ -75,9 +79,7 @@ def main() -> None:
     for i in range(args.batch):
         engine.add_request(EngineRequest(f"r{i}", random_prompt(rng, args.context,
                                                                 engine.vocab_size), params))
-    while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running) \
-            or len(engine.scheduler.running) < args.batch:
-        engine.step()
+    step_until_decoding(engine, args.batch)
     step_ms = steady_step_time(engine.step, windows=3) * 1e3
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         for _ in range(args.steps):

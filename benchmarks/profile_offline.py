@@ -114,17 +114,33 @@ def time_reads(waits: list[float]) -> None:
     step_loop.LaunchedStep.read = timed
 
 
-def floor_s(rec: StepRecord, engine: Engine, ceil: dict) -> float:
-    c = engine.model_config
-    weights, matmul_params, head = model_bytes(engine)
-    kv_tok = kv_bytes_per_token(engine)
+@dataclass(frozen=True)
+class FloorModel:
+    """What a step's floor needs of the model and the device, measured once."""
+
+    weights: int  # bytes a decode step reads
+    matmul_params: int
+    head: int  # the LM head's parameters
+    kv_tok: int  # KV bytes per token
+    attention_flops_per_key: int  # per query token and key: QK^T and PV, all layers
+    bandwidth: float  # bytes/s
+    matmul_rate: float  # FLOP/s
+
+    @classmethod
+    def of(cls, engine: Engine, ceil: dict) -> FloorModel:
+        c = engine.model_config
+        return cls(*model_bytes(engine), kv_bytes_per_token(engine),
+                   4 * c.head_dim * c.num_heads * c.num_layers,
+                   ceil["hbm_copy_GBps"] * 1e9, ceil["bf16_matmul_TFLOPs"] * 1e12)
+
+
+def floor_s(rec: StepRecord, m: FloorModel) -> float:
     tokens = rec.prefill_tokens + rec.decode_rows
-    bytes_ = weights + kv_tok * (rec.decode_context + rec.prefill_kv_tokens)
+    bytes_ = m.weights + m.kv_tok * (rec.decode_context + rec.prefill_kv_tokens)
     logits_rows = rec.decode_rows + (1 if rec.prefill_tokens else 0)
-    flops = 2 * tokens * (matmul_params - head) + 2 * logits_rows * head
-    flops += 4 * c.head_dim * c.num_heads * c.num_layers * (rec.prefill_context
-                                                             + rec.decode_context)
-    return max(bytes_ / (ceil["hbm_copy_GBps"] * 1e9), flops / (ceil["bf16_matmul_TFLOPs"] * 1e12))
+    flops = 2 * tokens * (m.matmul_params - m.head) + 2 * logits_rows * m.head
+    flops += m.attention_flops_per_key * (rec.prefill_context + rec.decode_context)
+    return max(bytes_ / m.bandwidth, flops / m.matmul_rate)
 
 
 def kernel_families(prof: profile, steps: int) -> dict:
@@ -217,11 +233,12 @@ def main() -> None:
     secs = time.perf_counter() - start
     # with one step in flight, call k+1 returns once step k is applied: its wall is step k's
     depth = engine.loop.depth
+    floor_model = FloorModel.of(engine, ceil)
     for k, rec in enumerate(steps):
         j = k + depth
         rec.wall_s = walls[j] if j < len(walls) and walls[j] == walls[j] else 0.0
         rec.waited_s = waits[k] if k < len(waits) else 0.0
-        rec.floor_s = floor_s(rec, engine, ceil)
+        rec.floor_s = floor_s(rec, floor_model)
     timed = [r for r in steps if r.wall_s]
     result = {"model": args.model, "date": time.strftime("%Y-%m-%d %H:%M"),
               "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
