@@ -53,7 +53,8 @@ POLICIES = ("cache_aware", "least_loaded", "round_robin")
 WORKLOADS = ("shared-prefix", "multi-turn", "random", "mix")
 
 
-def workload_flags(name: str, groups: int = 4, per_group: int = 4) -> list[str]:
+def workload_flags(name: str, groups: int = 4, per_group: int = 4, mix_prompts: int = 20
+                   ) -> list[str]:
     """`pdserve bench run` flags of a workload; `groups`: prefix groups or conversations,
     `per_group`: prompts of a group or turns of a conversation (each instance runs on one
     thread; prefixes are as long as system prompts are)."""
@@ -68,7 +69,8 @@ def workload_flags(name: str, groups: int = 4, per_group: int = 4) -> list[str]:
         "random": ["--dataset-name", "random", "--num-prompts", str(per_group * groups),
                    "--random-input-len", "256", "--random-output-len", "4"],
         # short and long prompts mixed, for the P/D decision (1P1D)
-        "mix": ["--dataset-name", "random", "--num-prompts", "20", "--random-input-len", "400",
+        "mix": ["--dataset-name", "random", "--num-prompts", str(mix_prompts),
+                "--random-input-len", "400",
                 "--random-range-ratio", "0.9", "--random-output-len", "32"],
     }[name]
 
@@ -299,6 +301,9 @@ def main() -> None:
                     help="shared-prefix: send each group's system prompt through the router "
                     "before the measured run (steady state: no policy can avoid a prefix's "
                     "first prefill, and those cold misses otherwise set every P99)")
+    ap.add_argument("--mix-prompts", type=int, default=20,
+                    help="--pd-mix: requests a variant (a P99 over 20 x 31 gaps is the 6th "
+                    "largest; more make it steadier)")
     ap.add_argument("--out", default=None,
                     help="default: results/routing_cpu.json (--pd-mix: routing_pd_mix_cpu.json)")
     args = ap.parse_args()
@@ -311,6 +316,7 @@ def main() -> None:
     result = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
               "machine": {"cpus": os.cpu_count(), "loadavg_before": os.getloadavg()},
               "rate": args.rate, "groups": args.groups, "per_group": args.per_group,
+              "mix_prompts": args.mix_prompts if args.pd_mix else None,
               "kv_cache_memory": args.kv_cache_memory, "router_cost": router_cost(), "runs": {}}
     print(json.dumps(result["router_cost"], indent=1), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -319,11 +325,12 @@ def main() -> None:
             variants = {**PD_VARIANTS, **{  # the same rule, a looser bound: its trade-off
                 f"conditional_stall_{ms:g}ms": ("conditional", ("--pd-max-stall-ms", str(ms)))
                 for ms in args.pd_max_stall_ms}}
+            mix = workload_flags("mix", mix_prompts=args.mix_prompts)
             for name, (policy, flags) in variants.items():
-                runs[name] = run_one(policy, workload_flags("mix"), args.rate, tmp,
-                                     args.kv_cache_memory, ("prefill", "decode"), flags)
+                runs[name] = run_one(policy, mix, args.rate, tmp, args.kv_cache_memory,
+                                     ("prefill", "decode"), flags)
                 print("mix", name, json.dumps(runs[name]), flush=True)
-        tok = load_tokenizer(None)
+        tok = None if args.pd_mix else load_tokenizer(None)
         for workload in [] if args.pd_mix else args.workloads:
             flags = workload_flags(workload, args.groups, args.per_group)
             warm = group_prefixes(flags, tok) \

@@ -1,11 +1,13 @@
-"""How long one engine step takes, predicted from its shape: a linear model in five numbers.
+"""How long one engine step takes, predicted from its shape: a linear model in seven numbers.
 
 The scheduler uses it to size prefill chunks under an inter-token-latency target; the planner
 (pdserve/planner/) is meant to read the same model. It is plain data: `to_dict`/`from_dict`
 round-trip through JSON, and `fit` builds one from timed steps (engine/calibrate.py).
 
 Units: seconds for times; a step's shape counts tokens (see `StepShape`), so each
-coefficient is seconds per token, per attention pair or per decode row.
+coefficient is seconds per token, per attention pair or per decode row, or seconds per step
+for the three fixed costs (every step; a step of two or more rows, whose matmuls are
+matrix-matrix rather than matrix-vector; a step that runs any prefill).
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ class StepShape:
         self.decode_context += context
 
     def features(self) -> list[float]:
+        """The model's inputs, in `StepTimeModel`'s field order."""
+        rows = self.prefill_tokens + self.decode_rows
         return [1.0, self.prefill_tokens, self.prefill_attention, self.decode_rows,
-                self.decode_context]
+                self.decode_context, float(rows >= 2), float(self.prefill_tokens > 0)]
 
 
 def prefill_pairs(num_tokens: int, num_computed: int) -> int:
@@ -47,7 +51,8 @@ def prefill_pairs(num_tokens: int, num_computed: int) -> int:
 @dataclass
 class StepTimeModel:
     """seconds = base_s + per_prefill_token_s * prefill_tokens + per_prefill_pair_s *
-    prefill_attention + per_decode_row_s * decode_rows + per_decode_context_s * decode_context.
+    prefill_attention + per_decode_row_s * decode_rows + per_decode_context_s * decode_context
+    + per_batched_step_s * (two or more rows) + per_prefill_step_s * (any prefill).
 
     Every coefficient is >= 0 and base_s > 0, so a prediction is positive and never falls
     when a step grows."""
@@ -57,6 +62,10 @@ class StepTimeModel:
     per_prefill_pair_s: float  # prefill attention per (query, key) pair
     per_decode_row_s: float  # weights' matmuls per decode row
     per_decode_context_s: float  # decode attention per cached token read
+    # one row takes matrix-vector kernels, two or more matrix-matrix ones (on a CPU a 1-row
+    # decode step is ~30 ms shorter than the per-row slope says): their extra fixed cost
+    per_batched_step_s: float = 0.0
+    per_prefill_step_s: float = 0.0  # the prefill path's fixed cost (causal attention)
 
     def seconds(self, shape: StepShape) -> float:
         """Predicted wall time of a step of this shape."""
@@ -76,12 +85,22 @@ class StepTimeModel:
         return lo
 
     def _with_prefill(self, shape: StepShape, num_tokens: int, num_computed: int) -> float:
-        return (self.seconds(shape) + self.per_prefill_token_s * num_tokens
-                + self.per_prefill_pair_s * prefill_pairs(num_tokens, num_computed))
+        grown = StepShape(**asdict(shape))
+        grown.add_prefill(num_tokens, num_computed)
+        return self.seconds(grown)
+
+    def scaled(self, prefill: float, decode: float) -> StepTimeModel:
+        """This model with its prefill terms times `prefill` and its base and decode terms
+        times `decode`: the same engine slowed by a neighbour (planner/corun.py)."""
+        return StepTimeModel(self.base_s * decode, self.per_prefill_token_s * prefill,
+                             self.per_prefill_pair_s * prefill, self.per_decode_row_s * decode,
+                             self.per_decode_context_s * decode,
+                             self.per_batched_step_s * decode, self.per_prefill_step_s * prefill)
 
     def _coefficients(self) -> list[float]:
         return [self.base_s, self.per_prefill_token_s, self.per_prefill_pair_s,
-                self.per_decode_row_s, self.per_decode_context_s]
+                self.per_decode_row_s, self.per_decode_context_s, self.per_batched_step_s,
+                self.per_prefill_step_s]
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -92,23 +111,51 @@ class StepTimeModel:
 
     @classmethod
     def fit(cls, shapes: list[StepShape], seconds: list[float]) -> StepTimeModel:
-        """Least squares over timed steps, with coefficients held >= 0: a term whose free
-        fit comes out negative (noise, or a cost another term already explains) is dropped
-        and the rest refit. (A fit of the relative error was tried on an H100 and predicted
-        served latencies worse: docs/PERF.md, "Planner on one GPU".)"""
+        """Least squares over timed steps in two stages: the decode-only steps give the base,
+        decode and batched terms; the steps with prefill give the prefill terms, fitted to
+        what the decode terms leave of their time (fitted together, the many prefill-heavy
+        steps drown a decode step's context term: measured on a CPU, the joint fit gave 0 s
+        per context token where decode-only steps show 12 us). Too few of either kind: one
+        joint fit. Coefficients are held >= 0: a term whose free fit comes out negative
+        (noise, or a cost another term already explains) is dropped and the rest refit. (A
+        fit of the relative error was tried on an H100 and predicted served latencies worse:
+        docs/PERF.md, "Planner on one GPU".)"""
         x = torch.tensor([s.features() for s in shapes], dtype=torch.float64)
         y = torch.tensor(seconds, dtype=torch.float64)
-        scale = x.abs().amax(dim=0).clamp(min=1.0)  # columns span 1 to ~1e7: normalise
-        active = list(range(x.shape[1]))
-        while True:
-            scaled = torch.linalg.lstsq(x[:, active] / scale[active], y.unsqueeze(1)).solution
-            scaled = scaled.squeeze(1).tolist()
-            worst = min(range(1, len(active)), key=lambda i: scaled[i], default=None)
-            if worst is None or scaled[worst] >= 0:
-                break
-            del active[worst]
         values = [0.0] * x.shape[1]
-        for a, c in zip(active, scaled):
-            values[a] = c / scale[a].item()
+        decode = x[:, 1] == 0
+        if int(decode.sum()) >= len(DECODE_TERMS) and int((~decode).sum()) >= len(PREFILL_TERMS):
+            for i, c in zip(DECODE_TERMS, _nonnegative_lstsq(x[decode][:, DECODE_TERMS],
+                                                             y[decode], keep=1)):
+                values[i] = c
+            rest = y[~decode] - x[~decode][:, DECODE_TERMS] @ torch.tensor(
+                [values[i] for i in DECODE_TERMS], dtype=torch.float64)
+            for i, c in zip(PREFILL_TERMS, _nonnegative_lstsq(x[~decode][:, PREFILL_TERMS],
+                                                              rest, keep=0)):
+                values[i] = c
+        else:
+            values = _nonnegative_lstsq(x, y, keep=1)
         values[0] = max(values[0], 1e-6)  # a step is never free
         return cls(*values)
+
+
+DECODE_TERMS = (0, 3, 4, 5)  # base, per row, per context token, batched: features() indices
+PREFILL_TERMS = (1, 2, 6)  # per prompt token, per attention pair, prefill step
+
+
+def _nonnegative_lstsq(x: torch.Tensor, y: torch.Tensor, keep: int) -> list[float]:
+    """Least squares of y on x's columns with every coefficient but the first `keep` held
+    >= 0 (the most negative is dropped, the rest refit, until none is)."""
+    scale = x.abs().amax(dim=0).clamp(min=1.0)  # columns span 1 to ~1e7: normalise
+    active = list(range(x.shape[1]))
+    while active:
+        scaled = torch.linalg.lstsq(x[:, active] / scale[active], y.unsqueeze(1)).solution
+        scaled = scaled.squeeze(1).tolist()
+        worst = min(range(keep, len(active)), key=lambda i: scaled[i], default=None)
+        if worst is None or scaled[worst] >= 0:
+            break
+        del active[worst]
+    values = [0.0] * x.shape[1]
+    for a, c in zip(active, scaled if active else []):
+        values[a] = c / scale[a].item()
+    return values

@@ -109,6 +109,8 @@ def router_flags(layout: Layout, creds: Credentials | None = None,
         cmd += ["--drain-timeout", str(drain_timeout_s)]
     if layout.pd_min_prompt_tokens:
         cmd += ["--pd-min-prompt-tokens", str(layout.pd_min_prompt_tokens)]
+    if layout.pd_max_stall_ms is not None:
+        cmd += ["--pd-max-stall-ms", f"{layout.pd_max_stall_ms:g}"]
     if layout.routing_policy != "least_loaded":
         cmd += ["--routing-policy", layout.routing_policy,
                 "--tokenizer", layout.model or EMBEDDED]

@@ -178,6 +178,8 @@ def router_args(layout: Layout, opts: KubeOptions) -> list[str]:
             "--drain-timeout", _seconds(opts.drain_timeout_s)]
     if layout.pd_min_prompt_tokens:
         args += ["--pd-min-prompt-tokens", str(layout.pd_min_prompt_tokens)]
+    if layout.pd_max_stall_ms is not None:
+        args += ["--pd-max-stall-ms", f"{layout.pd_max_stall_ms:g}"]
     if layout.routing_policy != "least_loaded":
         args += ["--routing-policy", layout.routing_policy,
                  "--tokenizer", layout.model or EMBEDDED]

@@ -10,6 +10,7 @@ YAML accepts the flags' names, with counts given plainly or as {count, tp}:
     kv_cache_memory: 1GiB       # per instance (CPU, or to cap it on GPU)
     pd_min_prompt_tokens: 4096  # the router's: shorter prompts are served whole on a D
     routing_policy: cache_aware # the router's --routing-policy (default least_loaded)
+    pd_max_stall_ms: 500        # the router's: conditional policy's whole-on-D stall bound
     cpu_affinity: ["0-3", "4-7"] # one CPU list per instance (role order): each is pinned
     instance_args: [--max-num-seqs, "64"]
 """
@@ -46,6 +47,7 @@ class Layout:
     cpu: bool = False  # force CPU even where GPUs exist
     pd_min_prompt_tokens: int = 0  # the router's conditional disaggregation (0: always)
     routing_policy: str = "least_loaded"  # the router's --routing-policy
+    pd_max_stall_ms: float | None = None  # the conditional policy's bound (None: D's hop)
     instance_args: list[str] = field(default_factory=list)
     cpu_affinity: list[str] = field(default_factory=list)  # a CPU list per instance, role order
 
@@ -61,6 +63,8 @@ class Layout:
             raise ValueError("pd_min_prompt_tokens must be >= 0")
         if self.routing_policy not in POLICIES:
             raise ValueError(f"routing_policy must be one of {POLICIES}")
+        if self.pd_max_stall_ms is not None and not 0 < self.pd_max_stall_ms < float("inf"):
+            raise ValueError("pd_max_stall_ms must be a positive number of milliseconds")
         if (self.prefill == 0) != (self.decode == 0):
             raise ValueError("a disaggregated layout needs both prefill and decode instances "
                              f"(got {self.prefill}P{self.decode}D)")

@@ -37,6 +37,10 @@ def add_layout_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--routing-policy", choices=POLICIES, default=None,
                    help="as `pdserve router --routing-policy` (default least_loaded); a "
                    "cache-aware one gets the instances' model as its --tokenizer")
+    p.add_argument("--pd-max-stall-ms", type=float, default=None, metavar="MS",
+                   help="as `pdserve router --pd-max-stall-ms`: with --routing-policy "
+                   "conditional, the longest a prompt prefilled whole on a decode instance may "
+                   "stall its decodes (default: D's measured hop)")
     p.add_argument("--cpu", action="store_true", default=None,
                    help="run on the CPU even where GPUs exist")
     p.add_argument("--cpu-affinity", default=None, metavar="CPUS|CPUS|...",
@@ -63,7 +67,8 @@ def layout_from_args(args: argparse.Namespace) -> Layout:
              "host": getattr(args, "host", None),  # `up` only: pods listen on their own IP
              "port": args.port, "kv_cache_memory": args.kv_cache_memory, "cpu": args.cpu,
              "pd_min_prompt_tokens": args.pd_min_prompt_tokens,
-             "routing_policy": args.routing_policy, "instance_args": extra,
+             "routing_policy": args.routing_policy,
+             "pd_max_stall_ms": args.pd_max_stall_ms, "instance_args": extra,
              "cpu_affinity": args.cpu_affinity.split("|") if args.cpu_affinity else None}
     if args.config:
         return Layout.from_yaml(args.config, **given)

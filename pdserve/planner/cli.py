@@ -80,6 +80,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     prof.add_argument("--served", action=argparse.BooleanOptionalAction, default=True,
                       help="also start a real `pdserve serve` per count and measure what "
                       "serving adds to each step and request (about 30 s per count)")
+    prof.add_argument("--corun", action=argparse.BooleanOptionalAction, default=True,
+                      help="CPU: also time a few steps beside a neighbour process of the same "
+                      "model on the next cores, and record how much it slows them (instances "
+                      "of a layout share the host; about 30 s per count that fits twice)")
     prof.add_argument("--tokenizer", default=None,
                       help="the served probes' tokenizer folder, as `pdserve serve "
                       "--tokenizer` (a preset on a machine without the embedded model)")

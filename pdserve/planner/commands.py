@@ -24,7 +24,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
                        num_shapes=args.num_shapes, max_prefill_tokens=args.max_prefill_tokens,
                        max_decode_rows=args.max_decode_rows, max_context=args.max_context,
                        time_limit_s=args.time_limit, served=args.served,
-                       tokenizer=args.tokenizer)
+                       corun=args.corun, tokenizer=args.tokenizer)
     start = time.perf_counter()
     profile = measure_profile(spec)
     print(f"profile of {profile.model} on {profile.device} ({profile.dtype}) in "
@@ -37,6 +37,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
             print(f"    served: {1e3 * o.step_s:+.1f} ms a step (a correction of the fit), "
                   f"{1e3 * o.row_s:+.2f} ms a streamed token, {1e3 * o.request_s:+.1f} ms a "
                   "request")
+        c = profile.corun.get(units)
+        if c is not None:
+            print(f"    beside a neighbour: prefill x{c.prefill:.2f}, decode x{c.decode:.2f}"
+                  if c.measured else f"    beside a neighbour: not measured ({c.note})")
     if profile.router_overhead_measured:
         print(f"  a router adds {1e3 * profile.router_overhead_s:.1f} ms to a first token")
     print("saved", profile.save(args.output))

@@ -68,21 +68,32 @@ class StepResult:
     finished: list[Request]
 
 
+@dataclass
+class StepTiming:
+    """A planned step's duration alone, and while another instance on the host computes."""
+
+    alone_s: float
+    shared_s: float
+
+
 class SimInstance:
     """An engine on a virtual clock: `start_step` plans and times a step, `finish_step`
-    applies it when the clock reaches its end."""
+    applies it when the clock reaches its end (the simulation says when: simulate.py)."""
 
     def __init__(self, name: str, role: str, step_time: StepTimeModel, num_blocks: int,
                  block_size: int, config: SchedulerConfig, max_model_len: int,
                  start_pull: Callable[[Request, int], None],
-                 serving: ServingOverhead | None = None):
+                 serving: ServingOverhead | None = None,
+                 shared_step_time: StepTimeModel | None = None):
         self.name, self.role, self.step_time = name, role, step_time
+        self.shared_step_time = shared_step_time or step_time  # beside a busy neighbour
         self.serving = serving or ServingOverhead()
         self.pool = BlockPool(num_blocks, block_size, True)
         self.connector = SimConnector(start_pull)
         self.scheduler = Scheduler(config, KVCacheManager(self.pool), self.connector, step_time)
         self.max_model_len = max_model_len
         self.busy_until: float | None = None  # the running step's end, None when idle
+        self._started = 0.0  # the running step's start
         self._plan: SchedulerOutput | None = None
         self._landed: list[str] = []  # pulls that ended while a step ran: taken at the next
         self.held: dict[str, list[int]] = {}  # P: blocks kept for D, by request id
@@ -101,8 +112,8 @@ class SimInstance:
         if blocks:
             self.pool.free(blocks)
 
-    def start_step(self, now: float) -> float | None:
-        """Plan the next step (as `Engine.step` does) and return when it ends; None: idle."""
+    def start_step(self, now: float) -> StepTiming | None:
+        """Plan the next step (as `Engine.step` does) and time it; None: nothing to run."""
         for rid in self._landed:
             self.scheduler.finish_pull(rid, True)
         self._landed = []
@@ -110,14 +121,17 @@ class SimInstance:
         if not plan.scheduled:
             return None
         rows = sum(1 for s in plan.scheduled if s.samples)  # tokens this step streams
-        seconds = self.serving.served_seconds(self.step_time.seconds(step_shape(plan)), rows)
-        self._plan, self.busy_until = plan, now + seconds
+        shape = step_shape(plan)
+        timing = StepTiming(
+            self.serving.served_seconds(self.step_time.seconds(shape), rows),
+            self.serving.served_seconds(self.shared_step_time.seconds(shape), rows))
+        self._plan, self._started = plan, now
         self.num_steps += 1
-        self.busy_s += seconds
-        return self.busy_until
+        return timing
 
-    def finish_step(self) -> StepResult:
+    def finish_step(self, now: float) -> StepResult:
         """Apply the planned step: tokens computed, one sampled per request that samples."""
+        self.busy_s += now - self._started
         plan, self._plan, self.busy_until = self._plan, None, None
         sampled, finished = [], []
         for s in plan.scheduled:

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 import torch
 
 from pdserve.config import CacheConfig, EngineArgs, SchedulerConfig
-from pdserve.engine.calibrate import sampled_specs, timed_step
+from pdserve.engine.calibrate import StepSpec, sampled_specs, timed_step
 from pdserve.engine.engine import (
     DEFAULT_CPU_KV_CACHE_BYTES,
     Engine,
@@ -25,6 +25,7 @@ from pdserve.engine.engine import (
     resolve_device,
 )
 from pdserve.engine.step_time import StepTimeModel
+from pdserve.planner.corun import measure_corun
 from pdserve.planner.profile import Profile, default_transports, describe_device
 from pdserve.planner.served import measure_router_overhead, measure_serving
 
@@ -51,6 +52,7 @@ class ProfileSpec:
     repeats: int = 2  # timings per shape; the fastest is kept
     seed: int = 0
     served: bool = True  # also measure what a real server adds (planner/served.py)
+    corun: bool = True  # CPU: also measure how much a neighbour instance slows a step
     tokenizer: str | None = None  # the served probes' --tokenizer (a preset without the
     # embedded model's package)
 
@@ -101,13 +103,15 @@ def _profile(engine: Engine, spec: ProfileSpec) -> Profile:
     cpu = engine.device.type == "cpu"
     units = spec.threads if cpu else (spec.tensor_parallel_size,)
     block = engine.args.cache.block_size
-    models, errors, samples = {}, {}, {}
+    models, errors, samples, corun = {}, {}, {}, {}
     for n in units:
         if cpu:
             torch.set_num_threads(n)
         models[n], errors[n], samples[n] = _fit(engine, spec, block)
         log.info("%s=%d: %s (median error %.1f%%)", "threads" if cpu else "tp", n, models[n],
                  100 * errors[n])
+        if cpu and spec.corun:
+            corun[n] = measure_corun(engine, n, _specs(spec), spec.repeats)
     cfg = engine.model_config
     per_block = kv_bytes_per_block(cfg, block, engine.dtype, 1)
     return Profile(
@@ -118,7 +122,8 @@ def _profile(engine: Engine, spec: ProfileSpec) -> Profile:
         kv_cache_tokens=_served_kv_tokens(engine, per_block),
         max_model_len=cfg.max_position_embeddings,
         transports=default_transports(engine.device), num_shapes=spec.num_shapes,
-        fit_error=errors, samples=samples, created=datetime.now(UTC).isoformat(timespec="seconds"))
+        fit_error=errors, samples=samples, corun=corun,
+        created=datetime.now(UTC).isoformat(timespec="seconds"))
 
 
 def _served_kv_tokens(engine: Engine, per_block: int) -> int:
@@ -130,13 +135,17 @@ def _served_kv_tokens(engine: Engine, per_block: int) -> int:
     return engine.num_blocks * block
 
 
+def _specs(spec: ProfileSpec) -> list[StepSpec]:
+    return sampled_specs(spec.num_shapes, spec.max_prefill_tokens, spec.max_decode_rows,
+                         spec.max_context, spec.seed)
+
+
 def _fit(engine: Engine, spec: ProfileSpec, block: int
          ) -> tuple[StepTimeModel, float, list[list[float]]]:
     """Time the sampled shapes (stopping at the time limit), fit; the fit's median
     relative error over the timings it kept, and every timing with whether it was kept
     (Profile.samples)."""
-    specs = sampled_specs(spec.num_shapes, spec.max_prefill_tokens, spec.max_decode_rows,
-                          spec.max_context, spec.seed)
+    specs = _specs(spec)
     run = engine.runner
     for warm in specs[:3]:  # kernels and allocator warm, untimed
         timed_step(run, warm, engine.num_blocks, block, engine.device)
@@ -161,6 +170,7 @@ def _fit(engine: Engine, spec: ProfileSpec, block: int
     else:
         keep, kept = [True] * len(timed), timed
     error = statistics.median(abs(model.seconds(s) - t) / t for s, t in kept)
-    # every timing, the dropped stalls too (kept 0); features()[0] is the constant 1
-    rows = [[*s.features()[1:], t, float(k)] for (s, t), k in zip(timed, keep)]
+    # every timing, the dropped stalls too (kept 0)
+    rows = [[s.prefill_tokens, s.prefill_attention, s.decode_rows, s.decode_context, t,
+             float(k)] for (s, t), k in zip(timed, keep)]
     return model, error, rows

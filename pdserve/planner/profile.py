@@ -2,9 +2,10 @@
 
 It holds a `StepTimeModel` (engine/step_time.py, the same model the scheduler's ITL target
 uses) per degree of parallelism of one instance (CPU threads, or tensor-parallel size on
-GPUs), the KV bytes per token, the KV pull cost per transport, and the router's
-per-request overhead. Every figure says whether it was measured or estimated. Nothing here
-is CPU-specific: `parallelism` names what the keys of `step_time` count.
+GPUs), the KV bytes per token, the KV pull cost per transport, the router's per-request
+overhead, and how much a neighbour instance on the same host slows a step (planner/corun.py).
+Every figure says whether it was measured or estimated. Nothing here is CPU-specific:
+`parallelism` names what the keys of `step_time` count.
 
 `measure_profile` fills one by timing the engine's own runner on sampled step shapes
 (engine/calibrate.py) — a few hundred shapes, minutes on a CPU.
@@ -20,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from pdserve.engine.step_time import StepTimeModel
+from pdserve.planner.corun import CoRunSlowdown
 from pdserve.planner.served import ServingOverhead
 
 # Defaults where nothing was measured: flagged `measured: False` in the file.
@@ -64,6 +66,8 @@ class Profile:
     # every timed step: [prefill_tokens, prefill_attention, decode_rows, decode_context,
     # seconds, kept] (kept 0: dropped as a stall), so a fit can be redone without the device
     samples: dict[int, list[list[float]]] = field(default_factory=dict)
+    # per parallelism: how much a step slows while another instance on the host computes
+    corun: dict[int, CoRunSlowdown] = field(default_factory=dict)
     created: str = ""
 
     def step_model(self, units: int) -> StepTimeModel:
@@ -75,7 +79,18 @@ class Profile:
         near = self.scaled_from(units)
         m, k = self.step_time[near], near / units
         return StepTimeModel(m.base_s, m.per_prefill_token_s * k, m.per_prefill_pair_s * k,
-                             m.per_decode_row_s * k, m.per_decode_context_s * k)
+                             m.per_decode_row_s * k, m.per_decode_context_s * k,
+                             m.per_batched_step_s, m.per_prefill_step_s)
+
+    def shared_step_model(self, units: int) -> StepTimeModel:
+        """The step-time model of an instance on `units` while a neighbour on the same host
+        computes (the nearest measured slowdown; none measured: the model alone)."""
+        model = self.step_model(units)
+        measured = {u: c for u, c in self.corun.items() if c.measured}
+        if not measured:
+            return model
+        c = measured[min(measured, key=lambda u: (abs(math.log(u / units)), -u))]
+        return model.scaled(c.prefill, c.decode)
 
     def serving_overhead(self, units: int) -> ServingOverhead:
         """What serving adds for an instance on `units` (the nearest measured; none: 0)."""
@@ -102,6 +117,7 @@ class Profile:
         d["fit_error"] = {str(k): v for k, v in self.fit_error.items()}
         d["serving"] = {str(k): asdict(v) for k, v in self.serving.items()}
         d["samples"] = {str(k): v for k, v in self.samples.items()}
+        d["corun"] = {str(k): asdict(v) for k, v in self.corun.items()}
         return d
 
     @classmethod
@@ -116,6 +132,7 @@ class Profile:
                            for k, v in data.get("serving", {}).items()}
         data["samples"] = {int(k): [[float(x) for x in row] for row in v]
                            for k, v in data.get("samples", {}).items()}
+        data["corun"] = {int(k): CoRunSlowdown(**v) for k, v in data.get("corun", {}).items()}
         data["transports"] = {k: TransportCost(**v)
                               for k, v in data.get("transports", {}).items()}
         return cls(**data)

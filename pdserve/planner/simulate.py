@@ -7,6 +7,10 @@ P's answer reaches the client (TTFT) and the router, which picks D; D admits it,
 prompt's KV (`Profile.transfer_seconds`), tells P to free it, and decodes. Every instance
 is a `SimInstance`: the real Scheduler, stepping when the clock reaches its step's end.
 The router's per-request overhead delays each hop to an instance.
+
+Instances share one host: while another instance computes, a step progresses at the rate
+its profile measured beside a neighbour (`Profile.corun`); each start or end of a step
+re-times the steps running then.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from pdserve.bench.request import RequestRecord
 from pdserve.config import SchedulerConfig
 from pdserve.engine.request import Request
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.planner.instance import OUTPUT_TOKEN, SimHandoff, SimInstance
+from pdserve.planner.instance import OUTPUT_TOKEN, SimHandoff, SimInstance, StepTiming
 from pdserve.planner.layouts import SimLayout
 from pdserve.planner.profile import Profile
 from pdserve.planner.routing import InstanceLoad, LeastLoadedPicker, Picker
@@ -52,6 +56,18 @@ class SimRequest:
         if len(self.chunk_s) < self.output_len:
             rec.error = "unfinished when the simulation stopped"
         return rec
+
+
+@dataclass
+class RunningStep:
+    """A step in progress, in seconds of work done alone: it runs at rate 1 alone, slower
+    beside a busy neighbour."""
+
+    timing: StepTiming
+    done_s: float = 0.0  # alone-seconds of work done by `since`
+    since: float = 0.0
+    rate: float = 1.0
+    token: int = 0  # its end event's: an end re-timed since is stale
 
 
 @dataclass
@@ -86,8 +102,10 @@ class Simulation:
                 name, role, profile.step_model(units), blocks, profile.block_size,
                 self.options.scheduler, profile.max_model_len,
                 lambda req, n, name=name: self._pull(name, req, n),
-                profile.serving_overhead(units))
+                profile.serving_overhead(units), profile.shared_step_model(units))
             self.loads[name] = InstanceLoad(name, role)
+        self._running: dict[str, RunningStep] = {}
+        self._tokens = itertools.count()
         self._owner: dict[str, SimRequest] = {}  # engine request id -> workload request
         self._p_request: dict[str, str] = {}  # D's engine request id -> P's (P holds its KV)
 
@@ -167,14 +185,38 @@ class Simulation:
     def _kick(self, name: str) -> None:
         """Start the instance's next step if it is idle and has work."""
         inst = self.instances[name]
-        if inst.busy_until is None:
-            end = inst.start_step(self.now)
-            if end is not None:
-                self.at(end, lambda: self._step_done(name))
+        if name not in self._running:
+            timing = inst.start_step(self.now)
+            if timing is not None:
+                self._running[name] = RunningStep(timing, since=self.now)
+                self._retime()
+
+    def _retime(self) -> None:
+        """The set of computing instances changed: bring each running step's work up to
+        now, set its rate (alone, or beside a neighbour) and schedule its end again."""
+        shared = len(self._running) > 1
+        for name, step in self._running.items():
+            step.done_s += (self.now - step.since) * step.rate
+            step.since = self.now
+            t = step.timing
+            rate = t.alone_s / t.shared_s if shared and t.shared_s > 0 else 1.0
+            end = self.now + max(t.alone_s - step.done_s, 0.0) / rate
+            if rate != step.rate or self.instances[name].busy_until is None:
+                step.rate, step.token = rate, next(self._tokens)
+                self.instances[name].busy_until = end
+                self.at(end, lambda name=name, token=step.token: self._step_end(name, token))
+
+    def _step_end(self, name: str, token: int) -> None:
+        step = self._running.get(name)
+        if step is None or step.token != token:
+            return  # re-timed since: a later event ends it
+        del self._running[name]
+        self._retime()  # the others lose their neighbour
+        self._step_done(name)
 
     def _step_done(self, name: str) -> None:
         inst = self.instances[name]
-        result = inst.finish_step()
+        result = inst.finish_step(self.now)
         for req in result.sampled:
             self._owner[req.request_id].chunk_s.append(self.now)
         for req in result.finished:

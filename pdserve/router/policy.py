@@ -177,13 +177,15 @@ class ConditionalSplit:
     - the two predicted times to first token: P's queue plus P's prefill, against D's.
 
     Whole on D when the stall is shorter than the hop (`small_uncached`: no decode waits
-    longer than a hand-off would make it); when nothing decodes on D or is on its way there
-    (D has no request in flight nor running, P none that will hand off) and D would answer
-    no later than P (`idle_decode`); or when waiting for P costs this request more than the
-    stall, and the stall is within `max_stall_s`, the gap a whole-on-D prefill may put into
-    the decodes it meets (`prefill_queue`). A prefill_queue case over that bound goes to P
-    then D (`decode_stall`); anything else too (`long_uncached`). `max_stall_s` None: D's
-    hop, so that no decode's gap exceeds what a hand-off costs."""
+    longer than a hand-off would make it). Past that, only within `max_stall_s`, the gap a
+    whole-on-D prefill may put into the decodes it meets, those already there and those
+    that land during it: when nothing decodes on D or is on its way there (D has no request
+    in flight nor running, P none that will hand off) and D would answer no later than P
+    (`idle_decode`: a request arriving during the stall may still hand off into it, so it
+    is bounded too); or when waiting for P costs this request more than the stall
+    (`prefill_queue`). Either over the bound goes to P then D (`decode_stall`); anything
+    else too (`long_uncached`). `max_stall_s` None: D's hop, so that no decode's gap
+    exceeds what a hand-off costs."""
 
     hop_s: float = DEFAULT_HOP_S
     min_prompt_tokens: int = 0  # a floor kept from --pd-min-prompt-tokens
@@ -197,13 +199,13 @@ class ConditionalSplit:
         if stall < hop:
             return False, "small_uncached"
         ttft_p, ttft_d = predicted_ttft(request, p), predicted_ttft(request, d)
+        within = stall <= (hop if self.max_stall_s is None else self.max_stall_s)
         # the router's own counts, not D's 0.5 s load lines: a request just sent counts now
         exposed = d.in_flight > 0 or d.running > 0 or p.in_flight > 0
-        if not exposed and ttft_d <= ttft_p:
-            return False, "idle_decode"  # nothing on D to stall, and nothing on its way
+        if not exposed and ttft_d <= ttft_p:  # nothing on D to stall, nor on its way
+            return (False, "idle_decode") if within else (True, "decode_stall")
         if ttft_p - ttft_d > stall:
-            bound = hop if self.max_stall_s is None else self.max_stall_s
-            return (False, "prefill_queue") if stall <= bound else (True, "decode_stall")
+            return (False, "prefill_queue") if within else (True, "decode_stall")
         return True, "long_uncached"
 
 

@@ -123,11 +123,16 @@ def test_model_round_trips_through_a_dict():
 
 def test_fit_recovers_a_linear_model_with_nonnegative_terms():
     shapes = [StepShape(p, p * (p + 1) // 2, d, d * c)
-              for p in (0, 64, 256) for d in (0, 4, 16) for c in (32, 512)]
-    seconds = [MODEL.seconds(s) for s in shapes]
-    fitted = StepTimeModel.fit(shapes, seconds)
-    for name, value in MODEL.to_dict().items():
-        assert getattr(fitted, name) == pytest.approx(value, rel=1e-3)
+              for p in (0, 1, 64, 256, 1024) for d in (0, 1, 4, 16) for c in (32, 512)]
+    fixed_costs = StepTimeModel(**{**MODEL.to_dict(), "per_batched_step_s": 0.02,
+                                   "per_prefill_step_s": 0.005})
+    for model in (MODEL, fixed_costs):
+        fitted = StepTimeModel.fit(shapes, [model.seconds(s) for s in shapes])
+        for name, value in model.to_dict().items():
+            assert getattr(fitted, name) == pytest.approx(value, rel=1e-3, abs=1e-12)
+    one_row, two_rows = StepShape(decode_rows=1), StepShape(decode_rows=2)
+    assert fixed_costs.seconds(two_rows) - fixed_costs.seconds(one_row) == pytest.approx(
+        0.02 + MODEL.per_decode_row_s)
     # a noisy negative slope is dropped, not kept
     flat = StepTimeModel.fit(shapes, [0.02 - 1e-9 * s.prefill_tokens for s in shapes])
     assert min(flat.to_dict().values()) >= 0 and flat.base_s > 0

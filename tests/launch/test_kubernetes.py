@@ -41,7 +41,7 @@ FULL = KubeOptions(name="llm", namespace="serving", generate_secret=True,
                    node_selector={"nvidia.com/gpu.product": "NVIDIA-H200"})
 FULL_LAYOUT = Layout(prefill=2, decode=1, decode_tp=2, model="/models/llama",
                      routing_policy="cache_aware", pd_min_prompt_tokens=512,
-                     instance_args=["--max-num-seqs", "64"])
+                     pd_max_stall_ms=400, instance_args=["--max-num-seqs", "64"])
 
 
 def of_kind(objects: list[dict], kind: str) -> list[dict]:
@@ -264,7 +264,7 @@ def test_the_commands_are_ones_pdserve_accepts():
         args = build_parser(command).parse_args(parseable(c["args"]))
         if command == "router":
             assert args.routing_policy == "cache_aware" and args.tokenizer == "/models/llama"
-            assert args.pd_min_prompt_tokens == 512
+            assert args.pd_min_prompt_tokens == 512 and args.pd_max_stall_ms == 400
             assert {m["mountPath"] for m in c["volumeMounts"]} >= {"/models"}
         else:
             assert args.model == "/models/llama" and args.max_num_seqs == 64

@@ -107,6 +107,21 @@ def test_routing_policy_reaches_the_router_with_the_instances_tokenizer(tmp_path
         Layout(routing_policy="fastest")
 
 
+def test_the_stall_bound_reaches_the_router_as_its_flag_parses_it(tmp_path):
+    from pdserve.cli import build_parser
+
+    layout = layout_from_args(parse("--routing-policy", "conditional",
+                                    "--pd-max-stall-ms", "750"))
+    router = router_proc(plan(layout, num_gpus=0), layout, tmp_path)
+    i = router.cmd.index("router")
+    assert build_parser("router").parse_args(router.cmd[i:]).pd_max_stall_ms == 750.0
+    assert "--pd-max-stall-ms" not in router_proc(plan(Layout(), num_gpus=0), Layout(),
+                                                  tmp_path).cmd
+    for bad in (0.0, -5.0, float("nan")):
+        with pytest.raises(ValueError, match="pd_max_stall_ms"):
+            Layout(pd_max_stall_ms=bad)
+
+
 def test_gpu_instances_see_only_their_devices(tmp_path):
     layout = Layout(colocated=2, colocated_tp=2)
     proc = instance_proc(plan(layout, num_gpus=4)[1], layout, tmp_path)

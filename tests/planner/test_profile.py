@@ -3,8 +3,12 @@ what a real server adds measured."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
+from pdserve.cpu_affinity import usable_cpus
 from pdserve.engine.step_time import StepShape, StepTimeModel
 from pdserve.planner.measure import ProfileSpec, measure_profile
 from pdserve.planner.profile import Profile
@@ -34,3 +38,24 @@ def test_a_tiny_cpu_profile_saves_and_loads(tmp_path):
     assert served.measured and served.row_s >= 0 and served.request_s >= 0
     assert [p["streams"] for p in served.probes] == [1, 4, 8, 1, 1]
     assert loaded.router_overhead_measured and 0 <= loaded.router_overhead_s < 1.0
+    corun = loaded.corun[1]  # a neighbour process on the second core, where there is one
+    if len(usable_cpus()) >= 2:
+        assert corun.measured and corun.shapes == 6  # the 3 prefill-only, 3 decode-only
+        assert corun.prefill > 0 and corun.decode > 0
+        assert loaded.shared_step_model(1) == model.scaled(corun.prefill, corun.decode)
+    else:
+        assert not corun.measured and loaded.shared_step_model(1) == model
+    assert not _neighbours_alive()
+
+
+def _neighbours_alive() -> list[str]:
+    """Command lines of co-run neighbour processes still running."""
+    alive = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "pdserve.planner.corun" in cmd:
+            alive.append(cmd)
+    return alive

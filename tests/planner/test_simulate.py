@@ -8,8 +8,9 @@ from pdserve.bench.compare import compare_files
 from pdserve.bench.report import save_result
 from pdserve.config import SchedulerConfig
 from pdserve.engine.scheduler import Scheduler
+from pdserve.planner.corun import CoRunSlowdown
 from pdserve.planner.layouts import SimLayout
-from pdserve.planner.simulate import SimOptions, Simulation, simulate
+from pdserve.planner.simulate import SimOptions, SimRequest, Simulation, simulate
 from tests.planner.conftest import HOP_S, STEP, fixed_requests, synthetic_profile
 
 COLOCATED = SimLayout(colocated=1)
@@ -84,3 +85,37 @@ def test_prompts_under_the_threshold_skip_the_prefill_instance(profile):
     done = sim.run()
     assert sim.instances["prefill-0"].num_steps == 0  # served whole on D, as the router does
     assert all(len(r.chunk_s) == 8 for r in done)
+
+
+def _sharing_profile(prefill: float, decode: float):
+    shared = synthetic_profile()
+    shared.corun = {1: CoRunSlowdown(prefill, decode, measured=True, shapes=16)}
+    return shared
+
+
+def _at(*arrivals: float, prompt: int = 400, output: int = 8) -> list[SimRequest]:
+    return [SimRequest(i, [7] * prompt, output, t) for i, t in enumerate(arrivals)]
+
+
+def test_a_busy_neighbour_slows_the_steps_it_overlaps_and_only_those():
+    two = SimLayout(colocated=2)
+    shared = _sharing_profile(prefill=1.0, decode=1.5)
+    together = simulate(two, shared, _at(0.0, 0.0))  # one on each instance, in lockstep
+    alone_itl_ms = 1000 * (STEP.base_s + STEP.per_decode_row_s)
+    assert together["mean_itl_ms"] == pytest.approx(1.5 * alone_itl_ms)
+    # the prefill terms keep their speed, the step's base slows as a decode row does
+    prefill_ms = 1000 * (HOP_S + 1.5 * STEP.base_s + 400 * STEP.per_prefill_token_s)
+    assert together["mean_ttft_ms"] == pytest.approx(prefill_ms)
+    apart = simulate(two, shared, _at(0.0, 100.0))
+    assert apart["mean_itl_ms"] == pytest.approx(alone_itl_ms)
+    unmeasured = synthetic_profile()
+    unmeasured.corun = {1: CoRunSlowdown(1.0, 1.5, measured=False)}
+    assert simulate(two, unmeasured, _at(0.0, 0.0))["mean_itl_ms"] == \
+        pytest.approx(alone_itl_ms)
+
+
+def test_a_step_is_retimed_when_a_neighbour_starts_midway():
+    sim = Simulation(SimLayout(colocated=2), _sharing_profile(2.0, 2.0), _at(0.0, 0.1))
+    first, _ = sim.run()
+    # alone for 0.1 s of its 0.205 s prefill, then at half speed: 0.105 s of work in 0.21 s
+    assert first.chunk_s[0] == pytest.approx(HOP_S + 0.1 + 2 * 0.105)

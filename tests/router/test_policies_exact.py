@@ -24,6 +24,11 @@ def routers(fleet, routers_tmp) -> Iterator[dict]:
     made = {name: start_router(routers_tmp, prefill=[fleet.p0], decode=[fleet.d0],
                                flags=("--routing-policy", name, "--tokenizer", "embedded"))
             for name in POLICIES}
+    # the conditional policy with a stall bound a long prompt's whole prefill on D fits in
+    made["conditional_60s"] = start_router(
+        routers_tmp, prefill=[fleet.p0], decode=[fleet.d0],
+        flags=("--routing-policy", "conditional", "--tokenizer", "embedded",
+               "--pd-max-stall-ms", "60000"))
     yield made
     for r in made.values():
         r.stop()
@@ -62,7 +67,7 @@ def decisions(url: str, decision: str, reason: str) -> float:
 
 
 def test_conditional_serves_a_long_prompt_whole_on_an_idle_decode(fleet, routers):
-    url = routers["conditional"].url
+    url = routers["conditional_60s"].url
     prompt = " ".join(f"item{i}-{uuid.uuid4().hex[:6]}" for i in range(150))  # ~900 tokens
     body = {"prompt": prompt, "max_tokens": 8, **GREEDY}
     want = httpx.post(fleet.c0.url + "/v1/completions", json=body, timeout=300).json()

@@ -130,10 +130,13 @@ def test_conditional_threshold_follows_the_measured_rate_and_hop():
 
 
 def test_conditional_serves_whole_on_an_idle_decode_that_answers_no_later():
-    split = ConditionalSplit(hop_s=0.05)
+    split = ConditionalSplit(hop_s=0.05, max_stall_s=5.0)
     idle, busy = inst(A, "decode"), inst(A, "decode", running=2)
     assert split.split(RequestView(4000), inst("http://p", "prefill"), idle) == (
         False, "idle_decode")
+    # within the bound only: a request arriving during the 4 s prefill may hand off into it
+    assert ConditionalSplit(hop_s=0.05).split(RequestView(4000), inst("http://p", "prefill"),
+                                              idle) == (True, "decode_stall")
     assert split.split(RequestView(4000), inst("http://p", "prefill"), busy)[0]
     # D idle but P holds most of the prompt: P answers sooner, so the hand-off wins
     request = RequestView(4000, cached={"http://p": 3900})
@@ -160,8 +163,8 @@ def test_conditional_bounds_the_stall_a_whole_on_decode_prefill_puts_into_decode
     just_sent = inst(A, "decode", in_flight=1)
     assert ConditionalSplit().split(request, inst("http://p", "prefill"), just_sent) == (
         True, "long_uncached")
-    assert ConditionalSplit().split(request, inst("http://p", "prefill"), inst(A, "decode")
-                                    ) == (False, "idle_decode")
+    assert ConditionalSplit(max_stall_s=4.0).split(
+        request, inst("http://p", "prefill"), inst(A, "decode")) == (False, "idle_decode")
 
 
 def test_router_flag_sets_the_stall_bound():
