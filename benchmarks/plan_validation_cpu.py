@@ -12,7 +12,7 @@ ITL, mean E2E latency and the SLO goodput, with errors; then the median absolute
 metric (the issue's targets: <= 10% on the means, <= 20% on the P99s) and, per workload,
 whether the recommended layout is the measured best.
 
-    python benchmarks/plan_validation_cpu.py [--profile P.json] [--num-prompts 32]
+    python benchmarks/plan_validation_cpu.py [--profile P.json] [--num-prompts 64]
 
 Without --profile it first runs `pdserve plan profile --threads 1,2` (a few minutes).
 Writes benchmarks/results/planner/validation_cpu/{validation.md,validation.json} and each
@@ -119,7 +119,7 @@ def _n(v) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--profile", default=None, help="default: profile this CPU first")
-    ap.add_argument("--num-prompts", type=int, default=32)
+    ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     ap.add_argument("--port", type=int, default=8400)
     ap.add_argument("--result-dir", default=str(OUT))
