@@ -1,12 +1,14 @@
 """How much a neighbour slows a step: instances on one host share its memory bandwidth and
-caches, so a step runs longer while another instance computes (on this 2-core CPU, decode
-steps 7-16% longer, a 512-token prefill not at all: benchmarks/results/planner/README.md).
+caches, so a step may run longer while another instance computes (session 11 measured
+decode steps 7-16% longer on this 2-core CPU; session 13's profiles, 0.94-1.00 of alone:
+benchmarks/results/planner/README.md).
 
 `measure_corun` times a few prefill-only and decode-only shapes on the profile's engine,
-pinned to its own cores, first alone, then while a neighbour computes on the next cores:
-another process of the same model stepping through the profile's sampled shapes, as a
-second instance would. The slowdown of each kind is the median ratio of the two timings.
-Run as a module, this file is that neighbour (`python -m pdserve.planner.corun --help`).
+pinned to its own cores: alone, then while a neighbour computes on the next cores (another
+process of the same model stepping through the profile's sampled shapes, as a second
+instance would), then alone again. The slowdown of each kind is the median ratio of the
+shared timing to the faster alone one. Run as a module, this file is that neighbour
+(`python -m pdserve.planner.corun --help`).
 """
 
 from __future__ import annotations
@@ -64,10 +66,11 @@ def measure_corun(engine, threads: int, specs: list[StepSpec], repeats: int = 2
                     for _ in range(repeats)) for s in chosen]
 
     with _pinned(own):
-        alone = time_all()
+        before = time_all()
         with _neighbour(engine.args, threads, other):
             shared = time_all()
-    ratios = [b / a for a, b in zip(alone, shared)]
+        after = time_all()  # alone again: a drift over the measurement is not the neighbour's
+    ratios = [s / min(a, b) for a, b, s in zip(before, after, shared)]
     n = len(chosen) // 2
     prefill, decode = statistics.median(ratios[:n]), statistics.median(ratios[n:])
     # a neighbour never speeds a step up: a ratio under 1 is the timings' own noise
