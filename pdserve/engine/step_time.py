@@ -147,7 +147,12 @@ def _nonnegative_lstsq(x: torch.Tensor, y: torch.Tensor, keep: int) -> list[floa
     """Least squares of y on x's columns with every coefficient but the first `keep` held
     >= 0 (the most negative is dropped, the rest refit, until none is)."""
     scale = x.abs().amax(dim=0).clamp(min=1.0)  # columns span 1 to ~1e7: normalise
-    active = list(range(x.shape[1]))
+    # a column that never varies from 0, or repeats an earlier one (every step batched: the
+    # batched column is the constant's), has no coefficient of its own: the system would be
+    # singular, and its solution then turns on rounding (different on every BLAS thread
+    # count)
+    active = [j for j in range(x.shape[1]) if bool(x[:, j].any()) and not any(
+        torch.equal(x[:, j], x[:, i]) for i in range(j))]
     while active:
         scaled = torch.linalg.lstsq(x[:, active] / scale[active], y.unsqueeze(1)).solution
         scaled = scaled.squeeze(1).tolist()

@@ -53,6 +53,7 @@ class ProfileSpec:
     seed: int = 0
     served: bool = True  # also measure what a real server adds (planner/served.py)
     corun: bool = True  # CPU: also measure how much a neighbour instance slows a step
+    probe_repeats: int = 2  # serving probes: batches per shape, the fastest kept
     tokenizer: str | None = None  # the served probes' --tokenizer (a preset without the
     # embedded model's package)
 
@@ -70,7 +71,8 @@ def measure_profile(spec: ProfileSpec) -> Profile:
         for units, model in profile.step_time.items():
             threads = units if profile.parallelism == "cpu_threads" else None
             profile.serving[units] = measure_serving(model, threads, spec.model,
-                                                     tokenizer=spec.tokenizer)
+                                                     tokenizer=spec.tokenizer,
+                                                     repeats=spec.probe_repeats)
             log.info("serving on %d: %s", units, profile.serving[units])
         first = min(profile.step_time)
         profile.router_overhead_s, probes = measure_router_overhead(

@@ -77,22 +77,23 @@ class Probe:
 
 
 def measure_serving(model: StepTimeModel, threads: int | None, model_name: str | None,
-                    timeout_s: float = 300.0, tokenizer: str | None = None
-                    ) -> ServingOverhead:
+                    timeout_s: float = 300.0, tokenizer: str | None = None,
+                    repeats: int = REPEATS) -> ServingOverhead:
     """Start `pdserve serve` on `threads` threads (pinned to the first usable cores on a
     CPU; `threads=None`: a GPU instance), probe it, fit the overhead against `model`."""
     with _servers(threads, model_name, timeout_s, tokenizer=tokenizer) as (url, _):
         _stream(url, 16, 4)  # warm: the first request pays for lazy set-up
-        decode = [_fastest(url, PROMPT_LEN, OUTPUT_LEN, b) for b in BATCHES]
-        first = [_fastest(url, n, 2, 1) for n in FIRST_TOKEN_PROMPTS]
+        decode = [_fastest(url, PROMPT_LEN, OUTPUT_LEN, b, repeats) for b in BATCHES]
+        first = [_fastest(url, n, 2, 1, repeats) for n in FIRST_TOKEN_PROMPTS]
     return fit_overhead(model, decode, first)
 
 
-def _fastest(url: str, prompt_len: int, output_len: int, streams: int) -> Probe:
-    """The faster of REPEATS batches: as for the runner's timings, another process's stall
-    only ever makes a probe slower (one 8-stream probe of a 2-thread instance once took
-    133 ms a step where its neighbours said 80)."""
-    probes = [_batch(url, prompt_len, output_len, streams) for _ in range(REPEATS)]
+def _fastest(url: str, prompt_len: int, output_len: int, streams: int, repeats: int
+             ) -> Probe:
+    """The fastest of `repeats` batches: as for the runner's timings, another process's
+    stall only ever makes a probe slower (one 8-stream probe of a 2-thread instance once
+    took 133 ms a step where its neighbours said 80)."""
+    probes = [_batch(url, prompt_len, output_len, streams) for _ in range(max(repeats, 1))]
     return Probe(prompt_len, streams, min(p.first_token_s for p in probes),
                  min(p.decode_step_s for p in probes))
 
