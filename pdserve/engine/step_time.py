@@ -12,7 +12,7 @@ matrix-matrix rather than matrix-vector; a step that runs any prefill).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -85,7 +85,7 @@ class StepTimeModel:
         return lo
 
     def _with_prefill(self, shape: StepShape, num_tokens: int, num_computed: int) -> float:
-        grown = StepShape(**asdict(shape))
+        grown = replace(shape)
         grown.add_prefill(num_tokens, num_computed)
         return self.seconds(grown)
 
@@ -153,14 +153,15 @@ def _nonnegative_lstsq(x: torch.Tensor, y: torch.Tensor, keep: int) -> list[floa
     # count)
     active = [j for j in range(x.shape[1]) if bool(x[:, j].any()) and not any(
         torch.equal(x[:, j], x[:, i]) for i in range(j))]
+    scaled: list[float] = []
     while active:
-        scaled = torch.linalg.lstsq(x[:, active] / scale[active], y.unsqueeze(1)).solution
-        scaled = scaled.squeeze(1).tolist()
+        solution = torch.linalg.lstsq(x[:, active] / scale[active], y.unsqueeze(1)).solution
+        scaled = solution.squeeze(1).tolist()
         worst = min(range(keep, len(active)), key=lambda i: scaled[i], default=None)
         if worst is None or scaled[worst] >= 0:
             break
         del active[worst]
     values = [0.0] * x.shape[1]
-    for a, c in zip(active, scaled if active else []):
+    for a, c in zip(active, scaled):
         values[a] = c / scale[a].item()
     return values

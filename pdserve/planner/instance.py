@@ -92,7 +92,6 @@ class SimInstance:
         self.connector = SimConnector(start_pull)
         self.scheduler = Scheduler(config, KVCacheManager(self.pool), self.connector, step_time)
         self.max_model_len = max_model_len
-        self.busy_until: float | None = None  # the running step's end, None when idle
         self._started = 0.0  # the running step's start
         self._plan: SchedulerOutput | None = None
         self._landed: list[str] = []  # pulls that ended while a step ran: taken at the next
@@ -132,7 +131,7 @@ class SimInstance:
     def finish_step(self, now: float) -> StepResult:
         """Apply the planned step: tokens computed, one sampled per request that samples."""
         self.busy_s += now - self._started
-        plan, self._plan, self.busy_until = self._plan, None, None
+        plan, self._plan = self._plan, None
         sampled, finished = [], []
         for s in plan.scheduled:
             s.request.num_computed_tokens += s.num_new_tokens

@@ -27,7 +27,7 @@ from pdserve.engine.engine import (
 from pdserve.engine.step_time import StepTimeModel
 from pdserve.planner.corun import measure_corun
 from pdserve.planner.profile import Profile, default_transports, describe_device
-from pdserve.planner.served import measure_router_overhead, measure_serving
+from pdserve.planner.served import REPEATS, measure_router_overhead, measure_serving
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class ProfileSpec:
     seed: int = 0
     served: bool = True  # also measure what a real server adds (planner/served.py)
     corun: bool = True  # CPU: also measure how much a neighbour instance slows a step
-    probe_repeats: int = 2  # serving probes: batches per shape, the fastest kept
+    probe_repeats: int = REPEATS  # serving probes: batches per shape, the fastest kept
     tokenizer: str | None = None  # the served probes' --tokenizer (a preset without the
     # embedded model's package)
 
@@ -106,14 +106,16 @@ def _profile(engine: Engine, spec: ProfileSpec) -> Profile:
     units = spec.threads if cpu else (spec.tensor_parallel_size,)
     block = engine.args.cache.block_size
     models, errors, samples, corun = {}, {}, {}, {}
+    specs = sampled_specs(spec.num_shapes, spec.max_prefill_tokens, spec.max_decode_rows,
+                          spec.max_context, spec.seed)
     for n in units:
         if cpu:
             torch.set_num_threads(n)
-        models[n], errors[n], samples[n] = _fit(engine, spec, block)
+        models[n], errors[n], samples[n] = _fit(engine, spec, specs, block)
         log.info("%s=%d: %s (median error %.1f%%)", "threads" if cpu else "tp", n, models[n],
                  100 * errors[n])
         if cpu and spec.corun:
-            corun[n] = measure_corun(engine, n, _specs(spec), spec.repeats)
+            corun[n] = measure_corun(engine, n, specs, spec.repeats)
     cfg = engine.model_config
     per_block = kv_bytes_per_block(cfg, block, engine.dtype, 1)
     return Profile(
@@ -137,17 +139,11 @@ def _served_kv_tokens(engine: Engine, per_block: int) -> int:
     return engine.num_blocks * block
 
 
-def _specs(spec: ProfileSpec) -> list[StepSpec]:
-    return sampled_specs(spec.num_shapes, spec.max_prefill_tokens, spec.max_decode_rows,
-                         spec.max_context, spec.seed)
-
-
-def _fit(engine: Engine, spec: ProfileSpec, block: int
+def _fit(engine: Engine, spec: ProfileSpec, specs: list[StepSpec], block: int
          ) -> tuple[StepTimeModel, float, list[list[float]]]:
-    """Time the sampled shapes (stopping at the time limit), fit; the fit's median
+    """Time the sampled shapes `specs` (stopping at the time limit), fit; the fit's median
     relative error over the timings it kept, and every timing with whether it was kept
     (Profile.samples)."""
-    specs = _specs(spec)
     run = engine.runner
     for warm in specs[:3]:  # kernels and allocator warm, untimed
         timed_step(run, warm, engine.num_blocks, block, engine.device)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -89,18 +90,18 @@ class Profile:
         measured = {u: c for u, c in self.corun.items() if c.measured}
         if not measured:
             return model
-        c = measured[min(measured, key=lambda u: (abs(math.log(u / units)), -u))]
+        c = measured[nearest(measured, units)]
         return model.scaled(c.prefill, c.decode)
 
     def serving_overhead(self, units: int) -> ServingOverhead:
         """What serving adds for an instance on `units` (the nearest measured; none: 0)."""
         if not self.serving:
             return ServingOverhead()
-        return self.serving[min(self.serving, key=lambda u: (abs(math.log(u / units)), -u))]
+        return self.serving[nearest(self.serving, units)]
 
     def scaled_from(self, units: int) -> int:
         """The profiled parallelism closest to `units` (itself if profiled)."""
-        return min(self.step_time, key=lambda u: (abs(math.log(u / units)), -u))
+        return nearest(self.step_time, units)
 
     def transfer_seconds(self, num_tokens: int, transport: str | None = None) -> float:
         """One pull of `num_tokens` tokens' KV over `transport` (default: the fastest)."""
@@ -146,6 +147,11 @@ class Profile:
     def load(cls, path: str) -> Profile:
         with open(path) as f:
             return cls.from_dict(json.load(f))
+
+
+def nearest(profiled: Iterable[int], units: int) -> int:
+    """The profiled parallelism closest to `units` by ratio (ties: the larger)."""
+    return min(profiled, key=lambda u: (abs(math.log(u / units)), -u))
 
 
 def describe_device(device: torch.device) -> str:

@@ -67,6 +67,7 @@ class RunningStep:
     done_s: float = 0.0  # alone-seconds of work done by `since`
     since: float = 0.0
     rate: float = 1.0
+    end: float | None = None  # when it ends at `rate` (None: not scheduled yet)
     token: int = 0  # its end event's: an end re-timed since is stale
 
 
@@ -201,9 +202,8 @@ class Simulation:
             t = step.timing
             rate = t.alone_s / t.shared_s if shared and t.shared_s > 0 else 1.0
             end = self.now + max(t.alone_s - step.done_s, 0.0) / rate
-            if rate != step.rate or self.instances[name].busy_until is None:
-                step.rate, step.token = rate, next(self._tokens)
-                self.instances[name].busy_until = end
+            if rate != step.rate or step.end is None:
+                step.rate, step.end, step.token = rate, end, next(self._tokens)
                 self.at(end, lambda name=name, token=step.token: self._step_end(name, token))
 
     def _step_end(self, name: str, token: int) -> None:
