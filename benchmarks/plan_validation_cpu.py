@@ -77,32 +77,68 @@ def error(pred: float | None, meas: float | None) -> float | None:
 
 
 def report(results: dict[str, dict], meta: dict) -> str:
+    checked = any("predicted_at_speed" in run for v in results.values() for run in v["runs"])
     lines = [f"# `pdserve plan` validated on this CPU ({meta['date']})", "",
-             f"Profile: `{meta['profile']}`. {meta['how']}", "",
-             "| workload | layout | metric | predicted | measured | error |",
-             "|---|---|---|---|---|---|"]
+             f"Profile: `{meta['profile']}`. {meta['how']}", ""]
+    if checked:
+        lines += ["\"At speed\": predicted from the profile scaled by a speed check run just "
+                  "before the layout (the profile's lone-stream probes again; "
+                  "pdserve/planner/speed.py). The speed column is decode / prefill, now "
+                  "against the profile.", ""]
+    lines += ["| workload | layout | metric | predicted | measured | error |"
+              + (" at speed | error at speed | speed |" if checked else ""),
+              "|---|---|---|---|---|---|" + ("---|---|---|" if checked else "")]
     errors: dict[str, list[float]] = {m: [] for m in MEANS + TAILS}
+    errors_at_speed: dict[str, list[float]] = {m: [] for m in MEANS + TAILS}
     picks = []
     for name, v in results.items():
         for run in v["runs"]:
+            speed = run.get("speed")
             for m in (*MEANS, *TAILS, "request_goodput"):
                 p, q = run["predicted"].get(m), run["measured"].get(m)
                 e = error(p, q)
                 if e is not None and m in errors:
                     errors[m].append(abs(e))
-                lines.append(f"| {name} | {run['layout']} | {m} | {_n(p)} | {_n(q)} | "
-                             f"{'n/a' if e is None else f'{e:+.1f}%'} |")
+                line = (f"| {name} | {run['layout']} | {m} | {_n(p)} | {_n(q)} | "
+                        f"{_e(e)} |")
+                if checked:
+                    s = run.get("predicted_at_speed", {}).get(m)
+                    es = error(s, q)
+                    if es is not None and m in errors_at_speed:
+                        errors_at_speed[m].append(abs(es))
+                    line += (f" {_n(s)} | {_e(es)} | " + (
+                        f"{speed['decode']:.2f} / {speed['prefill']:.2f} |" if speed else "|"))
+                lines.append(line)
         recommended = v["predicted_order"][0]
-        picks.append((name, recommended, v["measured_best"], _gap(v, recommended)))
-    lines += ["", "| metric | median absolute error | runs | target |", "|---|---|---|---|"]
+        at_speed = _best(v, "predicted_at_speed") if checked else None
+        picks.append((name, recommended, at_speed, v["measured_best"], _gap(v, recommended)))
+    lines += ["", "| metric | median absolute error | runs | target |"
+              + (" at speed |" if checked else ""),
+              "|---|---|---|---|" + ("---|" if checked else "")]
     for m, errs in errors.items():
         target = "10%" if m in MEANS else "20%"
-        med = f"{statistics.median(errs):.1f}%" if errs else "n/a"
-        lines.append(f"| {m} | {med} | {len(errs)} | {target} |")
-    lines += ["", "| workload | recommended | measured best (goodput) | recommended's goodput "
-              "vs the best |", "|---|---|---|---|"]
-    lines += [f"| {n} | {r} | {b} | {g} |" for n, r, b, g in picks]
+        lines.append(f"| {m} | {_median(errs)} | {len(errs)} | {target} |"
+                     + (f" {_median(errors_at_speed[m])} |" if checked else ""))
+    lines += ["", "| workload | recommended | " + ("recommended at speed | " if checked else "")
+              + "measured best (goodput) | recommended's goodput vs the best |",
+              "|---|---|---|---|" + ("---|" if checked else "")]
+    lines += [f"| {n} | {r} | " + (f"{s} | " if checked else "") + f"{b} | {g} |"
+              for n, r, s, b, g in picks]
     return "\n".join(lines) + "\n"
+
+
+def _best(v: dict, key: str) -> str:
+    """The layout whose `key` prediction has the most goodput (ties: the first ranked)."""
+    return max(v["runs"], key=lambda run: run.get(key, {}).get("request_goodput") or 0.0
+               )["layout"]
+
+
+def _median(errs: list[float]) -> str:
+    return f"{statistics.median(errs):.1f}%" if errs else "n/a"
+
+
+def _e(e: float | None) -> str:
+    return "n/a" if e is None else f"{e:+.1f}%"
 
 
 def _gap(v: dict, label: str) -> str:

@@ -81,14 +81,14 @@ def measure_serving(model: StepTimeModel, threads: int | None, model_name: str |
                     repeats: int = REPEATS) -> ServingOverhead:
     """Start `pdserve serve` on `threads` threads (pinned to the first usable cores on a
     CPU; `threads=None`: a GPU instance), probe it, fit the overhead against `model`."""
-    with _servers(threads, model_name, timeout_s, tokenizer=tokenizer) as (url, _):
-        _stream(url, 16, 4)  # warm: the first request pays for lazy set-up
-        decode = [_fastest(url, PROMPT_LEN, OUTPUT_LEN, b, repeats) for b in BATCHES]
-        first = [_fastest(url, n, 2, 1, repeats) for n in FIRST_TOKEN_PROMPTS]
+    with probed_servers(threads, model_name, timeout_s, tokenizer=tokenizer) as (url, _):
+        stream_once(url, 16, 4)  # warm: the first request pays for lazy set-up
+        decode = [fastest_probe(url, PROMPT_LEN, OUTPUT_LEN, b, repeats) for b in BATCHES]
+        first = [fastest_probe(url, n, 2, 1, repeats) for n in FIRST_TOKEN_PROMPTS]
     return fit_overhead(model, decode, first)
 
 
-def _fastest(url: str, prompt_len: int, output_len: int, streams: int, repeats: int
+def fastest_probe(url: str, prompt_len: int, output_len: int, streams: int, repeats: int
              ) -> Probe:
     """The fastest of `repeats` batches: as for the runner's timings, another process's
     stall only ever makes a probe slower (one 8-stream probe of a 2-thread instance once
@@ -133,7 +133,7 @@ def _batch(url: str, prompt_len: int, output_len: int, streams: int) -> Probe:
 
     def one(i: int) -> None:
         try:
-            results[i] = _stream(url, prompt_len, output_len)
+            results[i] = stream_once(url, prompt_len, output_len)
         except BaseException as exc:  # surfaced below, on the caller's thread
             results[i] = exc
 
@@ -149,7 +149,7 @@ def _batch(url: str, prompt_len: int, output_len: int, streams: int) -> Probe:
                  statistics.fmean(r[1] for r in results))
 
 
-def _stream(url: str, prompt_len: int, output_len: int) -> tuple[float, float]:
+def stream_once(url: str, prompt_len: int, output_len: int) -> tuple[float, float]:
     """(seconds to the first event, mean seconds per later token) of one stream, of a prompt
     no earlier probe shares a token of (a prefix-cache hit would shorten its first token)."""
     seed = next(_PROMPT_SEEDS)
@@ -179,21 +179,21 @@ def measure_router_overhead(threads: int | None, model_name: str | None, repeats
                             ) -> tuple[float, list[dict]]:
     """Seconds a `pdserve router` in front of an instance adds to a first token (the lone
     prompts, alternately through the router and straight to the instance), and the probes."""
-    with _servers(threads, model_name, timeout_s, with_router=True,
+    with probed_servers(threads, model_name, timeout_s, with_router=True,
                   tokenizer=tokenizer) as (url, router):
-        _stream(router, 16, 4)  # warm both
+        stream_once(router, 16, 4)  # warm both
         probes = []
         for _ in range(repeats):
             for n in FIRST_TOKEN_PROMPTS:
-                direct = _stream(url, n, 2)[0]
-                routed = _stream(router, n, 2)[0]
+                direct = stream_once(url, n, 2)[0]
+                routed = stream_once(router, n, 2)[0]
                 probes.append({"prompt_len": n, "direct_s": direct, "routed_s": routed})
     extra = statistics.median(p["routed_s"] - p["direct_s"] for p in probes)
     return max(extra, 0.0), probes
 
 
 @contextmanager
-def _servers(threads: int | None, model_name: str | None, timeout_s: float,
+def probed_servers(threads: int | None, model_name: str | None, timeout_s: float,
              with_router: bool = False, tokenizer: str | None = None
              ) -> Iterator[tuple[str, str]]:
     """(instance URL, router URL or "") of a `pdserve serve` on free ports (pinned to the

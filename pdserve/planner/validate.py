@@ -5,6 +5,11 @@ each started with `pdserve up` (optionally pinned with `taskset -c`), benched wi
 `pdserve bench run` on the same workload, seed and rate the simulation replayed, and
 stopped; then each metric is printed predicted vs measured with its error. Every JSON is
 kept in --result-dir: the predicted and measured ones compare with `pdserve bench compare`.
+
+A shared host's speed drifts between the profile and the runs (planner/speed.py). With
+--speed-check (the default where the profile holds serving probes), the profile's lone-stream
+probes run again just before each layout; the table then has a second prediction, from the
+profile scaled to the machine's speed at that moment, beside the one from the profile as is.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +32,8 @@ from pdserve.cpu_affinity import format_cpu_list, usable_cpus
 from pdserve.planner.layouts import SimLayout, candidate_layouts
 from pdserve.planner.profile import Profile
 from pdserve.planner.recommend import Ranked, budget_of, rank_layouts
+from pdserve.planner.simulate import simulate
+from pdserve.planner.speed import SpeedCheck, at_speed, check_speed
 
 METRICS = ("completed", "failed", "mean_ttft_ms", "p99_ttft_ms", "mean_itl_ms", "p99_itl_ms",
            "mean_tpot_ms", "mean_e2el_ms", "p99_e2el_ms", "request_throughput", "request_goodput")
@@ -41,16 +48,39 @@ def error_pct(predicted: Any, measured: Any) -> float | None:
     return (predicted - measured) / abs(measured) * 100.0
 
 
-def comparison_table(rows: list[tuple[str, dict, dict]]) -> str:
-    """Markdown: per layout and metric, predicted, measured and the error."""
-    lines = ["| layout | metric | predicted | measured | error |", "|---|---|---|---|---|"]
-    for label, pred, meas in rows:
+@dataclass
+class Run:
+    """One layout: predicted from the profile, measured, and (after a speed check)
+    predicted from the profile at the machine's speed just before the run."""
+
+    label: str
+    predicted: dict
+    measured: dict
+    speed: SpeedCheck | None = None
+    predicted_at_speed: dict | None = None
+
+
+def comparison_table(runs: list[Run]) -> str:
+    """Markdown: per layout and metric, predicted, measured and the error; with a speed
+    check, the prediction at the machine's speed and its error too."""
+    checked = any(r.predicted_at_speed is not None for r in runs)
+    head = "| layout | metric | predicted | measured | error |"
+    lines = [head + (" at speed | error at speed |" if checked else ""),
+             "|---|---|---|---|---|" + ("---|---|" if checked else "")]
+    for run in runs:
         for key in METRICS:
-            p, m = pred.get(key), meas.get(key)
-            err = error_pct(p, m)
-            lines.append(f"| {label} | {key} | {_num(p)} | {_num(m)} | "
-                         f"{'n/a' if err is None else f'{err:+.1f}%'} |")
+            p, m = run.predicted.get(key), run.measured.get(key)
+            line = f"| {run.label} | {key} | {_num(p)} | {_num(m)} | {_err(p, m)} |"
+            if checked:
+                s = (run.predicted_at_speed or {}).get(key)
+                line += f" {_num(s)} | {_err(s, m)} |"
+            lines.append(line)
     return "\n".join(lines)
+
+
+def _err(predicted: Any, measured: Any) -> str:
+    err = error_pct(predicted, measured)
+    return "n/a" if err is None else f"{err:+.1f}%"
 
 
 def _num(v: Any) -> str:
@@ -172,27 +202,52 @@ def validate_from_args(args: argparse.Namespace) -> int:
     ranked = rank_layouts(layouts, profile, requests, sim_options(args), slos, run_meta(args))
     out_dir = Path(args.result_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
+    check = args.speed_check if args.speed_check is not None else bool(profile.serving)
+    runs = []
     for r in (ranked if args.layouts == "all" else pick_pair(ranked)):
-        name = r.layout.label()
-        save_result(r.result, str(out_dir / f"predicted-{_file(name)}.json"))
-        kept = out_dir / f"measured-{_file(name)}.json"
-        if args.reuse_measured and kept.exists():  # a new profile's predictions, same runs
-            measured = json.loads(kept.read_text())
-        else:
-            measured = measure(r.layout, profile, args, len(requests), out_dir)
-        rows.append((name, r.result, measured))
-    table = comparison_table(rows)
-    order = " > ".join(label for label, _, _ in rows)
-    best = max(rows, key=lambda row: _goodput(row[2]))[0]
+        name = _file(r.layout.label())
+        save_result(r.result, str(out_dir / f"predicted-{name}.json"))
+        run = Run(r.layout.label(), r.result, {})
+        kept = out_dir / f"measured-{name}.json"
+        reuse = args.reuse_measured and kept.exists()  # a new profile's predictions, same runs
+        if check:
+            run.speed = _speed(profile, args, out_dir / f"speed-{name}.json", reuse)
+            print(f"{run.label}: the machine now: {run.speed.describe()}", flush=True)
+            run.predicted_at_speed = simulate(r.layout, at_speed(profile, run.speed), requests,
+                                              sim_options(args), slos, run_meta(args))
+            save_result(run.predicted_at_speed, str(out_dir / f"predicted-at-speed-{name}.json"))
+        run.measured = (json.loads(kept.read_text()) if reuse
+                        else measure(r.layout, profile, args, len(requests), out_dir))
+        runs.append(run)
+    table = comparison_table(runs)
+    order = " > ".join(run.label for run in runs)
+    best = max(runs, key=lambda run: _goodput(run.measured)).label
     summary = (f"predicted order: {order}; measured best (goodput): {best}\n\n{table}\n")
     (out_dir / "validation.json").write_text(json.dumps(
-        {"predicted_order": [label for label, _, _ in rows], "measured_best": best,
-         "runs": [{"layout": label, "predicted": _pick(pred), "measured": _pick(meas)}
-                  for label, pred, meas in rows]}, indent=1))
+        {"predicted_order": [run.label for run in runs], "measured_best": best,
+         "runs": [_record(run) for run in runs]}, indent=1))
     (out_dir / "validation.md").write_text(summary)
     print(summary)
     return 0
+
+
+def _speed(profile: Profile, args: argparse.Namespace, path: Path, reuse: bool
+           ) -> SpeedCheck:
+    """The speed check before a run (kept in `path`; reused with the run's measurement)."""
+    if reuse and path.exists():
+        return SpeedCheck(**json.loads(path.read_text()))
+    speed = check_speed(profile, served_model(profile), tokenizer=args.tokenizer)
+    path.write_text(json.dumps(asdict(speed), indent=1))
+    return speed
+
+
+def _record(run: Run) -> dict:
+    out = {"layout": run.label, "predicted": _pick(run.predicted),
+           "measured": _pick(run.measured)}
+    if run.speed is not None:
+        out["speed"] = {"decode": run.speed.decode, "prefill": run.speed.prefill}
+        out["predicted_at_speed"] = _pick(run.predicted_at_speed or {})
+    return out
 
 
 def _pick(result: dict) -> dict:

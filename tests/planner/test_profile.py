@@ -12,6 +12,7 @@ from pdserve.cpu_affinity import usable_cpus
 from pdserve.engine.step_time import StepShape, StepTimeModel
 from pdserve.planner.measure import ProfileSpec, measure_profile
 from pdserve.planner.profile import Profile
+from pdserve.planner.speed import check_speed
 
 
 def test_a_tiny_cpu_profile_saves_and_loads(tmp_path):
@@ -47,6 +48,10 @@ def test_a_tiny_cpu_profile_saves_and_loads(tmp_path):
     else:
         assert not corun.measured and loaded.shared_step_model(1) == model
     assert not _neighbours_alive()
+    # `plan validate`'s drift check: the same probes again, minutes later on the same cores
+    speed = check_speed(loaded, None, repeats=1)
+    assert speed.units == 1 and [p["prompt_len"] for p in speed.probes] == [64, 256]
+    assert 1 / 3 < speed.decode < 3 and 1 / 3 < speed.prefill < 3
 
 
 def _neighbours_alive() -> list[str]:
