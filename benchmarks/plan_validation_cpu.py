@@ -10,7 +10,9 @@ Workloads: short (128 tokens) and long (512) prompts, 32 output tokens, each at 
 high Poisson rate. Per run, the table gives predicted and measured mean/P99 TTFT, mean/P99
 ITL, mean E2E latency and the SLO goodput, with errors; then the median absolute error per
 metric (the issue's targets: <= 10% on the means, <= 20% on the P99s) and, per workload,
-whether the recommended layout is the measured best.
+whether the recommended layout is the measured best. Before each layout, `plan validate`
+checks the machine's speed against the profile (planner/speed.py: a shared host drifts) and
+the table adds the prediction from the profile scaled to that speed.
 
     python benchmarks/plan_validation_cpu.py [--profile P.json] [--num-prompts 64]
 
