@@ -23,7 +23,10 @@ where routing decides the hit rate, as a fleet of many instances is.
 P/D decision always (disaggregate every prompt), never (every prompt whole on D) and
 conditional: mean TTFT and P99 ITL; `--pd-max-stall-ms 1000` adds conditional with that
 stall bound. Each run also records the router's measured rates and hops and the largest
-inter-token gaps (chunk 0: the hop from P's token to D's first).
+inter-token gaps (chunk 0: the hop from P's token to D's first). `--passes 2` runs every
+variant twice, in forward then reverse order, and pools each variant's requests and gaps
+over its passes: a machine that slows during the run (a shared host drifts 20-30% within an
+hour) then charges every variant alike, where one pass charges the last variants most.
 
 Writes benchmarks/results/routing_cpu.json (routing_pd_mix_cpu.json). On a shared, loaded
 machine: smoke figures.
@@ -45,6 +48,7 @@ from datetime import UTC, datetime
 from statistics import median
 
 import httpx
+import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(REPO, "benchmarks", "results", "routing_cpu.json")
@@ -170,7 +174,18 @@ def run_one(policy: str, workload: list[str], rate: float, tmp: str, kv_cache: s
             "prefix_cache_hit_rate", "mean_ttft_ms", "p99_ttft_ms", "mean_itl_ms",
             "p99_itl_ms", "mean_e2el_ms")
     return {**{k: summary.get(k) for k in keys}, "decisions": decisions, "measured": measured,
-            "slowest_first_tokens": slowest(summary), "largest_gaps": largest_gaps(summary)}
+            "slowest_first_tokens": slowest(summary), "largest_gaps": largest_gaps(summary),
+            "ttfts_ms": [round(1e3 * t, 2) for t in summary["ttfts"] if t is not None],
+            "itls_ms": [round(1e3 * g, 2) for gaps in summary["itls"] for g in gaps or []]}
+
+
+def pooled(passes: list[dict]) -> dict:
+    """A variant's figures over every request and gap of its passes."""
+    ttfts = [t for p in passes for t in p["ttfts_ms"]]
+    gaps = [g for p in passes for g in p["itls_ms"]]
+    return {"passes": len(passes), "requests": len(ttfts),
+            "mean_ttft_ms": float(np.mean(ttfts)), "p99_ttft_ms": float(np.percentile(ttfts, 99)),
+            "mean_itl_ms": float(np.mean(gaps)), "p99_itl_ms": float(np.percentile(gaps, 99))}
 
 
 def slowest(detail: dict, count: int = 4) -> list[dict]:
@@ -304,6 +319,9 @@ def main() -> None:
     ap.add_argument("--mix-prompts", type=int, default=20,
                     help="--pd-mix: requests a variant (a P99 over 20 x 31 gaps is the 6th "
                     "largest; more make it steadier)")
+    ap.add_argument("--passes", type=int, default=1,
+                    help="--pd-mix: run every variant this many times, alternating forward and "
+                    "reverse order, and pool each variant's requests over its passes")
     ap.add_argument("--out", default=None,
                     help="default: results/routing_cpu.json (--pd-mix: routing_pd_mix_cpu.json)")
     args = ap.parse_args()
@@ -317,6 +335,7 @@ def main() -> None:
               "machine": {"cpus": os.cpu_count(), "loadavg_before": os.getloadavg()},
               "rate": args.rate, "groups": args.groups, "per_group": args.per_group,
               "mix_prompts": args.mix_prompts if args.pd_mix else None,
+              "passes": args.passes if args.pd_mix else None,
               "kv_cache_memory": args.kv_cache_memory, "router_cost": router_cost(), "runs": {}}
     print(json.dumps(result["router_cost"], indent=1), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -326,10 +345,19 @@ def main() -> None:
                 f"conditional_stall_{ms:g}ms": ("conditional", ("--pd-max-stall-ms", str(ms)))
                 for ms in args.pd_max_stall_ms}}
             mix = workload_flags("mix", mix_prompts=args.mix_prompts)
-            for name, (policy, flags) in variants.items():
-                runs[name] = run_one(policy, mix, args.rate, tmp, args.kv_cache_memory,
-                                     ("prefill", "decode"), flags)
-                print("mix", name, json.dumps(runs[name]), flush=True)
+            passes: dict[str, list[dict]] = {name: [] for name in variants}
+            for k in range(args.passes):  # forward, then reverse: drift charged evenly
+                for name in (list(variants) if k % 2 == 0 else list(variants)[::-1]):
+                    policy, flags = variants[name]
+                    passes[name].append(run_one(policy, mix, args.rate, tmp,
+                                                args.kv_cache_memory, ("prefill", "decode"),
+                                                flags))
+                    print("mix", name, f"pass {k + 1}", json.dumps(passes[name][-1]),
+                          flush=True)
+            for name, done in passes.items():
+                runs[name] = done[0] if args.passes == 1 else \
+                    {"pooled": pooled(done), "passes": done}
+                print("mix", name, json.dumps(pooled(done)), flush=True)
         tok = None if args.pd_mix else load_tokenizer(None)
         for workload in [] if args.pd_mix else args.workloads:
             flags = workload_flags(workload, args.groups, args.per_group)
