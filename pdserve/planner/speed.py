@@ -56,15 +56,22 @@ def check_speed(profile: Profile, model_name: str | None, tokenizer: str | None 
     """Serve on the smallest probed parallelism (pinned to the first cores, as the profile
     did), run its lone-stream probes again and compare."""
     units = min(profile.serving)
-    then_decode, then_first = recorded_probes(profile, units)
+    _, then_first = recorded_probes(profile, units)
     threads = units if profile.parallelism == "cpu_threads" else None
     with probed_servers(threads, model_name, timeout_s, tokenizer=tokenizer) as (url, _):
         stream_once(url, 16, 4)  # warm: the first request pays for lazy set-up
         decode = fastest_probe(url, PROMPT_LEN, OUTPUT_LEN, 1, repeats)
         first = fastest_probe(url, then_first["prompt_len"], 2, 1, repeats)
-    return SpeedCheck(units, decode.decode_step_s / then_decode["decode_step_s"],
-                      first.first_token_s / then_first["first_token_s"],
-                      [asdict(decode), asdict(first)])
+    return compared(profile, units, [asdict(decode), asdict(first)])
+
+
+def compared(profile: Profile, units: int, probes: list[dict]) -> SpeedCheck:
+    """The ratios of `probes` (a lone-stream decode probe, then a lone-prompt one, as
+    `check_speed` takes them) to `profile`'s own: a kept check read against a new profile."""
+    then_decode, then_first = recorded_probes(profile, units)
+    decode, first = probes
+    return SpeedCheck(units, decode["decode_step_s"] / then_decode["decode_step_s"],
+                      first["first_token_s"] / then_first["first_token_s"], probes)
 
 
 def at_speed(profile: Profile, check: SpeedCheck) -> Profile:

@@ -33,7 +33,7 @@ from pdserve.planner.layouts import SimLayout, candidate_layouts
 from pdserve.planner.profile import Profile
 from pdserve.planner.recommend import Ranked, budget_of, rank_layouts
 from pdserve.planner.simulate import simulate
-from pdserve.planner.speed import SpeedCheck, at_speed, check_speed
+from pdserve.planner.speed import SpeedCheck, at_speed, check_speed, compared
 
 METRICS = ("completed", "failed", "mean_ttft_ms", "p99_ttft_ms", "mean_itl_ms", "p99_itl_ms",
            "mean_tpot_ms", "mean_e2el_ms", "p99_e2el_ms", "request_throughput", "request_goodput")
@@ -233,9 +233,11 @@ def validate_from_args(args: argparse.Namespace) -> int:
 
 def _speed(profile: Profile, args: argparse.Namespace, path: Path, reuse: bool
            ) -> SpeedCheck:
-    """The speed check before a run (kept in `path`; reused with the run's measurement)."""
+    """The speed check before a run (kept in `path`; reused with the run's measurement, its
+    probes read against this profile)."""
     if reuse and path.exists():
-        return SpeedCheck(**json.loads(path.read_text()))
+        kept = json.loads(path.read_text())
+        return compared(profile, kept["units"], kept["probes"])
     speed = check_speed(profile, served_model(profile), tokenizer=args.tokenizer)
     path.write_text(json.dumps(asdict(speed), indent=1))
     return speed

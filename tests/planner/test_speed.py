@@ -11,7 +11,7 @@ from pdserve.planner.layouts import SimLayout
 from pdserve.planner.profile import Profile
 from pdserve.planner.served import ServingOverhead
 from pdserve.planner.simulate import SimOptions, simulate
-from pdserve.planner.speed import SpeedCheck, at_speed, recorded_probes
+from pdserve.planner.speed import SpeedCheck, at_speed, compared, recorded_probes
 from tests.planner.conftest import fixed_requests
 
 LONE = {"prompt_len": 64, "streams": 1, "first_token_s": 0.1, "decode_step_s": 0.05}
@@ -30,6 +30,13 @@ def test_the_lone_stream_and_the_longest_lone_prompt_are_the_references(profile:
     assert decode == LONE and first["prompt_len"] == 256
     with pytest.raises(ValueError, match="--served"):
         recorded_probes(profile, 1)  # nothing probed: say how to get it
+
+
+def test_probes_taken_now_read_as_ratios_to_the_profiles(profile: Profile):
+    now = [{**LONE, "decode_step_s": 0.06}, {**PROMPTS[1], "first_token_s": 0.384}]
+    check = compared(_served(profile), 1, now)
+    assert check.decode == pytest.approx(1.2) and check.prefill == pytest.approx(1.5)
+    assert check.probes == now
 
 
 def test_a_machine_twice_as_slow_doubles_every_step_and_serving_term(profile: Profile):
