@@ -10,9 +10,9 @@ Workloads: short (128 tokens) and long (512) prompts, 32 output tokens, each at 
 high Poisson rate. Per run, the table gives predicted and measured mean/P99 TTFT, mean/P99
 ITL, mean E2E latency and the SLO goodput, with errors; then the median absolute error per
 metric (the issue's targets: <= 10% on the means, <= 20% on the P99s) and, per workload,
-whether the recommended layout is the measured best. Before each layout, `plan validate`
-checks the machine's speed against the profile (planner/speed.py: a shared host drifts) and
-the table adds the prediction from the profile scaled to that speed.
+whether the recommended layout is the measured best. With --speed-check, before each layout
+`plan validate` checks the machine's speed against the profile (planner/speed.py: a shared
+host drifts) and the table adds the prediction from the profile scaled to that speed.
 
     python benchmarks/plan_validation_cpu.py [--profile P.json] [--num-prompts 64]
 
@@ -59,7 +59,7 @@ def pdserve(*args: str, log: Path | None = None) -> None:
 
 
 def validate(name: str, profile: Path, num_prompts: int, port: int, out: Path,
-             reuse: bool) -> dict:
+             reuse: bool, speed_check: bool) -> dict:
     prompt, rate = WORKLOADS[name]
     folder = out / name
     pdserve("plan", "validate", "--profile", str(profile), "--cores", "2",
@@ -68,7 +68,8 @@ def validate(name: str, profile: Path, num_prompts: int, port: int, out: Path,
             "--random-output-len", str(OUTPUT_LEN), "--random-range-ratio", "0.25",
             "--num-prompts", str(num_prompts), "--request-rate", str(rate), "--seed", "0",
             "--goodput", *SLOS, "--result-dir", str(folder),
-            *(["--reuse-measured"] if reuse else []), log=out / f"{name}.log")
+            *(["--reuse-measured"] if reuse else []),
+            *(["--speed-check"] if speed_check else []), log=out / f"{name}.log")
     return json.loads((folder / "validation.json").read_text())
 
 
@@ -163,6 +164,8 @@ def main() -> None:
     ap.add_argument("--result-dir", default=str(OUT))
     ap.add_argument("--reuse-measured", action="store_true",
                     help="predict again with --profile, compare with the runs already there")
+    ap.add_argument("--speed-check", action="store_true",
+                    help="plan validate --speed-check: the machine's speed before each layout")
     args = ap.parse_args()
     out = Path(args.result_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -173,7 +176,7 @@ def main() -> None:
                 "-o", str(profile), log=out / "profile.log")
     start = time.monotonic()
     results = {name: validate(name, profile, args.num_prompts, args.port, out,
-                              args.reuse_measured) for name in args.workloads}
+                              args.reuse_measured, args.speed_check) for name in args.workloads}
     meta = {"date": datetime.now(UTC).isoformat(timespec="minutes"),
             "profile": os.path.relpath(profile, REPO),
             "how": f"{args.num_prompts} random prompts a run (+-25% length), {OUTPUT_LEN} "

@@ -122,11 +122,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     val.add_argument("--reuse-measured", action="store_true",
                      help="where --result-dir already holds a layout's measured JSON, compare "
                      "with it instead of running it again (e.g. after a new profile)")
-    val.add_argument("--speed-check", action=argparse.BooleanOptionalAction, default=None,
+    val.add_argument("--speed-check", action="store_true",
                      help="before each layout, run the profile's lone-stream serving probes "
-                     "again and add a prediction from the profile scaled to the machine's "
-                     "speed then (a shared host drifts); default: on where the profile has "
-                     "serving probes")
+                     "again: the machine's speed against the profile, and a second "
+                     "prediction from the profile scaled to it (a diagnostic of drift; one "
+                     "probe is noisy: see docs/PLANNER.md)")
     val.add_argument("--layouts", choices=("pair", "all"), default="pair",
                      help="pair: the recommended layout and the best of the other kind; all: "
                      "every candidate of the budget, in predicted order")

@@ -7,9 +7,9 @@ stopped; then each metric is printed predicted vs measured with its error. Every
 kept in --result-dir: the predicted and measured ones compare with `pdserve bench compare`.
 
 A shared host's speed drifts between the profile and the runs (planner/speed.py). With
---speed-check (the default where the profile holds serving probes), the profile's lone-stream
-probes run again just before each layout; the table then has a second prediction, from the
-profile scaled to the machine's speed at that moment, beside the one from the profile as is.
+--speed-check, the profile's lone-stream probes run again just before each layout; the table
+then has a second prediction, from the profile scaled to the machine's speed at that
+moment, beside the one from the profile as is.
 """
 
 from __future__ import annotations
@@ -202,7 +202,6 @@ def validate_from_args(args: argparse.Namespace) -> int:
     ranked = rank_layouts(layouts, profile, requests, sim_options(args), slos, run_meta(args))
     out_dir = Path(args.result_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    check = args.speed_check if args.speed_check is not None else bool(profile.serving)
     runs = []
     for r in (ranked if args.layouts == "all" else pick_pair(ranked)):
         name = _file(r.layout.label())
@@ -210,7 +209,7 @@ def validate_from_args(args: argparse.Namespace) -> int:
         run = Run(r.layout.label(), r.result, {})
         kept = out_dir / f"measured-{name}.json"
         reuse = args.reuse_measured and kept.exists()  # a new profile's predictions, same runs
-        if check:
+        if args.speed_check:
             run.speed = _speed(profile, args, out_dir / f"speed-{name}.json", reuse)
             print(f"{run.label}: the machine now: {run.speed.describe()}", flush=True)
             run.predicted_at_speed = simulate(r.layout, at_speed(profile, run.speed), requests,
