@@ -8,6 +8,8 @@ instance: a lone stream's decode step and lone prompts' first tokens. `check_spe
 same probes again, on the same cores; their ratios to the recorded ones say how much slower
 (or faster) the machine is now, and `at_speed` scales the profile by them, so a prediction
 can be made for the machine as it is, next to the one for the machine as profiled.
+Opt-in (`plan validate --speed-check`): a 30-s probe is a small sample of a noisy host, and
+in its one full run one transient reading made its scaled predictions worse (docs/PLANNER.md).
 """
 
 from __future__ import annotations
