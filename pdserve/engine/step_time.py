@@ -1,4 +1,4 @@
-"""How long one engine step takes, predicted from its shape: a linear model in seven numbers.
+"""How long one engine step takes, predicted from its shape: a linear model in eight numbers.
 
 The scheduler uses it to size prefill chunks under an inter-token-latency target; the planner
 (pdserve/planner/) is meant to read the same model. It is plain data: `to_dict`/`from_dict`
@@ -6,8 +6,9 @@ round-trip through JSON, and `fit` builds one from timed steps (engine/calibrate
 
 Units: seconds for times; a step's shape counts tokens (see `StepShape`), so each
 coefficient is seconds per token, per attention pair or per decode row, or seconds per step
-for the three fixed costs (every step; a step of two or more rows, whose matmuls are
-matrix-matrix rather than matrix-vector; a step that runs any prefill).
+for the four fixed costs (every step; a step of two or more rows, whose matmuls are
+matrix-matrix rather than matrix-vector; a step of `wide_rows` or more rows, where the GEMM
+library switches kernels again, found by the fit; a step that runs any prefill).
 """
 
 from __future__ import annotations
@@ -36,11 +37,13 @@ class StepShape:
         self.decode_rows += 1
         self.decode_context += context
 
-    def features(self) -> list[float]:
-        """The model's inputs, in `StepTimeModel`'s field order."""
+    def features(self, wide_rows: int = 0) -> list[float]:
+        """The model's inputs, in `StepTimeModel`'s coefficient order (`wide_rows` 0: no
+        wide step)."""
         rows = self.prefill_tokens + self.decode_rows
         return [1.0, self.prefill_tokens, self.prefill_attention, self.decode_rows,
-                self.decode_context, float(rows >= 2), float(self.prefill_tokens > 0)]
+                self.decode_context, float(rows >= 2), float(self.prefill_tokens > 0),
+                float(0 < wide_rows <= rows)]
 
 
 def prefill_pairs(num_tokens: int, num_computed: int) -> int:
@@ -52,7 +55,8 @@ def prefill_pairs(num_tokens: int, num_computed: int) -> int:
 class StepTimeModel:
     """seconds = base_s + per_prefill_token_s * prefill_tokens + per_prefill_pair_s *
     prefill_attention + per_decode_row_s * decode_rows + per_decode_context_s * decode_context
-    + per_batched_step_s * (two or more rows) + per_prefill_step_s * (any prefill).
+    + per_batched_step_s * (two or more rows) + per_prefill_step_s * (any prefill)
+    + per_wide_step_s * (wide_rows or more rows).
 
     Every coefficient is >= 0 and base_s > 0, so a prediction is positive and never falls
     when a step grows."""
@@ -66,10 +70,14 @@ class StepTimeModel:
     # decode step is ~30 ms shorter than the per-row slope says): their extra fixed cost
     per_batched_step_s: float = 0.0
     per_prefill_step_s: float = 0.0  # the prefill path's fixed cost (causal attention)
+    # a second kernel switch, from wide_rows rows on (0: none): on a 2-core AVX2 EPYC, one
+    # thread's 3-row decode step took 119 ms and its 4-row one 192-217 ms
+    per_wide_step_s: float = 0.0
+    wide_rows: int = 0
 
     def seconds(self, shape: StepShape) -> float:
         """Predicted wall time of a step of this shape."""
-        return sum(c * x for c, x in zip(self._coefficients(), shape.features()))
+        return sum(c * x for c, x in zip(self._coefficients(), shape.features(self.wide_rows)))
 
     def max_prefill_tokens(self, shape: StepShape, num_computed: int, seconds: float,
                            limit: int) -> int:
@@ -95,51 +103,70 @@ class StepTimeModel:
         return StepTimeModel(self.base_s * decode, self.per_prefill_token_s * prefill,
                              self.per_prefill_pair_s * prefill, self.per_decode_row_s * decode,
                              self.per_decode_context_s * decode,
-                             self.per_batched_step_s * decode, self.per_prefill_step_s * prefill)
+                             self.per_batched_step_s * decode, self.per_prefill_step_s * prefill,
+                             self.per_wide_step_s * decode, self.wide_rows)
 
     def _coefficients(self) -> list[float]:
         return [self.base_s, self.per_prefill_token_s, self.per_prefill_pair_s,
                 self.per_decode_row_s, self.per_decode_context_s, self.per_batched_step_s,
-                self.per_prefill_step_s]
+                self.per_prefill_step_s, self.per_wide_step_s]
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, float]) -> StepTimeModel:
-        return cls(**{k: float(v) for k, v in data.items()})
+        return cls(**{k: int(v) if k == "wide_rows" else float(v) for k, v in data.items()})
 
     @classmethod
     def fit(cls, shapes: list[StepShape], seconds: list[float]) -> StepTimeModel:
         """Least squares over timed steps in two stages: the decode-only steps give the base,
-        decode and batched terms; the steps with prefill give the prefill terms, fitted to
-        what the decode terms leave of their time (fitted together, the many prefill-heavy
+        decode, batched and wide terms; the steps with prefill give the prefill terms, fitted
+        to what the decode terms leave of their time (fitted together, the many prefill-heavy
         steps drown a decode step's context term: measured on a CPU, the joint fit gave 0 s
-        per context token where decode-only steps show 12 us). Too few of either kind: one
-        joint fit. Coefficients are held >= 0: a term whose free fit comes out negative
-        (noise, or a cost another term already explains) is dropped and the rest refit. (A
-        fit of the relative error was tried on an H100 and predicted served latencies worse:
-        docs/PERF.md, "Planner on one GPU".)"""
-        x = torch.tensor([s.features() for s in shapes], dtype=torch.float64)
+        per context token where decode-only steps show 12 us). `wide_rows` is the row count
+        (of WIDE_ROWS) whose extra fixed cost best fits the decode-only steps, kept only if
+        it takes a tenth or more off their squared error. Too few of either kind: one joint
+        fit, with no wide step. Coefficients are held >= 0: a term whose free fit comes out
+        negative (noise, or a cost another term already explains) is dropped and the rest
+        refit. (A fit of the relative error was tried on an H100 and predicted served
+        latencies worse: docs/PERF.md, "Planner on one GPU".)"""
         y = torch.tensor(seconds, dtype=torch.float64)
-        values = [0.0] * x.shape[1]
-        decode = x[:, 1] == 0
-        if int(decode.sum()) >= len(DECODE_TERMS) and int((~decode).sum()) >= len(PREFILL_TERMS):
-            for i, c in zip(DECODE_TERMS, _nonnegative_lstsq(x[decode][:, DECODE_TERMS],
-                                                             y[decode], keep=1)):
-                values[i] = c
-            rest = y[~decode] - x[~decode][:, DECODE_TERMS] @ torch.tensor(
-                [values[i] for i in DECODE_TERMS], dtype=torch.float64)
-            for i, c in zip(PREFILL_TERMS, _nonnegative_lstsq(x[~decode][:, PREFILL_TERMS],
-                                                              rest, keep=0)):
-                values[i] = c
-        else:
+        decode = torch.tensor([s.prefill_tokens == 0 for s in shapes], dtype=torch.bool)
+        if int(decode.sum()) < len(DECODE_TERMS) + 1 or int((~decode).sum()) < len(PREFILL_TERMS):
+            x = torch.tensor([s.features() for s in shapes], dtype=torch.float64)
             values = _nonnegative_lstsq(x, y, keep=1)
-        values[0] = max(values[0], 1e-6)  # a step is never free
-        return cls(*values)
+            values[0] = max(values[0], 1e-6)  # a step is never free
+            return cls(*values)
+        fits = [_decode_fit(shapes, y, decode, wide) for wide in (0, *WIDE_ROWS)]
+        plain = fits[0]
+        wide, values, sse = min(fits[1:], key=lambda f: f[2])
+        if not (sse < 0.9 * plain[2] and values[7] > 0):
+            wide, values, sse = plain
+        x = torch.tensor([s.features(wide) for s in shapes], dtype=torch.float64)
+        rest = y[~decode] - x[~decode][:, DECODE_TERMS] @ torch.tensor(
+            [values[i] for i in DECODE_TERMS], dtype=torch.float64)
+        for i, c in zip(PREFILL_TERMS, _nonnegative_lstsq(x[~decode][:, PREFILL_TERMS], rest,
+                                                          keep=0)):
+            values[i] = c
+        values[0] = max(values[0], 1e-6)
+        return cls(*values, wide_rows=wide if values[7] > 0 else 0)
 
 
-DECODE_TERMS = (0, 3, 4, 5)  # base, per row, per context token, batched: features() indices
+def _decode_fit(shapes: list[StepShape], y: torch.Tensor, decode: torch.Tensor, wide: int
+                ) -> tuple[int, list[float], float]:
+    """(wide, coefficients, squared error) of the decode terms on the decode-only steps."""
+    x = torch.tensor([s.features(wide) for s in shapes], dtype=torch.float64)[decode]
+    values = [0.0] * x.shape[1]
+    for i, c in zip(DECODE_TERMS, _nonnegative_lstsq(x[:, DECODE_TERMS], y[decode], keep=1)):
+        values[i] = c
+    residual = y[decode] - x[:, DECODE_TERMS] @ torch.tensor([values[i] for i in DECODE_TERMS],
+                                                               dtype=torch.float64)
+    return wide, values, float((residual ** 2).sum())
+
+
+DECODE_TERMS = (0, 3, 4, 5, 7)  # base, per row, per context token, batched, wide: indices
+WIDE_ROWS = (3, 4, 5, 6, 8, 12, 16)  # where a second kernel switch may sit
 PREFILL_TERMS = (1, 2, 6)  # per prompt token, per attention pair, prefill step
 
 

@@ -89,6 +89,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                       "--tokenizer` (a preset on a machine without the embedded model)")
     prof.set_defaults(func=commands.cmd_profile)
 
+    refit = sub.add_parser("refit", help="fit a profile's step-time models and serving terms "
+                           "again from the timings and probes it keeps (no device needed: "
+                           "after an upgrade of pdserve's step-time model)")
+    refit.add_argument("profile", help="the profile JSON to read")
+    refit.add_argument("-o", "--output", required=True, help="where to write the refitted one")
+    refit.set_defaults(func=commands.cmd_refit)
+
     sim = sub.add_parser("simulate", help="predict one layout (bench JSON)", epilog=EPILOG,
                          formatter_class=fmt)
     _add_sim(sim)

@@ -38,7 +38,9 @@ def prefill_work(m: StepTimeModel, prompt: int) -> float:
 def decode_step_seconds(m: StepTimeModel, batch: float, context: float) -> float:
     """A decode step of `batch` rows (a mean: the batched cost phases in from 1 to 2 rows)."""
     batched = m.per_batched_step_s * min(max(batch - 1.0, 0.0), 1.0)
-    return m.base_s + batched + batch * (m.per_decode_row_s + m.per_decode_context_s * context)
+    wide = m.per_wide_step_s if m.wide_rows and batch >= m.wide_rows else 0.0
+    return m.base_s + batched + wide + batch * (m.per_decode_row_s
+                                                + m.per_decode_context_s * context)
 
 
 def md1_wait(rate: float, service_s: float) -> float:

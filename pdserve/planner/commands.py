@@ -29,6 +29,23 @@ def cmd_profile(args: argparse.Namespace) -> int:
     profile = measure_profile(spec)
     print(f"profile of {profile.model} on {profile.device} ({profile.dtype}) in "
           f"{time.perf_counter() - start:.0f} s:")
+    _describe(profile)
+    print("saved", profile.save(args.output))
+    return 0
+
+
+def cmd_refit(args: argparse.Namespace) -> int:
+    """`pdserve plan refit`: the profile's own timings and probes, fitted again."""
+    from pdserve.planner.measure import refit_profile
+
+    profile = refit_profile(Profile.load(args.profile))
+    print(f"profile of {profile.model} on {profile.device} ({profile.dtype}), refitted:")
+    _describe(profile)
+    print("saved", profile.save(args.output))
+    return 0
+
+
+def _describe(profile: Profile) -> None:
     for units, model in profile.step_time.items():
         print(f"  {profile.parallelism}={units}: {model} "
               f"(median fit error {100 * profile.fit_error[units]:.1f}%)")
@@ -43,8 +60,6 @@ def cmd_profile(args: argparse.Namespace) -> int:
                   if c.measured else f"    beside a neighbour: not measured ({c.note})")
     if profile.router_overhead_measured:
         print(f"  a router adds {1e3 * profile.router_overhead_s:.1f} ms to a first token")
-    print("saved", profile.save(args.output))
-    return 0
 
 
 def sim_options(args: argparse.Namespace) -> SimOptions:

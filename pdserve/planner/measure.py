@@ -11,7 +11,7 @@ import gc
 import logging
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 import torch
@@ -24,10 +24,17 @@ from pdserve.engine.engine import (
     kv_bytes_per_block,
     resolve_device,
 )
-from pdserve.engine.step_time import StepTimeModel
+from pdserve.engine.step_time import StepShape, StepTimeModel
 from pdserve.planner.corun import measure_corun
 from pdserve.planner.profile import Profile, default_transports, describe_device
-from pdserve.planner.served import REPEATS, measure_router_overhead, measure_serving
+from pdserve.planner.served import (
+    PROMPT_LEN,
+    REPEATS,
+    Probe,
+    fit_overhead,
+    measure_router_overhead,
+    measure_serving,
+)
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +164,15 @@ def _fit(engine: Engine, spec: ProfileSpec, specs: list[StepSpec], block: int
             log.warning("profile: time limit reached after %d of %d shapes", len(timed),
                         len(specs))
             break
+    return fit_timed(timed)
+
+
+def fit_timed(timed: list[tuple[StepShape, float]]
+              ) -> tuple[StepTimeModel, float, list[list[float]]]:
+    """Fit timed steps; drop the stalls (a shared machine only ever makes a step slower) and
+    refit once. The model, its median relative error over the timings it kept, and every
+    timing with whether it was kept (Profile.samples)."""
     model = StepTimeModel.fit([s for s, _ in timed], [t for _, t in timed])
-    # a shared machine only ever makes a step slower: drop the stalled samples, refit once
     keep = [t <= STALL_FACTOR * model.seconds(s) for s, t in timed]
     if len(timed) // 2 <= sum(keep) < len(timed):
         log.info("profile: %d of %d timings were stalls, refitting without them",
@@ -172,3 +186,24 @@ def _fit(engine: Engine, spec: ProfileSpec, specs: list[StepSpec], block: int
     rows = [[s.prefill_tokens, s.prefill_attention, s.decode_rows, s.decode_context, t,
              float(k)] for (s, t), k in zip(timed, keep)]
     return model, error, rows
+
+
+def refit_profile(profile: Profile) -> Profile:
+    """`profile` with its step-time models fitted again from its own timings, and what
+    serving adds fitted again from its own probes: a profile taken by an older pdserve,
+    read by this one's model, without the device."""
+    step_time, errors, samples, serving = {}, {}, {}, dict(profile.serving)
+    for units, rows in profile.samples.items():
+        timed = [(StepShape(*(int(x) for x in r[:4])), r[4]) for r in rows]
+        step_time[units], errors[units], samples[units] = fit_timed(timed)
+        old = profile.serving.get(units)
+        if old is not None and old.measured:
+            probes = [Probe(**p) for p in old.probes]
+            serving[units] = fit_overhead(step_time[units],
+                                          [p for p in probes if p.prompt_len == PROMPT_LEN],
+                                          [p for p in probes if p.prompt_len != PROMPT_LEN])
+    if not step_time:
+        raise ValueError("the profile keeps no timings to fit again")
+    return replace(profile, step_time={**profile.step_time, **step_time},
+                   fit_error={**profile.fit_error, **errors}, samples=samples,
+                   serving=serving)

@@ -17,7 +17,7 @@ import json
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -79,9 +79,10 @@ class Profile:
             return self.step_time[units]
         near = self.scaled_from(units)
         m, k = self.step_time[near], near / units
-        return StepTimeModel(m.base_s, m.per_prefill_token_s * k, m.per_prefill_pair_s * k,
-                             m.per_decode_row_s * k, m.per_decode_context_s * k,
-                             m.per_batched_step_s, m.per_prefill_step_s)
+        return replace(m, per_prefill_token_s=m.per_prefill_token_s * k,
+                       per_prefill_pair_s=m.per_prefill_pair_s * k,
+                       per_decode_row_s=m.per_decode_row_s * k,
+                       per_decode_context_s=m.per_decode_context_s * k)
 
     def shared_step_model(self, units: int) -> StepTimeModel:
         """The step-time model of an instance on `units` while a neighbour on the same host

@@ -1,5 +1,7 @@
 """Prefill chunks sized by predicted step time (an ITL target), with a synthetic model."""
 
+from dataclasses import replace
+
 import pytest
 
 from pdserve.config import SchedulerConfig
@@ -133,6 +135,15 @@ def test_fit_recovers_a_linear_model_with_nonnegative_terms():
     one_row, two_rows = StepShape(decode_rows=1), StepShape(decode_rows=2)
     assert fixed_costs.seconds(two_rows) - fixed_costs.seconds(one_row) == pytest.approx(
         0.02 + MODEL.per_decode_row_s)
+    # a second kernel switch at 4 rows is found, and its cost; none is invented where there
+    # is none (above: wide_rows stays 0)
+    shapes += [StepShape(0, 0, d, d * c) for d in (2, 3, 5, 6, 8) for c in (32, 512)]
+    switch = replace(fixed_costs, per_wide_step_s=0.03, wide_rows=4)
+    fitted = StepTimeModel.fit(shapes, [switch.seconds(s) for s in shapes])
+    assert fitted.wide_rows == 4
+    for name, value in switch.to_dict().items():
+        assert getattr(fitted, name) == pytest.approx(value, rel=1e-3, abs=1e-12)
+    assert StepTimeModel.from_dict(switch.to_dict()) == switch
     # a noisy negative slope is dropped, not kept
     flat = StepTimeModel.fit(shapes, [0.02 - 1e-9 * s.prefill_tokens for s in shapes])
     assert min(flat.to_dict().values()) >= 0 and flat.base_s > 0
