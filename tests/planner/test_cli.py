@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from pdserve.engine.step_time import StepShape, StepTimeModel
+from pdserve.planner.profile import Profile
 from tests.planner.conftest import synthetic_profile
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,3 +61,22 @@ def test_simulate_writes_bench_json_for_bench_compare(profile_path, tmp_path):
     assert result["predicted"] is True and result["completed"] == 40
     table = pdserve("bench", "compare", *paths).stdout
     assert "2xC/1 vs 1P/1+1D/1" in table and "mean_itl_ms" in table
+
+
+def test_refit_reads_a_profiles_own_timings_with_the_current_model(tmp_path):
+    """An older profile (no wide-step term) whose timings show a kernel switch at 4 rows:
+    `plan refit` finds it from the timings the file keeps; no device is touched."""
+    switch = StepTimeModel(0.05, 0.002, 1e-7, 0.005, 1e-6, 0.02, 0.01, 0.06, 4)
+    shapes = [StepShape(0, 0, d, d * c) for d in (1, 2, 3, 4, 5, 6, 8, 12) for c in (64, 400)]
+    shapes += [StepShape(p, p * (p + 1) // 2, d, d * 200) for p in (16, 128, 512)
+               for d in (0, 3)]
+    old = synthetic_profile()
+    old.samples = {1: [[s.prefill_tokens, s.prefill_attention, s.decode_rows,
+                        s.decode_context, switch.seconds(s), 1.0] for s in shapes]}
+    path = old.save(str(tmp_path / "old.json"))
+    out = pdserve("plan", "refit", path, "-o", str(tmp_path / "new.json"))
+    assert "wide_rows=4" in out.stdout and "saved" in out.stdout
+    new = Profile.load(str(tmp_path / "new.json"))
+    assert new.step_time[1].wide_rows == 4
+    assert new.step_time[1].per_wide_step_s == pytest.approx(0.06, rel=1e-6)
+    assert new.fit_error[1] < 1e-6 and new.samples == old.samples

@@ -10,7 +10,7 @@ import pytest
 
 from pdserve.cpu_affinity import usable_cpus
 from pdserve.engine.step_time import StepShape, StepTimeModel
-from pdserve.planner.measure import ProfileSpec, measure_profile
+from pdserve.planner.measure import ProfileSpec, measure_profile, refit_profile
 from pdserve.planner.profile import Profile
 from pdserve.planner.speed import check_speed
 
@@ -33,6 +33,11 @@ def test_a_tiny_cpu_profile_saves_and_loads(tmp_path):
     shapes = [StepShape(*(int(x) for x in r[:4])) for r in kept]
     refit = StepTimeModel.fit(shapes, [r[4] for r in kept]).to_dict()
     assert refit == pytest.approx(model.to_dict(), rel=1e-9, abs=1e-15)
+    # `plan refit`: the same timings and probes, fitted again without the device
+    again = refit_profile(loaded)
+    assert again.step_time[1].to_dict() == pytest.approx(model.to_dict(), rel=1e-9, abs=1e-15)
+    assert again.samples == loaded.samples and again.serving[1].probes == loaded.serving[1].probes
+    assert again.serving[1].row_s == pytest.approx(loaded.serving[1].row_s, rel=1e-9, abs=1e-15)
     assert loaded.kv_bytes_per_token == 30 * 2 * 3 * 64 * 4  # layers, K+V, heads, dim, fp32
     assert loaded.transfer_seconds(1000) > loaded.transfer_seconds(10) > 0
     assert loaded.step_model(2).base_s == model.base_s  # unprofiled: scaled, base kept
