@@ -133,7 +133,7 @@ class StepTimeModel:
         latencies worse: docs/PERF.md, "Planner on one GPU".)"""
         y = torch.tensor(seconds, dtype=torch.float64)
         decode = torch.tensor([s.prefill_tokens == 0 for s in shapes], dtype=torch.bool)
-        if int(decode.sum()) < len(DECODE_TERMS) + 1 or int((~decode).sum()) < len(PREFILL_TERMS):
+        if int(decode.sum()) < len(DECODE_TERMS) or int((~decode).sum()) < len(PREFILL_TERMS):
             x = torch.tensor([s.features() for s in shapes], dtype=torch.float64)
             values = _nonnegative_lstsq(x, y, keep=1)
             values[0] = max(values[0], 1e-6)  # a step is never free
