@@ -33,6 +33,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from pdserve.planner.validate import error_pct
+
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "results" / "planner" / "validation_cpu"
 WORKLOADS = {  # name -> (prompt tokens, request rate)
@@ -73,12 +75,6 @@ def validate(name: str, profile: Path, num_prompts: int, port: int, out: Path,
     return json.loads((folder / "validation.json").read_text())
 
 
-def error(pred: float | None, meas: float | None) -> float | None:
-    if not isinstance(pred, int | float) or not isinstance(meas, int | float) or not meas:
-        return None
-    return 100.0 * (pred - meas) / meas
-
-
 def report(results: dict[str, dict], meta: dict) -> str:
     checked = any("predicted_at_speed" in run for v in results.values() for run in v["runs"])
     lines = [f"# `pdserve plan` validated on this CPU ({meta['date']})", "",
@@ -99,14 +95,14 @@ def report(results: dict[str, dict], meta: dict) -> str:
             speed = run.get("speed")
             for m in (*MEANS, *TAILS, "request_goodput"):
                 p, q = run["predicted"].get(m), run["measured"].get(m)
-                e = error(p, q)
+                e = error_pct(p, q)
                 if e is not None and m in errors:
                     errors[m].append(abs(e))
                 line = (f"| {name} | {run['layout']} | {m} | {_n(p)} | {_n(q)} | "
                         f"{_e(e)} |")
                 if checked:
                     s = run.get("predicted_at_speed", {}).get(m)
-                    es = error(s, q)
+                    es = error_pct(s, q)
                     if es is not None and m in errors_at_speed:
                         errors_at_speed[m].append(abs(es))
                     line += (f" {_n(s)} | {_e(es)} | " + (

@@ -100,11 +100,14 @@ class StepTimeModel:
     def scaled(self, prefill: float, decode: float) -> StepTimeModel:
         """This model with its prefill terms times `prefill` and its base and decode terms
         times `decode`: the same engine slowed by a neighbour (planner/corun.py)."""
-        return StepTimeModel(self.base_s * decode, self.per_prefill_token_s * prefill,
-                             self.per_prefill_pair_s * prefill, self.per_decode_row_s * decode,
-                             self.per_decode_context_s * decode,
-                             self.per_batched_step_s * decode, self.per_prefill_step_s * prefill,
-                             self.per_wide_step_s * decode, self.wide_rows)
+        return replace(self, base_s=self.base_s * decode,
+                       per_prefill_token_s=self.per_prefill_token_s * prefill,
+                       per_prefill_pair_s=self.per_prefill_pair_s * prefill,
+                       per_decode_row_s=self.per_decode_row_s * decode,
+                       per_decode_context_s=self.per_decode_context_s * decode,
+                       per_batched_step_s=self.per_batched_step_s * decode,
+                       per_prefill_step_s=self.per_prefill_step_s * prefill,
+                       per_wide_step_s=self.per_wide_step_s * decode)
 
     def _coefficients(self) -> list[float]:
         return [self.base_s, self.per_prefill_token_s, self.per_prefill_pair_s,

@@ -28,12 +28,11 @@ from pdserve.engine.step_time import StepShape, StepTimeModel
 from pdserve.planner.corun import measure_corun
 from pdserve.planner.profile import Profile, default_transports, describe_device
 from pdserve.planner.served import (
-    PROMPT_LEN,
     REPEATS,
-    Probe,
     fit_overhead,
     measure_router_overhead,
     measure_serving,
+    split_probes,
 )
 
 log = logging.getLogger(__name__)
@@ -198,10 +197,7 @@ def refit_profile(profile: Profile) -> Profile:
         step_time[units], errors[units], samples[units] = fit_timed(timed)
         old = profile.serving.get(units)
         if old is not None and old.measured:
-            probes = [Probe(**p) for p in old.probes]
-            serving[units] = fit_overhead(step_time[units],
-                                          [p for p in probes if p.prompt_len == PROMPT_LEN],
-                                          [p for p in probes if p.prompt_len != PROMPT_LEN])
+            serving[units] = fit_overhead(step_time[units], *split_probes(old.probes))
     if not step_time:
         raise ValueError("the profile keeps no timings to fit again")
     return replace(profile, step_time={**profile.step_time, **step_time},

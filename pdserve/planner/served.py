@@ -89,13 +89,21 @@ def measure_serving(model: StepTimeModel, threads: int | None, model_name: str |
 
 
 def fastest_probe(url: str, prompt_len: int, output_len: int, streams: int, repeats: int
-             ) -> Probe:
+                  ) -> Probe:
     """The fastest of `repeats` batches: as for the runner's timings, another process's
     stall only ever makes a probe slower (one 8-stream probe of a 2-thread instance once
     took 133 ms a step where its neighbours said 80)."""
     probes = [_batch(url, prompt_len, output_len, streams) for _ in range(max(repeats, 1))]
     return Probe(prompt_len, streams, min(p.first_token_s for p in probes),
                  min(p.decode_step_s for p in probes))
+
+
+def split_probes(probes: list[dict]) -> tuple[list[Probe], list[Probe]]:
+    """A profile's kept probes (`ServingOverhead.probes`) as `measure_serving` took them:
+    the decode probes (PROMPT_LEN-token prompts, BATCHES streams), then the lone prompts."""
+    kept = [Probe(**p) for p in probes]
+    return ([p for p in kept if p.prompt_len == PROMPT_LEN],
+            [p for p in kept if p.prompt_len != PROMPT_LEN])
 
 
 def fit_overhead(model: StepTimeModel, decode: list[Probe], first: list[Probe]
@@ -180,7 +188,7 @@ def measure_router_overhead(threads: int | None, model_name: str | None, repeats
     """Seconds a `pdserve router` in front of an instance adds to a first token (the lone
     prompts, alternately through the router and straight to the instance), and the probes."""
     with probed_servers(threads, model_name, timeout_s, with_router=True,
-                  tokenizer=tokenizer) as (url, router):
+                        tokenizer=tokenizer) as (url, router):
         stream_once(router, 16, 4)  # warm both
         probes = []
         for _ in range(repeats):
@@ -194,8 +202,8 @@ def measure_router_overhead(threads: int | None, model_name: str | None, repeats
 
 @contextmanager
 def probed_servers(threads: int | None, model_name: str | None, timeout_s: float,
-             with_router: bool = False, tokenizer: str | None = None
-             ) -> Iterator[tuple[str, str]]:
+                   with_router: bool = False, tokenizer: str | None = None
+                   ) -> Iterator[tuple[str, str]]:
     """(instance URL, router URL or "") of a `pdserve serve` on free ports (pinned to the
     first `threads` cores on a CPU; None: a GPU instance), with a router in front of it if
     asked; started and stopped as `pdserve up` starts and stops its processes."""

@@ -21,8 +21,10 @@ from pdserve.planner.served import (
     OUTPUT_LEN,
     PROMPT_LEN,
     REPEATS,
+    Probe,
     fastest_probe,
     probed_servers,
+    split_probes,
     stream_once,
 )
 
@@ -40,17 +42,17 @@ class SpeedCheck:
         return f"decode x{self.decode:.2f}, prefill x{self.prefill:.2f} against the profile"
 
 
-def recorded_probes(profile: Profile, units: int) -> tuple[dict, dict]:
+def recorded_probes(profile: Profile, units: int) -> tuple[Probe, Probe]:
     """The profile's lone-stream decode probe and its longest lone-prompt probe on `units`."""
     overhead = profile.serving.get(units)
     if overhead is None or not overhead.measured:
         raise ValueError(f"the profile has no serving probe on {units} {profile.parallelism}; "
                          "profile again with `pdserve plan profile --served`")
-    decode = [p for p in overhead.probes if p["prompt_len"] == PROMPT_LEN and p["streams"] == 1]
-    first = [p for p in overhead.probes if p["prompt_len"] != PROMPT_LEN]
-    if not decode or not first:
+    decode, first = split_probes(overhead.probes)
+    lone = [p for p in decode if p.streams == 1]
+    if not lone or not first:
         raise ValueError("the profile's serving probe lacks a lone stream or a lone prompt")
-    return decode[0], max(first, key=lambda p: p["prompt_len"])
+    return lone[0], max(first, key=lambda p: p.prompt_len)
 
 
 def check_speed(profile: Profile, model_name: str | None, tokenizer: str | None = None,
@@ -63,7 +65,7 @@ def check_speed(profile: Profile, model_name: str | None, tokenizer: str | None 
     with probed_servers(threads, model_name, timeout_s, tokenizer=tokenizer) as (url, _):
         stream_once(url, 16, 4)  # warm: the first request pays for lazy set-up
         decode = fastest_probe(url, PROMPT_LEN, OUTPUT_LEN, 1, repeats)
-        first = fastest_probe(url, then_first["prompt_len"], 2, 1, repeats)
+        first = fastest_probe(url, then_first.prompt_len, 2, 1, repeats)
     return compared(profile, units, [asdict(decode), asdict(first)])
 
 
@@ -72,8 +74,8 @@ def compared(profile: Profile, units: int, probes: list[dict]) -> SpeedCheck:
     `check_speed` takes them) to `profile`'s own: a kept check read against a new profile."""
     then_decode, then_first = recorded_probes(profile, units)
     decode, first = probes
-    return SpeedCheck(units, decode["decode_step_s"] / then_decode["decode_step_s"],
-                      first["first_token_s"] / then_first["first_token_s"], probes)
+    return SpeedCheck(units, decode["decode_step_s"] / then_decode.decode_step_s,
+                      first["first_token_s"] / then_first.first_token_s, probes)
 
 
 def at_speed(profile: Profile, check: SpeedCheck) -> Profile:

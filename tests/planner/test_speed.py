@@ -3,7 +3,7 @@ same profile on a machine that much slower would."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 
@@ -27,7 +27,7 @@ def _served(profile: Profile) -> Profile:
 
 def test_the_lone_stream_and_the_longest_lone_prompt_are_the_references(profile: Profile):
     decode, first = recorded_probes(_served(profile), 1)
-    assert decode == LONE and first["prompt_len"] == 256
+    assert asdict(decode) == LONE and first.prompt_len == 256
     with pytest.raises(ValueError, match="--served"):
         recorded_probes(profile, 1)  # nothing probed: say how to get it
 
