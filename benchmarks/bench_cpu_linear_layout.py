@@ -1,14 +1,15 @@
-"""CPU: a decode step's linears of the embedded SmolLM2, in the usual [N, K] layout and K-major.
+"""CPU: a decode step's linears of the embedded SmolLM2 in three layouts: the usual [N, K] and
+K-major on MKL, and packed for oneDNN (what pdserve uses, pdserve/models/cpu_layout.py).
 
     taskset -c 1 python3 benchmarks/bench_cpu_linear_layout.py --out cpu_linear_layout.json
 
 Every linear of the 30 layers (qkv, o, gate_up, down: each its own weight, so they stream
-from memory as in a real step) and the 49152-row LM head, `F.linear(x, W)` with W row-major
-[N, K] against W the transposed view of a contiguous [K, N] tensor (what pdserve stores on
-CPU, pdserve/models/cpu_layout.py), at 1 / 8 / 64 rows of x, one thread, float32. Layouts
-alternate in each of `--rounds` rounds; the median per layout is reported.
+from memory as in a real step) and the 49152-row LM head: `F.linear(x, W)` with W row-major
+[N, K], the same with W the transposed view of a contiguous [K, N] tensor, and oneDNN's
+`_linear_pointwise` on W packed by `_reorder_linear_weight`; float32, `--threads` threads
+(1). Layouts rotate in each of `--rounds` rounds; the median per layout is reported.
 `--engine-batches 1 8 16` also times whole decode steps of the engine (256-token contexts),
-swapping the model's weights between the two layouts in turn within one process.
+with and without the packed copies (MKL on the K-major weights), in turn within one process.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,21 +30,39 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # pdserve, for --e
 
 HIDDEN, INTERMEDIATE, QKV, LAYERS, VOCAB = 576, 1536, 960, 30, 49152
 SHAPES = [(QKV, HIDDEN), (HIDDEN, HIDDEN), (2 * INTERMEDIATE, HIDDEN), (HIDDEN, INTERMEDIATE)]
+LAYOUTS = ("usual", "k_major", "onednn")
+Linear = Callable[[torch.Tensor], torch.Tensor]
 
 
-def step_ms(weights: list[torch.Tensor], rows: int, reps: int = 3) -> float:
+def layout_linears(weights: list[torch.Tensor], layout: str) -> list[tuple[int, Linear]]:
+    """(K, x -> x W^T) for each weight, in `layout`."""
+    out = []
+    for w in weights:
+        if layout == "usual":
+            out.append((w.shape[1], lambda x, w=w: F.linear(x, w)))
+        elif layout == "k_major":
+            wk = w.t().contiguous().t()
+            out.append((w.shape[1], lambda x, wk=wk: F.linear(x, wk)))
+        else:
+            packed = torch.ops.mkldnn._reorder_linear_weight(w)
+            out.append((w.shape[1], lambda x, p=packed: torch.ops.mkldnn._linear_pointwise(
+                x, p, None, "none", [], "")))
+    return out
+
+
+def step_ms(linears: list[tuple[int, Linear]], rows: int, reps: int = 3) -> float:
     xs = {k: torch.randn(rows, k) for k in (HIDDEN, INTERMEDIATE)}
-    for w in weights:  # warm-up
-        F.linear(xs[w.shape[1]], w)
+    for k, f in linears:  # warm-up
+        f(xs[k])
     start = time.perf_counter()
     for _ in range(reps):
-        for w in weights:
-            F.linear(xs[w.shape[1]], w)
+        for k, f in linears:
+            f(xs[k])
     return (time.perf_counter() - start) / reps * 1e3
 
 
-def engine_step_ms(batch: int, windows: int = 8, steps: int = 8) -> dict:
-    """Median decode step of the engine, each layout in turn (windows of `steps` steps)."""
+def engine_step_ms(batch: int, threads: int, windows: int = 8, steps: int = 8) -> dict:
+    """Median decode step of the engine with and without oneDNN, in turn (windows of `steps`)."""
     import random
 
     from benchmarks.bench_engine import step_until_decoding
@@ -51,70 +71,86 @@ def engine_step_ms(batch: int, windows: int = 8, steps: int = 8) -> dict:
     from pdserve.engine.outputs import EngineRequest
     from pdserve.engine.sampling_params import SamplingParams
 
-    engine = Engine(EngineArgs(model=None, device="cpu", dtype="float32", cpu_threads=1,
+    engine = Engine(EngineArgs(model=None, device="cpu", dtype="float32", cpu_threads=threads,
                                cache=CacheConfig(kv_cache_memory=256 * 2**20),
                                scheduler=SchedulerConfig(max_num_seqs=max(batch, 8),
                                                          max_model_len=4096)))
-    params = [p for p in engine.runner.model.parameters() if p.dim() == 2]
-    layouts = {"k_major": [p.data for p in params],
-               "usual": [p.data.contiguous() for p in params]}
+    modules = [m for m in engine.runner.model.modules()
+               if getattr(m, "onednn_weight", None) is not None]
+    packed = [m.onednn_weight for m in modules]
+    if not modules:
+        raise SystemExit("this torch has no oneDNN linear (or PDSERVE_CPU_ONEDNN=0)")
     rng = random.Random(0)
     for i in range(batch):
         engine.add_request(EngineRequest(
             f"r{i}", [rng.randrange(100, 40000) for _ in range(256)],
             SamplingParams(max_tokens=2000, temperature=0.0, ignore_eos=True)))
     step_until_decoding(engine, batch)
-    times: dict[str, list[float]] = {"usual": [], "k_major": []}
+    times: dict[str, list[float]] = {"k_major": [], "onednn": []}
     for w in range(windows):
-        for name in ("usual", "k_major")[:: 1 if w % 2 == 0 else -1]:
-            for p, data in zip(params, layouts[name]):
-                p.data = data
+        for name in ("k_major", "onednn")[:: 1 if w % 2 == 0 else -1]:
+            for m, p in zip(modules, packed):
+                m.onednn_weight = p if name == "onednn" else None
             engine.step()
             start = time.perf_counter()
             for _ in range(steps):
                 engine.step()
             times[name].append((time.perf_counter() - start) / steps * 1e3)
     engine.close()
-    return {"batch": batch, "usual_ms": statistics.median(times["usual"]),
-            "k_major_ms": statistics.median(times["k_major"]), "windows_ms": times}
+    return {"batch": batch, "k_major_ms": statistics.median(times["k_major"]),
+            "onednn_ms": statistics.median(times["onednn"]), "windows_ms": times}
+
+
+def cpu_name() -> str:
+    """The CPU's model name, from /proc/cpuinfo where there is one."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "unknown"
+    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")),
+                "unknown")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, nargs="*", default=[1, 8, 64])
+    ap.add_argument("--rows", type=int, nargs="*", default=[1, 2, 4, 8, 16, 64, 512])
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--engine-batches", type=int, nargs="*", default=[],
                     help="also time the engine's decode step at these batch sizes")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    usual = {"layers": [torch.randn(n, k) for _ in range(LAYERS) for n, k in SHAPES],
-             "lm_head": [torch.randn(VOCAB, HIDDEN)]}
-    k_major = {part: [w.t().contiguous().t() for w in ws] for part, ws in usual.items()}
+    weights = {"layers": [torch.randn(n, k) for _ in range(LAYERS) for n, k in SHAPES],
+               "lm_head": [torch.randn(VOCAB, HIDDEN)]}
     rows_out = []
     for rows in args.rows:
-        for part in usual:
-            times: dict[str, list[float]] = {"usual": [], "k_major": []}
+        for part, ws in weights.items():
+            linears = {name: layout_linears(ws, name) for name in LAYOUTS}
+            times: dict[str, list[float]] = {name: [] for name in LAYOUTS}
             for r in range(args.rounds):
-                order = [("usual", usual), ("k_major", k_major)][:: 1 if r % 2 == 0 else -1]
-                for name, layout in order:
-                    times[name].append(step_ms(layout[part], rows))
-            a, b = statistics.median(times["usual"]), statistics.median(times["k_major"])
-            rows_out.append({"rows": rows, "part": part, "usual_ms": a, "k_major_ms": b,
-                             "speedup": a / b})
-            print(f"{rows:3d} rows, {part:8s}: usual {a:7.2f} ms, K-major {b:7.2f} ms "
-                  f"({a / b:.2f}x)", flush=True)
+                for i in range(len(LAYOUTS)):  # rotate which layout goes first
+                    name = LAYOUTS[(r + i) % len(LAYOUTS)]
+                    times[name].append(step_ms(linears[name], rows))
+            ms = {name: statistics.median(t) for name, t in times.items()}
+            rows_out.append({"rows": rows, "part": part,
+                             **{f"{name}_ms": v for name, v in ms.items()}})
+            print(f"{rows:4d} rows, {part:8s}: usual {ms['usual']:7.2f} ms, K-major "
+                  f"{ms['k_major']:7.2f} ms, oneDNN {ms['onednn']:7.2f} ms "
+                  f"(K-major / oneDNN {ms['k_major'] / ms['onednn']:.2f}x)", flush=True)
+            del linears
     engine_rows = []
     for batch in args.engine_batches:
-        r = engine_step_ms(batch)
+        r = engine_step_ms(batch, args.threads)
         engine_rows.append(r)
-        print(f"engine decode step, {batch} sequences: usual {r['usual_ms']:.1f} ms, K-major "
-              f"{r['k_major_ms']:.1f} ms", flush=True)
+        print(f"engine decode step, {batch} sequences: K-major on MKL {r['k_major_ms']:.1f} ms, "
+              f"oneDNN {r['onednn_ms']:.1f} ms", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps({
             "date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__,
+            "threads": args.threads, "cpu": cpu_name(),
             "load_average": [round(x, 2) for x in os.getloadavg()],
             "rows": rows_out, "engine": engine_rows}, indent=2))
 

@@ -9,6 +9,15 @@ AVX-512, MKL 2024.2, 2026-12-06; docs/PERF.md). Same values up to float rounding
 keeps the usual layout (cuBLAS and our GEMV read it as it is). A tied embedding table shares
 the LM head's storage: gathering rows from it gets slower (1024 tokens: 8.6 ms against
 0.4 ms), which a prefill of that many tokens (about 1.7 s here) does not notice.
+
+Each linear also gets a copy of its weight packed for oneDNN (`onednn_weight`), which
+`layers.linear` uses for all but one row on one thread. Measured on a 2-core AMD EPYC
+(AVX2, torch 2.13, 2026-12-07; benchmarks/bench_cpu_linear_layout.py), one thread, weights
+streamed from memory: the 30 layers' linears at 1 / 2 / 8 / 128 / 512 rows take 33 / 38 / 66
+/ 371 / 1213 ms K-major on MKL and 37 / 36 / 35 / 269 / 1012 ms packed on oneDNN; the LM head
+5.2 / 10.9 / 23.3 ms at 1 / 2 / 8 rows against 7.1 / 8.8 / 7.7. On two threads oneDNN wins at
+one row too (19 against 32 ms). The price is a second copy of the linear weights in memory
+(`PDSERVE_CPU_ONEDNN=0` keeps only the first).
 """
 
 from __future__ import annotations
@@ -16,9 +25,34 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pdserve import switches
 from pdserve.models.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear
 
 LINEARS = (ColumnParallelLinear, RowParallelLinear, ParallelLMHead, nn.Linear)
+ONEDNN_LINEARS = (ColumnParallelLinear, RowParallelLinear, ParallelLMHead)  # `layers.linear`'s
+
+
+def onednn_available() -> bool:
+    """Whether this torch build has oneDNN's packed linear (x86 and arm64 CPU wheels do)."""
+    return (torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+@torch.no_grad()
+def pack_linears_onednn(model: nn.Module) -> int:
+    """Give every float32 CPU linear of `model` its weight packed for oneDNN, unless
+    PDSERVE_CPU_ONEDNN=0 or torch lacks it. The number packed."""
+    if not (switches.SWITCHES.cpu_onednn and onednn_available()):
+        return 0
+    packed = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if (isinstance(module, ONEDNN_LINEARS) and weight is not None and weight.dim() == 2
+                and weight.device.type == "cpu" and weight.dtype == torch.float32):
+            module.onednn_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+            packed += 1
+    return packed
 
 
 @torch.no_grad()

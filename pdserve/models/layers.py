@@ -55,15 +55,27 @@ def fused_gemv_applies(
             and x.shape[0] == 1)
 
 
+def onednn_applies(x: torch.Tensor, onednn_weight: torch.Tensor | None) -> bool:
+    """Whether `linear` runs x through oneDNN on the weight's packed copy (CPU, float32).
+
+    Not for one row on one thread, where MKL on the K-major weight is ~10% faster; everywhere
+    else the packed copy is 1.2-3x faster (pdserve/models/cpu_layout.py)."""
+    return (onednn_weight is not None and x.dtype == onednn_weight.dtype
+            and (x.numel() > x.shape[-1] or torch.get_num_threads() > 1))
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           tp_size: int = 1) -> torch.Tensor:
-    """`F.linear`, or on the GPU for a single row the Triton GEMV (batch-1 decode: 5.79 vs
-    6.13 ms a Llama-3.1-8B step on an H100, see docs/PERF.md)."""
+           tp_size: int = 1, onednn_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear`; on the GPU for a single row the Triton GEMV (batch-1 decode: 5.79 vs
+    6.13 ms a Llama-3.1-8B step on an H100, see docs/PERF.md); on the CPU oneDNN on
+    `onednn_weight`, the weight packed for it, where that is faster."""
     if gemv_applies(x, weight, tp_size):
         from pdserve.kernels.triton_gemv import gemv
 
         y = gemv(x, weight)
         return y if bias is None else y + bias
+    if onednn_applies(x, onednn_weight):
+        return torch.ops.mkldnn._linear_pointwise(x, onednn_weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
 
@@ -201,6 +213,8 @@ class ColumnParallelLinear(nn.Module):
     `local_sizes[i]` rows of sub-matrix i starting at row `local_starts[i]` of the full one.
     """
 
+    onednn_weight: torch.Tensor | None = None  # on CPU, set by cpu_layout.pack_linears_onednn
+
     def __init__(
         self,
         input_size: int,
@@ -233,7 +247,7 @@ class ColumnParallelLinear(nn.Module):
         param.data[offset : offset + size].copy_(loaded[start : start + size])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.tp_size)
+        return linear(x, self.weight, self.bias, self.tp_size, self.onednn_weight)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -277,6 +291,8 @@ class QKVParallelLinear(ColumnParallelLinear):
 class RowParallelLinear(nn.Module):
     """y = x W^T (+ b) with W split by input columns; partial sums are all-reduced."""
 
+    onednn_weight: torch.Tensor | None = None  # on CPU, set by cpu_layout.pack_linears_onednn
+
     def __init__(
         self,
         input_size: int,
@@ -303,7 +319,8 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(loaded[:, start : start + self.input_size])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _all_reduce(linear(x, self.weight, tp_size=self.tp_size), self.tp_size)
+        y = _all_reduce(linear(x, self.weight, tp_size=self.tp_size,
+                               onednn_weight=self.onednn_weight), self.tp_size)
         # the bias is added once, after the reduction
         return y if self.bias is None else y + self.bias
 
@@ -340,8 +357,11 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Output projection to the vocabulary; each rank computes its vocab slice, then gathers."""
 
+    onednn_weight: torch.Tensor | None = None  # on CPU, set by cpu_layout.pack_linears_onednn
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        logits = linear(hidden, self.weight, tp_size=self.tp_size)
+        logits = linear(hidden, self.weight, tp_size=self.tp_size,
+                        onednn_weight=self.onednn_weight)
         if self.tp_size > 1:
             parts = [torch.empty_like(logits) for _ in range(self.tp_size)]
             dist.all_gather(parts, logits)

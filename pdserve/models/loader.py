@@ -23,7 +23,7 @@ from transformers import PreTrainedTokenizerBase
 
 from pdserve.config import ModelConfig
 from pdserve.models.cache import cache_root, file_key, write_atomically
-from pdserve.models.cpu_layout import store_linears_k_major
+from pdserve.models.cpu_layout import pack_linears_onednn, store_linears_k_major
 from pdserve.models.gguf_file import (
     EMBEDDED_NAME,
     embedded_gguf_path,
@@ -177,5 +177,6 @@ def load_model(
         model.load_weights(iter_gguf_tensors(reader, config))
         origin = f"{'embedded' if name is None else 'gguf'}:{source.target}"
     if device.type == "cpu":
+        pack_linears_onednn(model)
         store_linears_k_major(model)
     return LoadedModel(config=config, model=model.eval(), name=source.served_name, source=origin)

@@ -1,12 +1,27 @@
-"""CPU linears stored K-major: every linear of a loaded model, the same values, ties kept."""
+"""CPU linears: K-major for MKL, with a copy packed for oneDNN; the same values either way."""
 
 from __future__ import annotations
 
-import torch
+import dataclasses
 
-from pdserve.models.cpu_layout import store_linears_k_major
-from pdserve.models.layers import ColumnParallelLinear, RowParallelLinear
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pdserve import switches
+from pdserve.models.cpu_layout import onednn_available, pack_linears_onednn, store_linears_k_major
+from pdserve.models.layers import ColumnParallelLinear, RowParallelLinear, onednn_applies
 from pdserve.models.loader import load_model
+
+needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this torch has no oneDNN linear")
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_a_model_loaded_on_cpu_has_k_major_linears_and_its_tied_head_is_the_embedding():
@@ -16,6 +31,7 @@ def test_a_model_loaded_on_cpu_has_k_major_linears_and_its_tied_head_is_the_embe
     assert len(linears) == 4 * model.config.num_layers  # qkv, o, gate_up, down
     for m in [*linears, model.lm_head]:
         assert not m.weight.is_contiguous() and m.weight.t().is_contiguous()
+        assert (m.onednn_weight is not None) == onednn_available()
     assert model.lm_head.weight is model.model.embed_tokens.weight  # still one tensor
     # a second call finds nothing left to re-store and changes no value
     before = {n: p.clone() for n, p in model.named_parameters()}
@@ -23,10 +39,43 @@ def test_a_model_loaded_on_cpu_has_k_major_linears_and_its_tied_head_is_the_embe
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
-def test_k_major_linears_compute_what_the_usual_layout_does():
-    model = load_model(None, torch.float32, torch.device("cpu")).model
-    x = torch.randn(8, model.config.hidden_size)
-    proj = model.model.layers[0].mlp.gate_up_proj
-    k_major = proj(x)
-    proj.weight.data = proj.weight.data.contiguous()  # the usual [N, K] row-major layout
-    torch.testing.assert_close(k_major, proj(x), rtol=1e-5, atol=1e-5)
+def test_k_major_weights_compute_what_the_usual_layout_does():
+    weight = torch.randn(1536, 576)
+    k_major = weight.t().contiguous().t()
+    for rows in (1, 8):
+        x = torch.randn(rows, 576)
+        torch.testing.assert_close(F.linear(x, k_major), F.linear(x, weight), rtol=1e-5, atol=1e-4)
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape", [(1, 64), (8, 64), (2, 3, 64)])
+def test_onednn_linears_compute_what_f_linear_does_with_and_without_bias(shape, one_thread):
+    proj = ColumnParallelLinear(64, [48, 48], bias=True)
+    down = RowParallelLinear(96, 64)
+    for p in [*proj.parameters(), *down.parameters()]:
+        torch.nn.init.normal_(p)
+    assert pack_linears_onednn(torch.nn.Sequential(proj, down)) == 2
+    x = torch.randn(*shape)
+    assert onednn_applies(x, proj.onednn_weight) == (x.numel() > 64)
+    hidden = proj(x)
+    torch.testing.assert_close(hidden, F.linear(x, proj.weight, proj.bias), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(down(hidden), F.linear(hidden, down.weight), rtol=1e-5, atol=1e-3)
+
+
+@needs_onednn
+def test_one_row_takes_mkl_on_one_thread_and_onednn_on_two(one_thread):
+    packed = torch.ops.mkldnn._reorder_linear_weight(torch.randn(32, 16))
+    row, rows = torch.randn(1, 16), torch.randn(2, 16)
+    assert not onednn_applies(row, packed) and onednn_applies(rows, packed)
+    assert not onednn_applies(rows, None)  # nothing packed: MKL
+    assert not onednn_applies(rows.double(), packed)  # another dtype than the packed copy's
+    torch.set_num_threads(2)
+    assert onednn_applies(row, packed)
+
+
+def test_pdserve_cpu_onednn_0_packs_nothing(monkeypatch):
+    off = dataclasses.replace(switches.SWITCHES, cpu_onednn=False)
+    monkeypatch.setattr(switches, "SWITCHES", off)
+    proj = ColumnParallelLinear(16, [32])
+    assert pack_linears_onednn(proj) == 0 and proj.onednn_weight is None
+    assert switches.read_switches({"PDSERVE_CPU_ONEDNN": "0"}).cpu_onednn is False
