@@ -10,14 +10,14 @@ keeps the usual layout (cuBLAS and our GEMV read it as it is). A tied embedding 
 the LM head's storage: gathering rows from it gets slower (1024 tokens: 8.6 ms against
 0.4 ms), which a prefill of that many tokens (about 1.7 s here) does not notice.
 
-Each linear also gets a copy of its weight packed for oneDNN (`onednn_weight`), which
-`layers.linear` uses for all but one row on one thread. Measured on a 2-core AMD EPYC
-(AVX2, torch 2.13, 2026-12-07; benchmarks/bench_cpu_linear_layout.py), one thread, weights
-streamed from memory: the 30 layers' linears at 1 / 2 / 8 / 128 / 512 rows take 33 / 38 / 66
-/ 371 / 1213 ms K-major on MKL and 37 / 36 / 35 / 269 / 1012 ms packed on oneDNN; the LM head
-5.2 / 10.9 / 23.3 ms at 1 / 2 / 8 rows against 7.1 / 8.8 / 7.7. On two threads oneDNN wins at
-one row too (19 against 32 ms). The price is a second copy of the linear weights in memory
-(`PDSERVE_CPU_ONEDNN=0` keeps only the first).
+Each linear also gets a copy of its weight packed for oneDNN (`onednn_weight`, as vLLM's CPU
+build does), which `layers.linear` uses for all but one row on one thread. On a 2-core AMD
+EPYC (AVX2, torch 2.13, 2026-12-07; benchmarks/bench_cpu_linear_layout.py, docs/PERF.md), one
+thread, weights streamed from memory, the 30 layers' linears at 1 / 2 / 4 / 8 / 64 / 512 rows
+took 27 / 40 / 54 / 67 / 184 / 1213 ms K-major on MKL and 29 / 36 / 24 / 36 / 135 / 1007 ms
+packed on oneDNN; the LM head 4.9 / 9.1 / 21 ms at 1 / 2 / 8 rows against 7.2 / 8.7 / 8.2. On
+two threads oneDNN wins at one row too. The price is a second copy of the linear weights in
+memory (`PDSERVE_CPU_ONEDNN=0` keeps only the first).
 """
 
 from __future__ import annotations
