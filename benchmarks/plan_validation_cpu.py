@@ -61,8 +61,9 @@ def pdserve(*args: str, log: Path | None = None) -> None:
 
 
 def validate(name: str, profile: Path, num_prompts: int, port: int, out: Path,
-             reuse: bool, speed_check: bool) -> dict:
+             reuse: bool, speed_check: bool, rate_scale: float = 1.0) -> dict:
     prompt, rate = WORKLOADS[name]
+    rate = round(rate * rate_scale, 3)
     folder = out / name
     pdserve("plan", "validate", "--profile", str(profile), "--cores", "2",
             "--layouts", "all", "--pin-instances", "--port", str(port),
@@ -79,6 +80,9 @@ def report(results: dict[str, dict], meta: dict) -> str:
     checked = any("predicted_at_speed" in run for v in results.values() for run in v["runs"])
     lines = [f"# `pdserve plan` validated on this CPU ({meta['date']})", "",
              f"Profile: `{meta['profile']}`. {meta['how']}", ""]
+    if "rates" in meta:
+        lines += ["Request rates (req/s): " + ", ".join(
+            f"{name} {rate}" for name, rate in meta["rates"].items()) + ".", ""]
     if checked:
         lines += ["\"At speed\": predicted from the profile scaled by a speed check run just "
                   "before the layout (the profile's lone-stream probes again; "
@@ -162,6 +166,9 @@ def main() -> None:
                     help="predict again with --profile, compare with the runs already there")
     ap.add_argument("--speed-check", action="store_true",
                     help="plan validate --speed-check: the machine's speed before each layout")
+    ap.add_argument("--rate-scale", type=float, default=1.0,
+                    help="multiply every workload's request rate (the rates suit a 2-core "
+                         "Xeon with AVX-512; size them to a slower or faster machine)")
     args = ap.parse_args()
     out = Path(args.result_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -172,9 +179,12 @@ def main() -> None:
                 "-o", str(profile), log=out / "profile.log")
     start = time.monotonic()
     results = {name: validate(name, profile, args.num_prompts, args.port, out,
-                              args.reuse_measured, args.speed_check) for name in args.workloads}
+                              args.reuse_measured, args.speed_check, args.rate_scale)
+               for name in args.workloads}
     meta = {"date": datetime.now(UTC).isoformat(timespec="minutes"),
             "profile": os.path.relpath(profile, REPO),
+            "rates": {name: round(WORKLOADS[name][1] * args.rate_scale, 3)
+                      for name in args.workloads},
             "how": f"{args.num_prompts} random prompts a run (+-25% length), {OUTPUT_LEN} "
                    f"output tokens, SLOs {' '.join(SLOS)}; instances pinned to their own "
                    "cores, router and load generator floating; "

@@ -98,8 +98,8 @@ class Switches:
         "boot; the Ray launcher sets its node's id (two nodes on one machine still use TCP).")
     cache_dir: Path | None = _switch(
         "PDSERVE_CACHE_DIR", None, _path,
-        "Where converted tokenizers and parsed GGUF configs are cached; unset = "
-        "~/.cache/pdserve.")
+        "Where converted tokenizers, parsed GGUF configs and a GGUF's dequantized weights "
+        "are cached; unset = ~/.cache/pdserve.")
 
 
 def env_name(name: str) -> str:

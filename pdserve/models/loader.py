@@ -24,18 +24,14 @@ from transformers import PreTrainedTokenizerBase
 from pdserve.config import ModelConfig
 from pdserve.models.cache import cache_root, file_key, write_atomically
 from pdserve.models.cpu_layout import pack_linears_onednn, store_linears_k_major
-from pdserve.models.gguf_file import (
-    EMBEDDED_NAME,
-    embedded_gguf_path,
-    gguf_config,
-    iter_gguf_tensors,
-)
+from pdserve.models.gguf_file import EMBEDDED_NAME, embedded_gguf_path, gguf_config
 from pdserve.models.hf_folder import hf_folder_config, is_hf_folder, iter_safetensors
 from pdserve.models.llama import LlamaForCausalLM
 from pdserve.models.presets import preset_config
 from pdserve.models.random_weights import init_random_weights
 from pdserve.models.smolvlm import SmolVLMForConditionalGeneration
 from pdserve.models.tokenizer import folder_tokenizer, gguf_tokenizer
+from pdserve.models.weight_cache import gguf_weights
 
 
 @dataclass
@@ -161,8 +157,7 @@ def load_model(
     """
     source = _resolve(name)
     device = torch.device(device)
-    reader = gguf.GGUFReader(source.target) if source.kind == "gguf" else None
-    config = gguf_config(reader) if reader is not None else model_config(name)
+    config = model_config(name)
     model_class = LlamaForCausalLM if config.vision is None else SmolVLMForConditionalGeneration
     with _building_on(device, dtype):
         model = model_class(config, tp_rank=tp_rank, tp_size=tp_size)
@@ -173,8 +168,7 @@ def load_model(
         model.load_weights(iter_safetensors(source.target))
         origin = f"hf:{source.target}"
     else:
-        assert reader is not None
-        model.load_weights(iter_gguf_tensors(reader, config))
+        model.load_weights(gguf_weights(Path(source.target), config))
         origin = f"{'embedded' if name is None else 'gguf'}:{source.target}"
     if device.type == "cpu":
         pack_linears_onednn(model)
