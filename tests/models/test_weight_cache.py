@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import gguf
 import pytest
@@ -18,7 +19,8 @@ from pdserve.models.loader import model_config
 def empty_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(switches, "SWITCHES",
                         dataclasses.replace(switches.SWITCHES, cache_dir=tmp_path))
-    return tmp_path
+    yield tmp_path
+    shutil.rmtree(tmp_path / "weights", ignore_errors=True)  # ~0.5 GB a copy: not kept
 
 
 def test_the_second_load_reads_the_kept_copy_without_opening_the_gguf(empty_cache, monkeypatch):
