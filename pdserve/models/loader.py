@@ -33,6 +33,8 @@ from pdserve.models.smolvlm import SmolVLMForConditionalGeneration
 from pdserve.models.tokenizer import folder_tokenizer, gguf_tokenizer
 from pdserve.models.weight_cache import gguf_weights
 
+CONFIG_FORMAT = 1  # the version of gguf_config's reading, in its cache's key
+
 
 @dataclass
 class LoadedModel:
@@ -67,8 +69,9 @@ def _resolve(name: str | None) -> _Source:
 
 
 def _gguf_model_config(path: Path) -> ModelConfig:
-    # opening a GGUF parses its whole vocabulary (seconds); the config is cached as JSON
-    cached = cache_root() / "configs" / f"{file_key(path)}.json"
+    # opening a GGUF parses its whole vocabulary (seconds); the config is cached as JSON,
+    # keyed by the file and CONFIG_FORMAT (bumped when gguf_config reads a file differently)
+    cached = cache_root() / "configs" / f"{file_key(path)}-v{CONFIG_FORMAT}.json"
     if cached.is_file():
         with contextlib.suppress(TypeError, ValueError):  # unreadable or from an older ModelConfig
             return ModelConfig(**json.loads(cached.read_text()))
