@@ -85,8 +85,9 @@ class Switches:
         "cores, since instances share machines and oversubscribed OpenMP threads spin.")
     cpu_onednn: bool = _switch(
         "PDSERVE_CPU_ONEDNN", True, _flag,
-        "CPU float32 linears through oneDNN on a packed copy of each weight (1.2-3x faster "
-        "GEMMs at 2+ rows); 0 keeps MKL on the plain weights only, and half the weight memory.")
+        "CPU float32 linears of decode-sized steps through oneDNN on a packed copy of each "
+        "weight (1.3-4x faster GEMMs); 0 keeps MKL on the plain weights only, and half the "
+        "weight memory.")
     tp_share_gpus: bool = _switch(
         "PDSERVE_TP_SHARE_GPUS", False, _flag,
         "Test mode: more tensor-parallel ranks than visible GPUs, sharing them over gloo "

@@ -55,13 +55,21 @@ def fused_gemv_applies(
             and x.shape[0] == 1)
 
 
+ONEDNN_MAX_ROWS = 64  # oneDNN caches a primitive (~0.6-3.5 MB) per row count it has seen
+
+
 def onednn_applies(x: torch.Tensor, onednn_weight: torch.Tensor | None) -> bool:
     """Whether `linear` runs x through oneDNN on the weight's packed copy (CPU, float32).
 
-    Not for one row on one thread, where MKL on the K-major weight is ~10% faster; everywhere
-    else the packed copy is 1.2-3x faster (pdserve/models/cpu_layout.py)."""
-    return (onednn_weight is not None and x.dtype == onednn_weight.dtype
-            and (x.numel() > x.shape[-1] or torch.get_num_threads() > 1))
+    Decode-sized steps only: 2 to ONEDNN_MAX_ROWS rows, and one row on two or more threads,
+    where the packed copy is 1.3-4x faster (pdserve/models/cpu_layout.py). One row on one
+    thread stays on MKL (~10% faster there), and so do prefill-sized steps: every new row
+    count leaves a primitive in oneDNN's cache, and a server sees every prompt length (200
+    row counts of one shape grew a process by 0.7 GB; 2-64 rows of all five shapes, 0.2 GB)."""
+    if onednn_weight is None or x.dtype != onednn_weight.dtype:
+        return False
+    rows = x.numel() // x.shape[-1]
+    return 2 <= rows <= ONEDNN_MAX_ROWS or (rows == 1 and torch.get_num_threads() > 1)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

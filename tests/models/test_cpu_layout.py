@@ -10,7 +10,12 @@ import torch.nn.functional as F
 
 from pdserve import switches
 from pdserve.models.cpu_layout import onednn_available, pack_linears_onednn, store_linears_k_major
-from pdserve.models.layers import ColumnParallelLinear, RowParallelLinear, onednn_applies
+from pdserve.models.layers import (
+    ONEDNN_MAX_ROWS,
+    ColumnParallelLinear,
+    RowParallelLinear,
+    onednn_applies,
+)
 from pdserve.models.loader import load_model
 
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this torch has no oneDNN linear")
@@ -69,6 +74,9 @@ def test_one_row_takes_mkl_on_one_thread_and_onednn_on_two(one_thread):
     assert not onednn_applies(row, packed) and onednn_applies(rows, packed)
     assert not onednn_applies(rows, None)  # nothing packed: MKL
     assert not onednn_applies(rows.double(), packed)  # another dtype than the packed copy's
+    prefill = torch.randn(ONEDNN_MAX_ROWS + 1, 16)  # prompt-sized: MKL, no new oneDNN primitive
+    assert onednn_applies(torch.randn(ONEDNN_MAX_ROWS, 16), packed)
+    assert not onednn_applies(prefill, packed)
     torch.set_num_threads(2)
     assert onednn_applies(row, packed)
 
