@@ -21,6 +21,13 @@ from pdserve.models.loader import load_model
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this torch has no oneDNN linear")
 
 
+@pytest.fixture(autouse=True)
+def onednn_on(monkeypatch):
+    """tests/conftest.py turns the packed copies off for the suite; these tests are theirs."""
+    on = dataclasses.replace(switches.SWITCHES, cpu_onednn=True)
+    monkeypatch.setattr(switches, "SWITCHES", on)
+
+
 @pytest.fixture
 def one_thread():
     threads = torch.get_num_threads()
