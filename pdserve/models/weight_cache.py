@@ -11,7 +11,6 @@ weights fit `MAX_CACHED_BYTES`: a big quantized GGUF would grow four-fold or mor
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from pdserve.config import ModelConfig
-from pdserve.models.cache import cache_root, file_key
+from pdserve.models.cache import cache_root, file_key, replace_atomically
 from pdserve.models.gguf_file import iter_gguf_tensors
 
 FORMAT = 1  # the conversion's version: iter_gguf_tensors' names, permutations and dtype
@@ -59,12 +58,8 @@ def gguf_weights(path: Path, config: ModelConfig) -> Iterator[tuple[str, torch.T
 
 
 def _save_atomically(tensors: dict[str, torch.Tensor], target: Path) -> None:
-    """Write so that a concurrent reader sees the whole file or none; a failure only logs."""
-    temporary = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    """Keep the converted weights; a failure only logs."""
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(temporary))
-        os.replace(temporary, target)
+        replace_atomically(target, lambda path: save_file(tensors, str(path)))
     except OSError as err:  # a read-only or full disk: serve anyway, convert next time too
         log.warning("could not keep converted weights at %s: %s", target, err)
-        temporary.unlink(missing_ok=True)
