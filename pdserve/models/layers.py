@@ -56,6 +56,11 @@ def fused_gemv_applies(
 
 
 ONEDNN_MAX_ROWS = 64  # oneDNN caches a primitive (~0.6-3.5 MB) per row count it has seen
+# 2 rows are padded to 3: on AVX2 oneDNN's kernel for 2 rows is slower than for 3 (the 30
+# layers' linears, one thread: 36.7 ms against 26.6; the engine's decode step of 2 sequences
+# 72.6 -> 60.0 ms; 2-core EPYC, 2026-12-07). One row on one thread stays on MKL, where padding
+# gained nothing (49.8 / 50.2 ms); on two threads padding changed nothing measurable.
+ONEDNN_MIN_ROWS = 3
 
 
 def onednn_applies(x: torch.Tensor, onednn_weight: torch.Tensor | None) -> bool:
@@ -72,6 +77,18 @@ def onednn_applies(x: torch.Tensor, onednn_weight: torch.Tensor | None) -> bool:
     return 2 <= rows <= ONEDNN_MAX_ROWS or (rows == 1 and torch.get_num_threads() > 1)
 
 
+def onednn_linear(x: torch.Tensor, onednn_weight: torch.Tensor,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    """x W^T (+ bias) through oneDNN, fewer than ONEDNN_MIN_ROWS rows padded up to it."""
+    rows = x.numel() // x.shape[-1]
+    if rows >= ONEDNN_MIN_ROWS:
+        return torch.ops.mkldnn._linear_pointwise(x, onednn_weight, bias, "none", [], "")
+    padded = x.new_zeros(ONEDNN_MIN_ROWS, x.shape[-1])
+    padded[:rows] = x.reshape(rows, x.shape[-1])
+    y = torch.ops.mkldnn._linear_pointwise(padded, onednn_weight, bias, "none", [], "")
+    return y[:rows].reshape(*x.shape[:-1], y.shape[-1])
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            tp_size: int = 1, onednn_weight: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear`; on the GPU for a single row the Triton GEMV (batch-1 decode: 5.79 vs
@@ -83,7 +100,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         y = gemv(x, weight)
         return y if bias is None else y + bias
     if onednn_applies(x, onednn_weight):
-        return torch.ops.mkldnn._linear_pointwise(x, onednn_weight, bias, "none", [], "")
+        return onednn_linear(x, onednn_weight, bias)
     return F.linear(x, weight, bias)
 
 

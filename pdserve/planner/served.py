@@ -11,9 +11,12 @@ a few requests of known shapes through it, and fits
     first token  = request_s + served step of the whole prompt
 
 from the gaps a client sees. The simulator adds the same terms (planner/instance.py).
-step_s may come out negative: the runner's linear fit over all shapes can over-predict the
-small decode steps a server mostly runs, and the served probe is the better witness of those;
-a served step is never predicted below MIN_FRACTION of the runner's.
+step_s and row_s may come out negative: they correct the runner's linear fit over all shapes,
+which can miss the small decode steps a server mostly runs (on the 2-core EPYC of 2026-12-07
+it put 46 / 66 / 86 ms on steps of 1 / 4 / 8 streams the client saw take 54 / 62 / 72 ms),
+and the served probes are the better witness of those. The correction is not extrapolated
+past the most streams probed, and a served step is never predicted below MIN_FRACTION of the
+runner's.
 """
 
 from __future__ import annotations
@@ -56,13 +59,16 @@ class ServingOverhead:
     """Seconds serving adds: per step, per streamed token of a step, per request."""
 
     step_s: float = 0.0  # may be < 0: a correction of the runner's fit (module doc)
-    row_s: float = 0.0
+    row_s: float = 0.0  # may be < 0 too
     request_s: float = 0.0
     measured: bool = False  # False: nothing measured, every term 0
     probes: list[dict] = field(default_factory=list)  # what the client saw, for the record
+    probed_rows: int = 0  # the most streams probed: row_s holds up to there (0: no bound)
 
     def served_seconds(self, runner_s: float, rows: int) -> float:
         """A step the runner takes `runner_s` for, streaming `rows` tokens, as served."""
+        if self.probed_rows:
+            rows = min(rows, self.probed_rows)
         return max(runner_s + self.step_s + self.row_s * rows, MIN_FRACTION * runner_s)
 
 
@@ -108,8 +114,8 @@ def split_probes(probes: list[dict]) -> tuple[list[Probe], list[Probe]]:
 
 def fit_overhead(model: StepTimeModel, decode: list[Probe], first: list[Probe]
                  ) -> ServingOverhead:
-    """Least squares of (seen - runner) = step_s + row_s * rows over the decode probes
-    (row_s >= 0); request_s (>= 0) from the lone prompts' first tokens."""
+    """Least squares of (seen - runner) = step_s + row_s * rows over the decode probes;
+    request_s (>= 0) from the lone prompts' first tokens."""
     xs, ys = [], []
     for p in decode:
         shape = StepShape()
@@ -119,7 +125,8 @@ def fit_overhead(model: StepTimeModel, decode: list[Probe], first: list[Probe]
         ys.append(p.decode_step_s - model.seconds(shape))
     row_s = _slope(xs, ys)
     step_s = statistics.fmean(y - row_s * x for x, y in zip(xs, ys))
-    fitted = ServingOverhead(step_s, row_s, 0.0, True, [asdict(p) for p in decode + first])
+    fitted = ServingOverhead(step_s, row_s, 0.0, True, [asdict(p) for p in decode + first],
+                             probed_rows=max(xs, default=0))
     request = []
     for p in first:
         shape = StepShape()
@@ -132,7 +139,7 @@ def fit_overhead(model: StepTimeModel, decode: list[Probe], first: list[Probe]
 def _slope(xs: list[int], ys: list[float]) -> float:
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
     var = sum((x - mx) ** 2 for x in xs)
-    return max(sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var, 0.0) if var else 0.0
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else 0.0
 
 
 def _batch(url: str, prompt_len: int, output_len: int, streams: int) -> Probe:

@@ -12,9 +12,11 @@ from pdserve import switches
 from pdserve.models.cpu_layout import onednn_available, pack_linears_onednn, store_linears_k_major
 from pdserve.models.layers import (
     ONEDNN_MAX_ROWS,
+    ONEDNN_MIN_ROWS,
     ColumnParallelLinear,
     RowParallelLinear,
     onednn_applies,
+    onednn_linear,
 )
 from pdserve.models.loader import load_model
 
@@ -60,7 +62,7 @@ def test_k_major_weights_compute_what_the_usual_layout_does():
 
 
 @needs_onednn
-@pytest.mark.parametrize("shape", [(1, 64), (8, 64), (2, 3, 64)])
+@pytest.mark.parametrize("shape", [(1, 64), (2, 64), (1, 2, 64), (8, 64), (2, 3, 64)])
 def test_onednn_linears_compute_what_f_linear_does_with_and_without_bias(shape, one_thread):
     proj = ColumnParallelLinear(64, [48, 48], bias=True)
     down = RowParallelLinear(96, 64)
@@ -86,6 +88,17 @@ def test_one_row_takes_mkl_on_one_thread_and_onednn_on_two(one_thread):
     assert not onednn_applies(prefill, packed)
     torch.set_num_threads(2)
     assert onednn_applies(row, packed)
+
+
+@needs_onednn
+def test_fewer_rows_than_onednn_min_rows_are_padded_and_give_what_f_linear_does():
+    weight, bias = torch.randn(32, 16), torch.randn(32)
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight)
+    for rows in range(1, ONEDNN_MIN_ROWS + 2):
+        x = torch.randn(1, rows, 16)
+        y = onednn_linear(x, packed, bias)
+        assert y.shape == (1, rows, 32) and y.is_contiguous()
+        torch.testing.assert_close(y, F.linear(x, weight, bias), rtol=1e-5, atol=1e-4)
 
 
 def test_pdserve_cpu_onednn_0_packs_nothing(monkeypatch):

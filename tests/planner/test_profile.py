@@ -42,7 +42,7 @@ def test_a_tiny_cpu_profile_saves_and_loads(tmp_path):
     assert loaded.transfer_seconds(1000) > loaded.transfer_seconds(10) > 0
     assert loaded.step_model(2).base_s == model.base_s  # unprofiled: scaled, base kept
     served = loaded.serving[1]  # a real `pdserve serve` on one thread, probed
-    assert served.measured and served.row_s >= 0 and served.request_s >= 0
+    assert served.measured and served.request_s >= 0 and served.probed_rows == 8
     assert [p["streams"] for p in served.probes] == [1, 4, 8, 1, 1]
     assert loaded.router_overhead_measured and 0 <= loaded.router_overhead_s < 1.0
     corun = loaded.corun[1]  # a neighbour process on the second core, where there is one

@@ -51,10 +51,30 @@ def test_the_fit_recovers_the_terms_a_client_would_see():
 def test_a_server_faster_than_the_runner_model_corrects_it_down_to_a_floor():
     fast = [dataclasses.replace(_seen_decode(b), decode_step_s=0.001) for b in (1, 4)]
     fitted = fit_overhead(STEP, fast, [dataclasses.replace(_seen_first(32), first_token_s=0)])
-    assert fitted.step_s < 0 and fitted.row_s == 0.0 and fitted.request_s == 0.0
+    assert fitted.step_s < 0 and fitted.row_s < 0 and fitted.request_s == 0.0
     runner_s = STEP.base_s + STEP.per_decode_row_s
     assert fitted.served_seconds(runner_s, 1) == MIN_FRACTION * runner_s
     assert len(fitted.probes) == 3  # kept in the profile: what the client saw
+
+
+def test_a_runner_fit_too_steep_in_rows_is_corrected_per_row_up_to_the_probed_rows():
+    # the client sees 1 ms more per stream than a batch of one, the runner model 2 ms more
+    seen = [_seen_decode(1)]
+    seen += [dataclasses.replace(_seen_decode(b), decode_step_s=seen[0].decode_step_s
+                                 + 0.001 * (b - 1)) for b in (4, 8)]
+    fitted = fit_overhead(STEP, seen, [_seen_first(32)])
+    assert fitted.row_s == pytest.approx(-(STEP.per_decode_row_s - 0.001))
+    assert fitted.probed_rows == 8
+    for probe in seen:
+        shape = StepShape()
+        for _ in range(probe.streams):
+            shape.add_decode(PROMPT_LEN + OUTPUT_LEN // 2)
+        served = fitted.served_seconds(STEP.seconds(shape), probe.streams)
+        assert served == pytest.approx(probe.decode_step_s)
+    # past the probes the correction stays where the last probe put it
+    runner_s = STEP.seconds(StepShape(decode_rows=16))
+    assert fitted.served_seconds(runner_s, 16) == pytest.approx(
+        runner_s + fitted.step_s + 8 * fitted.row_s)
 
 
 def test_the_simulator_charges_serving_per_step_token_and_request(profile: Profile):
