@@ -14,7 +14,7 @@ the reference for the Triton kernels) and the dispatcher between the two.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -34,10 +34,46 @@ class AttentionMetadata:
     max_seq_len: int
     query_lens_cpu: list[int]  # host copies, so the CPU path never syncs
     seq_lens_cpu: list[int]
+    # the CPU path's batched-decode indices, built by the first layer, read by the others
+    # (rebuilt where the metadata has changed since)
+    decode_plan: DecodePlan | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens_cpu)
+
+
+@dataclass
+class DecodePlan:
+    """What `_batched_decode` indexes with, the same in every layer of a step: building it
+    once instead of per layer saves 29 of 30 rounds of small tensor ops on a CPU step."""
+
+    key: tuple  # what it was built from: a metadata rewritten in place (a replay) rebuilds it
+    decodes: list[int]  # the sequences with one query
+    longest: int  # the longest of their key ranges
+    blocks: torch.Tensor  # int64 [B * n]: their block ids, n blocks each (padded)
+    rows: torch.Tensor  # int64 [B]: their query rows in the step's batch
+    visible: torch.Tensor  # bool [B, 1, 1, longest]: each sequence's own keys
+
+    @staticmethod
+    def key_of(meta: AttentionMetadata) -> tuple:
+        tables = meta.block_tables  # its bytes: a few hundred ints, read where they live (CPU)
+        data = tables.numpy().tobytes() if tables.device.type == "cpu" else tables.data_ptr()
+        return tuple(meta.query_lens_cpu), tuple(meta.seq_lens_cpu), data
+
+    @staticmethod
+    def build(meta: AttentionMetadata, block_size: int, starts: list[int],
+              device: torch.device) -> DecodePlan:
+        decodes = [i for i, q_len in enumerate(meta.query_lens_cpu) if q_len == 1]
+        lens = [meta.seq_lens_cpu[i] for i in decodes]
+        longest = max(lens, default=0)
+        index = torch.tensor(decodes, device=device, dtype=torch.long)
+        tables = meta.block_tables.index_select(0, index)[:, : -(-longest // block_size)]
+        visible = torch.arange(longest, device=device)[None, :] < torch.tensor(
+            lens, device=device)[:, None]
+        return DecodePlan(DecodePlan.key_of(meta), decodes, longest, tables.flatten().long(),
+                          torch.tensor([starts[i] for i in decodes], device=device),
+                          visible[:, None, None])
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor) -> None:
@@ -76,10 +112,11 @@ def torch_paged_attention(
     write_kv(k, v, kv_cache, meta.slot_mapping)
     out = torch.empty_like(q)
     starts = [0, *itertools.accumulate(meta.query_lens_cpu)]
-    decodes = [i for i, q_len in enumerate(meta.query_lens_cpu) if q_len == 1]
-    batched = len(decodes) > 1  # one decode gains nothing from the padded batch
+    if meta.decode_plan is None or meta.decode_plan.key != DecodePlan.key_of(meta):
+        meta.decode_plan = DecodePlan.build(meta, kv_cache.shape[2], starts, q.device)
+    batched = len(meta.decode_plan.decodes) > 1  # one decode gains nothing from the batch
     if batched:
-        _batched_decode(q, kv_cache, meta, scale, decodes, starts, out)
+        _batched_decode(q, kv_cache, meta.decode_plan, scale, out)
     for i, (q_len, seq_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
         if q_len == 0 or (batched and q_len == 1):
             continue
@@ -105,29 +142,21 @@ def torch_paged_attention(
     return out
 
 
-def _batched_decode(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
-                    scale: float, seqs: list[int], starts: list[int], out: torch.Tensor) -> None:
-    """One query each for sequences `seqs`, in one attention call over their keys padded to
-    the longest (a CPU step of 8 decodes made 8 x layers small calls: a third of its time)."""
-    block_size = kv_cache.shape[2]
-    lens = [meta.seq_lens_cpu[i] for i in seqs]
-    longest = max(lens)
-    index = torch.tensor(seqs, device=q.device)
-    tables = meta.block_tables.index_select(0, index)[:, : -(-longest // block_size)]
-    flat = tables.flatten().long()  # index_select: several times faster than cache[tables]
+def _batched_decode(q: torch.Tensor, kv_cache: torch.Tensor, plan: DecodePlan, scale: float,
+                    out: torch.Tensor) -> None:
+    """One query each for the plan's sequences, in one attention call over their keys padded
+    to the longest (a CPU step of 8 decodes made 8 x layers small calls: a third of its time)."""
 
     def gather(cache: torch.Tensor) -> torch.Tensor:  # [B, Hkv, longest, D]
-        blocks = cache.index_select(0, flat).view(len(seqs), -1, *cache.shape[2:])  # [B, n, H, D]
-        return blocks[:, :longest].to(q.dtype).transpose(1, 2)
+        # index_select: several times faster than cache[tables]
+        blocks = cache.index_select(0, plan.blocks).view(len(plan.decodes), -1, *cache.shape[2:])
+        return blocks[:, :plan.longest].to(q.dtype).transpose(1, 2)
 
     keys, values = gather(kv_cache[0]), gather(kv_cache[1])
-    rows = torch.tensor([starts[i] for i in seqs], device=q.device)
-    queries = q.index_select(0, rows).unsqueeze(2)  # [B, Hq, 1, D]
-    visible = torch.arange(longest, device=q.device)[None, :] < torch.tensor(
-        lens, device=q.device)[:, None]  # [B, L]: each sequence's own keys
-    o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=visible[:, None, None],
+    queries = q.index_select(0, plan.rows).unsqueeze(2)  # [B, Hq, 1, D]
+    o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=plan.visible,
                                        scale=scale, enable_gqa=queries.shape[1] != keys.shape[1])
-    out.index_copy_(0, rows, o.squeeze(2))
+    out.index_copy_(0, plan.rows, o.squeeze(2))
 
 
 def paged_attention(
