@@ -112,10 +112,10 @@ def torch_paged_attention(
     write_kv(k, v, kv_cache, meta.slot_mapping)
     out = torch.empty_like(q)
     starts = [0, *itertools.accumulate(meta.query_lens_cpu)]
-    if meta.decode_plan is None or meta.decode_plan.key != DecodePlan.key_of(meta):
-        meta.decode_plan = DecodePlan.build(meta, kv_cache.shape[2], starts, q.device)
-    batched = len(meta.decode_plan.decodes) > 1  # one decode gains nothing from the batch
+    batched = meta.query_lens_cpu.count(1) > 1  # one decode gains nothing from the batch
     if batched:
+        if meta.decode_plan is None or meta.decode_plan.key != DecodePlan.key_of(meta):
+            meta.decode_plan = DecodePlan.build(meta, kv_cache.shape[2], starts, q.device)
         _batched_decode(q, kv_cache, meta.decode_plan, scale, out)
     for i, (q_len, seq_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
         if q_len == 0 or (batched and q_len == 1):
