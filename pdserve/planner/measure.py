@@ -34,10 +34,11 @@ from pdserve.planner.served import (
     measure_serving,
     split_probes,
 )
+from pdserve.planner.typical import typical
 
 log = logging.getLogger(__name__)
 
-STALL_FACTOR = 1.5  # a timing this far above the first fit was another process's doing
+STALL_FACTOR = 1.5  # a (typical) timing this far above the first fit was a stall too
 
 
 @dataclass
@@ -55,11 +56,11 @@ class ProfileSpec:
     max_context: int = 2048
     kv_cache_memory: int = 256 * 2**20  # bytes, CPU only (a GPU measures its free memory)
     time_limit_s: float = 240.0  # per thread count: stop sampling here, fit what was timed
-    repeats: int = 2  # timings per shape; the fastest is kept
+    repeats: int = 2  # timings per shape, in passes over all shapes; averaged (typical.py)
     seed: int = 0
     served: bool = True  # also measure what a real server adds (planner/served.py)
     corun: bool = True  # CPU: also measure how much a neighbour instance slows a step
-    probe_repeats: int = REPEATS  # serving probes: batches per shape, the fastest kept
+    probe_repeats: int = REPEATS  # serving probes: rounds over all shapes, averaged
     tokenizer: str | None = None  # the served probes' --tokenizer (a preset without the
     # embedded model's package)
 
@@ -74,12 +75,12 @@ def measure_profile(spec: ProfileSpec) -> Profile:
     profile = _profile_and_close(Engine(args), spec)
     _release_device()  # the served probes start an instance of their own on this device
     if spec.served:
-        for units, model in profile.step_time.items():
-            threads = units if profile.parallelism == "cpu_threads" else None
-            profile.serving[units] = measure_serving(model, threads, spec.model,
-                                                     tokenizer=spec.tokenizer,
-                                                     repeats=spec.probe_repeats)
-            log.info("serving on %d: %s", units, profile.serving[units])
+        cpu_threads = profile.parallelism == "cpu_threads"
+        profile.serving = measure_serving(profile.step_time, cpu_threads, spec.model,
+                                          tokenizer=spec.tokenizer,
+                                          repeats=spec.probe_repeats)
+        for units, overhead in profile.serving.items():
+            log.info("serving on %d: %s", units, overhead)
         first = min(profile.step_time)
         profile.router_overhead_s, probes = measure_router_overhead(
             first if profile.parallelism == "cpu_threads" else None, spec.model,
@@ -153,16 +154,21 @@ def _fit(engine: Engine, spec: ProfileSpec, specs: list[StepSpec], block: int
     run = engine.runner
     for warm in specs[:3]:  # kernels and allocator warm, untimed
         timed_step(run, warm, engine.num_blocks, block, engine.device)
-    start, timed = time.perf_counter(), []
-    for s in specs:
-        # the faster of two: a shared machine's stalls are not the step's cost
-        seconds = min(timed_step(run, s, engine.num_blocks, block, engine.device)
-                      for _ in range(spec.repeats))
-        timed.append((s.shape(), seconds))
-        if time.perf_counter() - start > spec.time_limit_s:
-            log.warning("profile: time limit reached after %d of %d shapes", len(timed),
-                        len(specs))
-            break
+    # passes over every shape, not repeats back to back: a shape's timings then lie minutes
+    # apart, and their mean is the host's typical speed (typical.py); the first pass stops at
+    # its share of the time limit, the later ones re-time what it timed
+    passes = max(spec.repeats, 1)
+    start, times = time.perf_counter(), [[] for _ in specs]
+    for k in range(passes):
+        for s, seconds in zip(specs, times):
+            if k and not seconds:
+                break
+            seconds.append(timed_step(run, s, engine.num_blocks, block, engine.device))
+            if not k and time.perf_counter() - start > spec.time_limit_s / passes:
+                log.warning("profile: time limit reached after %d of %d shapes",
+                            sum(map(bool, times)), len(specs))
+                break
+    timed = [(s.shape(), typical(t)) for s, t in zip(specs, times) if t]
     return fit_timed(timed)
 
 

@@ -4,8 +4,8 @@ The step-time model (engine/step_time.py) times the runner alone. A client also 
 what lies around it: the engine loop's scheduling and sampling, the engine->server pipe,
 detokenizing, one SSE event per token, and per request the HTTP call, tokenizing and
 admission. `measure_router_overhead` measures what a real router in front adds to a first
-token. `measure_serving` starts one real instance on the profiled thread count, streams
-a few requests of known shapes through it, and fits
+token. `measure_serving` starts one real instance on each profiled thread count, streams
+a few requests of known shapes through them, and fits
 
     served step  = runner step + step_s + row_s * (tokens the step streams)
     first token  = request_s + served step of the whole prompt
@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -42,6 +42,7 @@ from rich.console import Console
 from pdserve.cpu_affinity import format_cpu_list, usable_cpus
 from pdserve.engine.step_time import StepShape, StepTimeModel
 from pdserve.launch.procs import Deployment, Proc, free_port
+from pdserve.planner.typical import typical
 from pdserve.security import SECRET_ENV
 
 PROMPT_LEN = 64  # decode probes: a short prompt, so that the steps are decode steps
@@ -51,7 +52,7 @@ FIRST_TOKEN_PROMPTS = (32, 256)  # lone prompts for the per-request term
 TOKEN_ID_BASE = 1000  # prompt ids from the middle of the vocabulary: ordinary words
 _PROMPT_SEEDS = itertools.count(1)  # every probe's prompt differs from its first token on
 MIN_FRACTION = 0.5  # a served step is at least this share of the runner's prediction
-REPEATS = 2  # batches per probe shape; the fastest is kept
+REPEATS = 3  # rounds of probes over every shape; a shape's are averaged (typical.py)
 
 
 @dataclass
@@ -82,26 +83,50 @@ class Probe:
     decode_step_s: float  # mean over streams: (last event - first) / (tokens - 1)
 
 
-def measure_serving(model: StepTimeModel, threads: int | None, model_name: str | None,
-                    timeout_s: float = 300.0, tokenizer: str | None = None,
-                    repeats: int = REPEATS) -> ServingOverhead:
-    """Start `pdserve serve` on `threads` threads (pinned to the first usable cores on a
-    CPU; `threads=None`: a GPU instance), probe it, fit the overhead against `model`."""
-    with probed_servers(threads, model_name, timeout_s, tokenizer=tokenizer) as (url, _):
-        stream_once(url, 16, 4)  # warm: the first request pays for lazy set-up
-        decode = [fastest_probe(url, PROMPT_LEN, OUTPUT_LEN, b, repeats) for b in BATCHES]
-        first = [fastest_probe(url, n, 2, 1, repeats) for n in FIRST_TOKEN_PROMPTS]
-    return fit_overhead(model, decode, first)
+def measure_serving(models: dict[int, StepTimeModel], cpu_threads: bool,
+                    model_name: str | None, timeout_s: float = 300.0,
+                    tokenizer: str | None = None, repeats: int = REPEATS
+                    ) -> dict[int, ServingOverhead]:
+    """For each parallelism of `models` (threads, pinned to the first usable cores, when
+    `cpu_threads`; else the one GPU instance), start `pdserve serve`, probe it, and fit the
+    overhead against its model. The instances run side by side, probed one at a time in
+    `repeats` rounds over every shape, so that a shape's probes lie a minute or more apart
+    and their mean (typical.py) is the host's typical speed, not its best moment."""
+    shapes = [(PROMPT_LEN, OUTPUT_LEN, b) for b in BATCHES] + \
+        [(n, 2, 1) for n in FIRST_TOKEN_PROMPTS]
+    taken: dict[tuple[int, int], list[Probe]] = {}
+    with ExitStack() as stack:
+        urls = {units: stack.enter_context(probed_servers(units if cpu_threads else None,
+                                                          model_name, timeout_s,
+                                                          tokenizer=tokenizer))[0]
+                for units in models}
+        for url in urls.values():
+            stream_once(url, 16, 4)  # warm: the first request pays for lazy set-up
+        for _ in range(max(repeats, 1)):
+            for units, url in urls.items():
+                for i, shape in enumerate(shapes):
+                    taken.setdefault((units, i), []).append(_batch(url, *shape))
+    fitted = {}
+    for units, model in models.items():
+        probes = [typical_probe(taken[units, i]) for i in range(len(shapes))]
+        fitted[units] = fit_overhead(model, probes[:len(BATCHES)], probes[len(BATCHES):])
+    return fitted
 
 
-def fastest_probe(url: str, prompt_len: int, output_len: int, streams: int, repeats: int
-                  ) -> Probe:
-    """The fastest of `repeats` batches: as for the runner's timings, another process's
-    stall only ever makes a probe slower (one 8-stream probe of a 2-thread instance once
+def repeated_probe(url: str, prompt_len: int, output_len: int, streams: int, repeats: int
+                   ) -> Probe:
+    """`repeats` batches of one shape, back to back; their typical_probe."""
+    return typical_probe([_batch(url, prompt_len, output_len, streams)
+                          for _ in range(max(repeats, 1))])
+
+
+def typical_probe(probes: list[Probe]) -> Probe:
+    """Probes of one shape, averaged without their stalls (typical.py): another process's
+    burst only ever makes a probe slower (one 8-stream probe of a 2-thread instance once
     took 133 ms a step where its neighbours said 80)."""
-    probes = [_batch(url, prompt_len, output_len, streams) for _ in range(max(repeats, 1))]
-    return Probe(prompt_len, streams, min(p.first_token_s for p in probes),
-                 min(p.decode_step_s for p in probes))
+    first = probes[0]
+    return Probe(first.prompt_len, first.streams, typical([p.first_token_s for p in probes]),
+                 typical([p.decode_step_s for p in probes]))
 
 
 def split_probes(probes: list[dict]) -> tuple[list[Probe], list[Probe]]:

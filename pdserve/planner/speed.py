@@ -22,8 +22,8 @@ from pdserve.planner.served import (
     PROMPT_LEN,
     REPEATS,
     Probe,
-    fastest_probe,
     probed_servers,
+    repeated_probe,
     split_probes,
     stream_once,
 )
@@ -64,8 +64,8 @@ def check_speed(profile: Profile, model_name: str | None, tokenizer: str | None 
     threads = units if profile.parallelism == "cpu_threads" else None
     with probed_servers(threads, model_name, timeout_s, tokenizer=tokenizer) as (url, _):
         stream_once(url, 16, 4)  # warm: the first request pays for lazy set-up
-        decode = fastest_probe(url, PROMPT_LEN, OUTPUT_LEN, 1, repeats)
-        first = fastest_probe(url, then_first.prompt_len, 2, 1, repeats)
+        decode = repeated_probe(url, PROMPT_LEN, OUTPUT_LEN, 1, repeats)
+        first = repeated_probe(url, then_first.prompt_len, 2, 1, repeats)
     return compared(profile, units, [asdict(decode), asdict(first)])
 
 

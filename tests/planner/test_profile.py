@@ -17,7 +17,7 @@ from pdserve.planner.speed import check_speed
 
 def test_a_tiny_cpu_profile_saves_and_loads(tmp_path):
     spec = ProfileSpec(threads=(1,), num_shapes=9, max_prefill_tokens=32, max_decode_rows=4,
-                       max_context=128, kv_cache_memory=16 * 2**20, repeats=1,
+                       max_context=128, kv_cache_memory=16 * 2**20, repeats=2,
                        probe_repeats=1)
     profile = measure_profile(spec)
     loaded = Profile.load(profile.save(str(tmp_path / "profile.json")))
