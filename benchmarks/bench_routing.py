@@ -79,6 +79,26 @@ def workload_flags(name: str, groups: int = 4, per_group: int = 4, mix_prompts: 
     }[name]
 
 
+BIMODAL_SHORT = (8, 32)  # prompt tokens of a chat turn
+BIMODAL_LONG = (400, 760)  # a document
+
+
+def bimodal_trace(path: str, num: int, rate: float, seed: int = 1) -> list[str]:
+    """Write a Mooncake-format trace of `num` requests, Poisson at `rate`, each prompt short
+    or long with even odds (32 output tokens), no prefix shared; its `bench run` flags. The
+    uniform mix has few prompts short enough to skip P; chat turns beside documents is the
+    traffic the conditional decision is for (a short turn queued behind a document on P)."""
+    rng = np.random.default_rng(seed)
+    clock = np.cumsum(rng.exponential(1.0 / rate, num))
+    with open(path, "w") as f:
+        for t in clock:
+            low, high = BIMODAL_SHORT if rng.random() < 0.5 else BIMODAL_LONG
+            f.write(json.dumps({"timestamp": round(1e3 * float(t), 1),
+                                "input_length": int(rng.integers(low, high + 1)),
+                                "output_length": 32}) + "\n")
+    return ["--dataset-name", "trace", "--dataset-path", path, "--num-prompts", str(num)]
+
+
 PD_VARIANTS = {  # name -> (policy, router flags)
     "always_disagg": ("least_loaded", ()),
     "never_disagg": ("least_loaded", ("--pd-min-prompt-tokens", "1000000")),
@@ -176,7 +196,41 @@ def run_one(policy: str, workload: list[str], rate: float, tmp: str, kv_cache: s
     return {**{k: summary.get(k) for k in keys}, "decisions": decisions, "measured": measured,
             "slowest_first_tokens": slowest(summary), "largest_gaps": largest_gaps(summary),
             "ttfts_ms": [round(1e3 * t, 2) for t in summary["ttfts"] if t is not None],
-            "itls_ms": [round(1e3 * g, 2) for gaps in summary["itls"] for g in gaps or []]}
+            "itls_ms": [round(1e3 * g, 2) for gaps in summary["itls"] for g in gaps or []],
+            "per_request": [{"input_tokens": n, "ttft_ms": None if t is None else
+                             round(1e3 * t, 2), "itls_ms": [round(1e3 * g, 2) for g in gaps or []]}
+                            for t, n, gaps in zip(summary["ttfts"], summary["input_lens"],
+                                                  summary["itls"])]}
+
+
+def paired(a: list[dict], b: list[dict], rounds: int = 2000, seed: int = 0) -> dict:
+    """Variant a minus variant b, request by request (the same seeded requests, pass k of
+    each): mean TTFT and P99 ITL differences with bootstrap 95% intervals over the requests,
+    so that "at least as good" is read against the run's own noise."""
+    pairs = [(x, y) for pa, pb in zip(a, b)
+             for x, y in zip(pa["per_request"], pb["per_request"])
+             if x["ttft_ms"] is not None and y["ttft_ms"] is not None]
+    rng = np.random.default_rng(seed)
+
+    def figures(idx) -> tuple[float, float]:
+        ttft = np.mean([pairs[i][0]["ttft_ms"] - pairs[i][1]["ttft_ms"] for i in idx])
+        gaps = [[g for i in idx for g in pairs[i][k]["itls_ms"]] for k in (0, 1)]
+        return float(ttft), float(np.percentile(gaps[0], 99) - np.percentile(gaps[1], 99))
+
+    point = figures(range(len(pairs)))
+    draws = np.array([figures(rng.integers(0, len(pairs), len(pairs))) for _ in range(rounds)])
+    low, high = np.percentile(draws, [2.5, 97.5], axis=0)
+    return {"requests": len(pairs),
+            "mean_ttft_ms": {"diff": point[0], "ci95": [float(low[0]), float(high[0])]},
+            "p99_itl_ms": {"diff": point[1], "ci95": [float(low[1]), float(high[1])]}}
+
+
+def by_length(passes: list[dict], split: int = 200) -> dict:
+    """Mean TTFT of the short (< `split` tokens) and the long prompts, over the passes."""
+    rows = [r for p in passes for r in p["per_request"] if r["ttft_ms"] is not None]
+    return {name: float(np.mean([r["ttft_ms"] for r in rows if short == (r["input_tokens"] < split)]
+                                or [np.nan]))
+            for name, short in (("short", True), ("long", False))}
 
 
 def pooled(passes: list[dict]) -> dict:
@@ -319,6 +373,10 @@ def main() -> None:
     ap.add_argument("--mix-prompts", type=int, default=20,
                     help="--pd-mix: requests a variant (a P99 over 20 x 31 gaps is the 6th "
                     "largest; more make it steadier)")
+    ap.add_argument("--mix-shape", choices=("uniform", "bimodal"), default="uniform",
+                    help="--pd-mix: prompts uniform in 40..760 tokens, or half chat turns "
+                    f"({BIMODAL_SHORT[0]}..{BIMODAL_SHORT[1]}) and half documents "
+                    f"({BIMODAL_LONG[0]}..{BIMODAL_LONG[1]}), replayed as a trace at --rate")
     ap.add_argument("--passes", type=int, default=1,
                     help="--pd-mix: run every variant this many times, alternating forward and "
                     "reverse order, and pool each variant's requests over its passes")
@@ -344,7 +402,9 @@ def main() -> None:
             variants = {**PD_VARIANTS, **{  # the same rule, a looser bound: its trade-off
                 f"conditional_stall_{ms:g}ms": ("conditional", ("--pd-max-stall-ms", str(ms)))
                 for ms in args.pd_max_stall_ms}}
-            mix = workload_flags("mix", mix_prompts=args.mix_prompts)
+            mix = workload_flags("mix", mix_prompts=args.mix_prompts) \
+                if args.mix_shape == "uniform" else \
+                bimodal_trace(f"{tmp}/bimodal.jsonl", args.mix_prompts, args.rate)
             passes: dict[str, list[dict]] = {name: [] for name in variants}
             for k in range(args.passes):  # forward, then reverse: drift charged evenly
                 for name in (list(variants) if k % 2 == 0 else list(variants)[::-1]):
@@ -357,7 +417,13 @@ def main() -> None:
             for name, done in passes.items():
                 runs[name] = done[0] if args.passes == 1 else \
                     {"pooled": pooled(done), "passes": done}
-                print("mix", name, json.dumps(pooled(done)), flush=True)
+                runs[name]["ttft_by_length_ms"] = by_length(done)
+                print("mix", name, json.dumps(pooled(done)), runs[name]["ttft_by_length_ms"],
+                      flush=True)
+            result["paired"] = {f"{a} - {b}": paired(passes[a], passes[b])
+                                for a in passes if a.startswith("conditional")
+                                for b in ("always_disagg", "never_disagg")}
+            print(json.dumps(result["paired"], indent=1), flush=True)
         tok = None if args.pd_mix else load_tokenizer(None)
         for workload in [] if args.pd_mix else args.workloads:
             flags = workload_flags(workload, args.groups, args.per_group)
