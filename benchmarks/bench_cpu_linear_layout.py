@@ -6,8 +6,10 @@ K-major on MKL, and packed for oneDNN (what pdserve uses, pdserve/models/cpu_lay
 Every linear of the 30 layers (qkv, o, gate_up, down: each its own weight, so they stream
 from memory as in a real step) and the 49152-row LM head: `F.linear(x, W)` with W row-major
 [N, K], the same with W the transposed view of a contiguous [K, N] tensor, and oneDNN's
-`_linear_pointwise` on W packed by `_reorder_linear_weight`; float32, `--threads` threads
-(1). Layouts rotate in each of `--rounds` rounds; the median per layout is reported.
+`_linear_pointwise` on W packed by `_reorder_linear_weight`, and what pdserve runs
+(`layers.linear`: MKL or oneDNN by the row count, a prompt's rows in 256-row tiles);
+float32, `--threads` threads (1). Layouts rotate in each of `--rounds` rounds; the median
+per layout is reported.
 `--engine-batches 1 8 16` also times whole decode steps of the engine (256-token contexts),
 with and without the packed copies (MKL on the K-major weights), in turn within one process.
 """
@@ -30,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # pdserve, for --e
 
 HIDDEN, INTERMEDIATE, QKV, LAYERS, VOCAB = 576, 1536, 960, 30, 49152
 SHAPES = [(QKV, HIDDEN), (HIDDEN, HIDDEN), (2 * INTERMEDIATE, HIDDEN), (HIDDEN, INTERMEDIATE)]
-LAYOUTS = ("usual", "k_major", "onednn")
+LAYOUTS = ("usual", "k_major", "onednn", "pdserve")
 Linear = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -43,10 +45,15 @@ def layout_linears(weights: list[torch.Tensor], layout: str) -> list[tuple[int, 
         elif layout == "k_major":
             wk = w.t().contiguous().t()
             out.append((w.shape[1], lambda x, wk=wk: F.linear(x, wk)))
-        else:
+        elif layout == "onednn":
             packed = torch.ops.mkldnn._reorder_linear_weight(w)
             out.append((w.shape[1], lambda x, p=packed: torch.ops.mkldnn._linear_pointwise(
                 x, p, None, "none", [], "")))
+        else:  # what pdserve runs: layers.linear picks MKL or oneDNN (tiled past 64 rows)
+            from pdserve.models.layers import linear
+
+            wk, packed = w.t().contiguous().t(), torch.ops.mkldnn._reorder_linear_weight(w)
+            out.append((w.shape[1], lambda x, wk=wk, p=packed: linear(x, wk, onednn_weight=p)))
     return out
 
 
@@ -138,8 +145,9 @@ def main() -> None:
             rows_out.append({"rows": rows, "part": part,
                              **{f"{name}_ms": v for name, v in ms.items()}})
             print(f"{rows:4d} rows, {part:8s}: usual {ms['usual']:7.2f} ms, K-major "
-                  f"{ms['k_major']:7.2f} ms, oneDNN {ms['onednn']:7.2f} ms "
-                  f"(K-major / oneDNN {ms['k_major'] / ms['onednn']:.2f}x)", flush=True)
+                  f"{ms['k_major']:7.2f} ms, oneDNN {ms['onednn']:7.2f} ms, pdserve "
+                  f"{ms['pdserve']:7.2f} ms (K-major / pdserve "
+                  f"{ms['k_major'] / ms['pdserve']:.2f}x)", flush=True)
             del linears
     engine_rows = []
     for batch in args.engine_batches:

@@ -55,7 +55,11 @@ def fused_gemv_applies(
             and x.shape[0] == 1)
 
 
-ONEDNN_MAX_ROWS = 64  # oneDNN caches a primitive (~0.6-3.5 MB) per row count it has seen
+ONEDNN_MAX_ROWS = 64  # oneDNN caches a primitive (~0.6-3.5 MB) per row count it has seen,
+# and a server sees every prompt length: a step of more rows reaches it as multiples of
+# ONEDNN_STRIDE_ROWS only (onednn_linear), about 0.2 GB more, once, up to 2048 rows
+ONEDNN_STRIDE_ROWS = 64
+ONEDNN_SPLIT_ROWS = 512  # up to here the rows past a multiple of 64 go apart; above, padded
 # 2 rows are padded to 3: on AVX2 oneDNN's kernel for 2 rows is slower than for 3 (the 30
 # layers' linears, one thread: 36.7 ms against 26.6; the engine's decode step of 2 sequences
 # 72.6 -> 60.0 ms; 2-core EPYC, 2026-12-07). One row on one thread stays on MKL, where padding
@@ -66,27 +70,70 @@ ONEDNN_MIN_ROWS = 3
 def onednn_applies(x: torch.Tensor, onednn_weight: torch.Tensor | None) -> bool:
     """Whether `linear` runs x through oneDNN on the weight's packed copy (CPU, float32).
 
-    Decode-sized steps only: 2 to ONEDNN_MAX_ROWS rows, and one row on two or more threads,
-    where the packed copy is 1.3-4x faster (pdserve/models/cpu_layout.py). One row on one
-    thread stays on MKL (~10% faster there), and so do prefill-sized steps: every new row
-    count leaves a primitive in oneDNN's cache, and a server sees every prompt length (200
-    row counts of one shape grew a process by 0.7 GB; 2-64 rows of all five shapes, 0.2 GB)."""
+    Every step of two or more rows, and one row on two or more threads, where the packed
+    copy is faster (pdserve/models/cpu_layout.py). One row on one thread stays on MKL (~10%
+    faster there). A server sees every prompt length and oneDNN keeps a primitive for every
+    row count (200 row counts of one shape grew a process by 0.7 GB), so `onednn_linear`
+    brings prompt-sized steps to a few row counts."""
     if onednn_weight is None or x.dtype != onednn_weight.dtype:
         return False
     rows = x.numel() // x.shape[-1]
-    return 2 <= rows <= ONEDNN_MAX_ROWS or (rows == 1 and torch.get_num_threads() > 1)
+    return rows >= 2 or (rows == 1 and torch.get_num_threads() > 1)
 
 
 def onednn_linear(x: torch.Tensor, onednn_weight: torch.Tensor,
                   bias: torch.Tensor | None) -> torch.Tensor:
-    """x W^T (+ bias) through oneDNN, fewer than ONEDNN_MIN_ROWS rows padded up to it."""
+    """x W^T (+ bias) through oneDNN. Fewer than ONEDNN_MIN_ROWS rows are padded up to it.
+    Past ONEDNN_MAX_ROWS, up to ONEDNN_SPLIT_ROWS: the largest multiple of 64 rows, then the
+    rest apart (padding a 100-row step to 128 made it slower than MKL: 261 against 245 ms for
+    the 30 layers' linears, one thread); above: padded to a multiple of 64 (at most 11% more
+    rows, where joining two outputs cost more: 1024 rows in two halves took 2384 ms against
+    1950 in one call and 2203 on MKL)."""
     rows = x.numel() // x.shape[-1]
-    if rows >= ONEDNN_MIN_ROWS:
-        return torch.ops.mkldnn._linear_pointwise(x, onednn_weight, bias, "none", [], "")
-    padded = x.new_zeros(ONEDNN_MIN_ROWS, x.shape[-1])
-    padded[:rows] = x.reshape(rows, x.shape[-1])
-    y = torch.ops.mkldnn._linear_pointwise(padded, onednn_weight, bias, "none", [], "")
-    return y[:rows].reshape(*x.shape[:-1], y.shape[-1])
+    if ONEDNN_MIN_ROWS <= rows <= ONEDNN_MAX_ROWS:
+        return _onednn_matmul(x, onednn_weight, bias)
+    flat = x.reshape(rows, x.shape[-1])
+    stride = ONEDNN_STRIDE_ROWS
+    if rows < ONEDNN_MIN_ROWS:
+        y = _padded(flat, onednn_weight, bias, ONEDNN_MIN_ROWS)
+    elif rows > ONEDNN_SPLIT_ROWS:
+        y = _padded(flat, onednn_weight, bias, -(-rows // stride) * stride)
+    else:
+        split = rows // stride * stride
+        y = _onednn_matmul(flat[:split], onednn_weight, bias)
+        if split < rows:
+            rest = flat[split:]
+            y = torch.cat([y, _padded(rest, onednn_weight, bias, ONEDNN_MIN_ROWS)
+                           if rest.shape[0] < ONEDNN_MIN_ROWS else
+                           _onednn_matmul(rest, onednn_weight, bias)])
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def onednn_row_counts(rows: int) -> list[int]:
+    """The row counts `onednn_linear` hands oneDNN for a step of `rows` rows."""
+    stride = ONEDNN_STRIDE_ROWS
+    if ONEDNN_MIN_ROWS <= rows <= ONEDNN_MAX_ROWS or rows < ONEDNN_MIN_ROWS:
+        return [max(rows, ONEDNN_MIN_ROWS)]
+    if rows > ONEDNN_SPLIT_ROWS:
+        return [-(-rows // stride) * stride]
+    rest = rows % stride
+    return [rows - rest] + ([max(rest, ONEDNN_MIN_ROWS)] if rest else [])
+
+
+def _padded(x: torch.Tensor, onednn_weight: torch.Tensor, bias: torch.Tensor | None,
+            rows: int) -> torch.Tensor:
+    """2-D x zero-padded to `rows` rows through oneDNN, the padding's output dropped."""
+    if x.shape[0] == rows:
+        return _onednn_matmul(x, onednn_weight, bias)
+    padded = x.new_zeros(rows, x.shape[-1])
+    padded[:x.shape[0]] = x
+    return _onednn_matmul(padded, onednn_weight, bias)[:x.shape[0]]
+
+
+def _onednn_matmul(x: torch.Tensor, onednn_weight: torch.Tensor, bias: torch.Tensor | None
+                   ) -> torch.Tensor:
+    """The one call into oneDNN: every row count it sees passes here."""
+    return torch.ops.mkldnn._linear_pointwise(x, onednn_weight, bias, "none", [], "")
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

@@ -9,14 +9,18 @@ import torch
 import torch.nn.functional as F
 
 from pdserve import switches
+from pdserve.models import layers
 from pdserve.models.cpu_layout import onednn_available, pack_linears_onednn, store_linears_k_major
 from pdserve.models.layers import (
     ONEDNN_MAX_ROWS,
     ONEDNN_MIN_ROWS,
+    ONEDNN_SPLIT_ROWS,
+    ONEDNN_STRIDE_ROWS,
     ColumnParallelLinear,
     RowParallelLinear,
     onednn_applies,
     onednn_linear,
+    onednn_row_counts,
 )
 from pdserve.models.loader import load_model
 
@@ -83,9 +87,9 @@ def test_one_row_takes_mkl_on_one_thread_and_onednn_on_two(one_thread):
     assert not onednn_applies(row, packed) and onednn_applies(rows, packed)
     assert not onednn_applies(rows, None)  # nothing packed: MKL
     assert not onednn_applies(rows.double(), packed)  # another dtype than the packed copy's
-    prefill = torch.randn(ONEDNN_MAX_ROWS + 1, 16)  # prompt-sized: MKL, no new oneDNN primitive
+    prefill = torch.randn(ONEDNN_MAX_ROWS + 1, 16)  # prompt-sized: oneDNN too, in tiles
     assert onednn_applies(torch.randn(ONEDNN_MAX_ROWS, 16), packed)
-    assert not onednn_applies(prefill, packed)
+    assert onednn_applies(prefill, packed)
     torch.set_num_threads(2)
     assert onednn_applies(row, packed)
 
@@ -107,3 +111,34 @@ def test_pdserve_cpu_onednn_0_packs_nothing(monkeypatch):
     proj = ColumnParallelLinear(16, [32])
     assert pack_linears_onednn(proj) == 0 and proj.onednn_weight is None
     assert switches.read_switches({"PDSERVE_CPU_ONEDNN": "0"}).cpu_onednn is False
+
+
+@needs_onednn
+def test_prompt_sized_steps_reach_onednn_in_a_few_row_counts_and_give_what_f_linear_does(
+        monkeypatch):
+    # every row count oneDNN sees stays in its primitive cache: a server sees every prompt
+    # length, so those past ONEDNN_MAX_ROWS must come to it as a bounded set of tiles
+    weight, bias = torch.randn(48, 16), torch.randn(48)
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight)
+    seen: set[int] = set()
+    real = layers._onednn_matmul
+
+    def recording(x, w, b):
+        seen.add(x.shape[0])
+        return real(x, w, b)
+
+    monkeypatch.setattr(layers, "_onednn_matmul", recording)
+    for rows in [*range(ONEDNN_MAX_ROWS + 1, 700, 23), 130, 256, 513, 514, 1024, 1100]:
+        x = torch.randn(rows, 16)
+        y = onednn_linear(x, packed, bias)
+        assert y.shape == (rows, 48)
+        torch.testing.assert_close(y, F.linear(x, weight, bias), rtol=1e-5, atol=1e-4)
+    stride = ONEDNN_STRIDE_ROWS
+    allowed = {*range(ONEDNN_MIN_ROWS, ONEDNN_MAX_ROWS + 1), *range(stride, 2049, stride)}
+    assert seen <= allowed and {128, 448, 576, 1024, 1152} <= seen  # 32 counts past 64 rows
+    assert onednn_row_counts(1100) == [1152] and onednn_row_counts(333) == [320, 13]
+    assert onednn_row_counts(ONEDNN_SPLIT_ROWS + 1) == [ONEDNN_SPLIT_ROWS + stride]
+    assert onednn_row_counts(130) == [128, 3] and onednn_row_counts(2) == [3]
+    x = torch.randn(2, 300, 16)  # a 3-D input keeps its leading dimensions
+    torch.testing.assert_close(onednn_linear(x, packed, None), F.linear(x, weight),
+                               rtol=1e-5, atol=1e-4)
