@@ -11,9 +11,10 @@ the LM head's storage: gathering rows from it gets slower (1024 tokens: 8.6 ms a
 0.4 ms), which a prefill of that many tokens (about 1.7 s here) does not notice.
 
 Each linear also gets a copy of its weight packed for oneDNN (`onednn_weight`, as vLLM's CPU
-build does), which `layers.linear` uses for decode-sized steps (2-64 rows, 2 padded to 3:
-`layers.ONEDNN_MIN_ROWS`; one row on two or more threads), not prefill-sized ones
-(`layers.ONEDNN_MAX_ROWS`: oneDNN caches a primitive per row count). On a 2-core AMD
+build does), which `layers.linear` uses for every step of two or more rows (2 padded to 3:
+`layers.ONEDNN_MIN_ROWS`; one row on two or more threads); past 64 rows it hands oneDNN only
+multiples of 64 rows (`layers.onednn_linear`: oneDNN caches a primitive per row count, and
+a server sees every prompt length). On a 2-core AMD
 EPYC (AVX2, torch 2.13, 2026-12-07; benchmarks/bench_cpu_linear_layout.py, docs/PERF.md), one
 thread, weights streamed from memory, the 30 layers' linears at 1 / 2 / 4 / 8 / 64 / 512 rows
 took 27 / 40 / 54 / 67 / 184 / 1213 ms K-major on MKL and 29 / 36 / 24 / 36 / 135 / 1007 ms
