@@ -90,8 +90,9 @@ def measure_serving(models: dict[int, StepTimeModel], cpu_threads: bool,
     """For each parallelism of `models` (threads, pinned to the first usable cores, when
     `cpu_threads`; else the one GPU instance), start `pdserve serve`, probe it, and fit the
     overhead against its model. The instances run side by side, probed one at a time in
-    `repeats` rounds over every shape, so that a shape's probes lie a minute or more apart
-    and their mean (typical.py) is the host's typical speed, not its best moment."""
+    `repeats` rounds over every shape, so that a shape's probes spread over most of a minute
+    (a round of both instances took ~15 s on the 2-core EPYC) and their mean (typical.py) is
+    the host's typical speed, not its best moment."""
     shapes = [(PROMPT_LEN, OUTPUT_LEN, b) for b in BATCHES] + \
         [(n, 2, 1) for n in FIRST_TOKEN_PROMPTS]
     taken: dict[tuple[int, int], list[Probe]] = {}

@@ -4,8 +4,9 @@ The profile used to keep the fastest of two timings (and of two serving probes) 
 back. On a shared VM that records the host's best moments: on the 2-core EPYC of 2026-12-07
 one lone stream read 52, 48, 54, 68, 64, 61 ms a token over three minutes, and a validation
 run predicted from the fastest under-predicted 34 of its 36 mean figures (by 18% at the
-median). A run sees the host's average, so the profile takes its repeats minutes apart and
-averages them; only a stall (another process's burst: one timing far above the shape's
+median). A run sees the host's average, so the profile spreads its repeats out (the runner's
+timings in passes over every shape, half the time limit apart; the serving probes in rounds)
+and averages them; only a stall (another process's burst: one timing far above the shape's
 fastest) is dropped.
 """
 
