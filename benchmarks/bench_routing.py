@@ -27,6 +27,9 @@ inter-token gaps (chunk 0: the hop from P's token to D's first). `--passes 2` ru
 variant twice, in forward then reverse order, and pools each variant's requests and gaps
 over its passes: a machine that slows during the run (a shared host drifts 20-30% within an
 hour) then charges every variant alike, where one pass charges the last variants most.
+`--mix-shape bimodal`: chat turns (8-32 tokens) and documents (400-760) with even odds,
+replayed as a trace at `--rate`. The run ends with each conditional variant against always
+and never, request by request, with bootstrap 95% intervals (`paired`).
 
 Writes benchmarks/results/routing_cpu.json (routing_pd_mix_cpu.json). On a shared, loaded
 machine: smoke figures.
