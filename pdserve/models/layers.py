@@ -85,7 +85,7 @@ def onednn_linear(x: torch.Tensor, onednn_weight: torch.Tensor,
                   bias: torch.Tensor | None) -> torch.Tensor:
     """x W^T (+ bias) through oneDNN. Fewer than ONEDNN_MIN_ROWS rows are padded up to it.
     Past ONEDNN_MAX_ROWS, up to ONEDNN_SPLIT_ROWS: the largest multiple of 64 rows, then the
-    rest apart (padding a 100-row step to 128 made it slower than MKL: 261 against 245 ms for
+    rest apart (padding a 100-row step to 128 made it slower than MKL: 261 against 251 ms for
     the 30 layers' linears, one thread); above: padded to a multiple of 64 (at most 11% more
     rows, where joining two outputs cost more: 1024 rows in two halves took 2384 ms against
     1950 in one call and 2203 on MKL)."""
