@@ -92,32 +92,28 @@ def onednn_linear(x: torch.Tensor, onednn_weight: torch.Tensor,
     rows = x.numel() // x.shape[-1]
     if ONEDNN_MIN_ROWS <= rows <= ONEDNN_MAX_ROWS:
         return _onednn_matmul(x, onednn_weight, bias)
-    flat = x.reshape(rows, x.shape[-1])
-    stride = ONEDNN_STRIDE_ROWS
-    if rows < ONEDNN_MIN_ROWS:
-        y = _padded(flat, onednn_weight, bias, ONEDNN_MIN_ROWS)
-    elif rows > ONEDNN_SPLIT_ROWS:
-        y = _padded(flat, onednn_weight, bias, -(-rows // stride) * stride)
-    else:
-        split = rows // stride * stride
-        y = _onednn_matmul(flat[:split], onednn_weight, bias)
-        if split < rows:
-            rest = flat[split:]
-            y = torch.cat([y, _padded(rest, onednn_weight, bias, ONEDNN_MIN_ROWS)
-                           if rest.shape[0] < ONEDNN_MIN_ROWS else
-                           _onednn_matmul(rest, onednn_weight, bias)])
+    flat, outs, start = x.reshape(rows, x.shape[-1]), [], 0
+    for taken, padded_to in _onednn_pieces(rows):
+        outs.append(_padded(flat[start:start + taken], onednn_weight, bias, padded_to))
+        start += taken
+    y = outs[0] if len(outs) == 1 else torch.cat(outs)
     return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _onednn_pieces(rows: int) -> list[tuple[int, int]]:
+    """(rows taken, rows handed to oneDNN) of each call `onednn_linear` makes for a step."""
+    stride = ONEDNN_STRIDE_ROWS
+    if rows <= ONEDNN_MAX_ROWS:
+        return [(rows, max(rows, ONEDNN_MIN_ROWS))]
+    if rows > ONEDNN_SPLIT_ROWS:
+        return [(rows, -(-rows // stride) * stride)]
+    rest = rows % stride
+    return [(rows - rest, rows - rest)] + ([(rest, max(rest, ONEDNN_MIN_ROWS))] if rest else [])
 
 
 def onednn_row_counts(rows: int) -> list[int]:
     """The row counts `onednn_linear` hands oneDNN for a step of `rows` rows."""
-    stride = ONEDNN_STRIDE_ROWS
-    if ONEDNN_MIN_ROWS <= rows <= ONEDNN_MAX_ROWS or rows < ONEDNN_MIN_ROWS:
-        return [max(rows, ONEDNN_MIN_ROWS)]
-    if rows > ONEDNN_SPLIT_ROWS:
-        return [-(-rows // stride) * stride]
-    rest = rows % stride
-    return [rows - rest] + ([max(rest, ONEDNN_MIN_ROWS)] if rest else [])
+    return [padded_to for _, padded_to in _onednn_pieces(rows)]
 
 
 def _padded(x: torch.Tensor, onednn_weight: torch.Tensor, bias: torch.Tensor | None,

@@ -34,11 +34,9 @@ from pdserve.planner.served import (
     measure_serving,
     split_probes,
 )
-from pdserve.planner.typical import typical
+from pdserve.planner.typical import STALL_FACTOR, typical
 
 log = logging.getLogger(__name__)
-
-STALL_FACTOR = 1.5  # a (typical) timing this far above the first fit was a stall too
 
 
 @dataclass

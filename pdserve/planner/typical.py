@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import statistics
 
-STALL_FACTOR = 1.5  # a timing this far above its fastest repeat was another process's doing
+STALL_FACTOR = 1.5  # this far above its fastest repeat (or the fit: measure.fit_timed): a stall
 
 
 def typical(samples: list[float]) -> float:
