@@ -268,25 +268,36 @@ def complete(base: str, prompt: str) -> None:
                timeout=120).raise_for_status()
 
 
-def group_prefixes(workload: list[str], tok) -> tuple[str, ...]:
-    """Shared-prefix: each group's system prompt, the text all its prompts begin with (a
-    random system prompt may itself hold newlines: no splitting at the first one)."""
+def system_prompts(workload: list[str], tok) -> tuple[str, ...]:
+    """Each prefix group's or conversation's system prompt, as the generator drew it (a
+    conversation's turns share more than that: its first turn, which is no system prompt)."""
+    from pdserve.bench.workloads import multi_turn
+
+    cfg = _config(workload)
+    if cfg.dataset_name == "multi-turn":
+        return tuple(multi_turn.system_prompts(tok, cfg.mt_num_conversations,
+                                               cfg.mt_system_prompt_len, cfg.seed))
     texts: dict[int, list[str]] = {}
-    for spec in _specs(workload, tok):
+    for spec in _specs(workload, tok):  # a group's prompts share exactly its system prompt
         texts.setdefault(spec.group, []).append(spec.prompt)
     return tuple(os.path.commonprefix(texts[g]) for g in sorted(texts))
 
 
-def _specs(workload: list[str], tok) -> list:
-    """The requests `pdserve bench run` sends for these flags (seed 1, as run_one's)."""
+def _config(workload: list[str]):
+    """The workload `pdserve bench run` builds from these flags (seed 1, as run_one's)."""
     from pdserve.bench.cli import add_parser
     from pdserve.bench.commands import workload_config
-    from pdserve.bench.workloads import build_workload
 
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers())
-    args = parser.parse_args(["bench", "run", *workload, "--seed", "1"])
-    return build_workload(workload_config(args), tok)
+    return workload_config(parser.parse_args(["bench", "run", *workload, "--seed", "1"]))
+
+
+def _specs(workload: list[str], tok) -> list:
+    """The requests `pdserve bench run` sends for these flags."""
+    from pdserve.bench.workloads import build_workload
+
+    return build_workload(_config(workload), tok)
 
 
 def oracle_hits(workload: list[str], tok, warm_prompts: tuple[str, ...] = ()) -> int:
@@ -370,9 +381,10 @@ def main() -> None:
                     help="--pd-mix: also conditional with each of these stall bounds (the "
                     "router's --pd-max-stall-ms; default bound: D's measured hop)")
     ap.add_argument("--warm-prefixes", action="store_true",
-                    help="shared-prefix: send each group's system prompt through the router "
-                    "before the measured run (steady state: no policy can avoid a prefix's "
-                    "first prefill, and those cold misses otherwise set every P99)")
+                    help="shared-prefix and multi-turn: send each group's or conversation's "
+                    "system prompt through the router before the measured run (steady state: "
+                    "no policy can avoid a prefix's first prefill, and those cold misses "
+                    "otherwise set every P99)")
     ap.add_argument("--mix-prompts", type=int, default=20,
                     help="--pd-mix: requests a variant (a P99 over 20 x 31 gaps is the 6th "
                     "largest; more make it steadier)")
@@ -430,8 +442,8 @@ def main() -> None:
         tok = None if args.pd_mix else load_tokenizer(None)
         for workload in [] if args.pd_mix else args.workloads:
             flags = workload_flags(workload, args.groups, args.per_group)
-            warm = group_prefixes(flags, tok) \
-                if args.warm_prefixes and workload == "shared-prefix" else ()
+            warm = system_prompts(flags, tok) \
+                if args.warm_prefixes and workload != "random" else ()
             runs = result["runs"][workload] = {"oracle_hit_tokens": oracle_hits(flags, tok, warm),
                                                "warm_prefixes": len(warm)}
             for policy in args.policies:

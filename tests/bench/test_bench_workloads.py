@@ -9,7 +9,7 @@ import pytest
 
 from pdserve.bench.workloads import WorkloadConfig, build_workload
 from pdserve.bench.workloads.code import CODE_TASKS, code_workload
-from pdserve.bench.workloads.multi_turn import multi_turn_workload
+from pdserve.bench.workloads.multi_turn import multi_turn_workload, system_prompts
 from pdserve.bench.workloads.random_tokens import random_workload
 from pdserve.bench.workloads.shared_prefix import shared_prefix_workload
 from pdserve.bench.workloads.sharegpt import sharegpt_workload
@@ -167,3 +167,6 @@ def test_multi_turn_prompts_extend_their_conversation_turn_by_turn(tokenizer):
         assert s.prompt_len == n_tokens(tokenizer, s.prompt)
         last[s.group] = s.prompt
     assert len(last) == 3
+    systems = system_prompts(tokenizer, 3, 32, seed=2)  # what a benchmark warms
+    assert all(n_tokens(tokenizer, p) == 32 for p in systems)
+    assert all(s.prompt.startswith(systems[s.group] + "\n") for s in specs)

@@ -13,6 +13,20 @@ from pdserve.bench.request import RequestSpec
 from pdserve.bench.workloads.tokens import random_prompt, usable_ids
 
 
+def system_prompts(tokenizer: Any, num_conversations: int, system_prompt_len: int,
+                   seed: int = 0) -> list[str]:
+    """Each conversation's system prompt, the text its every turn begins with (a benchmark
+    warms these to measure a steady state, where no system prompt is new)."""
+    return _system_prompts(tokenizer, np.random.default_rng(seed), usable_ids(tokenizer),
+                           num_conversations, system_prompt_len)
+
+
+def _system_prompts(tokenizer: Any, rng: np.random.Generator, pool: np.ndarray,
+                    num_conversations: int, system_prompt_len: int) -> list[str]:
+    return [random_prompt(tokenizer, rng, system_prompt_len, pool)[0]
+            for _ in range(num_conversations)]
+
+
 def multi_turn_workload(
     tokenizer: Any,
     num_conversations: int,
@@ -26,8 +40,7 @@ def multi_turn_workload(
     any, conversations shuffled within a turn; `group` is the conversation."""
     rng = np.random.default_rng(seed)
     pool = usable_ids(tokenizer)
-    prompts = [random_prompt(tokenizer, rng, system_prompt_len, pool)[0]
-               for _ in range(num_conversations)]
+    prompts = _system_prompts(tokenizer, rng, pool, num_conversations, system_prompt_len)
     specs = []
     for _ in range(turns):
         turn = []
