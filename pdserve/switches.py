@@ -88,6 +88,11 @@ class Switches:
         "CPU float32 linears of decode-sized steps through oneDNN on a packed copy of each "
         "weight (1.3-4x faster GEMMs); 0 keeps MKL on the plain weights only, and half the "
         "weight memory.")
+    cpu_keep_heap: bool = _switch(
+        "PDSERVE_CPU_KEEP_HEAP", True, _flag,
+        "CPU engines keep freed memory for the next step's tensors instead of returning it "
+        "to the kernel (glibc mallopt; 6% faster 1k-token prefill); 0 keeps glibc's "
+        "defaults, and a smaller resident size between bursts.")
     tp_share_gpus: bool = _switch(
         "PDSERVE_TP_SHARE_GPUS", False, _flag,
         "Test mode: more tensor-parallel ranks than visible GPUs, sharing them over gloo "

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pdserve.cpu_heap import keep_cpu_heap
 from pdserve.engine.batch_inputs import InputBuilder
 from pdserve.engine.cuda_graphs import DecodeGraphs
 from pdserve.engine.kv_caches import KVCaches, allocate_worker_caches
@@ -303,6 +304,7 @@ def _worker_main(spec: TPSpec, rank: int, port: int, conn) -> None:
     exit_with_parent()
     if spec.device_type == "cpu":
         torch.set_num_threads(spec.cpu_threads)
+        keep_cpu_heap()
     try:
         from pdserve.models.loader import load_model  # heavy: import in the worker only
 
