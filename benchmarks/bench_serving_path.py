@@ -50,6 +50,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(REPO, "benchmarks", "results", "serving_path_cpu.json")
 PROMPT = "The quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun."
 CODE = REPO  # the pdserve checkout whose servers run (--repo)
+MODEL: str | None = None  # --model: a folder instead of the embedded model
 SECRET = "bench-serving-path-deployment-secret-0123456789"  # router -> instance signing
 
 
@@ -128,7 +129,7 @@ def _wait_healthy(proc: Proc, timeout_s: float = 60.0) -> dict:
 
 def start_instance(t_ms: float, busy: float) -> Proc:
     inst = _spawn("serve", "--engine-standin", str(t_ms), "--engine-standin-busy", str(busy),
-                  "--max-num-seqs", "256")
+                  "--max-num-seqs", "256", *(["--model", MODEL] if MODEL else []))
     inst.pids["engine"] = _wait_healthy(inst)["engine_pid"]
     return inst
 
@@ -278,14 +279,19 @@ def main() -> None:
     ap.add_argument("--busy", type=float, default=0.0,
                     help="the fraction of each stand-in step spent in Python (GIL held), as "
                     "a real engine's host thread: 0 = it sleeps the whole step")
+    ap.add_argument("--model", default=None,
+                    help="a folder with the model's config.json and tokenizer (no weights: the "
+                    "stand-in computes nothing), for a machine without the embedded model's "
+                    "package; default: the embedded SmolLM2")
     ap.add_argument("--label", default="", help="a note stored with the results")
     ap.add_argument("--out", default=OUT, help="where the JSON goes")
     ap.add_argument("--repo", default=REPO,
                     help="the pdserve checkout whose servers to measure (an older commit's "
                     "export, for before/after figures); default: this one")
     args = ap.parse_args()
-    global CODE
+    global CODE, MODEL
     CODE = os.path.abspath(args.repo)
+    MODEL = args.model and os.path.abspath(args.model)
     if args.quick:
         args.t_ms, args.streams, args.seconds = [5], [1, 64], 1.0
     load_before = os.getloadavg()
@@ -294,6 +300,7 @@ def main() -> None:
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "label": args.label,
         "repo": CODE,
+        "model": MODEL or "embedded SmolLM2",
         "standin_busy": args.busy,
         "device": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "python": platform.python_version(),
