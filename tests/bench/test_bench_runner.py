@@ -41,8 +41,9 @@ def test_poisson_sends_follow_the_schedule():
 def test_closed_loop_holds_the_concurrency():
     with FakeServer(SLOW) as server:
         cfg = EndpointConfig(server.url, model="fake")
-        load = LoadSpec(max_concurrency=3, num_prompts=12, progress=False)
-        run = run_load(_specs(12, "slow"), cfg, load)
+        # 10 rounds: one stalled request on a busy host is a small part of the run
+        load = LoadSpec(max_concurrency=3, num_prompts=30, progress=False)
+        run = run_load(_specs(30, "slow"), cfg, load)
     f = summarize(run.records, run.duration_s).fields
     assert f["max_concurrent_requests"] == 3
     assert f["request_throughput"] == pytest.approx(3 / 0.2, rel=0.25)  # Little's law
