@@ -2,10 +2,10 @@
 
 A CPU engine allocates and frees tens of MB of activations every step. By default glibc
 hands large blocks back to the kernel (mmap'd blocks, or the heap's top trimmed), so each
-step's tensors page-fault in again: a 1,024-token prefill of the embedded model on one
-thread took 950k minor page faults and 3.13 s, and 495k and 2.94 s with both thresholds
-raised (docs/PERF.md). vLLM's CPU guide gets the same effect from tcmalloc via LD_PRELOAD;
-a running process can only change glibc's own settings.
+step's tensors page-fault in again: three 1,024-token prefills of the embedded model on one
+thread (and three of 256) took 950k minor page faults and 3.13 s each, and 519k and 2.97 s
+with both thresholds raised as here (docs/PERF.md). vLLM's CPU guide gets the same effect
+from tcmalloc via LD_PRELOAD; a running process can only change glibc's own settings.
 """
 
 from __future__ import annotations
