@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import platform
 import signal
@@ -40,6 +41,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
@@ -51,6 +53,7 @@ OUT = os.path.join(REPO, "benchmarks", "results", "serving_path_cpu.json")
 PROMPT = "The quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun."
 CODE = REPO  # the pdserve checkout whose servers run (--repo)
 MODEL: str | None = None  # --model: a folder instead of the embedded model
+CLIENT_PROCS = 1  # --client-procs
 SECRET = "bench-serving-path-deployment-secret-0123456789"  # router -> instance signing
 
 
@@ -166,6 +169,23 @@ async def _run_streams(url: str, streams: int, max_tokens: int) -> tuple[list[li
     return per_stream, ok.count(False)
 
 
+def _streams_in_process(url: str, streams: int, max_tokens: int) -> tuple[list[list], int]:
+    return asyncio.run(_run_streams(url, streams, max_tokens))
+
+
+def _client_streams(url: str, streams: int, max_tokens: int) -> tuple[list[list], int]:
+    """The streams, split over CLIENT_PROCS client processes: one Python process stamping
+    12,800 events a second is itself busy enough to add to the gaps it measures."""
+    procs = max(1, min(CLIENT_PROCS, streams))
+    if procs == 1:
+        return _streams_in_process(url, streams, max_tokens)
+    shares = [streams // procs + (i < streams % procs) for i in range(procs)]
+    with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        done = list(pool.map(_streams_in_process, [url] * procs, shares,
+                             [max_tokens] * procs))
+    return [s for per_stream, _ in done for s in per_stream], sum(f for _, f in done)
+
+
 def _events(reads: list[tuple[float, bytes]]) -> list[tuple[float, int]]:
     """(time the event's last byte arrived, its token count) of each token-carrying event."""
     out, buf = [], b""
@@ -214,7 +234,7 @@ def measure(path: str, url: str, pids: dict[str, int], t_ms: float, streams: int
             max_tokens: int) -> Result:
     asyncio.run(_run_streams(url, 1, 4))  # warm: connections, imports, first-request paths
     before, wakes_before = _cpu(pids), _wakes(pids)
-    per_stream, failed = asyncio.run(_run_streams(url, streams, max_tokens))
+    per_stream, failed = _client_streams(url, streams, max_tokens)
     after, wakes_after = _cpu(pids), _wakes(pids)
     tokens, sizes, added = 0, [], []
     for reads in per_stream:
@@ -283,14 +303,19 @@ def main() -> None:
                     help="a folder with the model's config.json and tokenizer (no weights: the "
                     "stand-in computes nothing), for a machine without the embedded model's "
                     "package; default: the embedded SmolLM2")
+    ap.add_argument("--client-procs", type=int, default=1,
+                    help="split the streams over this many client processes (on a machine "
+                    "with cores to spare: one process stamping 64 streams' events is busy "
+                    "enough to add latency of its own)")
     ap.add_argument("--label", default="", help="a note stored with the results")
     ap.add_argument("--out", default=OUT, help="where the JSON goes")
     ap.add_argument("--repo", default=REPO,
                     help="the pdserve checkout whose servers to measure (an older commit's "
                     "export, for before/after figures); default: this one")
     args = ap.parse_args()
-    global CODE, MODEL
+    global CODE, MODEL, CLIENT_PROCS
     CODE = os.path.abspath(args.repo)
+    CLIENT_PROCS = args.client_procs
     MODEL = args.model and os.path.abspath(args.model)
     if args.quick:
         args.t_ms, args.streams, args.seconds = [5], [1, 64], 1.0
@@ -301,6 +326,7 @@ def main() -> None:
         "label": args.label,
         "repo": CODE,
         "model": MODEL or "embedded SmolLM2",
+        "client_procs": CLIENT_PROCS,
         "standin_busy": args.busy,
         "device": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "python": platform.python_version(),
