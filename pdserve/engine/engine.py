@@ -12,7 +12,6 @@ import torch
 
 from pdserve import switches
 from pdserve.config import EngineArgs, ModelConfig
-from pdserve.cpu_heap import keep_cpu_heap
 from pdserve.engine import seeded_noise
 from pdserve.engine.blocks import BlockPool
 from pdserve.engine.calibrate import calibrate
@@ -108,7 +107,6 @@ class Engine:
         self.dtype = resolve_dtype(args.dtype, self.device)
         if self.device.type == "cpu":
             set_cpu_threads(args.cpu_threads)
-            keep_cpu_heap()  # before the weights: they are allocated under it too
         else:  # before the first Triton kernel runs
             COMPILATIONS.watch_triton()
         tp = args.tensor_parallel_size

@@ -28,6 +28,7 @@ import torch
 
 from pdserve.config import CacheConfig, EngineArgs, SchedulerConfig
 from pdserve.cpu_affinity import format_cpu_list, parse_cpu_list, usable_cpus
+from pdserve.cpu_heap import keep_cpu_heap
 from pdserve.engine.calibrate import StepSpec, sampled_specs, timed_step
 
 log = logging.getLogger(__name__)
@@ -146,6 +147,7 @@ def neighbour_main(argv: list[str] | None = None) -> None:
     # not pin_to: that keeps within this process's mask, inherited from the pinned profile
     os.sched_setaffinity(0, parse_cpu_list(args.cpus))
     torch.set_num_threads(args.threads)
+    keep_cpu_heap()  # as a served CPU engine's process does
     from pdserve.engine.engine import Engine  # heavy: only the neighbour needs it here
     engine = Engine(EngineArgs(model=args.model, device="cpu",
                                dtype=args.dtype.removeprefix("torch."),

@@ -16,6 +16,7 @@ import traceback
 from collections.abc import Callable
 
 from pdserve.config import EngineArgs
+from pdserve.cpu_heap import keep_cpu_heap
 from pdserve.engine.compilations import COMPILATIONS
 from pdserve.engine.kv_events import KVEventLog
 from pdserve.engine.outputs import EngineRequest, RequestOutput
@@ -45,8 +46,10 @@ log = logging.getLogger(__name__)
 
 def default_engine_factory(args: EngineArgs):
     """The real engine; imported here so that only the engine process loads the model code."""
-    from pdserve.engine.engine import Engine
+    from pdserve.engine.engine import Engine, resolve_device
 
+    if resolve_device(args.device).type == "cpu":
+        keep_cpu_heap()  # this process is the engine's: before its weights are allocated
     return Engine(args)
 
 
