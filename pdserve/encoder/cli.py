@@ -11,6 +11,7 @@ import uvicorn
 from pdserve.encoder.app import EncoderSettings, build_encoder_app
 from pdserve.media.flags import media_limits
 from pdserve.security import SecretError, load_secret
+from pdserve.uvicorn_config import server_config
 
 
 def add_encoder_flags(p: argparse.ArgumentParser, parse_bytes) -> None:
@@ -78,8 +79,8 @@ def run_encoder(args: argparse.Namespace) -> int:
     app = build_encoder_app(load, args.model, settings, secret, limits, heartbeat,
                             api_key=api_key(args), open_metrics=args.open_metrics)
     torch.set_grad_enabled(False)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=5)
+    config = server_config(app, host=args.host, port=args.port, log_level=args.log_level,
+                           timeout_graceful_shutdown=5)
     try:
         uvicorn.Server(config).run()
     except (KeyboardInterrupt, SystemExit):

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-import uvicorn
-
 from pdserve.drain import Drain, DrainingServer, add_drain_flag
 from pdserve.media.flags import add_media_flags, router_body_bytes
 from pdserve.router.policy import POLICIES
@@ -17,6 +15,7 @@ from pdserve.server.cli import (
     api_key,
     parse_bytes,
 )
+from pdserve.uvicorn_config import server_config
 
 
 def add_parser(subparsers) -> None:
@@ -119,8 +118,8 @@ def run(args: argparse.Namespace) -> int:
                     routing_policy=args.routing_policy, tokenizer=args.tokenizer,
                     pd_max_stall_s=None if args.pd_max_stall_ms is None
                     else args.pd_max_stall_ms / 1e3)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=5)
+    config = server_config(app, host=args.host, port=args.port, log_level=args.log_level,
+                           timeout_graceful_shutdown=5)
     server = DrainingServer(config, drain)
     try:
         server.run()  # SIGTERM and Ctrl-C drain, then return (see pdserve/drain.py)

@@ -10,8 +10,6 @@ import signal
 import socket
 import sys
 
-import uvicorn
-
 from pdserve.config import CacheConfig, EngineArgs, SchedulerConfig
 from pdserve.cpu_affinity import pin_to
 from pdserve.drain import Drain, DrainingServer, add_drain_flag
@@ -21,6 +19,7 @@ from pdserve.security import API_KEY_ENV, SECRET_ENV, SecretError, load_secret
 from pdserve.server.chat_template import install_chat_template, read_chat_template
 from pdserve.server.request_log import RequestLog
 from pdserve.server.tool_parsers import PARSERS
+from pdserve.uvicorn_config import server_config
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
           "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
@@ -279,8 +278,8 @@ def run(args: argparse.Namespace) -> int:
                     tool_call_parser=args.tool_call_parser,
                     request_log=RequestLog(args.max_log_len) if args.log_requests else None,
                     media_limits=limits)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=5)
+    config = server_config(app, host=args.host, port=args.port, log_level=args.log_level,
+                           timeout_graceful_shutdown=5)
     try:  # before the engine loads: a port in use fails at once, not a minute later
         sock = config.bind_socket()
     except SystemExit:
