@@ -7,7 +7,8 @@ import asyncio
 from collections.abc import Awaitable
 from contextlib import asynccontextmanager
 
-import httpx
+import aiohttp
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -24,16 +25,12 @@ from pdserve.router.prompt_tokens import PromptTokenizer
 from pdserve.router.proxy import Router, json_error
 from pdserve.router.registry import REGISTRABLE, Registry
 from pdserve.router.tool_routes import add_tool_routes
-from pdserve.router.upstream import Upstream
+from pdserve.router.upstream import CALL_ERRORS, Upstream, new_session
 from pdserve.router.validation import read_request
 from pdserve.security import DeploymentSecret
 from pdserve.server.app import json_body
 from pdserve.server.errors import install_error_handlers
 from pdserve.server.protocol import ChatCompletionRequest, CompletionRequest
-
-# No read timeout: a long generation may take minutes; broken connections still raise.
-UPSTREAM_TIMEOUT = httpx.Timeout(None, connect=5.0)
-UPSTREAM_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=256)
 
 
 def build_app(registry: Registry, health_interval_s: float = 1.0,
@@ -55,17 +52,16 @@ def build_app(registry: Registry, health_interval_s: float = 1.0,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        client = httpx.AsyncClient(timeout=UPSTREAM_TIMEOUT, limits=UPSTREAM_LIMITS)
+        session = new_session()
         metrics = RouterMetrics(registry)
-        app.state.upstream = Upstream(client, metrics, secret)
+        app.state.upstream = Upstream(session, metrics, secret)
         router = Router(registry, app.state.upstream, metrics, policy,
                         tokens=PromptTokenizer(tokenizer))
         app.state.router = router
-        app.state.client = client
-        tasks = [asyncio.create_task(poll_forever(client, registry, health_interval_s))]
+        tasks = [asyncio.create_task(poll_forever(session, registry, health_interval_s))]
         if policy.uses_cache:
             tasks.append(asyncio.create_task(router.tokens.load()))
-            follow = Subscriptions(client, registry, router.index, secret)
+            follow = Subscriptions(session, registry, router.index, secret)
             tasks.append(asyncio.create_task(follow.run(health_interval_s)))
         try:
             yield
@@ -73,7 +69,7 @@ def build_app(registry: Registry, health_interval_s: float = 1.0,
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await client.aclose()
+            await session.close()
 
     app = FastAPI(title="pdserve router", lifespan=lifespan)
     app.state.drain = drain or Drain()
@@ -125,11 +121,12 @@ async def _model_cards(request: Request) -> list[dict]:
             continue
         try:
             _, headers = upstream.signed("GET", "/v1/models")
-            resp = await upstream.client.get(inst.url + "/v1/models", timeout=5,
-                                             headers=headers)
-            for card in resp.json().get("data", []):
+            async with upstream.session.get(inst.url + "/v1/models", headers=headers,
+                                            timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                listing = orjson.loads(await resp.read())
+            for card in listing.get("data", []):
                 cards.setdefault(card["id"], card)
-        except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
+        except (*CALL_ERRORS, ValueError, KeyError, TypeError, AttributeError):
             continue
     return list(cards.values())
 
@@ -183,7 +180,7 @@ def _add_registry_routes(app: FastAPI, registry: Registry) -> None:
             return json_error(400, f"register needs {{url, role in {REGISTRABLE}}}: {exc}", None,
                               "invalid_request_error")
         if not inst.healthy:  # a newcomer serves as soon as it answers, not a poll later
-            await check(request.app.state.client, inst, timeout_s=2.0)
+            await check(request.app.state.upstream.session, inst, timeout_s=2.0)
         return JSONResponse({"status": "ok", "instance": inst.to_json(),
                              "heartbeat_ttl_s": registry.heartbeat_ttl_s})
 

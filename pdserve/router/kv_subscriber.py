@@ -16,10 +16,11 @@ import contextlib
 import json
 import logging
 
-import httpx
+import aiohttp
 
 from pdserve.router.kv_index import KVIndex
 from pdserve.router.registry import Instance, Registry
+from pdserve.router.upstream import CALL_ERRORS, StreamBroken, lines
 from pdserve.security import DeploymentSecret, sign_request
 
 log = logging.getLogger(__name__)
@@ -51,25 +52,24 @@ def apply(index: KVIndex, inst: Instance, msg: object) -> None:
         raise ValueError(f"unknown KV event type {kind!r}")
 
 
-async def follow(client: httpx.AsyncClient, inst: Instance, index: KVIndex,
+async def follow(session: aiohttp.ClientSession, inst: Instance, index: KVIndex,
                  secret: DeploymentSecret | None) -> None:
     """Keep `inst`'s entries in `index` current until cancelled."""
-    timeout = httpx.Timeout(READ_TIMEOUT_S, connect=5.0)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=READ_TIMEOUT_S)
     while True:
         wait = RETRY_S
         headers = sign_request(secret, "GET", EVENTS_PATH) if secret is not None else {}
         try:
-            async with client.stream("GET", inst.url + EVENTS_PATH, headers=headers,
-                                     timeout=timeout) as resp:
-                if resp.status_code != 200:
-                    log.info("instance %s publishes no KV events (%d)", inst.url,
-                             resp.status_code)
+            async with session.get(inst.url + EVENTS_PATH, headers=headers,
+                                   timeout=timeout) as resp:
+                if resp.status != 200:
+                    log.info("instance %s publishes no KV events (%d)", inst.url, resp.status)
                     wait = UNSUPPORTED_RETRY_S
                 else:
-                    async for line in resp.aiter_lines():
+                    async for line in lines(resp):
                         if line:
                             apply(index, inst, json.loads(line))
-        except (httpx.HTTPError, ValueError) as exc:
+        except (*CALL_ERRORS, StreamBroken, ValueError) as exc:
             log.debug("KV events of %s: %s", inst.url, exc)
         # not on cancellation: whoever cancels drops it (a newer stream may own it by then)
         index.drop(inst.url)
@@ -79,9 +79,9 @@ async def follow(client: httpx.AsyncClient, inst: Instance, index: KVIndex,
 class Subscriptions:
     """One `follow` task per known instance, started and stopped as the registry changes."""
 
-    def __init__(self, client: httpx.AsyncClient, registry: Registry, index: KVIndex,
+    def __init__(self, session: aiohttp.ClientSession, registry: Registry, index: KVIndex,
                  secret: DeploymentSecret | None) -> None:
-        self.client, self.registry, self.index, self.secret = client, registry, index, secret
+        self.session, self.registry, self.index, self.secret = session, registry, index, secret
         self._tasks: dict[str, tuple[Instance, asyncio.Task]] = {}
 
     def sync(self) -> None:
@@ -95,7 +95,7 @@ class Subscriptions:
                 self.index.drop(url)
         for url, inst in known.items():
             if url not in self._tasks:
-                task = asyncio.create_task(follow(self.client, inst, self.index, self.secret))
+                task = asyncio.create_task(follow(self.session, inst, self.index, self.secret))
                 self._tasks[url] = (inst, task)
 
     async def run(self, interval_s: float) -> None:

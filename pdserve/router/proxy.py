@@ -22,7 +22,6 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
-import httpx
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from pdserve.event_stream import EventStream
@@ -71,7 +70,7 @@ from pdserve.router.shaping import (
     tracked_body,
     without_kv_params,
 )
-from pdserve.router.upstream import Refused, Upstream, UpstreamError
+from pdserve.router.upstream import Answer, Refused, Stream, StreamBroken, Upstream, UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +116,7 @@ class Attempt:
     """One instance's open stream of an answer, and the load it is charged for."""
 
     inst: Instance
-    resp: httpx.Response
+    resp: Stream
     charge: Charge
 
 
@@ -261,7 +260,7 @@ class Router:
                         media_type="application/json")
 
     async def _whole(self, roles: tuple[str, ...], path: str, body: dict, load: Load,
-                     tried: set[str], prefer: str | None = None) -> httpx.Response:
+                     tried: set[str], prefer: str | None = None) -> Answer:
         """A non-streamed answer from the first instance of `roles` that gives one; one
         that fails while answering is replaced, and the request runs again whole there."""
         while True:
@@ -312,7 +311,7 @@ class Router:
                 if attempt is not None:
                     relay = StreamRelay(chat, progress, keep_ids)
                     try:
-                        async for line in attempt.resp.aiter_lines():
+                        async for line in attempt.resp.lines():
                             event = relay.event(line)
                             if event is None:
                                 continue
@@ -324,8 +323,8 @@ class Router:
                             yield event
                         if progress.done:
                             return
-                        raise httpx.RemoteProtocolError("the stream ended before [DONE]")
-                    except (httpx.TransportError, InstanceFailed) as exc:
+                        raise StreamBroken("the stream ended before [DONE]")
+                    except (StreamBroken, InstanceFailed) as exc:
                         self.upstream.broken(attempt.inst, exc)
                         tried.add(attempt.inst.url)
                         failed = stream_failed(attempt.inst, exc)

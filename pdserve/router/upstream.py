@@ -2,15 +2,21 @@
 
 Every call is signed with the deployment secret (an instance then needs no API key from the
 router); the JSON is serialized here, once, so that the MAC covers exactly the bytes sent.
+The client is aiohttp's: its HTTP parser is C, where httpx's (httpcore, pure Python) took
+~30% of the router's CPU relaying 64 streams (docs/PERF.md, "Serving path").
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
-import httpx
+import aiohttp
+import orjson
 
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.registry import Instance
@@ -19,6 +25,47 @@ from pdserve.security import DeploymentSecret, sign_request
 log = logging.getLogger(__name__)
 
 RELEASE_TIMEOUT_S = 5.0  # a lease release is best effort: P's TTL frees the blocks anyway
+CONNECT_TIMEOUT_S = 5.0  # an answer may take as long as it takes; a connection may not
+MAX_LINE_BYTES = 64 << 20  # a stream line longer than this is a broken instance, not an answer
+# what a failed call raises: a connection error, or a timeout where one was set
+CALL_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
+
+
+def new_session() -> aiohttp.ClientSession:
+    """The router's client: unlimited connections (each stream holds one), no proxies from
+    the environment (an instance's URL is dialled as registered), and no read timeout (a
+    long generation may take minutes; a broken connection still raises)."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S),
+        auto_decompress=False, trust_env=False)
+
+
+async def lines(resp: aiohttp.ClientResponse) -> AsyncIterator[str]:
+    """The lines of a streamed body, without their line ends; StreamBroken if the stream
+    breaks (or sends a line over MAX_LINE_BYTES). Splitting here, not with aiohttp's
+    readline, leaves no 128 KiB line limit (an echoed prompt is one line)."""
+    pending = bytearray()
+    try:
+        async for chunk in resp.content.iter_any():
+            pending += chunk
+            start = 0
+            while (end := pending.find(b"\n", start)) >= 0:
+                if end - start > MAX_LINE_BYTES:
+                    break
+                yield pending[start:end].rstrip(b"\r").decode(errors="replace")
+                start = end + 1
+            del pending[:start]
+            if len(pending) > MAX_LINE_BYTES:
+                raise StreamBroken(f"a line over {MAX_LINE_BYTES} bytes")
+    except CALL_ERRORS as exc:
+        raise StreamBroken(f"{type(exc).__name__}: {exc}") from exc
+    if pending:
+        yield pending.rstrip(b"\r").decode(errors="replace")
+
+
+class StreamBroken(Exception):
+    """An instance's stream broke after its headers (or ended before [DONE])."""
 
 
 class UpstreamError(Exception):
@@ -41,10 +88,39 @@ class Refused(Exception):
 
 
 @dataclass
+class Answer:
+    """A non-streamed answer, read whole."""
+
+    status_code: int
+    content: bytes
+
+    def json(self) -> Any:
+        return orjson.loads(self.content)
+
+
+@dataclass
+class Stream:
+    """A streamed answer whose headers said 2xx: read its lines, then close it."""
+
+    resp: aiohttp.ClientResponse
+
+    def lines(self) -> AsyncIterator[str]:
+        return lines(self.resp)
+
+    async def aclose(self) -> None:
+        """Keep the connection for the next call if the body was read to its end; else
+        close it, so that the instance sees the client leave and stops generating."""
+        if self.resp.content.at_eof():
+            self.resp.release()
+        else:
+            self.resp.close()
+
+
+@dataclass
 class Upstream:
     """The router's one HTTP client to all instances."""
 
-    client: httpx.AsyncClient
+    session: aiohttp.ClientSession
     metrics: RouterMetrics
     secret: DeploymentSecret | None = None  # None: calls go unsigned (instances must be open)
 
@@ -63,43 +139,48 @@ class Upstream:
         log.warning("%s instance %s failed: %s", inst.role, inst.url, message)
         return UpstreamError(inst, message, connect)
 
-    async def _check(self, inst: Instance, resp: httpx.Response) -> None:
-        if resp.status_code < 400:
-            return
-        content = await resp.aread()
-        if resp.status_code < 500:
-            raise Refused(resp.status_code, content)
-        raise self._failed(inst, f"HTTP {resp.status_code}: {content[:300]!r}", False)
+    def _refusal(self, inst: Instance, status: int, content: bytes) -> Exception:
+        """What an answer of 400 or more raises: the client's fault (4xx) or the instance's."""
+        if status < 500:
+            return Refused(status, content)
+        return self._failed(inst, f"HTTP {status}: {content[:300]!r}", False)
 
-    async def post(self, inst: Instance, path: str, body: dict) -> httpx.Response:
-        """A non-streamed request; returns a 2xx response with its body read."""
+    async def _send(self, inst: Instance, path: str, body: dict) -> aiohttp.ClientResponse:
+        """POST `body`, signed; a failure to connect or to get the headers is the
+        instance's (UpstreamError)."""
         content, headers = self.signed("POST", path, body)
         try:
-            resp = await self.client.post(inst.url + path, content=content, headers=headers)
-        except httpx.ConnectError as exc:
+            return await self.session.post(inst.url + path, data=content, headers=headers)
+        except aiohttp.ClientConnectorError as exc:
             raise self._failed(inst, f"cannot connect ({exc})", True) from exc
-        except httpx.TransportError as exc:
+        except CALL_ERRORS as exc:
             raise self._failed(inst, f"{type(exc).__name__}: {exc}", False) from exc
-        await self._check(inst, resp)
-        return resp
 
-    async def open_stream(self, inst: Instance, path: str, body: dict) -> httpx.Response:
+    async def post(self, inst: Instance, path: str, body: dict) -> Answer:
+        """A non-streamed request; returns a 2xx answer, read whole."""
+        resp = await self._send(inst, path, body)
+        try:
+            answer = Answer(resp.status, await resp.read())
+        except CALL_ERRORS as exc:
+            raise self._failed(inst, f"{type(exc).__name__}: {exc}", False) from exc
+        finally:
+            resp.release()
+        if answer.status_code >= 400:
+            raise self._refusal(inst, answer.status_code, answer.content)
+        return answer
+
+    async def open_stream(self, inst: Instance, path: str, body: dict) -> Stream:
         """A streamed request whose headers said 2xx; the caller reads and closes it."""
-        content, headers = self.signed("POST", path, body)
-        request = self.client.build_request("POST", inst.url + path, content=content,
-                                            headers=headers)
+        resp = await self._send(inst, path, body)
+        if resp.status < 400:
+            return Stream(resp)
         try:
-            resp = await self.client.send(request, stream=True)
-        except httpx.ConnectError as exc:
-            raise self._failed(inst, f"cannot connect ({exc})", True) from exc
-        except httpx.TransportError as exc:
+            content = await resp.read()
+        except CALL_ERRORS as exc:
             raise self._failed(inst, f"{type(exc).__name__}: {exc}", False) from exc
-        try:
-            await self._check(inst, resp)
-        except BaseException:
-            await resp.aclose()
-            raise
-        return resp
+        finally:
+            resp.release()
+        raise self._refusal(inst, resp.status, content)
 
     async def release_lease(self, inst: Instance, request_id: str, lease_token: str | None,
                             timeout_s: float = RELEASE_TIMEOUT_S) -> bool:
@@ -109,11 +190,13 @@ class Upstream:
                                        {"remote_request_id": request_id,
                                         "lease_token": lease_token})
         try:
-            resp = await self.client.post(inst.url + "/v1/kv/release", timeout=timeout_s,
-                                          content=content, headers=headers)
-            if resp.status_code == 200:
-                return True
-            message = f"HTTP {resp.status_code}: {resp.content[:300]!r}"
+            async with self.session.post(inst.url + "/v1/kv/release", data=content,
+                                         headers=headers,
+                                         timeout=aiohttp.ClientTimeout(total=timeout_s)
+                                         ) as resp:
+                if resp.status == 200:
+                    return True
+                message = f"HTTP {resp.status}: {(await resp.read())[:300]!r}"
         except Exception as exc:  # any: the router may be closing its client meanwhile
             message = f"{type(exc).__name__}: {exc}"
         log.warning("could not release KV lease %s on %s: %s", request_id, inst.url, message)

@@ -15,6 +15,7 @@ from pdserve.router.kv_index import KVIndex
 from pdserve.router.kv_subscriber import EVENTS_PATH, follow
 from pdserve.router.prompt_tokens import PromptTokenizer
 from pdserve.router.registry import Instance
+from pdserve.router.upstream import new_session
 from pdserve.security import DeploymentSecret, sign_request
 from tests.router.cluster import GREEDY, metric, start_router
 
@@ -111,8 +112,8 @@ def test_index_equals_what_the_instance_reports_cached(fleet, tokenizer):
 
     async def run() -> int:
         index = KVIndex()
-        async with httpx.AsyncClient() as client:
-            task = asyncio.create_task(follow(client, inst, index, DeploymentSecret.from_env()))
+        async with new_session() as session:
+            task = asyncio.create_task(follow(session, inst, index, DeploymentSecret.from_env()))
             await asyncio.to_thread(complete, fleet.c0.url, first)
             ids = await tokens.ids(False, {"prompt": follow_up})
             for _ in range(100):  # the stored events follow the answer within a step
