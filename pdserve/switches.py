@@ -93,6 +93,11 @@ class Switches:
         "CPU engines keep freed memory for the next step's tensors instead of returning it "
         "to the kernel (glibc mallopt; 6% faster 1k-token prefill); 0 keeps glibc's "
         "defaults, and a smaller resident size between bursts.")
+    cpu_native: bool = _switch(
+        "PDSERVE_CPU_NATIVE", True, _flag,
+        "CPU float32 decode attention in a C kernel that reads the paged cache in place "
+        "(pdserve/kernels/cpu_native.py, built with the machine's compiler on first use); 0 "
+        "keeps PyTorch's gather + SDPA.")
     tp_share_gpus: bool = _switch(
         "PDSERVE_TP_SHARE_GPUS", False, _flag,
         "Test mode: more tensor-parallel ranks than visible GPUs, sharing them over gloo "
@@ -104,8 +109,8 @@ class Switches:
         "boot; the Ray launcher sets its node's id (two nodes on one machine still use TCP).")
     cache_dir: Path | None = _switch(
         "PDSERVE_CACHE_DIR", None, _path,
-        "Where converted tokenizers, parsed GGUF configs and a GGUF's dequantized weights "
-        "are cached; unset = ~/.cache/pdserve.")
+        "Where converted tokenizers, parsed GGUF configs, a GGUF's dequantized weights and "
+        "the built CPU decode kernel are cached; unset = ~/.cache/pdserve.")
 
 
 def env_name(name: str) -> str:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from pdserve import switches
+from pdserve.kernels.cpu_native import decode_kernel, paged_decode
 
 
 @dataclass
@@ -54,6 +55,8 @@ class DecodePlan:
     blocks: torch.Tensor  # int64 [B * n]: their block ids, n blocks each (padded)
     rows: torch.Tensor  # int64 [B]: their query rows in the step's batch
     visible: torch.Tensor  # bool [B, 1, 1, longest]: each sequence's own keys
+    tables: torch.Tensor  # int32 [B, n]: their block tables (the native kernel's view)
+    lens: torch.Tensor  # int32 [B]: their key counts
 
     @staticmethod
     def key_of(meta: AttentionMetadata) -> tuple:
@@ -73,7 +76,8 @@ class DecodePlan:
             lens, device=device)[:, None]
         return DecodePlan(DecodePlan.key_of(meta), decodes, longest, tables.flatten().long(),
                           torch.tensor([starts[i] for i in decodes], device=device),
-                          visible[:, None, None])
+                          visible[:, None, None], tables.contiguous(),
+                          torch.tensor(lens, device=device, dtype=torch.int32))
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor) -> None:
@@ -108,20 +112,31 @@ def torch_paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """Reference paged attention in PyTorch: write K/V, then attend: the one-token (decode)
-    sequences in one batched call, each prefill chunk on its own."""
+    sequences in one batched call (the native kernel's, where it serves), each prefill chunk
+    on its own."""
     write_kv(k, v, kv_cache, meta.slot_mapping)
+    q = q.contiguous()
     out = torch.empty_like(q)
     starts = [0, *itertools.accumulate(meta.query_lens_cpu)]
-    batched = meta.query_lens_cpu.count(1) > 1  # one decode gains nothing from the batch
+    native = _native_kernel(q, kv_cache)
+    decodes = meta.query_lens_cpu.count(1)
+    batched = decodes > 1 or (decodes == 1 and native is not None)  # one: SDPA as it is
     if batched:
         if meta.decode_plan is None or meta.decode_plan.key != DecodePlan.key_of(meta):
             meta.decode_plan = DecodePlan.build(meta, kv_cache.shape[2], starts, q.device)
-        _batched_decode(q, kv_cache, meta.decode_plan, scale, out)
+        plan = meta.decode_plan
+        if native is not None:
+            paged_decode(native, q, out, plan.rows, kv_cache, plan.tables, plan.lens, scale)
+        else:
+            _batched_decode(q, kv_cache, plan, scale, out)
     for i, (q_len, seq_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
         if q_len == 0 or (batched and q_len == 1):
             continue
         start = starts[i]
-        keys, values = gather_kv(kv_cache, meta.block_tables[i], seq_len)
+        if seq_len == q_len:  # a fresh prompt: its keys are this step's, no need to gather
+            keys, values = k[start : start + q_len], v[start : start + q_len]
+        else:
+            keys, values = gather_kv(kv_cache, meta.block_tables[i], seq_len)
         # 4-D [1, H, L, D]: with 3-D inputs torch's CPU SDPA takes its "math" path (a 1024-token
         # prompt of SmolLM2: 88 ms a layer, against 25 ms in the flash kernel; 16 ms causal)
         qi = q[start : start + q_len].transpose(0, 1)[None]  # [1, Hq, q_len, D]
@@ -140,6 +155,13 @@ def torch_paged_attention(
                                                enable_gqa=gqa)
         out[start : start + q_len] = o[0].transpose(0, 1)
     return out
+
+
+def _native_kernel(q: torch.Tensor, kv_cache: torch.Tensor):
+    """The C decode kernel (cpu_native.py) where it applies: float32 on the CPU."""
+    if q.device.type != "cpu" or q.dtype != torch.float32 or kv_cache.dtype != torch.float32:
+        return None
+    return decode_kernel() if kv_cache.is_contiguous() else None
 
 
 def _batched_decode(q: torch.Tensor, kv_cache: torch.Tensor, plan: DecodePlan, scale: float,
