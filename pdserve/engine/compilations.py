@@ -11,7 +11,9 @@ jit_post_compile_hook`: each new specialization of a JIT function, compiled or l
 Triton's disk cache, autotuning's trials included; the interpreter compiles nothing, so it
 counts nothing); CUDA graphs by `DecodeGraphs.capture`;
 torch.compile by TorchDynamo's own count of graphs it compiled (pdserve does not use it, so
-0 unless something does). One counter per process: tensor-parallel workers' are not counted.
+0 unless something does); the CPU's C decode kernel by `kernels/cpu_native.py` when it builds
+or loads it (a CPU engine does so at start). One counter per process: tensor-parallel
+workers' are not counted.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-KINDS = ("triton", "cuda_graph", "torch_compile")
+KINDS = ("triton", "cuda_graph", "torch_compile", "native")
 
 
 def _torch_compiled_graphs() -> int:

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from pdserve import switches
+from pdserve.engine.compilations import COMPILATIONS
 from pdserve.models.cache import cache_root, replace_atomically
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ def _library() -> ctypes.CDLL | None:
         if not path.exists():
             _build(compiler, path)
         lib = ctypes.CDLL(str(path))
+        COMPILATIONS.count("native")
     except (OSError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", b"") or b""
         log.warning("could not build the CPU decode attention kernel (%s%s); PyTorch's path "

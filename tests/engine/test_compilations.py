@@ -21,7 +21,8 @@ def test_only_what_comes_after_ready_counts():
     counter.mark_ready()
     counter.count("triton")
     counter.count("cuda_graph", 2)
-    assert counter.after_ready() == {"triton": 1, "cuda_graph": 2, "torch_compile": 0}
+    assert counter.after_ready() == {"triton": 1, "cuda_graph": 2, "torch_compile": 0,
+                                     "native": 0}
 
 
 def test_a_torch_compile_after_ready_counts():
