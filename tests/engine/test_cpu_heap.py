@@ -27,6 +27,9 @@ print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
+ONE_STEP_PAGES = 6 * 2 * 8 * 2**20 // 4096  # six 8 MB activations and six products
+
+
 def page_faults(keep_heap: str) -> tuple[bool, int]:
     env = {**os.environ, "PDSERVE_CPU_KEEP_HEAP": keep_heap}
     out = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True,
@@ -37,7 +40,11 @@ def page_faults(keep_heap: str) -> tuple[bool, int]:
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_kept_heap_page_faults_far_less_than_glibc_defaults():
     kept, faults_kept = page_faults("1")
-    default, faults_default = page_faults("0")  # the switch off: glibc's own thresholds
-    assert kept and not default
-    assert faults_default > 20 * 6 * 8 * 2**20 / 4096 / 2  # defaults: most steps fault again
-    assert faults_kept < faults_default / 5
+    assert kept
+    assert faults_kept < ONE_STEP_PAGES  # 20 steps fault in less than one step's tensors
+    # glibc's defaults adapt (a freed mmap raises its thresholds), so a run may keep much of
+    # its memory by luck: 47 k to 491 k faults on one machine; the worst of three is what a
+    # long-running server meets
+    runs = [page_faults("0") for _ in range(3)]
+    assert not any(kept for kept, _ in runs)
+    assert max(faults for _, faults in runs) > 5 * faults_kept
