@@ -13,6 +13,7 @@ the reference for the Triton kernels) and the dispatcher between the two.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 from dataclasses import dataclass, field
 
@@ -157,7 +158,7 @@ def torch_paged_attention(
     return out
 
 
-def _native_kernel(q: torch.Tensor, kv_cache: torch.Tensor):
+def _native_kernel(q: torch.Tensor, kv_cache: torch.Tensor) -> ctypes.CDLL | None:
     """The C decode kernel (cpu_native.py) where it applies: float32 on the CPU."""
     if q.device.type != "cpu" or q.dtype != torch.float32 or kv_cache.dtype != torch.float32:
         return None

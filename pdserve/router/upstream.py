@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-import orjson
 
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.registry import Instance
@@ -95,7 +94,7 @@ class Answer:
     content: bytes
 
     def json(self) -> Any:
-        return orjson.loads(self.content)
+        return json.loads(self.content)  # as httpx did: the stdlib's reader, NaN included
 
 
 @dataclass
