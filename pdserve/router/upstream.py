@@ -155,15 +155,19 @@ class Upstream:
         except CALL_ERRORS as exc:
             raise self._failed(inst, f"{type(exc).__name__}: {exc}", False) from exc
 
-    async def post(self, inst: Instance, path: str, body: dict) -> Answer:
-        """A non-streamed request; returns a 2xx answer, read whole."""
-        resp = await self._send(inst, path, body)
+    async def _read(self, inst: Instance, resp: aiohttp.ClientResponse) -> Answer:
+        """The whole body of `resp`, its connection released; a broken read is the
+        instance's failure."""
         try:
-            answer = Answer(resp.status, await resp.read())
+            return Answer(resp.status, await resp.read())
         except CALL_ERRORS as exc:
             raise self._failed(inst, f"{type(exc).__name__}: {exc}", False) from exc
         finally:
             resp.release()
+
+    async def post(self, inst: Instance, path: str, body: dict) -> Answer:
+        """A non-streamed request; returns a 2xx answer, read whole."""
+        answer = await self._read(inst, await self._send(inst, path, body))
         if answer.status_code >= 400:
             raise self._refusal(inst, answer.status_code, answer.content)
         return answer
@@ -173,13 +177,8 @@ class Upstream:
         resp = await self._send(inst, path, body)
         if resp.status < 400:
             return Stream(resp)
-        try:
-            content = await resp.read()
-        except CALL_ERRORS as exc:
-            raise self._failed(inst, f"{type(exc).__name__}: {exc}", False) from exc
-        finally:
-            resp.release()
-        raise self._refusal(inst, resp.status, content)
+        answer = await self._read(inst, resp)
+        raise self._refusal(inst, answer.status_code, answer.content)
 
     async def release_lease(self, inst: Instance, request_id: str, lease_token: str | None,
                             timeout_s: float = RELEASE_TIMEOUT_S) -> bool:
