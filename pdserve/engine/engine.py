@@ -32,7 +32,7 @@ from pdserve.engine.step_loop import StepLoop
 from pdserve.engine.step_time import StepTimeModel
 from pdserve.engine.tp import TPSpec, visible_gpus_for
 from pdserve.engine.tp_runner import TPModelRunner, TPWorkers
-from pdserve.kernels.cpu_native import decode_kernel
+from pdserve.kernels.cpu_native import native_kernels
 from pdserve.media.image_check import check_image_tokens
 from pdserve.media.vision_spec import vision_spec_of
 from pdserve.models.layers import build_rope_tables
@@ -193,7 +193,7 @@ class Engine:
             self._compile_mixed_step()
             seeded_noise.warm_up(self.vocab_size, self.device)
         elif self.dtype == torch.float32:
-            decode_kernel()  # built (or loaded) now, not by the first decode step
+            native_kernels()  # built (or loaded) now, not by the first step
         self.scheduler.step_time = self._step_time_model()
 
     def _compile_mixed_step(self) -> None:

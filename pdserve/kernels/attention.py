@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from pdserve import switches
-from pdserve.kernels.cpu_native import decode_kernel, paged_decode
+from pdserve.kernels.cpu_native import native_kernels, paged_decode, paged_prefill
 
 
 @dataclass
@@ -113,8 +113,8 @@ def torch_paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """Reference paged attention in PyTorch: write K/V, then attend: the one-token (decode)
-    sequences in one batched call (the native kernel's, where it serves), each prefill chunk
-    on its own."""
+    sequences in one batched call, each prefill chunk on its own; in the native kernels
+    (cpu_native.py) where they serve, else in SDPA."""
     write_kv(k, v, kv_cache, meta.slot_mapping)
     q = q.contiguous()
     out = torch.empty_like(q)
@@ -134,6 +134,10 @@ def torch_paged_attention(
         if q_len == 0 or (batched and q_len == 1):
             continue
         start = starts[i]
+        if native is not None and paged_prefill(
+                native, q[start : start + q_len], out[start : start + q_len], seq_len - q_len,
+                kv_cache, meta.block_tables[i], scale):
+            continue
         if seq_len == q_len:  # a fresh prompt: its keys are this step's, no need to gather
             keys, values = k[start : start + q_len], v[start : start + q_len]
         else:
@@ -159,10 +163,10 @@ def torch_paged_attention(
 
 
 def _native_kernel(q: torch.Tensor, kv_cache: torch.Tensor) -> ctypes.CDLL | None:
-    """The C decode kernel (cpu_native.py) where it applies: float32 on the CPU."""
+    """The C attention kernels (cpu_native.py) where they apply: float32 on the CPU."""
     if q.device.type != "cpu" or q.dtype != torch.float32 or kv_cache.dtype != torch.float32:
         return None
-    return decode_kernel() if kv_cache.is_contiguous() else None
+    return native_kernels() if kv_cache.is_contiguous() else None
 
 
 def _batched_decode(q: torch.Tensor, kv_cache: torch.Tensor, plan: DecodePlan, scale: float,

@@ -1,12 +1,13 @@
-"""The CPU's one native kernel, decode attention over the paged cache (cpu_paged_decode.c):
-built with the machine's C compiler on first use, cached, and loaded with ctypes.
+"""The CPU's native attention kernels over the paged cache, decode (cpu_paged_decode.c) and
+prefill (cpu_paged_prefill.c): one library built with the machine's C compiler on first use,
+cached, and loaded with ctypes.
 
 Why C and not a library: PyTorch has no paged attention on the CPU (its SDPA needs the keys
 gathered into one padded tensor first), and the libraries that have one are tied to one torch
 version (intel-extension-for-pytorch) or are another server's internals (vLLM's `_C`). Why
 ctypes and not torch.utils.cpp_extension: the kernel needs no torch headers, so it builds in
 about a second instead of a minute. Without a compiler, or with `PDSERVE_CPU_NATIVE=0`, the
-engine keeps PyTorch's path; `decode_kernel()` is then None.
+engine keeps PyTorch's path; `native_kernels()` is then None.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from pdserve.models.cache import cache_root, replace_atomically
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_paged_decode.c")
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_paged_decode.c",
+                                                       "cpu_paged_prefill.c")]
 # -march=native: the library is built on, and cached for, the machine that runs it.
 # -ffast-math only to compile (vector expf); linking with it would add crtfastmath.o, which
 # sets flush-to-zero for the whole process at load.
@@ -44,11 +46,11 @@ def _compiler() -> str | None:
 
 
 def _library_path(compiler: str) -> Path:
-    """Where the build for this source, compiler, flags and machine is cached."""
-    identity = "\n".join([SOURCE.read_text(), compiler, *COMPILE_FLAGS, *LINK_FLAGS, *LIBS,
-                          platform.machine(), _cpu_flags()])
+    """Where the build for these sources, compiler, flags and machine is cached."""
+    identity = "\n".join([*(source.read_text() for source in SOURCES), compiler,
+                          *COMPILE_FLAGS, *LINK_FLAGS, *LIBS, platform.machine(), _cpu_flags()])
     key = hashlib.sha1(identity.encode()).hexdigest()[:16]
-    return cache_root() / "native" / f"cpu_paged_decode-{key}.so"
+    return cache_root() / "native" / f"cpu_paged_attention-{key}.so"
 
 
 def _cpu_flags() -> str:
@@ -64,14 +66,17 @@ def _cpu_flags() -> str:
 
 def _build(compiler: str, target: Path) -> None:
     def compile_to(path: Path) -> None:
-        obj = path.with_suffix(".o")
+        objects = [path.with_suffix(f".{source.stem}.o") for source in SOURCES]
+        commands = [[compiler, *COMPILE_FLAGS, str(source), "-o", str(obj)]
+                    for source, obj in zip(SOURCES, objects)]
+        commands.append([compiler, *LINK_FLAGS, *map(str, objects), "-o", str(path), *LIBS])
         try:
-            for command in ([compiler, *COMPILE_FLAGS, str(SOURCE), "-o", str(obj)],
-                            [compiler, *LINK_FLAGS, str(obj), "-o", str(path), *LIBS]):
+            for command in commands:
                 subprocess.run(command, check=True, capture_output=True,
                                timeout=BUILD_TIMEOUT_S)
         finally:
-            obj.unlink(missing_ok=True)
+            for obj in objects:
+                obj.unlink(missing_ok=True)
 
     replace_atomically(target, compile_to)  # concurrent engines never load half a file
 
@@ -80,7 +85,7 @@ def _build(compiler: str, target: Path) -> None:
 def _library() -> ctypes.CDLL | None:
     compiler = _compiler()
     if compiler is None:
-        log.info("no C compiler: CPU decode attention stays on PyTorch's gather + SDPA")
+        log.info("no C compiler: CPU attention stays on PyTorch's (gather +) SDPA")
         return None
     path = _library_path(compiler)
     try:
@@ -90,18 +95,20 @@ def _library() -> ctypes.CDLL | None:
         COMPILATIONS.count("native")
     except (OSError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", b"") or b""
-        log.warning("could not build the CPU decode attention kernel (%s%s); PyTorch's path "
+        log.warning("could not build the CPU attention kernels (%s%s); PyTorch's path "
                     "serves instead", exc, ": " + detail.decode(errors="replace")[:500]
                     if detail else "")
         return None
-    fn = lib.paged_decode_f32
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64, ctypes.c_void_p] + \
+    decode, prefill = lib.paged_decode_f32, lib.paged_prefill_f32
+    decode.restype = prefill.restype = ctypes.c_int
+    decode.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64, ctypes.c_void_p] + \
         [ctypes.c_int64] * 5 + [ctypes.c_float, ctypes.c_int]
+    prefill.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + \
+        [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int]
     return lib
 
 
-def decode_kernel() -> ctypes.CDLL | None:
+def native_kernels() -> ctypes.CDLL | None:
     """The built library, or None where the switch is off or it cannot be built."""
     if not switches.SWITCHES.cpu_native:
         return None
@@ -126,3 +133,24 @@ def paged_decode(lib: ctypes.CDLL, q: torch.Tensor, out: torch.Tensor, q_rows: t
         scale, torch.get_num_threads())
     if status != 0:
         raise MemoryError("the CPU decode attention kernel could not allocate its scores")
+
+
+def paged_prefill(lib: ctypes.CDLL, q: torch.Tensor, out: torch.Tensor, context: int,
+                  kv_cache: torch.Tensor, block_table: torch.Tensor, scale: float) -> bool:
+    """out = causal attention of one sequence's new tokens q (at positions context ..
+    context + len(q) - 1) over its cached keys and values, this step's already written.
+    q, out: float32 [q_len, Hq, D]; kv_cache: float32 [2, blocks, block_size, Hkv, D];
+    block_table: int32 [W]; all contiguous. False where the kernel does not take this head
+    size (out is then untouched)."""
+    _, _, block_size, kv_heads, dim = kv_cache.shape
+    for name, t in (("q", q), ("out", out), ("kv_cache", kv_cache),
+                    ("block_table", block_table)):
+        if not t.is_contiguous() or t.device.type != "cpu":
+            raise ValueError(f"{name} must be a contiguous CPU tensor")
+    status = lib.paged_prefill_f32(
+        q.data_ptr(), out.data_ptr(), q.shape[0], context, kv_cache[0].data_ptr(),
+        kv_cache[1].data_ptr(), block_table.data_ptr(), block_size, kv_heads,
+        q.shape[1] // kv_heads, dim, scale, torch.get_num_threads())
+    if status == -1:
+        raise MemoryError("the CPU prefill attention kernel could not allocate its scratch")
+    return status == 0

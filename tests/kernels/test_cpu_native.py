@@ -1,6 +1,7 @@
-"""The C decode attention kernel (pdserve/kernels/cpu_native.py) against attention written out
-in PyTorch over each sequence's gathered keys, and the engine's attention seam with the
-kernel on and off: scattered blocks, ragged lengths across block edges, GQA, threads."""
+"""The C attention kernels (pdserve/kernels/cpu_native.py), decode and causal prefill, against
+attention written out in float64 over each sequence's keys gathered by hand, and the engine's
+attention seam with the kernels on and off: scattered blocks, ragged lengths across block
+edges, chunks after a context, GQA, threads."""
 
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def test_kernel_equals_attention_written_out(heads, kv_heads, dim, threads):
     torch.set_num_threads(threads)
     try:
         cpu_native.paged_decode(
-            cpu_native.decode_kernel(), q, out, rows, cache,
+            cpu_native.native_kernels(), q, out, rows, cache,
             torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
             torch.tensor(lens, dtype=torch.int32), dim ** -0.5)
     finally:
@@ -71,9 +72,90 @@ def test_kernel_equals_attention_written_out(heads, kv_heads, dim, threads):
     assert out[[1, 6]].isnan().all()  # rows of no sequence are left alone
 
 
+def causal_reference(q, cache, table, context, scale):
+    """Each new token (at position context + j) over keys 0 .. context + j, in float64."""
+    q_len, heads, dim = q.shape
+    kv_heads = cache.shape[3]
+    n = context + q_len
+    slots = [table[t // BLOCK] * BLOCK + t % BLOCK for t in range(n)]
+    keys = cache[0].flatten(0, 1)[slots].double()  # [n, Hkv, D]
+    values = cache[1].flatten(0, 1)[slots].double()
+    out = torch.empty(q_len, heads, dim, dtype=torch.float64)
+    for h in range(heads):
+        kv = h // (heads // kv_heads)
+        scores = q[:, h].double() @ keys[:, kv].T * scale  # [q_len, n]
+        hidden = torch.arange(n)[None, :] > (context + torch.arange(q_len))[:, None]
+        out[:, h] = torch.softmax(scores.masked_fill(hidden, float("-inf")), 1) @ values[:, kv]
+    return out
+
+
+@pytest.mark.parametrize("q_len,context", [(1, 0), (5, 0), (16, 0), (17, 3), (64, 0),
+                                           (100, 37), (300, 0), (33, 500), (130, 16)])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (8, 1, 32), (4, 4, 16)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_prefill_kernel_equals_causal_attention_written_out(q_len, context, heads, kv_heads,
+                                                           dim, threads):
+    """A fresh prompt (context 0) or a later chunk, lengths on and off the kernel's 16- to
+    64-query tiles and the cache's blocks, keys in scattered blocks."""
+    g = torch.Generator().manual_seed(q_len * 7 + context)
+    num_blocks = 48
+    cache = torch.randn(2, num_blocks, BLOCK, kv_heads, dim, generator=g)
+    table = scattered_tables([context + q_len], num_blocks, seed=q_len)[0]
+    q = torch.randn(q_len, heads, dim, generator=g)
+    out = torch.full_like(q, float("nan"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        taken = cpu_native.paged_prefill(cpu_native.native_kernels(), q, out, context, cache,
+                                         torch.tensor(table, dtype=torch.int32), dim ** -0.5)
+    finally:
+        torch.set_num_threads(before)
+    assert taken
+    expected = causal_reference(q, cache, table, context, dim ** -0.5)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_kernel_with_scores_far_apart():
+    """Scores hundreds apart (exp's argument clamped, masked keys weighted 0): no NaN where a
+    query's keys are all but one negligible, and no further from float64 than PyTorch's own
+    float32 attention (scores this large carry float32's rounding into the exp)."""
+    g = torch.Generator().manual_seed(11)
+    cache = torch.randn(2, 8, BLOCK, 1, 16, generator=g)
+    q = torch.randn(70, 2, 16, generator=g) * 300
+    out = torch.empty_like(q)
+    table = list(range(1, 7))
+    assert cpu_native.paged_prefill(cpu_native.native_kernels(), q, out, 10, cache,
+                                    torch.tensor(table, dtype=torch.int32), 0.25)
+    expected = causal_reference(q, cache, table, 10, 0.25)
+    slots = [table[t // BLOCK] * BLOCK + t % BLOCK for t in range(80)]
+    keys, values = (cache[i].flatten(0, 1)[slots].transpose(0, 1) for i in (0, 1))
+    visible = torch.arange(80)[None, :] <= (10 + torch.arange(70))[:, None]
+    pytorch = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), keys, values, attn_mask=visible, scale=0.25,
+        enable_gqa=True).transpose(0, 1)
+    assert out.isfinite().all()
+    assert (out.double() - expected).abs().max() <= 2 * (pytorch.double() - expected).abs().max()
+
+
+def test_prefill_kernel_declines_a_head_size_it_does_not_tile():
+    """head_dim 10 is not a multiple of the 8 output elements an AVX-512 build updates at once:
+    it says so and leaves out alone (an AVX2 build, 2 at once, takes it)."""
+    g = torch.Generator().manual_seed(2)
+    cache = torch.randn(2, 4, BLOCK, 1, 10, generator=g)
+    q = torch.randn(20, 2, 10, generator=g)
+    out = torch.full_like(q, float("nan"))
+    table = torch.tensor([3, 1], dtype=torch.int32)
+    if cpu_native.paged_prefill(cpu_native.native_kernels(), q, out, 0, cache, table, 0.3):
+        torch.testing.assert_close(out.double(), causal_reference(q, cache, [3, 1], 0, 0.3),
+                                   rtol=1e-5, atol=1e-5)
+    else:
+        assert out.isnan().all()
+
+
 def test_engine_seam_gives_the_same_with_the_kernel_on_and_off(monkeypatch):
-    """A step of decodes around two prefill chunks: the kernel serves the decode rows, SDPA
-    the chunks; turning the switch off (PyTorch's gather + SDPA) changes nothing."""
+    """A step of decodes around two prefill chunks, one fresh and one after 13 cached tokens:
+    the kernels serve all of them; with the switch off PyTorch's gather + SDPA does, and
+    nothing changes."""
     query_lens, seq_lens = [1, 40, 1, 1, 7, 1], [33, 40, 2, 170, 20, 16]
     tables = scattered_tables(seq_lens, 64, seed=3)
     g = torch.Generator().manual_seed(5)
@@ -85,11 +167,11 @@ def test_engine_seam_gives_the_same_with_the_kernel_on_and_off(monkeypatch):
         meta = build_metadata(query_lens, seq_lens, tables, BLOCK)
         return torch_paged_attention(q, k, v, cache.clone(), meta, scale=0.125)
 
-    assert cpu_native.decode_kernel() is not None  # a compiler is here: the kernel serves
+    assert cpu_native.native_kernels() is not None  # a compiler is here: the kernel serves
     native = attend()
     monkeypatch.setattr(switches, "SWITCHES",
                         dataclasses.replace(switches.SWITCHES, cpu_native=False))
-    assert cpu_native.decode_kernel() is None
+    assert cpu_native.native_kernels() is None
     torch.testing.assert_close(native, attend(), rtol=1e-5, atol=1e-5)
 
 
@@ -104,6 +186,6 @@ def test_a_cache_that_is_not_float32_stays_on_pytorch():
 def test_loading_the_kernel_leaves_denormals_alone():
     """Compiled with -ffast-math but linked without it: no crtfastmath.o setting
     flush-to-zero for every thread of the process that loads the library."""
-    assert cpu_native.decode_kernel() is not None
+    assert cpu_native.native_kernels() is not None
     tiny = torch.tensor(1e-39, dtype=torch.float32)  # a float32 denormal
     assert (tiny / 2).item() > 0.0
