@@ -1,6 +1,6 @@
-"""The CPU's native attention kernels over the paged cache, decode (cpu_paged_decode.c) and
-prefill (cpu_paged_prefill.c): one library built with the machine's C compiler on first use,
-cached, and loaded with ctypes.
+"""The CPU's native kernels: attention over the paged cache, decode (cpu_paged_decode.c) and
+prefill (cpu_paged_prefill.c), and a layer's elementwise steps (cpu_elementwise.c); one
+library built with the machine's C compiler on first use, cached, and loaded with ctypes.
 
 Why C and not a library: PyTorch has no paged attention on the CPU (its SDPA needs the keys
 gathered into one padded tensor first), and the libraries that have one are tied to one torch
@@ -31,7 +31,9 @@ from pdserve.models.cache import cache_root, replace_atomically
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name) for name in ("cpu_paged_decode.c",
-                                                       "cpu_paged_prefill.c")]
+                                                       "cpu_paged_prefill.c",
+                                                       "cpu_elementwise.c")]
+HEADERS = [Path(__file__).with_name("cpu_vec.h")]
 # -march=native: the library is built on, and cached for, the machine that runs it.
 # -ffast-math only to compile (vector expf); linking with it would add crtfastmath.o, which
 # sets flush-to-zero for the whole process at load.
@@ -47,7 +49,7 @@ def _compiler() -> str | None:
 
 def _library_path(compiler: str) -> Path:
     """Where the build for these sources, compiler, flags and machine is cached."""
-    identity = "\n".join([*(source.read_text() for source in SOURCES), compiler,
+    identity = "\n".join([*(path.read_text() for path in SOURCES + HEADERS), compiler,
                           *COMPILE_FLAGS, *LINK_FLAGS, *LIBS, platform.machine(), _cpu_flags()])
     key = hashlib.sha1(identity.encode()).hexdigest()[:16]
     return cache_root() / "native" / f"cpu_paged_attention-{key}.so"
@@ -105,6 +107,10 @@ def _library() -> ctypes.CDLL | None:
         [ctypes.c_int64] * 5 + [ctypes.c_float, ctypes.c_int]
     prefill.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + \
         [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int]
+    norm, swiglu = lib.add_rms_norm_f32, lib.silu_and_mul_f32
+    norm.restype = swiglu.restype = None
+    norm.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int]
+    swiglu.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]
     return lib
 
 
@@ -154,3 +160,33 @@ def paged_prefill(lib: ctypes.CDLL, q: torch.Tensor, out: torch.Tensor, context:
     if status == -1:
         raise MemoryError("the CPU prefill attention kernel could not allocate its scratch")
     return status == 0
+
+
+def elementwise_applies(*tensors: torch.Tensor | None) -> ctypes.CDLL | None:
+    """The library, where the elementwise kernels take these tensors: contiguous float32 on
+    the CPU (None entries are absent optional inputs)."""
+    if not all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32
+                             and t.is_contiguous()) for t in tensors):
+        return None
+    return native_kernels()
+
+
+def add_rms_norm(lib: ctypes.CDLL, x: torch.Tensor, residual: torch.Tensor | None,
+                 weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rmsnorm(x + residual) * weight, x + residual) in one pass; x, residual: [..., width]."""
+    width = x.shape[-1]
+    summed = x if residual is None else torch.empty_like(x)
+    out = torch.empty_like(x)
+    lib.add_rms_norm_f32(x.data_ptr(), None if residual is None else residual.data_ptr(),
+                         summed.data_ptr(), out.data_ptr(), weight.data_ptr(),
+                         x.numel() // width, width, eps, torch.get_num_threads())
+    return out, summed
+
+
+def silu_and_mul(lib: ctypes.CDLL, gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of [..., 2 * width] rows packed as gate | up, in one pass."""
+    width = gate_up.shape[-1] // 2
+    out = gate_up.new_empty(*gate_up.shape[:-1], width)
+    lib.silu_and_mul_f32(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // (2 * width),
+                         width, torch.get_num_threads())
+    return out

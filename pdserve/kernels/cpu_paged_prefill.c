@@ -22,12 +22,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu_vec.h"
 
-#if defined(__AVX512F__)
-#define LANES 16
+#if LANES == 16
 #define KEYS 8 // 32 accumulators in 32 registers (4 or 6 keys: 10% slower at 1,024 tokens)
 #else
-#define LANES 8
 #define KEYS 2 // 8 accumulators of 16 registers
 #endif
 #define TILE (4 * LANES) // queries of one task: four vectors
@@ -35,38 +34,6 @@
 // a running max before any key, and a hidden key's score: finite, since -ffast-math assumes
 // no infinities
 #define HIDDEN (-1e30f)
-// exp's smallest argument: exp(-80) ~ 2e-35 is 0 next to the largest weight, 1
-#define FLOOR (-80.0f)
-
-typedef float vec __attribute__((vector_size(LANES * sizeof(float))));
-
-typedef int32_t ivec __attribute__((vector_size(LANES * sizeof(int32_t))));
-
-static inline vec splat(float x) { return (vec){0} + x; }
-
-static inline vec pick(ivec take_a, vec a, vec b) {
-    return (vec)(((ivec)a & take_a) | ((ivec)b & ~take_a));
-}
-
-static inline vec vmax(vec a, vec b) { return pick(a > b, a, b); }
-
-// exp(x) for FLOOR <= x <= 0, inline: 2^n * exp(r), |r| <= ln2/2, exp(r) by Cephes' expf
-// polynomial (relative error ~1e-7). libmvec's expf, called per vector, took a quarter of
-// the kernel's time.
-static inline vec vexp(vec x) {
-    const vec y = x * 1.44269504088896341f;  // x / ln 2
-    const ivec n = __builtin_convertvector(y - 0.5f, ivec);  // round(y): y <= 0, trunc(y - .5)
-    const vec nf = __builtin_convertvector(n, vec);
-    const vec r = x - nf * 0.693359375f - nf * -2.12194440e-4f;  // ln 2 in two parts
-    vec p = splat(1.9875691500e-4f);
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    return p * (vec)((n + 127) << 23);  // 2^n, n >= -116: a normal float
-}
 
 // scores[i][lane] = q_t[:, lane] . k[i] for the block's n keys (row stride row).
 static inline void score_block(const float *restrict q_t, const float *restrict k, int64_t row,

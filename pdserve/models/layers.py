@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pdserve import switches
+from pdserve.kernels import cpu_native
 
 
 def default_weight_loader(param: torch.Tensor, loaded: torch.Tensor, shard: object = None) -> None:
@@ -170,6 +171,8 @@ class RMSNorm(nn.Module):
             from pdserve.kernels.triton_rmsnorm import rmsnorm
 
             return rmsnorm(x, self.weight, self.eps)
+        if native := cpu_native.elementwise_applies(x, self.weight):
+            return cpu_native.add_rms_norm(native, x, None, self.weight, self.eps)[0]
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -183,6 +186,8 @@ class RMSNorm(nn.Module):
             from pdserve.kernels.triton_rmsnorm import fused_add_rmsnorm
 
             return fused_add_rmsnorm(x, residual, self.weight, self.eps)
+        if native := cpu_native.elementwise_applies(x, residual, self.weight):
+            return cpu_native.add_rms_norm(native, x, residual, self.weight, self.eps)
         if residual is not None:
             x = x + residual
         return self(x), x
@@ -463,5 +468,7 @@ class SwiGLUMLP(nn.Module):
             from pdserve.kernels.triton_activation import silu_and_mul
 
             return down(silu_and_mul(gate_up))
+        if native := cpu_native.elementwise_applies(gate_up):
+            return down(cpu_native.silu_and_mul(native, gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return down(F.silu(gate) * up)

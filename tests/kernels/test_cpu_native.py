@@ -189,3 +189,52 @@ def test_loading_the_kernel_leaves_denormals_alone():
     assert cpu_native.native_kernels() is not None
     tiny = torch.tensor(1e-39, dtype=torch.float32)  # a float32 denormal
     assert (tiny / 2).item() > 0.0
+
+
+@pytest.mark.parametrize("rows,width", [(1, 576), (3, 100), (70, 64), (130, 37)])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_add_rms_norm_equals_the_formula(rows, width, threads, with_residual):
+    """One pass of (x + residual), then Hugging Face's RMSNorm in float32, against the formula
+    in float64; rows on either side of where it goes parallel, widths off the vector's."""
+    g = torch.Generator().manual_seed(rows * width)
+    x = torch.randn(rows, width, generator=g) * 3
+    residual = torch.randn(rows, width, generator=g) if with_residual else None
+    weight = torch.rand(width, generator=g) + 0.5
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        normed, summed = cpu_native.add_rms_norm(cpu_native.native_kernels(), x, residual,
+                                                 weight, 1e-5)
+    finally:
+        torch.set_num_threads(before)
+    s = x.double() + (0 if residual is None else residual.double())
+    expected = s / torch.sqrt(s.pow(2).mean(-1, keepdim=True) + 1e-5) * weight.double()
+    torch.testing.assert_close(summed.double(), s, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(normed.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows,width", [(1, 1536), (5, 19), (80, 48)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_silu_and_mul_equals_the_formula(rows, width, threads):
+    """silu(gate) * up of packed gate | up rows, against the formula in float64, with gates
+    far out on both sides (exp's argument clamped) and widths off the vector's."""
+    g = torch.Generator().manual_seed(rows + width)
+    gate_up = torch.randn(rows, 2 * width, generator=g) * 4
+    gate_up[0, :4] = torch.tensor([-1000.0, -90.0, 90.0, 1000.0])
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = cpu_native.silu_and_mul(cpu_native.native_kernels(), gate_up)
+    finally:
+        torch.set_num_threads(before)
+    gate, up = gate_up.double().chunk(2, dim=-1)
+    torch.testing.assert_close(out.double(), torch.nn.functional.silu(gate) * up,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_elementwise_kernels_take_only_contiguous_float32_on_the_cpu():
+    x = torch.randn(4, 8)
+    assert cpu_native.elementwise_applies(x, None) is not None
+    assert cpu_native.elementwise_applies(x.T) is None  # strided: PyTorch's ops serve
+    assert cpu_native.elementwise_applies(x.bfloat16()) is None
