@@ -60,7 +60,11 @@ ONEDNN_MAX_ROWS = 64  # oneDNN caches a primitive (~0.6-3.5 MB) per row count it
 # and a server sees every prompt length: a step of more rows reaches it as multiples of
 # ONEDNN_STRIDE_ROWS only (onednn_linear), about 0.2 GB more, once, up to 2048 rows
 ONEDNN_STRIDE_ROWS = 64
-ONEDNN_SPLIT_ROWS = 512  # up to here the rows past a multiple of 64 go apart; above, padded
+# rows past a multiple of 64 are padded up to the next one only where that adds at most 2%
+# (a 2,047-row step); otherwise they go apart (the 30 layers' linears, one thread: 1,027 rows
+# padded to 1,088 took 2,173-2,211 ms, as 1,024 + 3 2,048-2,092; 1,500 rows the same either
+# way; 100 rows padded to 128 were slower than MKL; AVX-512 EPYC, 2026-12-07)
+ONEDNN_PAD_AT_MOST = 1.02
 # 2 rows are padded to 3: on AVX2 oneDNN's kernel for 2 rows is slower than for 3 (the 30
 # layers' linears, one thread: 36.7 ms against 26.6; the engine's decode step of 2 sequences
 # 72.6 -> 60.0 ms; 2-core EPYC, 2026-12-07). One row on one thread stays on MKL, where padding
@@ -85,11 +89,10 @@ def onednn_applies(x: torch.Tensor, onednn_weight: torch.Tensor | None) -> bool:
 def onednn_linear(x: torch.Tensor, onednn_weight: torch.Tensor,
                   bias: torch.Tensor | None) -> torch.Tensor:
     """x W^T (+ bias) through oneDNN. Fewer than ONEDNN_MIN_ROWS rows are padded up to it.
-    Past ONEDNN_MAX_ROWS, up to ONEDNN_SPLIT_ROWS: the largest multiple of 64 rows, then the
-    rest apart (padding a 100-row step to 128 made it slower than MKL: 261 against 251 ms for
-    the 30 layers' linears, one thread); above: padded to a multiple of 64 (at most 11% more
-    rows, where joining two outputs cost more: 1024 rows in two halves took 2384 ms against
-    1950 in one call and 2203 on MKL)."""
+    Past ONEDNN_MAX_ROWS: padded to a multiple of 64 where that adds at most 2% rows, else the
+    largest multiple of 64 rows and the rest apart, joined (two large calls joined cost more
+    than one: 1,024 rows as two halves took 2,384 ms against 1,950 in one call, so the rest
+    is always the small piece)."""
     rows = x.numel() // x.shape[-1]
     if ONEDNN_MIN_ROWS <= rows <= ONEDNN_MAX_ROWS:
         return _onednn_matmul(x, onednn_weight, bias)
@@ -106,8 +109,9 @@ def _onednn_pieces(rows: int) -> list[tuple[int, int]]:
     stride = ONEDNN_STRIDE_ROWS
     if rows <= ONEDNN_MAX_ROWS:
         return [(rows, max(rows, ONEDNN_MIN_ROWS))]
-    if rows > ONEDNN_SPLIT_ROWS:
-        return [(rows, -(-rows // stride) * stride)]
+    padded = -(-rows // stride) * stride
+    if padded <= rows * ONEDNN_PAD_AT_MOST:
+        return [(rows, padded)]
     rest = rows % stride
     return [(rows - rest, rows - rest)] + ([(rest, max(rest, ONEDNN_MIN_ROWS))] if rest else [])
 
