@@ -2,7 +2,10 @@
 
 Every step has a token budget. Running requests go first (a decode costs one token, an
 unfinished prefill the rest of its prompt, chunked to the budget); then waiting requests
-are admitted in arrival order while budget, sequence slots and blocks last. When a running
+are admitted in arrival order while budget, sequence slots and blocks last. A prompt that
+would fit a step whole is not split because prompts admitted ahead of it took part of this
+one: it waits for the next step (a prompt longer than what the running requests leave is
+chunked as before). When a running
 request cannot get a block, the most recently admitted running request is preempted: its
 blocks are freed and it waits to be recomputed (its full blocks usually survive in the
 prefix cache, so the recompute is cheap).
@@ -215,6 +218,7 @@ class Scheduler:
         return next((r for r in self.waiting if not self._waits_for_leader(r)), None)
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        room = budget  # what the running requests left: a prompt this size fits next step
         while self.waiting and budget > 0 and self._num_seqs() < self.config.max_num_seqs:
             request = self._next_waiting()
             if request is None:
@@ -228,6 +232,8 @@ class Scheduler:
                     break
                 continue
             num_new = self._num_new_tokens(request, budget)
+            if self._waits_for_a_whole_step(request, num_new, room):
+                num_new = 0
             if num_new == 0 or not self.kv.allocate_slots(request, num_new):
                 self.kv.free(request)  # give the prefix blocks back; retry next step
                 request.num_computed_tokens = 0
@@ -240,6 +246,16 @@ class Scheduler:
             self.connector.blocks_allocated(request, request.block_ids, hit)
             self._add(out, request, num_new)
             budget -= num_new
+
+    def _waits_for_a_whole_step(self, request: Request, num_new: int, room: int) -> bool:
+        """A prompt that the prompts admitted ahead of it would split across two steps waits
+        for the next, where it fits whole (the first admitted is never split this way, so
+        admission always moves). A prompt's first chunk yields no token, and computed now it
+        lengthens this step for every request in it: on a 2-core CPU, two 1,024-token
+        prompts of four clients shared a 5.3 s step and the second's last two tokens a 2.8 s
+        one. With an ITL target, time sizes the chunks instead (`_time_budget`)."""
+        remaining = request.num_tokens - request.num_computed_tokens
+        return self._shape is None and 0 < num_new < remaining <= room
 
     def _num_seqs(self) -> int:
         return len(self.running) + len(self.pulling)

@@ -94,3 +94,19 @@ def test_fully_cached_prompt_still_computes_its_last_token():
     out = sched.schedule()
     sb = [s for s in out.scheduled if s.request is b][0]
     assert b.num_cached_tokens == 4 and sb.num_new_tokens == 4 and sb.samples
+
+
+def test_a_prompt_that_fits_a_step_is_not_split_by_the_prompts_ahead_of_it():
+    """Two 6-token prompts and a budget of 10: the second waits a step and runs whole, where
+    chunking would give it 4 tokens now and 2 behind a third prompt next step. A prompt longer
+    than what is left after the running requests is still chunked."""
+    sched = make(max_num_batched_tokens=10)
+    a, b, c = req("a", 6), req("bb", 6), req("ccc", 30)
+    for r in (a, b, c):
+        sched.add(r)
+    plans = [[(s.request.request_id, s.num_new_tokens) for s in run_step(sched).scheduled]
+             for _ in range(4)]
+    assert plans[0] == [("a", 6)]  # bb would be split: it waits
+    assert plans[1] == [("a", 1), ("bb", 6), ("ccc", 3)]  # ccc never fits: chunked
+    assert plans[2] == plans[3] == [("a", 1), ("bb", 1), ("ccc", 8)]
+    assert len(b.output_token_ids) == 3 and len(a.output_token_ids) == 4
