@@ -5,10 +5,9 @@ unfinished prefill the rest of its prompt, chunked to the budget); then waiting 
 are admitted in arrival order while budget, sequence slots and blocks last. A prompt that
 would fit a step whole is not split because prompts admitted ahead of it took part of this
 one: it waits for the next step (a prompt longer than what the running requests leave is
-chunked as before). When a running
-request cannot get a block, the most recently admitted running request is preempted: its
-blocks are freed and it waits to be recomputed (its full blocks usually survive in the
-prefix cache, so the recompute is cheap).
+chunked as before). When a running request cannot get a block, the most recently admitted
+running request is preempted: its blocks are freed and it waits to be recomputed (its full
+blocks usually survive in the prefix cache, so the recompute is cheap).
 
 With an ITL target (`max_step_ms`) and a step-time model, a step that runs decodes also has
 a time budget: each prefill chunk is the largest that keeps the step's predicted time under

@@ -52,7 +52,7 @@ def _library_path(compiler: str) -> Path:
     identity = "\n".join([*(path.read_text() for path in SOURCES + HEADERS), compiler,
                           *COMPILE_FLAGS, *LINK_FLAGS, *LIBS, platform.machine(), _cpu_flags()])
     key = hashlib.sha1(identity.encode()).hexdigest()[:16]
-    return cache_root() / "native" / f"cpu_paged_attention-{key}.so"
+    return cache_root() / "native" / f"cpu_native-{key}.so"
 
 
 def _cpu_flags() -> str:
