@@ -121,6 +121,13 @@ def native_kernels() -> ctypes.CDLL | None:
     return _library()
 
 
+def _require_contiguous_cpu(**tensors: torch.Tensor) -> None:
+    """The kernels read raw pointers: every tensor must be contiguous and in host memory."""
+    for name, t in tensors.items():
+        if not t.is_contiguous() or t.device.type != "cpu":
+            raise ValueError(f"{name} must be a contiguous CPU tensor")
+
+
 def paged_decode(lib: ctypes.CDLL, q: torch.Tensor, out: torch.Tensor, q_rows: torch.Tensor,
                  kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                  scale: float) -> None:
@@ -128,10 +135,8 @@ def paged_decode(lib: ctypes.CDLL, q: torch.Tensor, out: torch.Tensor, q_rows: t
     keys and values. q, out: float32 [T, Hq, D]; kv_cache: float32 [2, blocks, block_size,
     Hkv, D]; q_rows int64 [B]; block_tables, seq_lens int32 [B, W] and [B]; all contiguous."""
     _, _, block_size, kv_heads, dim = kv_cache.shape
-    for name, t in (("q", q), ("out", out), ("kv_cache", kv_cache), ("q_rows", q_rows),
-                    ("block_tables", block_tables), ("seq_lens", seq_lens)):
-        if not t.is_contiguous() or t.device.type != "cpu":
-            raise ValueError(f"{name} must be a contiguous CPU tensor")
+    _require_contiguous_cpu(q=q, out=out, kv_cache=kv_cache, q_rows=q_rows,
+                            block_tables=block_tables, seq_lens=seq_lens)
     status = lib.paged_decode_f32(
         q.data_ptr(), out.data_ptr(), q_rows.data_ptr(), kv_cache[0].data_ptr(),
         kv_cache[1].data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
@@ -149,10 +154,7 @@ def paged_prefill(lib: ctypes.CDLL, q: torch.Tensor, out: torch.Tensor, context:
     block_table: int32 [W]; all contiguous. False where the kernel does not take this head
     size (out is then untouched)."""
     _, _, block_size, kv_heads, dim = kv_cache.shape
-    for name, t in (("q", q), ("out", out), ("kv_cache", kv_cache),
-                    ("block_table", block_table)):
-        if not t.is_contiguous() or t.device.type != "cpu":
-            raise ValueError(f"{name} must be a contiguous CPU tensor")
+    _require_contiguous_cpu(q=q, out=out, kv_cache=kv_cache, block_table=block_table)
     status = lib.paged_prefill_f32(
         q.data_ptr(), out.data_ptr(), q.shape[0], context, kv_cache[0].data_ptr(),
         kv_cache[1].data_ptr(), block_table.data_ptr(), block_size, kv_heads,
@@ -173,7 +175,8 @@ def elementwise_applies(*tensors: torch.Tensor | None) -> ctypes.CDLL | None:
 
 def add_rms_norm(lib: ctypes.CDLL, x: torch.Tensor, residual: torch.Tensor | None,
                  weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rmsnorm(x + residual) * weight, x + residual) in one pass; x, residual: [..., width]."""
+    """(rmsnorm(x + residual) * weight, x + residual) in one pass; x, residual: [..., width],
+    weight: [width], as `elementwise_applies` took them."""
     width = x.shape[-1]
     summed = x if residual is None else torch.empty_like(x)
     out = torch.empty_like(x)
@@ -184,7 +187,8 @@ def add_rms_norm(lib: ctypes.CDLL, x: torch.Tensor, residual: torch.Tensor | Non
 
 
 def silu_and_mul(lib: ctypes.CDLL, gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up of [..., 2 * width] rows packed as gate | up, in one pass."""
+    """silu(gate) * up of [..., 2 * width] rows packed as gate | up, in one pass; gate_up as
+    `elementwise_applies` took it."""
     width = gate_up.shape[-1] // 2
     out = gate_up.new_empty(*gate_up.shape[:-1], width)
     lib.silu_and_mul_f32(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // (2 * width),
