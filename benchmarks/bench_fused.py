@@ -33,9 +33,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pdserve.kernels.rope_table import rope_cos_sin_cache  # noqa: E402
 from pdserve.kernels.triton_activation import silu_and_mul  # noqa: E402
 from pdserve.kernels.triton_rmsnorm import fused_add_rmsnorm, rmsnorm  # noqa: E402
-from pdserve.kernels.triton_rope import apply_rope_, rope_cos_sin_cache  # noqa: E402
+from pdserve.kernels.triton_rope import apply_rope_  # noqa: E402
 from pdserve.models.layers import RMSNorm, RotaryEmbedding  # noqa: E402
 
 HIDDEN, HEADS, KV_HEADS, DIM, INTER = 4096, 32, 8, 128, 14336

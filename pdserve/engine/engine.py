@@ -134,8 +134,7 @@ class Engine:
         self.vocab_size = cfg.vocab_size
         self.eos_token_ids = list(cfg.eos_token_ids)
         self.max_model_len = args.scheduler.max_model_len or cfg.max_position_embeddings
-        if self.device.type == "cuda":
-            build_rope_tables(loaded.model, self.max_model_len, self.dtype)
+        build_rope_tables(loaded.model, self.max_model_len, self.dtype)
 
         block_size = args.cache.block_size
         sched = args.scheduler

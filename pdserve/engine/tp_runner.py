@@ -47,6 +47,7 @@ from pdserve.engine.tp import (
     unpack_step,
 )
 from pdserve.lifecycle import exit_with_parent
+from pdserve.models.layers import build_rope_tables
 
 if TYPE_CHECKING:
     from pdserve.engine.step_loop import PendingIds
@@ -314,11 +315,8 @@ def _worker_main(spec: TPSpec, rank: int, port: int, conn) -> None:
         loaded = load_model(spec.model, spec.dtype, device, tp_rank=rank, tp_size=spec.tp_size,
                             seed=spec.seed)
         model = loaded.model
-        if spec.device_type == "cuda":  # as Engine.__init__ prepares rank 0's model
-            from pdserve.models.layers import build_rope_tables
-
-            positions = spec.max_model_len or loaded.config.max_position_embeddings
-            build_rope_tables(model, positions, spec.dtype)
+        positions = spec.max_model_len or loaded.config.max_position_embeddings
+        build_rope_tables(model, positions, spec.dtype)  # as Engine.__init__ does rank 0's
         conn.send(("ok", None))
         _serve(spec, rank, port, conn, model, device)
     except (EOFError, BrokenPipeError, ConnectionResetError):

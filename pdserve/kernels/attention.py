@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from pdserve import switches
-from pdserve.kernels.cpu_native import native_kernels, paged_decode, paged_prefill
+from pdserve.kernels.cpu_native import native_kernels, paged_decode, paged_prefill, store_kv
 
 
 @dataclass
@@ -83,6 +83,8 @@ class DecodePlan:
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor) -> None:
     """Store this step's K/V ([T, Hkv, D]) into the cache at `slots` (-1 entries are padding)."""
+    if store_kv(k, v, kv_cache, slots):  # float32 on the CPU: one pass, no padding mask
+        return
     _, num_blocks, block_size, heads, dim = kv_cache.shape
     flat = kv_cache.view(2, num_blocks * block_size, heads, dim)
     keep = slots >= 0

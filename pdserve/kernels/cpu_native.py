@@ -111,6 +111,14 @@ def _library() -> ctypes.CDLL | None:
     norm.restype = swiglu.restype = None
     norm.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int]
     swiglu.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+    rope, store = lib.rope_f32, lib.store_kv_f32
+    rope.restype = store.restype = ctypes.c_int
+    rope.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p] + \
+        [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                ctypes.c_int64, ctypes.c_int]
+    store.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                      ctypes.c_void_p] + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2 + \
+        [ctypes.c_int64]
     return lib
 
 
@@ -194,3 +202,49 @@ def silu_and_mul(lib: ctypes.CDLL, gate_up: torch.Tensor) -> torch.Tensor:
     lib.silu_and_mul_f32(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // (2 * width),
                          width, torch.get_num_threads())
     return out
+
+
+def _rows_of_heads(*tensors: torch.Tensor) -> bool:
+    """float32 [T, heads, D] on the CPU whose token rows may lie apart (views of one qkv
+    projection) but whose heads are packed: what the row kernels below read."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 3
+               and t.stride(2) == 1 and t.stride(1) == t.shape[2] for t in tensors)
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+         table: torch.Tensor) -> bool:
+    """Rotate q [T, Hq, D] and k [T, Hkv, D] in place by their positions' rows of `table`
+    ([P, D]: cos | sin), with PyTorch's rounding. False where the kernel does not take these
+    tensors (they are then untouched)."""
+    lib = native_kernels()
+    if (lib is None or not _rows_of_heads(q, k) or table.dtype != torch.float32
+            or not table.is_contiguous() or table.shape[1] != q.shape[2]
+            or positions.dtype != torch.int64 or not positions.is_contiguous()
+            or positions.device.type != "cpu" or table.device.type != "cpu"):
+        return False
+    status = lib.rope_f32(q.data_ptr(), q.stride(0), q.shape[1], k.data_ptr(), k.stride(0),
+                          k.shape[1], q.shape[2], positions.data_ptr(), len(positions),
+                          table.data_ptr(), table.shape[0], torch.get_num_threads())
+    if status != 0:
+        raise ValueError(f"a position is outside the RoPE table's {table.shape[0]} rows")
+    return True
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+             slots: torch.Tensor) -> bool:
+    """Copy this step's k and v ([T, Hkv, D]) to their cache slots (int64 [T], -1: padding)
+    in kv_cache [2, blocks, block_size, Hkv, D]. False where the kernel does not take these
+    tensors (nothing is then stored)."""
+    lib = native_kernels()
+    if (lib is None or not _rows_of_heads(k, v) or kv_cache.dtype != torch.float32
+            or not kv_cache.is_contiguous() or kv_cache.device.type != "cpu"
+            or tuple(kv_cache.shape[3:]) != tuple(k.shape[1:]) or slots.dtype != torch.int64
+            or not slots.is_contiguous() or slots.device.type != "cpu"):
+        return False
+    _, blocks, block_size, heads, dim = kv_cache.shape
+    status = lib.store_kv_f32(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
+                              slots.data_ptr(), len(slots), heads * dim, kv_cache[0].data_ptr(),
+                              kv_cache[1].data_ptr(), blocks * block_size)
+    if status != 0:
+        raise IndexError(f"a KV slot is outside the cache's {blocks * block_size} slots")
+    return True

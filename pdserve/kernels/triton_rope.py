@@ -28,20 +28,6 @@ import triton.language as tl
 from pdserve.kernels.pdl import pdl_launch, wait_for_previous_kernel
 
 
-def rope_cos_sin_cache(
-    inv_freq: torch.Tensor, max_positions: int, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
-    """The [max_positions, D] cache `cat(cos, sin)` for inverse frequencies [D/2].
-
-    Same angles as HF's `LlamaRotaryEmbedding` (float32 `position * inv_freq`), so pass the
-    model's `inv_freq` (e.g. `rope_inv_freq(head_dim, theta, rope_scaling)`, Llama-3 scaling
-    included) and `dtype` = the model dtype for HF-identical rounding.
-    """
-    positions = torch.arange(max_positions, device=inv_freq.device).float()
-    freqs = positions[:, None] * inv_freq.float()[None, :]
-    return torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(dtype)
-
-
 @triton.jit
 def _rotate_heads(
     x_ptr, stride_t, stride_h, tok, head0, num_heads, cos, sin,

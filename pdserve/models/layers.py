@@ -21,6 +21,7 @@ from torch import nn
 
 from pdserve import switches
 from pdserve.kernels import cpu_native
+from pdserve.kernels.rope_table import rope_cos_sin_cache
 
 
 def default_weight_loader(param: torch.Tensor, loaded: torch.Tensor, shard: object = None) -> None:
@@ -253,7 +254,7 @@ class RotaryEmbedding(nn.Module):
         device = torch.empty(0).device  # the caller's torch.device context
         inv_freq = rope_inv_freq(head_dim, theta, scaling).to(device)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self._cos_sin: torch.Tensor | None = None  # GPU: [max_positions, D] cos | sin table
+        self._cos_sin: torch.Tensor | None = None  # [max_positions, D] cos | sin table
         self.max_positions = 0
 
     def forward(
@@ -265,6 +266,8 @@ class RotaryEmbedding(nn.Module):
 
             apply_rope_(q, k, positions, self._cos_sin)  # in place, one launch for q and k
             return q, k
+        if self._cos_sin is not None and cpu_native.rope(q, k, positions, self._cos_sin):
+            return q, k  # in place, one pass, PyTorch's rounding
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, D]
         cos, sin = emb.cos().to(q.dtype), emb.sin().to(q.dtype)
@@ -272,12 +275,12 @@ class RotaryEmbedding(nn.Module):
 
 
 def build_rope_tables(model: nn.Module, max_positions: int, dtype: torch.dtype) -> None:
-    """Precompute the GPU RoPE table once (shared by every layer) before graph capture."""
-    from pdserve.kernels.triton_rope import rope_cos_sin_cache
-
+    """Precompute the RoPE table once, shared by every layer (on the GPU before graph
+    capture; on the CPU the C kernel reads it, where PyTorch's path recomputes the angles in
+    every layer)."""
     table = None
     for module in model.modules():
-        if isinstance(module, RotaryEmbedding) and module.inv_freq.is_cuda:
+        if isinstance(module, RotaryEmbedding):
             if table is None:
                 table = rope_cos_sin_cache(module.inv_freq, max_positions, dtype=dtype)
             module._cos_sin, module.max_positions = table, max_positions

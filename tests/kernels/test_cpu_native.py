@@ -1,7 +1,8 @@
-"""The C attention kernels (pdserve/kernels/cpu_native.py), decode and causal prefill, against
+"""The C kernels (pdserve/kernels/cpu_native.py). Attention, decode and causal prefill, against
 attention written out in float64 over each sequence's keys gathered by hand, and the engine's
 attention seam with the kernels on and off: scattered blocks, ragged lengths across block
-edges, chunks after a context, GQA, threads."""
+edges, chunks after a context, GQA, threads. The elementwise steps against their formulas,
+RoPE against Hugging Face's bits, the KV store against index_copy_."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import torch
 from pdserve import switches
 from pdserve.kernels import cpu_native
 from pdserve.kernels.attention import build_metadata, torch_paged_attention
+from pdserve.kernels.rope_table import rope_cos_sin_cache
+from pdserve.models.layers import rope_inv_freq
 
 pytestmark = pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")),
                                 reason="no C compiler: the kernel cannot be built here")
@@ -238,3 +241,70 @@ def test_elementwise_kernels_take_only_contiguous_float32_on_the_cpu():
     assert cpu_native.elementwise_applies(x, None) is not None
     assert cpu_native.elementwise_applies(x.T) is None  # strided: PyTorch's ops serve
     assert cpu_native.elementwise_applies(x.bfloat16()) is None
+
+
+def hf_rope(q, k, positions, theta):
+    """Hugging Face's Llama RoPE on [T, heads, D] rows: its angles and its rotate-half."""
+    from transformers import LlamaConfig
+    from transformers.models.llama import modeling_llama as hf
+
+    dim = q.shape[-1]
+    config = LlamaConfig(hidden_size=dim * q.shape[1], num_attention_heads=q.shape[1],
+                         head_dim=dim, rope_theta=theta, max_position_embeddings=4096)
+    cos, sin = hf.LlamaRotaryEmbedding(config)(q, positions[None, :])
+    q_hf, k_hf = hf.apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
+    return q_hf[0].transpose(0, 1), k_hf[0].transpose(0, 1)
+
+
+@pytest.mark.parametrize("tokens", [1, 8, 100])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_rope_kernel_gives_hugging_face_s_bits(tokens, threads):
+    """q and k as the engine holds them, views of one qkv projection (token rows apart), are
+    rotated in place to exactly Hugging Face's values (each product rounded on its own, no
+    fused multiply-add), on either side of where the kernel goes parallel."""
+    g = torch.Generator().manual_seed(tokens)
+    qkv = torch.randn(tokens, (9 + 3 + 3) * 64, generator=g)
+    q, k, _ = qkv.split([9 * 64, 3 * 64, 3 * 64], -1)
+    q, k = q.view(tokens, 9, 64), k.view(tokens, 3, 64)
+    positions = torch.randint(0, 2048, (tokens,), generator=g)
+    expected_q, expected_k = hf_rope(q.clone(), k.clone(), positions, 100000.0)
+    table = rope_cos_sin_cache(rope_inv_freq(64, 100000.0, None), 2048)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert cpu_native.rope(q, k, positions, table)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(q, expected_q) and torch.equal(k, expected_k)
+    assert qkv[:, :9 * 64].data_ptr() == q.data_ptr()  # in place, in the projection
+
+
+def test_rope_kernel_refuses_a_position_past_its_table_and_declines_other_dtypes():
+    q, k = torch.randn(3, 2, 8), torch.randn(3, 1, 8)
+    table = rope_cos_sin_cache(rope_inv_freq(8, 10000.0, None), 16)
+    q_before = q.clone()
+    with pytest.raises(ValueError, match="outside the RoPE table"):
+        cpu_native.rope(q, k, torch.tensor([0, 16, 3]), table)
+    assert torch.equal(q, q_before)  # nothing rotated
+    assert not cpu_native.rope(q.bfloat16(), k.bfloat16(), torch.tensor([0, 1, 2]), table)
+    assert not cpu_native.rope(q, k, torch.tensor([0, 1, 2], dtype=torch.int32), table)
+
+
+def test_kv_store_kernel_equals_index_copy_and_skips_padding():
+    """k and v (views of a qkv projection) land at their slots as index_copy_ puts them;
+    padding slots (-1) are skipped; a slot past the cache raises and stores nothing."""
+    g = torch.Generator().manual_seed(9)
+    qkv = torch.randn(6, 4 * 16 + 2 * 2 * 16, generator=g)
+    _, k, v = qkv.split([4 * 16, 2 * 16, 2 * 16], -1)
+    k, v = k.view(6, 2, 16), v.view(6, 2, 16)
+    cache = torch.randn(2, 5, 4, 2, 16, generator=g)
+    slots = torch.tensor([7, -1, 0, 19, 8, -1])
+    expected = cache.clone()
+    keep = slots >= 0
+    expected[0].view(20, 2, 16).index_copy_(0, slots[keep], k[keep])
+    expected[1].view(20, 2, 16).index_copy_(0, slots[keep], v[keep])
+    assert cpu_native.store_kv(k, v, cache, slots)
+    assert torch.equal(cache, expected)
+    with pytest.raises(IndexError, match="outside the cache"):
+        cpu_native.store_kv(k, v, cache, torch.tensor([1, 2, 20, 3, 4, 5]))
+    assert torch.equal(cache, expected)

@@ -13,9 +13,10 @@ from transformers.models.llama.modeling_llama import (  # noqa: E402
     apply_rotary_pos_emb,
 )
 
+from pdserve.kernels.rope_table import rope_cos_sin_cache  # noqa: E402
 from pdserve.kernels.triton_activation import silu_and_mul  # noqa: E402
 from pdserve.kernels.triton_rmsnorm import fused_add_rmsnorm, rmsnorm  # noqa: E402
-from pdserve.kernels.triton_rope import apply_rope_, rope_cos_sin_cache  # noqa: E402
+from pdserve.kernels.triton_rope import apply_rope_  # noqa: E402
 from pdserve.models.layers import rope_inv_freq  # noqa: E402
 
 EPS = 1e-5
