@@ -88,6 +88,11 @@ class SchedulerConfig:
     # device, and the engine times a few steps at start to predict (see engine/step_time.py)
     max_step_ms: float | None = None
     step_time_file: str | None = None  # a StepTimeModel as JSON, instead of timing at start
+    # a decoding request at most this many tokens short of its max_tokens finishes before a
+    # long prompt is admitted (Scheduler._holds_admission), for at most this many steps in a
+    # row. 0 (the default) = admit at once: in a closed loop of clients it lines their
+    # requests up, and TTFT pays for the TPOT it saves (docs/PERF.md, session 21)
+    finish_first_tokens: int = 0
 
 
 @dataclass

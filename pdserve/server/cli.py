@@ -86,6 +86,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--step-time-file", default=None,
                    help="a step-time model as JSON (StepTimeModel.to_dict) to use with "
                    "--max-step-ms instead of timing steps at start")
+    p.add_argument("--finish-first-tokens", type=int, default=0,
+                   help="a response at most this many tokens short of its max_tokens "
+                   "finishes before a prompt of over 256 tokens starts its prefill (held at "
+                   "most this many steps in a row): its last tokens do not each wait a long "
+                   "prefill step, and new prompts wait a few decode steps. 0 (default) = "
+                   "admit prompts at once")
     p.add_argument("--max-num-seqs", type=int, default=128,
                    help="most sequences running at once; more requests wait in the queue")
     p.add_argument("--max-model-len", type=int, default=None,
@@ -197,6 +203,7 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
             max_model_len=args.max_model_len,
             max_step_ms=args.max_step_ms,
             step_time_file=args.step_time_file,
+            finish_first_tokens=args.finish_first_tokens,
         ),
         role=args.role,
         tensor_parallel_size=args.tensor_parallel_size,

@@ -110,3 +110,49 @@ def test_a_prompt_that_fits_a_step_is_not_split_by_the_prompts_ahead_of_it():
     assert plans[1] == [("a", 1), ("bb", 6), ("ccc", 3)]  # ccc never fits: chunked
     assert plans[2] == plans[3] == [("a", 1), ("bb", 1), ("ccc", 8)]
     assert len(b.output_token_ids) == 3 and len(a.output_token_ids) == 4
+
+
+def test_a_response_about_to_end_finishes_before_a_long_prompt_starts():
+    """A request 2 tokens short of its max_tokens ends in two decode steps before a 300-token
+    prompt is admitted (its last tokens would each wait that prompt's prefill); a short prompt
+    goes at once; and a long prompt is held at most `finish_first_tokens` steps in a row."""
+    sched = make(num_blocks=256, max_num_batched_tokens=512, finish_first_tokens=2)
+    a = Request("a", list(range(8)), SamplingParams(max_tokens=4))
+    sched.add(a)
+    run_step(sched)
+    run_step(sched)  # a has 2 of its 4 tokens
+    long_prompt, short_prompt = req("long", 300), req("s", 20)
+    sched.add(long_prompt)
+    plans = []
+    for _ in range(3):
+        plans.append([(s.request.request_id, s.num_new_tokens)
+                      for s in run_step(sched).scheduled])
+        if len(a.output_token_ids) == 4 and a in sched.running:
+            sched.remove(a)  # as the engine does at max_tokens
+    assert plans == [[("a", 1)], [("a", 1)], [("long", 300)]]
+
+    b = Request("b", list(range(8)), SamplingParams(max_tokens=3))
+    sched.add(b)
+    run_step(sched)  # b's prefill; it has 1 of its 3 tokens
+    sched.add(short_prompt)
+    ids = [s.request.request_id for s in run_step(sched).scheduled]
+    assert "s" in ids  # a short prompt is not held back
+
+    held = make(num_blocks=256, max_num_batched_tokens=512, finish_first_tokens=2)
+    ending = [Request(f"e{i}", list(range(8)), SamplingParams(max_tokens=2 + i)) for i in range(6)]
+    for r in ending:  # one of them is always about to end
+        held.add(r)
+    run_step(held)
+    held.add(req("long", 300))
+    admitted_at = next(i for i in range(6) if any(
+        s.request.request_id == "long" for s in run_step(held).scheduled))
+    assert admitted_at == 2  # held two steps, then admitted however many are still ending
+
+
+def test_finish_first_off_admits_a_long_prompt_at_once():
+    sched = make(num_blocks=256, max_num_batched_tokens=512, finish_first_tokens=0)
+    a = Request("a", list(range(8)), SamplingParams(max_tokens=3))
+    sched.add(a)
+    run_step(sched)
+    sched.add(req("long", 300))
+    assert [s.request.request_id for s in run_step(sched).scheduled] == ["a", "long"]
