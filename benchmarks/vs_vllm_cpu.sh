@@ -24,6 +24,7 @@
 #   PASSES         runs of each workload (2)
 #   WORKLOADS      which of a b c to run ("a b c")
 #   TOTAL_TIMEOUT  seconds for the whole run (4500)
+#   PDSERVE_SERVE_ARGS  more `pdserve serve` flags, e.g. "--finish-first-tokens 2"
 cd "$(dirname "$0")/.."
 LOG_TAG=vs-vllm
 WORK=${VS_WORK:-$(mktemp -d /tmp/pdserve-vs-vllm.XXXXXX)}
@@ -60,7 +61,8 @@ bench() {  # server url workload pass: one run, into $RESULTS/<server>_<w>_<pass
 
 PIN=(taskset -c "$SERVER_CORE")
 port; P=$PORT_OUT
-pdserve_serve pdserve "$P" colocated --cpu-threads 1
+# shellcheck disable=SC2086  # word-split on purpose: a list of flags
+pdserve_serve pdserve "$P" colocated --cpu-threads 1 ${PDSERVE_SERVE_ARGS:-}
 port; V=$PORT_OUT
 vllm_serve vllm "$V"
 if wait_http pdserve "$(U "$P")/health" && wait_http vllm "$(U "$V")/health"; then
