@@ -216,11 +216,13 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     """Rotate q [T, Hq, D] and k [T, Hkv, D] in place by their positions' rows of `table`
     ([P, D]: cos | sin), with PyTorch's rounding. False where the kernel does not take these
     tensors (they are then untouched)."""
-    lib = native_kernels()
-    if (lib is None or not _rows_of_heads(q, k) or table.dtype != torch.float32
+    if (not _rows_of_heads(q, k) or table.dtype != torch.float32
             or not table.is_contiguous() or table.shape[1] != q.shape[2]
             or positions.dtype != torch.int64 or not positions.is_contiguous()
             or positions.device.type != "cpu" or table.device.type != "cpu"):
+        return False
+    lib = native_kernels()  # after the checks: never built for another device's tensors
+    if lib is None:
         return False
     status = lib.rope_f32(q.data_ptr(), q.stride(0), q.shape[1], k.data_ptr(), k.stride(0),
                           k.shape[1], q.shape[2], positions.data_ptr(), len(positions),
@@ -235,11 +237,13 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
     """Copy this step's k and v ([T, Hkv, D]) to their cache slots (int64 [T], -1: padding)
     in kv_cache [2, blocks, block_size, Hkv, D]. False where the kernel does not take these
     tensors (nothing is then stored)."""
-    lib = native_kernels()
-    if (lib is None or not _rows_of_heads(k, v) or kv_cache.dtype != torch.float32
+    if (not _rows_of_heads(k, v) or kv_cache.dtype != torch.float32
             or not kv_cache.is_contiguous() or kv_cache.device.type != "cpu"
             or tuple(kv_cache.shape[3:]) != tuple(k.shape[1:]) or slots.dtype != torch.int64
             or not slots.is_contiguous() or slots.device.type != "cpu"):
+        return False
+    lib = native_kernels()
+    if lib is None:
         return False
     _, blocks, block_size, heads, dim = kv_cache.shape
     status = lib.store_kv_f32(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
