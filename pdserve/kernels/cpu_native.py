@@ -172,11 +172,15 @@ def paged_prefill(lib: ctypes.CDLL, q: torch.Tensor, out: torch.Tensor, context:
     return status == 0
 
 
+def _in_host_memory(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Contiguous, of `dtype`, on the CPU: what a kernel can read through a raw pointer."""
+    return t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous()
+
+
 def elementwise_applies(*tensors: torch.Tensor | None) -> ctypes.CDLL | None:
     """The library, where the elementwise kernels take these tensors: contiguous float32 on
     the CPU (None entries are absent optional inputs)."""
-    if not all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32
-                             and t.is_contiguous()) for t in tensors):
+    if not all(t is None or _in_host_memory(t, torch.float32) for t in tensors):
         return None
     return native_kernels()
 
@@ -216,10 +220,10 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     """Rotate q [T, Hq, D] and k [T, Hkv, D] in place by their positions' rows of `table`
     ([P, D]: cos | sin), with PyTorch's rounding. False where the kernel does not take these
     tensors (they are then untouched)."""
-    if (not _rows_of_heads(q, k) or table.dtype != torch.float32
-            or not table.is_contiguous() or table.shape[1] != q.shape[2]
-            or positions.dtype != torch.int64 or not positions.is_contiguous()
-            or positions.device.type != "cpu" or table.device.type != "cpu"):
+    if not (_rows_of_heads(q, k) and _in_host_memory(table, torch.float32)
+            and _in_host_memory(positions, torch.int64)
+            and len(q) == len(k) == len(positions) and q.shape[2] == k.shape[2]
+            and table.dim() == 2 and table.shape[1] == q.shape[2]):
         return False
     lib = native_kernels()  # after the checks: never built for another device's tensors
     if lib is None:
@@ -237,10 +241,10 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
     """Copy this step's k and v ([T, Hkv, D]) to their cache slots (int64 [T], -1: padding)
     in kv_cache [2, blocks, block_size, Hkv, D]. False where the kernel does not take these
     tensors (nothing is then stored)."""
-    if (not _rows_of_heads(k, v) or kv_cache.dtype != torch.float32
-            or not kv_cache.is_contiguous() or kv_cache.device.type != "cpu"
-            or tuple(kv_cache.shape[3:]) != tuple(k.shape[1:]) or slots.dtype != torch.int64
-            or not slots.is_contiguous() or slots.device.type != "cpu"):
+    if not (_rows_of_heads(k, v) and _in_host_memory(kv_cache, torch.float32)
+            and _in_host_memory(slots, torch.int64) and kv_cache.dim() == 5
+            and len(k) == len(v) == len(slots) and k.shape[1:] == v.shape[1:]
+            and kv_cache.shape[3:] == k.shape[1:]):
         return False
     lib = native_kernels()
     if lib is None:

@@ -288,6 +288,10 @@ def test_rope_kernel_refuses_a_position_past_its_table_and_declines_other_dtypes
     assert torch.equal(q, q_before)  # nothing rotated
     assert not cpu_native.rope(q.bfloat16(), k.bfloat16(), torch.tensor([0, 1, 2]), table)
     assert not cpu_native.rope(q, k, torch.tensor([0, 1, 2], dtype=torch.int32), table)
+    # shapes the kernel would read past: more positions than rows, k's head size not q's
+    assert not cpu_native.rope(q, k, torch.tensor([0, 1, 2, 3]), table)
+    assert not cpu_native.rope(q, torch.randn(3, 1, 4), torch.tensor([0, 1, 2]), table)
+    assert torch.equal(q, q_before)
 
 
 def test_kv_store_kernel_equals_index_copy_and_skips_padding():
@@ -307,4 +311,7 @@ def test_kv_store_kernel_equals_index_copy_and_skips_padding():
     assert torch.equal(cache, expected)
     with pytest.raises(IndexError, match="outside the cache"):
         cpu_native.store_kv(k, v, cache, torch.tensor([1, 2, 20, 3, 4, 5]))
+    # shapes the kernel would read past: more slots than rows, v's heads not k's
+    assert not cpu_native.store_kv(k, v, cache, torch.tensor([1, 2, 3, 4, 5, 6, 7]))
+    assert not cpu_native.store_kv(k, v[:, :1], cache, slots)
     assert torch.equal(cache, expected)
