@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from fake_server import FakeServer, Script
 
@@ -18,6 +19,12 @@ def _specs(n, prompt="fast", out=4):
     return [RequestSpec(prompt, 3, out) for _ in range(n)]
 
 
+def _fitted_sends_per_s(records) -> float:
+    """The pace of the sends, fitted over all of them: one late send moves it little."""
+    sends = sorted(r.send_s for r in records)
+    return 1 / np.polyfit(np.arange(len(sends)), sends, 1)[0]
+
+
 def test_open_loop_achieves_the_requested_rate_within_2_percent():
     with FakeServer() as server:
         cfg = EndpointConfig(server.url, model="fake")
@@ -25,7 +32,9 @@ def test_open_loop_achieves_the_requested_rate_within_2_percent():
         run = run_load(_specs(300), cfg, load)
     f = summarize(run.records, run.duration_s).fields
     assert f["completed"] == 300
-    assert f["achieved_request_rate"] == pytest.approx(100.0, rel=0.02)
+    # CI once saw the last send ~170 ms late on a busy host: the first-to-last rate read 94
+    assert _fitted_sends_per_s(run.records) == pytest.approx(100.0, rel=0.02)
+    assert f["achieved_request_rate"] == pytest.approx(100.0, rel=0.10)  # first to last send
     assert f["p99_schedule_delay_ms"] < 50
 
 
@@ -35,7 +44,12 @@ def test_poisson_sends_follow_the_schedule():
         load = LoadSpec(request_rate=50.0, num_prompts=100, seed=3, progress=False)
         run = run_load(_specs(100), cfg, load)
     f = summarize(run.records, run.duration_s).fields
-    assert f["achieved_request_rate"] == pytest.approx(f["scheduled_request_rate"], rel=0.02)
+    # each send against its scheduled time, fitted over all 100 (robust to one late send)
+    records = sorted(run.records, key=lambda r: r.scheduled_s)
+    scheduled = [r.scheduled_s for r in records]
+    pace = np.polyfit(scheduled, [r.send_s for r in records], 1)[0]
+    assert pace == pytest.approx(1.0, rel=0.02)
+    assert f["achieved_request_rate"] == pytest.approx(f["scheduled_request_rate"], rel=0.10)
 
 
 def test_closed_loop_holds_the_concurrency():
@@ -77,7 +91,8 @@ def test_several_client_processes_merge_into_one_run():
         run = run_load(_specs(80), cfg, load)
     f = summarize(run.records, run.duration_s).fields
     assert f["completed"] == 80 and sorted(r.index for r in run.records) == list(range(80))
-    assert f["achieved_request_rate"] == pytest.approx(80.0, rel=0.03)
+    assert _fitted_sends_per_s(run.records) == pytest.approx(80.0, rel=0.03)
+    assert f["achieved_request_rate"] == pytest.approx(80.0, rel=0.10)
 
 
 def test_over_saturated_stage_stops_early():
