@@ -1,23 +1,28 @@
-"""CPU: a decode step's linears of the embedded SmolLM2 in three layouts: the usual [N, K] and
-K-major on MKL, and packed for oneDNN (what pdserve uses, pdserve/models/cpu_layout.py).
+"""CPU: a decode step's linears of the embedded SmolLM2 in four layouts: the usual [N, K] and
+K-major on MKL, packed for oneDNN, and packed in panels for pdserve's C kernel
+(pdserve/kernels/cpu_linear.c, pdserve/models/cpu_layout.py), beside the time it takes to
+read every weight once (the floor of a step of a few rows).
 
     taskset -c 1 python3 benchmarks/bench_cpu_linear_layout.py --out cpu_linear_layout.json
 
 Every linear of the 30 layers (qkv, o, gate_up, down: each its own weight, so they stream
 from memory as in a real step) and the 49152-row LM head: `F.linear(x, W)` with W row-major
-[N, K], the same with W the transposed view of a contiguous [K, N] tensor, and oneDNN's
-`_linear_pointwise` on W packed by `_reorder_linear_weight`, and what pdserve runs
-(`layers.linear`: MKL or oneDNN by the row count, a prompt's rows in 256-row tiles);
-float32, `--threads` threads (1). Layouts rotate in each of `--rounds` rounds; the median
-per layout is reported.
-`--engine-batches 1 8 16` also times whole decode steps of the engine (256-token contexts),
-with and without the packed copies (MKL on the K-major weights), in turn within one process.
+[N, K], the same with W the transposed view of a contiguous [K, N] tensor, oneDNN's
+`_linear_pointwise` on W packed by `_reorder_linear_weight`, the C kernel on W packed by
+`cpu_native.pack_panels` (up to 64 rows), and what pdserve runs (`layers.linear`: the C
+kernel up to 64 rows, oneDNN past them, a prompt's rows in 64-row multiples); `read` is
+`torch.sum` over every weight. float32, `--threads` threads (1). Layouts rotate in each of
+`--rounds` rounds; the median per layout is reported.
+`--engine-batches 1 8 16` also times whole decode steps of the engine (256-token contexts)
+with the packed copies as pdserve runs them, with oneDNN's only, and with neither (MKL on
+the K-major weights), in turn within one process.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -28,32 +33,43 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+PANEL_MAX_ROWS = 64  # pdserve.kernels.cpu_native.PANEL_MAX_ROWS
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # pdserve, for --engine-batches
 
 HIDDEN, INTERMEDIATE, QKV, LAYERS, VOCAB = 576, 1536, 960, 30, 49152
 SHAPES = [(QKV, HIDDEN), (HIDDEN, HIDDEN), (2 * INTERMEDIATE, HIDDEN), (HIDDEN, INTERMEDIATE)]
-LAYOUTS = ("usual", "k_major", "onednn", "pdserve")
+LAYOUTS = ("read", "usual", "k_major", "onednn", "panels", "pdserve")
 Linear = Callable[[torch.Tensor], torch.Tensor]
 
 
 def layout_linears(weights: list[torch.Tensor], layout: str) -> list[tuple[int, Linear]]:
     """(K, x -> x W^T) for each weight, in `layout`."""
+    from pdserve.kernels import cpu_native
+    from pdserve.models.layers import linear
+
     out = []
     for w in weights:
-        if layout == "usual":
-            out.append((w.shape[1], lambda x, w=w: F.linear(x, w)))
+        k = w.shape[1]
+        if layout == "read":  # the floor: every weight read once
+            out.append((k, lambda x, w=w: w.sum()))
+        elif layout == "usual":
+            out.append((k, lambda x, w=w: F.linear(x, w)))
         elif layout == "k_major":
             wk = w.t().contiguous().t()
-            out.append((w.shape[1], lambda x, wk=wk: F.linear(x, wk)))
+            out.append((k, lambda x, wk=wk: F.linear(x, wk)))
         elif layout == "onednn":
             packed = torch.ops.mkldnn._reorder_linear_weight(w)
-            out.append((w.shape[1], lambda x, p=packed: torch.ops.mkldnn._linear_pointwise(
+            out.append((k, lambda x, p=packed: torch.ops.mkldnn._linear_pointwise(
                 x, p, None, "none", [], "")))
-        else:  # what pdserve runs: layers.linear picks MKL or oneDNN (tiled past 64 rows)
-            from pdserve.models.layers import linear
-
+        elif layout == "panels":
+            panels = cpu_native.pack_panels(w)
+            out.append((k, lambda x, p=panels: cpu_native.linear_rows(x, p, None)))
+        else:  # what pdserve runs: layers.linear picks the C kernel, oneDNN or MKL
             wk, packed = w.t().contiguous().t(), torch.ops.mkldnn._reorder_linear_weight(w)
-            out.append((w.shape[1], lambda x, wk=wk, p=packed: linear(x, wk, onednn_weight=p)))
+            panels = cpu_native.pack_panels(w)
+            out.append((k, lambda x, wk=wk, p=packed, q=panels: linear(
+                x, wk, onednn_weight=p, panel_weight=q)))
     return out
 
 
@@ -69,7 +85,7 @@ def step_ms(linears: list[tuple[int, Linear]], rows: int, reps: int = 3) -> floa
 
 
 def engine_step_ms(batch: int, threads: int, windows: int = 8, steps: int = 8) -> dict:
-    """Median decode step of the engine with and without oneDNN, in turn (windows of `steps`)."""
+    """Median decode step of the engine on each layout's linears, in turn (windows of `steps`)."""
     import random
 
     from benchmarks.bench_engine import step_until_decoding
@@ -84,28 +100,31 @@ def engine_step_ms(batch: int, threads: int, windows: int = 8, steps: int = 8) -
                                                          max_model_len=4096)))
     modules = [m for m in engine.runner.model.modules()
                if getattr(m, "onednn_weight", None) is not None]
-    packed = [m.onednn_weight for m in modules]
-    if not modules:
-        raise SystemExit("this torch has no oneDNN linear (or PDSERVE_CPU_ONEDNN=0)")
+    packed = [(m.onednn_weight, m.panel_weight) for m in modules]
+    if not modules or any(p is None for _, p in packed):
+        raise SystemExit("needs oneDNN and the C kernels (PDSERVE_CPU_ONEDNN, "
+                         "PDSERVE_CPU_PANELS and a C compiler)")
     rng = random.Random(0)
     for i in range(batch):
         engine.add_request(EngineRequest(
             f"r{i}", [rng.randrange(100, 40000) for _ in range(256)],
             SamplingParams(max_tokens=2000, temperature=0.0, ignore_eos=True)))
     step_until_decoding(engine, batch)
-    times: dict[str, list[float]] = {"k_major": [], "onednn": []}
+    modes = ("k_major", "onednn", "panels")
+    times: dict[str, list[float]] = {name: [] for name in modes}
     for w in range(windows):
-        for name in ("k_major", "onednn")[:: 1 if w % 2 == 0 else -1]:
-            for m, p in zip(modules, packed):
-                m.onednn_weight = p if name == "onednn" else None
+        for name in modes[w % 3:] + modes[:w % 3]:  # rotate which goes first
+            for m, (onednn, panels) in zip(modules, packed):
+                m.onednn_weight = None if name == "k_major" else onednn
+                m.panel_weight = panels if name == "panels" else None
             engine.step()
             start = time.perf_counter()
             for _ in range(steps):
                 engine.step()
             times[name].append((time.perf_counter() - start) / steps * 1e3)
     engine.close()
-    return {"batch": batch, "k_major_ms": statistics.median(times["k_major"]),
-            "onednn_ms": statistics.median(times["onednn"]), "windows_ms": times}
+    return {"batch": batch, **{f"{name}_ms": statistics.median(times[name]) for name in modes},
+            "windows_ms": times}
 
 
 def cpu_name() -> str:
@@ -140,21 +159,23 @@ def main() -> None:
             for r in range(args.rounds):
                 for i in range(len(LAYOUTS)):  # rotate which layout goes first
                     name = LAYOUTS[(r + i) % len(LAYOUTS)]
-                    times[name].append(step_ms(linears[name], rows))
+                    beyond = name == "panels" and rows > PANEL_MAX_ROWS  # the kernel declines
+                    times[name].append(math.nan if beyond else step_ms(linears[name], rows))
             ms = {name: statistics.median(t) for name, t in times.items()}
             rows_out.append({"rows": rows, "part": part,
                              **{f"{name}_ms": v for name, v in ms.items()}})
-            print(f"{rows:4d} rows, {part:8s}: usual {ms['usual']:7.2f} ms, K-major "
-                  f"{ms['k_major']:7.2f} ms, oneDNN {ms['onednn']:7.2f} ms, pdserve "
-                  f"{ms['pdserve']:7.2f} ms (K-major / pdserve "
-                  f"{ms['k_major'] / ms['pdserve']:.2f}x)", flush=True)
+            print(f"{rows:4d} rows, {part:8s}: " + ", ".join(
+                f"{name} {v:7.2f} ms" for name, v in ms.items()) +
+                f" (pdserve / read {ms['pdserve'] / ms['read']:.2f}x, oneDNN / pdserve "
+                f"{ms['onednn'] / ms['pdserve']:.2f}x)", flush=True)
             del linears
     engine_rows = []
     for batch in args.engine_batches:
         r = engine_step_ms(batch, args.threads)
         engine_rows.append(r)
         print(f"engine decode step, {batch} sequences: K-major on MKL {r['k_major_ms']:.1f} ms, "
-              f"oneDNN {r['onednn_ms']:.1f} ms", flush=True)
+              f"oneDNN {r['onednn_ms']:.1f} ms, panels (as served) {r['panels_ms']:.1f} ms",
+              flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps({
             "date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__,

@@ -85,9 +85,14 @@ class Switches:
         "cores, since instances share machines and oversubscribed OpenMP threads spin.")
     cpu_onednn: bool = _switch(
         "PDSERVE_CPU_ONEDNN", True, _flag,
-        "CPU float32 linears of decode-sized steps through oneDNN on a packed copy of each "
-        "weight (1.3-4x faster GEMMs); 0 keeps MKL on the plain weights only, and half the "
-        "weight memory.")
+        "CPU float32 linears through oneDNN on a packed copy of each weight (1.3-4x faster "
+        "GEMMs than MKL), for steps of more than 64 rows (of every size with "
+        "PDSERVE_CPU_PANELS=0); 0 keeps MKL on the plain weights, and one copy less.")
+    cpu_panels: bool = _switch(
+        "PDSERVE_CPU_PANELS", True, _flag,
+        "CPU float32 linears of steps of up to 64 rows in a C kernel (kernels/cpu_linear.c) "
+        "on a copy of each weight packed in 32-column panels (an 8-row decode step's linears "
+        "1.7x faster than on oneDNN); 0 leaves them to oneDNN, and one copy less.")
     cpu_keep_heap: bool = _switch(
         "PDSERVE_CPU_KEEP_HEAP", True, _flag,
         "CPU engines keep freed memory for the next step's tensors instead of returning it "

@@ -16,6 +16,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # models' reference copies at once, and with the packed copies it reached 13.4-14 GB and was
 # killed on a 24 GiB machine (2026-12-07). tests/models/test_cpu_layout.py turns them on.
 os.environ.setdefault("PDSERVE_CPU_ONEDNN", "0")
+# nor the copies packed in panels for the C linears (tests/kernels/test_cpu_linear.py, the
+# transformers parity tests and tests/models/test_cpu_layout.py turn them on)
+os.environ.setdefault("PDSERVE_CPU_PANELS", "0")
 # Every process a test spawns (router, instances) belongs to one test deployment.
 os.environ.setdefault("PDSERVE_DEPLOYMENT_SECRET", "pdserve-test-deployment-secret-0123456789")
 # Without a GPU, Triton kernels run in its interpreter; this must be set before anything

@@ -1,6 +1,7 @@
 """The CPU's native kernels: attention over the paged cache, decode (cpu_paged_decode.c) and
-prefill (cpu_paged_prefill.c), and a layer's elementwise steps (cpu_elementwise.c); one
-library built with the machine's C compiler on first use, cached, and loaded with ctypes.
+prefill (cpu_paged_prefill.c), a layer's elementwise steps (cpu_elementwise.c) and the
+linears of decode-sized steps (cpu_linear.c); one library built with the machine's C
+compiler on first use, cached, and loaded with ctypes.
 
 Why C and not a library: PyTorch has no paged attention on the CPU (its SDPA needs the keys
 gathered into one padded tensor first), and the libraries that have one are tied to one torch
@@ -32,7 +33,8 @@ log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name) for name in ("cpu_paged_decode.c",
                                                        "cpu_paged_prefill.c",
-                                                       "cpu_elementwise.c")]
+                                                       "cpu_elementwise.c",
+                                                       "cpu_linear.c")]
 HEADERS = [Path(__file__).with_name("cpu_vec.h")]
 # -march=native: the library is built on, and cached for, the machine that runs it.
 # -ffast-math only to compile (vector expf); linking with it would add crtfastmath.o, which
@@ -119,6 +121,9 @@ def _library() -> ctypes.CDLL | None:
     store.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
                       ctypes.c_void_p] + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2 + \
         [ctypes.c_int64]
+    lib.linear_rows_f32.restype = ctypes.c_int
+    lib.linear_rows_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 3 + \
+        [ctypes.c_int64] * 4 + [ctypes.c_int]
     return lib
 
 
@@ -256,3 +261,39 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
     if status != 0:
         raise IndexError(f"a KV slot is outside the cache's {blocks * block_size} slots")
     return True
+
+
+PANEL_COLUMNS = 32  # cpu_linear.c's PANEL
+PANEL_MAX_ROWS = 64  # cpu_linear.c's MAX_ROWS
+
+
+def pack_panels(weight: torch.Tensor) -> torch.Tensor | None:
+    """W [N, K] packed for `linear_rows`: [N / 32, K, 32], panel p holding W^T's columns
+    32p .. 32p + 31 row after row. None where N is not a whole number of panels."""
+    n, k = weight.shape
+    if n % PANEL_COLUMNS:
+        return None
+    return weight.detach().t().reshape(k, n // PANEL_COLUMNS, PANEL_COLUMNS) \
+        .permute(1, 0, 2).contiguous()
+
+
+def linear_rows(x: torch.Tensor, panels: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor | None:
+    """x W^T (+ bias) for x [..., K] of 1-64 rows, on W packed by `pack_panels`; None where
+    the kernel does not take these tensors (another dtype or device, more rows)."""
+    count, k, width = panels.shape
+    rows = x.numel() // k if x.shape[-1] == k else 0
+    if not (1 <= rows <= PANEL_MAX_ROWS and width == PANEL_COLUMNS
+            and _in_host_memory(x, torch.float32) and _in_host_memory(panels, torch.float32)
+            and (bias is None or (_in_host_memory(bias, torch.float32)
+                                  and bias.shape == (count * width,)))):
+        return None
+    lib = native_kernels()
+    if lib is None:
+        return None
+    n = count * width
+    out = x.new_empty(*x.shape[:-1], n)
+    status = lib.linear_rows_f32(x.data_ptr(), k, panels.data_ptr(),
+                                 None if bias is None else bias.data_ptr(), out.data_ptr(), n,
+                                 rows, k, n, torch.get_num_threads())
+    return out if status == 0 else None

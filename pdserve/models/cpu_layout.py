@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from pdserve import switches
+from pdserve.kernels import cpu_native
 from pdserve.models.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear
 
 LINEARS = (ColumnParallelLinear, RowParallelLinear, ParallelLMHead, nn.Linear)
@@ -55,6 +56,23 @@ def pack_linears_onednn(model: nn.Module) -> int:
                 and weight.device.type == "cpu" and weight.dtype == torch.float32):
             module.onednn_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
             packed += 1
+    return packed
+
+
+@torch.no_grad()
+def pack_linears_panels(model: nn.Module) -> int:
+    """Give every float32 CPU linear of `model` whose outputs fill whole 32-column panels its
+    weight packed for kernels/cpu_linear.c (`panel_weight`), unless PDSERVE_CPU_PANELS=0 or
+    the CPU kernels are off or cannot be built. The number packed."""
+    if not switches.SWITCHES.cpu_panels or cpu_native.native_kernels() is None:
+        return 0
+    packed = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if (isinstance(module, ONEDNN_LINEARS) and weight is not None and weight.dim() == 2
+                and weight.device.type == "cpu" and weight.dtype == torch.float32):
+            module.panel_weight = cpu_native.pack_panels(weight)
+            packed += module.panel_weight is not None
     return packed
 
 

@@ -139,15 +139,21 @@ def _onednn_matmul(x: torch.Tensor, onednn_weight: torch.Tensor, bias: torch.Ten
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           tp_size: int = 1, onednn_weight: torch.Tensor | None = None) -> torch.Tensor:
+           tp_size: int = 1, onednn_weight: torch.Tensor | None = None,
+           panel_weight: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear`; on the GPU for a single row the Triton GEMV (batch-1 decode: 5.79 vs
-    6.13 ms a Llama-3.1-8B step on an H100, see docs/PERF.md); on the CPU oneDNN on
+    6.13 ms a Llama-3.1-8B step on an H100, see docs/PERF.md); on the CPU, steps of up to 64
+    rows on `panel_weight` (the weight packed for cpu_linear.c), larger ones through oneDNN on
     `onednn_weight`, the weight packed for it, where that is faster."""
     if gemv_applies(x, weight, tp_size):
         from pdserve.kernels.triton_gemv import gemv
 
         y = gemv(x, weight)
         return y if bias is None else y + bias
+    if panel_weight is not None:
+        y = cpu_native.linear_rows(x, panel_weight, bias)
+        if y is not None:
+            return y
     if onednn_applies(x, onednn_weight):
         return onednn_linear(x, onednn_weight, bias)
     return F.linear(x, weight, bias)
@@ -294,6 +300,7 @@ class ColumnParallelLinear(nn.Module):
     """
 
     onednn_weight: torch.Tensor | None = None  # on CPU, set by cpu_layout.pack_linears_onednn
+    panel_weight: torch.Tensor | None = None  # on CPU, set by cpu_layout.pack_linears_panels
 
     def __init__(
         self,
@@ -327,7 +334,8 @@ class ColumnParallelLinear(nn.Module):
         param.data[offset : offset + size].copy_(loaded[start : start + size])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.tp_size, self.onednn_weight)
+        return linear(x, self.weight, self.bias, self.tp_size, self.onednn_weight,
+                      self.panel_weight)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -372,6 +380,7 @@ class RowParallelLinear(nn.Module):
     """y = x W^T (+ b) with W split by input columns; partial sums are all-reduced."""
 
     onednn_weight: torch.Tensor | None = None  # on CPU, set by cpu_layout.pack_linears_onednn
+    panel_weight: torch.Tensor | None = None  # on CPU, set by cpu_layout.pack_linears_panels
 
     def __init__(
         self,
@@ -400,7 +409,8 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = _all_reduce(linear(x, self.weight, tp_size=self.tp_size,
-                               onednn_weight=self.onednn_weight), self.tp_size)
+                               onednn_weight=self.onednn_weight,
+                               panel_weight=self.panel_weight), self.tp_size)
         # the bias is added once, after the reduction
         return y if self.bias is None else y + self.bias
 
@@ -438,10 +448,11 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Output projection to the vocabulary; each rank computes its vocab slice, then gathers."""
 
     onednn_weight: torch.Tensor | None = None  # on CPU, set by cpu_layout.pack_linears_onednn
+    panel_weight: torch.Tensor | None = None  # on CPU, set by cpu_layout.pack_linears_panels
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         logits = linear(hidden, self.weight, tp_size=self.tp_size,
-                        onednn_weight=self.onednn_weight)
+                        onednn_weight=self.onednn_weight, panel_weight=self.panel_weight)
         if self.tp_size > 1:
             parts = [torch.empty_like(logits) for _ in range(self.tp_size)]
             dist.all_gather(parts, logits)

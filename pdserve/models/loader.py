@@ -23,7 +23,11 @@ from transformers import PreTrainedTokenizerBase
 
 from pdserve.config import ModelConfig
 from pdserve.models.cache import cache_root, file_key, write_atomically
-from pdserve.models.cpu_layout import pack_linears_onednn, store_linears_k_major
+from pdserve.models.cpu_layout import (
+    pack_linears_onednn,
+    pack_linears_panels,
+    store_linears_k_major,
+)
 from pdserve.models.gguf_file import EMBEDDED_NAME, embedded_gguf_path, gguf_config
 from pdserve.models.hf_folder import hf_folder_config, is_hf_folder, iter_safetensors
 from pdserve.models.llama import LlamaForCausalLM
@@ -175,5 +179,6 @@ def load_model(
         origin = f"{'embedded' if name is None else 'gguf'}:{source.target}"
     if device.type == "cpu":
         pack_linears_onednn(model)
+        pack_linears_panels(model)
         store_linears_k_major(model)
     return LoadedModel(config=config, model=model.eval(), name=source.served_name, source=origin)

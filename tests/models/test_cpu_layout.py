@@ -1,4 +1,5 @@
-"""CPU linears: K-major for MKL, with a copy packed for oneDNN; the same values either way."""
+"""CPU linears: K-major for MKL, with copies packed for oneDNN and for the C kernel's panels;
+the same values every way."""
 
 from __future__ import annotations
 
@@ -9,8 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from pdserve import switches
+from pdserve.kernels import cpu_native
 from pdserve.models import layers
-from pdserve.models.cpu_layout import onednn_available, pack_linears_onednn, store_linears_k_major
+from pdserve.models.cpu_layout import (
+    onednn_available,
+    pack_linears_onednn,
+    pack_linears_panels,
+    store_linears_k_major,
+)
 from pdserve.models.layers import (
     ONEDNN_MAX_ROWS,
     ONEDNN_MIN_ROWS,
@@ -29,7 +36,7 @@ needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this torch has
 @pytest.fixture(autouse=True)
 def onednn_on(monkeypatch):
     """tests/conftest.py turns the packed copies off for the suite; these tests are theirs."""
-    on = dataclasses.replace(switches.SWITCHES, cpu_onednn=True)
+    on = dataclasses.replace(switches.SWITCHES, cpu_onednn=True, cpu_panels=True)
     monkeypatch.setattr(switches, "SWITCHES", on)
 
 
@@ -49,6 +56,7 @@ def test_a_model_loaded_on_cpu_has_k_major_linears_and_its_tied_head_is_the_embe
     for m in [*linears, model.lm_head]:
         assert not m.weight.is_contiguous() and m.weight.t().is_contiguous()
         assert (m.onednn_weight is not None) == onednn_available()
+        assert (m.panel_weight is not None) == (cpu_native.native_kernels() is not None)
     assert model.lm_head.weight is model.model.embed_tokens.weight  # still one tensor
     # a second call finds nothing left to re-store and changes no value
     before = {n: p.clone() for n, p in model.named_parameters()}
@@ -102,6 +110,44 @@ def test_fewer_rows_than_onednn_min_rows_are_padded_and_give_what_f_linear_does(
         y = onednn_linear(x, packed, bias)
         assert y.shape == (1, rows, 32) and y.is_contiguous()
         torch.testing.assert_close(y, F.linear(x, weight, bias), rtol=1e-5, atol=1e-4)
+
+
+needs_native = pytest.mark.skipif(cpu_native.native_kernels() is None,
+                                  reason="no C compiler: the kernels cannot be built")
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [1, 2, 8, 64, 65, 300])
+def test_steps_of_up_to_64_rows_take_the_panels_and_larger_ones_onednn(rows, monkeypatch):
+    proj = ColumnParallelLinear(64, [64, 32], bias=True)
+    down = RowParallelLinear(96, 64)
+    for p in [*proj.parameters(), *down.parameters()]:
+        torch.nn.init.normal_(p)
+    model = torch.nn.Sequential(proj, down)
+    assert pack_linears_panels(model) == 2 and pack_linears_onednn(model) == 2
+    store_linears_k_major(model)
+    taken = []
+    real = cpu_native.linear_rows
+
+    def recording(x, panels, bias):
+        y = real(x, panels, bias)
+        taken.append(y is not None)
+        return y
+
+    monkeypatch.setattr(cpu_native, "linear_rows", recording)
+    x = torch.randn(rows, 64)
+    hidden = proj(x)
+    torch.testing.assert_close(hidden, F.linear(x, proj.weight, proj.bias), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(down(hidden), F.linear(hidden, down.weight), rtol=1e-5, atol=1e-3)
+    assert taken == [rows <= cpu_native.PANEL_MAX_ROWS] * 2
+
+
+def test_pdserve_cpu_panels_0_packs_nothing(monkeypatch):
+    off = dataclasses.replace(switches.SWITCHES, cpu_panels=False)
+    monkeypatch.setattr(switches, "SWITCHES", off)
+    proj = ColumnParallelLinear(16, [32])
+    assert pack_linears_panels(proj) == 0 and proj.panel_weight is None
+    assert switches.read_switches({"PDSERVE_CPU_PANELS": "0"}).cpu_panels is False
 
 
 def test_pdserve_cpu_onednn_0_packs_nothing(monkeypatch):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import (
@@ -13,6 +15,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from pdserve import switches
 from pdserve.models.loader import load_model
 
 TOLERANCE = 1e-4
@@ -56,15 +59,27 @@ def _randomize(model: torch.nn.Module) -> None:
                 param.normal_(0.0, 0.1)
 
 
+@pytest.fixture(scope="module", params=["plain", "panels"])
+def cpu_linears(request):
+    """How our CPU linears run: on the plain weights (the suite's default), or, as servers
+    run them, steps of up to 64 rows in the C kernel on the weights packed in panels."""
+    return request.param
+
+
 @pytest.fixture(scope="module", params=list(ARCHITECTURES))
-def pair(request, tmp_path_factory):
+def pair(request, cpu_linears, tmp_path_factory):
     """(transformers reference, our model loaded from its save_pretrained folder)."""
     torch.manual_seed(0)
     reference = ARCHITECTURES[request.param]().float().eval()
     _randomize(reference)
     folder = tmp_path_factory.mktemp(request.param)
     reference.save_pretrained(folder)
-    ours = load_model(str(folder), torch.float32, torch.device("cpu")).model
+    with pytest.MonkeyPatch.context() as patch:
+        linears = dataclasses.replace(switches.SWITCHES, cpu_panels=cpu_linears == "panels")
+        patch.setattr(switches, "SWITCHES", linears)
+        ours = load_model(str(folder), torch.float32, torch.device("cpu")).model
+    packed = [m.panel_weight is not None for m in ours.modules() if hasattr(m, "panel_weight")]
+    assert packed and all(packed) == (cpu_linears == "panels") == any(packed)
     return reference, ours
 
 
