@@ -82,10 +82,14 @@ def test_the_avx2_build_of_the_same_source_computes_the_same(tmp_path):
     """cpu_vec.h gives 8 lanes without AVX-512 and the kernel then tiles 5 rows, not 12: a
     machine without AVX-512 runs that build, so it is built and checked here too."""
     source = cpu_native.SOURCES[[s.name for s in cpu_native.SOURCES].index("cpu_linear.c")]
-    library = tmp_path / "cpu_linear_avx2.so"
-    subprocess.run([COMPILER, "-O3", "-march=native", "-mno-avx512f", "-ffast-math", "-fopenmp",
-                    "-fPIC", "-shared", str(source), "-o", str(library)], check=True,
-                   capture_output=True, timeout=120)
+    objects, library = tmp_path / "cpu_linear_avx2.o", tmp_path / "cpu_linear_avx2.so"
+    # the library's own flags, in its two steps: linked with -ffast-math, it would set
+    # flush-to-zero for this whole process (test_cpu_native.py checks that it does not)
+    for command in ([COMPILER, *cpu_native.COMPILE_FLAGS, "-mno-avx512f", str(source), "-o",
+                     str(objects)],
+                    [COMPILER, *cpu_native.LINK_FLAGS, str(objects), "-o", str(library),
+                     *cpu_native.LIBS]):
+        subprocess.run(command, check=True, capture_output=True, timeout=120)
     kernel = ctypes.CDLL(str(library)).linear_rows_f32
     kernel.restype = ctypes.c_int
     kernel.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 3 + \
