@@ -3,8 +3,8 @@
 // 32p + 31] for k = 0..K-1, contiguous, so a tile reads its weights as one sequential stream.
 //
 // Why: at a few rows a linear is a stream over its weight, read once whatever the row count.
-// oneDNN's kernels for 8 and 16 rows took 1.75x and 2.25x the time the embedded model's weights
-// take to read (AVX-512 EPYC, one thread, 2026-12-07); MKL on the K-major weight 3x. Here a
+// oneDNN's kernels for 8 and 16 rows took 1.7x and 2.4x the time the embedded model's weights
+// take to read (AVX-512 EPYC, one thread, 2026-12-07); MKL on the K-major weight 3.3x. Here a
 // tile keeps every row's sums in registers over the whole K: each weight element is loaded
 // once and used by all the rows of its group.
 //
@@ -21,7 +21,7 @@
 #include "cpu_vec.h"
 
 #define PANEL 32      // columns per panel: the packing's layout (cpu_native.PANEL_COLUMNS)
-#define MAX_ROWS 64   // more rows: oneDNN, faster from about 128 (layers.linear)
+#define MAX_ROWS 64   // more rows: oneDNN (layers.linear), faster at 256 rows (522 ms to 602)
 #define NV 2          // vectors of columns per tile: PANEL / NV / LANES passes per panel
 #if LANES == 16
 #define GROUP 12      // 24 accumulators + 2 + 1 of 32 registers
