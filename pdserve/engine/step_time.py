@@ -129,11 +129,11 @@ class StepTimeModel:
         steps drown a decode step's context term: measured on a CPU, the joint fit gave 0 s
         per context token where decode-only steps show 12 us). `wide_rows` is the row count
         (of WIDE_ROWS) whose extra fixed cost best fits the decode-only steps, kept only if
-        it takes a tenth or more off their squared error. Too few of either kind: one joint
-        fit, with no wide step. Coefficients are held >= 0: a term whose free fit comes out
-        negative (noise, or a cost another term already explains) is dropped and the rest
-        refit. (A fit of the relative error was tried on an H100 and predicted served
-        latencies worse: docs/PERF.md, "Planner on one GPU".)"""
+        it takes a tenth or more off their squared error, and that error is above rounding.
+        Too few of either kind: one joint fit, with no wide step. Coefficients are held >= 0:
+        a term whose free fit comes out negative (noise, or a cost another term already
+        explains) is dropped and the rest refit. (A fit of the relative error was tried on an
+        H100 and predicted served latencies worse: docs/PERF.md, "Planner on one GPU".)"""
         y = torch.tensor(seconds, dtype=torch.float64)
         decode = torch.tensor([s.prefill_tokens == 0 for s in shapes], dtype=torch.bool)
         if int(decode.sum()) < len(DECODE_TERMS) or int((~decode).sum()) < len(PREFILL_TERMS):
@@ -144,7 +144,10 @@ class StepTimeModel:
         fits = [_decode_fit(shapes, y, decode, wide) for wide in (0, *WIDE_ROWS)]
         plain = fits[0]
         wide, values, sse = min(fits[1:], key=lambda f: f[2])
-        if not (sse < 0.9 * plain[2] and values[7] > 0):
+        # an error at rounding's level is no error to take a tenth off: on exact timings,
+        # which of two ~1e-35 errors is smaller turned on the process's BLAS state
+        rounding = 1e-12 * float((y[decode] ** 2).sum())
+        if not (plain[2] > rounding and sse < 0.9 * plain[2] and values[7] > 0):
             wide, values, sse = plain
         x = torch.tensor([s.features(wide) for s in shapes], dtype=torch.float64)
         rest = y[~decode] - x[~decode][:, DECODE_TERMS] @ torch.tensor(
