@@ -145,7 +145,8 @@ class StepTimeModel:
         plain = fits[0]
         wide, values, sse = min(fits[1:], key=lambda f: f[2])
         # an error at rounding's level is no error to take a tenth off: on exact timings,
-        # which of two ~1e-35 errors is smaller turned on the process's BLAS state
+        # which of two ~1e-35 errors is smaller is chance (a full suite found a wide step at
+        # 12 rows where the test alone found none)
         rounding = 1e-12 * float((y[decode] ** 2).sum())
         if not (plain[2] > rounding and sse < 0.9 * plain[2] and values[7] > 0):
             wide, values, sse = plain

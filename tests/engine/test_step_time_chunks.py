@@ -125,9 +125,9 @@ def test_model_round_trips_through_a_dict():
 
 
 def test_timings_the_plain_model_explains_to_rounding_get_no_wide_step():
-    """With exact timings every fit's error is rounding; which is smallest is chance (CI
-    once found a wide step at 12 rows). Before the fit compared errors to rounding, 10 of
-    these 20 seeds found one."""
+    """With exact timings every fit's error is rounding; which is smallest is chance (a full
+    suite once found a wide step at 12 rows). Before the fit compared errors to rounding, 10
+    of these 20 seeds found one."""
     shapes = [StepShape(p, p * (p + 1) // 2, d, d * c)
               for p in (0, 1, 64, 256, 1024) for d in (0, 1, 4, 16) for c in (32, 512)]
     for seed in range(20):
