@@ -33,8 +33,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-PANEL_MAX_ROWS = 64  # pdserve.kernels.cpu_native.PANEL_MAX_ROWS
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # pdserve, for --engine-batches
 
 HIDDEN, INTERMEDIATE, QKV, LAYERS, VOCAB = 576, 1536, 960, 30, 49152
@@ -147,6 +145,7 @@ def main() -> None:
                     help="also time the engine's decode step at these batch sizes")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    from pdserve.kernels.cpu_native import PANEL_MAX_ROWS
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     weights = {"layers": [torch.randn(n, k) for _ in range(LAYERS) for n, k in SHAPES],

@@ -25,6 +25,8 @@ memory (`PDSERVE_CPU_ONEDNN=0` keeps only the first).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -50,12 +52,9 @@ def pack_linears_onednn(model: nn.Module) -> int:
     if not (switches.SWITCHES.cpu_onednn and onednn_available()):
         return 0
     packed = 0
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if (isinstance(module, ONEDNN_LINEARS) and weight is not None and weight.dim() == 2
-                and weight.device.type == "cpu" and weight.dtype == torch.float32):
-            module.onednn_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
-            packed += 1
+    for module, weight in _cpu_float32_linears(model):
+        module.onednn_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+        packed += 1
     return packed
 
 
@@ -67,13 +66,20 @@ def pack_linears_panels(model: nn.Module) -> int:
     if not switches.SWITCHES.cpu_panels or cpu_native.native_kernels() is None:
         return 0
     packed = 0
+    for module, weight in _cpu_float32_linears(model):
+        module.panel_weight = cpu_native.pack_panels(weight)
+        packed += module.panel_weight is not None
+    return packed
+
+
+def _cpu_float32_linears(model: nn.Module) -> Iterator[tuple[nn.Module, torch.Tensor]]:
+    """(module, weight) of every linear of `model` that `layers.linear` runs with a packed
+    copy: a 2-D float32 weight in host memory."""
     for module in model.modules():
         weight = getattr(module, "weight", None)
         if (isinstance(module, ONEDNN_LINEARS) and weight is not None and weight.dim() == 2
                 and weight.device.type == "cpu" and weight.dtype == torch.float32):
-            module.panel_weight = cpu_native.pack_panels(weight)
-            packed += module.panel_weight is not None
-    return packed
+            yield module, weight
 
 
 @torch.no_grad()

@@ -145,20 +145,16 @@ def test_steps_of_up_to_64_rows_take_the_c_kernel_and_the_rest_beside_a_prompt_t
     assert sum(computed) == 2 * in_c
 
 
-def test_pdserve_cpu_panels_0_packs_nothing(monkeypatch):
-    off = dataclasses.replace(switches.SWITCHES, cpu_panels=False)
+@pytest.mark.parametrize("variable,switch,pack,copy", [
+    ("PDSERVE_CPU_ONEDNN", "cpu_onednn", pack_linears_onednn, "onednn_weight"),
+    ("PDSERVE_CPU_PANELS", "cpu_panels", pack_linears_panels, "panel_weight"),
+])
+def test_a_switch_at_0_packs_nothing(variable, switch, pack, copy, monkeypatch):
+    off = dataclasses.replace(switches.SWITCHES, **{switch: False})
     monkeypatch.setattr(switches, "SWITCHES", off)
     proj = ColumnParallelLinear(16, [32])
-    assert pack_linears_panels(proj) == 0 and proj.panel_weight is None
-    assert switches.read_switches({"PDSERVE_CPU_PANELS": "0"}).cpu_panels is False
-
-
-def test_pdserve_cpu_onednn_0_packs_nothing(monkeypatch):
-    off = dataclasses.replace(switches.SWITCHES, cpu_onednn=False)
-    monkeypatch.setattr(switches, "SWITCHES", off)
-    proj = ColumnParallelLinear(16, [32])
-    assert pack_linears_onednn(proj) == 0 and proj.onednn_weight is None
-    assert switches.read_switches({"PDSERVE_CPU_ONEDNN": "0"}).cpu_onednn is False
+    assert pack(proj) == 0 and getattr(proj, copy) is None
+    assert getattr(switches.read_switches({variable: "0"}), switch) is False
 
 
 @needs_onednn
